@@ -1,0 +1,255 @@
+"""Annealed ImageDataGenerator-style augmentation that runs inside the compiled step.
+
+The UMBC HAET-2021 recipe (Hosseini et al., ICLR 2021 HAET workshop; code:
+xmhosseini/HAET2021, HAET_CIFAR10_train.py) augments with Keras'
+`ImageDataGenerator`: random shift, zoom, shear, rotation and horizontal flip, with
+ranges that shrink as the wall-clock budget runs out, and a fill mode for
+out-of-image pixels drawn at random each epoch from nearest/constant/wrap/reflect.
+
+`ImageDataGenerator` runs on the host in NumPy/SciPy and Keras' own `Random*` image
+layers declare `supports_jit = False`, which silently turns XLA off for the whole
+model. This layer instead builds per-image sampling coordinates with `keras.ops` and
+warps with `keras.ops.image.map_coordinates` (bilinear, `order=1`, as
+`ImageDataGenerator`), which compiles under XLA on the TensorFlow and JAX backends.
+
+Two values are state the compiled step reads rather than Python constants, so that
+changing them neither recompiles nor needs a new model:
+- `strength` (float in [0, 1]) scales every range; 0 is the exact identity.
+- `fill_mode_index` (int) picks the fill mode through `keras.ops.switch`.
+"""
+
+import math
+
+import keras
+from keras import ops
+
+# Order matters: `fill_mode_index` indexes this tuple.
+FILL_MODES = ("nearest", "constant", "wrap", "reflect")
+
+
+def fill_mode_index(fill_mode):
+    """Index of `fill_mode` in `FILL_MODES`.
+
+    Raises:
+        ValueError: if `fill_mode` is not one of `FILL_MODES`.
+    """
+    if fill_mode not in FILL_MODES:
+        raise ValueError(
+            f"Unknown fill mode {fill_mode!r}. Allowed: {', '.join(FILL_MODES)}."
+        )
+    return FILL_MODES.index(fill_mode)
+
+
+def _check_range(name, value, upper, unit):
+    if not isinstance(value, (int, float)) or not 0 <= value <= upper:
+        raise ValueError(
+            f"{name} must be a number in [0, {upper}] ({unit}). Received: {name}={value!r}"
+        )
+
+
+def affine_coordinates(
+    height, width, rotation, shear, shift_rows, shift_cols, zoom_rows, zoom_cols, flip
+):
+    """Where each output pixel samples the input, for one affine transform per image.
+
+    Follows `ImageDataGenerator.apply_transform`: the matrix
+    `rotation @ shift @ shear @ zoom` maps output (row, col) coordinates, taken
+    relative to the image centre `((height - 1) / 2, (width - 1) / 2)`, to input
+    coordinates; a flip mirrors the output left-right afterwards.
+
+    Args:
+        height, width: image size in pixels (ints).
+        rotation, shear: float tensors `(B,)`, angles in radians.
+        shift_rows, shift_cols: float tensors `(B,)`, in pixels (positive samples
+            further down/right, so the content moves up/left).
+        zoom_rows, zoom_cols: float tensors `(B,)`; > 1 samples a larger area, so
+            the content shrinks.
+        flip: bool tensor `(B,)`.
+
+    Returns:
+        `(rows, cols)`: float32 tensors `(B, height, width)` of input coordinates.
+    """
+    cos, sin = ops.cos(rotation), ops.sin(rotation)
+    shear_sin, shear_cos = -ops.sin(shear), ops.cos(shear)
+    # A = rotation @ shear @ zoom; offset = rotation @ shift.
+    a00 = cos * zoom_rows
+    a01 = (cos * shear_sin - sin * shear_cos) * zoom_cols
+    a10 = sin * zoom_rows
+    a11 = (sin * shear_sin + cos * shear_cos) * zoom_cols
+    b0 = cos * shift_rows - sin * shift_cols
+    b1 = sin * shift_rows + cos * shift_cols
+
+    center_row, center_col = (height - 1) / 2.0, (width - 1) / 2.0
+    rows = ops.arange(height, dtype="float32")[None, :, None] - center_row
+    cols = ops.arange(width, dtype="float32")[None, None, :] - center_col
+    cols = ops.where(flip[:, None, None], -cols, cols)
+
+    def per_image(v):
+        return v[:, None, None]
+
+    in_rows = per_image(a00) * rows + per_image(a01) * cols + per_image(b0 + center_row)
+    in_cols = per_image(a10) * rows + per_image(a11) * cols + per_image(b1 + center_col)
+    return in_rows, in_cols
+
+
+@keras.saving.register_keras_serializable(package="haet")
+class RandomAffine(keras.layers.Layer):
+    """Random shift/zoom/shear/rotation/horizontal flip, scaled by a strength.
+
+    Per image, with `s = strength`, draws uniformly (as `ImageDataGenerator`):
+    rotation in `[-s*rotation_range, s*rotation_range]` degrees; vertical and
+    horizontal shifts in `[-s*shift_range, s*shift_range]` times the image height
+    and width; shear angle in `[-s*shear_range, s*shear_range]` degrees; zoom
+    factors (rows and columns independently) in `[1 - s*zoom_range, 1 + s*zoom_range]`;
+    and, when `horizontal_flip` is true and `s > 0`, a left-right flip with
+    probability 0.5. The transform maps each output pixel to an input location
+    around the image centre (as `ImageDataGenerator.apply_transform`), sampled with
+    bilinear interpolation; out-of-image locations follow the current fill mode
+    (`"constant"` fills with 0, which is the mean pixel when inputs are
+    mean-subtracted, as in the UMBC recipe).
+
+    Only active when called with `training=True`; inference is the identity.
+
+    Deviation from UMBC: their flips stay on after the ranges reach zero; here
+    strength 0 is the exact identity, flips included, so the last part of a budget
+    trains on clean images.
+
+    Args:
+        shift_range: maximum shift as a fraction of the image size, in [0, 1].
+        zoom_range: maximum zoom deviation from 1, in [0, 1).
+        rotation_range: maximum rotation in degrees, in [0, 180].
+        shear_range: maximum shear angle in degrees, in [0, 89].
+        horizontal_flip: whether to flip left-right with probability 0.5.
+        seed: int seed for the layer's random draws, or None.
+
+    Input: float tensor of shape `(batch, height, width, channels)`.
+    Output: same shape and dtype.
+
+    Raises:
+        ValueError: for a range outside its allowed interval.
+    """
+
+    def __init__(
+        self,
+        shift_range=0.2,
+        zoom_range=0.2,
+        rotation_range=15.0,
+        shear_range=15.0,
+        horizontal_flip=True,
+        seed=None,
+        **kwargs,
+    ):
+        # Warp coordinates in float32 whatever the mixed-precision policy: at 16-bit,
+        # pixel positions lose sub-pixel precision.
+        kwargs.setdefault("dtype", "float32")
+        super().__init__(**kwargs)
+        _check_range("shift_range", shift_range, 1.0, "fraction of image size")
+        _check_range("zoom_range", zoom_range, 0.99, "fraction")
+        _check_range("rotation_range", rotation_range, 180.0, "degrees")
+        _check_range("shear_range", shear_range, 89.0, "degrees")
+        self.shift_range = float(shift_range)
+        self.zoom_range = float(zoom_range)
+        self.rotation_range = float(rotation_range)
+        self.shear_range = float(shear_range)
+        self.horizontal_flip = bool(horizontal_flip)
+        self.seed = seed
+        self.seed_generator = keras.random.SeedGenerator(seed)
+        self.strength = self.add_weight(
+            name="strength",
+            shape=(),
+            dtype="float32",
+            initializer="ones",
+            trainable=False,
+        )
+        self.fill_mode_index = self.add_weight(
+            name="fill_mode_index",
+            shape=(),
+            dtype="int32",
+            initializer="zeros",
+            trainable=False,
+        )
+
+    def set_strength(self, strength):
+        """Sets the strength, a float in [0, 1]. Raises ValueError outside it."""
+        if not 0.0 <= strength <= 1.0:
+            raise ValueError(
+                f"Augmentation strength must be in [0, 1]. Received: strength={strength!r}"
+            )
+        self.strength.assign(float(strength))
+
+    def set_fill_mode(self, fill_mode):
+        """Sets the fill mode, one of `FILL_MODES`. Raises ValueError otherwise."""
+        self.fill_mode_index.assign(fill_mode_index(fill_mode))
+
+    def _input_coordinates(self, batch, height, width):
+        """Input (row, col) sampled for each output pixel: two (B, H, W) tensors."""
+        s = ops.cast(self.strength, "float32")
+        gen = self.seed_generator
+
+        def uniform(limit):
+            return keras.random.uniform((batch,), -1.0, 1.0, seed=gen) * (s * limit)
+
+        if self.horizontal_flip:
+            flip = ops.logical_and(keras.random.uniform((batch,), seed=gen) < 0.5, s > 0.0)
+        else:
+            flip = ops.zeros((batch,), dtype="bool")
+        return affine_coordinates(
+            height,
+            width,
+            rotation=uniform(math.radians(self.rotation_range)),
+            shear=uniform(math.radians(self.shear_range)),
+            shift_rows=uniform(self.shift_range * height),
+            shift_cols=uniform(self.shift_range * width),
+            zoom_rows=1.0 + uniform(self.zoom_range),
+            zoom_cols=1.0 + uniform(self.zoom_range),
+            flip=flip,
+        )
+
+    def call(self, images, training=False):
+        if not training:
+            return images
+        shape = ops.shape(images)
+        batch, height, width, channels = shape[0], shape[1], shape[2], shape[3]
+        if height is None or width is None or channels is None:
+            raise ValueError(
+                f"RandomAffine needs a known height, width and channels. Received shape {shape}"
+            )
+        in_rows, in_cols = self._input_coordinates(batch, height, width)
+        # map_coordinates per image (vectorized over the batch): the TensorFlow
+        # implementation needs every input dimension static, and the batch is not.
+        channel = ops.broadcast_to(
+            ops.arange(channels, dtype="float32")[None, None, :], (height, width, channels)
+        )
+
+        def warp(mode):
+            def warp_one(args):
+                image, rows, cols = args
+                coordinates = [
+                    ops.broadcast_to(rows[..., None], (height, width, channels)),
+                    ops.broadcast_to(cols[..., None], (height, width, channels)),
+                    channel,
+                ]
+                return ops.image.map_coordinates(
+                    image, coordinates, order=1, fill_mode=mode, fill_value=0.0
+                )
+
+            return lambda: ops.vectorized_map(warp_one, (images, in_rows, in_cols))
+
+        return ops.switch(
+            ops.convert_to_tensor(self.fill_mode_index), [warp(m) for m in FILL_MODES]
+        )
+
+    def compute_output_shape(self, input_shape):
+        return input_shape
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(
+            shift_range=self.shift_range,
+            zoom_range=self.zoom_range,
+            rotation_range=self.rotation_range,
+            shear_range=self.shear_range,
+            horizontal_flip=self.horizontal_flip,
+            seed=self.seed,
+        )
+        return config

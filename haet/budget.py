@@ -1,0 +1,186 @@
+"""The one clock that decides what counts toward the budget.
+
+Phases of a run, each measured apart (seconds, `time.perf_counter`):
+- setup: loading data, building and compiling (`model.compile`, no tracing) the model;
+- train: from the start of the first training step to the end of the last one.
+  The budget counts this, tracing and XLA compilation in the first step included;
+  `compile` below is the first step's excess over a typical step;
+- eval: the final evaluation on the test set (its own compilation included).
+"""
+
+import contextlib
+import statistics
+import time
+
+import keras
+import numpy as np
+from absl import logging
+
+from haet.augment import FILL_MODES
+
+
+class PhaseTimer:
+    """Accumulates wall-clock seconds per named phase.
+
+    Usage: `with timer.phase("setup"): ...`; `timer.seconds` maps phase -> seconds.
+    """
+
+    def __init__(self, clock=time.perf_counter):
+        self.clock = clock
+        self.seconds = {}
+
+    @contextlib.contextmanager
+    def phase(self, name):
+        start = self.clock()
+        try:
+            yield
+        finally:
+            self.seconds[name] = self.seconds.get(name, 0.0) + self.clock() - start
+
+
+class WallClockBudget(keras.callbacks.Callback):
+    """Stops training at the first step boundary after `budget_seconds` and drives
+    the learning rate, the augmentation strength and the fill mode from the clock.
+
+    The clock starts when the first training step begins, so tracing and XLA
+    compilation count toward the budget. Before each step the elapsed fraction of
+    the budget is computed on the host; the learning rate and the strength are
+    written into the model only when their scheduled value changes (a handful of
+    times a run), and the fill mode once per epoch, drawn from `fill_modes` by a
+    `np.random.default_rng(seed)`. The values are variables the compiled step
+    reads, so nothing recompiles when they change.
+
+    After each epoch (the last one possibly cut short) a row is appended to
+    `history` and logged: epoch, steps, elapsed and remaining seconds, learning
+    rate, strength, fill mode, loss, accuracy.
+
+    Args:
+        budget_seconds: positive float, seconds of training.
+        learning_rate: callable fraction -> learning rate (e.g. `PiecewiseConstant`).
+        augmentation: a `haet.augment.RandomAffine` inside the model, or None.
+        augmentation_strength: callable fraction -> strength in [0, 1], or None.
+        fill_modes: fill modes to draw from each epoch (subset of `FILL_MODES`).
+        seed: int seed for the fill-mode draws.
+        clock: function returning seconds; `time.perf_counter` unless testing.
+
+    Raises:
+        ValueError: a non-positive budget or an unknown fill mode.
+    """
+
+    def __init__(
+        self,
+        budget_seconds,
+        learning_rate,
+        augmentation=None,
+        augmentation_strength=None,
+        fill_modes=FILL_MODES,
+        seed=0,
+        clock=time.perf_counter,
+    ):
+        super().__init__()
+        if not budget_seconds > 0:
+            raise ValueError(
+                f"budget_seconds must be positive (seconds of training). Received: {budget_seconds!r}"
+            )
+        unknown = [m for m in fill_modes if m not in FILL_MODES]
+        if unknown or not fill_modes:
+            raise ValueError(
+                f"fill_modes must be a non-empty subset of {FILL_MODES}. Received: {list(fill_modes)}"
+            )
+        self.budget_seconds = float(budget_seconds)
+        self.learning_rate_schedule = learning_rate
+        self.augmentation = augmentation
+        self.strength_schedule = augmentation_strength
+        self.fill_modes = tuple(fill_modes)
+        self.rng = np.random.default_rng(seed)
+        self.clock = clock
+        self.start = None
+        self.end = None
+        self.steps = 0
+        self.step_seconds = []
+        self.history = []
+        self._last_step_end = None
+        self._epoch_steps = 0
+        self._current = {}
+
+    # Reading `self.model` on the JAX backend copies the training state back into
+    # the variables (a device sync); `self._model` does not. Use `self.model` only
+    # right before writing a variable.
+    def _set(self, key, value, write):
+        if self._current.get(key) != value:
+            self.model  # noqa: B018 -- syncs JAX state so the write below is seen.
+            write(value)
+            self._current[key] = value
+
+    def _set_learning_rate(self, value):
+        self.model.optimizer.learning_rate = value
+
+    def elapsed(self):
+        """Seconds since the first step began (0 before it)."""
+        return 0.0 if self.start is None else self.clock() - self.start
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._epoch_steps = 0
+        if self.augmentation is not None:
+            mode = self.fill_modes[self.rng.integers(len(self.fill_modes))]
+            self._set("fill_mode", mode, self.augmentation.set_fill_mode)
+
+    def on_train_batch_begin(self, batch, logs=None):
+        now = self.clock()
+        if self.start is None:
+            self.start = now
+            self._last_step_end = now
+        fraction = (now - self.start) / self.budget_seconds
+        self._set("learning_rate", self.learning_rate_schedule(fraction), self._set_learning_rate)
+        if self.augmentation is not None and self.strength_schedule is not None:
+            self._set("strength", self.strength_schedule(fraction), self.augmentation.set_strength)
+
+    def on_train_batch_end(self, batch, logs=None):
+        # Keras hands this callback host values (logs pythonified), which waits for
+        # the step to finish, so the clock here sees real device time.
+        now = self.clock()
+        self.step_seconds.append(now - self._last_step_end)
+        self._last_step_end = now
+        self.end = now
+        self.steps += 1
+        self._epoch_steps += 1
+        if now - self.start >= self.budget_seconds:
+            self._model.stop_training = True
+
+    def on_epoch_end(self, epoch, logs=None):
+        logs = logs or {}
+        elapsed = self.elapsed()
+        row = {
+            "epoch": epoch + 1,
+            "steps": self._epoch_steps,
+            "complete": self._epoch_steps == self.params.get("steps"),
+            "elapsed_seconds": round(elapsed, 3),
+            "remaining_seconds": round(max(0.0, self.budget_seconds - elapsed), 3),
+            "learning_rate": self._current.get("learning_rate"),
+            "augmentation_strength": self._current.get("strength"),
+            "fill_mode": self._current.get("fill_mode"),
+            "loss": float(logs["loss"]) if "loss" in logs else None,
+            "accuracy": float(logs["accuracy"]) if "accuracy" in logs else None,
+        }
+        self.history.append(row)
+        logging.info(
+            "epoch %d%s: %.1f s elapsed, %.1f s left | lr %.0e | strength %s | fill %s | "
+            "loss %.4f | accuracy %.4f",
+            row["epoch"], "" if row["complete"] else " (cut by budget)",
+            elapsed, row["remaining_seconds"], row["learning_rate"],
+            row["augmentation_strength"], row["fill_mode"],
+            row["loss"] if row["loss"] is not None else float("nan"),
+            row["accuracy"] if row["accuracy"] is not None else float("nan"),
+        )
+
+    def train_seconds(self):
+        """Seconds from the first step's start to the last step's end."""
+        return 0.0 if self.start is None else self.end - self.start
+
+    def compile_seconds(self):
+        """The first step's excess over the median later step (tracing + compilation)."""
+        if not self.step_seconds:
+            return 0.0
+        later = self.step_seconds[1:]
+        typical = statistics.median(later) if later else 0.0
+        return max(0.0, self.step_seconds[0] - typical)

@@ -1,0 +1,80 @@
+"""Which accelerator this process trains on, and the precision policy that fits it."""
+
+import platform
+
+import keras
+
+PRECISIONS = ("auto", "float32", "mixed_float16", "mixed_bfloat16")
+
+
+def _cpu_name():
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def describe_device():
+    """The device training runs on, as a dict.
+
+    Keys: `platform` ("gpu", "tpu" or "cpu"), `name` (e.g. "NVIDIA H100 80GB HBM3" or
+    the CPU model), `count` (devices of that platform visible to the backend),
+    `compute_capability` (e.g. "9.0" for GPUs, else None).
+    """
+    backend = keras.backend.backend()
+    if backend == "jax":
+        import jax
+
+        devices = jax.devices()
+        d = devices[0]
+        capability = getattr(d, "compute_capability", None)
+        if d.platform == "cpu":
+            return {"platform": "cpu", "name": _cpu_name(), "count": 1, "compute_capability": None}
+        return {
+            "platform": d.platform,
+            "name": d.device_kind,
+            "count": len(devices),
+            "compute_capability": str(capability) if capability else None,
+        }
+    if backend == "tensorflow":
+        import tensorflow as tf
+
+        gpus = tf.config.list_physical_devices("GPU")
+        if gpus:
+            details = tf.config.experimental.get_device_details(gpus[0])
+            capability = details.get("compute_capability")
+            return {
+                "platform": "gpu",
+                "name": details.get("device_name", gpus[0].name),
+                "count": len(gpus),
+                "compute_capability": ".".join(map(str, capability)) if capability else None,
+            }
+    return {"platform": "cpu", "name": _cpu_name(), "count": 1, "compute_capability": None}
+
+
+def resolve_precision(precision, device):
+    """The Keras dtype policy name for `precision` on `device` (from `describe_device`).
+
+    "auto": mixed_bfloat16 on GPUs of compute capability >= 8.0 (Ampere and newer)
+    and on TPUs, mixed_float16 on older GPUs (e.g. V100, 7.0), float32 on CPUs,
+    where 16-bit math is emulated and slower.
+
+    Raises:
+        ValueError: if `precision` is not one of `PRECISIONS`.
+    """
+    if precision not in PRECISIONS:
+        raise ValueError(
+            f"Unknown precision {precision!r}. Allowed: {', '.join(PRECISIONS)}."
+        )
+    if precision != "auto":
+        return precision
+    if device["platform"] == "tpu":
+        return "mixed_bfloat16"
+    if device["platform"] == "gpu":
+        major = int(str(device.get("compute_capability") or "0").split(".")[0])
+        return "mixed_bfloat16" if major >= 8 else "mixed_float16"
+    return "float32"

@@ -1,0 +1,205 @@
+"""Image classifiers, built from named blocks, and the input pipeline they share.
+
+Every model returns float32 logits whatever the mixed-precision policy.
+"""
+
+import keras
+import numpy as np
+from keras import layers
+
+from haet.augment import RandomAffine
+
+# UMBC HAET-2021 (xmhosseini/HAET2021, HAET_CIFAR10_train.py): where their widened
+# ResNet-20 puts Dropout(0.25), as (stage, block, site) with stage and block counted
+# from 0; "inner" follows the block's first conv-BN-ReLU, "output" follows the
+# block's residual add and ReLU. Nine sites in all.
+UMBC_DROPOUT_SITES = frozenset(
+    {
+        (0, 0, "output"),
+        (0, 1, "inner"),
+        (1, 0, "inner"),
+        (1, 0, "output"),
+        (1, 1, "inner"),
+        (1, 2, "output"),
+        (2, 1, "inner"),
+        (2, 1, "output"),
+        (2, 2, "inner"),
+    }
+)
+
+# ResNet-20 v1 (He et al. 2016, CIFAR variant): filters per stage at width 1 and
+# basic blocks per stage.
+RESNET20_STAGE_FILTERS = (16, 32, 64)
+RESNET20_BLOCKS_PER_STAGE = 3
+
+
+def _conv(filters, kernel_size, strides, weight_decay, name):
+    return layers.Conv2D(
+        filters,
+        kernel_size,
+        strides=strides,
+        padding="same",
+        kernel_initializer="he_normal",
+        kernel_regularizer=keras.regularizers.L2(weight_decay) if weight_decay else None,
+        name=name,
+    )
+
+
+def _conv_bn(x, filters, strides, weight_decay, name, relu):
+    x = _conv(filters, 3, strides, weight_decay, f"{name}_conv")(x)
+    x = layers.BatchNormalization(name=f"{name}_bn")(x)
+    if relu:
+        x = layers.Activation("relu", name=f"{name}_relu")(x)
+    return x
+
+
+def basic_block(x, filters, strides, weight_decay, dropout_sites, dropout_rate, name):
+    """ResNet v1 basic block: conv-BN-ReLU, conv-BN, add shortcut, ReLU.
+
+    The shortcut is the identity, or a 1x1 strided convolution (no BN, as in the
+    Keras CIFAR-10 ResNet v1 example and UMBC) when the shape changes.
+    `dropout_sites` is a subset of {"inner", "output"}.
+    """
+    shortcut = x
+    y = _conv_bn(x, filters, strides, weight_decay, f"{name}_1", relu=True)
+    if "inner" in dropout_sites:
+        y = layers.Dropout(dropout_rate, name=f"{name}_1_dropout")(y)
+    y = _conv_bn(y, filters, 1, weight_decay, f"{name}_2", relu=False)
+    if strides != 1 or x.shape[-1] != filters:
+        shortcut = _conv(filters, 1, strides, weight_decay, f"{name}_shortcut")(x)
+    x = layers.Add(name=f"{name}_add")([shortcut, y])
+    x = layers.Activation("relu", name=f"{name}_out")(x)
+    if "output" in dropout_sites:
+        x = layers.Dropout(dropout_rate, name=f"{name}_out_dropout")(x)
+    return x
+
+
+def resnet20(
+    width_multiplier=6,
+    dropout_rate=0.25,
+    weight_decay=1e-4,
+    num_classes=10,
+    input_shape=(32, 32, 3),
+    dropout_sites=UMBC_DROPOUT_SITES,
+    name=None,
+):
+    """ResNet-20 v1 for 32x32 images, widened, with UMBC's dropout placement.
+
+    Three stages of three basic blocks with `16, 32, 64` filters times
+    `width_multiplier` (stride 2 at the start of stages 2 and 3), a 3x3 stem conv with
+    the first stage's width, global average pooling and a dense head. Convolutions
+    use he_normal init, biases and L2 `weight_decay` on their kernels, as the UMBC
+    HAET-2021 entry (Hosseini et al. 2021; their paper says 6x, their code uses 5x).
+
+    Parameter counts (10 classes, 3 input channels): 274,442 at width 1 (the
+    classic ResNet-20 plus biases and projection shortcuts); 9,741,322 at width 6.
+
+    Args:
+        width_multiplier: positive int, filters per stage = (16, 32, 64) x this.
+        dropout_rate: float in [0, 1), the rate at every site in `dropout_sites`.
+        weight_decay: L2 factor on convolution kernels (loss += wd * sum(w**2)).
+        num_classes: number of output logits (>= 2).
+        input_shape: `(height, width, channels)` of the float input.
+        dropout_sites: set of `(stage, block, "inner"|"output")`, 0-based.
+        name: model name; default `resnet20x{width_multiplier}`.
+
+    Returns:
+        A `keras.Model` from float images `(batch, *input_shape)` to float32 logits
+        `(batch, num_classes)`.
+
+    Raises:
+        ValueError: for a non-positive width, a rate outside [0, 1), a negative
+            weight decay or fewer than 2 classes.
+    """
+    if not isinstance(width_multiplier, int) or width_multiplier < 1:
+        raise ValueError(
+            f"width_multiplier must be a positive integer. Received: {width_multiplier!r}"
+        )
+    if not 0.0 <= dropout_rate < 1.0:
+        raise ValueError(f"dropout_rate must be in [0, 1). Received: {dropout_rate!r}")
+    if weight_decay < 0:
+        raise ValueError(f"weight_decay must be >= 0. Received: {weight_decay!r}")
+    if num_classes < 2:
+        raise ValueError(f"num_classes must be >= 2. Received: {num_classes!r}")
+    inputs = keras.Input(shape=input_shape, name="images")
+    filters = [f * width_multiplier for f in RESNET20_STAGE_FILTERS]
+    x = _conv_bn(inputs, filters[0], 1, weight_decay, "stem", relu=True)
+    for stage, stage_filters in enumerate(filters):
+        for block in range(RESNET20_BLOCKS_PER_STAGE):
+            strides = 2 if stage > 0 and block == 0 else 1
+            sites = {site for (s, b, site) in dropout_sites if (s, b) == (stage, block)}
+            x = basic_block(
+                x,
+                stage_filters,
+                strides,
+                weight_decay,
+                sites if dropout_rate > 0 else set(),
+                dropout_rate,
+                name=f"stage{stage + 1}_block{block + 1}",
+            )
+    x = layers.GlobalAveragePooling2D(name="pool")(x)
+    # float32 logits: softmax/cross-entropy in float16 lose precision.
+    outputs = layers.Dense(
+        num_classes, kernel_initializer="he_normal", dtype="float32", name="logits"
+    )(x)
+    return keras.Model(inputs, outputs, name=name or f"resnet20x{width_multiplier}")
+
+
+# The models `build_model` knows, by the name the `--model` flag takes.
+MODELS = {"resnet20": resnet20}
+
+
+def build_model(name, **kwargs):
+    """Calls the model function registered as `name` in `MODELS` with `kwargs`.
+
+    Raises:
+        ValueError: for an unknown name.
+    """
+    if name not in MODELS:
+        raise ValueError(f"Unknown model {name!r}. Allowed: {', '.join(sorted(MODELS))}.")
+    return MODELS[name](**kwargs)
+
+
+def with_input_pipeline(backbone, pixel_mean, augmentation=None, name=None):
+    """Wraps `backbone` so that it takes raw uint8 images.
+
+    Pipeline: cast to float, scale to [0, 1], subtract the per-pixel mean of the
+    training images (as UMBC: `x / 255 - mean(x_train / 255, axis=0)`), then
+    `augmentation` (active in training only), then `backbone`. The saved model thus
+    classifies raw images with no outside preprocessing.
+
+    Args:
+        backbone: `keras.Model` from float images `(batch, H, W, C)` to logits.
+        pixel_mean: array `(H, W, C)`, the training images' mean on the [0, 1] scale.
+        augmentation: a layer applied in training, e.g. `RandomAffine`, or None.
+        name: model name; default the backbone's.
+
+    Returns:
+        `keras.Model` from uint8 images `(batch, H, W, C)` to float32 logits.
+
+    Raises:
+        ValueError: if `pixel_mean`'s shape differs from the backbone's input shape.
+    """
+    image_shape = tuple(backbone.input_shape[1:])
+    if tuple(pixel_mean.shape) != image_shape:
+        raise ValueError(
+            f"pixel_mean has shape {tuple(pixel_mean.shape)}, the model takes images of "
+            f"shape {image_shape}: compute the mean over the training images' axis 0."
+        )
+    inputs = keras.Input(shape=image_shape, dtype="uint8", name="uint8_images")
+    x = layers.Rescaling(1.0 / 255.0, name="rescale")(inputs)
+    x = layers.Normalization(
+        axis=(1, 2, 3), mean=pixel_mean, variance=np.ones_like(pixel_mean), name="subtract_pixel_mean"
+    )(x)
+    if augmentation is not None:
+        x = augmentation(x)
+    outputs = backbone(x)
+    return keras.Model(inputs, outputs, name=name or backbone.name)
+
+
+def find_augmentation(model):
+    """The `RandomAffine` layer inside `model`, or None."""
+    for layer in model.layers:
+        if isinstance(layer, RandomAffine):
+            return layer
+    return None

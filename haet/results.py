@@ -1,0 +1,137 @@
+"""Results are data: every run writes a folder that is never overwritten.
+
+`RUN_DIR/record.json` (flags, versions, device, commit, timings, accuracy),
+`RUN_DIR/history.csv` (one row per epoch), `RUN_DIR/learning_curve.png` and
+`RUN_DIR/model.keras`.
+"""
+
+import csv
+import datetime
+import importlib.metadata
+import json
+import os
+import platform
+import subprocess
+
+# Published numbers in the HAET-2021 CIFAR-10 setting (5,000 training images,
+# 10 minutes on one GPU), for the record's comparison field.
+PUBLISHED = {
+    "umbc_resnet20x6": {
+        "test_accuracy": 0.851,
+        "source": "Hosseini, Prakash, Pirsiavash, Mohsenin (UMBC), ICLR 2021 HAET "
+        "workshop; xmhosseini/HAET2021",
+        "protocol": "V100, TF 2.4.1, 10 min; random unstratified 10% train sample; "
+        "random 1,000-image test subset; checkpoint with the best accuracy on that "
+        "test subset kept",
+    }
+}
+
+_PACKAGES = ("keras", "tensorflow", "jax", "jaxlib", "numpy", "absl-py", "tensorflow-datasets")
+
+
+def versions():
+    """Python and package versions (absent packages are left out): dict str -> str."""
+    found = {"python": platform.python_version()}
+    for name in _PACKAGES:
+        try:
+            found[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            pass
+    return found
+
+
+def git_commit(path=None):
+    """The checkout's commit hash, with "-dirty" if tracked files changed; None if not a git checkout."""
+    path = path or os.path.dirname(os.path.abspath(__file__))
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=path, capture_output=True, text=True, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=path, capture_output=True, text=True, check=True,
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return commit + ("-dirty" if dirty else "")
+
+
+def make_run_dir(results_dir, name):
+    """Creates and returns a new folder `results_dir/<UTC time>_<name>[_k]`.
+
+    Never reuses an existing folder: a suffix `_1`, `_2`... is added if needed.
+    """
+    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    os.makedirs(results_dir, exist_ok=True)
+    base = os.path.join(results_dir, f"{stamp}_{name}")
+    path, k = base, 0
+    while True:
+        try:
+            os.makedirs(path)
+            return path
+        except FileExistsError:
+            k += 1
+            path = f"{base}_{k}"
+
+
+def _write_new(path, write):
+    """Writes a file that must not exist yet (mode 'x')."""
+    with open(path, "x", newline="") as f:
+        write(f)
+
+
+def write_record(run_dir, record):
+    """Writes `record` (JSON-serializable dict) to `run_dir/record.json`."""
+    path = os.path.join(run_dir, "record.json")
+    _write_new(path, lambda f: json.dump(record, f, indent=2, sort_keys=True))
+    return path
+
+
+def write_history(run_dir, history):
+    """Writes per-epoch rows (list of dicts with the same keys) to `run_dir/history.csv`."""
+    path = os.path.join(run_dir, "history.csv")
+
+    def write(f):
+        if history:
+            w = csv.DictWriter(f, fieldnames=list(history[0]))
+            w.writeheader()
+            w.writerows(history)
+
+    _write_new(path, write)
+    return path
+
+
+def plot_learning_curve(run_dir, history, title):
+    """Training loss and accuracy vs elapsed seconds, learning rate and augmentation
+    strength on a second axis; saved as `run_dir/learning_curve.png`."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    t = [r["elapsed_seconds"] for r in history]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4), constrained_layout=True)
+    for ax, key, label in ((axes[0], "loss", "training loss"), (axes[1], "accuracy", "training accuracy")):
+        ax.plot(t, [r[key] for r in history], "o-", color="C0", label=label)
+        ax.set_xlabel("elapsed training time (s)")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+        twin = ax.twinx()
+        twin.step(t, [r["learning_rate"] for r in history], where="post", color="C3",
+                  label="learning rate (right)")
+        twin.set_yscale("log")
+        twin.set_ylabel("learning rate", color="C3")
+        if any(r["augmentation_strength"] is not None for r in history):
+            twin2 = ax.twinx()
+            twin2.spines["right"].set_position(("axes", 1.15))
+            twin2.step(t, [r["augmentation_strength"] for r in history], where="post",
+                       color="C2", label="augmentation strength (far right)")
+            twin2.set_ylim(-0.05, 1.05)
+            twin2.set_ylabel("augmentation strength", color="C2")
+        lines = [l for a in fig.axes if a.bbox.bounds == ax.bbox.bounds for l in a.get_lines()]
+        ax.legend(lines, [l.get_label() for l in lines], loc="center right", fontsize=8)
+    fig.suptitle(title)
+    path = os.path.join(run_dir, "learning_curve.png")
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path

@@ -1,0 +1,158 @@
+import math
+
+import keras
+import numpy as np
+import pytest
+from keras import ops
+
+from haet.augment import FILL_MODES, RandomAffine, affine_coordinates, fill_mode_index
+
+
+def _coords(height=4, width=4, **params):
+    defaults = dict(rotation=0.0, shear=0.0, shift_rows=0.0, shift_cols=0.0,
+                    zoom_rows=1.0, zoom_cols=1.0)
+    defaults.update(params)
+    tensors = {k: ops.convert_to_tensor([v], dtype="float32") for k, v in defaults.items()}
+    flip = ops.convert_to_tensor([params.get("flip", False)])
+    tensors.pop("flip", None)
+    rows, cols = affine_coordinates(height, width, flip=flip, **tensors)
+    return np.asarray(rows)[0], np.asarray(cols)[0]
+
+
+def test_identity_coordinates_are_the_pixel_grid():
+    rows, cols = _coords()
+    np.testing.assert_array_equal(rows, np.repeat(np.arange(4.0)[:, None], 4, axis=1))
+    np.testing.assert_array_equal(cols, np.repeat(np.arange(4.0)[None, :], 4, axis=0))
+
+
+def test_shift_zoom_flip_rotation_known_answers():
+    rows, cols = _coords(shift_rows=2.0, shift_cols=-1.0)
+    np.testing.assert_allclose(rows[0, 0], 2.0) and np.testing.assert_allclose(cols[0, 0], -1.0)
+    # Zoom 2 about the centre (1.5, 1.5): output pixel 0 samples input 1.5 - 2 * 1.5 = -1.5.
+    rows, cols = _coords(zoom_rows=2.0, zoom_cols=0.5)
+    np.testing.assert_allclose(rows[0, 0], -1.5)
+    np.testing.assert_allclose(cols[0, 0], 0.75)
+    rows, cols = _coords(flip=True)
+    np.testing.assert_array_equal(cols[0], [3.0, 2.0, 1.0, 0.0])
+    # ImageDataGenerator's rotation matrix [[cos, -sin], [sin, cos]] on (row, col).
+    rows, cols = _coords(rotation=math.pi / 2)
+    np.testing.assert_allclose(rows[0, 0], 3.0, atol=1e-5)  # 1.5 - (-1.5)
+    np.testing.assert_allclose(cols[0, 0], 0.0, atol=1e-5)  # 1.5 + (-1.5)
+    # Shear by 45 degrees: input col = cos(45) * output col offset; row += -sin(45) * col offset.
+    rows, cols = _coords(shear=math.pi / 4)
+    np.testing.assert_allclose(rows[0, 3], 0.0 - math.sin(math.pi / 4) * 1.5, atol=1e-5)
+    np.testing.assert_allclose(cols[0, 3], 1.5 + math.cos(math.pi / 4) * 1.5, atol=1e-5)
+
+
+def _images(batch=8, size=12, channels=3, seed=0):
+    # Values in [1, 2]: a 0 in the output can only come from constant fill.
+    return np.random.default_rng(seed).uniform(1.0, 2.0, (batch, size, size, channels)).astype("float32")
+
+
+@pytest.mark.parametrize("fill_mode", FILL_MODES)
+def test_strength_zero_is_the_exact_identity(fill_mode):
+    layer = RandomAffine(seed=1)
+    layer.set_fill_mode(fill_mode)
+    layer.set_strength(0.0)
+    x = _images()
+    np.testing.assert_array_equal(np.asarray(layer(x, training=True)), x)
+
+
+def test_inference_is_the_identity():
+    layer = RandomAffine(seed=1)
+    x = _images()
+    np.testing.assert_array_equal(np.asarray(layer(x, training=False)), x)
+
+
+@pytest.mark.parametrize("fill_mode", FILL_MODES)
+def test_strength_one_changes_images_and_fills_by_mode(fill_mode):
+    layer = RandomAffine(shift_range=0.4, zoom_range=0.3, rotation_range=30, shear_range=20, seed=2)
+    layer.set_fill_mode(fill_mode)
+    x = _images(batch=16)
+    y = np.asarray(layer(x, training=True))
+    assert y.shape == x.shape and y.dtype == np.float32
+    changed = np.abs(y - x).max(axis=(1, 2, 3)) > 1e-3
+    assert changed.all()
+    zeros = (y == 0.0).mean()
+    if fill_mode == "constant":
+        assert zeros > 0.02  # shifted 40%: part of each image is fill
+    else:
+        assert zeros == 0.0
+        # Bilinear samples of in-image pixels stay within the input's range.
+        assert y.min() >= 1.0 - 1e-5 and y.max() <= 2.0 + 1e-5
+
+
+def test_fill_modes_differ_on_the_same_draw():
+    x = _images(batch=4)
+    outputs = []
+    for mode in FILL_MODES:
+        layer = RandomAffine(shift_range=0.5, seed=7)  # same seed: same transforms
+        layer.set_fill_mode(mode)
+        outputs.append(np.asarray(layer(x, training=True)))
+    for i in range(len(outputs)):
+        for j in range(i + 1, len(outputs)):
+            assert not np.allclose(outputs[i], outputs[j])
+
+
+def test_strength_scales_the_ranges():
+    x = _images(batch=32)
+    deltas = []
+    for strength in (0.1, 1.0):
+        layer = RandomAffine(seed=3, horizontal_flip=False)
+        layer.set_strength(strength)
+        deltas.append(np.abs(np.asarray(layer(x, training=True)) - x).mean())
+    assert deltas[0] < 0.5 * deltas[1]
+
+
+def test_flip_only():
+    layer = RandomAffine(0.0, 0.0, 0.0, 0.0, horizontal_flip=True, seed=0)
+    x = _images(batch=64)
+    y = np.asarray(layer(x, training=True))
+    flipped = np.array([np.array_equal(a, b[:, ::-1]) for a, b in zip(y, x)])
+    same = np.array([np.array_equal(a, b) for a, b in zip(y, x)])
+    assert (flipped | same).all() and 10 < flipped.sum() < 54
+
+
+def test_bad_arguments_name_the_value():
+    with pytest.raises(ValueError, match="Unknown fill mode 'mirror'. Allowed: nearest, constant, wrap, reflect"):
+        fill_mode_index("mirror")
+    with pytest.raises(ValueError, match="rotation_range must be a number in \\[0, 180.0\\] \\(degrees\\). Received: rotation_range=200"):
+        RandomAffine(rotation_range=200)
+    with pytest.raises(ValueError, match="strength=1.5"):
+        RandomAffine().set_strength(1.5)
+
+
+def test_config_round_trip():
+    layer = RandomAffine(0.1, 0.2, 3.0, 4.0, horizontal_flip=False, seed=5)
+    clone = RandomAffine.from_config(layer.get_config())
+    assert (clone.shift_range, clone.zoom_range, clone.rotation_range, clone.shear_range,
+            clone.horizontal_flip, clone.seed) == (0.1, 0.2, 3.0, 4.0, False, 5)
+
+
+class _CountingAffine(RandomAffine):
+    """Counts Python executions of `call`, i.e. traces of the compiled step."""
+
+    traces = 0
+
+    def call(self, images, training=False):
+        type(self).traces += 1
+        return super().call(images, training=training)
+
+
+def test_train_step_stays_xla_compiled_and_fill_mode_change_does_not_recompile():
+    inputs = keras.Input((8, 8, 3))
+    layer = _CountingAffine(seed=0)
+    x = keras.layers.GlobalAveragePooling2D()(keras.layers.Conv2D(4, 3)(layer(inputs)))
+    model = keras.Model(inputs, keras.layers.Dense(2)(x))
+    model.compile("sgd", keras.losses.SparseCategoricalCrossentropy(from_logits=True), jit_compile=True)
+    assert model.jit_compile is True
+    images = np.random.default_rng(0).uniform(size=(16, 8, 8, 3)).astype("float32")
+    labels = np.zeros(16, dtype="int32")
+    model.fit(images, labels, batch_size=8, epochs=1, verbose=0)
+    traces = _CountingAffine.traces
+    for mode in FILL_MODES:
+        layer.set_fill_mode(mode)
+        layer.set_strength(0.5)
+        model.fit(images, labels, batch_size=8, epochs=1, verbose=0)
+    assert model.jit_compile is True
+    assert _CountingAffine.traces == traces  # the compiled step was not traced again

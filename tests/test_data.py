@@ -1,0 +1,194 @@
+import os
+import pickle
+import subprocess
+import sys
+import tarfile
+import types
+
+import numpy as np
+import pytest
+
+from conftest import REPO, shared_dataset_dir
+from haet import data
+
+
+def test_stratified_subset_is_balanced_sorted_and_deterministic(cifar10_arrays):
+    y = cifar10_arrays[1]
+    idx = data.stratified_subset(y, 5000, 10, seed=0)
+    assert len(idx) == 5000 and len(np.unique(idx)) == 5000
+    assert np.all(np.diff(idx) > 0)
+    np.testing.assert_array_equal(np.bincount(y[idx], minlength=10), [500] * 10)
+    np.testing.assert_array_equal(idx, data.stratified_subset(y, 5000, 10, seed=0))
+    other = data.stratified_subset(y, 5000, 10, seed=1)
+    assert len(np.intersect1d(idx, other)) < 1000  # ~10% overlap expected by chance
+
+
+def test_subset_depends_only_on_labels_and_seed():
+    y = np.repeat(np.arange(4), 5)
+    a = data.stratified_subset(y, 8, 4, seed=3)
+    b = data.stratified_subset(y.copy(), 8, 4, seed=3)
+    np.testing.assert_array_equal(a, b)
+    np.testing.assert_array_equal(np.bincount(y[a]), [2, 2, 2, 2])
+
+
+def test_full_size_takes_everything_even_when_unbalanced():
+    y = np.array([0, 0, 0, 1])
+    np.testing.assert_array_equal(data.stratified_subset(y, 4, 2, seed=0), [0, 1, 2, 3])
+
+
+@pytest.mark.parametrize(
+    "train_size, message",
+    [(15, "not a multiple of the 10 classes; use e.g. 10 or 20"),
+     (60, "larger than the 50 training images"),
+     (0, "positive integer"),
+     (40, "needs 4 images of class 9, which has only 1")],
+)
+def test_bad_train_size(train_size, message):
+    y = np.concatenate([np.repeat(np.arange(9), 5), [9], np.zeros(4, int)])
+    with pytest.raises(ValueError, match=message):
+        data.stratified_subset(y, train_size, 10, seed=0)
+
+
+def test_load_real_cifar10_npz():
+    ds = data.load_dataset("cifar10", shared_dataset_dir("cifar10"))
+    assert ds.x_train.shape == (50000, 32, 32, 3) and ds.x_train.dtype == np.uint8
+    assert ds.x_test.shape == (10000, 32, 32, 3)
+    assert ds.y_train.dtype == np.int32 and ds.y_train.shape == (50000,)
+    # Canonical order: the first training image is a frog (6), the first test image a cat (3).
+    assert ds.y_train[0] == 6 and ds.y_test[0] == 3
+    # Mean documented in ../shared/data/cifar10/README.md.
+    np.testing.assert_allclose(ds.x_train.mean(axis=(0, 1, 2)) / 255, [0.4914, 0.4822, 0.4465], atol=1e-4)
+
+
+def test_load_real_mnist_npz():
+    ds = data.load_dataset("mnist", shared_dataset_dir("mnist"))
+    assert ds.x_train.shape == (60000, 28, 28, 1) and ds.info.num_classes == 10
+    assert np.bincount(ds.y_test).tolist()[:3] == [980, 1135, 1032]
+
+
+def _write_cifar_python(folder, x, y, per_batch):
+    """Writes CIFAR-10 python pickles (data (N, 3072) in CHW order) for (x, y)."""
+    os.makedirs(folder)
+    names = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]
+    for k, name in enumerate(names):
+        sl = slice(k * per_batch, (k + 1) * per_batch)
+        batch = {b"data": x[sl].transpose(0, 3, 1, 2).reshape(-1, 3072), b"labels": list(map(int, y[sl]))}
+        with open(os.path.join(folder, name), "wb") as f:
+            pickle.dump(batch, f)
+
+
+def test_cifar10_python_folder_and_tarball_match_npz(tmp_path, cifar10_arrays):
+    x, y = cifar10_arrays[0][:60], cifar10_arrays[1][:60]
+    root = tmp_path / "py"
+    _write_cifar_python(str(root / "cifar-10-batches-py"), x, y, per_batch=10)
+    ds = data.load_dataset("cifar10", str(root))
+    assert ds.source.startswith("cifar-python:")
+    np.testing.assert_array_equal(ds.x_train, x[:50])
+    np.testing.assert_array_equal(ds.y_train, y[:50])
+    np.testing.assert_array_equal(ds.x_test, x[50:])
+
+    tar_root = tmp_path / "tar"
+    tar_root.mkdir()
+    with tarfile.open(tar_root / "cifar-10-python.tar.gz", "w:gz") as tar:
+        tar.add(root / "cifar-10-batches-py", arcname="cifar-10-batches-py")
+    ds_tar = data.load_dataset("cifar10", str(tar_root))
+    np.testing.assert_array_equal(ds_tar.x_train, x[:50])
+    np.testing.assert_array_equal(ds_tar.y_test, y[50:])
+
+
+def _fake_tfds(monkeypatch, load):
+    module = types.SimpleNamespace(load=load, as_numpy=lambda d: d)
+    monkeypatch.setitem(sys.modules, "tensorflow_datasets", module)
+
+
+def test_tfds_order_is_restored_from_ids(monkeypatch, cifar10_arrays):
+    x, y = cifar10_arrays[0][:20], cifar10_arrays[1][:20]
+    shuffle = np.random.default_rng(0).permutation(20)
+
+    def load(name, split, data_dir, batch_size):
+        assert name == "cifar10" and batch_size == -1
+        ids = np.array([f"{split}_{i:05d}".encode() for i in range(20)])
+        return {"image": x[shuffle], "label": y[shuffle].astype(np.int64), "id": ids[shuffle]}
+
+    _fake_tfds(monkeypatch, load)
+    ds = data.load_dataset("cifar10", None)
+    assert ds.source == "tfds:cifar10"
+    np.testing.assert_array_equal(ds.x_train, x)
+    np.testing.assert_array_equal(ds.y_test, y)
+
+
+def test_offline_without_local_copy_says_how_to_provide_data(monkeypatch, tmp_path):
+    def load(*args, **kwargs):
+        raise ConnectionError("no route to host")
+
+    _fake_tfds(monkeypatch, load)
+    with pytest.raises(RuntimeError, match=r"Offline\? Pass --data_dir=DIR.*cifar-10-python.tar.gz"):
+        data.load_dataset("cifar10", str(tmp_path))
+
+
+@pytest.mark.parametrize(
+    "x, y, message",
+    [
+        (np.zeros((4, 32, 32, 3), np.float32), np.zeros(4, int), "must be uint8"),
+        (np.zeros((4, 32, 32), np.uint8), np.zeros(4, int), r"shape \(N, 32, 32, 3\)"),
+        (np.zeros((4, 28, 28, 3), np.uint8), np.zeros(4, int), r"Received shape \(4, 28, 28, 3\)"),
+        (np.zeros((4, 32, 32, 3), np.uint8), np.zeros(3, int), "4 images but 3 labels"),
+        (np.zeros((4, 32, 32, 3), np.uint8), np.array([0, 1, 2, 10]), r"labels must be in \[0, 10\)"),
+        (np.zeros((4, 32, 32, 3), np.uint8), np.zeros(4, float), "labels must be integers"),
+    ],
+)
+def test_malformed_arrays_are_rejected(tmp_path, x, y, message):
+    np.savez(tmp_path / "train.npz", x=x, y=y)
+    np.savez(tmp_path / "test.npz", x=np.zeros((2, 32, 32, 3), np.uint8), y=np.zeros(2, int))
+    with pytest.raises(ValueError, match=message):
+        data.load_dataset("cifar10", str(tmp_path))
+
+
+def test_column_labels_are_flattened():
+    info = data.dataset_info("cifar10")
+    _, y = data.validate_arrays(np.zeros((2, 32, 32, 3), np.uint8), np.array([[1], [2]]), info, "train")
+    assert y.shape == (2,) and y.dtype == np.int32
+
+
+def test_unknown_dataset_and_missing_folder():
+    with pytest.raises(ValueError, match="Unknown dataset 'cifar11'. Allowed: cifar10, mnist"):
+        data.load_dataset("cifar11")
+    with pytest.raises(ValueError, match="is not a folder"):
+        data.load_dataset("cifar10", "/nonexistent/folder")
+
+
+def test_shuffled_batches_are_full_and_reshuffled():
+    x = np.arange(10, dtype=np.uint8).reshape(10, 1, 1, 1)
+    y = np.arange(10)
+    batches = data.ShuffledBatches(x, y, batch_size=4, seed=0)
+    assert len(batches) == 2
+    first = np.concatenate([batches[i][1] for i in range(2)])
+    assert all(batches[i][0].shape == (4, 1, 1, 1) for i in range(2))
+    assert len(set(first.tolist())) == 8
+    batches.on_epoch_end()
+    second = np.concatenate([batches[i][1] for i in range(2)])
+    assert not np.array_equal(first, second)
+    np.testing.assert_array_equal(batches[0][0][:, 0, 0, 0], batches[0][1])
+    with pytest.raises(ValueError, match="batch_size=11 must be between 1 and the 10"):
+        data.ShuffledBatches(x, y, batch_size=11, seed=0)
+
+
+def test_export_cli_writes_subset_and_refuses_to_overwrite(tmp_path, cifar10_slice_dir):
+    out = tmp_path / "export"
+    cmd = [sys.executable, "-m", "haet.data", "--dataset=cifar10", f"--data_dir={cifar10_slice_dir}",
+           "--train_size=200", "--subset_seed=5", f"--export_dir={out}"]
+    env = dict(os.environ, PYTHONPATH=REPO)
+    subprocess.run(cmd, check=True, env=env, capture_output=True)
+    exported = data.load_dataset("cifar10", str(out))
+    original = data.load_dataset("cifar10", cifar10_slice_dir)
+    idx = data.stratified_subset(original.y_train, 200, 10, seed=5)
+    np.testing.assert_array_equal(exported.x_train, original.x_train[idx])
+    np.testing.assert_array_equal(exported.x_test, original.x_test)
+    # Re-selecting from the export (train_size == its size) keeps it whole: same sha256.
+    again = data.stratified_subset(exported.y_train, 200, 10, seed=123)
+    assert data.subset_sha256(exported.x_train[again], exported.y_train[again]) == \
+        data.subset_sha256(original.x_train[idx], original.y_train[idx])
+    before = (out / "train.npz").read_bytes()
+    result = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    assert result.returncode != 0 and "already holds train.npz, test.npz, subset.json" in result.stderr
+    assert (out / "train.npz").read_bytes() == before

@@ -1,0 +1,65 @@
+import keras
+import numpy as np
+import pytest
+
+from haet import models
+from haet.augment import RandomAffine
+
+
+@pytest.mark.parametrize("width, params", [(1, 274_442), (6, 9_741_322)])
+def test_resnet20_parameter_count_matches_docstring(width, params):
+    model = models.resnet20(width_multiplier=width)
+    assert model.count_params() == params
+    assert f"{params:,}" in models.resnet20.__doc__
+
+
+def test_resnet20_structure_and_output():
+    model = models.resnet20(width_multiplier=2, num_classes=7, input_shape=(16, 16, 3))
+    convs = [l for l in model.layers if isinstance(l, keras.layers.Conv2D)]
+    assert len([c for c in convs if c.kernel_size == (3, 3)]) == 19  # + dense = 20 layers
+    assert [c.filters for c in convs if c.kernel_size == (1, 1)] == [64, 128]
+    assert len([l for l in model.layers if isinstance(l, keras.layers.Dropout)]) == 9
+    y = model(np.zeros((3, 16, 16, 3), "float32"))
+    assert tuple(y.shape) == (3, 7)
+    no_dropout = models.resnet20(width_multiplier=1, dropout_rate=0.0)
+    assert not any(isinstance(l, keras.layers.Dropout) for l in no_dropout.layers)
+
+
+def test_logits_are_float32_under_mixed_precision():
+    keras.mixed_precision.set_global_policy("mixed_bfloat16")
+    try:
+        model = models.resnet20(width_multiplier=1)
+        y = model(np.zeros((2, 32, 32, 3), "float32"))
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+    assert model.get_layer("stem_conv").compute_dtype == "bfloat16"
+    assert keras.backend.standardize_dtype(y.dtype) == "float32"
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [({"width_multiplier": 0}, "width_multiplier must be a positive integer. Received: 0"),
+     ({"dropout_rate": 1.0}, r"dropout_rate must be in \[0, 1\)"),
+     ({"weight_decay": -1.0}, "weight_decay must be >= 0"),
+     ({"num_classes": 1}, "num_classes must be >= 2")],
+)
+def test_bad_model_arguments(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        models.resnet20(**kwargs)
+
+
+def test_unknown_model_name():
+    with pytest.raises(ValueError, match="Unknown model 'resnet50'. Allowed: resnet20"):
+        models.build_model("resnet50")
+
+
+def test_input_pipeline_takes_uint8_and_subtracts_the_mean():
+    backbone = keras.Sequential([keras.Input((4, 4, 3)), keras.layers.Identity()])
+    mean = np.full((4, 4, 3), 0.5, "float32")
+    model = models.with_input_pipeline(backbone, mean, RandomAffine(seed=0))
+    assert model.input.dtype == "uint8"
+    x = np.full((1, 4, 4, 3), 255, np.uint8)
+    np.testing.assert_allclose(np.asarray(model(x)), 0.5)
+    assert isinstance(models.find_augmentation(model), RandomAffine)
+    with pytest.raises(ValueError, match=r"pixel_mean has shape \(32, 32, 3\).*\(4, 4, 3\)"):
+        models.with_input_pipeline(backbone, np.zeros((32, 32, 3)))
