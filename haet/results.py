@@ -1,8 +1,8 @@
 """Results are data: every run writes a folder that is never overwritten.
 
 `RUN_DIR/record.json` (flags, versions, device, commit, timings, accuracy),
-`RUN_DIR/history.csv` (one row per epoch), `RUN_DIR/learning_curve.png` and
-`RUN_DIR/model.keras`.
+`RUN_DIR/history.csv` (one row per epoch), `RUN_DIR/confusion_matrix.csv` (test set),
+`RUN_DIR/learning_curves.png` and `RUN_DIR/model.keras`.
 """
 
 import csv
@@ -101,37 +101,15 @@ def write_history(run_dir, history):
     return path
 
 
-def plot_learning_curve(run_dir, history, title):
-    """Training loss and accuracy vs elapsed seconds, learning rate and augmentation
-    strength on a second axis; saved as `run_dir/learning_curve.png`."""
-    import matplotlib
+def write_confusion_matrix(run_dir, matrix, class_names):
+    """Writes `matrix` (rows: true class, columns: predicted) to `run_dir/confusion_matrix.csv`."""
+    path = os.path.join(run_dir, "confusion_matrix.csv")
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    def write(f):
+        w = csv.writer(f)
+        w.writerow(["true \\ predicted", *class_names])
+        for name, row in zip(class_names, matrix):
+            w.writerow([name, *(int(v) for v in row)])
 
-    t = [r["elapsed_seconds"] for r in history]
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4), constrained_layout=True)
-    for ax, key, label in ((axes[0], "loss", "training loss"), (axes[1], "accuracy", "training accuracy")):
-        ax.plot(t, [r[key] for r in history], "o-", color="C0", label=label)
-        ax.set_xlabel("elapsed training time (s)")
-        ax.set_ylabel(label)
-        ax.grid(alpha=0.3)
-        twin = ax.twinx()
-        twin.step(t, [r["learning_rate"] for r in history], where="post", color="C3",
-                  label="learning rate (right)")
-        twin.set_yscale("log")
-        twin.set_ylabel("learning rate", color="C3")
-        if any(r["augmentation_strength"] is not None for r in history):
-            twin2 = ax.twinx()
-            twin2.spines["right"].set_position(("axes", 1.15))
-            twin2.step(t, [r["augmentation_strength"] for r in history], where="post",
-                       color="C2", label="augmentation strength (far right)")
-            twin2.set_ylim(-0.05, 1.05)
-            twin2.set_ylabel("augmentation strength", color="C2")
-        lines = [l for a in fig.axes if a.bbox.bounds == ax.bbox.bounds for l in a.get_lines()]
-        ax.legend(lines, [l.get_label() for l in lines], loc="center right", fontsize=8)
-    fig.suptitle(title)
-    path = os.path.join(run_dir, "learning_curve.png")
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    _write_new(path, write)
     return path

@@ -19,7 +19,7 @@ from absl import logging
 from haet import budget as budget_lib
 from haet import data as data_lib
 from haet import device as device_lib
-from haet import models, results
+from haet import evaluation, models, plots, results
 from haet.augment import FILL_MODES, RandomAffine, fill_mode_index
 from haet.schedules import PiecewiseConstant, check_range
 
@@ -224,9 +224,8 @@ def train(config, results_dir="results/runs", clock=None):
             callbacks=[budget],
         )
         with timer.phase("eval"):
-            scores = model.evaluate(
-                dataset.x_test, dataset.y_test, batch_size=config.eval_batch_size,
-                verbose=0, return_dict=True,
+            scores = evaluation.evaluate(
+                model, dataset.x_test, dataset.y_test, info.num_classes, config.eval_batch_size
             )
     finally:
         keras.mixed_precision.set_global_policy(previous_policy)
@@ -237,7 +236,7 @@ def train(config, results_dir="results/runs", clock=None):
     test_accuracy = float(scores["accuracy"])
     record = {
         "test_accuracy": test_accuracy,
-        "test_loss": float(scores["loss"]),
+        "test_loss": float(scores["loss"]),  # cross-entropy, no weight penalty
         "test_examples": int(len(dataset.y_test)),
         "train_examples": int(len(y_train)),
         "dataset": info.name,
@@ -274,12 +273,14 @@ def train(config, results_dir="results/runs", clock=None):
     }
     run_dir = results.make_run_dir(results_dir, config.run_name())
     results.write_history(run_dir, budget.history)
+    results.write_confusion_matrix(run_dir, scores["confusion_matrix"], info.class_names)
     if budget.history:
-        results.plot_learning_curve(
-            run_dir, budget.history,
+        plots.plot_learning_curves(
+            budget.history,
             f"{model.name} on {info.name} ({len(y_train)} images), "
             f"{config.budget_seconds:g} s budget, {keras.backend.backend()}: "
             f"test accuracy {test_accuracy:.2%}",
+            os.path.join(run_dir, "learning_curves.png"),
         )
     if config.save_model:
         model.save(os.path.join(run_dir, "model.keras"), overwrite=False)

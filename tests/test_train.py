@@ -37,7 +37,8 @@ def test_end_to_end_on_real_cifar10_writes_a_complete_record(tmp_path, cifar10_s
     )
     assert result.returncode == 0, result.stderr[-3000:]
     (run_dir,) = list(out.iterdir())
-    assert sorted(os.listdir(run_dir)) == ["history.csv", "learning_curve.png", "model.keras", "record.json"]
+    assert sorted(os.listdir(run_dir)) == ["confusion_matrix.csv", "history.csv", "learning_curves.png", "model.keras",
+                                         "record.json"]
     record = json.loads((run_dir / "record.json").read_text())
     assert REQUIRED_KEYS <= set(record)
     assert record["test_examples"] == 500 and record["train_examples"] == 200

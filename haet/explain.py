@@ -1,0 +1,150 @@
+"""Grad-CAM heatmaps: where in an image a classifier looks for its predicted class.
+
+Grad-CAM (Selvaraju et al., "Grad-CAM: Visual Explanations from Deep Networks via
+Gradient-based Localization", ICCV 2017): with `A` the feature maps `(h, w, k)` of a
+convolutional layer and `y` the class logit, the heatmap is
+`ReLU(sum_k mean_ij(dy/dA_ijk) * A_k)`, upsampled to the image size and divided by
+its maximum.
+
+    python -m haet.explain --model=RUN/model.keras --data_dir=../shared/data/cifar10 \\
+        --out=gradcam.png --num_images=24
+
+Works under the TensorFlow and JAX backends (`_logits_and_gradients` hides which).
+"""
+
+import os
+
+import keras
+import numpy as np
+
+from haet import augment  # noqa: F401 -- registers RandomAffine for load_model
+
+
+def _split(model, layer_name=None):
+    """Splits `model` into (preprocess, features, head) at a 4-D feature layer.
+
+    A model from `haet.models.with_input_pipeline` holds its backbone as a nested
+    model after the preprocessing layers; a plain model is its own backbone.
+    `layer_name` defaults to the backbone's last layer with a 4-D output.
+
+    Raises:
+        ValueError: if the layer does not exist or has no 4-D output.
+    """
+    backbone = next((l for l in reversed(model.layers) if isinstance(l, keras.Model)), model)
+    preprocess = [] if backbone is model else model.layers[1:model.layers.index(backbone)]
+    if layer_name is None:
+        candidates = [l for l in backbone.layers if len(l.output.shape) == 4]
+        if not candidates:
+            raise ValueError(f"Model {model.name!r} has no layer with a 4-D (batch, h, w, channels) output.")
+        layer = candidates[-1]
+    else:
+        try:
+            layer = backbone.get_layer(layer_name)
+        except ValueError:
+            raise ValueError(
+                f"No layer {layer_name!r} in {backbone.name!r}. 4-D layers: "
+                f"{[l.name for l in backbone.layers if len(l.output.shape) == 4]}"
+            ) from None
+        if len(layer.output.shape) != 4:
+            raise ValueError(f"Layer {layer_name!r} has output shape {layer.output.shape}, not 4-D.")
+    features = keras.Model(backbone.input, layer.output)
+    head = keras.Model(layer.output, backbone.output)
+    return preprocess, features, head, layer.name
+
+
+def _logits_and_gradients(head, feature_maps, class_index):
+    """Logits `(N, K)` and d(logit[class_index]) / d(feature_maps), as NumPy arrays."""
+    backend = keras.backend.backend()
+    if backend == "tensorflow":
+        import tensorflow as tf
+
+        f = tf.convert_to_tensor(feature_maps)
+        with tf.GradientTape() as tape:
+            tape.watch(f)
+            logits = head(f, training=False)
+            score = tf.reduce_sum(tf.gather(logits, class_index, axis=1, batch_dims=1))
+        return logits.numpy(), tape.gradient(score, f).numpy()
+    if backend == "jax":
+        import jax
+        import jax.numpy as jnp
+
+        def score(f):
+            logits = head(f, training=False)
+            return jnp.take_along_axis(logits, jnp.asarray(class_index)[:, None], axis=1).sum(), logits
+
+        (_, logits), grads = jax.value_and_grad(score, has_aux=True)(jnp.asarray(feature_maps))
+        return np.asarray(logits), np.asarray(grads)
+    raise NotImplementedError(f"Grad-CAM supports the tensorflow and jax backends, not {backend!r}.")
+
+
+def grad_cam(model, images, class_index=None, layer_name=None):
+    """Grad-CAM heatmaps of `model` for `images`.
+
+    Args:
+        model: a classifier `keras.Model` returning logits.
+        images: `(N, H, W, C)` array as the model takes it (uint8 for haet models).
+        class_index: int `(N,)` classes to explain; default the predicted ones.
+        layer_name: the convolutional layer to explain; default the last 4-D one.
+
+    Returns:
+        dict: `heatmaps` float32 `(N, H, W)` in [0, 1] (all zeros where the class
+        gets no positive evidence), `logits` float32 `(N, K)`, `class_index`
+        int `(N,)`, `layer` (name).
+
+    Raises:
+        ValueError: for a missing or non-4-D layer.
+    """
+    preprocess, features, head, layer = _split(model, layer_name)
+    x = images
+    for l in preprocess:
+        x = l(x, training=False) if isinstance(l, augment.RandomAffine) else l(x)
+    feature_maps = np.asarray(features(x, training=False), dtype=np.float32)
+    if class_index is None:
+        class_index = np.asarray(head(feature_maps, training=False)).argmax(axis=1)
+    class_index = np.asarray(class_index, dtype=np.int32)
+    logits, grads = _logits_and_gradients(head, feature_maps, class_index)
+    weights = grads.mean(axis=(1, 2))  # (N, k)
+    cam = np.maximum(np.einsum("nhwk,nk->nhw", feature_maps, weights), 0.0).astype(np.float32)
+    height, width = np.shape(images)[1:3]
+    cam = np.asarray(keras.ops.image.resize(cam[..., None], (height, width), interpolation="bilinear"))[..., 0]
+    cam = np.maximum(cam, 0.0)
+    peak = cam.max(axis=(1, 2), keepdims=True)
+    cam = np.where(peak > 0, cam / np.where(peak > 0, peak, 1.0), 0.0).astype(np.float32)
+    return {"heatmaps": cam, "logits": logits.astype(np.float32), "class_index": class_index, "layer": layer}
+
+
+def main(argv):
+    del argv
+    from absl import flags, logging
+
+    from haet import data, plots
+
+    f = flags.FLAGS
+    if os.path.exists(f.out):
+        raise FileExistsError(f"{f.out} exists; choose another --out (nothing is overwritten).")
+    dataset = data.load_dataset(f.dataset, f.data_dir)
+    pick = np.random.default_rng(f.seed).choice(len(dataset.y_test), f.num_images, replace=False)
+    images, labels = dataset.x_test[np.sort(pick)], dataset.y_test[np.sort(pick)]
+    model = keras.saving.load_model(f.model)
+    result = grad_cam(model, images, layer_name=f.layer)
+    predicted = result["logits"].argmax(axis=1)
+    plots.plot_grad_cam_grid(
+        images, result["heatmaps"], labels, predicted, dataset.info.class_names, f.out,
+        title=f"Grad-CAM of {model.name} at {result['layer']} on {f.num_images} {f.dataset} test images",
+    )
+    logging.info("%d/%d correct; wrote %s", int((predicted == labels).sum()), len(labels), f.out)
+
+
+if __name__ == "__main__":
+    from absl import app, flags
+
+    from haet.data import DATASETS
+
+    flags.DEFINE_string("model", None, "A saved .keras classifier.", required=True)
+    flags.DEFINE_enum("dataset", "cifar10", sorted(DATASETS), "Dataset of the test images.")
+    flags.DEFINE_string("data_dir", None, "Folder with train.npz/test.npz; unset: tensorflow-datasets.")
+    flags.DEFINE_string("out", "gradcam.png", "PNG to write (must not exist).")
+    flags.DEFINE_integer("num_images", 24, "Test images to show, drawn with --seed.")
+    flags.DEFINE_integer("seed", 0, "Seed choosing the test images.")
+    flags.DEFINE_string("layer", None, "Layer to explain; default the last 4-D layer.")
+    app.run(main)

@@ -1,0 +1,150 @@
+"""Figures from run records (matplotlib, PNG): learning curves, accuracy vs budget,
+confusion matrices and Grad-CAM grids. Every function writes one file and returns its path."""
+
+import os
+
+import numpy as np
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _floats(rows, key):
+    return [float(r[key]) if r.get(key) not in (None, "") else np.nan for r in rows]
+
+
+def plot_learning_curves(history, title, path):
+    """Loss and accuracy vs epoch and vs elapsed seconds, in a 2x2 grid.
+
+    Each panel carries the learning rate (log scale, red) and the augmentation
+    strength (green, when recorded) on extra right-hand axes.
+
+    Args:
+        history: rows of `history.csv` (dicts with epoch, elapsed_seconds, loss,
+            accuracy, learning_rate, augmentation_strength; values may be strings).
+        title: figure title.
+        path: PNG file to write.
+    """
+    plt = _pyplot()
+    epochs = _floats(history, "epoch")
+    seconds = _floats(history, "elapsed_seconds")
+    lr = _floats(history, "learning_rate")
+    strength = _floats(history, "augmentation_strength")
+    fig, axes = plt.subplots(2, 2, figsize=(12, 7.5), constrained_layout=True)
+    for row, (key, label) in enumerate((("loss", "training loss"), ("accuracy", "training accuracy"))):
+        for col, (x, xlabel) in enumerate(((epochs, "epoch"), (seconds, "elapsed training time (s)"))):
+            ax = axes[row][col]
+            lines = ax.plot(x, _floats(history, key), "o-", color="C0", ms=3, label=label)
+            ax.set_xlabel(xlabel)
+            ax.set_ylabel(label)
+            ax.grid(alpha=0.3)
+            lr_ax = ax.twinx()
+            lines += lr_ax.step(x, lr, where="post", color="C3", label="learning rate")
+            lr_ax.set_yscale("log")
+            lr_ax.set_ylabel("learning rate", color="C3")
+            if not np.all(np.isnan(strength)):
+                s_ax = ax.twinx()
+                s_ax.spines["right"].set_position(("axes", 1.14))
+                lines += s_ax.step(x, strength, where="post", color="C2", label="augmentation strength")
+                s_ax.set_ylim(-0.05, 1.05)
+                s_ax.set_ylabel("augmentation strength", color="C2")
+            ax.legend(lines, [l.get_label() for l in lines], fontsize=8, loc="center right")
+    fig.suptitle(title)
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path
+
+
+def plot_accuracy_vs_budget(runs, published, path, title="Test accuracy vs wall-clock budget"):
+    """Test accuracy of runs against their budget, with published points.
+
+    Args:
+        runs: dicts with `budget_seconds`, `test_accuracy` (fraction), `label`
+            (one series per label, e.g. "resnet20x6, H100, jax").
+        published: dicts with `budget_seconds`, `test_accuracy`, `entry`, `device`.
+        path: PNG file to write.
+    """
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(8, 5), constrained_layout=True)
+    labels = sorted({r["label"] for r in runs})
+    for i, label in enumerate(labels):
+        pts = [r for r in runs if r["label"] == label]
+        ax.plot([r["budget_seconds"] for r in pts], [100 * r["test_accuracy"] for r in pts],
+                "o", color=f"C{i}", alpha=0.8, label=f"haet: {label}")
+    for p in published:
+        ax.plot(p["budget_seconds"], 100 * p["test_accuracy"], "*", ms=14, color="black")
+        ax.annotate(f"{p['entry']} ({p['device']})", (p["budget_seconds"], 100 * p["test_accuracy"]),
+                    textcoords="offset points", xytext=(-8, 6), ha="right", fontsize=8)
+    if published:
+        ax.plot([], [], "*", ms=12, color="black", label="published")
+    ax.set_xscale("log")
+    ax.set_xlabel("training budget (s, log scale)")
+    ax.set_ylabel("test accuracy (%)")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=8, loc="lower right")
+    ax.set_title(title)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def plot_confusion_matrix(matrix, class_names, path, title="Confusion matrix"):
+    """Row-normalized confusion matrix (true class rows, predicted class columns),
+    with the counts written in each cell."""
+    plt = _pyplot()
+    matrix = np.asarray(matrix, dtype=np.int64)
+    rates = matrix / np.maximum(matrix.sum(axis=1, keepdims=True), 1)
+    n = len(class_names)
+    fig, ax = plt.subplots(figsize=(1.0 + 0.65 * n, 0.6 + 0.6 * n), constrained_layout=True)
+    im = ax.imshow(rates, cmap="Blues", vmin=0, vmax=1)
+    for i in range(n):
+        for j in range(n):
+            ax.text(j, i, str(matrix[i, j]), ha="center", va="center", fontsize=7,
+                    color="white" if rates[i, j] > 0.5 else "black")
+    ax.set_xticks(range(n), class_names, rotation=45, ha="right")
+    ax.set_yticks(range(n), class_names)
+    ax.set_xlabel("predicted class")
+    ax.set_ylabel("true class")
+    fig.colorbar(im, ax=ax, label="fraction of the true class")
+    ax.set_title(title)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def plot_grad_cam_grid(images, heatmaps, true_labels, predicted_labels, class_names, path,
+                       title="Grad-CAM", columns=8):
+    """A grid of images with their Grad-CAM heatmaps overlaid.
+
+    Args:
+        images: uint8 `(N, H, W, C)`.
+        heatmaps: float `(N, H, W)` in [0, 1].
+        true_labels, predicted_labels: int `(N,)`.
+        class_names: names by label.
+        path: PNG file to write.
+    """
+    plt = _pyplot()
+    n = len(images)
+    rows = int(np.ceil(n / columns))
+    fig, axes = plt.subplots(rows, columns, figsize=(1.6 * columns, 1.85 * rows), squeeze=False)
+    for ax in axes.ravel():
+        ax.axis("off")
+    for k in range(n):
+        ax = axes[k // columns][k % columns]
+        image = images[k]
+        ax.imshow(image[..., 0] if image.shape[-1] == 1 else image, cmap="gray" if image.shape[-1] == 1 else None)
+        ax.imshow(heatmaps[k], cmap="jet", alpha=0.45, vmin=0, vmax=1)
+        ok = true_labels[k] == predicted_labels[k]
+        ax.set_title(f"pred {class_names[predicted_labels[k]]}\ntrue {class_names[true_labels[k]]}",
+                     fontsize=7, color="green" if ok else "red")
+    fig.suptitle(title + " (green: correct, red: wrong)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return os.path.abspath(path)

@@ -1,0 +1,230 @@
+"""Results report: every run record under results/ in one page, next to published numbers.
+
+    python -m haet.report --results_dir=results --out=results/README.md
+
+Reads each `record.json` below `--results_dir` and `results/published.csv`, and writes
+a Markdown page with one table per setting (dataset, training images, budget,
+device): recipe, backend, precision, test accuracy (mean +- sample std over runs,
+and the count), epochs and images/s, each row linking to its records; below it the
+published numbers of the same dataset, training-set size and budget, with their
+sources and protocol notes. Figures (PNG) go to `--figures_dir`: accuracy vs budget,
+the learning curves and the confusion matrix of the run named by `--featured_run`
+(default: the most recent run of the largest budget). The page and the figures are
+derived files and are regenerated on every call.
+"""
+
+import collections
+import csv
+import json
+import os
+import statistics
+
+from absl import logging
+
+from haet import plots
+
+
+def load_records(results_dir):
+    """All run records below `results_dir`: list of dicts, each with its `record_path`.
+
+    Files that are not valid JSON objects with a `test_accuracy` are skipped with a warning.
+    """
+    records = []
+    for root, _, files in sorted(os.walk(results_dir)):
+        if "record.json" not in files:
+            continue
+        path = os.path.join(root, "record.json")
+        try:
+            with open(path) as f:
+                record = json.load(f)
+        except (OSError, json.JSONDecodeError) as e:
+            logging.warning("Skipping %s: %s", path, e)
+            continue
+        if not isinstance(record, dict) or "test_accuracy" not in record:
+            logging.warning("Skipping %s: no test_accuracy", path)
+            continue
+        record["record_path"] = path
+        records.append(record)
+    return records
+
+
+def load_published(path):
+    """Rows of the published-numbers CSV, with numbers parsed (empty cells -> None)."""
+    rows = []
+    with open(path) as f:
+        for row in csv.DictReader(f):
+            for key, cast in (("train_examples", int), ("budget_seconds", float),
+                              ("test_accuracy", float), ("test_examples", int)):
+                row[key] = cast(row[key]) if row.get(key) else None
+            rows.append(row)
+    return rows
+
+
+def device_name(record):
+    device = record.get("device") or {}
+    return device.get("name", "unknown") if isinstance(device, dict) else str(device)
+
+
+def setting_of(record):
+    """(dataset, training images, budget seconds, device name) of a record."""
+    return (record.get("dataset", "?"), record.get("train_examples"),
+            float(record.get("budget_seconds", 0)), device_name(record))
+
+
+def recipe_of(record):
+    """A short recipe label from the record's flags, e.g. 'resnet20x6, batch 32'."""
+    flags = record.get("flags", {})
+    return f"{record.get('model', flags.get('model', '?'))}, batch {flags.get('batch_size', '?')}"
+
+
+def _mean_std(values):
+    mean = statistics.fmean(values)
+    std = statistics.stdev(values) if len(values) > 1 else 0.0
+    return mean, std
+
+
+def summarize(records):
+    """Groups records by setting, then by (recipe, backend, precision).
+
+    Returns:
+        dict setting -> list of row dicts: recipe, backend, precision, runs,
+        accuracy_mean, accuracy_std (fractions), epochs_mean, images_per_second_mean,
+        records (paths). Rows sorted by accuracy, best first.
+    """
+    groups = collections.defaultdict(lambda: collections.defaultdict(list))
+    for r in records:
+        groups[setting_of(r)][(recipe_of(r), r.get("backend", "?"), r.get("precision", "?"))].append(r)
+    table = {}
+    for setting, by_recipe in groups.items():
+        rows = []
+        for (recipe, backend, precision), runs in by_recipe.items():
+            mean, std = _mean_std([r["test_accuracy"] for r in runs])
+            ips = [r["images_per_second"] for r in runs if r.get("images_per_second")]
+            rows.append({
+                "recipe": recipe, "backend": backend, "precision": precision, "runs": len(runs),
+                "accuracy_mean": mean, "accuracy_std": std,
+                "epochs_mean": statistics.fmean(r.get("epochs_equivalent", r.get("epochs", 0)) for r in runs),
+                "images_per_second_mean": statistics.fmean(ips) if ips else None,
+                "records": [r["record_path"] for r in runs],
+            })
+        table[setting] = sorted(rows, key=lambda row: -row["accuracy_mean"])
+    return table
+
+
+def matching_published(published, setting):
+    """Published rows with the setting's dataset, training-set size and budget."""
+    dataset, train_examples, budget, _ = setting
+    return [p for p in published if p["dataset"] == dataset and p["train_examples"] == train_examples
+            and p["budget_seconds"] == budget]
+
+
+def _link(path, base):
+    return os.path.relpath(path, base)
+
+
+def render_markdown(table, published, base_dir, figures):
+    """The report page as a Markdown string; links are relative to `base_dir`."""
+    lines = ["# Results", "",
+             "Generated by `python -m haet.report` from every `record.json` under `results/` "
+             "and `results/published.csv`; do not edit by hand.", ""]
+    if figures:
+        lines += [f"![{name}]({_link(path, base_dir)})" for name, path in figures.items()] + [""]
+    for setting in sorted(table, key=lambda s: (s[0], s[1] or 0, s[2], s[3])):
+        dataset, train_examples, budget, device = setting
+        lines += [f"## {dataset}, {train_examples} training images, {budget:g} s budget, {device}", "",
+                  "| recipe | backend | precision | test accuracy (mean ± std) | runs | epochs | images/s | records |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for row in table[setting]:
+            ips = f"{row['images_per_second_mean']:.1f}" if row["images_per_second_mean"] else "-"
+            links = ", ".join(f"[{i + 1}]({_link(p, base_dir)})" for i, p in enumerate(row["records"]))
+            lines.append(
+                f"| {row['recipe']} | {row['backend']} | {row['precision']} | "
+                f"{100 * row['accuracy_mean']:.2f}% ± {100 * row['accuracy_std']:.2f} | {row['runs']} | "
+                f"{row['epochs_mean']:.2f} | {ips} | {links} |")
+        same = matching_published(published, setting)
+        if same:
+            lines += ["", "Published in the same dataset / training-set size / budget:", "",
+                      "| entry | device | test accuracy | source | protocol |", "|---|---|---|---|---|"]
+            lines += [f"| {p['entry']} | {p['device']} | {100 * p['test_accuracy']:.1f}% | {p['source']} | "
+                      f"{p['protocol_notes']} |" for p in same]
+        lines.append("")
+    shown = {id(p) for s in table for p in matching_published(published, s)}
+    others = [p for p in published if id(p) not in shown]
+    if others:
+        lines += ["## Published numbers in other settings", "",
+                  "| entry | dataset | training images | budget | device | test accuracy | source | protocol |",
+                  "|---|---|---|---|---|---|---|---|"]
+        lines += [f"| {p['entry']} | {p['dataset']} | {p['train_examples'] or '?'} | "
+                  f"{p['budget_seconds']:g} s | {p['device']} | {100 * p['test_accuracy']:.1f}% | "
+                  f"{p['source']} | {p['protocol_notes']} |" for p in others]
+        lines.append("")
+    return "\n".join(lines)
+
+
+def featured_run(records, name=None):
+    """The record whose run folder is named `name`, else the latest of the largest budget."""
+    if name:
+        matches = [r for r in records if os.path.basename(os.path.dirname(r["record_path"])) == name]
+        if not matches:
+            raise ValueError(f"No run folder named {name!r} under the results directory.")
+        return matches[0]
+    return max(records, key=lambda r: (r.get("budget_seconds", 0),
+                                       os.path.basename(os.path.dirname(r["record_path"]))))
+
+
+def make_figures(records, published, figures_dir, featured=None):
+    """Writes the report's figures; returns {caption: path}."""
+    os.makedirs(figures_dir, exist_ok=True)
+    figures = {}
+    runs = [{"budget_seconds": r["budget_seconds"], "test_accuracy": r["test_accuracy"],
+             "label": f"{recipe_of(r)}, {device_name(r)}, {r.get('backend')}"} for r in records]
+    datasets = {r.get("dataset") for r in records}
+    pub = [p for p in published if p["dataset"] in datasets and p["budget_seconds"]]
+    figures["Test accuracy vs budget"] = plots.plot_accuracy_vs_budget(
+        runs, pub, os.path.join(figures_dir, "accuracy_vs_budget.png"))
+    run = featured_run(records, featured)
+    run_dir = os.path.dirname(run["record_path"])
+    title = (f"{run.get('model')} on {run.get('dataset')} ({run.get('train_examples')} images), "
+             f"{run['budget_seconds']:g} s, {device_name(run)}, {run.get('backend')}: "
+             f"test accuracy {100 * run['test_accuracy']:.2f}%")
+    history_path = os.path.join(run_dir, "history.csv")
+    if os.path.exists(history_path):
+        with open(history_path) as f:
+            history = list(csv.DictReader(f))
+        figures["Learning curves"] = plots.plot_learning_curves(
+            history, title, os.path.join(figures_dir, "learning_curves.png"))
+    matrix_path = os.path.join(run_dir, "confusion_matrix.csv")
+    if os.path.exists(matrix_path):
+        with open(matrix_path) as f:
+            rows = list(csv.reader(f))
+        names, matrix = rows[0][1:], [[int(v) for v in row[1:]] for row in rows[1:]]
+        figures["Confusion matrix"] = plots.plot_confusion_matrix(
+            matrix, names, os.path.join(figures_dir, "confusion_matrix.png"), title="Confusion matrix: " + title)
+    return figures
+
+
+def main(argv):
+    del argv
+    from absl import flags
+
+    f = flags.FLAGS
+    records = load_records(f.results_dir)
+    if not records:
+        raise ValueError(f"No record.json found under {f.results_dir!r}.")
+    published = load_published(f.published)
+    figures = make_figures(records, published, f.figures_dir, f.featured_run)
+    page = render_markdown(summarize(records), published, os.path.dirname(os.path.abspath(f.out)), figures)
+    with open(f.out, "w") as out:
+        out.write(page)
+    logging.info("%d records -> %s (%d figures in %s)", len(records), f.out, len(figures), f.figures_dir)
+
+
+if __name__ == "__main__":
+    from absl import app, flags
+
+    flags.DEFINE_string("results_dir", "results", "Folder searched for record.json files.")
+    flags.DEFINE_string("published", "results/published.csv", "Published numbers, one row each.")
+    flags.DEFINE_string("out", "results/README.md", "Markdown page to (re)write.")
+    flags.DEFINE_string("figures_dir", "results/figures", "Folder for the report's PNG figures.")
+    flags.DEFINE_string("featured_run", None, "Run folder name whose curves and confusion matrix are shown.")
+    app.run(main)

@@ -1,0 +1,55 @@
+import keras
+import numpy as np
+import pytest
+
+from haet import models
+from haet.augment import RandomAffine
+from haet.explain import grad_cam
+
+
+def _positive_conv_model():
+    """Conv with positive weights (feature = brightness), GAP, dense head."""
+    inputs = keras.Input((16, 16, 1))
+    x = keras.layers.Conv2D(2, 3, padding="same", kernel_initializer="ones", activation="relu", name="conv")(inputs)
+    x = keras.layers.GlobalAveragePooling2D()(x)
+    outputs = keras.layers.Dense(2, kernel_initializer=keras.initializers.Constant([[1.0, -1.0], [1.0, -1.0]]))(x)
+    return keras.Model(inputs, outputs)
+
+
+def test_heatmap_shape_range_and_localization():
+    images = np.zeros((3, 16, 16, 1), "float32")
+    images[0, :4, :4] = 1.0   # top-left patch
+    images[1, 10:, 10:] = 1.0  # bottom-right patch
+    images[2, 6:9, 2:5] = 1.0
+    result = grad_cam(_positive_conv_model(), images, class_index=[0, 0, 0])
+    heat = result["heatmaps"]
+    assert heat.shape == (3, 16, 16) and heat.dtype == np.float32
+    assert heat.min() >= 0.0 and heat.max() == pytest.approx(1.0)
+    for k, (rows, cols) in enumerate([(slice(0, 4), slice(0, 4)), (slice(10, 16), slice(10, 16)),
+                                      (slice(6, 9), slice(2, 5))]):
+        peak = np.unravel_index(heat[k].argmax(), heat[k].shape)
+        assert rows.start <= peak[0] < rows.stop and cols.start <= peak[1] < cols.stop
+        # Far from the patch the heatmap is (nearly) cold.
+        outside = np.ones((16, 16), bool)
+        outside[max(rows.start - 3, 0):rows.stop + 3, max(cols.start - 3, 0):cols.stop + 3] = False
+        assert heat[k][outside].max() < 0.05
+    assert result["layer"] == "conv"
+    # Class 1 is the negative of class 0: no positive evidence, an all-zero heatmap.
+    assert grad_cam(_positive_conv_model(), images, class_index=[1, 1, 1])["heatmaps"].max() == 0.0
+
+
+def test_haet_model_with_uint8_pipeline():
+    backbone = models.resnet20(width_multiplier=1, input_shape=(32, 32, 3))
+    model = models.with_input_pipeline(backbone, np.full((32, 32, 3), 0.5, "float32"), RandomAffine(seed=0))
+    images = np.random.default_rng(0).integers(0, 256, (2, 32, 32, 3)).astype(np.uint8)
+    result = grad_cam(model, images)
+    assert result["layer"] == "stage3_block3_out"
+    assert result["heatmaps"].shape == (2, 32, 32)
+    assert 0.0 <= result["heatmaps"].min() and result["heatmaps"].max() <= 1.0
+    np.testing.assert_allclose(result["logits"], np.asarray(model(images)), rtol=1e-4, atol=1e-4)
+    np.testing.assert_array_equal(result["class_index"], result["logits"].argmax(axis=1))
+
+
+def test_bad_layer_names_are_reported():
+    with pytest.raises(ValueError, match="No layer 'conv9'.*4-D layers: \\['input_layer.*'conv'\\]"):
+        grad_cam(_positive_conv_model(), np.zeros((1, 16, 16, 1), "float32"), layer_name="conv9")

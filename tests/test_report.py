@@ -1,0 +1,67 @@
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from conftest import REPO
+from haet import report
+
+PUBLISHED = os.path.join(REPO, "results", "published.csv")
+
+
+def _write_run(root, name, accuracy, budget=600.0, backend="jax", device="NVIDIA H100", epochs=10.0):
+    run = root / name
+    run.mkdir(parents=True)
+    record = {"test_accuracy": accuracy, "dataset": "cifar10", "train_examples": 5000,
+              "budget_seconds": budget, "device": {"name": device}, "backend": backend,
+              "precision": "mixed_bfloat16", "model": "resnet20x6", "flags": {"batch_size": 32},
+              "epochs_equivalent": epochs, "images_per_second": 100.0 * accuracy, "git_commit": "abc"}
+    (run / "record.json").write_text(json.dumps(record))
+    (run / "history.csv").write_text(
+        "epoch,steps,complete,elapsed_seconds,remaining_seconds,learning_rate,augmentation_strength,"
+        "fill_mode,loss,accuracy\n1,10,True,5.0,5.0,0.001,1.0,wrap,2.0,0.3\n2,10,True,10.0,0.0,0.0001,0.0,reflect,1.5,0.5\n")
+    header = "true \\ predicted," + ",".join(f"c{i}" for i in range(3))
+    (run / "confusion_matrix.csv").write_text(header + "\nc0,5,1,0\nc1,0,6,0\nc2,1,0,4\n")
+    return run
+
+
+def test_table_numbers_match_the_records(tmp_path):
+    _write_run(tmp_path, "a", 0.80, epochs=10.0)
+    _write_run(tmp_path, "b", 0.90, epochs=12.0)
+    _write_run(tmp_path, "c", 0.50, budget=60.0)
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "record.json").write_text("{not json")
+    records = report.load_records(str(tmp_path))
+    assert len(records) == 3
+    table = report.summarize(records)
+    (row,) = table[("cifar10", 5000, 600.0, "NVIDIA H100")]
+    assert row["runs"] == 2 and row["accuracy_mean"] == pytest.approx(0.85)
+    assert row["accuracy_std"] == pytest.approx(0.0707107, rel=1e-5)  # sample std of 0.8, 0.9
+    assert row["epochs_mean"] == 11.0 and row["images_per_second_mean"] == pytest.approx(85.0)
+    page = report.render_markdown(table, report.load_published(PUBLISHED), str(tmp_path), {})
+    assert "| resnet20x6, batch 32 | jax | mixed_bfloat16 | 85.00% ± 7.07 | 2 | 11.00 | 85.0 | [1](a/record.json), [2](b/record.json) |" in page
+    assert "| resnet20x6, batch 32 | jax | mixed_bfloat16 | 50.00% ± 0.00 | 1 |" in page
+    # Published CIFAR-10 numbers sit under the 600 s setting; the hidden-set leaderboard apart.
+    section_600 = page.split("## cifar10, 5000 training images, 600 s")[1].split("##")[0]
+    assert "UMBC widened ResNet-20 | V100 | 85.1%" in section_600 and "McGill ResNet-9" in section_600
+    others = page.split("## Published numbers in other settings")[1]
+    assert "Huawei (challenge winner) | haet2021_hidden" in others and "88.0%" in others
+
+
+def test_report_cli_writes_page_and_figures(tmp_path):
+    _write_run(tmp_path / "results", "run1", 0.7, budget=60.0)
+    _write_run(tmp_path / "results", "run2", 0.8)
+    out = tmp_path / "results" / "README.md"
+    env = dict(os.environ, PYTHONPATH=REPO, MPLBACKEND="Agg")
+    subprocess.run([sys.executable, "-m", "haet.report", f"--results_dir={tmp_path / 'results'}",
+                    f"--published={PUBLISHED}", f"--out={out}", f"--figures_dir={tmp_path / 'results' / 'figures'}"],
+                   check=True, env=env, capture_output=True)
+    page = out.read_text()
+    for name in ("accuracy_vs_budget.png", "learning_curves.png", "confusion_matrix.png"):
+        assert (tmp_path / "results" / "figures" / name).stat().st_size > 10_000
+        assert f"(figures/{name})" in page
+    assert report.featured_run(report.load_records(str(tmp_path / "results")))["budget_seconds"] == 600.0
+    with pytest.raises(ValueError, match="No run folder named 'nope'"):
+        report.featured_run(report.load_records(str(tmp_path / "results")), "nope")
