@@ -18,6 +18,7 @@ changing them neither recompiles nor needs a new model:
 - `fill_mode_index` (int) picks the fill mode through `keras.ops.switch`.
 """
 
+import functools
 import math
 
 import keras
@@ -90,6 +91,37 @@ def affine_coordinates(
     in_rows = per_image(a00) * rows + per_image(a01) * cols + per_image(b0 + center_row)
     in_cols = per_image(a10) * rows + per_image(a11) * cols + per_image(b1 + center_col)
     return in_rows, in_cols
+
+
+def sample(images, rows, cols, fill_mode):
+    """Bilinear samples of `images` at per-image coordinates.
+
+    Args:
+        images: float `(B, H, W, C)` with static H, W, C.
+        rows, cols: float `(B, H, W)` input coordinates for each output pixel.
+        fill_mode: one of `FILL_MODES` or "mirror", for coordinates outside the image
+            ("constant" fills with 0).
+
+    Returns:
+        `(B, H, W, C)` tensor, the dtype of `images`.
+    """
+    height, width, channels = images.shape[1], images.shape[2], images.shape[3]
+    channel = ops.broadcast_to(
+        ops.arange(channels, dtype="float32")[None, None, :], (height, width, channels)
+    )
+
+    # Per image (vectorized over the batch): the TensorFlow map_coordinates needs
+    # every input dimension static, and the batch is not.
+    def one(args):
+        image, r, c = args
+        coordinates = [
+            ops.broadcast_to(r[..., None], (height, width, channels)),
+            ops.broadcast_to(c[..., None], (height, width, channels)),
+            channel,
+        ]
+        return ops.image.map_coordinates(image, coordinates, order=1, fill_mode=fill_mode, fill_value=0.0)
+
+    return ops.vectorized_map(one, (images, rows, cols))
 
 
 @keras.saving.register_keras_serializable(package="haet")
@@ -215,28 +247,9 @@ class RandomAffine(keras.layers.Layer):
                 f"RandomAffine needs a known height, width and channels. Received shape {shape}"
             )
         in_rows, in_cols = self._input_coordinates(batch, height, width)
-        # map_coordinates per image (vectorized over the batch): the TensorFlow
-        # implementation needs every input dimension static, and the batch is not.
-        channel = ops.broadcast_to(
-            ops.arange(channels, dtype="float32")[None, None, :], (height, width, channels)
-        )
-
-        def warp(mode):
-            def warp_one(args):
-                image, rows, cols = args
-                coordinates = [
-                    ops.broadcast_to(rows[..., None], (height, width, channels)),
-                    ops.broadcast_to(cols[..., None], (height, width, channels)),
-                    channel,
-                ]
-                return ops.image.map_coordinates(
-                    image, coordinates, order=1, fill_mode=mode, fill_value=0.0
-                )
-
-            return lambda: ops.vectorized_map(warp_one, (images, in_rows, in_cols))
-
         return ops.switch(
-            ops.convert_to_tensor(self.fill_mode_index), [warp(m) for m in FILL_MODES]
+            ops.convert_to_tensor(self.fill_mode_index),
+            [functools.partial(sample, images, in_rows, in_cols, mode) for mode in FILL_MODES],
         )
 
     def compute_output_shape(self, input_shape):
@@ -253,3 +266,86 @@ class RandomAffine(keras.layers.Layer):
             seed=self.seed,
         )
         return config
+
+
+def _mirror(coordinates, size):
+    """Mirror padding of whole-pixel coordinates (NumPy's "reflect": d c b | a b c d | c b a).
+
+    Done here because Keras' TensorFlow `map_coordinates` maps some coordinates past
+    the last pixel out of range in its "mirror" mode (Keras 3.15).
+    """
+    period = 2.0 * (size - 1)
+    folded = ops.mod(ops.abs(coordinates), period)
+    return ops.where(folded > size - 1, period - folded, folded)
+
+
+@keras.saving.register_keras_serializable(package="haet")
+class RandomCropFlipCutout(keras.layers.Layer):
+    """Random crop after padding, horizontal flip and cutout, per image, on the accelerator.
+
+    The augmentation of David Page's ResNet-9 (davidcpage/cifar10-fast): pad by
+    `pad` pixels (mirror padding, NumPy's "reflect"), crop back to the input size at a
+    uniformly drawn offset, flip left-right with probability 0.5, then set a
+    `cutout_size` x `cutout_size` square, drawn uniformly inside the image, to 0
+    (the mean pixel for mean-subtracted inputs; DeVries & Taylor 2017).
+    Only active with `training=True`.
+
+    Args:
+        pad: crop offset range in pixels, >= 0 (0 disables cropping).
+        horizontal_flip: flip left-right with probability 0.5.
+        cutout_size: side of the cutout square in pixels, >= 0 (0 disables it).
+        seed: int seed or None.
+
+    Input: float `(batch, height, width, channels)`; output: same shape and dtype.
+
+    Raises:
+        ValueError: negative `pad` or `cutout_size`.
+    """
+
+    def __init__(self, pad=4, horizontal_flip=True, cutout_size=8, seed=None, **kwargs):
+        kwargs.setdefault("dtype", "float32")
+        super().__init__(**kwargs)
+        for name, value in (("pad", pad), ("cutout_size", cutout_size)):
+            if not isinstance(value, int) or value < 0:
+                raise ValueError(f"{name} must be a non-negative integer (pixels). Received: {name}={value!r}")
+        self.pad = pad
+        self.horizontal_flip = bool(horizontal_flip)
+        self.cutout_size = cutout_size
+        self.seed = seed
+        self.seed_generator = keras.random.SeedGenerator(seed)
+
+    def call(self, images, training=False):
+        if not training:
+            return images
+        batch = ops.shape(images)[0]
+        height, width = images.shape[1], images.shape[2]
+        gen = self.seed_generator
+
+        def offsets(limit):
+            return ops.cast(keras.random.randint((batch,), 0, limit + 1, seed=gen), "float32")
+
+        rows = ops.arange(height, dtype="float32")[None, :, None]
+        cols = ops.arange(width, dtype="float32")[None, None, :]
+        if self.horizontal_flip:
+            flip = keras.random.uniform((batch,), seed=gen) < 0.5
+            cols = ops.where(flip[:, None, None], (width - 1) - cols, cols)
+        in_rows = _mirror(rows + (offsets(2 * self.pad) - self.pad)[:, None, None], height) + 0.0 * cols
+        in_cols = _mirror(cols + (offsets(2 * self.pad) - self.pad)[:, None, None], width) + 0.0 * rows
+        # Coordinates are whole pixels inside the image: the samples are exact copies.
+        out = sample(images, in_rows, in_cols, "nearest")
+        if self.cutout_size:
+            size = self.cutout_size
+            top = offsets(height - size)[:, None, None]
+            left = offsets(width - size)[:, None, None]
+            r = ops.arange(height, dtype="float32")[None, :, None]
+            c = ops.arange(width, dtype="float32")[None, None, :]
+            inside = (r >= top) & (r < top + size) & (c >= left) & (c < left + size)
+            out = ops.where(inside[..., None], ops.zeros_like(out), out)
+        return out
+
+    def compute_output_shape(self, input_shape):
+        return input_shape
+
+    def get_config(self):
+        return {**super().get_config(), "pad": self.pad, "horizontal_flip": self.horizontal_flip,
+                "cutout_size": self.cutout_size, "seed": self.seed}

@@ -156,3 +156,39 @@ def test_train_step_stays_xla_compiled_and_fill_mode_change_does_not_recompile()
         model.fit(images, labels, batch_size=8, epochs=1, verbose=0)
     assert model.jit_compile is True
     assert _CountingAffine.traces == traces  # the compiled step was not traced again
+
+
+def test_crop_is_a_crop_of_the_mirror_padded_image():
+    from haet.augment import RandomCropFlipCutout
+
+    x = _images(batch=6, size=8)
+    layer = RandomCropFlipCutout(pad=2, horizontal_flip=False, cutout_size=0, seed=4)
+    y = np.asarray(layer(x, training=True))
+    padded = np.pad(x, ((0, 0), (2, 2), (2, 2), (0, 0)), mode="reflect")  # NumPy reflect = mirror
+    offsets = set()
+    for k in range(len(x)):
+        found = [(r, c) for r in range(5) for c in range(5)
+                 if np.array_equal(y[k], padded[k, r:r + 8, c:c + 8])]
+        assert found, f"image {k} is no crop of the padded image"
+        offsets.add(found[0])
+    assert len(offsets) > 1
+    np.testing.assert_array_equal(np.asarray(layer(x, training=False)), x)
+
+
+def test_flip_and_cutout():
+    from haet.augment import RandomCropFlipCutout
+
+    x = _images(batch=32, size=8)
+    flipped = np.asarray(RandomCropFlipCutout(pad=0, cutout_size=0, seed=1)(x, training=True))
+    is_flip = [np.array_equal(a, b[:, ::-1]) for a, b in zip(flipped, x)]
+    is_same = [np.array_equal(a, b) for a, b in zip(flipped, x)]
+    assert all(f or s for f, s in zip(is_flip, is_same)) and 4 < sum(is_flip) < 28
+    cut = np.asarray(RandomCropFlipCutout(pad=0, horizontal_flip=False, cutout_size=3, seed=1)(x, training=True))
+    zero = (cut == 0).all(axis=-1)
+    assert (zero.sum(axis=(1, 2)) == 9).all()  # exactly one 3x3 square per image
+    for k in range(len(x)):
+        rows, cols = np.nonzero(zero[k])
+        assert rows.max() - rows.min() == 2 and cols.max() - cols.min() == 2
+    np.testing.assert_array_equal(cut[~zero], x[~zero])
+    with pytest.raises(ValueError, match="cutout_size must be a non-negative integer"):
+        RandomCropFlipCutout(cutout_size=-1)
