@@ -56,7 +56,8 @@ class WallClockBudget(keras.callbacks.Callback):
 
     Args:
         budget_seconds: positive float, seconds of training.
-        learning_rate: callable fraction -> learning rate (e.g. `PiecewiseConstant`).
+        learning_rate: callable fraction -> learning rate (e.g. `PiecewiseConstant`),
+            or None when the optimizer has a step-based schedule.
         augmentation: a `haet.augment.RandomAffine` inside the model, or None.
         augmentation_strength: callable fraction -> strength in [0, 1], or None.
         fill_modes: fill modes to draw from each epoch (subset of `FILL_MODES`).
@@ -131,7 +132,8 @@ class WallClockBudget(keras.callbacks.Callback):
             self.start = now
             self._last_step_end = now
         fraction = (now - self.start) / self.budget_seconds
-        self._set("learning_rate", self.learning_rate_schedule(fraction), self._set_learning_rate)
+        if self.learning_rate_schedule is not None:
+            self._set("learning_rate", self.learning_rate_schedule(fraction), self._set_learning_rate)
         if self.augmentation is not None and self.strength_schedule is not None:
             self._set("strength", self.strength_schedule(fraction), self.augmentation.set_strength)
 
@@ -156,7 +158,8 @@ class WallClockBudget(keras.callbacks.Callback):
             "complete": self._epoch_steps == self.params.get("steps"),
             "elapsed_seconds": round(elapsed, 3),
             "remaining_seconds": round(max(0.0, self.budget_seconds - elapsed), 3),
-            "learning_rate": self._current.get("learning_rate"),
+            "learning_rate": (self._current["learning_rate"] if "learning_rate" in self._current
+                              else self._optimizer_learning_rate()),
             "augmentation_strength": self._current.get("strength"),
             "fill_mode": self._current.get("fill_mode"),
             "loss": float(logs["loss"]) if "loss" in logs else None,
@@ -173,6 +176,11 @@ class WallClockBudget(keras.callbacks.Callback):
             row["accuracy"] if row["accuracy"] is not None else float("nan"),
         )
 
+    def _optimizer_learning_rate(self):
+        """The step-based schedule's current value (epoch ends only: reads the state)."""
+        optimizer = self.model.optimizer
+        return float(keras.ops.convert_to_numpy(optimizer._get_current_learning_rate()))
+
     def train_seconds(self):
         """Seconds from the first step's start to the last step's end."""
         return 0.0 if self.start is None else self.end - self.start
@@ -184,3 +192,61 @@ class WallClockBudget(keras.callbacks.Callback):
         later = self.step_seconds[1:]
         typical = statistics.median(later) if later else 0.0
         return max(0.0, self.step_seconds[0] - typical)
+
+
+class StepPlanner(keras.callbacks.Callback):
+    """Sets the length of a step-based schedule so that it ends with the budget.
+
+    A one-cycle schedule needs its total number of steps in advance; how many fit
+    in a wall-clock budget depends on the machine. After the first step (tracing
+    and compilation) and `probe_steps` more, the planner takes the median step time
+    measured by `budget` (a `WallClockBudget` placed before it in the callback
+    list), plans `floor((steps so far + remaining seconds / step time) / steps per
+    epoch)` whole epochs (at least 1), writes the planned steps into
+    `planned_steps` (the variable the compiled schedule reads), and stops training
+    when they are done. The budget still stops training if it runs out first.
+
+    Attributes set when planned: `planned_epochs`, `planned_steps_value`,
+    `step_seconds` (the median used).
+
+    Args:
+        budget: the run's `WallClockBudget`.
+        planned_steps: the schedule's planned-steps variable
+            (`PlannedPiecewiseLinear.attach`).
+        steps_per_epoch: training steps per epoch.
+        probe_steps: steps timed after the first one before planning (>= 1).
+
+    Raises:
+        ValueError: `probe_steps < 1` or `steps_per_epoch < 1`.
+    """
+
+    def __init__(self, budget, planned_steps, steps_per_epoch, probe_steps=20):
+        super().__init__()
+        if probe_steps < 1 or steps_per_epoch < 1:
+            raise ValueError(
+                f"probe_steps and steps_per_epoch must be >= 1. Received: {probe_steps}, {steps_per_epoch}"
+            )
+        self.budget = budget
+        self.planned_steps = planned_steps
+        self.steps_per_epoch = steps_per_epoch
+        self.probe_steps = probe_steps
+        self.planned_epochs = None
+        self.planned_steps_value = None
+        self.step_seconds = None
+
+    def on_train_batch_end(self, batch, logs=None):
+        done = self.budget.steps
+        if self.planned_epochs is None and done >= 1 + self.probe_steps:
+            self.step_seconds = statistics.median(self.budget.step_seconds[1:])
+            remaining = self.budget.budget_seconds - self.budget.elapsed()
+            total = done + remaining / self.step_seconds
+            self.planned_epochs = max(1, int(total // self.steps_per_epoch))
+            self.planned_steps_value = self.planned_epochs * self.steps_per_epoch
+            self.model  # noqa: B018 -- syncs JAX state so the write below is seen.
+            self.planned_steps.assign(float(self.planned_steps_value))
+            logging.info(
+                "planned %d epochs (%d steps) from a median step of %.4f s and %.1f s left",
+                self.planned_epochs, self.planned_steps_value, self.step_seconds, remaining,
+            )
+        if self.planned_steps_value is not None and done >= self.planned_steps_value:
+            self._model.stop_training = True

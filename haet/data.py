@@ -1,10 +1,14 @@
 """Datasets as uint8 NHWC arrays in canonical order, and the stratified training subset.
 
+Datasets: cifar10, cifar100, mnist, fashion_mnist, and "folder": any
+`data_dir/{train,test}/<class name>/*.png` (the HAET organizers scored on a set the
+entrants never saw, so a recipe must run on any small labelled image set).
+
 Sources, tried in this order:
 1. `data_dir/train.npz` and `data_dir/test.npz` (arrays `x` uint8 NHWC, `y` labels),
    the format of `../shared/data` and of `python -m haet.data --export_dir=...`;
-2. for CIFAR-10, the original Python version: `data_dir/cifar-10-batches-py/` or
-   `data_dir/cifar-10-python.tar.gz` (read in place, not extracted);
+2. for CIFAR-10/100, the original Python version: `data_dir/cifar-10-batches-py/` or
+   `data_dir/cifar-10-python.tar.gz` (`cifar-100-python[.tar.gz]`), read in place;
 3. tensorflow-datasets (downloads into `data_dir`, or its default directory), with
    the canonical order restored from the example ids where the dataset has them.
 
@@ -56,6 +60,33 @@ DATASETS = {
         test_examples=10_000,
         tfds_name="cifar10",
     ),
+    "cifar100": DatasetInfo(
+        name="cifar100",
+        image_shape=(32, 32, 3),
+        class_names=tuple(
+            "apple aquarium_fish baby bear beaver bed bee beetle bicycle bottle bowl boy bridge "
+            "bus butterfly camel can castle caterpillar cattle chair chimpanzee clock cloud "
+            "cockroach couch crab crocodile cup dinosaur dolphin elephant flatfish forest fox girl "
+            "hamster house kangaroo keyboard lamp lawn_mower leopard lion lizard lobster man "
+            "maple_tree motorcycle mountain mouse mushroom oak_tree orange orchid otter palm_tree "
+            "pear pickup_truck pine_tree plain plate poppy porcupine possum rabbit raccoon ray road "
+            "rocket rose sea seal shark shrew skunk skyscraper snail snake spider squirrel "
+            "streetcar sunflower sweet_pepper table tank telephone television tiger tractor train "
+            "trout tulip turtle wardrobe whale willow_tree wolf woman worm".split()
+        ),
+        train_examples=50_000,
+        test_examples=10_000,
+        tfds_name="cifar100",
+    ),
+    "fashion_mnist": DatasetInfo(
+        name="fashion_mnist",
+        image_shape=(28, 28, 1),
+        class_names=("T-shirt/top", "trouser", "pullover", "dress", "coat", "sandal", "shirt",
+                     "sneaker", "bag", "ankle boot"),
+        train_examples=60_000,
+        test_examples=10_000,
+        tfds_name="fashion_mnist",
+    ),
     "mnist": DatasetInfo(
         name="mnist",
         image_shape=(28, 28, 1),
@@ -79,11 +110,17 @@ class Dataset:
     source: str
 
 
-def dataset_info(name):
-    """The `DatasetInfo` of `name`. Raises ValueError for an unknown dataset."""
+def dataset_info(name, data_dir=None):
+    """The `DatasetInfo` of `name` ("folder": read from `data_dir`).
+
+    Raises:
+        ValueError: an unknown dataset, or a malformed folder dataset.
+    """
+    if name == "folder":
+        return folder_dataset_info(data_dir)
     if name not in DATASETS:
         raise ValueError(
-            f"Unknown dataset {name!r}. Allowed: {', '.join(sorted(DATASETS))}."
+            f"Unknown dataset {name!r}. Allowed: {', '.join(sorted(DATASETS))}, folder."
         )
     return DATASETS[name]
 
@@ -135,30 +172,122 @@ def _load_npz(directory):
     return splits
 
 
-def _cifar_pickle_arrays(batches):
-    """(x, y) from unpickled CIFAR-10 batches: `data` (N, 3072) in CHW order."""
-    x = np.concatenate([b[b"data"] for b in batches]).reshape(-1, 3, 32, 32)
-    y = np.concatenate([np.asarray(b[b"labels"]) for b in batches])
-    return np.ascontiguousarray(x.transpose(0, 2, 3, 1)), y
+# The original CIFAR "python version" archives: folder (or .tar.gz) name, the
+# pickles of each split, and the key of the labels.
+_CIFAR_PYTHON = {
+    "cifar10": ("cifar-10-batches-py", "cifar-10-python.tar.gz",
+                {"train": tuple(f"data_batch_{i}" for i in range(1, 6)), "test": ("test_batch",)},
+                b"labels"),
+    "cifar100": ("cifar-100-python", "cifar-100-python.tar.gz",
+                 {"train": ("train",), "test": ("test",)}, b"fine_labels"),
+}
 
 
-_CIFAR10_TRAIN_BATCHES = tuple(f"data_batch_{i}" for i in range(1, 6))
+def _cifar_python_path(info, data_dir):
+    """The CIFAR python folder or archive in `data_dir`, or None."""
+    if info.name not in _CIFAR_PYTHON or not data_dir:
+        return None
+    for candidate in _CIFAR_PYTHON[info.name][:2]:
+        if os.path.exists(os.path.join(data_dir, candidate)):
+            return os.path.join(data_dir, candidate)
+    return None
 
 
-def _load_cifar10_python(path):
-    """CIFAR-10 from `cifar-10-batches-py/` or `cifar-10-python.tar.gz` at `path`."""
-    names = {"train": _CIFAR10_TRAIN_BATCHES, "test": ("test_batch",)}
+def _load_cifar_python(info, path):
+    """CIFAR-10/100 from the python version's folder or `.tar.gz` at `path`.
+
+    Pickles hold `data` uint8 (N, 3072) in CHW order and a list of labels.
+    """
+    folder, _, names, label_key = _CIFAR_PYTHON[info.name]
     if os.path.isdir(path):
         def read(name):
             with open(os.path.join(path, name), "rb") as f:
                 return pickle.load(f, encoding="bytes")
-        return {s: _cifar_pickle_arrays([read(n) for n in ns]) for s, ns in names.items()}
-    with tarfile.open(path, "r:gz") as tar:
+    else:
+        tar = tarfile.open(path, "r:gz")
+
         def read(name):
-            return pickle.load(
-                tar.extractfile(f"cifar-10-batches-py/{name}"), encoding="bytes"
-            )
-        return {s: _cifar_pickle_arrays([read(n) for n in ns]) for s, ns in names.items()}
+            return pickle.load(tar.extractfile(f"{folder}/{name}"), encoding="bytes")
+    splits = {}
+    for split, batch_names in names.items():
+        batches = [read(n) for n in batch_names]
+        x = np.concatenate([b[b"data"] for b in batches]).reshape(-1, 3, 32, 32)
+        y = np.concatenate([np.asarray(b[label_key]) for b in batches])
+        splits[split] = (np.ascontiguousarray(x.transpose(0, 2, 3, 1)), y)
+    if not os.path.isdir(path):
+        tar.close()
+    return splits
+
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif")
+
+
+def folder_dataset_info(data_dir):
+    """A `DatasetInfo` for a folder of images: `data_dir/{train,test}/<class name>/*.png`.
+
+    Class names are the sorted subfolder names of `train/` (labels in that order);
+    the image shape is the first training image's (all must share it).
+
+    Raises:
+        ValueError: missing `train/` or `test/`, no class folders, or a test class
+            that training lacks.
+    """
+    if not data_dir:
+        raise ValueError("--dataset=folder needs --data_dir=DIR with DIR/train/<class>/ and DIR/test/<class>/.")
+    splits = {}
+    for split in ("train", "test"):
+        root = os.path.join(data_dir, split)
+        if not os.path.isdir(root):
+            raise ValueError(f"{root} is not a folder; a folder dataset needs train/<class>/ and test/<class>/.")
+        splits[split] = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
+    classes = splits["train"]
+    if len(classes) < 2:
+        raise ValueError(f"{data_dir}/train holds {len(classes)} class folders; at least 2 are needed.")
+    missing = sorted(set(splits["test"]) - set(classes))
+    if missing:
+        raise ValueError(f"{data_dir}/test has classes that train/ lacks: {missing}")
+    first = next(
+        os.path.join(data_dir, "train", c, f) for c in classes
+        for f in sorted(os.listdir(os.path.join(data_dir, "train", c))) if f.lower().endswith(IMAGE_SUFFIXES)
+    )
+    shape = _read_image(first).shape
+    counts = {s: sum(len(_image_files(data_dir, s, c)) for c in classes) for s in ("train", "test")}
+    return DatasetInfo(name="folder", image_shape=shape, class_names=tuple(classes),
+                       train_examples=counts["train"], test_examples=counts["test"], tfds_name="")
+
+
+def _image_files(data_dir, split, class_name):
+    folder = os.path.join(data_dir, split, class_name)
+    if not os.path.isdir(folder):
+        return []
+    return sorted(f for f in os.listdir(folder) if f.lower().endswith(IMAGE_SUFFIXES))
+
+
+def _read_image(path):
+    from PIL import Image
+
+    with Image.open(path) as image:
+        array = np.asarray(image.convert("L" if image.mode in ("L", "1", "I;16") else "RGB"))
+    return array[..., None] if array.ndim == 2 else array
+
+
+def _load_folder(info, data_dir):
+    """Images of a folder dataset, in (class, sorted file name) order; uint8 NHWC."""
+    splits = {}
+    for split in ("train", "test"):
+        xs, ys = [], []
+        for label, name in enumerate(info.class_names):
+            for f in _image_files(data_dir, split, name):
+                image = _read_image(os.path.join(data_dir, split, name, f))
+                if image.shape != info.image_shape:
+                    raise ValueError(
+                        f"{os.path.join(data_dir, split, name, f)} has shape {image.shape}; all images "
+                        f"must share the first one's {info.image_shape}. Resize them beforehand."
+                    )
+                xs.append(image)
+                ys.append(label)
+        splits[split] = (np.stack(xs) if xs else np.zeros((0, *info.image_shape), np.uint8), np.asarray(ys, np.int64))
+    return splits
 
 
 def _canonical_order(ids):
@@ -187,7 +316,8 @@ def _load_tfds(info, data_dir):
                 f"Could not load {info.name} with tensorflow-datasets ({type(e).__name__}: "
                 f"{e}). Offline? Pass --data_dir=DIR with DIR/train.npz and DIR/test.npz "
                 "(arrays x uint8 NHWC, y labels)"
-                + (", or the original cifar-10-python.tar.gz" if info.name == "cifar10" else "")
+                + (f", or the original {_CIFAR_PYTHON[info.name][1]}"
+                   if info.name in _CIFAR_PYTHON else "")
                 + "."
             ) from e
         x, y = arrays["image"], arrays["label"]
@@ -202,7 +332,8 @@ def load_dataset(name, data_dir=None):
     """Loads dataset `name` as uint8 NHWC arrays in canonical order.
 
     Args:
-        name: a key of `DATASETS` ("cifar10", "mnist").
+        name: a key of `DATASETS` ("cifar10", "cifar100", "mnist", "fashion_mnist"),
+            or "folder" for `data_dir/{train,test}/<class name>/*.png`.
         data_dir: folder with a local copy (see the module docstring), or None to
             use tensorflow-datasets' default folder.
 
@@ -213,23 +344,20 @@ def load_dataset(name, data_dir=None):
         ValueError: unknown dataset, a missing `data_dir`, or malformed arrays.
         RuntimeError: no local copy and tensorflow-datasets cannot provide one.
     """
-    info = dataset_info(name)
     if data_dir is not None and not os.path.isdir(data_dir):
         raise ValueError(
             f"data_dir {data_dir!r} is not a folder. Pass a folder holding train.npz and "
             "test.npz, or leave it unset to use tensorflow-datasets."
         )
+    info = dataset_info(name, data_dir)
     npz_dir = data_dir and os.path.join(data_dir, "train.npz")
-    cifar_py = None
-    if data_dir and info.name == "cifar10":
-        for candidate in ("cifar-10-batches-py", "cifar-10-python.tar.gz"):
-            if os.path.exists(os.path.join(data_dir, candidate)):
-                cifar_py = os.path.join(data_dir, candidate)
-                break
-    if npz_dir and os.path.exists(npz_dir):
+    cifar_py = _cifar_python_path(info, data_dir)
+    if info.name == "folder":
+        splits, source = _load_folder(info, data_dir), f"folder:{os.path.abspath(data_dir)}"
+    elif npz_dir and os.path.exists(npz_dir):
         splits, source = _load_npz(data_dir), f"npz:{os.path.abspath(data_dir)}"
     elif cifar_py:
-        splits, source = _load_cifar10_python(cifar_py), f"cifar-python:{cifar_py}"
+        splits, source = _load_cifar_python(info, cifar_py), f"cifar-python:{cifar_py}"
     else:
         splits, source = _load_tfds(info, data_dir), f"tfds:{info.tfds_name}"
     (x_train, y_train), (x_test, y_test) = (
@@ -309,13 +437,17 @@ class ShuffledBatches(keras.utils.PyDataset):
         y: int labels `(N,)`.
         batch_size: examples per step, at most N.
         seed: int seed of the permutations.
+        one_hot_classes: if set, labels come as float32 one-hot rows of this
+            length (for losses with label smoothing).
 
     Raises:
         ValueError: if `batch_size` is not in [1, N].
     """
 
-    def __init__(self, x, y, batch_size, seed):
+    def __init__(self, x, y, batch_size, seed, one_hot_classes=None):
         super().__init__(workers=1, use_multiprocessing=False, max_queue_size=16)
+        if one_hot_classes:
+            y = np.eye(one_hot_classes, dtype=np.float32)[y]
         if not 1 <= batch_size <= len(x):
             raise ValueError(
                 f"batch_size={batch_size} must be between 1 and the {len(x)} training images."
@@ -393,7 +525,7 @@ def main(argv):
 if __name__ == "__main__":
     from absl import app, flags
 
-    flags.DEFINE_enum("dataset", "cifar10", sorted(DATASETS), "Dataset name.")
+    flags.DEFINE_enum("dataset", "cifar10", sorted(DATASETS) + ["folder"], "Dataset name.")
     flags.DEFINE_string("data_dir", None, "Folder with a local copy; default: tensorflow-datasets.")
     flags.DEFINE_integer("train_size", 5000, "Training images to keep, class-balanced; 0 = all.")
     flags.DEFINE_integer("subset_seed", 0, "Seed choosing the training subset.")

@@ -1,6 +1,39 @@
-"""Test-set evaluation from one pass of predictions: accuracy, loss, confusion matrix."""
+"""Test-set evaluation: accuracy, loss and confusion matrix, with optional test-time augmentation."""
 
 import numpy as np
+
+TTA_MODES = ("none", "flip", "flip_translate")
+# flip_translate: each of these (rows, cols) shifts in pixels, with and without a flip.
+TTA_SHIFTS = ((0, 0), (2, 2), (-2, -2))
+
+
+def _shift(images, rows, cols):
+    """Translates uint8 `(N, H, W, C)` images by whole pixels, mirror-padding the edges."""
+    pad = max(abs(rows), abs(cols))
+    if pad == 0:
+        return images
+    padded = np.pad(images, ((0, 0), (pad, pad), (pad, pad), (0, 0)), mode="reflect")
+    h, w = images.shape[1:3]
+    return padded[:, pad + rows:pad + rows + h, pad + cols:pad + cols + w]
+
+
+def tta_views(images, tta):
+    """The views of `images` that test-time augmentation averages over.
+
+    "none": the images; "flip": and their left-right mirror images (Page's ResNet-9);
+    "flip_translate": both, each also shifted by (2, 2) and (-2, -2) pixels (6 views).
+
+    Raises:
+        ValueError: an unknown mode.
+    """
+    if tta not in TTA_MODES:
+        raise ValueError(f"Unknown test-time augmentation {tta!r}. Allowed: {', '.join(TTA_MODES)}.")
+    if tta == "none":
+        return [images]
+    flipped = images[:, :, ::-1]
+    if tta == "flip":
+        return [images, flipped]
+    return [_shift(v, r, c) for v in (images, flipped) for r, c in TTA_SHIFTS]
 
 
 def predict_logits(model, images, batch_size):
@@ -26,17 +59,28 @@ def confusion_matrix(labels, predictions, num_classes):
     return matrix
 
 
-def evaluate(model, images, labels, num_classes, batch_size):
+def _softmax(logits):
+    shifted = logits - logits.max(axis=1, keepdims=True)
+    e = np.exp(shifted)
+    return e / e.sum(axis=1, keepdims=True)
+
+
+def evaluate(model, images, labels, num_classes, batch_size, tta="none"):
     """Accuracy (fraction), cross-entropy and confusion matrix of `model` on a test set.
 
+    With test-time augmentation, the predicted class probabilities are averaged
+    over the views of `tta_views`.
+
     Returns:
-        dict with `accuracy` (float), `loss` (float, nats) and `confusion_matrix`
-        (int64 `(num_classes, num_classes)`).
+        dict with `accuracy` (float), `loss` (float, nats, of the averaged
+        probabilities) and `confusion_matrix` (int64 `(num_classes, num_classes)`).
     """
-    logits = predict_logits(model, images, batch_size)
-    predictions = logits.argmax(axis=1)
+    views = tta_views(images, tta)
+    probabilities = sum(_softmax(predict_logits(model, v, batch_size).astype(np.float64)) for v in views)
+    probabilities /= len(views)
+    predictions = probabilities.argmax(axis=1)
     return {
         "accuracy": float((predictions == labels).mean()),
-        "loss": cross_entropy(logits, labels),
+        "loss": float(-np.log(np.maximum(probabilities[np.arange(len(labels)), labels], 1e-300)).mean()),
         "confusion_matrix": confusion_matrix(labels, predictions, num_classes),
     }

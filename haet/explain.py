@@ -97,7 +97,8 @@ def grad_cam(model, images, class_index=None, layer_name=None):
     preprocess, features, head, layer = _split(model, layer_name)
     x = images
     for l in preprocess:
-        x = l(x, training=False) if isinstance(l, augment.RandomAffine) else l(x)
+        if not isinstance(l, (augment.RandomAffine, augment.RandomCropFlipCutout)):  # identity at inference
+            x = l(x)
     feature_maps = np.asarray(features(x, training=False), dtype=np.float32)
     if class_index is None:
         class_index = np.asarray(head(feature_maps, training=False)).argmax(axis=1)

@@ -44,10 +44,9 @@ class GhostBatchNormalization(keras.layers.Layer):
 
     def build(self, input_shape):
         channels = input_shape[-1]
-        self.gamma = self.add_weight(shape=(channels,), name="gamma", initializer="ones",
-                                     trainable=self.scale)
-        self.beta = self.add_weight(shape=(channels,), name="beta", initializer="zeros",
-                                    trainable=self.center)
+        # As keras.layers.BatchNormalization: no variable for a frozen scale or shift.
+        self.gamma = self.add_weight(shape=(channels,), name="gamma", initializer="ones") if self.scale else None
+        self.beta = self.add_weight(shape=(channels,), name="beta", initializer="zeros") if self.center else None
         self.moving_mean = self.add_weight(shape=(channels,), name="moving_mean",
                                            initializer="zeros", trainable=False)
         self.moving_variance = self.add_weight(shape=(channels,), name="moving_variance",
@@ -68,8 +67,11 @@ class GhostBatchNormalization(keras.layers.Layer):
                 m * self.moving_variance + (1 - m) * ops.reshape(ops.mean(variance, axis=0), (-1,)))
         else:
             normalized = (x - self.moving_mean) * ops.rsqrt(self.moving_variance + self.epsilon)
-        out = normalized * ops.cast(self.gamma, "float32") + ops.cast(self.beta, "float32")
-        return ops.cast(out, self.compute_dtype)
+        if self.gamma is not None:
+            normalized = normalized * ops.cast(self.gamma, "float32")
+        if self.beta is not None:
+            normalized = normalized + ops.cast(self.beta, "float32")
+        return ops.cast(normalized, self.compute_dtype)
 
     def compute_output_shape(self, input_shape):
         return input_shape

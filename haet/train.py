@@ -10,6 +10,8 @@ folder under --results_dir. The recipe is also spelled out, with its sources, in
     KERAS_BACKEND=jax python -m haet.train --budget=60 --width_multiplier=1
 """
 
+import dataclasses
+
 from absl import app, flags
 
 from haet.augment import FILL_MODES
@@ -22,9 +24,10 @@ _D = TrainConfig()
 
 flags.DEFINE_float("budget", _D.budget_seconds,
                    "Training budget in seconds, from the first step (compilation included).")
-flags.DEFINE_enum("dataset", _D.dataset, sorted(DATASETS), "Dataset.")
+flags.DEFINE_enum("dataset", _D.dataset, sorted(DATASETS) + ["folder"],
+                  "Dataset; folder: --data_dir/{train,test}/<class>/*.png.")
 flags.DEFINE_string("data_dir", _D.data_dir,
-                    "Folder with train.npz/test.npz (or cifar-10-python.tar.gz); "
+                    "Folder with train.npz/test.npz (or the CIFAR python archives); "
                     "unset: tensorflow-datasets.")
 flags.DEFINE_string("results_dir", "results/runs", "A new run folder is made under it.")
 flags.DEFINE_integer("train_size", _D.train_size,
@@ -32,75 +35,81 @@ flags.DEFINE_integer("train_size", _D.train_size,
 flags.DEFINE_integer("subset_seed", _D.subset_seed, "Seed choosing the training subset.")
 flags.DEFINE_integer("seed", _D.seed, "Seed of weights, shuffling and augmentation.")
 flags.DEFINE_enum("model", _D.model, sorted(MODELS), "Model.")
-flags.DEFINE_integer("width_multiplier", _D.width_multiplier,
-                     "Filters per stage = (16, 32, 64) x this.")
-flags.DEFINE_float("dropout_rate", _D.dropout_rate, "Dropout rate at each dropout site.")
-flags.DEFINE_float("weight_decay", _D.weight_decay, "L2 factor on convolution kernels.")
+flags.DEFINE_float("width_multiplier", _D.width_multiplier,
+                   "Channels x this (resnet20: an integer; filters (16, 32, 64) x it).")
+flags.DEFINE_float("dropout_rate", _D.dropout_rate, "resnet20: dropout rate at each site.")
+flags.DEFINE_float("weight_decay", _D.weight_decay, "L2 factor on kernels: loss += wd * sum(w**2).")
+flags.DEFINE_string("activation", _D.activation, "resnet9: celu or a Keras activation name.")
+flags.DEFINE_float("celu_alpha", _D.celu_alpha, "resnet9: CELU alpha.")
+flags.DEFINE_integer("ghost_batch_splits", _D.ghost_batch_splits,
+                     "resnet9: batch-norm groups per batch (1: plain batch norm).")
+flags.DEFINE_bool("frozen_bn_scale", _D.frozen_bn_scale, "resnet9: batch-norm scales fixed at 1.")
+flags.DEFINE_float("logit_scale", _D.logit_scale, "resnet9: logits multiplied by this.")
+flags.DEFINE_string("input_normalization", _D.input_normalization,
+                    "pixel_mean (subtract the per-pixel mean) or channel_standardize.")
 flags.DEFINE_integer("batch_size", _D.batch_size, "Training examples per step.")
 flags.DEFINE_integer("eval_batch_size", _D.eval_batch_size, "Test examples per step.")
-# Not an enum: a bad value gets haet's own error naming what is allowed.
+# Strings, not enums: a bad value gets haet's own error naming what is allowed.
 flags.DEFINE_string("precision", _D.precision,
                     f"One of {', '.join(PRECISIONS)}. auto: mixed_bfloat16 on Ampere or newer "
                     "GPUs, mixed_float16 on older GPUs, float32 on CPU.")
-flags.DEFINE_list("learning_rate_boundaries", [str(b) for b in _D.learning_rate_boundaries],
-                  "Fractions of the budget where the learning rate steps.")
-flags.DEFINE_list("learning_rates", [str(v) for v in _D.learning_rates],
-                  "Adam learning rate in each interval (one more than boundaries).")
-flags.DEFINE_bool("augment", _D.augment, "Random affine augmentation in training.")
-flags.DEFINE_float("shift_range", _D.shift_range, "Max shift, fraction of the image size.")
-flags.DEFINE_float("zoom_range", _D.zoom_range, "Zoom factors in [1 - z, 1 + z].")
-flags.DEFINE_float("rotation_range", _D.rotation_range, "Max rotation in degrees.")
-flags.DEFINE_float("shear_range", _D.shear_range, "Max shear angle in degrees.")
+flags.DEFINE_string("optimizer", _D.optimizer, "adam, or sgd (Nesterov momentum).")
+flags.DEFINE_float("momentum", _D.momentum, "sgd: momentum.")
+flags.DEFINE_float("label_smoothing", _D.label_smoothing, "Label smoothing of the cross-entropy.")
+flags.DEFINE_string("lr_schedule", _D.lr_schedule,
+                    "wall_clock: piecewise constant over the budget fraction; one_cycle: "
+                    "piecewise linear over the planned steps.")
+flags.DEFINE_list("learning_rate_boundaries", list(_D.learning_rate_boundaries),
+                  "wall_clock: fractions of the budget where the learning rate steps.")
+flags.DEFINE_list("learning_rates", list(_D.learning_rates),
+                  "wall_clock: learning rate in each interval (one more than boundaries).")
+flags.DEFINE_list("one_cycle_knots", list(_D.one_cycle_knots),
+                  "one_cycle: knots as fractions of the planned steps, 0 to 1.")
+flags.DEFINE_list("one_cycle_learning_rates", list(_D.one_cycle_learning_rates),
+                  "one_cycle: learning rate at each knot.")
+flags.DEFINE_integer("epochs", _D.epochs,
+                     "> 0: train this many epochs (the budget still stops training); "
+                     "0: the budget decides (one_cycle: planned by timing the first steps).")
+flags.DEFINE_integer("planner_probe_steps", _D.planner_probe_steps,
+                     "one_cycle planning: steps timed after the first before planning.")
+flags.DEFINE_float("ema_decay", _D.ema_decay, "Per-step EMA momentum of the weights; 0: off.")
+flags.DEFINE_string("tta", _D.tta, "Test-time augmentation: none, flip or flip_translate.")
+flags.DEFINE_string("augmentation", _D.augmentation, "affine, crop_flip_cutout or none.")
+flags.DEFINE_float("shift_range", _D.shift_range, "affine: max shift, fraction of the image size.")
+flags.DEFINE_float("zoom_range", _D.zoom_range, "affine: zoom factors in [1 - z, 1 + z].")
+flags.DEFINE_float("rotation_range", _D.rotation_range, "affine: max rotation in degrees.")
+flags.DEFINE_float("shear_range", _D.shear_range, "affine: max shear angle in degrees.")
 flags.DEFINE_bool("horizontal_flip", _D.horizontal_flip, "Random left-right flips.")
 flags.DEFINE_list("fill_modes", list(_D.fill_modes),
-                  f"Fill modes drawn from each epoch; of {', '.join(FILL_MODES)}.")
-flags.DEFINE_list("augment_strength_boundaries",
-                  [str(b) for b in _D.augment_strength_boundaries],
-                  "Fractions of the budget where the augmentation strength steps.")
-flags.DEFINE_list("augment_strengths", [str(v) for v in _D.augment_strengths],
-                  "Strength in [0, 1] multiplying every range, per interval.")
+                  f"affine: fill modes drawn from each epoch; of {', '.join(FILL_MODES)}.")
+flags.DEFINE_list("augment_strength_boundaries", list(_D.augment_strength_boundaries),
+                  "affine: fractions of the budget where the augmentation strength steps.")
+flags.DEFINE_list("augment_strengths", list(_D.augment_strengths),
+                  "affine: strength in [0, 1] multiplying every range, per interval.")
+flags.DEFINE_integer("crop_padding", _D.crop_padding, "crop_flip_cutout: crop offsets in pixels.")
+flags.DEFINE_integer("cutout_size", _D.cutout_size, "crop_flip_cutout: cutout square in pixels; 0: off.")
 flags.DEFINE_bool("save_model", _D.save_model, "Save the final model as model.keras.")
 
 FLAGS = flags.FLAGS
 
-
-def _floats(name, values):
-    try:
-        return tuple(float(v) for v in values)
-    except ValueError:
-        raise app.UsageError(f"--{name} takes comma-separated numbers. Received: {values}")
+# TrainConfig field -> flag name, where they differ (the flag carries the unit's usual name).
+_FLAG_NAMES = {"budget_seconds": "budget"}
 
 
 def config_from_flags():
-    """The `TrainConfig` the command-line flags describe."""
-    return TrainConfig(
-        budget_seconds=FLAGS.budget,
-        dataset=FLAGS.dataset,
-        data_dir=FLAGS.data_dir,
-        train_size=FLAGS.train_size,
-        subset_seed=FLAGS.subset_seed,
-        seed=FLAGS.seed,
-        model=FLAGS.model,
-        width_multiplier=FLAGS.width_multiplier,
-        dropout_rate=FLAGS.dropout_rate,
-        weight_decay=FLAGS.weight_decay,
-        batch_size=FLAGS.batch_size,
-        eval_batch_size=FLAGS.eval_batch_size,
-        precision=FLAGS.precision,
-        learning_rate_boundaries=_floats("learning_rate_boundaries", FLAGS.learning_rate_boundaries),
-        learning_rates=_floats("learning_rates", FLAGS.learning_rates),
-        augment=FLAGS.augment,
-        shift_range=FLAGS.shift_range,
-        zoom_range=FLAGS.zoom_range,
-        rotation_range=FLAGS.rotation_range,
-        shear_range=FLAGS.shear_range,
-        horizontal_flip=FLAGS.horizontal_flip,
-        fill_modes=tuple(FLAGS.fill_modes),
-        augment_strength_boundaries=_floats("augment_strength_boundaries",
-                                            FLAGS.augment_strength_boundaries),
-        augment_strengths=_floats("augment_strengths", FLAGS.augment_strengths),
-        save_model=FLAGS.save_model,
-    )
+    """The `TrainConfig` the command-line flags describe (list flags -> tuples)."""
+    values = {}
+    for field in dataclasses.fields(TrainConfig):
+        name = _FLAG_NAMES.get(field.name, field.name)
+        value = FLAGS[name].value
+        if isinstance(field.default, tuple):
+            kind = type(field.default[0])
+            try:
+                value = tuple(kind(v) for v in value)
+            except ValueError:
+                raise app.UsageError(f"--{name} takes comma-separated numbers. Received: {value}")
+        values[field.name] = value
+    return TrainConfig(**values)
 
 
 def main(argv):

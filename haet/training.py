@@ -8,6 +8,8 @@ stratified seeded 5,000-image subset, the full test set and the final model.
 """
 
 import dataclasses
+import functools
+import inspect
 import math
 import os
 import sys
@@ -20,8 +22,8 @@ from haet import budget as budget_lib
 from haet import data as data_lib
 from haet import device as device_lib
 from haet import evaluation, models, plots, results
-from haet.augment import FILL_MODES, RandomAffine, fill_mode_index
-from haet.schedules import PiecewiseConstant, check_range
+from haet.augment import FILL_MODES, RandomAffine, RandomCropFlipCutout, fill_mode_index
+from haet.schedules import PiecewiseConstant, PlannedPiecewiseLinear, check_range
 
 
 @dataclasses.dataclass
@@ -35,14 +37,32 @@ class TrainConfig:
     subset_seed: int = 0
     seed: int = 0  # weights, shuffling, augmentation, fill-mode draws
     model: str = "resnet20"
-    width_multiplier: int = 6
-    dropout_rate: float = 0.25
-    weight_decay: float = 1e-4  # L2 factor on conv kernels
+    width_multiplier: float = 6  # resnet20: an integer
+    dropout_rate: float = 0.25  # resnet20
+    weight_decay: float = 1e-4  # L2 factor on kernels: loss += wd * sum(w**2)
+    activation: str = "celu"  # resnet9
+    celu_alpha: float = 0.3  # resnet9
+    ghost_batch_splits: int = 1  # resnet9: batch-norm groups per batch
+    frozen_bn_scale: bool = True  # resnet9
+    logit_scale: float = 0.125  # resnet9
+    input_normalization: str = "pixel_mean"  # or "channel_standardize"
     batch_size: int = 32  # examples per step
     precision: str = "auto"
-    learning_rate_boundaries: tuple = (0.8, 0.9)  # fractions of the budget
-    learning_rates: tuple = (1e-3, 1e-4, 1e-5)  # Adam
-    augment: bool = True
+    optimizer: str = "adam"  # or "sgd" (Nesterov momentum)
+    momentum: float = 0.9  # sgd
+    label_smoothing: float = 0.0
+    lr_schedule: str = "wall_clock"  # or "one_cycle" (step-based, planned)
+    learning_rate_boundaries: tuple = (0.8, 0.9)  # wall_clock: fractions of the budget
+    learning_rates: tuple = (1e-3, 1e-4, 1e-5)  # wall_clock: per interval
+    one_cycle_knots: tuple = (0.0, 0.2, 1.0)  # one_cycle: fractions of the planned steps
+    one_cycle_learning_rates: tuple = (0.0, 0.4, 0.0)  # one_cycle: at the knots
+    epochs: int = 0  # > 0: train this many epochs (the budget still caps); 0: the budget decides
+    planner_probe_steps: int = 20  # one_cycle with epochs=0: steps timed before planning
+    ema_decay: float = 0.0  # per-step EMA momentum of the weights; 0: off
+    tta: str = "none"  # test-time augmentation: none, flip, flip_translate
+    augmentation: str = "affine"  # or "crop_flip_cutout", "none"
+    crop_padding: int = 4  # crop_flip_cutout: pixels
+    cutout_size: int = 8  # crop_flip_cutout: pixels, 0: off
     shift_range: float = 0.2  # fraction of image height/width
     zoom_range: float = 0.2  # zoom in [1 - z, 1 + z]
     rotation_range: float = 15.0  # degrees
@@ -61,7 +81,30 @@ class TrainConfig:
             raise ValueError(
                 f"budget must be a positive number of seconds. Received: budget={self.budget_seconds!r}"
             )
-        info = data_lib.dataset_info(self.dataset)
+        if self.dataset == "folder":
+            if not self.data_dir:
+                raise ValueError("--dataset=folder needs --data_dir=DIR with DIR/train/<class>/ and DIR/test/<class>/.")
+        else:
+            data_lib.dataset_info(self.dataset)
+        for name, value, allowed in (
+            ("augmentation", self.augmentation, AUGMENTATIONS),
+            ("optimizer", self.optimizer, OPTIMIZERS),
+            ("lr_schedule", self.lr_schedule, LR_SCHEDULES),
+            ("input_normalization", self.input_normalization, INPUT_NORMALIZATIONS),
+            ("tta", self.tta, evaluation.TTA_MODES),
+        ):
+            if value not in allowed:
+                raise ValueError(f"Unknown {name} {value!r}. Allowed: {', '.join(allowed)}.")
+        if self.model == "resnet20" and float(self.width_multiplier) != int(self.width_multiplier):
+            raise ValueError(f"resnet20 needs an integer width_multiplier. Received: {self.width_multiplier!r}")
+        if not 0.0 <= self.label_smoothing < 1.0:
+            raise ValueError(f"label_smoothing must be in [0, 1). Received: {self.label_smoothing!r}")
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise ValueError(f"ema_decay must be in [0, 1) (0: off). Received: {self.ema_decay!r}")
+        if self.epochs < 0 or self.planner_probe_steps < 1:
+            raise ValueError(
+                f"epochs must be >= 0 and planner_probe_steps >= 1. Received: {self.epochs}, {self.planner_probe_steps}"
+            )
         if self.model not in models.MODELS:
             raise ValueError(
                 f"Unknown model {self.model!r}. Allowed: {', '.join(sorted(models.MODELS))}."
@@ -74,33 +117,61 @@ class TrainConfig:
             fill_mode_index(mode)
         if not self.fill_modes:
             raise ValueError(f"fill_modes must name at least one of {FILL_MODES}.")
-        for name in ("batch_size", "eval_batch_size", "train_size", "width_multiplier"):
+        for name in ("batch_size", "eval_batch_size", "train_size"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive integer. Received: {name}={value!r}")
-        if self.train_size % info.num_classes and self.train_size != info.train_examples:
-            raise ValueError(
-                f"train_size={self.train_size} is not a multiple of the {info.num_classes} "
-                f"classes of {info.name}."
-            )
+        if not self.width_multiplier > 0:
+            raise ValueError(f"width_multiplier must be positive. Received: {self.width_multiplier!r}")
+        if self.dataset != "folder":
+            info = data_lib.dataset_info(self.dataset)
+            if self.train_size % info.num_classes and self.train_size != info.train_examples:
+                raise ValueError(
+                    f"train_size={self.train_size} is not a multiple of the {info.num_classes} "
+                    f"classes of {info.name}."
+                )
+            if self.train_size > info.train_examples:
+                raise ValueError(
+                    f"train_size={self.train_size} is larger than the {info.train_examples} "
+                    f"training images of {info.name}."
+                )
         if self.batch_size > self.train_size:
             raise ValueError(
                 f"batch_size={self.batch_size} is larger than train_size={self.train_size}."
             )
-        if self.train_size > info.train_examples:
-            raise ValueError(
-                f"train_size={self.train_size} is larger than the {info.train_examples} "
-                f"training images of {info.name}."
-            )
         self.learning_rate_schedule()
         self.strength_schedule()
-        RandomAffine(self.shift_range, self.zoom_range, self.rotation_range, self.shear_range)
+        self.make_augmentation()
 
     def learning_rate_schedule(self):
+        """`PiecewiseConstant` over the budget fraction (wall_clock), or
+        `PlannedPiecewiseLinear` over the planned steps (one_cycle)."""
+        if self.lr_schedule == "one_cycle":
+            return PlannedPiecewiseLinear(self.one_cycle_knots, self.one_cycle_learning_rates)
         schedule = PiecewiseConstant(
             self.learning_rate_boundaries, self.learning_rates, name="learning rate"
         )
         return check_range(schedule, 0.0, math.inf)
+
+    def make_augmentation(self):
+        """The training augmentation layer, or None."""
+        if self.augmentation == "affine":
+            return RandomAffine(self.shift_range, self.zoom_range, self.rotation_range,
+                                self.shear_range, self.horizontal_flip, seed=self.seed,
+                                name="augmentation")
+        if self.augmentation == "crop_flip_cutout":
+            return RandomCropFlipCutout(self.crop_padding, self.horizontal_flip, self.cutout_size,
+                                        seed=self.seed, name="augmentation")
+        return None
+
+    def model_kwargs(self, num_classes, input_shape):
+        """The arguments of the model function that this config sets."""
+        fn = models.MODELS[self.model]
+        names = inspect.signature(fn).parameters
+        kwargs = {k: v for k, v in dataclasses.asdict(self).items() if k in names}
+        if self.model == "resnet20":
+            kwargs["width_multiplier"] = int(self.width_multiplier)
+        return {**kwargs, "num_classes": num_classes, "input_shape": input_shape}
 
     def strength_schedule(self):
         schedule = PiecewiseConstant(
@@ -110,9 +181,15 @@ class TrainConfig:
 
     def run_name(self):
         return (
-            f"{self.dataset}{self.train_size}_{self.model}x{self.width_multiplier}_"
+            f"{self.dataset}{self.train_size}_{self.model}x{self.width_multiplier:g}_"
             f"{self.budget_seconds:g}s_{keras.backend.backend()}_seed{self.seed}"
         )
+
+
+AUGMENTATIONS = ("affine", "crop_flip_cutout", "none")
+OPTIMIZERS = ("adam", "sgd")
+LR_SCHEDULES = ("wall_clock", "one_cycle")
+INPUT_NORMALIZATIONS = ("pixel_mean", "channel_standardize")
 
 
 def _published_comparison(config, test_accuracy):
@@ -135,6 +212,29 @@ def _published_comparison(config, test_accuracy):
     }
 
 
+
+
+def _make_optimizer(config, schedule):
+    """Adam or Nesterov SGD, with Keras' own weight EMA when `ema_decay` > 0."""
+    ema = {"use_ema": True, "ema_momentum": config.ema_decay} if config.ema_decay else {}
+    # A wall-clock schedule starts at its first value; WallClockBudget moves it.
+    learning_rate = schedule if isinstance(schedule, PlannedPiecewiseLinear) else schedule(0.0)
+    if config.optimizer == "sgd":
+        return keras.optimizers.SGD(learning_rate, momentum=config.momentum, nesterov=True, **ema)
+    return keras.optimizers.Adam(learning_rate, **ema)
+
+
+class _FinalWeights(keras.callbacks.Callback):
+    """Keeps the trainable weights of the last epoch's end, before an EMA optimizer
+    overwrites them with their averages when `fit` ends."""
+
+    def on_epoch_end(self, epoch, logs=None):
+        if self._model.stop_training or epoch + 1 >= self.params["epochs"]:
+            self.values = [keras.ops.convert_to_numpy(v) for v in self.model.trainable_variables]
+
+    def restore(self, model):
+        for v, value in zip(model.trainable_variables, self.values):
+            v.assign(value)
 
 
 def train(config, results_dir="results/runs", clock=None):
@@ -177,56 +277,81 @@ def train(config, results_dir="results/runs", clock=None):
             )
             logging.info("backend %s, device %s, precision %s",
                          keras.backend.backend(), device, policy)
-            pixel_mean = (x_train.astype(np.float32) / 255.0).mean(axis=0)
+            scaled = x_train.astype(np.float32) / 255.0
+            if config.input_normalization == "pixel_mean":
+                mean, variance = scaled.mean(axis=0), None
+            else:
+                mean, variance = scaled.mean(axis=(0, 1, 2)), scaled.var(axis=(0, 1, 2))
+            del scaled
             backbone = models.build_model(
-                config.model,
-                width_multiplier=config.width_multiplier,
-                dropout_rate=config.dropout_rate,
-                weight_decay=config.weight_decay,
-                num_classes=info.num_classes,
-                input_shape=info.image_shape,
+                config.model, **config.model_kwargs(info.num_classes, info.image_shape)
             )
-            augmentation = None
-            if config.augment:
-                augmentation = RandomAffine(
-                    config.shift_range, config.zoom_range, config.rotation_range,
-                    config.shear_range, config.horizontal_flip, seed=config.seed,
-                    name="augmentation",
-                )
-            model = models.with_input_pipeline(backbone, pixel_mean, augmentation)
-            lr_schedule = config.learning_rate_schedule()
-            model.compile(
-                optimizer=keras.optimizers.Adam(learning_rate=lr_schedule(0.0)),
-                loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-                metrics=["accuracy"],
-                jit_compile=True,
+            augmentation = config.make_augmentation()
+            model = models.with_input_pipeline(backbone, mean, augmentation, variance)
+            batches = data_lib.ShuffledBatches(
+                x_train, y_train, config.batch_size, seed=config.seed,
+                one_hot_classes=info.num_classes if config.label_smoothing else None,
             )
+            schedule = config.learning_rate_schedule()
+            one_cycle = isinstance(schedule, PlannedPiecewiseLinear)
+            optimizer = _make_optimizer(config, schedule)
+            if one_cycle:
+                planned = (config.epochs or 1000) * len(batches)
+                schedule.attach(optimizer, planned)
+            if config.label_smoothing:
+                loss = keras.losses.CategoricalCrossentropy(
+                    from_logits=True, label_smoothing=config.label_smoothing)
+            else:
+                loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+            model.compile(optimizer=optimizer, loss=loss, metrics=["accuracy"], jit_compile=True)
             logging.info("model %s: %d parameters, XLA %s", model.name,
                          model.count_params(), model.jit_compile)
             clock_kwargs = {"clock": clock} if clock else {}
             budget = budget_lib.WallClockBudget(
                 config.budget_seconds,
-                lr_schedule,
-                augmentation=augmentation,
-                augmentation_strength=config.strength_schedule() if augmentation else None,
+                None if one_cycle else schedule,
+                augmentation=augmentation if isinstance(augmentation, RandomAffine) else None,
+                augmentation_strength=(config.strength_schedule()
+                                       if isinstance(augmentation, RandomAffine) else None),
                 fill_modes=config.fill_modes,
                 seed=config.seed,
                 **clock_kwargs,
             )
-            batches = data_lib.ShuffledBatches(
-                x_train, y_train, config.batch_size, seed=config.seed
-            )
+            callbacks = [budget]
+            planner = None
+            if one_cycle and not config.epochs:
+                planner = budget_lib.StepPlanner(
+                    budget, schedule.planned_steps, len(batches), config.planner_probe_steps)
+                callbacks.append(planner)
+            raw_weights = _FinalWeights() if config.ema_decay else None
+            if raw_weights:
+                callbacks.append(raw_weights)
         model.fit(
             batches,
-            epochs=sys.maxsize,  # the budget callback stops training
+            epochs=config.epochs or sys.maxsize,  # else the budget (or planner) stops training
             shuffle=False,  # ShuffledBatches draws a seeded permutation per epoch
             verbose=0,
-            callbacks=[budget],
+            callbacks=callbacks,
         )
         with timer.phase("eval"):
-            scores = evaluation.evaluate(
-                model, dataset.x_test, dataset.y_test, info.num_classes, config.eval_batch_size
-            )
+            evaluate = functools.partial(
+                evaluation.evaluate, model, dataset.x_test, dataset.y_test, info.num_classes,
+                config.eval_batch_size)
+            variants = {}
+            # After fit, an optimizer with EMA has written the averages into the model.
+            prefix = "ema" if config.ema_decay else "final"
+            variants[prefix] = evaluate()
+            if config.tta != "none":
+                variants[f"{prefix}_tta_{config.tta}"] = evaluate(tta=config.tta)
+            if config.ema_decay:
+                averaged = [keras.ops.convert_to_numpy(v) for v in model.trainable_variables]
+                raw_weights.restore(model)
+                variants["raw"] = evaluate()
+                if config.tta != "none":
+                    variants[f"raw_tta_{config.tta}"] = evaluate(tta=config.tta)
+                for v, value in zip(model.trainable_variables, averaged):
+                    v.assign(value)
+            scores = variants[f"{prefix}_tta_{config.tta}" if config.tta != "none" else prefix]
     finally:
         keras.mixed_precision.set_global_policy(previous_policy)
 
@@ -245,7 +370,10 @@ def train(config, results_dir="results/runs", clock=None):
         "subset_sha256": sha,
         "model": model.name,
         "parameters": int(model.count_params()),
+        "test_accuracy_variants": {k: v["accuracy"] for k, v in variants.items()},
+        "test_loss_variants": {k: v["loss"] for k, v in variants.items()},
         "epochs": len(budget.history),
+        "planned_epochs": planner.planned_epochs if planner else (config.epochs or None),
         "epochs_completed": sum(row["complete"] for row in budget.history),
         "epochs_equivalent": round(images / len(y_train), 3),
         "steps": budget.steps,

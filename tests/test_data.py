@@ -151,7 +151,7 @@ def test_column_labels_are_flattened():
 
 
 def test_unknown_dataset_and_missing_folder():
-    with pytest.raises(ValueError, match="Unknown dataset 'cifar11'. Allowed: cifar10, mnist"):
+    with pytest.raises(ValueError, match="Unknown dataset .cifar11.. Allowed: cifar10, cifar100, fashion_mnist, mnist, folder"):
         data.load_dataset("cifar11")
     with pytest.raises(ValueError, match="is not a folder"):
         data.load_dataset("cifar10", "/nonexistent/folder")
@@ -192,3 +192,64 @@ def test_export_cli_writes_subset_and_refuses_to_overwrite(tmp_path, cifar10_sli
     result = subprocess.run(cmd, env=env, capture_output=True, text=True)
     assert result.returncode != 0 and "already holds train.npz, test.npz, subset.json" in result.stderr
     assert (out / "train.npz").read_bytes() == before
+
+
+def test_cifar100_python_tarball(tmp_path):
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 256, (12, 32, 32, 3)).astype(np.uint8)
+    y = np.arange(12) * 8  # fine labels up to 88
+    folder = tmp_path / "cifar-100-python"
+    folder.mkdir()
+    for name, sl in (("train", slice(0, 8)), ("test", slice(8, 12))):
+        with open(folder / name, "wb") as f:
+            pickle.dump({b"data": x[sl].transpose(0, 3, 1, 2).reshape(-1, 3072),
+                         b"fine_labels": list(map(int, y[sl])), b"coarse_labels": [0] * len(y[sl])}, f)
+    with tarfile.open(tmp_path / "cifar-100-python.tar.gz", "w:gz") as tar:
+        tar.add(folder, arcname="cifar-100-python")
+    import shutil
+    shutil.rmtree(folder)
+    ds = data.load_dataset("cifar100", str(tmp_path))
+    assert ds.info.num_classes == 100 and ds.info.class_names[88] == "tiger" and ds.info.class_names[99] == "worm"
+    np.testing.assert_array_equal(ds.x_train, x[:8])
+    np.testing.assert_array_equal(ds.y_test, y[8:])
+
+
+@pytest.mark.parametrize("name, shape, classes", [("cifar100", (32, 32, 3), 100), ("fashion_mnist", (28, 28, 1), 10)])
+def test_tfds_path_for_datasets_we_cannot_download(monkeypatch, name, shape, classes):
+    rng = np.random.default_rng(1)
+    x = rng.integers(0, 256, (30, *shape)).astype(np.uint8)
+    y = (np.arange(30) * 7) % classes
+
+    def load(tfds_name, split, data_dir, batch_size):
+        assert tfds_name == name
+        return {"image": x, "label": y}  # fashion_mnist has no ids: tfds order kept
+
+    _fake_tfds(monkeypatch, load)
+    ds = data.load_dataset(name)
+    assert ds.x_train.shape == (30, *shape) and ds.info.num_classes == classes
+    np.testing.assert_array_equal(ds.y_train, y)
+
+
+def test_image_folder_dataset(tmp_path):
+    from PIL import Image
+
+    rng = np.random.default_rng(2)
+    written = {}
+    for split, n in (("train", 3), ("test", 2)):
+        for cls in ("cat", "ant", "bee"):
+            (tmp_path / split / cls).mkdir(parents=True)
+            for i in range(n):
+                image = rng.integers(0, 256, (12, 10, 3)).astype(np.uint8)
+                Image.fromarray(image).save(tmp_path / split / cls / f"{i}.png")
+                written[(split, cls, i)] = image
+    ds = data.load_dataset("folder", str(tmp_path))
+    assert ds.info.class_names == ("ant", "bee", "cat") and ds.info.image_shape == (12, 10, 3)
+    assert ds.x_train.shape == (9, 12, 10, 3) and ds.x_test.shape == (6, 12, 10, 3)
+    np.testing.assert_array_equal(ds.y_train, [0, 0, 0, 1, 1, 1, 2, 2, 2])
+    np.testing.assert_array_equal(ds.x_train[0], written[("train", "ant", 0)])
+    np.testing.assert_array_equal(ds.x_test[5], written[("test", "cat", 1)])
+    Image.fromarray(np.zeros((5, 5, 3), np.uint8)).save(tmp_path / "train" / "ant" / "9.png")
+    with pytest.raises(ValueError, match=r"9.png has shape \(5, 5, 3\); all images must share the first one's \(12, 10, 3\)"):
+        data.load_dataset("folder", str(tmp_path))
+    with pytest.raises(ValueError, match="needs --data_dir"):
+        data.load_dataset("folder")

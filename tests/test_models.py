@@ -61,5 +61,38 @@ def test_input_pipeline_takes_uint8_and_subtracts_the_mean():
     x = np.full((1, 4, 4, 3), 255, np.uint8)
     np.testing.assert_allclose(np.asarray(model(x)), 0.5)
     assert isinstance(models.find_augmentation(model), RandomAffine)
-    with pytest.raises(ValueError, match=r"pixel_mean has shape \(32, 32, 3\).*\(4, 4, 3\)"):
+    with pytest.raises(ValueError, match=r"mean has shape \(32, 32, 3\).*\(4, 4, 3\)"):
         models.with_input_pipeline(backbone, np.zeros((32, 32, 3)))
+    # Per-channel standardization.
+    channel = models.with_input_pipeline(backbone, np.array([0.5, 0.0, 1.0]), variance=np.array([0.25, 1.0, 4.0]))
+    np.testing.assert_allclose(np.asarray(channel(x))[0, 0, 0], [1.0, 1.0, 0.0], atol=1e-5)
+
+
+@pytest.mark.parametrize("kwargs, total, trainable", [
+    ({}, 6_575_360, 6_570_880),
+    ({"frozen_bn_scale": False}, 6_577_600, 6_573_120),
+    ({"ghost_batch_splits": 4}, 6_575_360, 6_570_880),
+])
+def test_resnet9_parameter_counts_match_docstring(kwargs, total, trainable):
+    model = models.resnet9(**kwargs)
+    assert model.count_params() == total
+    assert sum(int(np.prod(w.shape)) for w in model.trainable_weights) == trainable
+    assert f"{total:,}" in models.resnet9.__doc__ and f"{trainable:,}" in models.resnet9.__doc__
+
+
+def test_resnet9_trains_with_ghost_batch_norm_and_scales_logits():
+    model = models.resnet9(num_classes=3, input_shape=(16, 16, 1), width_multiplier=0.125,
+                           ghost_batch_splits=2, logit_scale=0.5)
+    assert [l.name for l in model.layers if isinstance(l, keras.layers.MaxPooling2D)] == \
+        ["layer1_pool", "layer2_pool", "layer3_pool"]
+    x = np.random.default_rng(0).normal(size=(8, 16, 16, 1)).astype("float32")
+    y = np.arange(8) % 3
+    model.compile("sgd", keras.losses.SparseCategoricalCrossentropy(from_logits=True), jit_compile=True)
+    history = model.fit(x, y, batch_size=4, epochs=3, verbose=0)
+    assert np.isfinite(history.history["loss"]).all()
+    logits = np.asarray(model(x))
+    pre_scale = keras.Model(model.input, model.get_layer("dense").output)
+    np.testing.assert_allclose(logits, 0.5 * np.asarray(pre_scale(x)), rtol=1e-5, atol=1e-6)
+    assert models.resnet9(input_shape=(28, 28, 1)).output.shape == (None, 10)  # MNIST
+    with pytest.raises(ValueError, match=">= 8. Received: input_shape=\\(4, 4, 3\\)"):
+        models.resnet9(input_shape=(4, 4, 3))

@@ -46,3 +46,33 @@ def test_bad_schedules_are_rejected(boundaries, values, message):
 def test_check_range_names_the_bad_values():
     with pytest.raises(ValueError, match=r"strength schedule values must be in \[0.0, 1.0\]. Received: \[1.5\]"):
         check_range(PiecewiseConstant([0.5], [1.0, 1.5], name="strength"), 0.0, 1.0)
+
+
+def test_planned_piecewise_linear_values_on_host_and_device():
+    import keras
+    import numpy as np
+
+    from haet.schedules import PlannedPiecewiseLinear
+
+    schedule = PlannedPiecewiseLinear([0.0, 0.25, 1.0], [0.0, 0.4, 0.0])
+    optimizer = keras.optimizers.SGD(learning_rate=schedule)
+    schedule.attach(optimizer, planned_steps=100)
+    assert any(v is schedule.planned_steps for v in optimizer.variables)
+    for step, expected in [(0, 0.0), (10, 0.16), (25, 0.4), (50, 0.4 * 50 / 75), (100, 0.0), (150, 0.0)]:
+        assert float(np.asarray(schedule(step))) == pytest.approx(expected, abs=1e-7)
+        assert schedule.value_at(step / 100) == pytest.approx(expected, abs=1e-12)
+    schedule.planned_steps.assign(200.0)
+    assert float(np.asarray(schedule(50))) == pytest.approx(0.4, abs=1e-7)
+
+
+@pytest.mark.parametrize("knots, values, message", [
+    ([0.0, 1.0], [0.1], "as many values as knots"),
+    ([0.1, 1.0], [0.0, 0.1], "from 0 to 1"),
+    ([0.0, 0.5, 0.5, 1.0], [0, 1, 1, 0], "from 0 to 1"),
+    ([0.0, 1.0], [0.1, -0.1], ">= 0"),
+])
+def test_bad_planned_schedules(knots, values, message):
+    from haet.schedules import PlannedPiecewiseLinear
+
+    with pytest.raises(ValueError, match=message):
+        PlannedPiecewiseLinear(knots, values)

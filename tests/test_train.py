@@ -143,3 +143,43 @@ def test_default_flags_are_the_umbc_flagfile():
     for name, text in recipe.items():
         flag = absl_flags.FLAGS[name]
         assert normalized(flag.parser.parse(text)) == normalized(flag.default), name
+
+
+def test_resnet9_one_cycle_planned_with_ema_tta_and_label_smoothing(tmp_path, cifar10_slice_dir):
+    config = TrainConfig(
+        budget_seconds=12.0, data_dir=cifar10_slice_dir, train_size=100, model="resnet9",
+        width_multiplier=0.125, ghost_batch_splits=2, input_normalization="channel_standardize",
+        batch_size=20, optimizer="sgd", lr_schedule="one_cycle", one_cycle_knots=(0.0, 0.3, 1.0),
+        one_cycle_learning_rates=(0.0, 0.2, 0.0), weight_decay=2.5e-4, label_smoothing=0.2,
+        ema_decay=0.9, tta="flip", augmentation="crop_flip_cutout", planner_probe_steps=5,
+        eval_batch_size=250, save_model=False,
+    )
+    record, run_dir = train(config, results_dir=str(tmp_path))
+    assert set(record["test_accuracy_variants"]) == {"ema", "ema_tta_flip", "raw", "raw_tta_flip"}
+    assert record["test_accuracy"] == record["test_accuracy_variants"]["ema_tta_flip"]
+    losses = record["test_loss_variants"]
+    assert len({round(v, 6) for v in losses.values()}) == 4  # EMA and TTA each change the predictions
+    # The planner fitted whole epochs of 5 steps into the budget; training ran them all
+    # unless the budget ran out first.
+    assert record["planned_epochs"] >= 1
+    assert record["epochs_completed"] == record["planned_epochs"] or record["train_seconds"] >= 12.0
+    assert record["steps"] <= record["planned_epochs"] * 5
+    assert not os.path.exists(os.path.join(run_dir, "model.keras"))
+
+
+def test_mnist_end_to_end_with_fixed_epochs(tmp_path):
+    from conftest import shared_dataset_dir
+
+    config = TrainConfig(
+        budget_seconds=600.0, dataset="mnist", data_dir=shared_dataset_dir("mnist"), train_size=100,
+        model="resnet9", width_multiplier=0.125, batch_size=25, optimizer="sgd", lr_schedule="one_cycle",
+        one_cycle_learning_rates=(0.0, 0.1, 0.0), epochs=2, augmentation="none", eval_batch_size=1000,
+        input_normalization="channel_standardize", save_model=False,
+    )
+    record, run_dir = train(config, results_dir=str(tmp_path))
+    assert record["epochs"] == 2 and record["steps"] == 8 and record["planned_epochs"] == 2
+    assert record["test_examples"] == 10000 and record["dataset"] == "mnist"
+    with open(os.path.join(run_dir, "confusion_matrix.csv")) as f:
+        rows = list(csv.reader(f))
+    assert rows[0][1:] == [str(d) for d in range(10)]
+    assert sum(int(v) for row in rows[1:] for v in row[1:]) == 10000
