@@ -183,3 +183,24 @@ def test_mnist_end_to_end_with_fixed_epochs(tmp_path):
         rows = list(csv.reader(f))
     assert rows[0][1:] == [str(d) for d in range(10)]
     assert sum(int(v) for row in rows[1:] for v in row[1:]) == 10000
+
+
+@pytest.mark.parametrize("flagfiles", [
+    ["umbc_resnet20x6.flags"],
+    ["page_resnet9.flags"],
+    ["page_resnet9.flags", "page_resnet9_full_cifar10.flags"],
+    ["page_resnet9.flags", "resnet9_mnist.flags"],
+])
+def test_every_recipe_flagfile_parses_and_validates(flagfiles):
+    import haet.train as entry
+
+    argv = ["haet.train"] + [f"--flagfile={os.path.join(REPO, 'flags', f)}" for f in flagfiles]
+    absl_flags.FLAGS.unparse_flags()
+    try:
+        absl_flags.FLAGS(argv)
+        config = entry.config_from_flags()
+    finally:
+        absl_flags.FLAGS.unparse_flags()
+    config.validate()
+    first_line = open(os.path.join(REPO, "flags", flagfiles[-1])).readline()
+    assert first_line.startswith("# python -m haet.train --flagfile=flags/")
