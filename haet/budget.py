@@ -166,15 +166,15 @@ class WallClockBudget(keras.callbacks.Callback):
             "accuracy": float(logs["accuracy"]) if "accuracy" in logs else None,
         }
         self.history.append(row)
-        logging.info(
-            "epoch %d%s: %.1f s elapsed, %.1f s left | lr %.0e | strength %s | fill %s | "
-            "loss %.4f | accuracy %.4f",
-            row["epoch"], "" if row["complete"] else " (cut by budget)",
-            elapsed, row["remaining_seconds"], row["learning_rate"],
-            row["augmentation_strength"], row["fill_mode"],
-            row["loss"] if row["loss"] is not None else float("nan"),
-            row["accuracy"] if row["accuracy"] is not None else float("nan"),
-        )
+        parts = [f"epoch {row['epoch']}{'' if row['complete'] else ' (cut by budget)'}: "
+                 f"{elapsed:.1f} s elapsed, {row['remaining_seconds']:.1f} s left",
+                 f"lr {row['learning_rate']:.2e}"]
+        if row["augmentation_strength"] is not None:
+            parts.append(f"strength {row['augmentation_strength']:g}")
+        if row["fill_mode"] is not None:
+            parts.append(f"fill {row['fill_mode']}")
+        parts += [f"{key} {row[key]:.4f}" for key in ("loss", "accuracy") if row[key] is not None]
+        logging.info(" | ".join(parts))
 
     def _optimizer_learning_rate(self):
         """The step-based schedule's current value (epoch ends only: reads the state)."""

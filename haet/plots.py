@@ -22,7 +22,7 @@ def _floats(rows, key):
 def plot_learning_curves(history, title, path):
     """Loss and accuracy vs epoch and vs elapsed seconds, in a 2x2 grid.
 
-    Each panel carries the learning rate (log scale, red) and the augmentation
+    Each panel carries the learning rate (red; log scale unless it reaches 0) and the augmentation
     strength (green, when recorded) on extra right-hand axes.
 
     Args:
@@ -46,7 +46,9 @@ def plot_learning_curves(history, title, path):
             ax.grid(alpha=0.3)
             lr_ax = ax.twinx()
             lines += lr_ax.step(x, lr, where="post", color="C3", label="learning rate")
-            lr_ax.set_yscale("log")
+            # Log scale shows step decays; a one-cycle schedule ends at 0, which it cannot.
+            if all(v > 0 for v in lr):
+                lr_ax.set_yscale("log")
             lr_ax.set_ylabel("learning rate", color="C3")
             if not np.all(np.isnan(strength)):
                 s_ax = ax.twinx()
@@ -79,7 +81,7 @@ def plot_accuracy_vs_budget(runs, published, path, title="Test accuracy vs wall-
                 "o", color=f"C{i}", alpha=0.8, label=f"haet: {label}")
     for p in published:
         ax.plot(p["budget_seconds"], 100 * p["test_accuracy"], "*", ms=14, color="black")
-        ax.annotate(f"{p['entry']} ({p['device']})", (p["budget_seconds"], 100 * p["test_accuracy"]),
+        ax.annotate(f"{p['entry']} ({p['dataset']} {p['train_examples'] or '?'}, {p['device']})", (p["budget_seconds"], 100 * p["test_accuracy"]),
                     textcoords="offset points", xytext=(-8, 6), ha="right", fontsize=8)
     if published:
         ax.plot([], [], "*", ms=12, color="black", label="published")

@@ -65,3 +65,22 @@ def test_report_cli_writes_page_and_figures(tmp_path):
     assert report.featured_run(report.load_records(str(tmp_path / "results")))["budget_seconds"] == 600.0
     with pytest.raises(ValueError, match="No run folder named 'nope'"):
         report.featured_run(report.load_records(str(tmp_path / "results")), "nope")
+
+
+def test_readme_section_is_replaced_between_markers(tmp_path):
+    _write_run(tmp_path / "results", "run1", 0.75)
+    readme = tmp_path / "README.md"
+    readme.write_text(f"# Project\n\nintro\n\n## Results\n{report.README_START}\nold table\n{report.README_END}\n\nrest\n")
+    records = report.load_records(str(tmp_path / "results"))
+    figures = {"Learning curves": str(tmp_path / "results" / "figures" / "learning_curves.png")}
+    report.update_readme(str(readme), report.summarize(records), report.load_published(PUBLISHED), figures)
+    text = readme.read_text()
+    assert "old table" not in text and text.startswith("# Project\n\nintro") and text.endswith("\n\nrest\n")
+    assert "![Learning curves](results/figures/learning_curves.png)" in text
+    assert "### cifar10, 5000 training images, 600 s budget, NVIDIA H100" in text
+    assert "75.00% ± 0.00 | 1 |" in text and "UMBC widened ResNet-20 | V100 | 85.1%" in text
+    bare = tmp_path / "bare.md"
+    bare.write_text("no markers")
+    with pytest.raises(ValueError, match="lacks the lines"):
+        report.update_readme(str(bare), {}, [], {})
+    assert bare.read_text() == "no markers"
