@@ -45,7 +45,7 @@ def plot_learning_curves(history, title, path):
             ax.set_ylabel(label)
             ax.grid(alpha=0.3)
             lr_ax = ax.twinx()
-            lines += lr_ax.step(x, lr, where="post", color="C3", label="learning rate")
+            lines += lr_ax.plot(x, lr, ".--", color="C3", label="learning rate (at epoch ends)")
             # Log scale shows step decays; a one-cycle schedule ends at 0, which it cannot.
             if all(v > 0 for v in lr):
                 lr_ax.set_yscale("log")
@@ -53,7 +53,7 @@ def plot_learning_curves(history, title, path):
             if not np.all(np.isnan(strength)):
                 s_ax = ax.twinx()
                 s_ax.spines["right"].set_position(("axes", 1.14))
-                lines += s_ax.step(x, strength, where="post", color="C2", label="augmentation strength")
+                lines += s_ax.plot(x, strength, ".--", color="C2", label="augmentation strength (at epoch ends)")
                 s_ax.set_ylim(-0.05, 1.05)
                 s_ax.set_ylabel("augmentation strength", color="C2")
             ax.legend(lines, [l.get_label() for l in lines], fontsize=8, loc="center right")
@@ -79,13 +79,18 @@ def plot_accuracy_vs_budget(runs, published, path, title="Test accuracy vs wall-
         pts = [r for r in runs if r["label"] == label]
         ax.plot([r["budget_seconds"] for r in pts], [100 * r["test_accuracy"] for r in pts],
                 "o", color=f"C{i}", alpha=0.8, label=f"haet: {label}")
-    for p in published:
+    for k, p in enumerate(sorted(published, key=lambda p: p["test_accuracy"])):
         ax.plot(p["budget_seconds"], 100 * p["test_accuracy"], "*", ms=14, color="black")
-        ax.annotate(f"{p['entry']} ({p['dataset']} {p['train_examples'] or '?'}, {p['device']})", (p["budget_seconds"], 100 * p["test_accuracy"]),
-                    textcoords="offset points", xytext=(-8, 6), ha="right", fontsize=8)
+        # Labels of nearby points alternate below and above them.
+        ax.annotate(f"{p['entry']} ({p['dataset']} {p['train_examples'] or '?'}, {p['device']})",
+                    (p["budget_seconds"], 100 * p["test_accuracy"]), textcoords="offset points",
+                    xytext=(-10, -12 if k % 2 == 0 else 6), ha="right", fontsize=8)
     if published:
         ax.plot([], [], "*", ms=12, color="black", label="published")
     ax.set_xscale("log")
+    budgets = sorted({r["budget_seconds"] for r in runs} | {p["budget_seconds"] for p in published})
+    ax.set_xticks(budgets, [f"{b:g}" for b in budgets])
+    ax.minorticks_off()
     ax.set_xlabel("training budget (s, log scale)")
     ax.set_ylabel("test accuracy (%)")
     ax.grid(alpha=0.3, which="both")
@@ -114,7 +119,7 @@ def plot_confusion_matrix(matrix, class_names, path, title="Confusion matrix"):
     ax.set_xlabel("predicted class")
     ax.set_ylabel("true class")
     fig.colorbar(im, ax=ax, label="fraction of the true class")
-    ax.set_title(title)
+    ax.set_title(title, fontsize=9)
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path

@@ -89,7 +89,8 @@ def summarize(records):
     Returns:
         dict setting -> list of row dicts: recipe, backend, precision, runs,
         accuracy_mean, accuracy_std (fractions), epochs_mean, images_per_second_mean,
-        records (paths). Rows sorted by accuracy, best first.
+        records (paths), variants (evaluation name -> (mean accuracy, runs that have
+        it), e.g. raw and EMA weights, with and without TTA). Rows sorted by accuracy, best first.
     """
     groups = collections.defaultdict(lambda: collections.defaultdict(list))
     for r in records:
@@ -100,8 +101,14 @@ def summarize(records):
         for (recipe, backend, precision), runs in by_recipe.items():
             mean, std = _mean_std([r["test_accuracy"] for r in runs])
             ips = [r["images_per_second"] for r in runs if r.get("images_per_second")]
+            variant_names = sorted({k for r in runs for k in r.get("test_accuracy_variants", {})})
+            variants = {}
+            for k in variant_names:
+                values = [r["test_accuracy_variants"][k] for r in runs if k in r.get("test_accuracy_variants", {})]
+                variants[k] = (statistics.fmean(values), len(values))
             rows.append({
                 "recipe": recipe, "backend": backend, "precision": precision, "runs": len(runs),
+                "variants": variants,
                 "accuracy_mean": mean, "accuracy_std": std,
                 "epochs_mean": statistics.fmean(r.get("epochs_equivalent", r.get("epochs", 0)) for r in runs),
                 "images_per_second_mean": statistics.fmean(ips) if ips else None,
@@ -137,15 +144,19 @@ def render_markdown(table, published, base_dir, figures, title=True):
     for setting in sorted(table, key=lambda s: (s[0], s[1] or 0, s[2], s[3])):
         dataset, train_examples, budget, device = setting
         lines += [f"{h} {dataset}, {train_examples} training images, {budget:g} s budget, {device}", "",
-                  "| recipe | backend | precision | test accuracy (mean ± std) | runs | epochs | images/s | records |",
-                  "|---|---|---|---|---|---|---|---|"]
+                  "| recipe | backend | precision | test accuracy (mean ± std) | runs | epochs | images/s "
+                  "| every evaluation (mean) | records |",
+                  "|---|---|---|---|---|---|---|---|---|"]
         for row in table[setting]:
             ips = f"{row['images_per_second_mean']:.1f}" if row["images_per_second_mean"] else "-"
             links = ", ".join(f"[{i + 1}]({_link(p, base_dir)})" for i, p in enumerate(row["records"]))
+            variants = ", ".join(
+                f"{k} {100 * mean:.2f}%" + (f" ({n} of {row['runs']} runs)" if n < row["runs"] else "")
+                for k, (mean, n) in row["variants"].items()) or "-"
             lines.append(
                 f"| {row['recipe']} | {row['backend']} | {row['precision']} | "
                 f"{100 * row['accuracy_mean']:.2f}% ± {100 * row['accuracy_std']:.2f} | {row['runs']} | "
-                f"{row['epochs_mean']:.2f} | {ips} | {links} |")
+                f"{row['epochs_mean']:.2f} | {ips} | {variants} | {links} |")
         same = matching_published(published, setting)
         if same:
             lines += ["", "Published in the same dataset / training-set size / budget:", "",
@@ -205,7 +216,7 @@ def make_figures(records, published, figures_dir, featured=None):
             rows = list(csv.reader(f))
         names, matrix = rows[0][1:], [[int(v) for v in row[1:]] for row in rows[1:]]
         figures["Confusion matrix"] = plots.plot_confusion_matrix(
-            matrix, names, os.path.join(figures_dir, "confusion_matrix.png"), title="Confusion matrix: " + title)
+            matrix, names, os.path.join(figures_dir, "confusion_matrix.png"), title="Confusion matrix (test set)\n" + title)
     return figures
 
 

@@ -11,13 +11,15 @@ from haet import report
 PUBLISHED = os.path.join(REPO, "results", "published.csv")
 
 
-def _write_run(root, name, accuracy, budget=600.0, backend="jax", device="NVIDIA H100", epochs=10.0):
+def _write_run(root, name, accuracy, budget=600.0, backend="jax", device="NVIDIA H100", epochs=10.0,
+               variants=None):
     run = root / name
     run.mkdir(parents=True)
     record = {"test_accuracy": accuracy, "dataset": "cifar10", "train_examples": 5000,
               "budget_seconds": budget, "device": {"name": device}, "backend": backend,
               "precision": "mixed_bfloat16", "model": "resnet20x6", "flags": {"batch_size": 32},
-              "epochs_equivalent": epochs, "images_per_second": 100.0 * accuracy, "git_commit": "abc"}
+              "epochs_equivalent": epochs, "images_per_second": 100.0 * accuracy, "git_commit": "abc",
+              "test_accuracy_variants": variants or {}}
     (run / "record.json").write_text(json.dumps(record))
     (run / "history.csv").write_text(
         "epoch,steps,complete,elapsed_seconds,remaining_seconds,learning_rate,augmentation_strength,"
@@ -28,21 +30,24 @@ def _write_run(root, name, accuracy, budget=600.0, backend="jax", device="NVIDIA
 
 
 def test_table_numbers_match_the_records(tmp_path):
-    _write_run(tmp_path, "a", 0.80, epochs=10.0)
-    _write_run(tmp_path, "b", 0.90, epochs=12.0)
+    _write_run(tmp_path, "a", 0.80, epochs=10.0, variants={"raw": 0.82, "ema": 0.80})
+    _write_run(tmp_path, "b", 0.90, epochs=12.0, variants={"raw": 0.90, "ema": 0.88})
     _write_run(tmp_path, "c", 0.50, budget=60.0)
+    _write_run(tmp_path, "d", 0.40, budget=60.0, variants={"final": 0.40})
     (tmp_path / "broken").mkdir()
     (tmp_path / "broken" / "record.json").write_text("{not json")
     records = report.load_records(str(tmp_path))
-    assert len(records) == 3
+    assert len(records) == 4
     table = report.summarize(records)
     (row,) = table[("cifar10", 5000, 600.0, "NVIDIA H100")]
     assert row["runs"] == 2 and row["accuracy_mean"] == pytest.approx(0.85)
     assert row["accuracy_std"] == pytest.approx(0.0707107, rel=1e-5)  # sample std of 0.8, 0.9
     assert row["epochs_mean"] == 11.0 and row["images_per_second_mean"] == pytest.approx(85.0)
     page = report.render_markdown(table, report.load_published(PUBLISHED), str(tmp_path), {})
-    assert "| resnet20x6, batch 32 | jax | mixed_bfloat16 | 85.00% ± 7.07 | 2 | 11.00 | 85.0 | [1](a/record.json), [2](b/record.json) |" in page
-    assert "| resnet20x6, batch 32 | jax | mixed_bfloat16 | 50.00% ± 0.00 | 1 |" in page
+    assert ("| resnet20x6, batch 32 | jax | mixed_bfloat16 | 85.00% ± 7.07 | 2 | 11.00 | 85.0 | "
+            "ema 84.00%, raw 86.00% | [1](a/record.json), [2](b/record.json) |") in page
+    assert ("| resnet20x6, batch 32 | jax | mixed_bfloat16 | 45.00% ± 7.07 | 2 | 10.00 | 45.0 | "
+            "final 40.00% (1 of 2 runs) |") in page
     # Published CIFAR-10 numbers sit under the 600 s setting; the hidden-set leaderboard apart.
     section_600 = page.split("## cifar10, 5000 training images, 600 s")[1].split("##")[0]
     assert "UMBC widened ResNet-20 | V100 | 85.1%" in section_600 and "McGill ResNet-9" in section_600
