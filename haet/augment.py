@@ -22,6 +22,7 @@ import functools
 import math
 
 import keras
+import numpy as np
 from keras import ops
 
 # Order matters: `fill_mode_index` indexes this tuple.
@@ -349,3 +350,39 @@ class RandomCropFlipCutout(keras.layers.Layer):
     def get_config(self):
         return {**super().get_config(), "pad": self.pad, "horizontal_flip": self.horizontal_flip,
                 "cutout_size": self.cutout_size, "seed": self.seed}
+
+
+def precompute_epochs(images, layer, epochs, mean, chunk_size=1000):
+    """Augmented copies of `images`, one per epoch, computed ahead of training.
+
+    As in "Are 1000 seconds enough to train?" (HAET 2021), which precomputes its
+    augmentations offline. `layer` (e.g. `RandomCropFlipCutout`) runs on the images
+    minus `mean`, so that its zero fill (cutout, constant fill) becomes the mean
+    pixel, as when it runs inside the model on mean-subtracted inputs; the result is
+    rounded back to uint8.
+
+    Args:
+        images: uint8 `(N, H, W, C)`.
+        layer: an augmentation layer, called with `training=True`.
+        epochs: number of augmented copies (>= 1).
+        mean: float array broadcastable to `(H, W, C)`, on the 0-255 scale.
+        chunk_size: images per call of `layer`.
+
+    Returns:
+        A list of `epochs` uint8 arrays shaped like `images`.
+
+    Raises:
+        ValueError: `epochs < 1`.
+    """
+    if epochs < 1:
+        raise ValueError(f"epochs must be >= 1. Received: epochs={epochs!r}")
+    mean = np.asarray(mean, dtype=np.float32)
+    views = []
+    for _ in range(epochs):
+        out = np.empty_like(images)
+        for start in range(0, len(images), chunk_size):
+            chunk = images[start:start + chunk_size].astype(np.float32) - mean
+            augmented = ops.convert_to_numpy(layer(chunk, training=True)) + mean
+            out[start:start + chunk_size] = np.clip(np.rint(augmented), 0, 255).astype(np.uint8)
+        views.append(out)
+    return views

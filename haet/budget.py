@@ -95,6 +95,8 @@ class WallClockBudget(keras.callbacks.Callback):
         self.fill_modes = tuple(fill_modes)
         self.rng = np.random.default_rng(seed)
         self.clock = clock
+        # Set before training when work before the first step counts toward the
+        # budget (precomputed augmentation); else the first step's start.
         self.start = None
         self.end = None
         self.steps = 0
@@ -117,7 +119,7 @@ class WallClockBudget(keras.callbacks.Callback):
         self.model.optimizer.learning_rate = value
 
     def elapsed(self):
-        """Seconds since the first step began (0 before it)."""
+        """Seconds since the budget began (0 before)."""
         return 0.0 if self.start is None else self.clock() - self.start
 
     def on_epoch_begin(self, epoch, logs=None):
@@ -128,9 +130,10 @@ class WallClockBudget(keras.callbacks.Callback):
 
     def on_train_batch_begin(self, batch, logs=None):
         now = self.clock()
+        if self._last_step_end is None:
+            self._last_step_end = now
         if self.start is None:
             self.start = now
-            self._last_step_end = now
         fraction = (now - self.start) / self.budget_seconds
         if self.learning_rate_schedule is not None:
             self._set("learning_rate", self.learning_rate_schedule(fraction), self._set_learning_rate)
@@ -182,7 +185,7 @@ class WallClockBudget(keras.callbacks.Callback):
         return float(keras.ops.convert_to_numpy(optimizer._get_current_learning_rate()))
 
     def train_seconds(self):
-        """Seconds from the first step's start to the last step's end."""
+        """Seconds from the budget's start to the last step's end."""
         return 0.0 if self.start is None else self.end - self.start
 
     def compile_seconds(self):

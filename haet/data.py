@@ -439,13 +439,20 @@ class ShuffledBatches(keras.utils.PyDataset):
         seed: int seed of the permutations.
         one_hot_classes: if set, labels come as float32 one-hot rows of this
             length (for losses with label smoothing).
+        epoch_images: optional list of arrays shaped like `x` (e.g. precomputed
+            augmentations); epoch k reads `epoch_images[k % len(epoch_images)]`.
 
     Raises:
         ValueError: if `batch_size` is not in [1, N].
     """
 
-    def __init__(self, x, y, batch_size, seed, one_hot_classes=None):
+    def __init__(self, x, y, batch_size, seed, one_hot_classes=None, epoch_images=None):
         super().__init__(workers=1, use_multiprocessing=False, max_queue_size=16)
+        self.epoch_images = epoch_images or [x]
+        if any(v.shape != x.shape for v in self.epoch_images):
+            raise ValueError(f"epoch_images must all have the shape of x, {x.shape}.")
+        self.epoch = 0
+        x = self.epoch_images[0]
         if one_hot_classes:
             y = np.eye(one_hot_classes, dtype=np.float32)[y]
         if not 1 <= batch_size <= len(x):
@@ -464,6 +471,8 @@ class ShuffledBatches(keras.utils.PyDataset):
         return self.x[batch], self.y[batch]
 
     def on_epoch_end(self):
+        self.epoch += 1
+        self.x = self.epoch_images[self.epoch % len(self.epoch_images)]
         self.order = self.rng.permutation(len(self.x))
 
 

@@ -88,6 +88,9 @@ flags.DEFINE_list("augment_strengths", list(_D.augment_strengths),
                   "affine: strength in [0, 1] multiplying every range, per interval.")
 flags.DEFINE_integer("crop_padding", _D.crop_padding, "crop_flip_cutout: crop offsets in pixels.")
 flags.DEFINE_integer("cutout_size", _D.cutout_size, "crop_flip_cutout: cutout square in pixels; 0: off.")
+flags.DEFINE_integer("precomputed_augmentation_epochs", _D.precomputed_augmentation_epochs,
+                     "crop_flip_cutout: > 0 augments this many copies of the training set before "
+                     "training (counted in the budget) instead of on the fly.")
 flags.DEFINE_bool("save_model", _D.save_model, "Save the final model as model.keras.")
 
 FLAGS = flags.FLAGS

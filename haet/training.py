@@ -13,6 +13,7 @@ import inspect
 import math
 import os
 import sys
+import time
 
 import keras
 import numpy as np
@@ -22,7 +23,8 @@ from haet import budget as budget_lib
 from haet import data as data_lib
 from haet import device as device_lib
 from haet import evaluation, models, plots, results
-from haet.augment import FILL_MODES, RandomAffine, RandomCropFlipCutout, fill_mode_index
+from haet.augment import (FILL_MODES, RandomAffine, RandomCropFlipCutout, fill_mode_index,
+                          precompute_epochs)
 from haet.schedules import PiecewiseConstant, PlannedPiecewiseLinear, check_range
 
 
@@ -63,6 +65,7 @@ class TrainConfig:
     augmentation: str = "affine"  # or "crop_flip_cutout", "none"
     crop_padding: int = 4  # crop_flip_cutout: pixels
     cutout_size: int = 8  # crop_flip_cutout: pixels, 0: off
+    precomputed_augmentation_epochs: int = 0  # > 0: augment that many copies before training (counted in the budget)
     shift_range: float = 0.2  # fraction of image height/width
     zoom_range: float = 0.2  # zoom in [1 - z, 1 + z]
     rotation_range: float = 15.0  # degrees
@@ -101,6 +104,13 @@ class TrainConfig:
             raise ValueError(f"label_smoothing must be in [0, 1). Received: {self.label_smoothing!r}")
         if not 0.0 <= self.ema_decay < 1.0:
             raise ValueError(f"ema_decay must be in [0, 1) (0: off). Received: {self.ema_decay!r}")
+        if self.precomputed_augmentation_epochs < 0:
+            raise ValueError(
+                f"precomputed_augmentation_epochs must be >= 0. Received: {self.precomputed_augmentation_epochs}")
+        if self.precomputed_augmentation_epochs and self.augmentation != "crop_flip_cutout":
+            raise ValueError(
+                "precomputed_augmentation_epochs needs --augmentation=crop_flip_cutout (affine "
+                f"augmentation follows the clock). Received: augmentation={self.augmentation!r}")
         if self.epochs < 0 or self.planner_probe_steps < 1:
             raise ValueError(
                 f"epochs must be >= 0 and planner_probe_steps >= 1. Received: {self.epochs}, {self.planner_probe_steps}"
@@ -287,16 +297,15 @@ def train(config, results_dir="results/runs", clock=None):
                 config.model, **config.model_kwargs(info.num_classes, info.image_shape)
             )
             augmentation = config.make_augmentation()
-            model = models.with_input_pipeline(backbone, mean, augmentation, variance)
-            batches = data_lib.ShuffledBatches(
-                x_train, y_train, config.batch_size, seed=config.seed,
-                one_hot_classes=info.num_classes if config.label_smoothing else None,
-            )
+            precompute = config.precomputed_augmentation_epochs
+            model = models.with_input_pipeline(
+                backbone, mean, None if precompute else augmentation, variance)
+            steps_per_epoch = len(y_train) // config.batch_size
             schedule = config.learning_rate_schedule()
             one_cycle = isinstance(schedule, PlannedPiecewiseLinear)
             optimizer = _make_optimizer(config, schedule)
             if one_cycle:
-                planned = (config.epochs or 1000) * len(batches)
+                planned = (config.epochs or 1000) * steps_per_epoch
                 schedule.attach(optimizer, planned)
             if config.label_smoothing:
                 loss = keras.losses.CategoricalCrossentropy(
@@ -306,26 +315,37 @@ def train(config, results_dir="results/runs", clock=None):
             model.compile(optimizer=optimizer, loss=loss, metrics=["accuracy"], jit_compile=True)
             logging.info("model %s: %d parameters, XLA %s", model.name,
                          model.count_params(), model.jit_compile)
-            clock_kwargs = {"clock": clock} if clock else {}
+            clock = clock or time.perf_counter
+            affine = augmentation if isinstance(augmentation, RandomAffine) else None
             budget = budget_lib.WallClockBudget(
                 config.budget_seconds,
                 None if one_cycle else schedule,
-                augmentation=augmentation if isinstance(augmentation, RandomAffine) else None,
-                augmentation_strength=(config.strength_schedule()
-                                       if isinstance(augmentation, RandomAffine) else None),
+                augmentation=affine,
+                augmentation_strength=config.strength_schedule() if affine else None,
                 fill_modes=config.fill_modes,
                 seed=config.seed,
-                **clock_kwargs,
+                clock=clock,
             )
             callbacks = [budget]
             planner = None
             if one_cycle and not config.epochs:
                 planner = budget_lib.StepPlanner(
-                    budget, schedule.planned_steps, len(batches), config.planner_probe_steps)
+                    budget, schedule.planned_steps, steps_per_epoch, config.planner_probe_steps)
                 callbacks.append(planner)
             raw_weights = _FinalWeights() if config.ema_decay else None
             if raw_weights:
                 callbacks.append(raw_weights)
+        epoch_images = None
+        if precompute:
+            # Precomputed augmentation counts toward the budget: its clock starts here.
+            budget.start = clock()
+            with timer.phase("precompute"):
+                epoch_images = precompute_epochs(x_train, augmentation, precompute, 255.0 * mean)
+        batches = data_lib.ShuffledBatches(
+            x_train, y_train, config.batch_size, seed=config.seed,
+            one_hot_classes=info.num_classes if config.label_smoothing else None,
+            epoch_images=epoch_images,
+        )
         model.fit(
             batches,
             epochs=config.epochs or sys.maxsize,  # else the budget (or planner) stops training
@@ -383,6 +403,7 @@ def train(config, results_dir="results/runs", clock=None):
         "compile_seconds": round(compile_seconds, 3),
         "train_seconds": round(train_seconds, 3),
         "eval_seconds": round(timer.seconds["eval"], 3),
+        "precompute_seconds": round(timer.seconds.get("precompute", 0.0), 3),
         "images_per_second": round(images / train_seconds, 2) if train_seconds else None,
         "images_per_second_after_compile": (
             round(images / (train_seconds - compile_seconds), 2)

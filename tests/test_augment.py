@@ -192,3 +192,21 @@ def test_flip_and_cutout():
     np.testing.assert_array_equal(cut[~zero], x[~zero])
     with pytest.raises(ValueError, match="cutout_size must be a non-negative integer"):
         RandomCropFlipCutout(cutout_size=-1)
+
+
+def test_precomputed_epochs_are_crops_with_mean_colored_cutout():
+    from haet.augment import RandomCropFlipCutout, precompute_epochs
+
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 256, (5, 8, 8, 3)).astype(np.uint8)
+    mean = np.array([10.0, 20.0, 30.0])
+    views = precompute_epochs(x, RandomCropFlipCutout(pad=0, horizontal_flip=False, cutout_size=2, seed=0),
+                              epochs=2, mean=mean, chunk_size=2)
+    assert len(views) == 2 and all(v.dtype == np.uint8 and v.shape == x.shape for v in views)
+    assert not np.array_equal(views[0], views[1])
+    for view in views:
+        cut = (view != x).any(axis=-1)  # pixels the cutout changed
+        assert (cut.sum(axis=(1, 2)) <= 4).all()
+        np.testing.assert_array_equal(view[cut], np.broadcast_to(mean.astype(np.uint8), view[cut].shape))
+    with pytest.raises(ValueError, match="epochs must be >= 1"):
+        precompute_epochs(x, RandomCropFlipCutout(), epochs=0, mean=mean)

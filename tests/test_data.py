@@ -253,3 +253,16 @@ def test_image_folder_dataset(tmp_path):
         data.load_dataset("folder", str(tmp_path))
     with pytest.raises(ValueError, match="needs --data_dir"):
         data.load_dataset("folder")
+
+
+def test_shuffled_batches_cycle_through_epoch_images():
+    x = np.zeros((4, 1, 1, 1), np.uint8)
+    views = [x + 1, x + 2, x + 3]
+    batches = data.ShuffledBatches(x, np.arange(4), batch_size=2, seed=0, epoch_images=views)
+    seen = []
+    for _ in range(4):
+        seen.append(int(batches[0][0][0, 0, 0, 0]))
+        batches.on_epoch_end()
+    assert seen == [1, 2, 3, 1]
+    with pytest.raises(ValueError, match="must all have the shape of x"):
+        data.ShuffledBatches(x, np.arange(4), 2, 0, epoch_images=[np.zeros((3, 1, 1, 1), np.uint8)])

@@ -147,7 +147,7 @@ def test_default_flags_are_the_umbc_flagfile():
 
 def test_resnet9_one_cycle_planned_with_ema_tta_and_label_smoothing(tmp_path, cifar10_slice_dir):
     config = TrainConfig(
-        budget_seconds=12.0, data_dir=cifar10_slice_dir, train_size=100, model="resnet9",
+        budget_seconds=25.0, data_dir=cifar10_slice_dir, train_size=100, model="resnet9",
         width_multiplier=0.125, ghost_batch_splits=2, input_normalization="channel_standardize",
         batch_size=20, optimizer="sgd", lr_schedule="one_cycle", one_cycle_knots=(0.0, 0.3, 1.0),
         one_cycle_learning_rates=(0.0, 0.2, 0.0), weight_decay=2.5e-4, label_smoothing=0.2,
@@ -162,7 +162,7 @@ def test_resnet9_one_cycle_planned_with_ema_tta_and_label_smoothing(tmp_path, ci
     # The planner fitted whole epochs of 5 steps into the budget; training ran them all
     # unless the budget ran out first.
     assert record["planned_epochs"] >= 1
-    assert record["epochs_completed"] == record["planned_epochs"] or record["train_seconds"] >= 12.0
+    assert record["epochs_completed"] == record["planned_epochs"] or record["train_seconds"] >= 25.0
     assert record["steps"] <= record["planned_epochs"] * 5
     assert not os.path.exists(os.path.join(run_dir, "model.keras"))
 
@@ -204,3 +204,17 @@ def test_every_recipe_flagfile_parses_and_validates(flagfiles):
     config.validate()
     first_line = open(os.path.join(REPO, "flags", flagfiles[-1])).readline()
     assert first_line.startswith("# python -m haet.train --flagfile=flags/")
+
+
+def test_precomputed_augmentation_counts_toward_the_budget(tmp_path, cifar10_slice_dir):
+    config = TrainConfig(
+        budget_seconds=600.0, data_dir=cifar10_slice_dir, train_size=100, model="resnet9",
+        width_multiplier=0.125, batch_size=25, optimizer="sgd", lr_schedule="one_cycle", epochs=3,
+        augmentation="crop_flip_cutout", precomputed_augmentation_epochs=2,
+        input_normalization="channel_standardize", eval_batch_size=250, save_model=False,
+    )
+    record, _ = train(config, results_dir=str(tmp_path))
+    assert record["precompute_seconds"] > 0 and record["epochs"] == 3 and record["steps"] == 12
+    assert record["train_seconds"] >= record["precompute_seconds"]
+    with pytest.raises(ValueError, match="needs --augmentation=crop_flip_cutout"):
+        dataclasses.replace(config, augmentation="affine").validate()
