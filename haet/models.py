@@ -299,8 +299,3 @@ def with_input_pipeline(backbone, mean, augmentation=None, variance=None, name=N
         x = augmentation(x)
     outputs = backbone(x)
     return keras.Model(inputs, outputs, name=name or backbone.name)
-
-
-def find_augmentation(model):
-    """The `RandomAffine` layer inside `model`, or None."""
-    return next((layer for layer in model.layers if isinstance(layer, RandomAffine)), None)

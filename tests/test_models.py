@@ -60,7 +60,7 @@ def test_input_pipeline_takes_uint8_and_subtracts_the_mean():
     assert model.input.dtype == "uint8"
     x = np.full((1, 4, 4, 3), 255, np.uint8)
     np.testing.assert_allclose(np.asarray(model(x)), 0.5)
-    assert isinstance(models.find_augmentation(model), RandomAffine)
+    assert isinstance(model.get_layer(index=3), RandomAffine)
     with pytest.raises(ValueError, match=r"mean has shape \(32, 32, 3\).*\(4, 4, 3\)"):
         models.with_input_pipeline(backbone, np.zeros((32, 32, 3)))
     # Per-channel standardization.

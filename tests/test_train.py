@@ -218,3 +218,18 @@ def test_precomputed_augmentation_counts_toward_the_budget(tmp_path, cifar10_sli
     assert record["train_seconds"] >= record["precompute_seconds"]
     with pytest.raises(ValueError, match="needs --augmentation=crop_flip_cutout"):
         dataclasses.replace(config, augmentation="affine").validate()
+
+
+@pytest.mark.parametrize("precision", ["mixed_bfloat16", "mixed_float16"])
+def test_mixed_precision_with_planned_schedule_and_ema(tmp_path, cifar10_slice_dir, precision):
+    config = TrainConfig(
+        budget_seconds=600.0, data_dir=cifar10_slice_dir, train_size=100, model="resnet9",
+        width_multiplier=0.125, batch_size=25, optimizer="sgd", lr_schedule="one_cycle", epochs=2,
+        augmentation="crop_flip_cutout", ema_decay=0.5, precision=precision,
+        input_normalization="channel_standardize", eval_batch_size=250, save_model=False,
+    )
+    record, _ = train(config, results_dir=str(tmp_path))
+    assert record["precision"] == precision and record["steps"] == 8
+    assert np.isfinite(record["test_loss"]) and set(record["test_accuracy_variants"]) == {"ema", "raw"}
+    import keras
+    assert keras.mixed_precision.global_policy().name == "float32"  # restored after the run
