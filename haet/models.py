@@ -7,7 +7,6 @@ import keras
 import numpy as np
 from keras import layers
 
-from haet.augment import RandomAffine
 from haet.layers import CELU, GhostBatchNormalization
 
 # UMBC HAET-2021 (xmhosseini/HAET2021, HAET_CIFAR10_train.py): where their widened

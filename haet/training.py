@@ -224,6 +224,54 @@ def _published_comparison(config, test_accuracy):
 
 
 
+def load_training_data(config):
+    """The dataset and its training subset for `config`.
+
+    Returns:
+        `(dataset, x_train, y_train, subset_sha256)`.
+    """
+    dataset = data_lib.load_dataset(config.dataset, config.data_dir)
+    indices = data_lib.stratified_subset(
+        dataset.y_train, config.train_size, dataset.info.num_classes, config.subset_seed
+    )
+    x_train, y_train = dataset.x_train[indices], dataset.y_train[indices]
+    sha = data_lib.subset_sha256(x_train, y_train)
+    logging.info(
+        "%s from %s: %d training images (subset seed %d, sha256 %s), %d test images",
+        dataset.info.name, dataset.source, len(y_train), config.subset_seed, sha,
+        len(dataset.y_test),
+    )
+    return dataset, x_train, y_train, sha
+
+
+def input_statistics(config, x_train):
+    """`(mean, variance)` of the training images on the [0, 1] scale: per pixel
+    (variance None) or per channel, as `config.input_normalization` says."""
+    scaled = x_train.astype(np.float32) / 255.0
+    if config.input_normalization == "pixel_mean":
+        return scaled.mean(axis=0), None
+    return scaled.mean(axis=(0, 1, 2)), scaled.var(axis=(0, 1, 2))
+
+
+def build_training_model(config, info, x_train):
+    """The uint8-input model of `config` and its augmentation layer (or None).
+
+    With precomputed augmentation the layer is returned but left out of the model.
+    """
+    mean, variance = input_statistics(config, x_train)
+    backbone = models.build_model(config.model, **config.model_kwargs(info.num_classes, info.image_shape))
+    augmentation = config.make_augmentation()
+    in_model = None if config.precomputed_augmentation_epochs else augmentation
+    return models.with_input_pipeline(backbone, mean, in_model, variance), augmentation
+
+
+def make_loss(config):
+    """Cross-entropy on logits; categorical (one-hot labels) when label smoothing is on."""
+    if config.label_smoothing:
+        return keras.losses.CategoricalCrossentropy(from_logits=True, label_smoothing=config.label_smoothing)
+    return keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+
+
 def _make_optimizer(config, schedule):
     """Adam or Nesterov SGD, with Keras' own weight EMA when `ema_decay` > 0."""
     ema = {"use_ema": True, "ema_momentum": config.ema_decay} if config.ema_decay else {}
@@ -273,33 +321,12 @@ def train(config, results_dir="results/runs", clock=None):
             policy = device_lib.resolve_precision(config.precision, device)
             keras.mixed_precision.set_global_policy(policy)
             keras.utils.set_random_seed(config.seed)
-            dataset = data_lib.load_dataset(config.dataset, config.data_dir)
+            dataset, x_train, y_train, sha = load_training_data(config)
             info = dataset.info
-            indices = data_lib.stratified_subset(
-                dataset.y_train, config.train_size, info.num_classes, config.subset_seed
-            )
-            x_train, y_train = dataset.x_train[indices], dataset.y_train[indices]
-            sha = data_lib.subset_sha256(x_train, y_train)
-            logging.info(
-                "%s from %s: %d training images (subset seed %d, sha256 %s), %d test images",
-                info.name, dataset.source, len(y_train), config.subset_seed, sha,
-                len(dataset.y_test),
-            )
             logging.info("backend %s, device %s, precision %s",
                          keras.backend.backend(), device, policy)
-            scaled = x_train.astype(np.float32) / 255.0
-            if config.input_normalization == "pixel_mean":
-                mean, variance = scaled.mean(axis=0), None
-            else:
-                mean, variance = scaled.mean(axis=(0, 1, 2)), scaled.var(axis=(0, 1, 2))
-            del scaled
-            backbone = models.build_model(
-                config.model, **config.model_kwargs(info.num_classes, info.image_shape)
-            )
-            augmentation = config.make_augmentation()
+            model, augmentation = build_training_model(config, info, x_train)
             precompute = config.precomputed_augmentation_epochs
-            model = models.with_input_pipeline(
-                backbone, mean, None if precompute else augmentation, variance)
             steps_per_epoch = len(y_train) // config.batch_size
             schedule = config.learning_rate_schedule()
             one_cycle = isinstance(schedule, PlannedPiecewiseLinear)
@@ -307,11 +334,7 @@ def train(config, results_dir="results/runs", clock=None):
             if one_cycle:
                 planned = (config.epochs or 1000) * steps_per_epoch
                 schedule.attach(optimizer, planned)
-            if config.label_smoothing:
-                loss = keras.losses.CategoricalCrossentropy(
-                    from_logits=True, label_smoothing=config.label_smoothing)
-            else:
-                loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+            loss = make_loss(config)
             model.compile(optimizer=optimizer, loss=loss, metrics=["accuracy"], jit_compile=True)
             logging.info("model %s: %d parameters, XLA %s", model.name,
                          model.count_params(), model.jit_compile)
@@ -340,6 +363,7 @@ def train(config, results_dir="results/runs", clock=None):
             # Precomputed augmentation counts toward the budget: its clock starts here.
             budget.start = clock()
             with timer.phase("precompute"):
+                mean = input_statistics(config, x_train)[0]
                 epoch_images = precompute_epochs(x_train, augmentation, precompute, 255.0 * mean)
         batches = data_lib.ShuffledBatches(
             x_train, y_train, config.batch_size, seed=config.seed,

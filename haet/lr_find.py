@@ -1,0 +1,179 @@
+"""Learning-rate range test for any recipe and dataset.
+
+    python -m haet.lr_find --flagfile=flags/page_resnet9.flags --data_dir=../shared/data/cifar10
+
+Smith, "Cyclical Learning Rates for Training Neural Networks" (WACV 2017): train
+from the recipe's initial weights while the learning rate grows exponentially from
+`--min_learning_rate` to `--max_learning_rate` over `--range_steps` steps (Keras'
+`ExponentialDecay` with a rate above 1), recording the training loss of every
+step; stop early when the smoothed loss exceeds 4 times its minimum or is not
+finite. Suggested learning rate: a tenth of the one at the smoothed loss' minimum
+(the usual rule of thumb; the steepest-descent point is recorded too).
+
+Writes a new folder under `--results_dir` (default `results/lr_find`):
+`lr_find.csv` (step, learning rate, loss, smoothed loss), `lr_find.png` and
+`record.json` (suggestion, flags, versions, commit).
+"""
+
+import csv
+import dataclasses
+import math
+import os
+
+import keras
+import numpy as np
+from absl import logging
+
+from haet import data as data_lib
+from haet import results, training
+
+
+class _LossPerStep(keras.callbacks.Callback):
+    def __init__(self, schedule, divergence=4.0, smoothing=0.9):
+        super().__init__()
+        self.schedule, self.divergence, self.smoothing = schedule, divergence, smoothing
+        self.rows, self._smoothed, self._best = [], None, math.inf
+
+    def on_train_batch_end(self, batch, logs=None):
+        loss = float(logs["loss"])
+        step = len(self.rows)
+        finite = math.isfinite(loss)
+        if finite:
+            # Bias-corrected exponential moving average, as in fastai's LR finder.
+            self._smoothed = loss if self._smoothed is None else (
+                self.smoothing * self._smoothed + (1 - self.smoothing) * loss)
+            smoothed = self._smoothed
+            self._best = min(self._best, smoothed)
+        else:
+            smoothed = math.nan
+        lr = float(keras.ops.convert_to_numpy(self.schedule(step)))
+        self.rows.append({"step": step + 1, "learning_rate": lr, "loss": loss, "smoothed_loss": smoothed})
+        if not finite or smoothed > self.divergence * self._best:
+            self._model.stop_training = True
+
+
+def suggest(rows):
+    """(suggested learning rate, learning rate at the smoothed minimum, steepest-descent rate).
+
+    Raises:
+        ValueError: if no step produced a finite loss.
+    """
+    finite = [r for r in rows if math.isfinite(r["smoothed_loss"])]
+    if not finite:
+        raise ValueError("No finite loss in the range test: lower --min_learning_rate.")
+    best = min(finite, key=lambda r: r["smoothed_loss"])
+    upto = [r for r in finite if r["step"] <= best["step"]]
+    if len(upto) >= 2:
+        log_lr = np.log([r["learning_rate"] for r in upto])
+        slopes = np.gradient([r["smoothed_loss"] for r in upto], log_lr)
+        steepest = upto[int(np.argmin(slopes))]["learning_rate"]
+    else:
+        steepest = best["learning_rate"]
+    return best["learning_rate"] / 10.0, best["learning_rate"], steepest
+
+
+def range_test(config, info, x_train, y_train, min_learning_rate, max_learning_rate, steps):
+    """Runs the range test; returns the per-step rows (dicts) and the suggestion triple.
+
+    Raises:
+        ValueError: `min_learning_rate` not below `max_learning_rate`, or `steps < 2`.
+    """
+    if not 0 < min_learning_rate < max_learning_rate or steps < 2:
+        raise ValueError(
+            f"Need 0 < min_learning_rate < max_learning_rate and steps >= 2. Received: "
+            f"{min_learning_rate}, {max_learning_rate}, {steps}")
+    keras.utils.set_random_seed(config.seed)
+    model, _ = training.build_training_model(config, info, x_train)
+    schedule = keras.optimizers.schedules.ExponentialDecay(
+        min_learning_rate, decay_steps=1, decay_rate=(max_learning_rate / min_learning_rate) ** (1 / (steps - 1)))
+    optimizer = (keras.optimizers.SGD(schedule, momentum=config.momentum, nesterov=True)
+                 if config.optimizer == "sgd" else keras.optimizers.Adam(schedule))
+    model.compile(optimizer, training.make_loss(config), jit_compile=True)
+    batches = data_lib.ShuffledBatches(
+        x_train, y_train, config.batch_size, seed=config.seed,
+        one_hot_classes=info.num_classes if config.label_smoothing else None)
+    recorder = _LossPerStep(schedule)
+    model.fit(batches, epochs=math.ceil(steps / len(batches)), shuffle=False,
+              verbose=0, callbacks=[recorder, _StopAfter(steps)])
+    return recorder.rows, suggest(recorder.rows)
+
+
+class _StopAfter(keras.callbacks.Callback):
+    def __init__(self, steps):
+        super().__init__()
+        self.steps, self.done = steps, 0
+
+    def on_train_batch_end(self, batch, logs=None):
+        self.done += 1
+        if self.done >= self.steps:
+            self._model.stop_training = True
+
+
+def plot(rows, suggestion, path, title):
+    """Loss and smoothed loss vs learning rate (log scale), the suggestion marked."""
+    from haet.plots import _pyplot
+
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(8, 5), constrained_layout=True)
+    lrs = [r["learning_rate"] for r in rows]
+    ax.plot(lrs, [r["loss"] for r in rows], color="C0", alpha=0.35, label="training loss per step")
+    ax.plot(lrs, [r["smoothed_loss"] for r in rows], color="C0", label="smoothed loss")
+    ax.axvline(suggestion[0], color="C3", ls="--", label=f"suggested {suggestion[0]:.2e} (minimum / 10)")
+    ax.axvline(suggestion[1], color="gray", ls=":", label=f"smoothed minimum at {suggestion[1]:.2e}")
+    finite = [r["smoothed_loss"] for r in rows if math.isfinite(r["smoothed_loss"])]
+    if finite:
+        ax.set_ylim(min(finite) * 0.9, min(max(finite), 4 * min(finite)) * 1.1)
+    ax.set_xscale("log")
+    ax.set_xlabel("learning rate (log scale)")
+    ax.set_ylabel("training loss")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=8)
+    ax.set_title(title)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def main(argv):
+    del argv
+    from absl import flags
+
+    from haet import train as entry
+
+    f = flags.FLAGS
+    config = entry.config_from_flags()
+    config.validate()
+    dataset, x_train, y_train, sha = training.load_training_data(config)
+    rows, suggestion = range_test(config, dataset.info, x_train, y_train, f.min_learning_rate,
+                                  f.max_learning_rate, f.range_steps)
+    run_dir = results.make_run_dir(f.results_dir, f"{config.dataset}{config.train_size}_{config.model}_lr_find")
+    with open(os.path.join(run_dir, "lr_find.csv"), "x", newline="") as out:
+        writer = csv.DictWriter(out, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    plot(rows, suggestion, os.path.join(run_dir, "lr_find.png"),
+         f"LR range test: {config.model} on {config.dataset} ({config.train_size} images), "
+         f"{config.optimizer}, batch {config.batch_size}")
+    results.write_record(run_dir, {
+        "suggested_learning_rate": suggestion[0], "minimum_loss_learning_rate": suggestion[1],
+        "steepest_descent_learning_rate": suggestion[2], "steps": len(rows),
+        "min_learning_rate": f.min_learning_rate, "max_learning_rate": f.max_learning_rate,
+        "dataset": config.dataset, "train_examples": len(y_train), "subset_sha256": sha,
+        "backend": keras.backend.backend(), "versions": results.versions(),
+        "git_commit": results.git_commit(), "flags": dataclasses.asdict(config),
+    })
+    print(f"suggested learning rate {suggestion[0]:.3g} (smoothed loss minimum at {suggestion[1]:.3g}, "
+          f"steepest descent at {suggestion[2]:.3g}); wrote {run_dir}")
+    logging.info("%d steps", len(rows))
+
+
+if __name__ == "__main__":
+    from absl import app, flags
+
+    import haet.train  # noqa: F401 -- defines the training flags (--flagfile recipes work)
+
+    flags.DEFINE_float("min_learning_rate", 1e-6, "Learning rate of the first step.")
+    flags.DEFINE_float("max_learning_rate", 10.0, "Learning rate of the last step.")
+    flags.DEFINE_integer("range_steps", 200, "Steps from the minimum to the maximum rate.")
+    flags.FLAGS.set_default("results_dir", "results/lr_find")
+    app.run(main)

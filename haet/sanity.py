@@ -1,0 +1,127 @@
+"""Sanity checks before spending a budget, for any recipe and dataset.
+
+    python -m haet.sanity --flagfile=flags/page_resnet9.flags --data_dir=../shared/data/cifar10
+
+The two checks of Karpathy's "A Recipe for Training Neural Networks" (2019) and
+Johnson's "Training Neural Networks, part 2" (2020):
+
+1. **Initial loss.** With weight decay and label smoothing off, the untrained
+   model's mean cross-entropy on the sample should be near ln(number of classes)
+   (uniform predictions): within `--initial_loss_tolerance` times ln(K).
+2. **Overfit a small sample.** With every regularizer off (weight decay, dropout,
+   augmentation, label smoothing), Adam at a constant 1e-3 trains on
+   `--sanity_batches` fixed batches; the training accuracy must reach
+   `--target_accuracy` within `--max_steps` steps. Adam at a fixed rate tests the
+   model and the data, whatever the recipe's optimizer.
+
+Prints one PASS/FAIL line per check; the exit code is 0 when both pass, 1 otherwise.
+"""
+
+import dataclasses
+import math
+
+import keras
+import numpy as np
+from absl import logging
+
+from haet import training
+
+
+def unregularized(config):
+    """`config` with weight decay, dropout, augmentation and label smoothing off."""
+    return dataclasses.replace(config, weight_decay=0.0, dropout_rate=0.0, augmentation="none",
+                               label_smoothing=0.0, precomputed_augmentation_epochs=0)
+
+
+def sample(config, x_train, y_train, batches):
+    """The first `batches * batch_size` images of the training subset (class-balanced
+    order is not needed: the subset is sorted by canonical index)."""
+    n = min(len(y_train), batches * config.batch_size)
+    return x_train[:n], y_train[:n]
+
+
+def check_initial_loss(config, info, x, y, tolerance=0.25):
+    """Mean cross-entropy of the untrained, unregularized model on `(x, y)`.
+
+    Returns:
+        dict: `passed` (|loss - ln K| <= tolerance * ln K), `loss`, `expected` (ln K).
+    """
+    config = unregularized(config)
+    keras.utils.set_random_seed(config.seed)
+    model, _ = training.build_training_model(config, info, x)
+    logits = np.asarray(model.predict(x, batch_size=config.batch_size, verbose=0), dtype=np.float64)
+    shifted = logits - logits.max(axis=1, keepdims=True)
+    log_probs = shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
+    loss = float(-log_probs[np.arange(len(y)), y].mean())
+    expected = math.log(info.num_classes)
+    return {"passed": abs(loss - expected) <= tolerance * expected, "loss": loss, "expected": expected}
+
+
+class _StopAtAccuracy(keras.callbacks.Callback):
+    def __init__(self, target):
+        super().__init__()
+        self.target, self.accuracy, self.steps = target, 0.0, 0
+
+    def on_train_batch_end(self, batch, logs=None):
+        self.steps += 1
+
+    def on_epoch_end(self, epoch, logs=None):
+        self.accuracy = float(logs["accuracy"])
+        if self.accuracy >= self.target:
+            self._model.stop_training = True
+
+
+def check_overfit(config, info, x, y, max_steps=500, target_accuracy=0.99):
+    """Trains the unregularized model on `(x, y)` (fixed batches, Adam 1e-3).
+
+    An epoch is one pass over the sample; the check passes when an epoch's training
+    accuracy reaches `target_accuracy` within `max_steps` steps.
+
+    Returns:
+        dict: `passed`, `accuracy` (the last epoch's), `steps`.
+    """
+    config = unregularized(config)
+    keras.utils.set_random_seed(config.seed)
+    model, _ = training.build_training_model(config, info, x)
+    model.compile(keras.optimizers.Adam(1e-3), keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+                  metrics=["accuracy"], jit_compile=True)
+    batch_size = min(config.batch_size, len(y))
+    steps_per_epoch = math.ceil(len(y) / batch_size)
+    stop = _StopAtAccuracy(target_accuracy)
+    model.fit(x, y, batch_size=batch_size, epochs=max(1, max_steps // steps_per_epoch),
+              shuffle=False, verbose=0, callbacks=[stop])
+    return {"passed": stop.accuracy >= target_accuracy, "accuracy": stop.accuracy, "steps": stop.steps}
+
+
+def main(argv):
+    del argv
+    from absl import flags
+
+    from haet import train as entry
+
+    f = flags.FLAGS
+    config = entry.config_from_flags()
+    config.validate()
+    dataset, x_train, y_train, _ = training.load_training_data(config)
+    x, y = sample(config, x_train, y_train, f.sanity_batches)
+    initial = check_initial_loss(config, dataset.info, x, y, f.initial_loss_tolerance)
+    print(f"{'PASS' if initial['passed'] else 'FAIL'} initial loss {initial['loss']:.4f}, "
+          f"expected ln({dataset.info.num_classes}) = {initial['expected']:.4f} "
+          f"(tolerance {f.initial_loss_tolerance:.0%})")
+    overfit = check_overfit(config, dataset.info, x, y, f.max_steps, f.target_accuracy)
+    print(f"{'PASS' if overfit['passed'] else 'FAIL'} overfit {len(y)} images: training accuracy "
+          f"{overfit['accuracy']:.4f} after {overfit['steps']} steps (target {f.target_accuracy})")
+    logging.info("sanity checks on %s, model %s", dataset.info.name, config.model)
+    raise SystemExit(0 if initial["passed"] and overfit["passed"] else 1)
+
+
+if __name__ == "__main__":
+    from absl import app, flags
+
+    import haet.train  # noqa: F401 -- defines the training flags (--flagfile recipes work)
+
+    flags.DEFINE_integer("sanity_batches", 5, "Batches of the training subset in the sample.")
+    flags.DEFINE_float("initial_loss_tolerance", 0.25, "Allowed |loss - ln K| as a fraction of ln K.")
+    flags.DEFINE_integer("max_steps", 500, "Training steps allowed to overfit the sample.")
+    flags.DEFINE_float("target_accuracy", 0.99, "Training accuracy the overfit check needs.")
+    app.run(main)

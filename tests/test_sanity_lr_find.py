@@ -1,0 +1,93 @@
+import json
+import math
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from conftest import REPO
+from haet import lr_find, sanity, training
+from haet.training import TrainConfig
+
+
+def _tiny(cifar10_slice_dir, **changes):
+    base = dict(data_dir=cifar10_slice_dir, train_size=100, model="resnet9", width_multiplier=0.125,
+                batch_size=10, input_normalization="channel_standardize", augmentation="crop_flip_cutout")
+    base.update(changes)
+    config = TrainConfig(**base)
+    dataset, x, y, _ = training.load_training_data(config)
+    return config, dataset.info, x, y
+
+
+def test_initial_loss_check_passes_near_ln_k_and_catches_large_logits(cifar10_slice_dir):
+    config, info, x, y = _tiny(cifar10_slice_dir)
+    x, y = sanity.sample(config, x, y, batches=3)
+    assert len(y) == 30
+    good = sanity.check_initial_loss(config, info, x, y)
+    assert good["passed"] and good["expected"] == pytest.approx(math.log(10))
+    bad = sanity.check_initial_loss(TrainConfig(**{**config.__dict__, "logit_scale": 200.0}), info, x, y)
+    assert not bad["passed"] and bad["loss"] > 1.25 * math.log(10)
+
+
+def test_overfit_check_memorizes_a_small_sample(cifar10_slice_dir):
+    config, info, x, y = _tiny(cifar10_slice_dir, dropout_rate=0.5, label_smoothing=0.3)
+    x, y = sanity.sample(config, x, y, batches=2)
+    result = sanity.check_overfit(config, info, x, y, max_steps=300, target_accuracy=0.99)
+    assert result["passed"] and result["accuracy"] >= 0.99 and 0 < result["steps"] <= 300
+    too_few = sanity.check_overfit(config, info, x, y, max_steps=2, target_accuracy=0.99)
+    assert not too_few["passed"]
+
+
+def test_unregularized_turns_every_regularizer_off():
+    config = sanity.unregularized(TrainConfig(label_smoothing=0.2, precomputed_augmentation_epochs=3))
+    assert (config.weight_decay, config.dropout_rate, config.augmentation, config.label_smoothing,
+            config.precomputed_augmentation_epochs) == (0.0, 0.0, "none", 0.0, 0)
+
+
+def test_range_test_loss_rises_at_large_learning_rates(cifar10_slice_dir):
+    config, info, x, y = _tiny(cifar10_slice_dir, optimizer="sgd")
+    rows, (suggested, at_minimum, steepest) = lr_find.range_test(config, info, x, y, 1e-4, 100.0, 60)
+    lrs = [r["learning_rate"] for r in rows]
+    assert lrs[0] == pytest.approx(1e-4) and all(b > a for a, b in zip(lrs, lrs[1:]))
+    smoothed = [r["smoothed_loss"] for r in rows]
+    best = np.nanmin(smoothed)
+    # It diverged (stopped early at 4x the minimum, or ran into non-finite losses) at large rates.
+    assert len(rows) < 60 or not math.isfinite(rows[-1]["loss"]) or smoothed[-1] > 2 * best
+    assert 1e-4 <= at_minimum <= 100.0 and suggested == pytest.approx(at_minimum / 10)
+    assert 1e-4 <= steepest <= at_minimum
+    with pytest.raises(ValueError, match="min_learning_rate < max_learning_rate"):
+        lr_find.range_test(config, info, x, y, 1.0, 0.1, 10)
+
+
+def test_suggest_on_a_known_curve():
+    lrs = np.logspace(-5, 1, 7)
+    losses = [2.3, 2.2, 1.5, 0.9, 0.8, 3.0, 9.0]
+    rows = [{"step": i + 1, "learning_rate": lr, "loss": l, "smoothed_loss": l} for i, (lr, l) in enumerate(zip(lrs, losses))]
+    suggested, at_minimum, steepest = lr_find.suggest(rows)
+    assert at_minimum == pytest.approx(1e-1) and suggested == pytest.approx(1e-2)
+    assert steepest == pytest.approx(1e-3)  # the largest drop per decade: 2.2 -> 1.5 -> 0.9
+    with pytest.raises(ValueError, match="No finite loss"):
+        lr_find.suggest([{"step": 1, "learning_rate": 1.0, "loss": math.nan, "smoothed_loss": math.nan}])
+
+
+def test_sanity_and_lr_find_command_lines(tmp_path, cifar10_slice_dir):
+    env = dict(os.environ, PYTHONPATH=REPO)
+    common = [f"--data_dir={cifar10_slice_dir}", "--train_size=100", "--model=resnet9", "--width_multiplier=0.125",
+              "--batch_size=10", "--input_normalization=channel_standardize"]
+    result = subprocess.run([sys.executable, "-m", "haet.sanity", *common, "--sanity_batches=2", "--max_steps=300"],
+                            env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr[-2000:]
+    assert "PASS initial loss" in result.stdout and "PASS overfit 20 images" in result.stdout
+    failing = subprocess.run([sys.executable, "-m", "haet.sanity", *common, "--logit_scale=200", "--max_steps=2"],
+                             env=env, capture_output=True, text=True)
+    assert failing.returncode == 1 and "FAIL initial loss" in failing.stdout and "FAIL overfit" in failing.stdout
+    result = subprocess.run([sys.executable, "-m", "haet.lr_find", *common, "--optimizer=sgd", "--range_steps=30",
+                             "--min_learning_rate=1e-3", "--max_learning_rate=10", f"--results_dir={tmp_path}"],
+                            env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-2000:]
+    (run_dir,) = list(tmp_path.iterdir())
+    assert sorted(os.listdir(run_dir)) == ["lr_find.csv", "lr_find.png", "record.json"]
+    record = json.loads((run_dir / "record.json").read_text())
+    assert "suggested learning rate" in result.stdout and record["suggested_learning_rate"] > 0
