@@ -29,17 +29,31 @@ from haet import results, training
 
 
 class _LossPerStep(keras.callbacks.Callback):
+    """Records each step's own training loss and stops when it diverges.
+
+    Keras hands batch callbacks the running mean of the loss since the epoch began;
+    with equal batches, step k's own loss is `k * mean_k - (k - 1) * mean_(k-1)`.
+    """
+
     def __init__(self, schedule, divergence=4.0, smoothing=0.9):
         super().__init__()
         self.schedule, self.divergence, self.smoothing = schedule, divergence, smoothing
         self.rows, self._smoothed, self._best = [], None, math.inf
+        self._epoch_step, self._epoch_mean = 0, 0.0
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._epoch_step, self._epoch_mean = 0, 0.0
 
     def on_train_batch_end(self, batch, logs=None):
-        loss = float(logs["loss"])
+        mean = float(logs["loss"])
+        self._epoch_step += 1
+        k = self._epoch_step
+        loss = k * mean - (k - 1) * self._epoch_mean
+        self._epoch_mean = mean
         step = len(self.rows)
         finite = math.isfinite(loss)
         if finite:
-            # Bias-corrected exponential moving average, as in fastai's LR finder.
+            # Exponential moving average started at the first loss.
             self._smoothed = loss if self._smoothed is None else (
                 self.smoothing * self._smoothed + (1 - self.smoothing) * loss)
             smoothed = self._smoothed

@@ -41,7 +41,8 @@ def sample(config, x_train, y_train, batches):
 
 
 def check_initial_loss(config, info, x, y, tolerance=0.25):
-    """Mean cross-entropy of the untrained, unregularized model on `(x, y)`.
+    """Mean cross-entropy of the untrained, unregularized model on `(x, y)`, from
+    training-mode forward passes of `config.batch_size` images.
 
     Returns:
         dict: `passed` (|loss - ln K| <= tolerance * ln K), `loss`, `expected` (ln K).
@@ -49,7 +50,13 @@ def check_initial_loss(config, info, x, y, tolerance=0.25):
     config = unregularized(config)
     keras.utils.set_random_seed(config.seed)
     model, _ = training.build_training_model(config, info, x)
-    logits = np.asarray(model.predict(x, batch_size=config.batch_size, verbose=0), dtype=np.float64)
+    # Training-mode forward passes (batch statistics in batch norm, as the first
+    # steps see them; the untrained moving statistics would say nothing), with
+    # dropout and augmentation already off.
+    logits = np.concatenate([
+        np.asarray(model(x[i:i + config.batch_size], training=True), dtype=np.float64)
+        for i in range(0, len(x), config.batch_size)
+    ])
     shifted = logits - logits.max(axis=1, keepdims=True)
     log_probs = shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
     loss = float(-log_probs[np.arange(len(y)), y].mean())

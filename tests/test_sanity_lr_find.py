@@ -91,3 +91,19 @@ def test_sanity_and_lr_find_command_lines(tmp_path, cifar10_slice_dir):
     assert sorted(os.listdir(run_dir)) == ["lr_find.csv", "lr_find.png", "record.json"]
     record = json.loads((run_dir / "record.json").read_text())
     assert "suggested learning rate" in result.stdout and record["suggested_learning_rate"] > 0
+
+
+def test_per_step_loss_is_recovered_from_keras_running_means():
+    import keras
+
+    recorder = lr_find._LossPerStep(keras.optimizers.schedules.ExponentialDecay(0.1, 1, 2.0))
+    recorder._model = type("M", (), {"stop_training": False})()
+    losses = [3.0, 1.0, 2.0, 5.0]
+    recorder.on_epoch_begin(0)
+    for k, _ in enumerate(losses[:2], start=1):
+        recorder.on_train_batch_end(k - 1, {"loss": sum(losses[:k]) / k})
+    recorder.on_epoch_begin(1)
+    for k, _ in enumerate(losses[2:], start=1):
+        recorder.on_train_batch_end(k - 1, {"loss": sum(losses[2:2 + k]) / k})
+    assert [r["loss"] for r in recorder.rows] == pytest.approx(losses)
+    assert [r["learning_rate"] for r in recorder.rows] == pytest.approx([0.1, 0.2, 0.4, 0.8])
