@@ -181,8 +181,7 @@ class WallClockBudget(keras.callbacks.Callback):
 
     def _optimizer_learning_rate(self):
         """The step-based schedule's current value (epoch ends only: reads the state)."""
-        optimizer = self.model.optimizer
-        return float(keras.ops.convert_to_numpy(optimizer._get_current_learning_rate()))
+        return float(keras.ops.convert_to_numpy(self.model.optimizer.learning_rate))
 
     def train_seconds(self):
         """Seconds from the budget's start to the last step's end."""

@@ -15,7 +15,6 @@ Writes a new folder under `--results_dir` (default `results/lr_find`):
 `record.json` (suggestion, flags, versions, commit).
 """
 
-import csv
 import dataclasses
 import math
 import os
@@ -35,9 +34,10 @@ class _LossPerStep(keras.callbacks.Callback):
     with equal batches, step k's own loss is `k * mean_k - (k - 1) * mean_(k-1)`.
     """
 
-    def __init__(self, schedule, divergence=4.0, smoothing=0.9):
+    def __init__(self, schedule, steps, divergence=4.0, smoothing=0.9):
         super().__init__()
-        self.schedule, self.divergence, self.smoothing = schedule, divergence, smoothing
+        self.schedule, self.steps = schedule, steps
+        self.divergence, self.smoothing = divergence, smoothing
         self.rows, self._smoothed, self._best = [], None, math.inf
         self._epoch_step, self._epoch_mean = 0, 0.0
 
@@ -62,7 +62,7 @@ class _LossPerStep(keras.callbacks.Callback):
             smoothed = math.nan
         lr = float(keras.ops.convert_to_numpy(self.schedule(step)))
         self.rows.append({"step": step + 1, "learning_rate": lr, "loss": loss, "smoothed_loss": smoothed})
-        if not finite or smoothed > self.divergence * self._best:
+        if not finite or smoothed > self.divergence * self._best or len(self.rows) >= self.steps:
             self._model.stop_training = True
 
 
@@ -106,21 +106,9 @@ def range_test(config, info, x_train, y_train, min_learning_rate, max_learning_r
     batches = data_lib.ShuffledBatches(
         x_train, y_train, config.batch_size, seed=config.seed,
         one_hot_classes=info.num_classes if config.label_smoothing else None)
-    recorder = _LossPerStep(schedule)
-    model.fit(batches, epochs=math.ceil(steps / len(batches)), shuffle=False,
-              verbose=0, callbacks=[recorder, _StopAfter(steps)])
+    recorder = _LossPerStep(schedule, steps)
+    model.fit(batches, epochs=math.ceil(steps / len(batches)), shuffle=False, verbose=0, callbacks=[recorder])
     return recorder.rows, suggest(recorder.rows)
-
-
-class _StopAfter(keras.callbacks.Callback):
-    def __init__(self, steps):
-        super().__init__()
-        self.steps, self.done = steps, 0
-
-    def on_train_batch_end(self, batch, logs=None):
-        self.done += 1
-        if self.done >= self.steps:
-            self._model.stop_training = True
 
 
 def plot(rows, suggestion, path, title):
@@ -155,16 +143,11 @@ def main(argv):
     from haet import train as entry
 
     f = flags.FLAGS
-    config = entry.config_from_flags()
-    config.validate()
-    dataset, x_train, y_train, sha = training.load_training_data(config)
+    config, dataset, x_train, y_train, sha = entry.config_and_data_from_flags()
     rows, suggestion = range_test(config, dataset.info, x_train, y_train, f.min_learning_rate,
                                   f.max_learning_rate, f.range_steps)
     run_dir = results.make_run_dir(f.results_dir, f"{config.dataset}{config.train_size}_{config.model}_lr_find")
-    with open(os.path.join(run_dir, "lr_find.csv"), "x", newline="") as out:
-        writer = csv.DictWriter(out, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
+    results.write_csv(run_dir, "lr_find.csv", rows)
     plot(rows, suggestion, os.path.join(run_dir, "lr_find.png"),
          f"LR range test: {config.model} on {config.dataset} ({config.train_size} images), "
          f"{config.optimizer}, batch {config.batch_size}")

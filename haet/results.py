@@ -87,15 +87,15 @@ def write_record(run_dir, record):
     return path
 
 
-def write_history(run_dir, history):
-    """Writes per-epoch rows (list of dicts with the same keys) to `run_dir/history.csv`."""
-    path = os.path.join(run_dir, "history.csv")
+def write_csv(run_dir, name, rows):
+    """Writes rows (dicts with the same keys, e.g. the per-epoch history) to a new `run_dir/name`."""
+    path = os.path.join(run_dir, name)
 
     def write(f):
-        if history:
-            w = csv.DictWriter(f, fieldnames=list(history[0]))
+        if rows:
+            w = csv.DictWriter(f, fieldnames=list(rows[0]))
             w.writeheader()
-            w.writerows(history)
+            w.writerows(rows)
 
     _write_new(path, write)
     return path

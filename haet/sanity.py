@@ -24,7 +24,7 @@ import keras
 import numpy as np
 from absl import logging
 
-from haet import training
+from haet import evaluation, training
 
 
 def unregularized(config):
@@ -57,9 +57,7 @@ def check_initial_loss(config, info, x, y, tolerance=0.25):
         np.asarray(model(x[i:i + config.batch_size], training=True), dtype=np.float64)
         for i in range(0, len(x), config.batch_size)
     ])
-    shifted = logits - logits.max(axis=1, keepdims=True)
-    log_probs = shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
-    loss = float(-log_probs[np.arange(len(y)), y].mean())
+    loss = evaluation.cross_entropy(logits, y)
     expected = math.log(info.num_classes)
     return {"passed": abs(loss - expected) <= tolerance * expected, "loss": loss, "expected": expected}
 
@@ -107,9 +105,7 @@ def main(argv):
     from haet import train as entry
 
     f = flags.FLAGS
-    config = entry.config_from_flags()
-    config.validate()
-    dataset, x_train, y_train, _ = training.load_training_data(config)
+    config, dataset, x_train, y_train, _ = entry.config_and_data_from_flags()
     x, y = sample(config, x_train, y_train, f.sanity_batches)
     initial = check_initial_loss(config, dataset.info, x, y, f.initial_loss_tolerance)
     print(f"{'PASS' if initial['passed'] else 'FAIL'} initial loss {initial['loss']:.4f}, "

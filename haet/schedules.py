@@ -121,14 +121,6 @@ class PlannedPiecewiseLinear(keras.optimizers.schedules.LearningRateSchedule):
         )
         return self.planned_steps
 
-    def value_at(self, fraction):
-        """The learning rate at `fraction` of the planned steps (host-side float)."""
-        if fraction >= 1.0:
-            return self.values[-1]
-        i = bisect.bisect_right(self.knots, fraction) - 1
-        k0, k1, v0, v1 = self.knots[i], self.knots[i + 1], self.values[i], self.values[i + 1]
-        return v0 + (v1 - v0) * (fraction - k0) / (k1 - k0)
-
     def __call__(self, step):
         if self.planned_steps is None:
             raise ValueError("PlannedPiecewiseLinear.attach(optimizer, planned_steps) was not called.")

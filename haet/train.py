@@ -18,7 +18,7 @@ from haet.augment import FILL_MODES
 from haet.data import DATASETS
 from haet.device import PRECISIONS
 from haet.models import MODELS
-from haet.training import TrainConfig, train
+from haet.training import TrainConfig, load_training_data, train
 
 _D = TrainConfig()
 
@@ -113,6 +113,18 @@ def config_from_flags():
                 raise app.UsageError(f"--{name} takes comma-separated numbers. Received: {value}")
         values[field.name] = value
     return TrainConfig(**values)
+
+
+def config_and_data_from_flags():
+    """The validated `TrainConfig` of the flags and its data, for commands that reuse
+    the training flags (`haet.sanity`, `haet.lr_find`).
+
+    Returns:
+        `(config, dataset, x_train, y_train, subset_sha256)`.
+    """
+    config = config_from_flags()
+    config.validate()
+    return (config, *load_training_data(config))
 
 
 def main(argv):

@@ -439,13 +439,12 @@ def train(config, results_dir="results/runs", clock=None):
         "xla": bool(model.jit_compile),
         "versions": results.versions(),
         "git_commit": results.git_commit(),
-        "flags": {k: list(v) if isinstance(v, tuple) else v
-                  for k, v in dataclasses.asdict(config).items()},
+        "flags": dataclasses.asdict(config),
         "command": sys.argv,
         "published": _published_comparison(config, test_accuracy),
     }
     run_dir = results.make_run_dir(results_dir, config.run_name())
-    results.write_history(run_dir, budget.history)
+    results.write_csv(run_dir, "history.csv", budget.history)
     results.write_confusion_matrix(run_dir, scores["confusion_matrix"], info.class_names)
     if budget.history:
         plots.plot_learning_curves(

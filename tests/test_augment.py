@@ -27,7 +27,8 @@ def test_identity_coordinates_are_the_pixel_grid():
 
 def test_shift_zoom_flip_rotation_known_answers():
     rows, cols = _coords(shift_rows=2.0, shift_cols=-1.0)
-    np.testing.assert_allclose(rows[0, 0], 2.0) and np.testing.assert_allclose(cols[0, 0], -1.0)
+    np.testing.assert_allclose(rows[0, 0], 2.0)
+    np.testing.assert_allclose(cols[0, 0], -1.0)
     # Zoom 2 about the centre (1.5, 1.5): output pixel 0 samples input 1.5 - 2 * 1.5 = -1.5.
     rows, cols = _coords(zoom_rows=2.0, zoom_cols=0.5)
     np.testing.assert_allclose(rows[0, 0], -1.5)

@@ -124,16 +124,20 @@ def test_planner_sets_the_schedule_length_from_measured_steps():
     planner = StepPlanner(budget, schedule.planned_steps, steps_per_epoch=4, probe_steps=3)
 
     class Rates(keras.callbacks.Callback):
-        rates = []
+        def __init__(self):
+            super().__init__()
+            self.rates = []
 
         def on_train_batch_end(self, batch, logs=None):
-            self.rates.append(float(np.asarray(self.model.optimizer._get_current_learning_rate())))
+            self.rates.append(float(np.asarray(self.model.optimizer.learning_rate)))
+
+    rates = Rates()
 
     # 1 s per step: after 4 steps, 36 s remain -> 40 steps in all = 10 epochs of 4.
-    model.fit(_batches(), epochs=1000, verbose=0, callbacks=[Tick(clock, 1.0), budget, planner, Rates()])
+    model.fit(_batches(), epochs=1000, verbose=0, callbacks=[Tick(clock, 1.0), budget, planner, rates])
     assert planner.planned_epochs == 10 and planner.planned_steps_value == 40
     assert planner.step_seconds == 1.0
     assert budget.steps == 40 and float(np.asarray(schedule.planned_steps)) == 40.0
     # The learning rate read after step k is the schedule at iteration k: peak at 20 of 40.
-    assert max(Rates.rates) == pytest.approx(0.1, rel=1e-5)
-    assert int(np.argmax(Rates.rates)) == 19 and Rates.rates[-1] == pytest.approx(0.0, abs=1e-7)
+    assert max(rates.rates) == pytest.approx(0.1, rel=1e-5)
+    assert int(np.argmax(rates.rates)) == 19 and rates.rates[-1] == pytest.approx(0.0, abs=1e-7)

@@ -50,6 +50,7 @@ def test_range_test_loss_rises_at_large_learning_rates(cifar10_slice_dir):
     config, info, x, y = _tiny(cifar10_slice_dir, optimizer="sgd")
     rows, (suggested, at_minimum, steepest) = lr_find.range_test(config, info, x, y, 1e-4, 100.0, 60)
     lrs = [r["learning_rate"] for r in rows]
+    assert 2 <= len(rows) <= 60
     assert lrs[0] == pytest.approx(1e-4) and all(b > a for a, b in zip(lrs, lrs[1:]))
     smoothed = [r["smoothed_loss"] for r in rows]
     best = np.nanmin(smoothed)
@@ -96,7 +97,7 @@ def test_sanity_and_lr_find_command_lines(tmp_path, cifar10_slice_dir):
 def test_per_step_loss_is_recovered_from_keras_running_means():
     import keras
 
-    recorder = lr_find._LossPerStep(keras.optimizers.schedules.ExponentialDecay(0.1, 1, 2.0))
+    recorder = lr_find._LossPerStep(keras.optimizers.schedules.ExponentialDecay(0.1, 1, 2.0), steps=10)
     recorder._model = type("M", (), {"stop_training": False})()
     losses = [3.0, 1.0, 2.0, 5.0]
     recorder.on_epoch_begin(0)
