@@ -153,7 +153,6 @@ class WallClockBudget(keras.callbacks.Callback):
             self._model.stop_training = True
 
     def on_epoch_end(self, epoch, logs=None):
-        logs = logs or {}
         elapsed = self.elapsed()
         row = {
             "epoch": epoch + 1,
@@ -165,10 +164,18 @@ class WallClockBudget(keras.callbacks.Callback):
                               else self._optimizer_learning_rate()),
             "augmentation_strength": self._current.get("strength"),
             "fill_mode": self._current.get("fill_mode"),
-            "loss": float(logs["loss"]) if "loss" in logs else None,
-            "accuracy": float(logs["accuracy"]) if "accuracy" in logs else None,
+            "loss": float(logs["loss"]) if logs and "loss" in logs else None,
+            "accuracy": float(logs["accuracy"]) if logs and "accuracy" in logs else None,
         }
+        if logs and "val_accuracy" in logs:
+            row["val_loss"] = float(logs["val_loss"])
+            row["val_accuracy"] = float(logs["val_accuracy"])
         self.history.append(row)
+        # Later callbacks (TensorBoard) see the schedules' values among the epoch's logs.
+        if logs is not None:
+            logs["learning_rate"] = row["learning_rate"]
+            if row["augmentation_strength"] is not None:
+                logs["augmentation_strength"] = row["augmentation_strength"]
         parts = [f"epoch {row['epoch']}{'' if row['complete'] else ' (cut by budget)'}: "
                  f"{elapsed:.1f} s elapsed, {row['remaining_seconds']:.1f} s left",
                  f"lr {row['learning_rate']:.2e}"]
@@ -176,7 +183,8 @@ class WallClockBudget(keras.callbacks.Callback):
             parts.append(f"strength {row['augmentation_strength']:g}")
         if row["fill_mode"] is not None:
             parts.append(f"fill {row['fill_mode']}")
-        parts += [f"{key} {row[key]:.4f}" for key in ("loss", "accuracy") if row[key] is not None]
+        parts += [f"{key} {row[key]:.4f}" for key in ("loss", "accuracy", "val_loss", "val_accuracy")
+                  if row.get(key) is not None]
         logging.info(" | ".join(parts))
 
     def _optimizer_learning_rate(self):

@@ -65,6 +65,37 @@ def _softmax(logits):
     return e / e.sum(axis=1, keepdims=True)
 
 
+def predict_probabilities(model, images, batch_size, tta="none"):
+    """Softmax probabilities of `model` on uint8 `(N, H, W, C)` images, averaged over the
+    views of `tta_views(images, tta)`: float64 `(N, classes)`."""
+    views = tta_views(images, tta)
+    probabilities = sum(_softmax(predict_logits(model, v, batch_size).astype(np.float64)) for v in views)
+    return probabilities / len(views)
+
+
+def scores(probabilities, labels, num_classes):
+    """Accuracy (fraction), cross-entropy (nats) and confusion matrix of predicted class
+    probabilities float `(N, K)` against int labels `(N,)`.
+
+    Returns:
+        dict with `accuracy` (float), `loss` (float) and `confusion_matrix` (int64 `(K, K)`).
+
+    Raises:
+        ValueError: probabilities and labels of different lengths.
+    """
+    probabilities = np.asarray(probabilities, dtype=np.float64)
+    labels = np.asarray(labels)
+    if probabilities.ndim != 2 or len(probabilities) != len(labels):
+        raise ValueError(
+            f"probabilities must be (N, K) for N={len(labels)} labels. Received shape {probabilities.shape}.")
+    predictions = probabilities.argmax(axis=1)
+    return {
+        "accuracy": float((predictions == labels).mean()),
+        "loss": float(-np.log(np.maximum(probabilities[np.arange(len(labels)), labels], 1e-300)).mean()),
+        "confusion_matrix": confusion_matrix(labels, predictions, num_classes),
+    }
+
+
 def evaluate(model, images, labels, num_classes, batch_size, tta="none"):
     """Accuracy (fraction), cross-entropy and confusion matrix of `model` on a test set.
 
@@ -75,12 +106,30 @@ def evaluate(model, images, labels, num_classes, batch_size, tta="none"):
         dict with `accuracy` (float), `loss` (float, nats, of the averaged
         probabilities) and `confusion_matrix` (int64 `(num_classes, num_classes)`).
     """
-    views = tta_views(images, tta)
-    probabilities = sum(_softmax(predict_logits(model, v, batch_size).astype(np.float64)) for v in views)
-    probabilities /= len(views)
-    predictions = probabilities.argmax(axis=1)
-    return {
-        "accuracy": float((predictions == labels).mean()),
-        "loss": float(-np.log(np.maximum(probabilities[np.arange(len(labels)), labels], 1e-300)).mean()),
-        "confusion_matrix": confusion_matrix(labels, predictions, num_classes),
-    }
+    return scores(predict_probabilities(model, images, batch_size, tta), labels, num_classes)
+
+
+def ensemble(probabilities, labels, num_classes):
+    """Scores of each member and of their ensemble (the mean of the members' predicted
+    probabilities, as in Lakshminarayanan et al. 2017 and Huang et al. 2017's snapshot
+    ensembles).
+
+    Args:
+        probabilities: list of float `(N, K)` arrays, one per member (>= 1).
+        labels: int `(N,)`.
+        num_classes: K.
+
+    Returns:
+        `(member_scores, ensemble_scores)`: a list of `scores` dicts and one dict.
+
+    Raises:
+        ValueError: no members, or members of different shapes.
+    """
+    if not probabilities:
+        raise ValueError("An ensemble needs at least one member.")
+    shapes = {np.shape(p) for p in probabilities}
+    if len(shapes) != 1:
+        raise ValueError(f"Ensemble members predict arrays of different shapes: {sorted(shapes)}.")
+    members = [scores(p, labels, num_classes) for p in probabilities]
+    mean = np.mean([np.asarray(p, dtype=np.float64) for p in probabilities], axis=0)
+    return members, scores(mean, labels, num_classes)

@@ -133,3 +133,230 @@ class PlannedPiecewiseLinear(keras.optimizers.schedules.LearningRateSchedule):
 
     def get_config(self):
         return {"knots": list(self.knots), "values": list(self.values)}
+
+
+# Learning-rate schedules as shapes over the whole run.
+#
+# Each shape is a `keras.optimizers.schedules` schedule written over a nominal axis of
+# NOMINAL_STEPS steps that stands for the whole run (0 = start, NOMINAL_STEPS = end).
+# Two wrappers put it on a real axis: `PlannedSchedule` maps the optimizer's step
+# onto it through the planned number of steps (per step, inside the compiled step);
+# `BudgetSchedule` maps the elapsed fraction of the wall-clock budget onto it (on the
+# host, between steps). So one definition serves both units.
+NOMINAL_STEPS = 10_000
+# Where the wrappers read the end of the run: just before NOMINAL_STEPS, so that a
+# cyclic shape ends its last cycle instead of restarting.
+_END = NOMINAL_STEPS - 0.01
+
+LR_SHAPES = ("constant", "step", "cosine", "cosine_restarts", "linear", "inverse_sqrt")
+
+
+@keras.saving.register_keras_serializable(package="haet")
+class Constant(keras.optimizers.schedules.LearningRateSchedule):
+    """A constant learning rate (Keras has no constant schedule class)."""
+
+    def __init__(self, learning_rate):
+        self.learning_rate = float(learning_rate)
+
+    def __call__(self, step):
+        return ops.convert_to_tensor(self.learning_rate, "float32")
+
+    def get_config(self):
+        return {"learning_rate": self.learning_rate}
+
+
+@keras.saving.register_keras_serializable(package="haet")
+class InverseSqrtDecay(keras.optimizers.schedules.LearningRateSchedule):
+    """`learning_rate / sqrt(1 + step / timescale)`.
+
+    Keras' `InverseTimeDecay` decays as 1/t, not 1/sqrt(t), hence this class. After a
+    linear warmup of `w` steps with `timescale = w` it is the Transformer's
+    `peak * sqrt(w / t)` (Vaswani et al. 2017, "Attention is all you need", eq. 3).
+
+    Raises:
+        ValueError: a non-positive timescale.
+    """
+
+    def __init__(self, learning_rate, timescale):
+        if not timescale > 0:
+            raise ValueError(f"inverse_sqrt timescale must be positive. Received: {timescale!r}")
+        self.learning_rate = float(learning_rate)
+        self.timescale = float(timescale)
+
+    def __call__(self, step):
+        step = ops.cast(step, "float32")
+        return self.learning_rate / ops.sqrt(1.0 + ops.maximum(step, 0.0) / self.timescale)
+
+    def get_config(self):
+        return {"learning_rate": self.learning_rate, "timescale": self.timescale}
+
+
+@keras.saving.register_keras_serializable(package="haet")
+class LinearWarmup(keras.optimizers.schedules.LearningRateSchedule):
+    """Linear warmup from 0 to `schedule(0)` over `warmup_steps`, then
+    `schedule(step - warmup_steps)` (Goyal et al. 2017, "Accurate, large minibatch
+    SGD", gradual warmup). Only Keras' `CosineDecay` has a warmup of its own; this
+    wrapper gives every shape the same one.
+
+    Raises:
+        ValueError: negative `warmup_steps`.
+    """
+
+    def __init__(self, schedule, warmup_steps):
+        if not warmup_steps >= 0:
+            raise ValueError(f"warmup_steps must be >= 0. Received: {warmup_steps!r}")
+        self.schedule = schedule
+        self.warmup_steps = float(warmup_steps)
+
+    def __call__(self, step):
+        step = ops.cast(step, "float32")
+        after = ops.cast(self.schedule(ops.maximum(step - self.warmup_steps, 0.0)), "float32")
+        if not self.warmup_steps:
+            return after
+        ramp = ops.cast(self.schedule(0.0), "float32") * step / self.warmup_steps
+        return ops.where(step < self.warmup_steps, ramp, after)
+
+    def get_config(self):
+        return {"schedule": keras.optimizers.schedules.serialize(self.schedule),
+                "warmup_steps": self.warmup_steps}
+
+    @classmethod
+    def from_config(cls, config):
+        config = dict(config)
+        config["schedule"] = keras.optimizers.schedules.deserialize(config["schedule"])
+        return cls(**config)
+
+
+def lr_shape(shape, learning_rate, warmup=0.0, final_learning_rate=0.0,
+             boundaries=(0.8, 0.9), decay_factor=0.1, cycles=1, timescale=0.1):
+    """A learning-rate shape over the nominal run axis (`NOMINAL_STEPS` = whole run).
+
+    Fractions below are of the whole run (planned steps or budget seconds).
+    - constant: `learning_rate` throughout;
+    - step: `learning_rate * decay_factor**i` after the i-th of `boundaries`
+      (`keras.optimizers.schedules.PiecewiseConstantDecay`);
+    - cosine: half cosine from `learning_rate` to `final_learning_rate` (`CosineDecay`;
+      Loshchilov & Hutter 2017);
+    - cosine_restarts: `cycles` equal cosine cycles, each from `learning_rate` to
+      `final_learning_rate` (`CosineDecayRestarts`, SGDR; the snapshot-ensemble
+      schedule of Huang et al. 2017);
+    - linear: straight line to `final_learning_rate` (`PolynomialDecay`, power 1);
+    - inverse_sqrt: `learning_rate / sqrt(1 + t / timescale)` (`InverseSqrtDecay`).
+    With `warmup` > 0 the first `warmup` of the run ramps linearly from 0 to
+    `learning_rate` and the shape fills the rest (boundaries stay fractions of the
+    whole run).
+
+    Returns:
+        a `keras.optimizers.schedules.LearningRateSchedule` over `[0, NOMINAL_STEPS]`.
+
+    Raises:
+        ValueError: an unknown shape or a value out of range (named in the message).
+    """
+    if shape not in LR_SHAPES:
+        raise ValueError(f"Unknown learning-rate shape {shape!r}. Allowed: {', '.join(LR_SHAPES)}.")
+    if not (math.isfinite(learning_rate) and learning_rate > 0):
+        raise ValueError(f"learning_rate must be positive and finite. Received: {learning_rate!r}")
+    if not 0.0 <= final_learning_rate <= learning_rate:
+        raise ValueError(
+            f"final_learning_rate must be in [0, learning_rate={learning_rate}]. Received: {final_learning_rate!r}")
+    if not 0.0 <= warmup < 1.0:
+        raise ValueError(f"warmup must be a fraction of the run in [0, 1). Received: {warmup!r}")
+    if not (isinstance(cycles, int) and cycles >= 1):
+        raise ValueError(f"cycles must be a positive integer. Received: {cycles!r}")
+    if not 0.0 < decay_factor <= 1.0:
+        raise ValueError(f"decay_factor must be in (0, 1]. Received: {decay_factor!r}")
+    schedules = keras.optimizers.schedules
+    warmup_steps = warmup * NOMINAL_STEPS
+    length = NOMINAL_STEPS - warmup_steps
+    alpha = final_learning_rate / learning_rate
+    if shape == "constant":
+        schedule = Constant(learning_rate)
+    elif shape == "step":
+        boundaries = [float(b) for b in boundaries]
+        if any(not warmup < b < 1.0 for b in boundaries) or any(
+                a >= b for a, b in zip(boundaries, boundaries[1:])) or not boundaries:
+            raise ValueError(
+                "step schedule boundaries must be strictly increasing fractions of the run in "
+                f"(warmup={warmup}, 1). Received: {boundaries}")
+        schedule = schedules.PiecewiseConstantDecay(
+            [b * NOMINAL_STEPS - warmup_steps for b in boundaries],
+            [learning_rate * decay_factor**i for i in range(len(boundaries) + 1)])
+    elif shape == "cosine":
+        schedule = schedules.CosineDecay(learning_rate, length, alpha=alpha)
+    elif shape == "cosine_restarts":
+        schedule = schedules.CosineDecayRestarts(learning_rate, length / cycles, t_mul=1.0,
+                                                 m_mul=1.0, alpha=alpha)
+    elif shape == "linear":
+        schedule = schedules.PolynomialDecay(learning_rate, length, final_learning_rate, power=1.0)
+    else:
+        if not 0.0 < timescale:
+            raise ValueError(f"inverse_sqrt timescale must be a positive fraction. Received: {timescale!r}")
+        schedule = InverseSqrtDecay(learning_rate, timescale * NOMINAL_STEPS)
+    return LinearWarmup(schedule, warmup_steps) if warmup_steps else schedule
+
+
+@keras.saving.register_keras_serializable(package="haet")
+class PlannedSchedule(keras.optimizers.schedules.LearningRateSchedule):
+    """A shape of `lr_shape` evaluated per optimizer step: step `s` of `P` planned
+    steps reads the shape at `min(s / P, 1) * NOMINAL_STEPS`.
+
+    Like `PlannedPiecewiseLinear`, `P` is an optimizer variable (`attach`), so a
+    `haet.budget.StepPlanner` can set it after timing the first steps.
+    """
+
+    def __init__(self, shape):
+        self.shape = shape
+        self.planned_steps = None
+
+    def attach(self, optimizer, planned_steps):
+        """Creates the planned-steps variable in `optimizer`, set to `planned_steps`."""
+        self.planned_steps = optimizer.add_variable(
+            shape=(), initializer=keras.initializers.Constant(float(planned_steps)),
+            dtype="float32", name="planned_steps",
+        )
+        return self.planned_steps
+
+    def __call__(self, step):
+        if self.planned_steps is None:
+            raise ValueError("PlannedSchedule.attach(optimizer, planned_steps) was not called.")
+        fraction = ops.cast(step, "float32") / ops.maximum(ops.cast(self.planned_steps, "float32"), 1.0)
+        return ops.cast(self.shape(ops.minimum(fraction * NOMINAL_STEPS, _END)), "float32")
+
+    def get_config(self):
+        return {"shape": keras.optimizers.schedules.serialize(self.shape)}
+
+    @classmethod
+    def from_config(cls, config):
+        return cls(keras.optimizers.schedules.deserialize(config["shape"]))
+
+
+class BudgetSchedule:
+    """A shape of `lr_shape` evaluated on the host at the elapsed fraction of the
+    wall-clock budget (for `haet.budget.WallClockBudget`).
+
+    The fraction is rounded down to a multiple of `1 / resolution`, so a smooth shape
+    changes the optimizer's learning rate at most `resolution` times a run (each write
+    is a host-to-device transfer, and on JAX a state sync).
+
+    Raises:
+        ValueError: `resolution` < 1.
+    """
+
+    def __init__(self, shape, resolution=1000, name="learning rate"):
+        if not (isinstance(resolution, int) and resolution >= 1):
+            raise ValueError(f"resolution must be a positive integer. Received: {resolution!r}")
+        self.shape = shape
+        self.resolution = resolution
+        self.name = name
+        self._cache = {}
+
+    def __call__(self, fraction):
+        """The value at `fraction` (elapsed seconds / budget seconds, >= 0)."""
+        tick = min(int(math.floor(max(fraction, 0.0) * self.resolution)), self.resolution)
+        if tick not in self._cache:
+            value = self.shape(min(tick / self.resolution * NOMINAL_STEPS, _END))
+            self._cache[tick] = float(ops.convert_to_numpy(value))
+        return self._cache[tick]
+
+    def __repr__(self):
+        return f"BudgetSchedule({self.shape.__class__.__name__}, resolution={self.resolution})"

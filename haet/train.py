@@ -18,6 +18,7 @@ from haet.augment import FILL_MODES
 from haet.data import DATASETS
 from haet.device import PRECISIONS
 from haet.models import MODELS
+from haet.schedules import LR_SHAPES
 from haet.training import TrainConfig, load_training_data, train
 
 _D = TrainConfig()
@@ -57,10 +58,26 @@ flags.DEFINE_string("optimizer", _D.optimizer, "adam, or sgd (Nesterov momentum)
 flags.DEFINE_float("momentum", _D.momentum, "sgd: momentum.")
 flags.DEFINE_float("label_smoothing", _D.label_smoothing, "Label smoothing of the cross-entropy.")
 flags.DEFINE_string("lr_schedule", _D.lr_schedule,
-                    "wall_clock: piecewise constant over the budget fraction; one_cycle: "
-                    "piecewise linear over the planned steps.")
+                    "wall_clock: --learning_rates piecewise constant over the budget fraction; "
+                    "one_cycle: piecewise linear over the planned steps; or a shape from "
+                    "--learning_rate: " + ", ".join(LR_SHAPES) + ".")
+flags.DEFINE_string("lr_schedule_unit", _D.lr_schedule_unit,
+                    "Shapes only: budget (elapsed fraction of the wall-clock budget) or steps "
+                    "(fraction of the planned steps).")
+flags.DEFINE_float("learning_rate", _D.learning_rate, "Shapes: peak learning rate.")
+flags.DEFINE_float("warmup", _D.warmup,
+                   "Shapes: fraction of the run with a linear warmup from 0 to --learning_rate.")
+flags.DEFINE_float("final_learning_rate", _D.final_learning_rate,
+                   "cosine, cosine_restarts, linear: learning rate at the end (of each cycle).")
+flags.DEFINE_float("lr_decay_factor", _D.lr_decay_factor,
+                   "step: learning rate x this at each of --learning_rate_boundaries.")
+flags.DEFINE_integer("lr_cycles", _D.lr_cycles, "cosine_restarts: number of equal cycles.")
+flags.DEFINE_float("inverse_sqrt_timescale", _D.inverse_sqrt_timescale,
+                   "inverse_sqrt: lr / sqrt(1 + t / timescale), t and timescale fractions of the run.")
+flags.DEFINE_integer("lr_scaling_reference_batch", _D.lr_scaling_reference_batch,
+                     "> 0: every learning rate x batch_size / this (linear scaling rule); 0: off.")
 flags.DEFINE_list("learning_rate_boundaries", list(_D.learning_rate_boundaries),
-                  "wall_clock: fractions of the budget where the learning rate steps.")
+                  "wall_clock, step: fractions of the run where the learning rate steps.")
 flags.DEFINE_list("learning_rates", list(_D.learning_rates),
                   "wall_clock: learning rate in each interval (one more than boundaries).")
 flags.DEFINE_list("one_cycle_knots", list(_D.one_cycle_knots),
@@ -91,6 +108,19 @@ flags.DEFINE_integer("cutout_size", _D.cutout_size, "crop_flip_cutout: cutout sq
 flags.DEFINE_integer("precomputed_augmentation_epochs", _D.precomputed_augmentation_epochs,
                      "crop_flip_cutout: > 0 augments this many copies of the training set before "
                      "training (counted in the budget) instead of on the fly.")
+flags.DEFINE_integer("validation_size", _D.validation_size,
+                     "Class-balanced images held out of the training subset to validate on "
+                     "after each epoch; 0: none.")
+flags.DEFINE_integer("early_stopping_patience", _D.early_stopping_patience,
+                     "Stop after this many epochs without a better validation accuracy; 0: off.")
+flags.DEFINE_bool("keep_best", _D.keep_best,
+                  "End with the weights of the epoch with the best validation accuracy.")
+flags.DEFINE_bool("evaluate_test", _D.evaluate_test,
+                  "Evaluate on the test set (off for model selection: needs --validation_size).")
+flags.DEFINE_bool("tensorboard", _D.tensorboard, "Write TensorBoard logs to <run folder>/tensorboard.")
+flags.DEFINE_bool("snapshot_ensemble", _D.snapshot_ensemble,
+                  "Keep the weights at the end of each learning-rate cycle (cosine_restarts) and "
+                  "evaluate each and their ensemble.")
 flags.DEFINE_bool("save_model", _D.save_model, "Save the final model as model.keras.")
 
 FLAGS = flags.FLAGS

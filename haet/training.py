@@ -23,9 +23,11 @@ from haet import budget as budget_lib
 from haet import data as data_lib
 from haet import device as device_lib
 from haet import evaluation, models, plots, results
+from haet.callbacks import SnapshotKeeper
 from haet.augment import (FILL_MODES, RandomAffine, RandomCropFlipCutout, fill_mode_index,
                           precompute_epochs)
-from haet.schedules import PiecewiseConstant, PlannedPiecewiseLinear, check_range
+from haet.schedules import (LR_SHAPES, BudgetSchedule, PiecewiseConstant, PlannedPiecewiseLinear,
+                            PlannedSchedule, check_range, lr_shape)
 
 
 @dataclasses.dataclass
@@ -53,8 +55,16 @@ class TrainConfig:
     optimizer: str = "adam"  # or "sgd" (Nesterov momentum)
     momentum: float = 0.9  # sgd
     label_smoothing: float = 0.0
-    lr_schedule: str = "wall_clock"  # or "one_cycle" (step-based, planned)
-    learning_rate_boundaries: tuple = (0.8, 0.9)  # wall_clock: fractions of the budget
+    lr_schedule: str = "wall_clock"  # one_cycle, or a shape of haet.schedules.LR_SHAPES
+    lr_schedule_unit: str = "budget"  # shapes: "budget" (wall-clock fraction) or "steps" (planned steps)
+    learning_rate: float = 1e-3  # shapes: the peak learning rate
+    warmup: float = 0.0  # shapes: fraction of the run ramping linearly from 0 to learning_rate
+    final_learning_rate: float = 0.0  # cosine, cosine_restarts, linear: value at the end
+    lr_decay_factor: float = 0.1  # step: factor at each of learning_rate_boundaries
+    lr_cycles: int = 1  # cosine_restarts: cycles in the run
+    inverse_sqrt_timescale: float = 0.1  # inverse_sqrt: fraction of the run
+    lr_scaling_reference_batch: int = 0  # > 0: every learning rate x batch_size / this (linear scaling rule)
+    learning_rate_boundaries: tuple = (0.8, 0.9)  # wall_clock, step: fractions of the run
     learning_rates: tuple = (1e-3, 1e-4, 1e-5)  # wall_clock: per interval
     one_cycle_knots: tuple = (0.0, 0.2, 1.0)  # one_cycle: fractions of the planned steps
     one_cycle_learning_rates: tuple = (0.0, 0.4, 0.0)  # one_cycle: at the knots
@@ -75,6 +85,12 @@ class TrainConfig:
     augment_strength_boundaries: tuple = (0.3, 0.65, 0.75, 0.8, 0.85, 0.9)  # fractions
     augment_strengths: tuple = (1.0, 0.87, 0.73, 0.6, 0.47, 0.33, 0.0)  # x the ranges
     eval_batch_size: int = 500  # examples per evaluation step
+    validation_size: int = 0  # class-balanced images held out of the training subset
+    early_stopping_patience: int = 0  # epochs without a better validation accuracy; 0: off
+    keep_best: bool = False  # end with the weights of the best validation accuracy
+    evaluate_test: bool = True  # False: never touch the test set (hyperparameter search)
+    tensorboard: bool = False  # write TensorBoard logs under the run folder
+    snapshot_ensemble: bool = False  # keep a snapshot at each cycle end; evaluate them as an ensemble
     save_model: bool = True
 
     def validate(self):
@@ -93,6 +109,7 @@ class TrainConfig:
             ("augmentation", self.augmentation, AUGMENTATIONS),
             ("optimizer", self.optimizer, OPTIMIZERS),
             ("lr_schedule", self.lr_schedule, LR_SCHEDULES),
+            ("lr_schedule_unit", self.lr_schedule_unit, LR_SCHEDULE_UNITS),
             ("input_normalization", self.input_normalization, INPUT_NORMALIZATIONS),
             ("tta", self.tta, evaluation.TTA_MODES),
         ):
@@ -149,19 +166,80 @@ class TrainConfig:
             raise ValueError(
                 f"batch_size={self.batch_size} is larger than train_size={self.train_size}."
             )
+        if self.warmup and self.lr_schedule in ("wall_clock", "one_cycle"):
+            raise ValueError(
+                f"--warmup applies to the shapes {', '.join(LR_SHAPES)}, not to "
+                f"lr_schedule={self.lr_schedule!r} (one_cycle warms up through its knots; for a "
+                "stepped schedule with warmup use --lr_schedule=step).")
+        if self.lr_scaling_reference_batch < 0:
+            raise ValueError(
+                f"lr_scaling_reference_batch must be >= 0 (0: off). Received: {self.lr_scaling_reference_batch}")
+        if self.validation_size < 0 or self.early_stopping_patience < 0:
+            raise ValueError(
+                f"validation_size and early_stopping_patience must be >= 0. Received: "
+                f"{self.validation_size}, {self.early_stopping_patience}")
+        if (self.early_stopping_patience or self.keep_best) and not self.validation_size:
+            raise ValueError(
+                "early stopping and keep_best select on validation accuracy: set --validation_size "
+                "(images held out of the training subset), e.g. --validation_size=500.")
+        if self.keep_best and self.ema_decay:
+            raise ValueError(
+                "keep_best and ema_decay each choose the final weights (best validation snapshot "
+                "vs. the moving average); set one of them.")
+        if self.validation_size and self.validation_size + self.batch_size > self.train_size:
+            raise ValueError(
+                f"validation_size={self.validation_size} leaves fewer than batch_size={self.batch_size} "
+                f"of the train_size={self.train_size} images for training.")
+        if self.tensorboard:
+            try:
+                import tensorboard  # noqa: F401
+            except ImportError:
+                raise ValueError("--tensorboard needs the tensorboard package: pip install tensorboard.")
+        if self.snapshot_ensemble and (self.ema_decay or self.keep_best):
+            raise ValueError(
+                "snapshot_ensemble keeps the raw weights at each cycle end; it cannot be combined "
+                "with ema_decay or keep_best, which replace the final weights.")
+        if not self.evaluate_test and not self.validation_size:
+            raise ValueError("evaluate_test=False needs --validation_size: a run must be scored on something.")
         self.learning_rate_schedule()
         self.strength_schedule()
         self.make_augmentation()
 
+    def learning_rate_scale(self):
+        """`batch_size / lr_scaling_reference_batch` (the linear scaling rule of Goyal et al.
+        2017, "Accurate, large minibatch SGD"), or 1 when off."""
+        if not self.lr_scaling_reference_batch:
+            return 1.0
+        return self.batch_size / self.lr_scaling_reference_batch
+
     def learning_rate_schedule(self):
-        """`PiecewiseConstant` over the budget fraction (wall_clock), or
-        `PlannedPiecewiseLinear` over the planned steps (one_cycle)."""
+        """The learning rate over the run, every value times `learning_rate_scale()`:
+        - wall_clock: `PiecewiseConstant` over the budget fraction;
+        - one_cycle: `PlannedPiecewiseLinear` over the planned steps;
+        - a shape of `haet.schedules.LR_SHAPES`: `BudgetSchedule` (unit budget) or
+          `PlannedSchedule` (unit steps) of `lr_shape(...)`.
+        """
+        scale = self.learning_rate_scale()
         if self.lr_schedule == "one_cycle":
-            return PlannedPiecewiseLinear(self.one_cycle_knots, self.one_cycle_learning_rates)
-        schedule = PiecewiseConstant(
-            self.learning_rate_boundaries, self.learning_rates, name="learning rate"
-        )
-        return check_range(schedule, 0.0, math.inf)
+            return PlannedPiecewiseLinear(self.one_cycle_knots,
+                                          [v * scale for v in self.one_cycle_learning_rates])
+        if self.lr_schedule == "wall_clock":
+            schedule = PiecewiseConstant(
+                self.learning_rate_boundaries, [v * scale for v in self.learning_rates],
+                name="learning rate")
+            return check_range(schedule, 0.0, math.inf)
+        shape = lr_shape(self.lr_schedule, self.learning_rate * scale, warmup=self.warmup,
+                         final_learning_rate=self.final_learning_rate * scale,
+                         boundaries=self.learning_rate_boundaries, decay_factor=self.lr_decay_factor,
+                         cycles=self.lr_cycles, timescale=self.inverse_sqrt_timescale)
+        return PlannedSchedule(shape) if self.lr_schedule_unit == "steps" else BudgetSchedule(shape)
+
+    def cycle_ends(self):
+        """Fractions of the run where a cosine_restarts cycle ends (the last is 1)."""
+        if self.lr_schedule != "cosine_restarts":
+            return (1.0,)
+        return tuple(self.warmup + (1.0 - self.warmup) * (i + 1) / self.lr_cycles
+                     for i in range(self.lr_cycles))
 
     def make_augmentation(self):
         """The training augmentation layer, or None."""
@@ -198,7 +276,8 @@ class TrainConfig:
 
 AUGMENTATIONS = ("affine", "crop_flip_cutout", "none")
 OPTIMIZERS = ("adam", "sgd")
-LR_SCHEDULES = ("wall_clock", "one_cycle")
+LR_SCHEDULES = ("wall_clock", "one_cycle") + LR_SHAPES
+LR_SCHEDULE_UNITS = ("budget", "steps")
 INPUT_NORMALIZATIONS = ("pixel_mean", "channel_standardize")
 
 
@@ -276,7 +355,8 @@ def _make_optimizer(config, schedule):
     """Adam or Nesterov SGD, with Keras' own weight EMA when `ema_decay` > 0."""
     ema = {"use_ema": True, "ema_momentum": config.ema_decay} if config.ema_decay else {}
     # A wall-clock schedule starts at its first value; WallClockBudget moves it.
-    learning_rate = schedule if isinstance(schedule, PlannedPiecewiseLinear) else schedule(0.0)
+    learning_rate = (schedule if isinstance(schedule, (PlannedPiecewiseLinear, PlannedSchedule))
+                     else schedule(0.0))
     if config.optimizer == "sgd":
         return keras.optimizers.SGD(learning_rate, momentum=config.momentum, nesterov=True, **ema)
     return keras.optimizers.Adam(learning_rate, **ema)
@@ -295,9 +375,55 @@ class _FinalWeights(keras.callbacks.Callback):
             v.assign(value)
 
 
+def split_validation(x, y, validation_size, num_classes, seed):
+    """Holds `validation_size` class-balanced images out of a training subset.
+
+    The held-out indices are `haet.data.stratified_subset(y, validation_size,
+    num_classes, seed)`, so the split depends only on the labels and the seed.
+
+    Returns:
+        `(x_fit, y_fit, x_validation, y_validation)`; the validation arrays are empty
+        when `validation_size` is 0.
+
+    Raises:
+        ValueError: `validation_size` not a multiple of `num_classes` or too large.
+    """
+    if not validation_size:
+        return x, y, x[:0], y[:0]
+    held = data_lib.stratified_subset(y, validation_size, num_classes, seed)
+    keep = np.ones(len(y), dtype=bool)
+    keep[held] = False
+    return x[keep], y[keep], x[held], y[held]
+
+
+def _progress(config, budget, planner, planned_steps):
+    """A function giving the fraction of the run done: of the budget, or of the
+    planned steps for a step-based schedule."""
+    if planned_steps is None:
+        return lambda: min(1.0, budget.elapsed() / budget.budget_seconds)
+
+    def steps_done():
+        planned = planner.planned_steps_value if planner else planned_steps
+        return 0.0 if not planned else min(1.0, budget.steps / planned)
+
+    return steps_done
+
+
+def _set_weights(model, weights):
+    for v, value in zip(model.weights, weights):
+        v.assign(value)
+
+
 def train(config, results_dir="results/runs", clock=None):
-    """Trains `config` within its budget, evaluates on the whole test split, and
-    writes the run folder (see `haet.results`).
+    """Trains `config` within its budget, evaluates it, and writes the run folder
+    (see `haet.results`).
+
+    With `validation_size` > 0 that many class-balanced images are held out of the
+    training subset (`split_validation`, seed `subset_seed + 1`); Keras validates on
+    them after each epoch (time counted in the budget, except after the last step),
+    `early_stopping_patience` and `keep_best` use `keras.callbacks.EarlyStopping` on
+    validation accuracy, and the record gets the final model's validation accuracy.
+    With `evaluate_test` False the test set is never read beyond loading.
 
     Args:
         config: a `TrainConfig`.
@@ -323,17 +449,20 @@ def train(config, results_dir="results/runs", clock=None):
             keras.utils.set_random_seed(config.seed)
             dataset, x_train, y_train, sha = load_training_data(config)
             info = dataset.info
+            x_fit, y_fit, x_val, y_val = split_validation(
+                x_train, y_train, config.validation_size, info.num_classes, config.subset_seed + 1)
             logging.info("backend %s, device %s, precision %s",
                          keras.backend.backend(), device, policy)
-            model, augmentation = build_training_model(config, info, x_train)
+            model, augmentation = build_training_model(config, info, x_fit)
             precompute = config.precomputed_augmentation_epochs
-            steps_per_epoch = len(y_train) // config.batch_size
+            steps_per_epoch = len(y_fit) // config.batch_size
             schedule = config.learning_rate_schedule()
-            one_cycle = isinstance(schedule, PlannedPiecewiseLinear)
+            planned = isinstance(schedule, (PlannedPiecewiseLinear, PlannedSchedule))
             optimizer = _make_optimizer(config, schedule)
-            if one_cycle:
-                planned = (config.epochs or 1000) * steps_per_epoch
-                schedule.attach(optimizer, planned)
+            planned_steps = None
+            if planned:
+                planned_steps = (config.epochs or 1000) * steps_per_epoch
+                schedule.attach(optimizer, planned_steps)
             loss = make_loss(config)
             model.compile(optimizer=optimizer, loss=loss, metrics=["accuracy"], jit_compile=True)
             logging.info("model %s: %d parameters, XLA %s", model.name,
@@ -342,7 +471,7 @@ def train(config, results_dir="results/runs", clock=None):
             affine = augmentation if isinstance(augmentation, RandomAffine) else None
             budget = budget_lib.WallClockBudget(
                 config.budget_seconds,
-                None if one_cycle else schedule,
+                None if planned else schedule,
                 augmentation=affine,
                 augmentation_strength=config.strength_schedule() if affine else None,
                 fill_modes=config.fill_modes,
@@ -351,75 +480,93 @@ def train(config, results_dir="results/runs", clock=None):
             )
             callbacks = [budget]
             planner = None
-            if one_cycle and not config.epochs:
+            if planned and not config.epochs:
                 planner = budget_lib.StepPlanner(
                     budget, schedule.planned_steps, steps_per_epoch, config.planner_probe_steps)
                 callbacks.append(planner)
             raw_weights = _FinalWeights() if config.ema_decay else None
             if raw_weights:
                 callbacks.append(raw_weights)
+            early_stopping = None
+            if config.early_stopping_patience or config.keep_best:
+                early_stopping = keras.callbacks.EarlyStopping(
+                    monitor="val_accuracy", mode="max",
+                    patience=config.early_stopping_patience or sys.maxsize,
+                    restore_best_weights=config.keep_best)
+                callbacks.append(early_stopping)
+            snapshots = None
+            if config.snapshot_ensemble:
+                snapshots = SnapshotKeeper(
+                    config.cycle_ends(), _progress(config, budget, planner, planned_steps))
+                callbacks.append(snapshots)
+            # The run folder exists once the data and model are known to be good.
+            run_dir = results.make_run_dir(results_dir, config.run_name())
+            logging.info("run folder %s", run_dir)
+            if config.tensorboard:
+                callbacks.append(keras.callbacks.TensorBoard(
+                    os.path.join(run_dir, "tensorboard"), write_graph=False))
+            one_hot = info.num_classes if config.label_smoothing else None
         epoch_images = None
         if precompute:
             # Precomputed augmentation counts toward the budget: its clock starts here.
             budget.start = clock()
             with timer.phase("precompute"):
-                mean = input_statistics(config, x_train)[0]
-                epoch_images = precompute_epochs(x_train, augmentation, precompute, 255.0 * mean)
+                mean = input_statistics(config, x_fit)[0]
+                epoch_images = precompute_epochs(x_fit, augmentation, precompute, 255.0 * mean)
         batches = data_lib.ShuffledBatches(
-            x_train, y_train, config.batch_size, seed=config.seed,
-            one_hot_classes=info.num_classes if config.label_smoothing else None,
+            x_fit, y_fit, config.batch_size, seed=config.seed, one_hot_classes=one_hot,
             epoch_images=epoch_images,
         )
+        validation_data = None
+        if config.validation_size:
+            validation_data = (x_val, np.eye(one_hot, dtype=np.float32)[y_val] if one_hot else y_val)
         model.fit(
             batches,
             epochs=config.epochs or sys.maxsize,  # else the budget (or planner) stops training
             shuffle=False,  # ShuffledBatches draws a seeded permutation per epoch
             verbose=0,
             callbacks=callbacks,
+            validation_data=validation_data,
+            validation_batch_size=config.eval_batch_size,
         )
         with timer.phase("eval"):
-            evaluate = functools.partial(
-                evaluation.evaluate, model, dataset.x_test, dataset.y_test, info.num_classes,
-                config.eval_batch_size)
-            variants = {}
-            # After fit, an optimizer with EMA has written the averages into the model.
-            prefix = "ema" if config.ema_decay else "final"
-            variants[prefix] = evaluate()
-            if config.tta != "none":
-                variants[f"{prefix}_tta_{config.tta}"] = evaluate(tta=config.tta)
-            if config.ema_decay:
-                averaged = [keras.ops.convert_to_numpy(v) for v in model.trainable_variables]
-                raw_weights.restore(model)
-                variants["raw"] = evaluate()
-                if config.tta != "none":
-                    variants[f"raw_tta_{config.tta}"] = evaluate(tta=config.tta)
-                for v, value in zip(model.trainable_variables, averaged):
-                    v.assign(value)
-            scores = variants[f"{prefix}_tta_{config.tta}" if config.tta != "none" else prefix]
+            # After fit, an optimizer with EMA has written the averages into the model,
+            # and keep_best has restored the best validation snapshot.
+            prefix = "ema" if config.ema_decay else "best" if config.keep_best else "final"
+            sets = {}
+            if config.validation_size:
+                sets["validation"] = (x_val, y_val)
+            if config.evaluate_test:
+                sets["test"] = (dataset.x_test, dataset.y_test)
+            evaluated = {name: _evaluate_variants(config, model, x, y, info.num_classes, prefix,
+                                                  raw_weights, snapshots)
+                         for name, (x, y) in sets.items()}
     finally:
         keras.mixed_precision.set_global_policy(previous_policy)
 
+    headline = f"{prefix}_tta_{config.tta}" if config.tta != "none" else prefix
+    test = evaluated.get("test")
+    scores = test[0][headline] if test else None
     train_seconds = budget.train_seconds()
     images = budget.steps * config.batch_size
     compile_seconds = budget.compile_seconds()
-    test_accuracy = float(scores["accuracy"])
+    test_accuracy = float(scores["accuracy"]) if scores else None
     record = {
         "test_accuracy": test_accuracy,
-        "test_loss": float(scores["loss"]),  # cross-entropy, no weight penalty
-        "test_examples": int(len(dataset.y_test)),
-        "train_examples": int(len(y_train)),
+        "test_loss": float(scores["loss"]) if scores else None,  # cross-entropy, no weight penalty
+        "test_examples": int(len(dataset.y_test)) if test else 0,
+        "train_examples": int(len(y_fit)),
+        "validation_examples": int(len(y_val)),
         "dataset": info.name,
         "data_source": dataset.source,
         "subset_seed": config.subset_seed,
         "subset_sha256": sha,
         "model": model.name,
         "parameters": int(model.count_params()),
-        "test_accuracy_variants": {k: v["accuracy"] for k, v in variants.items()},
-        "test_loss_variants": {k: v["loss"] for k, v in variants.items()},
         "epochs": len(budget.history),
         "planned_epochs": planner.planned_epochs if planner else (config.epochs or None),
         "epochs_completed": sum(row["complete"] for row in budget.history),
-        "epochs_equivalent": round(images / len(y_train), 3),
+        "epochs_equivalent": round(images / len(y_fit), 3),
         "steps": budget.steps,
         "images_seen": images,
         "budget_seconds": config.budget_seconds,
@@ -441,17 +588,32 @@ def train(config, results_dir="results/runs", clock=None):
         "git_commit": results.git_commit(),
         "flags": dataclasses.asdict(config),
         "command": sys.argv,
-        "published": _published_comparison(config, test_accuracy),
+        "published": _published_comparison(config, test_accuracy) if test else None,
     }
-    run_dir = results.make_run_dir(results_dir, config.run_name())
+    for name, (variants, members) in evaluated.items():
+        record[f"{name}_accuracy_variants"] = {k: v["accuracy"] for k, v in variants.items()}
+        record[f"{name}_loss_variants"] = {k: v["loss"] for k, v in variants.items()}
+        if members:
+            record[f"{name}_snapshot_accuracies"] = members
+    if "validation" in evaluated:
+        record["validation_accuracy"] = evaluated["validation"][0][headline]["accuracy"]
+        record["validation_loss"] = evaluated["validation"][0][headline]["loss"]
+        val_history = [row["val_accuracy"] for row in budget.history if row.get("val_accuracy") is not None]
+        if val_history:
+            best = int(np.argmax(val_history))
+            record["best_validation_epoch"] = best + 1
+            record["best_validation_accuracy_during_training"] = val_history[best]
+        record["stopped_early"] = bool(early_stopping and early_stopping.stopped_epoch)
     results.write_csv(run_dir, "history.csv", budget.history)
-    results.write_confusion_matrix(run_dir, scores["confusion_matrix"], info.class_names)
+    if scores:
+        results.write_confusion_matrix(run_dir, scores["confusion_matrix"], info.class_names)
     if budget.history:
+        score_text = (f"test accuracy {test_accuracy:.2%}" if test else
+                      f"validation accuracy {record['validation_accuracy']:.2%}")
         plots.plot_learning_curves(
             budget.history,
-            f"{model.name} on {info.name} ({len(y_train)} images), "
-            f"{config.budget_seconds:g} s budget, {keras.backend.backend()}: "
-            f"test accuracy {test_accuracy:.2%}",
+            f"{model.name} on {info.name} ({len(y_fit)} images), "
+            f"{config.budget_seconds:g} s budget, {keras.backend.backend()}: {score_text}",
             os.path.join(run_dir, "learning_curves.png"),
         )
     if config.save_model:
@@ -459,11 +621,50 @@ def train(config, results_dir="results/runs", clock=None):
     record["run_dir"] = run_dir
     results.write_record(run_dir, record)
     logging.info(
-        "test accuracy %.4f (loss %.4f) on %d images after %d epochs (%d steps); "
-        "setup %.1f s, compile %.1f s, train %.1f s, eval %.1f s, %.1f images/s -> %s",
-        test_accuracy, record["test_loss"], record["test_examples"], record["epochs"],
-        record["steps"], record["setup_seconds"], record["compile_seconds"],
-        record["train_seconds"], record["eval_seconds"], record["images_per_second"] or 0,
-        run_dir,
+        "%s; %d epochs (%d steps); setup %.1f s, compile %.1f s, train %.1f s, eval %.1f s, "
+        "%.1f images/s -> %s",
+        "; ".join(f"{name} accuracy {v[0][headline]['accuracy']:.4f}" for name, v in evaluated.items()),
+        record["epochs"], record["steps"], record["setup_seconds"], record["compile_seconds"],
+        record["train_seconds"], record["eval_seconds"], record["images_per_second"] or 0, run_dir,
     )
     return record, run_dir
+
+
+def _evaluate_variants(config, model, x, y, num_classes, prefix, raw_weights, snapshots):
+    """Scores of the final model on `(x, y)` and of its variants: with/without TTA,
+    raw weights next to EMA, each snapshot and the snapshot ensemble.
+
+    Returns:
+        `(variants, snapshot_accuracies)`: variant name -> `evaluation.scores` dict, and
+        the accuracy of each snapshot (empty without snapshots).
+    """
+    tta_modes = ["none"] + ([config.tta] if config.tta != "none" else [])
+
+    def name(base, tta):
+        return base if tta == "none" else f"{base}_tta_{tta}"
+
+    def probabilities(tta):
+        return evaluation.predict_probabilities(model, x, config.eval_batch_size, tta)
+
+    variants = {name(prefix, t): evaluation.scores(probabilities(t), y, num_classes) for t in tta_modes}
+    if raw_weights:
+        averaged = [keras.ops.convert_to_numpy(v) for v in model.trainable_variables]
+        raw_weights.restore(model)
+        for t in tta_modes:
+            variants[name("raw", t)] = evaluation.scores(probabilities(t), y, num_classes)
+        for v, value in zip(model.trainable_variables, averaged):
+            v.assign(value)
+    members = []
+    if snapshots and snapshots.snapshots:
+        final = [keras.ops.convert_to_numpy(v) for v in model.weights]
+        for t in tta_modes:
+            member_probabilities = []
+            for _, weights in snapshots.snapshots:
+                _set_weights(model, weights)
+                member_probabilities.append(probabilities(t))
+            member_scores, ensemble_scores = evaluation.ensemble(member_probabilities, y, num_classes)
+            variants[name("snapshot_ensemble", t)] = ensemble_scores
+            if t == "none":
+                members = [m["accuracy"] for m in member_scores]
+        _set_weights(model, final)
+    return variants, members

@@ -75,3 +75,124 @@ def test_bad_planned_schedules(knots, values, message):
 
     with pytest.raises(ValueError, match=message):
         PlannedPiecewiseLinear(knots, values)
+
+
+def _host(schedule, fraction):
+    import numpy as np
+
+    return float(np.asarray(schedule(fraction)))
+
+
+@pytest.mark.parametrize("shape, warmup, expected", [
+    # (fraction, learning rate) pairs, peak 0.1, final 0.01, boundaries 0.5/0.75, 2 cycles.
+    ("constant", 0.0, [(0.0, 0.1), (0.5, 0.1), (1.0, 0.1)]),
+    ("constant", 0.2, [(0.0, 0.0), (0.1, 0.05), (0.2, 0.1), (0.9, 0.1)]),
+    ("step", 0.0, [(0.0, 0.1), (0.49, 0.1), (0.51, 0.01), (0.76, 0.001), (1.0, 0.001)]),
+    ("step", 0.2, [(0.1, 0.05), (0.3, 0.1), (0.6, 0.01), (0.8, 0.001)]),
+    ("cosine", 0.0, [(0.0, 0.1), (0.5, 0.055), (1.0, 0.01)]),
+    ("cosine", 0.2, [(0.1, 0.05), (0.2, 0.1), (0.6, 0.055), (1.0, 0.01)]),
+    ("cosine_restarts", 0.0, [(0.0, 0.1), (0.25, 0.055), (0.4999, 0.01), (0.5, 0.1), (0.75, 0.055),
+                              (1.0, 0.01)]),
+    ("linear", 0.0, [(0.0, 0.1), (0.5, 0.055), (1.0, 0.01)]),
+    ("linear", 0.5, [(0.25, 0.05), (0.5, 0.1), (0.75, 0.055), (1.0, 0.01)]),
+    # lr / sqrt(1 + t / 0.25): the Transformer's peak * sqrt(w / t) after a warmup w = 0.25.
+    ("inverse_sqrt", 0.0, [(0.0, 0.1), (0.75, 0.05), (1.0, 0.1 / 5 ** 0.5)]),
+    ("inverse_sqrt", 0.25, [(0.125, 0.05), (0.25, 0.1), (1.0, 0.05)]),
+])
+def test_learning_rate_shapes_per_step_and_per_budget_fraction(shape, warmup, expected):
+    import keras
+
+    from haet.schedules import BudgetSchedule, PlannedSchedule, lr_shape
+
+    def make():
+        return lr_shape(shape, 0.1, warmup=warmup, final_learning_rate=0.01, boundaries=(0.5, 0.75),
+                        cycles=2, timescale=0.25)
+
+    planned = PlannedSchedule(make())
+    planned.attach(keras.optimizers.SGD(learning_rate=planned), planned_steps=10_000)
+    budget = BudgetSchedule(make(), resolution=10_000)
+    for fraction, value in expected:
+        assert _host(planned, round(fraction * 10_000)) == pytest.approx(value, rel=1e-3, abs=1e-6), fraction
+        assert budget(fraction) == pytest.approx(value, rel=1e-3, abs=1e-6), fraction
+    # Past the end of the run the last value holds.
+    assert budget(1.5) == pytest.approx(expected[-1][1], rel=1e-3)
+
+
+def test_budget_schedule_changes_at_most_resolution_times():
+    from haet.schedules import BudgetSchedule, lr_shape
+
+    schedule = BudgetSchedule(lr_shape("cosine", 1.0), resolution=50)
+    values = [schedule(i / 1000) for i in range(1001)]
+    assert len(set(values)) == 51 and values == sorted(values, reverse=True)
+    assert len(schedule._cache) == 51  # each tick evaluated once
+
+
+def test_planned_schedule_follows_the_planned_steps_variable():
+    import keras
+
+    from haet.schedules import PlannedSchedule, lr_shape
+
+    schedule = PlannedSchedule(lr_shape("linear", 1.0))
+    schedule.attach(keras.optimizers.SGD(learning_rate=schedule), planned_steps=100)
+    assert _host(schedule, 50) == pytest.approx(0.5)
+    schedule.planned_steps.assign(200.0)
+    assert _host(schedule, 50) == pytest.approx(0.75) and _host(schedule, 400) == pytest.approx(0.0, abs=1e-6)
+
+
+def test_planned_schedule_survives_saving(tmp_path):
+    import keras
+    import numpy as np
+
+    from haet.schedules import PlannedSchedule, lr_shape
+
+    schedule = PlannedSchedule(lr_shape("cosine", 0.1, warmup=0.1))
+    model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])
+    optimizer = keras.optimizers.SGD(learning_rate=schedule)
+    schedule.attach(optimizer, 100)
+    model.compile(optimizer=optimizer, loss="mse")
+    model.fit(np.zeros((4, 2)), np.zeros((4, 1)), verbose=0)
+    model.save(tmp_path / "m.keras")
+    loaded = keras.saving.load_model(tmp_path / "m.keras")
+    restored = loaded.optimizer._learning_rate
+    assert isinstance(restored, PlannedSchedule)
+    assert restored.get_config() == schedule.get_config()
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(shape="exponential"), "Unknown learning-rate shape 'exponential'"),
+    (dict(learning_rate=-1.0), "learning_rate must be positive"),
+    (dict(final_learning_rate=0.5), r"final_learning_rate must be in \[0, learning_rate=0.1\]"),
+    (dict(warmup=1.0), r"warmup must be a fraction of the run in \[0, 1\)"),
+    (dict(cycles=0), "cycles must be a positive integer"),
+    (dict(shape="step", boundaries=(0.9, 0.5)), "strictly increasing"),
+    (dict(shape="step", warmup=0.6, boundaries=(0.5,)), r"\(warmup=0.6, 1\)"),
+    (dict(shape="inverse_sqrt", timescale=0.0), "timescale must be a positive"),
+])
+def test_bad_learning_rate_shapes(kwargs, message):
+    from haet.schedules import lr_shape
+
+    args = dict(shape="cosine", learning_rate=0.1)
+    args.update(kwargs)
+    with pytest.raises(ValueError, match=message):
+        lr_shape(**args)
+
+
+def test_config_schedules_and_linear_scaling_rule():
+    from haet.schedules import BudgetSchedule, PiecewiseConstant, PlannedPiecewiseLinear, PlannedSchedule
+
+    assert isinstance(TrainConfig().learning_rate_schedule(), PiecewiseConstant)
+    step = TrainConfig(lr_schedule="step", learning_rate=1e-3).learning_rate_schedule()
+    # The step shape with the default boundaries and factor is the UMBC schedule.
+    assert isinstance(step, BudgetSchedule)
+    assert [step(f) for f in (0.0, 0.85, 0.95)] == pytest.approx([1e-3, 1e-4, 1e-5])
+    assert isinstance(TrainConfig(lr_schedule="cosine", lr_schedule_unit="steps").learning_rate_schedule(),
+                      PlannedSchedule)
+    scaled = TrainConfig(lr_schedule="one_cycle", batch_size=512, lr_scaling_reference_batch=128)
+    assert isinstance(scaled.learning_rate_schedule(), PlannedPiecewiseLinear)
+    assert scaled.learning_rate_schedule().values == pytest.approx([0.0, 1.6, 0.0])
+    wall = TrainConfig(batch_size=64, lr_scaling_reference_batch=32).learning_rate_schedule()
+    assert wall.values == pytest.approx([2e-3, 2e-4, 2e-5])
+    with pytest.raises(ValueError, match="--warmup applies to the shapes"):
+        TrainConfig(warmup=0.1).validate()
+    with pytest.raises(ValueError, match="Unknown lr_schedule_unit 'epochs'"):
+        TrainConfig(lr_schedule="cosine", lr_schedule_unit="epochs").validate()

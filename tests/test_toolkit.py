@@ -1,0 +1,92 @@
+"""Validation split, model selection, snapshot ensembles and TensorBoard in `train`."""
+
+import csv
+import dataclasses
+import os
+
+import numpy as np
+import pytest
+
+from haet.training import TrainConfig, split_validation, train
+
+
+def _tiny(data_dir, **changes):
+    base = dict(
+        budget_seconds=600.0, data_dir=data_dir, train_size=200, model="resnet9", width_multiplier=0.125,
+        batch_size=25, optimizer="sgd", augmentation="none", input_normalization="channel_standardize",
+        eval_batch_size=250, save_model=False,
+    )
+    base.update(changes)
+    return TrainConfig(**base)
+
+
+def test_validation_split_is_class_balanced_disjoint_and_seeded(cifar10_arrays):
+    x, y = cifar10_arrays[0][:1000], cifar10_arrays[1][:1000]
+    x_fit, y_fit, x_val, y_val = split_validation(x, y, 100, 10, seed=1)
+    assert len(y_fit) == 900 and len(y_val) == 100
+    assert np.bincount(y_val, minlength=10).tolist() == [10] * 10
+    fit_rows = {row.tobytes() for row in x_fit.reshape(900, -1)}
+    assert not any(row.tobytes() in fit_rows for row in x_val.reshape(100, -1))
+    again = split_validation(x, y, 100, 10, seed=1)
+    assert np.array_equal(again[3], y_val) and np.array_equal(again[2], x_val)
+    assert not np.array_equal(split_validation(x, y, 100, 10, seed=2)[2], x_val)
+    with pytest.raises(ValueError, match="not a multiple of the 10 classes"):
+        split_validation(x, y, 105, 10, seed=1)
+
+
+def test_keep_best_and_early_stopping_select_on_validation_only(tmp_path, cifar10_slice_dir):
+    # A learning rate far too large after the first epochs: validation accuracy
+    # peaks early and early stopping ends the run before the 12 planned epochs.
+    config = _tiny(cifar10_slice_dir, lr_schedule="step", learning_rate=0.05, lr_decay_factor=40.0 ** 0.5,
+                   learning_rate_boundaries=(0.1, 0.2), lr_schedule_unit="steps", epochs=12,
+                   validation_size=50, early_stopping_patience=3, keep_best=True, evaluate_test=False)
+    with pytest.raises(ValueError, match=r"decay_factor must be in \(0, 1\]"):
+        config.validate()
+    config = dataclasses.replace(config, lr_decay_factor=1.0, learning_rate=3.0)
+    record, run_dir = train(config, results_dir=str(tmp_path))
+    assert record["train_examples"] == 150 and record["validation_examples"] == 50
+    assert record["test_accuracy"] is None and record["test_examples"] == 0
+    assert "test_accuracy_variants" not in record
+    assert not os.path.exists(os.path.join(run_dir, "confusion_matrix.csv"))
+    with open(os.path.join(run_dir, "history.csv")) as f:
+        rows = list(csv.DictReader(f))
+    val = [float(r["val_accuracy"]) for r in rows]
+    assert len(val) == record["epochs"]
+    best = int(np.argmax(val))
+    assert record["best_validation_epoch"] == best + 1
+    if record["stopped_early"]:
+        assert record["epochs"] == best + 1 + 3 < 12
+    # The final model is the best epoch's: its validation accuracy is that epoch's.
+    assert record["validation_accuracy"] == pytest.approx(max(val), abs=1e-6)
+    assert set(record["validation_accuracy_variants"]) == {"best"}
+
+
+def test_snapshot_ensemble_of_cosine_restarts_with_tensorboard(tmp_path, cifar10_slice_dir):
+    config = _tiny(cifar10_slice_dir, lr_schedule="cosine_restarts", learning_rate=0.05, lr_cycles=3,
+                   lr_schedule_unit="steps", epochs=3, snapshot_ensemble=True, tensorboard=True,
+                   validation_size=50, tta="flip")
+    record, run_dir = train(config, results_dir=str(tmp_path))
+    # 150 images / 25 = 6 steps an epoch, 18 planned: snapshots after steps 6, 12 and 18.
+    assert record["steps"] == 18 and len(record["test_snapshot_accuracies"]) == 3
+    assert set(record["test_accuracy_variants"]) == {
+        "final", "final_tta_flip", "snapshot_ensemble", "snapshot_ensemble_tta_flip"}
+    # The last snapshot is the final model.
+    assert record["test_snapshot_accuracies"][-1] == record["test_accuracy_variants"]["final"]
+    assert len(set(record["test_snapshot_accuracies"])) > 1
+    assert record["test_accuracy"] == record["test_accuracy_variants"]["final_tta_flip"]
+    events = [f for _, _, files in os.walk(os.path.join(run_dir, "tensorboard")) for f in files]
+    assert any(f.startswith("events.out.tfevents") for f in events)
+    with pytest.raises(ValueError, match="snapshot_ensemble keeps the raw weights"):
+        dataclasses.replace(config, ema_decay=0.9).validate()
+
+
+@pytest.mark.parametrize("changes, message", [
+    (dict(keep_best=True), "set --validation_size"),
+    (dict(early_stopping_patience=2), "set --validation_size"),
+    (dict(evaluate_test=False), "evaluate_test=False needs --validation_size"),
+    (dict(validation_size=190), "leaves fewer than batch_size=25"),
+    (dict(validation_size=50, keep_best=True, ema_decay=0.9), "choose the final weights"),
+])
+def test_bad_validation_settings(changes, message, cifar10_slice_dir):
+    with pytest.raises(ValueError, match=message):
+        _tiny(cifar10_slice_dir, **changes).validate()
