@@ -1,6 +1,5 @@
 """Callbacks of the training toolkit: snapshot ensembles and the training-health monitor."""
 
-import math
 
 import keras
 import numpy as np

@@ -8,7 +8,6 @@ stratified seeded 5,000-image subset, the full test set and the final model.
 """
 
 import dataclasses
-import functools
 import inspect
 import math
 import os
