@@ -366,6 +366,46 @@ def load_dataset(name, data_dir=None):
     return Dataset(info, x_train, y_train, x_test, y_test, source)
 
 
+def select_classes(dataset, classes):
+    """The dataset restricted to `classes`, relabelled `0..len(classes)-1` in that order.
+
+    E.g. MNIST digits 5-9 become classes 0-4 (the transfer-learning setting of the
+    Keras example "Transfer learning toy example": train on 0-4, fine-tune on 5-9).
+
+    Args:
+        dataset: a `Dataset`.
+        classes: distinct class ids of `dataset` (at least 2); empty: all classes.
+
+    Returns:
+        A `Dataset` whose `info` has the kept class names, split sizes and a name
+        like "mnist[5,6,7,8,9]".
+
+    Raises:
+        ValueError: fewer than 2 classes, repeated or unknown ids.
+    """
+    if not classes:
+        return dataset
+    classes = [int(c) for c in classes]
+    k = dataset.info.num_classes
+    if len(classes) < 2 or len(set(classes)) != len(classes) or any(not 0 <= c < k for c in classes):
+        raise ValueError(
+            f"classes must be at least 2 distinct ids in [0, {k}) of {dataset.info.name}. Received: {classes}")
+    table = np.full(k, -1, dtype=np.int32)
+    table[classes] = np.arange(len(classes), dtype=np.int32)
+
+    def keep(x, y):
+        mask = table[y] >= 0
+        return x[mask], table[y[mask]]
+
+    x_train, y_train = keep(dataset.x_train, dataset.y_train)
+    x_test, y_test = keep(dataset.x_test, dataset.y_test)
+    info = dataclasses.replace(
+        dataset.info, name=f"{dataset.info.name}[{','.join(map(str, classes))}]",
+        class_names=tuple(dataset.info.class_names[c] for c in classes),
+        train_examples=len(y_train), test_examples=len(y_test))
+    return Dataset(info, x_train, y_train, x_test, y_test, dataset.source)
+
+
 def stratified_subset(labels, train_size, num_classes, seed):
     """Indices of a class-balanced subset: `train_size / num_classes` per class.
 

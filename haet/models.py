@@ -237,6 +237,83 @@ def resnet9(
     return keras.Model(inputs, outputs, name=name or "resnet9")
 
 
+# Each model's stages in order, as layer-name prefixes (for freezing when fine-tuning),
+# and its classification head (replaced when the class count changes).
+STAGES = {"resnet20": ("stem", "stage1", "stage2", "stage3"),
+          "resnet9": ("prep", "layer1", "layer2", "layer3")}
+HEADS = {"resnet20": ("logits",), "resnet9": ("dense", "logits")}
+
+
+def backbone_of(model):
+    """The classifier inside a `with_input_pipeline` model (or `model` itself)."""
+    nested = [layer for layer in model.layers if isinstance(layer, keras.Model)]
+    return nested[-1] if nested else model
+
+
+def transfer_weights(source, target, model_name, freeze_stages=0):
+    """Copies a trained model's weights into a new one for fine-tuning.
+
+    Every backbone layer of `target` with a layer of the same name and weight
+    shapes in `source`'s backbone gets its weights, except the classification head
+    (`HEADS[model_name]`: a new head for the new classes, freshly initialized). The
+    input normalization statistics are copied too (the features were learned on
+    inputs normalized that way). Then the layers of the first `freeze_stages` stages
+    (`STAGES[model_name]`) are frozen: not trained, and their batch norm runs in
+    inference mode (Keras' fine-tuning convention). Recipe: Yosinski et al. 2014,
+    "How transferable are features in deep neural networks?"; Keras' transfer
+    learning guide.
+
+    Args:
+        source: the trained model (uint8 input pipeline + backbone).
+        target: the new model, same architecture; may differ in class count.
+        model_name: a key of `STAGES`.
+        freeze_stages: number of leading stages to freeze, 0 to `len(STAGES[model_name])`.
+
+    Returns:
+        dict: `layers_transferred`, `parameters_transferred`, `layers_frozen`,
+        `parameters_frozen`.
+
+    Raises:
+        ValueError: unknown model, `freeze_stages` out of range, or no layer in common
+            (different architectures).
+    """
+    if model_name not in STAGES:
+        raise ValueError(f"Unknown model {model_name!r} for transfer. Allowed: {', '.join(sorted(STAGES))}.")
+    stages = STAGES[model_name]
+    if not 0 <= freeze_stages <= len(stages):
+        raise ValueError(f"freeze_stages must be in [0, {len(stages)}] for {model_name} "
+                         f"(stages {', '.join(stages)}). Received: {freeze_stages}")
+    src = {layer.name: layer for layer in backbone_of(source).layers}
+    moved = params = 0
+    for layer in backbone_of(target).layers:
+        if layer.name in HEADS[model_name] or not layer.weights or layer.name not in src:
+            continue
+        theirs = src[layer.name].get_weights()
+        if [w.shape for w in theirs] != [tuple(w.shape) for w in layer.weights]:
+            continue
+        layer.set_weights(theirs)
+        moved += 1
+        params += sum(int(np.prod(w.shape)) for w in theirs)
+    if not moved:
+        raise ValueError(
+            f"No layer of {source.name} matches {target.name} by name and shape: fine-tune with the "
+            "same --model and --width_multiplier as the saved model.")
+    norm_src = [layer for layer in source.layers if isinstance(layer, layers.Normalization)]
+    norm_dst = [layer for layer in target.layers if isinstance(layer, layers.Normalization)]
+    if norm_src and norm_dst:
+        if [w.shape for w in norm_src[0].weights] == [w.shape for w in norm_dst[0].weights]:
+            norm_dst[0].set_weights(norm_src[0].get_weights())
+    frozen = frozen_params = 0
+    prefixes = stages[:freeze_stages]
+    for layer in backbone_of(target).layers:
+        if prefixes and layer.name.startswith(prefixes):
+            frozen_params += sum(int(np.prod(w.shape)) for w in layer.trainable_weights)
+            layer.trainable = False
+            frozen += 1
+    return {"layers_transferred": moved, "parameters_transferred": params,
+            "layers_frozen": frozen, "parameters_frozen": frozen_params}
+
+
 # The models `build_model` knows, by the name the `--model` flag takes.
 MODELS = {"resnet20": resnet20, "resnet9": resnet9}
 

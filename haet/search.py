@@ -54,7 +54,7 @@ def _cast(name, text):
             return False
         raise ValueError(f"--space value {text!r} of {name} is not a boolean (true/false).")
     if isinstance(default, tuple):
-        kind = type(default[0])
+        kind = type(default[0]) if default else int
         return tuple(kind(v) for v in text.split(";"))
     if default is None:
         return text

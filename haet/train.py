@@ -121,6 +121,14 @@ flags.DEFINE_bool("tensorboard", _D.tensorboard, "Write TensorBoard logs to <run
 flags.DEFINE_bool("snapshot_ensemble", _D.snapshot_ensemble,
                   "Keep the weights at the end of each learning-rate cycle (cosine_restarts) and "
                   "evaluate each and their ensemble.")
+flags.DEFINE_list("classes", list(_D.classes),
+                  "Class ids to keep, relabelled 0..k-1 in this order (e.g. 5,6,7,8,9); empty: all.")
+flags.DEFINE_string("init_from", _D.init_from,
+                    "A saved model.keras to fine-tune: same --model and --width_multiplier, new head "
+                    "for this dataset's classes; use a lower learning rate.")
+flags.DEFINE_integer("freeze_stages", _D.freeze_stages,
+                     "--init_from: leading backbone stages kept frozen (resnet9: prep, layer1, "
+                     "layer2, layer3; resnet20: stem, stage1, stage2, stage3).")
 flags.DEFINE_bool("save_model", _D.save_model, "Save the final model as model.keras.")
 
 FLAGS = flags.FLAGS
@@ -136,7 +144,7 @@ def config_from_flags():
         name = _FLAG_NAMES.get(field.name, field.name)
         value = FLAGS[name].value
         if isinstance(field.default, tuple):
-            kind = type(field.default[0])
+            kind = type(field.default[0]) if field.default else int
             try:
                 value = tuple(kind(v) for v in value)
             except ValueError:

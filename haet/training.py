@@ -37,6 +37,7 @@ class TrainConfig:
     dataset: str = "cifar10"
     data_dir: str | None = None  # None: tensorflow-datasets
     train_size: int = 5000  # class-balanced training images
+    classes: tuple = ()  # class ids to keep, relabelled 0..k-1 in this order; (): all
     subset_seed: int = 0
     seed: int = 0  # weights, shuffling, augmentation, fill-mode draws
     model: str = "resnet20"
@@ -90,6 +91,8 @@ class TrainConfig:
     evaluate_test: bool = True  # False: never touch the test set (hyperparameter search)
     tensorboard: bool = False  # write TensorBoard logs under the run folder
     snapshot_ensemble: bool = False  # keep a snapshot at each cycle end; evaluate them as an ensemble
+    init_from: str | None = None  # a saved model.keras to fine-tune (same model and width)
+    freeze_stages: int = 0  # init_from: leading stages of the backbone kept frozen
     save_model: bool = True
 
     def validate(self):
@@ -149,7 +152,15 @@ class TrainConfig:
                 raise ValueError(f"{name} must be a positive integer. Received: {name}={value!r}")
         if not self.width_multiplier > 0:
             raise ValueError(f"width_multiplier must be positive. Received: {self.width_multiplier!r}")
-        if self.dataset != "folder":
+        if self.init_from is not None and not os.path.isfile(self.init_from):
+            raise ValueError(f"init_from={self.init_from!r} is not a file: pass a model.keras of a run folder.")
+        if self.freeze_stages and not self.init_from:
+            raise ValueError("freeze_stages needs --init_from (a trained model to fine-tune).")
+        n_stages = len(models.STAGES.get(self.model, ()))
+        if not 0 <= self.freeze_stages <= n_stages:
+            raise ValueError(f"freeze_stages must be in [0, {n_stages}] for {self.model}. "
+                             f"Received: {self.freeze_stages}")
+        if self.dataset != "folder" and not self.classes:
             info = data_lib.dataset_info(self.dataset)
             if self.train_size % info.num_classes and self.train_size != info.train_examples:
                 raise ValueError(
@@ -282,7 +293,7 @@ INPUT_NORMALIZATIONS = ("pixel_mean", "channel_standardize")
 
 def _published_comparison(config, test_accuracy):
     """The published UMBC number next to ours, when the setting is CIFAR-10 / 5,000."""
-    if config.dataset != "cifar10" or config.train_size != 5000:
+    if config.dataset != "cifar10" or config.train_size != 5000 or config.classes:
         return None
     ref = results.PUBLISHED["umbc_resnet20x6"]
     differences = [
@@ -302,13 +313,18 @@ def _published_comparison(config, test_accuracy):
 
 
 
+def load_test_data(config):
+    """The dataset of `config` (all splits), restricted to `config.classes` if set."""
+    return data_lib.select_classes(data_lib.load_dataset(config.dataset, config.data_dir), config.classes)
+
+
 def load_training_data(config):
     """The dataset and its training subset for `config`.
 
     Returns:
         `(dataset, x_train, y_train, subset_sha256)`.
     """
-    dataset = data_lib.load_dataset(config.dataset, config.data_dir)
+    dataset = load_test_data(config)
     indices = data_lib.stratified_subset(
         dataset.y_train, config.train_size, dataset.info.num_classes, config.subset_seed
     )
@@ -335,12 +351,22 @@ def build_training_model(config, info, x_train):
     """The uint8-input model of `config` and its augmentation layer (or None).
 
     With precomputed augmentation the layer is returned but left out of the model.
+    With `init_from`, the saved model's weights are copied in (new head) and the
+    first `freeze_stages` stages frozen (`haet.models.transfer_weights`); the
+    summary of that is in `model.transfer` (else None).
     """
     mean, variance = input_statistics(config, x_train)
     backbone = models.build_model(config.model, **config.model_kwargs(info.num_classes, info.image_shape))
     augmentation = config.make_augmentation()
     in_model = None if config.precomputed_augmentation_epochs else augmentation
-    return models.with_input_pipeline(backbone, mean, in_model, variance), augmentation
+    model = models.with_input_pipeline(backbone, mean, in_model, variance)
+    model.transfer = None
+    if config.init_from:
+        source = keras.saving.load_model(config.init_from, compile=False)
+        model.transfer = {"init_from": config.init_from, "source_model": source.name,
+                          **models.transfer_weights(source, model, config.model, config.freeze_stages)}
+        logging.info("fine-tuning from %s: %s", config.init_from, model.transfer)
+    return model, augmentation
 
 
 def make_loss(config):
@@ -588,6 +614,7 @@ def train(config, results_dir="results/runs", clock=None):
         "flags": dataclasses.asdict(config),
         "command": sys.argv,
         "published": _published_comparison(config, test_accuracy) if test else None,
+        "transfer": model.transfer,
     }
     for name, (variants, members) in evaluated.items():
         record[f"{name}_accuracy_variants"] = {k: v["accuracy"] for k, v in variants.items()}

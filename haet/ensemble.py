@@ -1,0 +1,121 @@
+"""Ensembles of independently trained runs: average their predicted probabilities.
+
+    python -m haet.ensemble --runs=results/runs/A,results/runs/B,results/runs/C \
+        [--tta=flip] [--data_dir=../shared/data/cifar10]
+
+Each run folder must hold `model.keras` and `record.json` (from `python -m haet.train`;
+runs with different seeds are independent members, Lakshminarayanan et al. 2017,
+"Simple and scalable predictive uncertainty estimation using deep ensembles"). All
+members must have been trained on the same dataset and classes; the test set is
+loaded as the first member's record says (`--data_dir` overrides where it lives).
+The ensemble's class probabilities are the mean of the members' softmax outputs.
+
+Writes a new folder under `--results_dir` (default `results/ensembles`) with
+`record.json`: every member's test accuracy and loss, the ensemble's, the mean and
+best member, the wall-clock training seconds the members took together.
+"""
+
+import dataclasses
+import json
+import os
+
+import keras
+import numpy as np
+from absl import logging
+
+from haet import evaluation, results, training
+
+
+def config_of_run(run_dir):
+    """The `TrainConfig` written in `run_dir/record.json` (lists back to tuples).
+
+    Raises:
+        FileNotFoundError: no record in `run_dir`.
+    """
+    path = os.path.join(run_dir, "record.json")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path} does not exist: --runs takes run folders of python -m haet.train.")
+    with open(path) as f:
+        record = json.load(f)
+    known = {f.name for f in dataclasses.fields(training.TrainConfig)}
+    flags = {k: tuple(v) if isinstance(v, list) else v for k, v in record["flags"].items() if k in known}
+    return training.TrainConfig(**flags), record
+
+
+def evaluate_ensemble(models, images, labels, num_classes, batch_size=500, tta="none"):
+    """Scores of each model and of their probability-averaged ensemble on a test set.
+
+    Args:
+        models: list of uint8-input classifiers returning logits `(N, num_classes)`.
+        images: uint8 `(N, H, W, C)`; labels: int `(N,)`.
+        tta: test-time augmentation of every member (`haet.evaluation.TTA_MODES`).
+
+    Returns:
+        `(member_scores, ensemble_scores)` as `haet.evaluation.ensemble`.
+    """
+    probabilities = [evaluation.predict_probabilities(m, images, batch_size, tta) for m in models]
+    return evaluation.ensemble(probabilities, labels, num_classes)
+
+
+def main(argv):
+    del argv
+    from absl import flags
+
+    f = flags.FLAGS
+    if len(f.runs) < 2:
+        raise ValueError(f"--runs needs at least two run folders. Received: {f.runs}")
+    configs, records = zip(*(config_of_run(r) for r in f.runs))
+    data_keys = ("dataset", "classes")
+    first = {k: getattr(configs[0], k, None) for k in data_keys}
+    for run, config in zip(f.runs, configs):
+        theirs = {k: getattr(config, k, None) for k in data_keys}
+        if theirs != first:
+            raise ValueError(f"{run} was trained on {theirs}, {f.runs[0]} on {first}: members must share the data.")
+    config = dataclasses.replace(configs[0], data_dir=f.data_dir or configs[0].data_dir)
+    dataset = training.load_test_data(config)
+    models = []
+    for run in f.runs:
+        path = os.path.join(run, "model.keras")
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"{path} does not exist: train the member with --save_model.")
+        models.append(keras.saving.load_model(path))
+    members, ensemble_scores = evaluate_ensemble(
+        models, dataset.x_test, dataset.y_test, dataset.info.num_classes, f.eval_batch_size, f.tta)
+    accuracies = [m["accuracy"] for m in members]
+    record = {
+        "ensemble_test_accuracy": ensemble_scores["accuracy"],
+        "ensemble_test_loss": ensemble_scores["loss"],
+        "member_test_accuracies": accuracies,
+        "member_test_losses": [m["loss"] for m in members],
+        "mean_member_test_accuracy": float(np.mean(accuracies)),
+        "best_member_test_accuracy": float(np.max(accuracies)),
+        "members": list(f.runs),
+        "member_git_commits": [r.get("git_commit") for r in records],
+        "member_train_seconds": [r.get("train_seconds") for r in records],
+        "total_train_seconds": float(sum(r.get("train_seconds") or 0.0 for r in records)),
+        "tta": f.tta,
+        "dataset": dataset.info.name,
+        "test_examples": int(len(dataset.y_test)),
+        "backend": keras.backend.backend(),
+        "versions": results.versions(),
+        "git_commit": results.git_commit(),
+    }
+    run_dir = results.make_run_dir(f.results_dir, f"{dataset.info.name}_ensemble_of_{len(models)}")
+    results.write_record(run_dir, record)
+    results.write_confusion_matrix(run_dir, ensemble_scores["confusion_matrix"], dataset.info.class_names)
+    for run, accuracy in zip(f.runs, accuracies):
+        print(f"member {run}: test accuracy {accuracy:.2%}")
+    print(f"ensemble of {len(models)}: test accuracy {ensemble_scores['accuracy']:.2%} "
+          f"(mean member {record['mean_member_test_accuracy']:.2%}); wrote {run_dir}")
+    logging.info("ensemble record %s", run_dir)
+
+
+if __name__ == "__main__":
+    from absl import app, flags
+
+    flags.DEFINE_list("runs", [], "Run folders (model.keras + record.json), comma-separated.")
+    flags.DEFINE_string("data_dir", None, "Where the test data lives, if not where the runs read it.")
+    flags.DEFINE_enum("tta", "none", list(evaluation.TTA_MODES), "Test-time augmentation of every member.")
+    flags.DEFINE_integer("eval_batch_size", 500, "Test images per prediction step.")
+    flags.DEFINE_string("results_dir", "results/ensembles", "A new folder is made under it.")
+    app.run(main)

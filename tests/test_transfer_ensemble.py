@@ -1,0 +1,117 @@
+"""Transfer learning (class subsets, --init_from, frozen stages) and ensembles of runs."""
+
+import json
+import os
+import subprocess
+import sys
+
+import keras
+import numpy as np
+import pytest
+
+from conftest import REPO, shared_dataset_dir
+from haet import data, evaluation, models
+from haet.training import TrainConfig, train
+
+
+def test_select_classes_relabels_in_the_given_order(cifar10_arrays):
+    x, y, xt, yt = cifar10_arrays
+    ds = data.Dataset(data.DATASETS["cifar10"], x[:2000], y[:2000], xt[:1000], yt[:1000], "test")
+    sub = data.select_classes(ds, (9, 1))
+    assert sub.info.class_names == ("truck", "automobile") and sub.info.num_classes == 2
+    assert sub.info.name == "cifar10[9,1]"
+    assert set(np.unique(sub.y_train)) == {0, 1}
+    assert np.array_equal(sub.x_train[sub.y_train == 0], x[:2000][y[:2000] == 9])
+    assert len(sub.y_test) == int(np.isin(yt[:1000], [9, 1]).sum()) == sub.info.test_examples
+    assert data.select_classes(ds, ()) is ds
+    for bad in [(1,), (1, 1), (1, 10)]:
+        with pytest.raises(ValueError, match="at least 2 distinct ids in \\[0, 10\\)"):
+            data.select_classes(ds, bad)
+
+
+def _tiny(**changes):
+    base = dict(budget_seconds=600.0, dataset="mnist", data_dir=shared_dataset_dir("mnist"), train_size=100,
+                model="resnet9", width_multiplier=0.125, batch_size=25, optimizer="sgd",
+                lr_schedule="cosine", lr_schedule_unit="steps", learning_rate=0.05, epochs=2,
+                augmentation="none", input_normalization="channel_standardize", eval_batch_size=1000)
+    base.update(changes)
+    return TrainConfig(**base)
+
+
+def test_fine_tuning_copies_the_backbone_replaces_the_head_and_freezes_stages(tmp_path):
+    source_record, source_dir = train(_tiny(classes=(0, 1, 2, 3, 4)), results_dir=str(tmp_path / "src"))
+    assert source_record["dataset"] == "mnist[0,1,2,3,4]" and source_record["test_examples"] == 5139
+    source = keras.saving.load_model(os.path.join(source_dir, "model.keras"))
+    config = _tiny(classes=(5, 6, 7, 8, 9, 0), train_size=120, learning_rate=0.01, freeze_stages=2,
+                   init_from=os.path.join(source_dir, "model.keras"), save_model=True)
+    record, run_dir = train(config, results_dir=str(tmp_path / "dst"))
+    tuned = keras.saving.load_model(os.path.join(run_dir, "model.keras"))
+    transfer = record["transfer"]
+    # prep and layer1 (conv + BN each, and layer1's two residual convs) are frozen.
+    assert transfer["layers_frozen"] == 3 * 2 * 2 + 2 and transfer["parameters_frozen"] > 0
+    src, dst = models.backbone_of(source), models.backbone_of(tuned)
+    for name in ("prep_conv", "layer1_res2_conv", "prep_bn"):
+        for a, b in zip(src.get_layer(name).get_weights(), dst.get_layer(name).get_weights()):
+            np.testing.assert_array_equal(a, b)  # frozen: unchanged by fine-tuning
+    trained = [not np.array_equal(a, b) for a, b in zip(src.get_layer("layer3_conv").get_weights(),
+                                                        dst.get_layer("layer3_conv").get_weights())]
+    assert trained[0]  # later stages were fine-tuned
+    assert dst.get_layer("dense").get_weights()[0].shape[-1] == 6  # a new head for 6 classes
+    assert record["test_examples"] == int(np.isin(data.load_dataset("mnist", shared_dataset_dir("mnist")).y_test,
+                                                  [5, 6, 7, 8, 9, 0]).sum())
+    with pytest.raises(ValueError, match="No layer of .* matches"):
+        train(_tiny(model="resnet20", width_multiplier=1, init_from=os.path.join(source_dir, "model.keras")),
+              results_dir=str(tmp_path / "bad"))
+    with pytest.raises(ValueError, match="freeze_stages needs --init_from"):
+        _tiny(freeze_stages=1).validate()
+    with pytest.raises(ValueError, match=r"freeze_stages must be in \[0, 4\]"):
+        _tiny(freeze_stages=5, init_from=os.path.join(source_dir, "model.keras")).validate()
+
+
+def test_ensemble_of_two_different_models_averages_their_probabilities():
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (40, 8, 8, 3), dtype=np.uint8)
+    labels = rng.integers(0, 3, 40)
+
+    def model(seed):
+        keras.utils.set_random_seed(seed)
+        inputs = keras.Input((8, 8, 3), dtype="uint8")
+        x = keras.layers.Rescaling(1 / 255)(inputs)
+        x = keras.layers.Flatten()(x)
+        return keras.Model(inputs, keras.layers.Dense(3)(x))
+
+    a, b = model(1), model(2)
+
+    def softmax(z):
+        e = np.exp(z - z.max(axis=1, keepdims=True))
+        return e / e.sum(axis=1, keepdims=True)
+
+    pa = softmax(np.asarray(a.predict(images, verbose=0), np.float64))
+    pb = softmax(np.asarray(b.predict(images, verbose=0), np.float64))
+    from haet.ensemble import evaluate_ensemble
+
+    members, ensemble = evaluate_ensemble([a, b], images, labels, 3, batch_size=16)
+    assert members[0]["accuracy"] == pytest.approx(((pa.argmax(1)) == labels).mean())
+    assert members[1]["accuracy"] == pytest.approx(((pb.argmax(1)) == labels).mean())
+    mean = (pa + pb) / 2
+    assert ensemble["accuracy"] == pytest.approx((mean.argmax(1) == labels).mean())
+    assert ensemble["loss"] == pytest.approx(-np.log(mean[np.arange(40), labels]).mean(), rel=1e-5)
+    assert not np.array_equal(pa.argmax(1), pb.argmax(1))  # the members really differ
+    with pytest.raises(ValueError, match="different shapes"):
+        evaluation.ensemble([pa, pb[:10]], labels, 3)
+
+
+def test_ensemble_command_on_two_real_runs(tmp_path):
+    runs = [train(_tiny(seed=s, epochs=1), results_dir=str(tmp_path / "runs"))[1] for s in (0, 1)]
+    env = dict(os.environ, PYTHONPATH=REPO)
+    result = subprocess.run([sys.executable, "-m", "haet.ensemble", f"--runs={','.join(runs)}",
+                             f"--results_dir={tmp_path / 'ens'}"], env=env, capture_output=True, text=True, cwd=REPO)
+    assert result.returncode == 0, result.stderr[-3000:]
+    (out,) = os.listdir(tmp_path / "ens")
+    record = json.loads(open(tmp_path / "ens" / out / "record.json").read())
+    singles = [json.loads(open(os.path.join(r, "record.json")).read())["test_accuracy"] for r in runs]
+    assert record["member_test_accuracies"] == pytest.approx(singles)
+    assert record["test_examples"] == 10000 and 0 <= record["ensemble_test_accuracy"] <= 1
+    bad = subprocess.run([sys.executable, "-m", "haet.ensemble", f"--runs={runs[0]}"], env=env,
+                         capture_output=True, text=True, cwd=REPO)
+    assert bad.returncode != 0 and "at least two run folders" in bad.stderr
