@@ -167,6 +167,9 @@ class WallClockBudget(keras.callbacks.Callback):
             "loss": float(logs["loss"]) if logs and "loss" in logs else None,
             "accuracy": float(logs["accuracy"]) if logs and "accuracy" in logs else None,
         }
+        for key in sorted(logs or {}):
+            if key.startswith("health_"):  # from haet.callbacks.TrainingHealth
+                row[key] = float(logs[key])
         if logs and "val_accuracy" in logs:
             row["val_loss"] = float(logs["val_loss"])
             row["val_accuracy"] = float(logs["val_accuracy"])

@@ -53,3 +53,133 @@ class SnapshotKeeper(keras.callbacks.Callback):
 
     def on_train_end(self, logs=None):
         self._take(min(1.0, self.progress()))
+
+
+def _gradients(model, loss_fn, x, y):
+    """Gradients of `loss_fn(y, model(x, training=True))` w.r.t. the trainable
+    variables, as NumPy arrays, without touching the model's state (batch-norm
+    statistics, seeds): `model.stateless_call` under TensorFlow's tape or `jax.grad`."""
+    trainable = [v.value for v in model.trainable_variables]
+    non_trainable = [v.value for v in model.non_trainable_variables]
+    backend = keras.backend.backend()
+    if backend == "tensorflow":
+        import tensorflow as tf
+
+        with tf.GradientTape() as tape:
+            tape.watch(trainable)
+            logits, _ = model.stateless_call(trainable, non_trainable, x, training=True)
+            loss = loss_fn(y, logits)
+        return [np.asarray(g) for g in tape.gradient(loss, trainable)]
+    if backend == "jax":
+        import jax
+
+        def loss_of(params):
+            logits, _ = model.stateless_call(params, non_trainable, x, training=True)
+            return loss_fn(y, logits)
+
+        return [np.asarray(g) for g in jax.grad(loss_of)(trainable)]
+    raise NotImplementedError(f"The health monitor supports the tensorflow and jax backends, not {backend!r}.")
+
+
+class TrainingHealth(keras.callbacks.Callback):
+    """Logs, every `every_steps` steps, each weight matrix's update-to-weight norm
+    ratio and gradient norm (the checks of CS231n / Karpathy's "A recipe for training
+    neural networks": update/weight ratios near 1e-3 are healthy, far above means
+    the learning rate is too high, far below too low).
+
+    On a sampled step the trainable weights with 2 or more dimensions (kernels) are
+    copied before and after the step: ratio = ||w_after - w_before|| / ||w_before||.
+    The gradient is that of the data loss (no weight penalty) on a fixed probe batch
+    at the weights before the step (`model.stateless_call`, so no state changes).
+    Costs a host copy of the weights and an eager gradient per sample: the time
+    counts toward the budget (off by default).
+
+    Outputs:
+        `rows`: dicts step, variable, weight_norm, update_norm, update_ratio, grad_norm
+        (one per kernel per sample; the variable "(all)" holds global norms);
+        epoch logs (hence the history and TensorBoard): `health_update_ratio_median`,
+        `health_update_ratio_max`, `health_grad_norm` of the epoch's last sample;
+        with `summary_dir`, per-kernel scalars as TensorBoard summaries.
+
+    Args:
+        probe_x, probe_y: a fixed training batch (model inputs and labels as the loss takes them).
+        loss_fn: the training loss, a Keras loss on logits.
+        every_steps: sample period in steps (>= 1).
+        summary_dir: folder for TensorBoard summaries, or None.
+
+    Raises:
+        ValueError: `every_steps` < 1.
+    """
+
+    def __init__(self, probe_x, probe_y, loss_fn, every_steps=50, summary_dir=None):
+        super().__init__()
+        if not (isinstance(every_steps, int) and every_steps >= 1):
+            raise ValueError(f"every_steps must be a positive integer. Received: {every_steps!r}")
+        self.probe_x, self.probe_y = probe_x, probe_y
+        self.loss_fn = loss_fn
+        self.every_steps = every_steps
+        self.summary_dir = summary_dir
+        self.rows = []
+        self._step = 0
+        self._before = None
+        self._epoch_summary = None
+        self._writer = None
+
+    def _kernels(self):
+        return [(i, v) for i, v in enumerate(self.model.trainable_variables) if len(v.shape) >= 2]
+
+    def on_train_batch_begin(self, batch, logs=None):
+        if self._step % self.every_steps == 0:
+            self._before = [np.array(v) for _, v in self._kernels()]
+            self._grads = _gradients(self.model, self.loss_fn, self.probe_x, self.probe_y)
+
+    def on_train_batch_end(self, batch, logs=None):
+        if self._before is not None:
+            self._record(self._step)
+            self._before = None
+        self._step += 1
+
+    def _record(self, step):
+        kernels = self._kernels()
+        rows, total = [], np.zeros(3)
+        for (index, variable), before in zip(kernels, self._before):
+            after = np.asarray(variable, dtype=np.float64)
+            before = before.astype(np.float64)
+            weight, update = np.linalg.norm(before), np.linalg.norm(after - before)
+            grad = np.linalg.norm(self._grads[index].astype(np.float64))
+            total += (weight**2, update**2, grad**2)
+            rows.append({"step": step, "variable": variable.path, "weight_norm": weight,
+                         "update_norm": update, "update_ratio": update / weight if weight else np.nan,
+                         "grad_norm": grad})
+        all_grads = np.sqrt(sum(float(np.sum(np.square(g.astype(np.float64)))) for g in self._grads))
+        weight, update, _ = np.sqrt(total)
+        rows.append({"step": step, "variable": "(all)", "weight_norm": weight, "update_norm": update,
+                     "update_ratio": update / weight if weight else np.nan, "grad_norm": all_grads})
+        self.rows.extend(rows)
+        ratios = [r["update_ratio"] for r in rows[:-1]]
+        self._epoch_summary = {"health_update_ratio_median": float(np.nanmedian(ratios)),
+                               "health_update_ratio_max": float(np.nanmax(ratios)),
+                               "health_grad_norm": float(all_grads)}
+        if self.summary_dir:
+            self._write_summaries(step, rows)
+
+    def _write_summaries(self, step, rows):
+        import tensorflow as tf
+
+        if self._writer is None:
+            self._writer = tf.summary.create_file_writer(self.summary_dir)
+        with self._writer.as_default(step=step):
+            for r in rows:
+                name = r["variable"].replace("/", "_")
+                tf.summary.scalar(f"update_ratio/{name}", r["update_ratio"])
+                tf.summary.scalar(f"grad_norm/{name}", r["grad_norm"])
+        self._writer.flush()
+
+    def on_epoch_end(self, epoch, logs=None):
+        if self._epoch_summary is not None and logs is not None:
+            logs.update(self._epoch_summary)
+            median = self._epoch_summary["health_update_ratio_median"]
+            if not 1e-4 <= median <= 1e-2:
+                logging.warning(
+                    "epoch %d: median update/weight ratio %.2e is far from ~1e-3 (learning rate "
+                    "too %s?)", epoch + 1, median, "high" if median > 1e-2 else "low")

@@ -22,7 +22,7 @@ from haet import budget as budget_lib
 from haet import data as data_lib
 from haet import device as device_lib
 from haet import evaluation, models, plots, results
-from haet.callbacks import SnapshotKeeper
+from haet.callbacks import SnapshotKeeper, TrainingHealth
 from haet.augment import (FILL_MODES, RandomAffine, RandomCropFlipCutout, fill_mode_index,
                           precompute_epochs)
 from haet.schedules import (LR_SHAPES, BudgetSchedule, PiecewiseConstant, PlannedPiecewiseLinear,
@@ -90,6 +90,7 @@ class TrainConfig:
     keep_best: bool = False  # end with the weights of the best validation accuracy
     evaluate_test: bool = True  # False: never touch the test set (hyperparameter search)
     tensorboard: bool = False  # write TensorBoard logs under the run folder
+    health_every_steps: int = 0  # > 0: update/weight ratios and gradient norms every this many steps
     snapshot_ensemble: bool = False  # keep a snapshot at each cycle end; evaluate them as an ensemble
     init_from: str | None = None  # a saved model.keras to fine-tune (same model and width)
     freeze_stages: int = 0  # init_from: leading stages of the backbone kept frozen
@@ -184,6 +185,8 @@ class TrainConfig:
         if self.lr_scaling_reference_batch < 0:
             raise ValueError(
                 f"lr_scaling_reference_batch must be >= 0 (0: off). Received: {self.lr_scaling_reference_batch}")
+        if self.health_every_steps < 0:
+            raise ValueError(f"health_every_steps must be >= 0 (0: off). Received: {self.health_every_steps}")
         if self.validation_size < 0 or self.early_stopping_patience < 0:
             raise ValueError(
                 f"validation_size and early_stopping_patience must be >= 0. Received: "
@@ -531,6 +534,14 @@ def train(config, results_dir="results/runs", clock=None):
                 callbacks.append(keras.callbacks.TensorBoard(
                     os.path.join(run_dir, "tensorboard"), write_graph=False))
             one_hot = info.num_classes if config.label_smoothing else None
+            health = None
+            if config.health_every_steps:
+                probe = slice(0, config.batch_size)
+                health = TrainingHealth(
+                    x_fit[probe], np.eye(one_hot, dtype=np.float32)[y_fit[probe]] if one_hot else y_fit[probe],
+                    loss, config.health_every_steps,
+                    os.path.join(run_dir, "tensorboard", "health") if config.tensorboard else None)
+                callbacks.insert(0, health)  # before the budget, which copies its epoch logs
         epoch_images = None
         if precompute:
             # Precomputed augmentation counts toward the budget: its clock starts here.
@@ -631,6 +642,8 @@ def train(config, results_dir="results/runs", clock=None):
             record["best_validation_accuracy_during_training"] = val_history[best]
         record["stopped_early"] = bool(early_stopping and early_stopping.stopped_epoch)
     results.write_csv(run_dir, "history.csv", budget.history)
+    if health is not None:
+        results.write_csv(run_dir, "health.csv", health.rows)
     if scores:
         results.write_confusion_matrix(run_dir, scores["confusion_matrix"], info.class_names)
     if budget.history:

@@ -90,3 +90,45 @@ def test_snapshot_ensemble_of_cosine_restarts_with_tensorboard(tmp_path, cifar10
 def test_bad_validation_settings(changes, message, cifar10_slice_dir):
     with pytest.raises(ValueError, match=message):
         _tiny(cifar10_slice_dir, **changes).validate()
+
+
+def test_health_monitor_update_is_learning_rate_times_gradient():
+    """Plain SGD on one fixed batch: every update is exactly lr x the probe gradient."""
+    import keras
+
+    from haet.callbacks import TrainingHealth
+
+    keras.utils.set_random_seed(0)
+    x = np.random.default_rng(0).normal(size=(16, 5)).astype("float32")
+    y = np.arange(16) % 3
+    model = keras.Sequential([keras.Input((5,)), keras.layers.Dense(8, activation="relu"),
+                              keras.layers.Dense(3)])
+    loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    model.compile(optimizer=keras.optimizers.SGD(0.1), loss=loss)
+    health = TrainingHealth(x, y, loss, every_steps=2)
+    before = [np.array(v) for v in model.trainable_variables]
+    model.fit(x, y, batch_size=16, epochs=4, shuffle=False, verbose=0, callbacks=[health])
+    assert sorted({r["step"] for r in health.rows}) == [0, 2]
+    first = [r for r in health.rows if r["step"] == 0]
+    assert [r["variable"] for r in first][-1] == "(all)" and len(first) == 3  # two kernels + total
+    for r in first[:-1]:
+        assert r["update_norm"] == pytest.approx(0.1 * r["grad_norm"], rel=1e-4)
+        assert r["update_ratio"] == pytest.approx(r["update_norm"] / r["weight_norm"])
+    kernel = before[0]
+    assert first[0]["weight_norm"] == pytest.approx(np.linalg.norm(kernel), rel=1e-6)
+    with pytest.raises(ValueError, match="every_steps must be a positive integer"):
+        TrainingHealth(x, y, loss, every_steps=0)
+
+
+def test_health_monitor_in_a_run_writes_health_csv_and_history(tmp_path, cifar10_slice_dir):
+    config = _tiny(cifar10_slice_dir, lr_schedule="constant", learning_rate=0.05, epochs=2,
+                   lr_schedule_unit="steps", health_every_steps=4, tensorboard=True, label_smoothing=0.1)
+    record, run_dir = train(config, results_dir=str(tmp_path))
+    with open(os.path.join(run_dir, "health.csv")) as f:
+        rows = list(csv.DictReader(f))
+    assert sorted({int(r["step"]) for r in rows}) == [0, 4, 8, 12]  # 2 epochs of 8 steps
+    assert all(float(r["grad_norm"]) > 0 and 0 < float(r["update_ratio"]) < 1 for r in rows)
+    with open(os.path.join(run_dir, "history.csv")) as f:
+        history = list(csv.DictReader(f))
+    assert all(float(h["health_grad_norm"]) > 0 for h in history)
+    assert os.listdir(os.path.join(run_dir, "tensorboard", "health"))
