@@ -118,6 +118,9 @@ flags.DEFINE_bool("keep_best", _D.keep_best,
 flags.DEFINE_bool("evaluate_test", _D.evaluate_test,
                   "Evaluate on the test set (off for model selection: needs --validation_size).")
 flags.DEFINE_bool("tensorboard", _D.tensorboard, "Write TensorBoard logs to <run folder>/tensorboard.")
+flags.DEFINE_bool("data_parallel", _D.data_parallel,
+                  "Train data-parallel on all local devices (TensorFlow: MirroredStrategy; JAX: "
+                  "keras.distribution.DataParallel); --batch_size is the global batch.")
 flags.DEFINE_integer("health_every_steps", _D.health_every_steps,
                      "> 0: every this many steps log each kernel's update/weight norm ratio and "
                      "gradient norm (health.csv, history, TensorBoard); 0: off.")

@@ -7,6 +7,7 @@ stratified seeded 5,000-image subset, the full test set and the final model.
 `flags/umbc_resnet20x6.flags` restates them for the command line.
 """
 
+import contextlib
 import dataclasses
 import inspect
 import math
@@ -21,6 +22,7 @@ from absl import logging
 from haet import budget as budget_lib
 from haet import data as data_lib
 from haet import device as device_lib
+from haet import distribute
 from haet import evaluation, models, plots, results
 from haet.callbacks import SnapshotKeeper, TrainingHealth
 from haet.augment import (FILL_MODES, RandomAffine, RandomCropFlipCutout, fill_mode_index,
@@ -90,6 +92,7 @@ class TrainConfig:
     keep_best: bool = False  # end with the weights of the best validation accuracy
     evaluate_test: bool = True  # False: never touch the test set (hyperparameter search)
     tensorboard: bool = False  # write TensorBoard logs under the run folder
+    data_parallel: bool = False  # train on all local devices (MirroredStrategy / DataParallel)
     health_every_steps: int = 0  # > 0: update/weight ratios and gradient norms every this many steps
     snapshot_ensemble: bool = False  # keep a snapshot at each cycle end; evaluate them as an ensemble
     init_from: str | None = None  # a saved model.keras to fine-tune (same model and width)
@@ -469,8 +472,14 @@ def train(config, results_dir="results/runs", clock=None):
     timer = budget_lib.PhaseTimer()
     config.validate()
     previous_policy = keras.mixed_precision.global_policy()
+    stack = contextlib.ExitStack()
     try:
         with timer.phase("setup"):
+            parallel = None
+            if config.data_parallel:
+                # Open until evaluation ends: Keras' JAX trainer shards each batch by it.
+                parallel = stack.enter_context(distribute.data_parallel(config.batch_size))
+                logging.info("data-parallel training: %s", parallel)
             device = device_lib.describe_device()
             policy = device_lib.resolve_precision(config.precision, device)
             keras.mixed_precision.set_global_policy(policy)
@@ -492,7 +501,8 @@ def train(config, results_dir="results/runs", clock=None):
                 planned_steps = (config.epochs or 1000) * steps_per_epoch
                 schedule.attach(optimizer, planned_steps)
             loss = make_loss(config)
-            model.compile(optimizer=optimizer, loss=loss, metrics=["accuracy"], jit_compile=True)
+            model.compile(optimizer=optimizer, loss=loss, metrics=["accuracy"],
+                          jit_compile=parallel["xla"] if parallel else True)
             logging.info("model %s: %d parameters, XLA %s", model.name,
                          model.count_params(), model.jit_compile)
             clock = clock or time.perf_counter
@@ -578,6 +588,7 @@ def train(config, results_dir="results/runs", clock=None):
                                                   raw_weights, snapshots)
                          for name, (x, y) in sets.items()}
     finally:
+        stack.close()
         keras.mixed_precision.set_global_policy(previous_policy)
 
     headline = f"{prefix}_tta_{config.tta}" if config.tta != "none" else prefix
@@ -626,6 +637,7 @@ def train(config, results_dir="results/runs", clock=None):
         "command": sys.argv,
         "published": _published_comparison(config, test_accuracy) if test else None,
         "transfer": model.transfer,
+        "data_parallel": parallel,
     }
     for name, (variants, members) in evaluated.items():
         record[f"{name}_accuracy_variants"] = {k: v["accuracy"] for k, v in variants.items()}

@@ -1,0 +1,40 @@
+"""Run by test_distribute.py in a fresh process: one SGD step on a fixed global batch,
+on 1 device or data-parallel on 2 logical CPU devices; saves the weights.
+
+    python tests/data_parallel_step.py REPLICAS OUT.npz
+"""
+
+import os
+import sys
+
+import numpy as np
+
+replicas, out = int(sys.argv[1]), sys.argv[2]
+if os.environ.get("KERAS_BACKEND", "tensorflow") == "tensorflow":
+    import tensorflow as tf
+
+    cpu = tf.config.list_physical_devices("CPU")[0]
+    tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+
+import contextlib  # noqa: E402
+
+import keras  # noqa: E402
+
+from haet import distribute  # noqa: E402
+
+x = np.random.default_rng(0).integers(0, 256, (16, 8, 8, 3)).astype("uint8")
+y = np.arange(16) % 4
+context = distribute.data_parallel(16) if replicas > 1 else contextlib.nullcontext({"replicas": 1, "xla": True})
+with context as parallel:
+    inputs = keras.Input((8, 8, 3), dtype="uint8")
+    h = keras.layers.Rescaling(1 / 255)(inputs)
+    h = keras.layers.Conv2D(6, 3, activation="relu", kernel_initializer=keras.initializers.GlorotUniform(1))(h)
+    h = keras.layers.GlobalAveragePooling2D()(h)
+    logits = keras.layers.Dense(4, kernel_initializer=keras.initializers.GlorotUniform(2))(h)
+    model = keras.Model(inputs, logits)
+    model.compile(optimizer=keras.optimizers.SGD(0.5, momentum=0.9),
+                  loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True), jit_compile=parallel["xla"])
+    history = model.fit(x, y, batch_size=16, epochs=2, shuffle=False, verbose=0)
+    assert parallel["replicas"] == replicas, parallel
+np.savez(out, loss=np.array(history.history["loss"]), *[np.asarray(v) for v in model.trainable_variables])
+print("devices", len(distribute.local_devices()), "replicas", parallel["replicas"])
