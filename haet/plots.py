@@ -73,8 +73,8 @@ def plot_accuracy_vs_budget(runs, published, path, title="Test accuracy vs wall-
         path: PNG file to write.
     """
     plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(8, 5), constrained_layout=True)
     labels = sorted({r["label"] for r in runs})
+    fig, ax = plt.subplots(figsize=(9, 5 + 0.22 * (len(labels) + 1)), constrained_layout=True)
     for i, label in enumerate(labels):
         pts = [r for r in runs if r["label"] == label]
         ax.plot([r["budget_seconds"] for r in pts], [100 * r["test_accuracy"] for r in pts],
@@ -94,7 +94,8 @@ def plot_accuracy_vs_budget(runs, published, path, title="Test accuracy vs wall-
     ax.set_xlabel("training budget (s, log scale)")
     ax.set_ylabel("test accuracy (%)")
     ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize=8, loc="lower right")
+    # Below the axes: with many series an inside legend hides the points.
+    ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=1, frameon=False)
     ax.set_title(title)
     fig.savefig(path, dpi=100)
     plt.close(fig)

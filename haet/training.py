@@ -254,8 +254,8 @@ class TrainConfig:
         """Fractions of the run where a cosine_restarts cycle ends (the last is 1)."""
         if self.lr_schedule != "cosine_restarts":
             return (1.0,)
-        return tuple(self.warmup + (1.0 - self.warmup) * (i + 1) / self.lr_cycles
-                     for i in range(self.lr_cycles))
+        ends = [self.warmup + (1.0 - self.warmup) * (i + 1) / self.lr_cycles for i in range(self.lr_cycles - 1)]
+        return (*ends, 1.0)  # exactly 1: no rounding past the end of the run
 
     def make_augmentation(self):
         """The training augmentation layer, or None."""

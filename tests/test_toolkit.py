@@ -76,6 +76,8 @@ def test_snapshot_ensemble_of_cosine_restarts_with_tensorboard(tmp_path, cifar10
     assert record["test_accuracy"] == record["test_accuracy_variants"]["final_tta_flip"]
     events = [f for _, _, files in os.walk(os.path.join(run_dir, "tensorboard")) for f in files]
     assert any(f.startswith("events.out.tfevents") for f in events)
+    assert dataclasses.replace(config, warmup=0.2).cycle_ends() == pytest.approx((0.2 + 0.8 / 3, 0.2 + 1.6 / 3, 1.0))
+    assert dataclasses.replace(config, warmup=0.2).cycle_ends()[-1] == 1.0
     with pytest.raises(ValueError, match="snapshot_ensemble keeps the raw weights"):
         dataclasses.replace(config, ema_decay=0.9).validate()
 
