@@ -87,8 +87,33 @@ def _check_knots(knots, values, name):
     return knots, values
 
 
+class _PlannedSteps(keras.optimizers.schedules.LearningRateSchedule):
+    """A schedule over the fraction `step / planned_steps`, where the planned number of
+    steps is a variable the compiled step reads (see `attach`)."""
+
+    planned_steps = None
+
+    def attach(self, optimizer, planned_steps):
+        """Creates the planned-steps variable in `optimizer`, set to `planned_steps`."""
+        self.planned_steps = optimizer.add_variable(
+            shape=(), initializer=keras.initializers.Constant(float(planned_steps)),
+            dtype="float32", name="planned_steps",
+        )
+        return self.planned_steps
+
+    def fraction(self, step):
+        """`step / planned_steps` as a float32 tensor.
+
+        Raises:
+            ValueError: `attach` was not called.
+        """
+        if self.planned_steps is None:
+            raise ValueError(f"{type(self).__name__}.attach(optimizer, planned_steps) was not called.")
+        return ops.cast(step, "float32") / ops.maximum(ops.cast(self.planned_steps, "float32"), 1.0)
+
+
 @keras.saving.register_keras_serializable(package="haet")
-class PlannedPiecewiseLinear(keras.optimizers.schedules.LearningRateSchedule):
+class PlannedPiecewiseLinear(_PlannedSteps):
     """Learning rate linear between knots placed at fractions of the planned steps.
 
     With knots `(0, 5/24, 1)` and values `(0, 0.4, 0)` this is David Page's one-cycle
@@ -113,18 +138,8 @@ class PlannedPiecewiseLinear(keras.optimizers.schedules.LearningRateSchedule):
         self.knots, self.values = _check_knots(knots, values, "learning rate")
         self.planned_steps = None
 
-    def attach(self, optimizer, planned_steps):
-        """Creates the planned-steps variable in `optimizer`, set to `planned_steps`."""
-        self.planned_steps = optimizer.add_variable(
-            shape=(), initializer=keras.initializers.Constant(float(planned_steps)),
-            dtype="float32", name="planned_steps",
-        )
-        return self.planned_steps
-
     def __call__(self, step):
-        if self.planned_steps is None:
-            raise ValueError("PlannedPiecewiseLinear.attach(optimizer, planned_steps) was not called.")
-        fraction = ops.cast(step, "float32") / ops.maximum(ops.cast(self.planned_steps, "float32"), 1.0)
+        fraction = self.fraction(step)
         # v0 + sum of each segment's slope times the part of it already covered.
         lr = ops.convert_to_tensor(self.values[0], "float32")
         for k0, k1, v0, v1 in zip(self.knots, self.knots[1:], self.values, self.values[1:]):
@@ -296,7 +311,7 @@ def lr_shape(shape, learning_rate, warmup=0.0, final_learning_rate=0.0,
 
 
 @keras.saving.register_keras_serializable(package="haet")
-class PlannedSchedule(keras.optimizers.schedules.LearningRateSchedule):
+class PlannedSchedule(_PlannedSteps):
     """A shape of `lr_shape` evaluated per optimizer step: step `s` of `P` planned
     steps reads the shape at `min(s / P, 1) * NOMINAL_STEPS`.
 
@@ -308,18 +323,8 @@ class PlannedSchedule(keras.optimizers.schedules.LearningRateSchedule):
         self.shape = shape
         self.planned_steps = None
 
-    def attach(self, optimizer, planned_steps):
-        """Creates the planned-steps variable in `optimizer`, set to `planned_steps`."""
-        self.planned_steps = optimizer.add_variable(
-            shape=(), initializer=keras.initializers.Constant(float(planned_steps)),
-            dtype="float32", name="planned_steps",
-        )
-        return self.planned_steps
-
     def __call__(self, step):
-        if self.planned_steps is None:
-            raise ValueError("PlannedSchedule.attach(optimizer, planned_steps) was not called.")
-        fraction = ops.cast(step, "float32") / ops.maximum(ops.cast(self.planned_steps, "float32"), 1.0)
+        fraction = self.fraction(step)
         return ops.cast(self.shape(ops.minimum(fraction * NOMINAL_STEPS, _END)), "float32")
 
     def get_config(self):
