@@ -219,8 +219,14 @@ class StepPlanner(keras.callbacks.Callback):
     `planned_steps` (the variable the compiled schedule reads), and stops training
     when they are done. The budget still stops training if it runs out first.
 
+    Time spent between epochs (Keras' validation pass, epoch-end callbacks) is
+    measured at each epoch end (`epoch_overheads`) and charged to every planned epoch
+    but the last. If the plan was made before any epoch ended, it is made once more
+    at the first epoch end (`replanned_from` keeps the first plan) when the overhead
+    exceeds a step.
+
     Attributes set when planned: `planned_epochs`, `planned_steps_value`,
-    `step_seconds` (the median used).
+    `step_seconds` (the median used), `replanned_from` (None if not re-planned).
 
     Args:
         budget: the run's `WallClockBudget`.
@@ -246,20 +252,57 @@ class StepPlanner(keras.callbacks.Callback):
         self.planned_epochs = None
         self.planned_steps_value = None
         self.step_seconds = None
+        self.epoch_overheads = []
+        self.replanned_from = None
+        self._planned_with_overhead = False
+
+    def _plan(self, done):
+        """Epochs that fit: each step costs the median step time plus its share of the
+        measured per-epoch overhead (validation, epoch-end callbacks); the last epoch's
+        overhead falls after the budget's end and is not counted."""
+        overhead = statistics.fmean(self.epoch_overheads) if self.epoch_overheads else 0.0
+        remaining = self.budget.budget_seconds - self.budget.elapsed()
+        per_step = self.step_seconds + overhead / self.steps_per_epoch
+        total = done + (remaining + overhead) / per_step
+        return max(1, int(total // self.steps_per_epoch)), overhead, remaining
+
+    def _write(self, epochs):
+        self.planned_epochs = epochs
+        self.planned_steps_value = epochs * self.steps_per_epoch
+        self.model  # noqa: B018 -- syncs JAX state so the write below is seen.
+        self.planned_steps.assign(float(self.planned_steps_value))
 
     def on_train_batch_end(self, batch, logs=None):
         done = self.budget.steps
         if self.planned_epochs is None and done >= 1 + self.probe_steps:
             self.step_seconds = statistics.median(self.budget.step_seconds[1:])
-            remaining = self.budget.budget_seconds - self.budget.elapsed()
-            total = done + remaining / self.step_seconds
-            self.planned_epochs = max(1, int(total // self.steps_per_epoch))
-            self.planned_steps_value = self.planned_epochs * self.steps_per_epoch
-            self.model  # noqa: B018 -- syncs JAX state so the write below is seen.
-            self.planned_steps.assign(float(self.planned_steps_value))
+            epochs, overhead, remaining = self._plan(done)
+            self._write(epochs)
+            self._planned_with_overhead = bool(self.epoch_overheads)
             logging.info(
-                "planned %d epochs (%d steps) from a median step of %.4f s and %.1f s left",
-                self.planned_epochs, self.planned_steps_value, self.step_seconds, remaining,
+                "planned %d epochs (%d steps) from a median step of %.4f s, %.2f s overhead an "
+                "epoch and %.1f s left", self.planned_epochs, self.planned_steps_value,
+                self.step_seconds, overhead, remaining,
             )
         if self.planned_steps_value is not None and done >= self.planned_steps_value:
             self._model.stop_training = True
+
+    def on_epoch_end(self, epoch, logs=None):
+        # Keras validates before this call, so the time since the last step is the
+        # epoch's overhead outside the training steps.
+        if self.budget.end is None:
+            return
+        self.epoch_overheads.append(max(0.0, self.budget.clock() - self.budget.end))
+        if self.planned_epochs is None or self._planned_with_overhead:
+            return
+        # Planned before any epoch ended: plan once more now that the overhead is known.
+        self._planned_with_overhead = True
+        epochs, overhead, _ = self._plan(self.budget.steps)
+        epochs = max(epochs, epoch + 1)
+        if epochs != self.planned_epochs and overhead > self.step_seconds:
+            logging.info("re-planned %d -> %d epochs: %.2f s overhead an epoch",
+                         self.planned_epochs, epochs, overhead)
+            self.replanned_from = self.planned_epochs
+            self._write(epochs)
+            if self.budget.steps >= self.planned_steps_value:
+                self._model.stop_training = True

@@ -521,7 +521,6 @@ def train(config, results_dir="results/runs", clock=None):
             if planned and not config.epochs:
                 planner = budget_lib.StepPlanner(
                     budget, schedule.planned_steps, steps_per_epoch, config.planner_probe_steps)
-                callbacks.append(planner)
             raw_weights = _FinalWeights() if config.ema_decay else None
             if raw_weights:
                 callbacks.append(raw_weights)
@@ -543,6 +542,9 @@ def train(config, results_dir="results/runs", clock=None):
             if config.tensorboard:
                 callbacks.append(keras.callbacks.TensorBoard(
                     os.path.join(run_dir, "tensorboard"), write_graph=False))
+            if planner:
+                # Last: its epoch end measures the time the other callbacks took too.
+                callbacks.append(planner)
             one_hot = info.num_classes if config.label_smoothing else None
             health = None
             if config.health_every_steps:
@@ -612,6 +614,7 @@ def train(config, results_dir="results/runs", clock=None):
         "parameters": int(model.count_params()),
         "epochs": len(budget.history),
         "planned_epochs": planner.planned_epochs if planner else (config.epochs or None),
+        "replanned_from_epochs": planner.replanned_from if planner else None,
         "epochs_completed": sum(row["complete"] for row in budget.history),
         "epochs_equivalent": round(images / len(y_fit), 3),
         "steps": budget.steps,

@@ -64,4 +64,7 @@ run jax_1device env KERAS_BACKEND=jax python -m haet.train $R9 --learning_rate=$
   --results_dir=results/cpu
 run jax_2devices env KERAS_BACKEND=jax XLA_FLAGS=--xla_force_host_platform_device_count=2 python -m haet.train $R9 \
   --learning_rate=$LR --weight_decay=$WD --budget=60 --data_parallel --results_dir=results/cpu
+# 8. Model selection on a validation split: keep the best epoch, stop after 2 epochs without progress.
+run keep_best python -m haet.train $R9 --learning_rate=$LR --weight_decay=$WD --budget=60 --validation_size=1000 \
+  --keep_best --early_stopping_patience=2 --results_dir=results/cpu
 echo done

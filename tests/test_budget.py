@@ -141,3 +141,33 @@ def test_planner_sets_the_schedule_length_from_measured_steps():
     # The learning rate read after step k is the schedule at iteration k: peak at 20 of 40.
     assert max(rates.rates) == pytest.approx(0.1, rel=1e-5)
     assert int(np.argmax(rates.rates)) == 19 and rates.rates[-1] == pytest.approx(0.0, abs=1e-7)
+
+
+def test_planner_charges_the_measured_epoch_overhead_and_replans_once():
+    from haet.budget import StepPlanner
+    from haet.schedules import PlannedPiecewiseLinear
+
+    model, _ = _tiny_model()
+    schedule = PlannedPiecewiseLinear([0.0, 0.5, 1.0], [0.0, 0.1, 0.0])
+    optimizer = keras.optimizers.SGD(schedule)
+    schedule.attach(optimizer, 10**6)
+    model.compile(optimizer, keras.losses.SparseCategoricalCrossentropy(from_logits=True), jit_compile=True)
+    clock = FakeClock()
+    budget = WallClockBudget(40.0, None, clock=clock)
+    planner = StepPlanner(budget, schedule.planned_steps, steps_per_epoch=4, probe_steps=3)
+
+    class Validation(keras.callbacks.Callback):
+        """4 s between epochs, as a validation pass would take."""
+
+        def on_epoch_end(self, epoch, logs=None):
+            clock.t += 4.0
+
+    # Planned at step 4 without overhead: 10 epochs. At the first epoch end 32 s remain
+    # and each further epoch costs 4 s of steps + 4 s of overhead (not after the last):
+    # 4 more epochs, whose steps end at 36 s.
+    model.fit(_batches(), epochs=1000, verbose=0,
+              callbacks=[Tick(clock, 1.0), budget, Validation(), planner])
+    assert planner.replanned_from == 10 and planner.planned_epochs == 5
+    assert planner.epoch_overheads == [4.0] * 5
+    assert budget.steps == 20 and float(np.asarray(schedule.planned_steps)) == 20.0
+    assert budget.end == 36.0
