@@ -11,7 +11,13 @@ mkdir -p "$LOGS"
 # ResNet-9 at a quarter width (CPU-sized), Page's recipe otherwise, cosine schedule with warmup.
 R9="--flagfile=flags/page_resnet9.flags --data_dir=$DATA/cifar10 --width_multiplier=0.25 --batch_size=128
     --ghost_batch_splits=4 --ema_decay=0 --tta=none --lr_schedule=cosine --lr_schedule_unit=steps --warmup=0.2"
-run() { local name=$1; shift; echo "== $name"; "$@" > "$LOGS/$name.log" 2>&1; tail -n 3 "$LOGS/$name.log"; }
+# Logs are never overwritten: a rerun writes NAME.1.log, NAME.2.log, ...
+run() {
+  local name=$1 log k=1; shift
+  log="$LOGS/$name.log"
+  while [ -e "$log" ]; do log="$LOGS/$name.$k.log"; k=$((k + 1)); done
+  echo "== $name -> $log"; "$@" > "$log" 2>&1; tail -n 3 "$log"
+}
 
 # 1. Random search of learning rate and weight decay, 6 trials of 60 s on a 1,000-image validation split.
 SEARCH=results/search/cifar10_resnet9x0.25_cosine_60s_quiet
