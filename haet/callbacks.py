@@ -5,6 +5,8 @@ import keras
 import numpy as np
 from absl import logging
 
+from haet import autodiff
+
 
 class SnapshotKeeper(keras.callbacks.Callback):
     """Keeps copies of the model's weights at the ends of learning-rate cycles, for a
@@ -58,27 +60,14 @@ class SnapshotKeeper(keras.callbacks.Callback):
 def _gradients(model, loss_fn, x, y):
     """Gradients of `loss_fn(y, model(x, training=True))` w.r.t. the trainable
     variables, as NumPy arrays, without touching the model's state (batch-norm
-    statistics, seeds): `model.stateless_call` under TensorFlow's tape or `jax.grad`."""
-    trainable = [v.value for v in model.trainable_variables]
+    statistics, seeds): `model.stateless_call` under `haet.autodiff`."""
     non_trainable = [v.value for v in model.non_trainable_variables]
-    backend = keras.backend.backend()
-    if backend == "tensorflow":
-        import tensorflow as tf
 
-        with tf.GradientTape() as tape:
-            tape.watch(trainable)
-            logits, _ = model.stateless_call(trainable, non_trainable, x, training=True)
-            loss = loss_fn(y, logits)
-        return [np.asarray(g) for g in tape.gradient(loss, trainable)]
-    if backend == "jax":
-        import jax
+    def loss_of(trainable):
+        logits, _ = model.stateless_call(trainable, non_trainable, x, training=True)
+        return loss_fn(y, logits), None
 
-        def loss_of(params):
-            logits, _ = model.stateless_call(params, non_trainable, x, training=True)
-            return loss_fn(y, logits)
-
-        return [np.asarray(g) for g in jax.grad(loss_of)(trainable)]
-    raise NotImplementedError(f"The health monitor supports the tensorflow and jax backends, not {backend!r}.")
+    return autodiff.value_and_gradient(loss_of, [v.value for v in model.trainable_variables])[2]
 
 
 class TrainingHealth(keras.callbacks.Callback):

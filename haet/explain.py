@@ -18,6 +18,7 @@ import keras
 import numpy as np
 
 from haet import augment  # noqa: F401 -- registers RandomAffine for load_model
+from haet import autodiff
 
 
 def _split(model, layer_name=None):
@@ -54,27 +55,14 @@ def _split(model, layer_name=None):
 
 def _logits_and_gradients(head, feature_maps, class_index):
     """Logits `(N, K)` and d(logit[class_index]) / d(feature_maps), as NumPy arrays."""
-    backend = keras.backend.backend()
-    if backend == "tensorflow":
-        import tensorflow as tf
+    index = keras.ops.convert_to_tensor(np.asarray(class_index)[:, None])
 
-        f = tf.convert_to_tensor(feature_maps)
-        with tf.GradientTape() as tape:
-            tape.watch(f)
-            logits = head(f, training=False)
-            score = tf.reduce_sum(tf.gather(logits, class_index, axis=1, batch_dims=1))
-        return logits.numpy(), tape.gradient(score, f).numpy()
-    if backend == "jax":
-        import jax
-        import jax.numpy as jnp
+    def score(f):
+        logits = head(f, training=False)
+        return keras.ops.sum(keras.ops.take_along_axis(logits, index, axis=1)), logits
 
-        def score(f):
-            logits = head(f, training=False)
-            return jnp.take_along_axis(logits, jnp.asarray(class_index)[:, None], axis=1).sum(), logits
-
-        (_, logits), grads = jax.value_and_grad(score, has_aux=True)(jnp.asarray(feature_maps))
-        return np.asarray(logits), np.asarray(grads)
-    raise NotImplementedError(f"Grad-CAM supports the tensorflow and jax backends, not {backend!r}.")
+    _, logits, grads = autodiff.value_and_gradient(score, feature_maps)
+    return logits, grads
 
 
 def grad_cam(model, images, class_index=None, layer_name=None):
