@@ -167,12 +167,9 @@ class WallClockBudget(keras.callbacks.Callback):
             "loss": float(logs["loss"]) if logs and "loss" in logs else None,
             "accuracy": float(logs["accuracy"]) if logs and "accuracy" in logs else None,
         }
-        for key in sorted(logs or {}):
-            if key.startswith("health_"):  # from haet.callbacks.TrainingHealth
-                row[key] = float(logs[key])
-        if logs and "val_accuracy" in logs:
-            row["val_loss"] = float(logs["val_loss"])
-            row["val_accuracy"] = float(logs["val_accuracy"])
+        # Keras' validation metrics and haet.callbacks.TrainingHealth's summaries.
+        row.update({k: float(v) for k, v in sorted((logs or {}).items())
+                    if k.startswith(("val_", "health_"))})
         self.history.append(row)
         # Later callbacks (TensorBoard) see the schedules' values among the epoch's logs.
         if logs is not None:

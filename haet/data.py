@@ -366,6 +366,11 @@ def load_dataset(name, data_dir=None):
     return Dataset(info, x_train, y_train, x_test, y_test, source)
 
 
+def one_hot(labels, num_classes):
+    """float32 `(N, num_classes)` one-hot rows of int labels `(N,)` (`keras.utils.to_categorical`)."""
+    return keras.utils.to_categorical(labels, num_classes).astype(np.float32)
+
+
 def select_classes(dataset, classes):
     """The dataset restricted to `classes`, relabelled `0..len(classes)-1` in that order.
 
@@ -494,7 +499,7 @@ class ShuffledBatches(keras.utils.PyDataset):
         self.epoch = 0
         x = self.epoch_images[0]
         if one_hot_classes:
-            y = np.eye(one_hot_classes, dtype=np.float32)[y]
+            y = one_hot(y, one_hot_classes)
         if not 1 <= batch_size <= len(x):
             raise ValueError(
                 f"batch_size={batch_size} must be between 1 and the {len(x)} training images."

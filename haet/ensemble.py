@@ -66,13 +66,13 @@ def main(argv):
         raise ValueError(f"--runs needs at least two run folders. Received: {f.runs}")
     configs, records = zip(*(config_of_run(r) for r in f.runs))
     data_keys = ("dataset", "classes")
-    first = {k: getattr(configs[0], k, None) for k in data_keys}
+    first = {k: getattr(configs[0], k) for k in data_keys}
     for run, config in zip(f.runs, configs):
-        theirs = {k: getattr(config, k, None) for k in data_keys}
+        theirs = {k: getattr(config, k) for k in data_keys}
         if theirs != first:
             raise ValueError(f"{run} was trained on {theirs}, {f.runs[0]} on {first}: members must share the data.")
     config = dataclasses.replace(configs[0], data_dir=f.data_dir or configs[0].data_dir)
-    dataset = training.load_test_data(config)
+    dataset = training.load_dataset_of(config)
     models = []
     for run in f.runs:
         path = os.path.join(run, "model.keras")

@@ -213,7 +213,7 @@ def make_figures(records, published, figures_dir, featured=None):
     runs = [{"budget_seconds": r["budget_seconds"], "test_accuracy": r["test_accuracy"],
              "label": f"{recipe_of(r)}, {device_name(r)}, {r.get('backend')}"} for r in shown]
     pub = [p for p in published if p["budget_seconds"] and (
-        (p["dataset"] == "cifar10" and str(p.get("train_examples")) == "5000") if haet
+        (p["dataset"] == "cifar10" and p["train_examples"] == 5000) if haet
         else p["dataset"] in {r.get("dataset") for r in records})]
     figures["Test accuracy vs budget"] = plots.plot_accuracy_vs_budget(
         runs, pub, os.path.join(figures_dir, "accuracy_vs_budget.png"),

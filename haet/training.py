@@ -319,7 +319,7 @@ def _published_comparison(config, test_accuracy):
 
 
 
-def load_test_data(config):
+def load_dataset_of(config):
     """The dataset of `config` (all splits), restricted to `config.classes` if set."""
     return data_lib.select_classes(data_lib.load_dataset(config.dataset, config.data_dir), config.classes)
 
@@ -330,7 +330,7 @@ def load_training_data(config):
     Returns:
         `(dataset, x_train, y_train, subset_sha256)`.
     """
-    dataset = load_test_data(config)
+    dataset = load_dataset_of(config)
     indices = data_lib.stratified_subset(
         dataset.y_train, config.train_size, dataset.info.num_classes, config.subset_seed
     )
@@ -427,7 +427,7 @@ def split_validation(x, y, validation_size, num_classes, seed):
     return x[keep], y[keep], x[held], y[held]
 
 
-def _progress(config, budget, planner, planned_steps):
+def _progress(budget, planner, planned_steps):
     """A function giving the fraction of the run done: of the budget, or of the
     planned steps for a step-based schedule."""
     if planned_steps is None:
@@ -438,11 +438,6 @@ def _progress(config, budget, planner, planned_steps):
         return 0.0 if not planned else min(1.0, budget.steps / planned)
 
     return steps_done
-
-
-def _set_weights(model, weights):
-    for v, value in zip(model.weights, weights):
-        v.assign(value)
 
 
 def train(config, results_dir="results/runs", clock=None):
@@ -471,6 +466,7 @@ def train(config, results_dir="results/runs", clock=None):
     """
     timer = budget_lib.PhaseTimer()
     config.validate()
+    commit = results.git_commit()  # the code this process runs, not the tree at the end
     previous_policy = keras.mixed_precision.global_policy()
     stack = contextlib.ExitStack()
     try:
@@ -534,7 +530,7 @@ def train(config, results_dir="results/runs", clock=None):
             snapshots = None
             if config.snapshot_ensemble:
                 snapshots = SnapshotKeeper(
-                    config.cycle_ends(), _progress(config, budget, planner, planned_steps))
+                    config.cycle_ends(), _progress(budget, planner, planned_steps))
                 callbacks.append(snapshots)
             # The run folder exists once the data and model are known to be good.
             run_dir = results.make_run_dir(results_dir, config.run_name())
@@ -546,12 +542,15 @@ def train(config, results_dir="results/runs", clock=None):
                 # Last: its epoch end measures the time the other callbacks took too.
                 callbacks.append(planner)
             one_hot = info.num_classes if config.label_smoothing else None
+
+            def loss_targets(labels):  # what the loss takes: one-hot with label smoothing
+                return data_lib.one_hot(labels, one_hot) if one_hot else labels
+
             health = None
             if config.health_every_steps:
                 probe = slice(0, config.batch_size)
                 health = TrainingHealth(
-                    x_fit[probe], np.eye(one_hot, dtype=np.float32)[y_fit[probe]] if one_hot else y_fit[probe],
-                    loss, config.health_every_steps,
+                    x_fit[probe], loss_targets(y_fit[probe]), loss, config.health_every_steps,
                     os.path.join(run_dir, "tensorboard", "health") if config.tensorboard else None)
                 callbacks.insert(0, health)  # before the budget, which copies its epoch logs
         epoch_images = None
@@ -567,7 +566,7 @@ def train(config, results_dir="results/runs", clock=None):
         )
         validation_data = None
         if config.validation_size:
-            validation_data = (x_val, np.eye(one_hot, dtype=np.float32)[y_val] if one_hot else y_val)
+            validation_data = (x_val, loss_targets(y_val))
         model.fit(
             batches,
             epochs=config.epochs or sys.maxsize,  # else the budget (or planner) stops training
@@ -635,7 +634,7 @@ def train(config, results_dir="results/runs", clock=None):
         "precision": policy,
         "xla": bool(model.jit_compile),
         "versions": results.versions(),
-        "git_commit": results.git_commit(),
+        "git_commit": commit,
         "flags": dataclasses.asdict(config),
         "command": sys.argv,
         "published": _published_comparison(config, test_accuracy) if test else None,
@@ -700,7 +699,8 @@ def _evaluate_variants(config, model, x, y, num_classes, prefix, raw_weights, sn
     def probabilities(tta):
         return evaluation.predict_probabilities(model, x, config.eval_batch_size, tta)
 
-    variants = {name(prefix, t): evaluation.scores(probabilities(t), y, num_classes) for t in tta_modes}
+    final = {t: probabilities(t) for t in tta_modes}
+    variants = {name(prefix, t): evaluation.scores(final[t], y, num_classes) for t in tta_modes}
     if raw_weights:
         averaged = [keras.ops.convert_to_numpy(v) for v in model.trainable_variables]
         raw_weights.restore(model)
@@ -710,15 +710,19 @@ def _evaluate_variants(config, model, x, y, num_classes, prefix, raw_weights, sn
             v.assign(value)
     members = []
     if snapshots and snapshots.snapshots:
-        final = [keras.ops.convert_to_numpy(v) for v in model.weights]
+        # The last snapshot is the final model, already predicted above.
+        earlier = [weights for _, weights in snapshots.snapshots[:-1]]
+        kept = model.get_weights()
+        member_probabilities = {t: [] for t in tta_modes}
+        for weights in earlier:
+            model.set_weights(weights)
+            for t in tta_modes:
+                member_probabilities[t].append(probabilities(t))
+        model.set_weights(kept)
         for t in tta_modes:
-            member_probabilities = []
-            for _, weights in snapshots.snapshots:
-                _set_weights(model, weights)
-                member_probabilities.append(probabilities(t))
-            member_scores, ensemble_scores = evaluation.ensemble(member_probabilities, y, num_classes)
+            member_scores, ensemble_scores = evaluation.ensemble(
+                member_probabilities[t] + [final[t]], y, num_classes)
             variants[name("snapshot_ensemble", t)] = ensemble_scores
             if t == "none":
                 members = [m["accuracy"] for m in member_scores]
-        _set_weights(model, final)
     return variants, members

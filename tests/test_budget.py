@@ -110,7 +110,9 @@ def test_phase_timer_accumulates():
     assert timer.seconds == {"eval": 3.0}
 
 
-def test_planner_sets_the_schedule_length_from_measured_steps():
+def _planned_run():
+    """A tiny model on a one-cycle schedule, a 40 s budget on a fake clock and a planner
+    (4 steps an epoch, planning after 1 + 3 steps)."""
     from haet.budget import StepPlanner
     from haet.schedules import PlannedPiecewiseLinear
 
@@ -122,6 +124,11 @@ def test_planner_sets_the_schedule_length_from_measured_steps():
     clock = FakeClock()
     budget = WallClockBudget(40.0, None, clock=clock)
     planner = StepPlanner(budget, schedule.planned_steps, steps_per_epoch=4, probe_steps=3)
+    return model, schedule, clock, budget, planner
+
+
+def test_planner_sets_the_schedule_length_from_measured_steps():
+    model, schedule, clock, budget, planner = _planned_run()
 
     class Rates(keras.callbacks.Callback):
         def __init__(self):
@@ -144,17 +151,7 @@ def test_planner_sets_the_schedule_length_from_measured_steps():
 
 
 def test_planner_charges_the_measured_epoch_overhead_and_replans_once():
-    from haet.budget import StepPlanner
-    from haet.schedules import PlannedPiecewiseLinear
-
-    model, _ = _tiny_model()
-    schedule = PlannedPiecewiseLinear([0.0, 0.5, 1.0], [0.0, 0.1, 0.0])
-    optimizer = keras.optimizers.SGD(schedule)
-    schedule.attach(optimizer, 10**6)
-    model.compile(optimizer, keras.losses.SparseCategoricalCrossentropy(from_logits=True), jit_compile=True)
-    clock = FakeClock()
-    budget = WallClockBudget(40.0, None, clock=clock)
-    planner = StepPlanner(budget, schedule.planned_steps, steps_per_epoch=4, probe_steps=3)
+    model, schedule, clock, budget, planner = _planned_run()
 
     class Validation(keras.callbacks.Callback):
         """4 s between epochs, as a validation pass would take."""
