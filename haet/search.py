@@ -18,8 +18,9 @@ afterwards with `python -m haet.train` and the printed flags.
 - `int:LOW:HIGH` (integers, ends included; grid: every integer);
 - `choice:A|B|C` (the listed values, cast to the flag's type).
 
-The search folder holds `search.json` (the space, method, seed and base flags),
-`trials.csv` (one row per finished trial, appended as each one ends), `runs/` (each
+The search folder holds `search.json` (the space, method, seed and base flags, and
+the git commit, versions, backend and device it began with), `trials.csv` (one row
+per finished trial, appended as each one ends, with the commit that ran it), `runs/` (each
 trial's run folder), `search.png`. Running the same command again resumes: trials
 already in `trials.csv` are skipped (the trial list is a function of the search
 spec, so trial k is the same draw); a different spec for an existing folder is an
@@ -33,11 +34,14 @@ import json
 import math
 import os
 import sys
+import time
 
+import keras
 import numpy as np
 from absl import app, flags, logging
 
-from haet import training
+from haet import results, training
+from haet.device import describe_device
 
 KINDS = ("loguniform", "uniform", "int", "choice")
 _FIELDS = {f.name: f for f in dataclasses.fields(training.TrainConfig)}
@@ -164,7 +168,28 @@ def _read_done(path):
 
 
 COLUMNS = ("trial", "status", "validation_accuracy", "validation_loss", "epochs", "steps",
-           "train_seconds", "run_dir", "error")
+           "train_seconds", "run_dir", "error", "git_commit")
+# The keys of search.json that define the search (compared on resume); the others
+# (git_commit, versions, backend, device, command, created_utc) say where it began.
+SPEC_KEYS = ("space", "method", "trials", "seed", "grid_points", "base_flags")
+
+
+def _append_row(path, row, fieldnames):
+    """Appends `row` to the CSV at `path`, writing the header first if the file is new.
+    An existing file keeps its own header (columns it lacks are dropped from `row`)."""
+    existing = _read_header(path)
+    with open(path, "a", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=existing or fieldnames, extrasaction="ignore")
+        if not existing:
+            writer.writeheader()
+        writer.writerow(row)
+
+
+def _read_header(path):
+    if not os.path.exists(path):
+        return None
+    with open(path, newline="") as f:
+        return next(csv.reader(f), None)
 
 
 def run_search(base, space, method, trials, seed, search_dir, grid_points=3, train=training.train):
@@ -191,11 +216,12 @@ def run_search(base, space, method, trials, seed, search_dir, grid_points=3, tra
             "trials": len(plan), "seed": seed, "grid_points": grid_points,
             "base_flags": dataclasses.asdict(base)}
     spec = json.loads(json.dumps(spec))
+    commit = results.git_commit()  # the code this process runs; each trial row repeats it
     os.makedirs(search_dir, exist_ok=True)
     spec_path = os.path.join(search_dir, "search.json")
     if os.path.exists(spec_path):
         with open(spec_path) as f:
-            saved = json.load(f)
+            saved = {k: v for k, v in json.load(f).items() if k in SPEC_KEYS}
         if saved != spec:
             changed = sorted(k for k in set(saved) | set(spec) if saved.get(k) != spec.get(k))
             raise ValueError(
@@ -203,8 +229,11 @@ def run_search(base, space, method, trials, seed, search_dir, grid_points=3, tra
                 "Use a new --search_dir, or the original flags to resume it.")
         logging.info("resuming the search in %s", search_dir)
     else:
+        provenance = {"git_commit": commit, "versions": results.versions(),
+                      "backend": keras.backend.backend(), "device": describe_device(),
+                      "command": sys.argv, "created_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
         with open(spec_path, "x") as f:
-            json.dump(spec, f, indent=2, sort_keys=True)
+            json.dump({**spec, **provenance}, f, indent=2, sort_keys=True)
     csv_path = os.path.join(search_dir, "trials.csv")
     done = {int(r["trial"]) for r in _read_done(csv_path)}
     names = list(space)
@@ -212,7 +241,7 @@ def run_search(base, space, method, trials, seed, search_dir, grid_points=3, tra
         if index in done:
             continue
         logging.info("trial %d/%d: %s", index + 1, len(plan), trial)
-        row = {"trial": index, **{n: _csv_value(trial[n]) for n in names}}
+        row = {"trial": index, **{n: _csv_value(trial[n]) for n in names}, "git_commit": commit}
         try:
             record, run_dir = train(dataclasses.replace(base, **trial),
                                     results_dir=os.path.join(search_dir, "runs"))
@@ -225,12 +254,7 @@ def run_search(base, space, method, trials, seed, search_dir, grid_points=3, tra
             row.update(status="failed", validation_accuracy="", validation_loss="", epochs="",
                        steps="", train_seconds="", run_dir="", error=str(e)[:300])
             logging.warning("trial %d failed: %s", index, e)
-        new = not os.path.exists(csv_path)
-        with open(csv_path, "a", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=["trial", *names, *COLUMNS[1:]])
-            if new:
-                writer.writeheader()
-            writer.writerow(row)
+        _append_row(csv_path, row, ["trial", *names, *COLUMNS[1:]])
     rows = _read_done(csv_path)
     rows.sort(key=lambda r: -float(r["validation_accuracy"]) if r["validation_accuracy"] else math.inf)
     return rows

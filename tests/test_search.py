@@ -8,7 +8,7 @@ import sys
 import pytest
 
 from conftest import REPO
-from haet import search
+from haet import results, search
 from haet.training import TrainConfig
 
 
@@ -85,7 +85,10 @@ def test_search_resumes_after_interruption_and_refuses_another_spec(tmp_path):
     assert [c.learning_rate for c in resumed] == [t["learning_rate"] for t in planned[2:]]
     accuracies = [float(r["validation_accuracy"]) for r in rows]
     assert len(rows) == 5 and accuracies == sorted(accuracies, reverse=True)
-    assert json.loads((tmp_path / "search.json").read_text())["trials"] == 5
+    spec = json.loads((tmp_path / "search.json").read_text())
+    assert spec["trials"] == 5 and spec["git_commit"] == results.git_commit()
+    assert {"versions", "backend", "device", "created_utc"} <= set(spec)
+    assert {r["git_commit"] for r in rows} == {results.git_commit()}
     with pytest.raises(ValueError, match="holds a different search .*trials"):
         search.run_search(base, space, "random", 6, 0, str(tmp_path), train=_fake_train([]))
     with pytest.raises(ValueError, match="set --validation_size"):
@@ -113,3 +116,23 @@ def test_search_command_on_real_data(tmp_path, cifar10_slice_dir):
     records = [json.loads(open(tmp_path / "s" / r["run_dir"] / "record.json").read()) for r in rows]
     assert all(r["test_accuracy"] is None and r["validation_examples"] == 50 for r in records)
     assert "best: --learning_rate=" in result.stdout and (tmp_path / "s" / "search.png").exists()
+
+
+def test_resuming_a_folder_written_before_trials_had_a_commit_column(tmp_path):
+    base = TrainConfig(validation_size=500, budget_seconds=5)
+    space = search.parse_space(["learning_rate=loguniform:0.01:1"])
+    with pytest.raises(KeyboardInterrupt):
+        search.run_search(base, space, "random", 3, 0, str(tmp_path), train=_fake_train([], fail_at=2))
+    # Rewrite the folder as an older version left it: no commit column, no provenance.
+    with open(tmp_path / "trials.csv") as f:
+        old = [{k: v for k, v in r.items() if k != "git_commit"} for r in csv.DictReader(f)]
+    with open(tmp_path / "trials.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(old[0]))
+        w.writeheader()
+        w.writerows(old)
+    spec = json.loads((tmp_path / "search.json").read_text())
+    (tmp_path / "search.json").write_text(json.dumps({k: spec[k] for k in search.SPEC_KEYS}))
+    rows = search.run_search(base, space, "random", 3, 0, str(tmp_path), train=_fake_train([]))
+    assert sorted(r["trial"] for r in rows) == ["0", "1", "2"]
+    with open(tmp_path / "trials.csv") as f:
+        assert next(csv.reader(f)) == list(old[0])  # the file keeps its header
