@@ -1,7 +1,9 @@
 """Run by test_distribute.py in a fresh process: one SGD step on a fixed global batch,
 on 1 device or data-parallel on 2 logical CPU devices; saves the weights.
 
-    python tests/data_parallel_step.py REPLICAS OUT.npz
+    python tests/data_parallel_step.py REPLICAS OUT.npz [batchnorm]
+
+With "batchnorm" the model has a batch-norm layer after its convolution.
 """
 
 import os
@@ -10,6 +12,7 @@ import sys
 import numpy as np
 
 replicas, out = int(sys.argv[1]), sys.argv[2]
+batchnorm = sys.argv[3:] == ["batchnorm"]
 if os.environ.get("KERAS_BACKEND", "tensorflow") == "tensorflow":
     import tensorflow as tf
 
@@ -29,6 +32,8 @@ with context as parallel:
     inputs = keras.Input((8, 8, 3), dtype="uint8")
     h = keras.layers.Rescaling(1 / 255)(inputs)
     h = keras.layers.Conv2D(6, 3, activation="relu", kernel_initializer=keras.initializers.GlorotUniform(1))(h)
+    if batchnorm:
+        h = keras.layers.BatchNormalization()(h)
     h = keras.layers.GlobalAveragePooling2D()(h)
     logits = keras.layers.Dense(4, kernel_initializer=keras.initializers.GlorotUniform(2))(h)
     model = keras.Model(inputs, logits)
