@@ -62,6 +62,7 @@ def main(argv):
     from absl import flags
 
     f = flags.FLAGS
+    commit = results.git_commit()  # the code this process runs
     if len(f.runs) < 2:
         raise ValueError(f"--runs needs at least two run folders. Received: {f.runs}")
     configs, records = zip(*(config_of_run(r) for r in f.runs))
@@ -98,7 +99,7 @@ def main(argv):
         "test_examples": int(len(dataset.y_test)),
         "backend": keras.backend.backend(),
         "versions": results.versions(),
-        "git_commit": results.git_commit(),
+        "git_commit": commit,
     }
     run_dir = results.make_run_dir(f.results_dir, f"{dataset.info.name}_ensemble_of_{len(models)}")
     results.write_record(run_dir, record)

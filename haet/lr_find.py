@@ -100,8 +100,7 @@ def range_test(config, info, x_train, y_train, min_learning_rate, max_learning_r
     model, _ = training.build_training_model(config, info, x_train)
     schedule = keras.optimizers.schedules.ExponentialDecay(
         min_learning_rate, decay_steps=1, decay_rate=(max_learning_rate / min_learning_rate) ** (1 / (steps - 1)))
-    optimizer = (keras.optimizers.SGD(schedule, momentum=config.momentum, nesterov=True)
-                 if config.optimizer == "sgd" else keras.optimizers.Adam(schedule))
+    optimizer = training.make_optimizer(dataclasses.replace(config, ema_decay=0.0), schedule)
     model.compile(optimizer, training.make_loss(config), jit_compile=True)
     batches = data_lib.ShuffledBatches(
         x_train, y_train, config.batch_size, seed=config.seed,
@@ -143,6 +142,7 @@ def main(argv):
     from haet import train as entry
 
     f = flags.FLAGS
+    commit = results.git_commit()  # the code this process runs
     config, dataset, x_train, y_train, sha = entry.config_and_data_from_flags()
     rows, suggestion = range_test(config, dataset.info, x_train, y_train, f.min_learning_rate,
                                   f.max_learning_rate, f.range_steps)
@@ -157,7 +157,7 @@ def main(argv):
         "min_learning_rate": f.min_learning_rate, "max_learning_rate": f.max_learning_rate,
         "dataset": config.dataset, "train_examples": len(y_train), "subset_sha256": sha,
         "backend": keras.backend.backend(), "versions": results.versions(),
-        "git_commit": results.git_commit(), "flags": dataclasses.asdict(config),
+        "git_commit": commit, "flags": dataclasses.asdict(config),
     })
     print(f"suggested learning rate {suggestion[0]:.3g} (smoothed loss minimum at {suggestion[1]:.3g}, "
           f"steepest descent at {suggestion[2]:.3g}); wrote {run_dir}")

@@ -382,12 +382,11 @@ def make_loss(config):
     return keras.losses.SparseCategoricalCrossentropy(from_logits=True)
 
 
-def _make_optimizer(config, schedule):
-    """Adam or Nesterov SGD, with Keras' own weight EMA when `ema_decay` > 0."""
+def make_optimizer(config, learning_rate):
+    """Adam or Nesterov SGD (`config.optimizer`, `config.momentum`) at `learning_rate` (a
+    float or a `keras.optimizers.schedules` schedule), with Keras' own weight EMA when
+    `config.ema_decay` > 0."""
     ema = {"use_ema": True, "ema_momentum": config.ema_decay} if config.ema_decay else {}
-    # A wall-clock schedule starts at its first value; WallClockBudget moves it.
-    learning_rate = (schedule if isinstance(schedule, (PlannedPiecewiseLinear, PlannedSchedule))
-                     else schedule(0.0))
     if config.optimizer == "sgd":
         return keras.optimizers.SGD(learning_rate, momentum=config.momentum, nesterov=True, **ema)
     return keras.optimizers.Adam(learning_rate, **ema)
@@ -491,7 +490,8 @@ def train(config, results_dir="results/runs", clock=None):
             steps_per_epoch = len(y_fit) // config.batch_size
             schedule = config.learning_rate_schedule()
             planned = isinstance(schedule, (PlannedPiecewiseLinear, PlannedSchedule))
-            optimizer = _make_optimizer(config, schedule)
+            # A wall-clock schedule starts at its first value; WallClockBudget moves it.
+            optimizer = make_optimizer(config, schedule if planned else schedule(0.0))
             planned_steps = None
             if planned:
                 planned_steps = (config.epochs or 1000) * steps_per_epoch
