@@ -25,8 +25,20 @@ import keras
 import numpy as np
 from keras import ops
 
+from haet import fields
+from haet.fields import Field, Kind
+from haet.schedules import PiecewiseConstant, check_range
+
 # Order matters: `fill_mode_index` indexes this tuple.
 FILL_MODES = ("nearest", "constant", "wrap", "reflect")
+
+# RandomAffine's ranges: the largest value each may take, and its unit.
+AFFINE_LIMITS = {
+    "shift_range": (1.0, "fraction of image size"),
+    "zoom_range": (0.99, "fraction"),
+    "rotation_range": (180.0, "degrees"),
+    "shear_range": (89.0, "degrees"),
+}
 
 
 def fill_mode_index(fill_mode):
@@ -176,10 +188,9 @@ class RandomAffine(keras.layers.Layer):
         # pixel positions lose sub-pixel precision.
         kwargs.setdefault("dtype", "float32")
         super().__init__(**kwargs)
-        _check_range("shift_range", shift_range, 1.0, "fraction of image size")
-        _check_range("zoom_range", zoom_range, 0.99, "fraction")
-        _check_range("rotation_range", rotation_range, 180.0, "degrees")
-        _check_range("shear_range", shear_range, 89.0, "degrees")
+        for name, value in (("shift_range", shift_range), ("zoom_range", zoom_range),
+                            ("rotation_range", rotation_range), ("shear_range", shear_range)):
+            _check_range(name, value, *AFFINE_LIMITS[name])
         self.shift_range = float(shift_range)
         self.zoom_range = float(zoom_range)
         self.rotation_range = float(rotation_range)
@@ -386,3 +397,108 @@ def precompute_epochs(images, layer, epochs, mean, chunk_size=1000):
             out[start:start + chunk_size] = np.clip(np.rint(augmented), 0, 255).astype(np.uint8)
         views.append(out)
     return views
+
+
+def _affine(shift_range, zoom_range, rotation_range, shear_range, horizontal_flip, seed):
+    return RandomAffine(shift_range, zoom_range, rotation_range, shear_range, horizontal_flip, seed=seed,
+                        name="augmentation")
+
+
+def _crop_flip_cutout(crop_padding, horizontal_flip, cutout_size, seed):
+    return RandomCropFlipCutout(crop_padding, horizontal_flip, cutout_size, seed=seed, name="augmentation")
+
+
+def _none():
+    return None
+
+
+def strength_schedule(config):
+    """The affine augmentation's strength over the budget fraction (`PiecewiseConstant`
+    of `augment_strength_boundaries` / `augment_strengths`, values in [0, 1])."""
+    schedule = PiecewiseConstant(config.augment_strength_boundaries, config.augment_strengths,
+                                 name="augmentation strength")
+    return check_range(schedule, 0.0, 1.0)
+
+
+def _check_affine(config, image_shape):
+    strength_schedule(config)
+
+
+def _check_crop_flip_cutout(config, image_shape):
+    side = min(image_shape[:2])
+    if config.cutout_size > side:
+        raise ValueError(
+            f"cutout_size={config.cutout_size} is larger than the {image_shape[0]}x{image_shape[1]} images: "
+            f"use at most {side} pixels (0: no cutout).")
+
+
+# The augmentations the `--augmentation` flag names: builder (a layer named
+# "augmentation", or None), the config fields it takes, its check `check(config,
+# image_shape)`. The layer runs inside the model, in the compiled training step.
+AUGMENTATIONS = {
+    "affine": Kind(_affine, ("shift_range", "zoom_range", "rotation_range", "shear_range", "horizontal_flip", "seed"),
+                   _check_affine, "UMBC's shift/zoom/shear/rotation/flip, annealed over the budget"),
+    "crop_flip_cutout": Kind(_crop_flip_cutout, ("crop_padding", "horizontal_flip", "cutout_size", "seed"),
+                             _check_crop_flip_cutout, "Page's random crop, flip and cutout"),
+    "none": Kind(_none, (), None, "none"),
+}
+
+
+def _affine_limit(name):
+    upper, unit = AFFINE_LIMITS[name]
+    return lambda value, field: _check_range(field, value, upper, unit)
+
+
+def _fill_modes(value, name):
+    if not value:
+        raise ValueError(f"{name} must name at least one of {', '.join(FILL_MODES)}.")
+    for mode in value:
+        fill_mode_index(mode)
+
+
+FIELDS = (
+    Field("augmentation", "affine", "Training augmentation, inside the compiled step. "
+          + fields.table_help(AUGMENTATIONS) + ".", fields.one_of(AUGMENTATIONS, "augmentation")),
+    Field("shift_range", 0.2, "affine: largest shift, a fraction of the image height and width, in [0, 1].",
+          _affine_limit("shift_range")),
+    Field("zoom_range", 0.2, "affine: zoom factors drawn in [1 - z, 1 + z], z in [0, 0.99].",
+          _affine_limit("zoom_range")),
+    Field("rotation_range", 15.0, "affine: largest rotation in degrees, in [0, 180].",
+          _affine_limit("rotation_range")),
+    Field("shear_range", 15.0, "affine: largest shear angle in degrees, in [0, 89].", _affine_limit("shear_range")),
+    Field("horizontal_flip", True, "Random left-right flips (affine, crop_flip_cutout)."),
+    Field("fill_modes", FILL_MODES, "affine: fill modes for pixels from outside the image, one drawn each "
+          f"epoch; of {', '.join(FILL_MODES)}.", _fill_modes),
+    Field("augment_strength_boundaries", (0.3, 0.65, 0.75, 0.8, 0.85, 0.9),
+          "affine: fractions of the budget where the augmentation strength steps."),
+    Field("augment_strengths", (1.0, 0.87, 0.73, 0.6, 0.47, 0.33, 0.0),
+          "affine: strength in [0, 1] multiplying every range, per interval (one more than the boundaries)."),
+    Field("crop_padding", 4, "crop_flip_cutout: largest crop offset in pixels (mirror padding).",
+          fields.at_least(0, integer=True)),
+    Field("cutout_size", 8, "crop_flip_cutout: side of the cutout square in pixels, at most the image "
+          "side; 0: off.", fields.at_least(0, integer=True)),
+    Field("precomputed_augmentation_epochs", 0, "crop_flip_cutout: > 0 augments this many copies of the "
+          "training set before training (the time counts toward the budget) instead of in the step.",
+          fields.at_least(0, integer=True)),
+)
+
+
+def check_config(config, image_shape):
+    """Checks the augmentation settings of a run config for images of `image_shape`
+    `(H, W, C)`.
+
+    Raises:
+        ValueError: naming the bad value.
+    """
+    kind = fields.choose(AUGMENTATIONS, "augmentation", config.augmentation)
+    if kind.check:
+        kind.check(config, image_shape)
+    if config.precomputed_augmentation_epochs and config.augmentation != "crop_flip_cutout":
+        raise ValueError(
+            "precomputed_augmentation_epochs needs --augmentation=crop_flip_cutout (affine augmentation "
+            f"follows the clock). Received: augmentation={config.augmentation!r}")
+
+
+def build_augmentation(config):
+    """The training augmentation layer of `config` (named "augmentation"), or None."""
+    return fields.build(AUGMENTATIONS, "augmentation", config.augmentation, config)

@@ -31,6 +31,9 @@ import tarfile
 import keras
 import numpy as np
 
+from haet import fields
+from haet.fields import Field
+
 
 @dataclasses.dataclass(frozen=True)
 class DatasetInfo:
@@ -108,6 +111,57 @@ class Dataset:
     x_test: np.ndarray
     y_test: np.ndarray
     source: str
+
+
+FIELDS = (
+    Field("dataset", "cifar10", f"Dataset: {', '.join(DATASETS)}, or folder (--data_dir/{{train,test}}/<class>/*.png)."),
+    Field("data_dir", None, "Folder with train.npz/test.npz (or the CIFAR python archives); unset: "
+          "tensorflow-datasets."),
+    Field("train_size", 5000, "Training images, the same number per class (all of them: the split's size).",
+          fields.positive(integer=True)),
+    Field("classes", (), "Class ids to keep, relabelled 0..k-1 in this order (e.g. 5,6,7,8,9); empty: all.",
+          item_type=int),
+    Field("subset_seed", 0, "Seed choosing the training subset (and, +1, the validation split).",
+          fields.at_least(0, integer=True)),
+    Field("validation_size", 0, "Class-balanced images held out of the training subset to validate on after "
+          "each epoch; 0: none.", fields.at_least(0, integer=True)),
+)
+
+
+def check_config(config):
+    """Checks the data settings of a run config against what is known of the dataset
+    (a folder dataset's folder is read).
+
+    Returns:
+        The dataset's `DatasetInfo` (restricted to `config.classes`).
+
+    Raises:
+        ValueError: an unknown dataset, a subset the data cannot give, naming the value.
+    """
+    if config.dataset == "folder" and not config.data_dir:
+        raise ValueError("--dataset=folder needs --data_dir=DIR with DIR/train/<class>/ and DIR/test/<class>/.")
+    info = dataset_info(config.dataset, config.data_dir)
+    if config.classes:
+        k = info.num_classes
+        classes = list(config.classes)
+        if len(classes) < 2 or len(set(classes)) != len(classes) or any(not 0 <= c < k for c in classes):
+            raise ValueError(
+                f"classes must be at least 2 distinct ids in [0, {k}) of {info.name}. Received: {classes}")
+        info = dataclasses.replace(info, class_names=tuple(info.class_names[c] for c in classes))
+    elif config.dataset != "folder":
+        if config.train_size % info.num_classes and config.train_size != info.train_examples:
+            raise ValueError(
+                f"train_size={config.train_size} is not a multiple of the {info.num_classes} classes of "
+                f"{info.name}: use e.g. {config.train_size - config.train_size % info.num_classes}.")
+        if config.train_size > info.train_examples:
+            raise ValueError(
+                f"train_size={config.train_size} is larger than the {info.train_examples} training images "
+                f"of {info.name}.")
+    if config.validation_size % info.num_classes:
+        raise ValueError(
+            f"validation_size={config.validation_size} is not a multiple of the {info.num_classes} classes: "
+            "the split is class-balanced.")
+    return info
 
 
 def dataset_info(name, data_dir=None):
@@ -467,58 +521,6 @@ def subset_sha256(x, y):
     h.update(np.ascontiguousarray(x, dtype=np.uint8).tobytes())
     h.update(np.ascontiguousarray(y, dtype="<i8").tobytes())
     return h.hexdigest()
-
-
-class ShuffledBatches(keras.utils.PyDataset):
-    """Training batches for `model.fit`: full batches of a new permutation each epoch.
-
-    An epoch is `len(x) // batch_size` steps; the `len(x) % batch_size` images that
-    fall at the end of each epoch's permutation wait for the next one. Every step
-    thus has the same shape and the train step compiles once (a short last batch
-    would trace and XLA-compile a second variant inside the budget).
-
-    Args:
-        x: uint8 images `(N, H, W, C)`.
-        y: int labels `(N,)`.
-        batch_size: examples per step, at most N.
-        seed: int seed of the permutations.
-        one_hot_classes: if set, labels come as float32 one-hot rows of this
-            length (for losses with label smoothing).
-        epoch_images: optional list of arrays shaped like `x` (e.g. precomputed
-            augmentations); epoch k reads `epoch_images[k % len(epoch_images)]`.
-
-    Raises:
-        ValueError: if `batch_size` is not in [1, N].
-    """
-
-    def __init__(self, x, y, batch_size, seed, one_hot_classes=None, epoch_images=None):
-        super().__init__(workers=1, use_multiprocessing=False, max_queue_size=16)
-        self.epoch_images = epoch_images or [x]
-        if any(v.shape != x.shape for v in self.epoch_images):
-            raise ValueError(f"epoch_images must all have the shape of x, {x.shape}.")
-        self.epoch = 0
-        x = self.epoch_images[0]
-        if one_hot_classes:
-            y = one_hot(y, one_hot_classes)
-        if not 1 <= batch_size <= len(x):
-            raise ValueError(
-                f"batch_size={batch_size} must be between 1 and the {len(x)} training images."
-            )
-        self.x, self.y, self.batch_size = x, y, batch_size
-        self.rng = np.random.default_rng(seed)
-        self.order = self.rng.permutation(len(x))
-
-    def __len__(self):
-        return len(self.x) // self.batch_size
-
-    def __getitem__(self, index):
-        batch = self.order[index * self.batch_size:(index + 1) * self.batch_size]
-        return self.x[batch], self.y[batch]
-
-    def on_epoch_end(self):
-        self.epoch += 1
-        self.x = self.epoch_images[self.epoch % len(self.epoch_images)]
-        self.order = self.rng.permutation(len(self.x))
 
 
 def export_subset(dataset, indices, export_dir, subset_seed):

@@ -23,11 +23,12 @@ import keras
 import numpy as np
 from absl import logging
 
+from haet import config as config_lib
 from haet import evaluation, results, training
 
 
 def config_of_run(run_dir):
-    """The `TrainConfig` written in `run_dir/record.json` (lists back to tuples).
+    """The `TrainConfig` written in `run_dir/record.json` (`haet.config.config_from_record`).
 
     Raises:
         FileNotFoundError: no record in `run_dir`.
@@ -37,9 +38,8 @@ def config_of_run(run_dir):
         raise FileNotFoundError(f"{path} does not exist: --runs takes run folders of python -m haet.train.")
     with open(path) as f:
         record = json.load(f)
-    known = {f.name for f in dataclasses.fields(training.TrainConfig)}
-    flags = {k: tuple(v) if isinstance(v, list) else v for k, v in record["flags"].items() if k in known}
-    return training.TrainConfig(**flags), record
+    # Only the data settings are used: a fine-tuned member's source model need not exist.
+    return config_lib.config_from_record(record["flags"], init_from=None, freeze_stages=0), record
 
 
 def evaluate_ensemble(models, images, labels, num_classes, batch_size=500, tta="none"):

@@ -2,7 +2,16 @@
 
 import numpy as np
 
+from haet import fields
+from haet.fields import Field
+
 TTA_MODES = ("none", "flip", "flip_translate")
+
+FIELDS = (
+    Field("tta", "none", "Test-time augmentation: none; flip (mean of the image and its mirror image); "
+          "flip_translate (also shifted by +-2 pixels, 6 views).", fields.one_of(TTA_MODES, "tta")),
+    Field("eval_batch_size", 500, "Examples per evaluation step.", fields.positive(integer=True)),
+)
 # flip_translate: each of these (rows, cols) shifts in pixels, with and without a flip.
 TTA_SHIFTS = ((0, 0), (2, 2), (-2, -2))
 
@@ -36,9 +45,15 @@ def tta_views(images, tta):
     return [_shift(v, r, c) for v in (images, flipped) for r, c in TTA_SHIFTS]
 
 
-def predict_logits(model, images, batch_size):
-    """Logits of `model` on `images` (uint8 or float `(N, H, W, C)`): float32 `(N, classes)`."""
-    return np.asarray(model.predict(images, batch_size=batch_size, verbose=0), dtype=np.float32)
+def predict_logits(model, images, batch_size, weights=None):
+    """Logits of `model` on `images` (uint8 or float `(N, H, W, C)`): float32 `(N, classes)`.
+
+    `weights`: `(trainable, non_trainable)` value lists to predict with instead of
+    the model's own (`haet.engine.current_weights`); the model is left untouched.
+    """
+    from haet.engine import predictor_of
+
+    return predictor_of(model)(images, batch_size, weights)
 
 
 def cross_entropy(logits, labels):
@@ -65,11 +80,13 @@ def _softmax(logits):
     return e / e.sum(axis=1, keepdims=True)
 
 
-def predict_probabilities(model, images, batch_size, tta="none"):
-    """Softmax probabilities of `model` on uint8 `(N, H, W, C)` images, averaged over the
-    views of `tta_views(images, tta)`: float64 `(N, classes)`."""
+def predict_probabilities(model, images, batch_size, tta="none", weights=None):
+    """Softmax probabilities of `model` (with `weights`, see `predict_logits`) on uint8
+    `(N, H, W, C)` images, averaged over the views of `tta_views(images, tta)`:
+    float64 `(N, classes)`."""
     views = tta_views(images, tta)
-    probabilities = sum(_softmax(predict_logits(model, v, batch_size).astype(np.float64)) for v in views)
+    probabilities = sum(_softmax(predict_logits(model, v, batch_size, weights).astype(np.float64))
+                        for v in views)
     return probabilities / len(views)
 
 

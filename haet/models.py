@@ -3,10 +3,14 @@
 Every model returns float32 logits whatever the mixed-precision policy.
 """
 
+import os
+
 import keras
 import numpy as np
 from keras import layers
 
+from haet import fields
+from haet.fields import Field, Kind
 from haet.layers import CELU, GhostBatchNormalization
 
 # UMBC HAET-2021 (xmhosseini/HAET2021, HAET_CIFAR10_train.py): where their widened
@@ -95,7 +99,8 @@ def resnet20(
     classic ResNet-20 plus biases and projection shortcuts); 9,741,322 at width 6.
 
     Args:
-        width_multiplier: positive int, filters per stage = (16, 32, 64) x this.
+        width_multiplier: positive integer (an integral float such as 6.0 is
+            accepted), filters per stage = (16, 32, 64) x this.
         dropout_rate: float in [0, 1), the rate at every site in `dropout_sites`.
         weight_decay: L2 factor on convolution kernels (loss += wd * sum(w**2)).
         num_classes: number of output logits (>= 2).
@@ -111,10 +116,12 @@ def resnet20(
         ValueError: for a non-positive width, a rate outside [0, 1), a negative
             weight decay or fewer than 2 classes.
     """
-    if not isinstance(width_multiplier, int) or width_multiplier < 1:
+    if (isinstance(width_multiplier, bool) or not isinstance(width_multiplier, (int, float))
+            or width_multiplier < 1 or width_multiplier != int(width_multiplier)):
         raise ValueError(
-            f"width_multiplier must be a positive integer. Received: {width_multiplier!r}"
+            f"resnet20 needs a positive integer width_multiplier. Received: {width_multiplier!r}"
         )
+    width_multiplier = int(width_multiplier)
     if not 0.0 <= dropout_rate < 1.0:
         raise ValueError(f"dropout_rate must be in [0, 1). Received: {dropout_rate!r}")
     if weight_decay < 0:
@@ -240,8 +247,9 @@ def resnet9(
 # Each model's stages in order, as layer-name prefixes (for freezing when fine-tuning),
 # and its classification head (replaced when the class count changes).
 STAGES = {"resnet20": ("stem", "stage1", "stage2", "stage3"),
-          "resnet9": ("prep", "layer1", "layer2", "layer3")}
-HEADS = {"resnet20": ("logits",), "resnet9": ("dense", "logits")}
+          "resnet9": ("prep", "layer1", "layer2", "layer3"),
+          "tiny_cnn": ("block1", "block2")}
+HEADS = {"resnet20": ("logits",), "resnet9": ("dense", "logits"), "tiny_cnn": ("logits",)}
 
 
 def backbone_of(model):
@@ -314,19 +322,134 @@ def transfer_weights(source, target, model_name, freeze_stages=0):
             "layers_frozen": frozen, "parameters_frozen": frozen_params}
 
 
-# The models `build_model` knows, by the name the `--model` flag takes.
-MODELS = {"resnet20": resnet20, "resnet9": resnet9}
+def tiny_cnn(num_classes=10, input_shape=(32, 32, 3), width_multiplier=1.0, weight_decay=0.0, name=None):
+    """A two-block convnet for tests and for measuring the host's cost per step.
+
+    conv(16)-BN-ReLU-maxpool(2), conv(32)-BN-ReLU, global average pooling, dense;
+    channels times `width_multiplier`. 3x3 convs without bias, he_uniform init.
+    Parameter count at width 1, 10 classes, RGB: 5,562 (5,466 trainable).
+
+    Args:
+        num_classes: output logits (>= 2).
+        input_shape: `(height, width, channels)`, height and width >= 2.
+        width_multiplier: positive float scaling the channels.
+        weight_decay: L2 factor on conv and dense kernels.
+        name: model name; default "tiny_cnn".
+
+    Returns:
+        `keras.Model` from float images `(batch, *input_shape)` to float32 logits.
+
+    Raises:
+        ValueError: non-positive width or fewer than 2 classes.
+    """
+    if not width_multiplier > 0:
+        raise ValueError(f"width_multiplier must be positive. Received: {width_multiplier!r}")
+    if num_classes < 2:
+        raise ValueError(f"num_classes must be >= 2. Received: {num_classes!r}")
+    regularizer = keras.regularizers.L2(weight_decay) if weight_decay else None
+    inputs = keras.Input(shape=input_shape, name="images")
+    x = inputs
+    for i, filters in enumerate((16, 32), start=1):
+        x = layers.Conv2D(max(1, round(filters * width_multiplier)), 3, padding="same", use_bias=False,
+                          kernel_initializer="he_uniform", kernel_regularizer=regularizer, name=f"block{i}_conv")(x)
+        x = layers.BatchNormalization(name=f"block{i}_bn")(x)
+        x = layers.Activation("relu", name=f"block{i}_relu")(x)
+        if i == 1:
+            x = layers.MaxPooling2D(2, name="block1_pool")(x)
+    x = layers.GlobalAveragePooling2D(name="pool")(x)
+    outputs = layers.Dense(num_classes, kernel_regularizer=regularizer, dtype="float32", name="logits")(x)
+    return keras.Model(inputs, outputs, name=name or "tiny_cnn")
+
+
+def _check_resnet20(config):
+    if config.width_multiplier != int(config.width_multiplier):
+        raise ValueError(f"resnet20 needs an integer width_multiplier. Received: {config.width_multiplier!r}")
+
+
+def _check_resnet9(config):
+    if config.batch_size % config.ghost_batch_splits:
+        raise ValueError(
+            f"ghost_batch_splits={config.ghost_batch_splits} must divide batch_size={config.batch_size}: "
+            "each ghost batch normalizes batch_size / ghost_batch_splits examples (Page: 16 groups of 32 "
+            "at batch 512).")
+    if config.activation != "celu":
+        try:
+            keras.activations.get(config.activation)
+        except ValueError:
+            raise ValueError(f"Unknown activation {config.activation!r}: use celu or a Keras activation "
+                             "name such as relu, gelu or elu.") from None
+
+
+# The models the `--model` flag names: builder, the config fields it takes, its checks.
+# Every builder also takes `num_classes` and `input_shape` and returns a keras.Model
+# from float images to float32 logits.
+MODELS = {
+    "resnet20": Kind(resnet20, ("width_multiplier", "dropout_rate", "weight_decay"), _check_resnet20,
+                     "UMBC's widened ResNet-20 v1"),
+    "resnet9": Kind(resnet9, ("width_multiplier", "activation", "celu_alpha", "ghost_batch_splits",
+                              "frozen_bn_scale", "logit_scale", "weight_decay"), _check_resnet9,
+                    "David Page's ResNet-9"),
+    "tiny_cnn": Kind(tiny_cnn, ("width_multiplier", "weight_decay"), None, "a two-block convnet for tests"),
+}
+
+# How the uint8 input is normalized (`with_input_pipeline`).
+INPUT_NORMALIZATIONS = ("pixel_mean", "channel_standardize")
+
+FIELDS = (
+    Field("model", "resnet20", "The network. " + fields.table_help(MODELS) + ".",
+          fields.one_of(MODELS, "model")),
+    Field("width_multiplier", 6.0, "Channels x this (resnet20: an integer; its filters are (16, 32, 64) x it).",
+          fields.positive()),
+    Field("dropout_rate", 0.25, "resnet20: dropout rate at each of UMBC's nine sites, in [0, 1).",
+          fields.in_range(0, 1, high_open=True)),
+    Field("weight_decay", 1e-4, "L2 factor on conv and dense kernels: loss += weight_decay * sum(w**2).",
+          fields.at_least(0)),
+    Field("activation", "celu", "resnet9: celu (alpha --celu_alpha) or a Keras activation name (relu, gelu...)."),
+    Field("celu_alpha", 0.3, "resnet9: CELU alpha (> 0).", fields.positive()),
+    Field("ghost_batch_splits", 1, "resnet9: batch-norm groups per training batch, dividing --batch_size "
+          "(1: plain batch norm).", fields.positive(integer=True)),
+    Field("frozen_bn_scale", True, "resnet9: batch-norm scales fixed at 1."),
+    Field("logit_scale", 0.125, "resnet9: logits multiplied by this (> 0).", fields.positive()),
+    Field("input_normalization", "pixel_mean", "pixel_mean: subtract the training images' per-pixel mean; "
+          "channel_standardize: per-channel mean and standard deviation.", fields.one_of(INPUT_NORMALIZATIONS)),
+    Field("init_from", None, "A saved model.keras to fine-tune (same --model and --width_multiplier): its "
+          "backbone is copied by layer name, the head is new; use a lower learning rate."),
+    Field("freeze_stages", 0, "With --init_from: leading backbone stages kept frozen (resnet9: prep, layer1, "
+          "layer2, layer3; resnet20: stem, stage1, stage2, stage3).", fields.at_least(0, integer=True)),
+)
+
+
+def check_config(config):
+    """Checks the model settings of a run config (see `FIELDS`).
+
+    Raises:
+        ValueError: a setting the chosen model cannot use, naming the value.
+    """
+    kind = fields.choose(MODELS, "model", config.model)
+    if kind.check:
+        kind.check(config)
+    if config.init_from is not None and not os.path.isfile(config.init_from):
+        raise ValueError(f"init_from={config.init_from!r} is not a file: pass a model.keras of a run folder.")
+    if config.freeze_stages and not config.init_from:
+        raise ValueError("freeze_stages needs --init_from (a trained model to fine-tune).")
+    stages = STAGES.get(config.model, ())
+    if config.freeze_stages > len(stages):
+        raise ValueError(f"freeze_stages must be in [0, {len(stages)}] for {config.model}. "
+                         f"Received: {config.freeze_stages}")
+
+
+def build_backbone(config, num_classes, input_shape):
+    """The classifier `config.model` of `MODELS`, from float images to float32 logits."""
+    return fields.build(MODELS, "model", config.model, config, num_classes=num_classes, input_shape=input_shape)
 
 
 def build_model(name, **kwargs):
-    """Calls the model function registered as `name` in `MODELS` with `kwargs`.
+    """Calls the model function `MODELS[name].build` with `kwargs`.
 
     Raises:
         ValueError: for an unknown name.
     """
-    if name not in MODELS:
-        raise ValueError(f"Unknown model {name!r}. Allowed: {', '.join(sorted(MODELS))}.")
-    return MODELS[name](**kwargs)
+    return fields.choose(MODELS, "model", name).build(**kwargs)
 
 
 def with_input_pipeline(backbone, mean, augmentation=None, variance=None, name=None):

@@ -1,11 +1,19 @@
-"""Schedules keyed to the elapsed fraction of a wall-clock budget, written as data.
+"""Learning-rate schedules as data, over the run measured in budget or in steps.
 
-`keras.optimizers.schedules` are functions of the optimizer's step count, evaluated
-inside the compiled step. A wall-clock recipe (UMBC HAET-2021: learning rate 1e-3
-for the first 80% of the time, 1e-4 for the next 10%, 1e-5 for the last 10%) needs
-the elapsed *time*, which only the host knows, whatever the machine's speed. So the
-host evaluates these between steps and writes the value into the model's state
-only when it changes (see `haet.budget.WallClockBudget`).
+Every schedule has a `unit`:
+- "budget": a function of the elapsed fraction of the wall-clock budget. A
+  wall-clock recipe (UMBC HAET-2021: learning rate 1e-3 for the first 80% of the
+  time, 1e-4 for the next 10%, 1e-5 for the last 10%) needs the elapsed *time*,
+  which only the host knows, whatever the machine's speed. The host evaluates it
+  before each compiled execution and writes the value into the variable the step
+  reads when it changes (`haet.budget.WallClockBudget`); `next_change(fraction)`
+  tells where the value next steps, so that an execution ends there.
+- "steps": a `keras.optimizers.schedules.LearningRateSchedule` of the optimizer's
+  step over the planned number of steps, a variable the planner sets
+  (`haet.budget.StepPlanner`), evaluated inside the compiled step.
+
+`LR_SCHEDULES` is the table of the `--lr_schedule` flag; `learning_rate_schedule(config)`
+builds the one a run config names.
 """
 
 import bisect
@@ -13,6 +21,9 @@ import math
 
 import keras
 from keras import ops
+
+from haet import fields
+from haet.fields import Field, Kind
 
 
 class PiecewiseConstant:
@@ -52,9 +63,16 @@ class PiecewiseConstant:
         self.values = tuple(values)
         self.name = name
 
+    unit = "budget"
+
     def __call__(self, fraction):
         """The value at `fraction` (elapsed seconds / budget seconds, >= 0)."""
         return self.values[bisect.bisect_right(self.boundaries, fraction)]
+
+    def next_change(self, fraction):
+        """The first boundary after `fraction`, or None past the last one."""
+        index = bisect.bisect_right(self.boundaries, fraction)
+        return self.boundaries[index] if index < len(self.boundaries) else None
 
     def __repr__(self):
         return f"PiecewiseConstant(boundaries={list(self.boundaries)}, values={list(self.values)})"
@@ -92,6 +110,7 @@ class _PlannedSteps(keras.optimizers.schedules.LearningRateSchedule):
     steps is a variable the compiled step reads (see `attach`)."""
 
     planned_steps = None
+    unit = "steps"
 
     def attach(self, optimizer, planned_steps):
         """Creates the planned-steps variable in `optimizer`, set to `planned_steps`."""
@@ -355,6 +374,12 @@ class BudgetSchedule:
         self.name = name
         self._cache = {}
 
+    unit = "budget"
+
+    def next_change(self, fraction):
+        """None: a smooth shape changes all along; it is evaluated at each execution's start."""
+        return None
+
     def __call__(self, fraction):
         """The value at `fraction` (elapsed seconds / budget seconds, >= 0)."""
         tick = min(int(math.floor(max(fraction, 0.0) * self.resolution)), self.resolution)
@@ -365,3 +390,117 @@ class BudgetSchedule:
 
     def __repr__(self):
         return f"BudgetSchedule({self.shape.__class__.__name__}, resolution={self.resolution})"
+
+
+def learning_rate_scale(config):
+    """`batch_size / lr_scaling_reference_batch` (the linear scaling rule of Goyal et al.
+    2017, "Accurate, large minibatch SGD"), or 1 when off."""
+    if not config.lr_scaling_reference_batch:
+        return 1.0
+    return config.batch_size / config.lr_scaling_reference_batch
+
+
+def _wall_clock(learning_rate_boundaries, learning_rates, scale):
+    schedule = PiecewiseConstant(learning_rate_boundaries, [v * scale for v in learning_rates],
+                                 name="learning rate")
+    return check_range(schedule, 0.0, math.inf)
+
+
+def _one_cycle(one_cycle_knots, one_cycle_learning_rates, scale):
+    return PlannedPiecewiseLinear(one_cycle_knots, [v * scale for v in one_cycle_learning_rates])
+
+
+def _shape_builder(shape):
+    def build(lr_schedule_unit, learning_rate, warmup, final_learning_rate, learning_rate_boundaries,
+              lr_decay_factor, lr_cycles, inverse_sqrt_timescale, scale):
+        schedule = lr_shape(shape, learning_rate * scale, warmup=warmup, final_learning_rate=final_learning_rate * scale,
+                            boundaries=learning_rate_boundaries, decay_factor=lr_decay_factor, cycles=lr_cycles,
+                            timescale=inverse_sqrt_timescale)
+        return PlannedSchedule(schedule) if lr_schedule_unit == "steps" else BudgetSchedule(schedule)
+
+    return build
+
+
+def _no_warmup(config):
+    if config.warmup:
+        raise ValueError(
+            f"--warmup applies to the shapes {', '.join(LR_SHAPES)}, not to lr_schedule={config.lr_schedule!r} "
+            "(one_cycle warms up through its knots; for a stepped schedule with warmup use --lr_schedule=step).")
+
+
+_SHAPE_ARGS = ("lr_schedule_unit", "learning_rate", "warmup", "final_learning_rate", "learning_rate_boundaries",
+               "lr_decay_factor", "lr_cycles", "inverse_sqrt_timescale")
+_SHAPE_HELP = {
+    "constant": "--learning_rate throughout",
+    "step": "x --lr_decay_factor at each of --learning_rate_boundaries",
+    "cosine": "half cosine to --final_learning_rate",
+    "cosine_restarts": "--lr_cycles cosine cycles",
+    "linear": "straight line to --final_learning_rate",
+    "inverse_sqrt": "lr / sqrt(1 + t / --inverse_sqrt_timescale)",
+}
+
+# The schedules the `--lr_schedule` flag names: builder (extra argument `scale`, the
+# linear-scaling factor), the config fields it takes, its check. The builder returns
+# a schedule of unit "budget" or "steps" (see the module docstring).
+LR_SCHEDULES = {
+    "wall_clock": Kind(_wall_clock, ("learning_rate_boundaries", "learning_rates"), _no_warmup,
+                       "--learning_rates piecewise constant over the budget fraction (UMBC)"),
+    "one_cycle": Kind(_one_cycle, ("one_cycle_knots", "one_cycle_learning_rates"), _no_warmup,
+                      "piecewise linear through --one_cycle_learning_rates at --one_cycle_knots of the planned "
+                      "steps (Page)"),
+    **{shape: Kind(_shape_builder(shape), _SHAPE_ARGS, None, _SHAPE_HELP[shape]) for shape in LR_SHAPES},
+}
+LR_SCHEDULE_UNITS = ("budget", "steps")
+
+FIELDS = (
+    Field("lr_schedule", "wall_clock", "Learning-rate schedule. " + fields.table_help(LR_SCHEDULES) + ".",
+          fields.one_of(LR_SCHEDULES, "lr_schedule")),
+    Field("lr_schedule_unit", "budget", "Shapes only: budget (the elapsed fraction of the wall-clock budget, "
+          "written by the host before each execution) or steps (the fraction of the planned steps, inside the "
+          "compiled step).", fields.one_of(LR_SCHEDULE_UNITS, "lr_schedule_unit")),
+    Field("learning_rate", 1e-3, "Shapes: the peak learning rate.", fields.positive()),
+    Field("warmup", 0.0, "Shapes: fraction of the run with a linear warmup from 0 to --learning_rate, in [0, 1).",
+          fields.in_range(0, 1, high_open=True)),
+    Field("final_learning_rate", 0.0, "cosine, cosine_restarts, linear: learning rate at the end (of each cycle).",
+          fields.at_least(0)),
+    Field("lr_decay_factor", 0.1, "step: learning rate x this at each of --learning_rate_boundaries, in (0, 1].",
+          fields.in_range(0, 1)),
+    Field("lr_cycles", 1, "cosine_restarts: number of equal cycles.", fields.positive(integer=True)),
+    Field("inverse_sqrt_timescale", 0.1, "inverse_sqrt: timescale, a fraction of the run.", fields.positive()),
+    Field("lr_scaling_reference_batch", 0, "> 0: every learning rate x batch_size / this (linear scaling rule); "
+          "0: off.", fields.at_least(0, integer=True)),
+    Field("learning_rate_boundaries", (0.8, 0.9), "wall_clock, step: fractions of the run where the learning "
+          "rate steps."),
+    Field("learning_rates", (1e-3, 1e-4, 1e-5), "wall_clock: learning rate in each interval (one more than the "
+          "boundaries)."),
+    Field("one_cycle_knots", (0.0, 0.2, 1.0), "one_cycle: knots as fractions of the planned steps, from 0 to 1."),
+    Field("one_cycle_learning_rates", (0.0, 0.4, 0.0), "one_cycle: learning rate at each knot."),
+)
+
+
+def learning_rate_schedule(config):
+    """The learning rate over the run that `config` names (`LR_SCHEDULES`), every value
+    times `learning_rate_scale(config)`; its `unit` says how it is driven."""
+    return fields.build(LR_SCHEDULES, "lr_schedule", config.lr_schedule, config,
+                        scale=learning_rate_scale(config))
+
+
+def cycle_ends(config):
+    """Fractions of the run where a cosine_restarts cycle ends (the last is 1); `(1.0,)`
+    for every other schedule."""
+    if config.lr_schedule != "cosine_restarts":
+        return (1.0,)
+    ends = [config.warmup + (1.0 - config.warmup) * (i + 1) / config.lr_cycles for i in range(config.lr_cycles - 1)]
+    return (*ends, 1.0)  # exactly 1: no rounding past the end of the run
+
+
+def check_config(config):
+    """Checks the learning-rate settings of a run config by building its schedule.
+
+    Raises:
+        ValueError: naming the bad value.
+    """
+    kind = fields.choose(LR_SCHEDULES, "lr_schedule", config.lr_schedule)
+    if kind.check:
+        kind.check(config)
+    learning_rate_schedule(config)

@@ -40,29 +40,18 @@ import keras
 import numpy as np
 from absl import app, flags, logging
 
+from haet import config as config_lib
 from haet import results, training
 from haet.device import describe_device
 
 KINDS = ("loguniform", "uniform", "int", "choice")
-_FIELDS = {f.name: f for f in dataclasses.fields(training.TrainConfig)}
 _NOT_SEARCHABLE = {"validation_size", "evaluate_test", "save_model", "data_dir", "dataset"}
 
 
 def _cast(name, text):
-    """`text` as the type of TrainConfig field `name`."""
-    default = _FIELDS[name].default
-    if isinstance(default, bool):
-        if text.lower() in ("true", "1", "yes"):
-            return True
-        if text.lower() in ("false", "0", "no"):
-            return False
-        raise ValueError(f"--space value {text!r} of {name} is not a boolean (true/false).")
-    if isinstance(default, tuple):
-        kind = type(default[0]) if default else int
-        return tuple(kind(v) for v in text.split(";"))
-    if default is None:
-        return text
-    return type(default)(text)
+    """`text` as the type of config field `name` (`haet.config.parse_value`); a list
+    value separates its items with ";" (commas separate --space entries)."""
+    return config_lib.parse_value(config_lib.FIELDS[name], text.replace(";", ","))
 
 
 def parse_space(entries):
@@ -83,8 +72,8 @@ def parse_space(entries):
         if not sep or not args:
             raise ValueError(f"--space entry {entry!r} must look like name=kind:args, e.g. "
                              "learning_rate=loguniform:1e-4:1e-1 or optimizer=choice:adam|sgd.")
-        name = "budget_seconds" if name == "budget" else name
-        if name not in _FIELDS:
+        name = config_lib.ALIASES.get(name, name)
+        if name not in config_lib.FIELDS:
             raise ValueError(f"--space names {name!r}, which is not a training flag.")
         if name in _NOT_SEARCHABLE:
             raise ValueError(f"--space cannot search {name!r}: the search fixes it for every trial.")
@@ -211,7 +200,7 @@ def run_search(base, space, method, trials, seed, search_dir, grid_points=3, tra
     base = dataclasses.replace(base, evaluate_test=False, save_model=False)
     plan = make_trials(space, method, trials, seed, grid_points)
     for trial in plan:
-        dataclasses.replace(base, **trial).validate()  # every trial is valid before any runs
+        dataclasses.replace(base, **trial)  # every trial is valid before any runs (checked at construction)
     spec = {"space": {k: [kind, list(v)] for k, (kind, v) in space.items()}, "method": method,
             "trials": len(plan), "seed": seed, "grid_points": grid_points,
             "base_flags": dataclasses.asdict(base)}
@@ -323,7 +312,7 @@ def main(argv):
     ok = [r for r in rows if r["status"] == "ok"]
     if ok:
         best = ok[0]
-        print("best: " + " ".join(f"--{'budget' if n == 'budget_seconds' else n}={best[n]}" for n in names)
+        print("best: " + " ".join(f"--{config_lib.flag_name(n)}={best[n]}" for n in names)
               + f"  (validation accuracy {100 * float(best['validation_accuracy']):.2f}%)")
     print(f"wrote {search_dir}")
     sys.stdout.flush()

@@ -157,22 +157,7 @@ def test_unknown_dataset_and_missing_folder():
         data.load_dataset("cifar10", "/nonexistent/folder")
 
 
-def test_shuffled_batches_are_full_and_reshuffled():
-    x = np.arange(10, dtype=np.uint8).reshape(10, 1, 1, 1)
-    y = np.arange(10)
-    batches = data.ShuffledBatches(x, y, batch_size=4, seed=0)
-    assert len(batches) == 2
-    first = np.concatenate([batches[i][1] for i in range(2)])
-    assert all(batches[i][0].shape == (4, 1, 1, 1) for i in range(2))
-    assert len(set(first.tolist())) == 8
-    batches.on_epoch_end()
-    second = np.concatenate([batches[i][1] for i in range(2)])
-    assert not np.array_equal(first, second)
-    np.testing.assert_array_equal(batches[0][0][:, 0, 0, 0], batches[0][1])
-    with pytest.raises(ValueError, match="batch_size=11 must be between 1 and the 10"):
-        data.ShuffledBatches(x, y, batch_size=11, seed=0)
-
-
+@pytest.mark.e2e
 def test_export_cli_writes_subset_and_refuses_to_overwrite(tmp_path, cifar10_slice_dir):
     out = tmp_path / "export"
     cmd = [sys.executable, "-m", "haet.data", "--dataset=cifar10", f"--data_dir={cifar10_slice_dir}",
@@ -253,16 +238,3 @@ def test_image_folder_dataset(tmp_path):
         data.load_dataset("folder", str(tmp_path))
     with pytest.raises(ValueError, match="needs --data_dir"):
         data.load_dataset("folder")
-
-
-def test_shuffled_batches_cycle_through_epoch_images():
-    x = np.zeros((4, 1, 1, 1), np.uint8)
-    views = [x + 1, x + 2, x + 3]
-    batches = data.ShuffledBatches(x, np.arange(4), batch_size=2, seed=0, epoch_images=views)
-    seen = []
-    for _ in range(4):
-        seen.append(int(batches[0][0][0, 0, 0, 0]))
-        batches.on_epoch_end()
-    assert seen == [1, 2, 3, 1]
-    with pytest.raises(ValueError, match="must all have the shape of x"):
-        data.ShuffledBatches(x, np.arange(4), 2, 0, epoch_images=[np.zeros((3, 1, 1, 1), np.uint8)])

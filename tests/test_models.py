@@ -38,7 +38,8 @@ def test_logits_are_float32_under_mixed_precision():
 
 @pytest.mark.parametrize(
     "kwargs, message",
-    [({"width_multiplier": 0}, "width_multiplier must be a positive integer. Received: 0"),
+    [({"width_multiplier": 0}, "resnet20 needs a positive integer width_multiplier. Received: 0"),
+     ({"width_multiplier": 1.5}, "resnet20 needs a positive integer width_multiplier. Received: 1.5"),
      ({"dropout_rate": 1.0}, r"dropout_rate must be in \[0, 1\)"),
      ({"weight_decay": -1.0}, "weight_decay must be >= 0"),
      ({"num_classes": 1}, "num_classes must be >= 2")],
@@ -49,8 +50,14 @@ def test_bad_model_arguments(kwargs, message):
 
 
 def test_unknown_model_name():
-    with pytest.raises(ValueError, match="Unknown model 'resnet50'. Allowed: resnet20"):
+    with pytest.raises(ValueError, match="Unknown model 'resnet50'. Allowed: resnet20, resnet9, tiny_cnn."):
         models.build_model("resnet50")
+
+
+def test_tiny_cnn_parameter_count_matches_docstring():
+    model = models.tiny_cnn()
+    assert model.count_params() == 5562 and sum(int(np.prod(w.shape)) for w in model.trainable_weights) == 5466
+    assert model.output.dtype == "float32" and model.output.shape == (None, 10)
 
 
 def test_input_pipeline_takes_uint8_and_subtracts_the_mean():

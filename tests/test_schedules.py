@@ -1,7 +1,8 @@
 import pytest
 
+from haet import augment, schedules
+from haet.config import TrainConfig
 from haet.schedules import PiecewiseConstant, check_range
-from haet.training import TrainConfig
 
 
 @pytest.mark.parametrize(
@@ -10,7 +11,7 @@ from haet.training import TrainConfig
      (0.9, 1e-5), (0.99, 1e-5), (1.3, 1e-5)],
 )
 def test_umbc_learning_rate_at_fractions(fraction, expected):
-    assert TrainConfig().learning_rate_schedule()(fraction) == expected
+    assert schedules.learning_rate_schedule(TrainConfig())(fraction) == expected
 
 
 @pytest.mark.parametrize(
@@ -19,12 +20,18 @@ def test_umbc_learning_rate_at_fractions(fraction, expected):
      (0.87, 0.33), (0.9, 0.0), (1.0, 0.0)],
 )
 def test_umbc_augmentation_strength_at_fractions(fraction, expected):
-    assert TrainConfig().strength_schedule()(fraction) == expected
+    assert augment.strength_schedule(TrainConfig())(fraction) == expected
 
 
 def test_no_boundaries_is_constant():
     schedule = PiecewiseConstant([], [0.1])
-    assert schedule(0.0) == schedule(5.0) == 0.1
+    assert schedule(0.0) == schedule(5.0) == 0.1 and schedule.next_change(0.0) is None
+
+
+def test_next_change_is_the_next_boundary():
+    schedule = PiecewiseConstant([0.8, 0.9], [1e-3, 1e-4, 1e-5])
+    assert [schedule.next_change(f) for f in (0.0, 0.8, 0.85, 0.9, 1.2)] == [0.8, 0.9, 0.9, None, None]
+    assert schedule.unit == "budget"
 
 
 @pytest.mark.parametrize(
@@ -178,21 +185,17 @@ def test_bad_learning_rate_shapes(kwargs, message):
 
 
 def test_config_schedules_and_linear_scaling_rule():
-    from haet.schedules import BudgetSchedule, PiecewiseConstant, PlannedPiecewiseLinear, PlannedSchedule
+    from haet.schedules import BudgetSchedule, PlannedPiecewiseLinear, PlannedSchedule, learning_rate_schedule
 
-    assert isinstance(TrainConfig().learning_rate_schedule(), PiecewiseConstant)
-    step = TrainConfig(lr_schedule="step", learning_rate=1e-3).learning_rate_schedule()
+    umbc = learning_rate_schedule(TrainConfig())
+    assert isinstance(umbc, PiecewiseConstant) and umbc.unit == "budget"
+    step = learning_rate_schedule(TrainConfig(lr_schedule="step", learning_rate=1e-3))
     # The step shape with the default boundaries and factor is the UMBC schedule.
-    assert isinstance(step, BudgetSchedule)
+    assert isinstance(step, BudgetSchedule) and step.unit == "budget" and step.next_change(0.5) is None
     assert [step(f) for f in (0.0, 0.85, 0.95)] == pytest.approx([1e-3, 1e-4, 1e-5])
-    assert isinstance(TrainConfig(lr_schedule="cosine", lr_schedule_unit="steps").learning_rate_schedule(),
-                      PlannedSchedule)
-    scaled = TrainConfig(lr_schedule="one_cycle", batch_size=512, lr_scaling_reference_batch=128)
-    assert isinstance(scaled.learning_rate_schedule(), PlannedPiecewiseLinear)
-    assert scaled.learning_rate_schedule().values == pytest.approx([0.0, 1.6, 0.0])
-    wall = TrainConfig(batch_size=64, lr_scaling_reference_batch=32).learning_rate_schedule()
+    cosine = learning_rate_schedule(TrainConfig(lr_schedule="cosine", lr_schedule_unit="steps"))
+    assert isinstance(cosine, PlannedSchedule) and cosine.unit == "steps"
+    scaled = learning_rate_schedule(TrainConfig(lr_schedule="one_cycle", batch_size=512, lr_scaling_reference_batch=128))
+    assert isinstance(scaled, PlannedPiecewiseLinear) and scaled.values == pytest.approx([0.0, 1.6, 0.0])
+    wall = learning_rate_schedule(TrainConfig(batch_size=64, lr_scaling_reference_batch=32))
     assert wall.values == pytest.approx([2e-3, 2e-4, 2e-5])
-    with pytest.raises(ValueError, match="--warmup applies to the shapes"):
-        TrainConfig(warmup=0.1).validate()
-    with pytest.raises(ValueError, match="Unknown lr_schedule_unit 'epochs'"):
-        TrainConfig(lr_schedule="cosine", lr_schedule_unit="epochs").validate()

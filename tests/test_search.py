@@ -29,7 +29,7 @@ def test_parse_space_casts_to_the_flag_types():
     ("learning_rate=normal:0:1", "unknown kind 'normal'"),
     ("learning_rate=loguniform:0:1", "LOW > 0"),
     ("learning_rate=uniform:1:0", "LOW < HIGH"),
-    ("horizontal_flip=choice:maybe", "not a boolean"),
+    ("horizontal_flip=choice:maybe", "--horizontal_flip takes true or false"),
 ])
 def test_bad_space_entries(entry, message):
     with pytest.raises(ValueError, match=message):
@@ -100,11 +100,12 @@ def test_search_resumes_after_interruption_and_refuses_another_spec(tmp_path):
     assert table.splitlines()[1].split()[0] == rows[0]["trial"]
 
 
+@pytest.mark.e2e
 def test_search_command_on_real_data(tmp_path, cifar10_slice_dir):
     env = dict(os.environ, PYTHONPATH=REPO)
     result = subprocess.run(
         [sys.executable, "-m", "haet.search", f"--data_dir={cifar10_slice_dir}", "--train_size=200",
-         "--validation_size=50", "--model=resnet9", "--width_multiplier=0.125", "--batch_size=25",
+         "--validation_size=50", "--model=tiny_cnn", "--width_multiplier=1", "--batch_size=25",
          "--optimizer=sgd", "--augmentation=none", "--input_normalization=channel_standardize",
          "--lr_schedule=cosine", "--lr_schedule_unit=steps", "--epochs=1", "--eval_batch_size=250",
          "--method=grid", "--space=learning_rate=choice:0.01|0.1", f"--search_dir={tmp_path / 's'}"],

@@ -1,0 +1,140 @@
+"""The pieces a run's settings are made of, shared by every component module.
+
+- `Field`: one setting (name, default, help text with its unit, an optional check of
+  its value). Each component module (`haet.data`, `haet.models`, `haet.augment`,
+  `haet.schedules`, `haet.optimizers`, `haet.evaluation`) declares the fields it
+  reads in a tuple `FIELDS`; `haet.config` assembles them into `TrainConfig` and
+  generates the command-line flags from them.
+- `Kind`: one entry of a component table (`MODELS`, `AUGMENTATIONS`,
+  `LR_SCHEDULES`, `OPTIMIZERS`...): the function that builds it, the config fields
+  it takes as keyword arguments, and the check of a config that selects it.
+
+So a new model, schedule or augmentation is a function and a table entry (with
+any new fields) in its module, plus a flagfile: nothing else changes.
+"""
+
+import dataclasses
+import math
+from collections.abc import Callable
+
+
+@dataclasses.dataclass(frozen=True)
+class Field:
+    """One setting of a run.
+
+    Attributes:
+        name: the config attribute (also the flag name, unless `haet.config.ALIASES`
+            gives the flag another one).
+        default: the default value; its type is the field's type (a tuple is a
+            list setting whose elements have type `item_type`; None means a string
+            that may be unset).
+        help: what it does, with its unit (seconds, pixels, degrees, fraction...).
+        check: optional `check(value, name)` raising ValueError for a bad value.
+        item_type: element type of a tuple field (default: the type of the
+            default's first element, else str).
+    """
+
+    name: str
+    default: object
+    help: str
+    check: Callable | None = None
+    item_type: type | None = None
+
+    @property
+    def type(self):
+        """The Python type of the value: bool, int, float, str or tuple."""
+        return str if self.default is None else type(self.default)
+
+    @property
+    def element_type(self):
+        if self.item_type is not None:
+            return self.item_type
+        return type(self.default[0]) if self.default else str
+
+
+@dataclasses.dataclass(frozen=True)
+class Kind:
+    """One entry of a component table.
+
+    Attributes:
+        build: the function that builds it (a model, a layer, a schedule...).
+        args: names of config fields passed to `build` as keyword arguments.
+        check: optional `check(config)` raising ValueError when the config cannot
+            use this kind as set (e.g. a width the model cannot take).
+        help: one line shown in the flag's help.
+    """
+
+    build: Callable
+    args: tuple = ()
+    check: Callable | None = None
+    help: str = ""
+
+
+def choose(table, what, name):
+    """The `Kind` named `name` in `table` (or `name`, when `table` is a tuple of names).
+
+    Raises:
+        ValueError: `Unknown {what} {name!r}. Allowed: ...`.
+    """
+    if name not in table:
+        raise ValueError(f"Unknown {what} {name!r}. Allowed: {', '.join(table)}.")
+    return table[name] if isinstance(table, dict) else name
+
+
+def build(table, what, name, config, **extra):
+    """Calls the builder of `table[name]` with the config fields it takes and `extra`."""
+    kind = choose(table, what, name)
+    return kind.build(**{arg: getattr(config, arg) for arg in kind.args}, **extra)
+
+
+def table_help(table):
+    """`name (help), name (help)...` of a table, for a flag's help text."""
+    return "; ".join(f"{name}: {kind.help}" if kind.help else name for name, kind in table.items())
+
+
+# Value checks for `Field.check`: each returns `check(value, name)`.
+def _number(value):
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def at_least(low, integer=False, unit=""):
+    """A check that the value is a number >= `low` (an integer if `integer`)."""
+    what = "an integer" if integer else "a number"
+
+    def check(value, name):
+        if not (_number(value) and value >= low and (not integer or isinstance(value, int))):
+            raise ValueError(f"{name} must be {what} >= {low:g}{unit}. Received: {name}={value!r}")
+
+    return check
+
+
+def positive(integer=False, unit=""):
+    """A check that the value is a number > 0 (an integer if `integer`)."""
+    what = "a positive integer" if integer else "a positive number"
+
+    def check(value, name):
+        if not (_number(value) and value > 0 and (not integer or isinstance(value, int))):
+            raise ValueError(f"{name} must be {what}{unit}. Received: {name}={value!r}")
+
+    return check
+
+
+def in_range(low, high, high_open=False, unit=""):
+    """A check that the value is a number in [low, high] (or [low, high))."""
+    bracket = ")" if high_open else "]"
+
+    def check(value, name):
+        ok = _number(value) and low <= value and (value < high if high_open else value <= high)
+        if not ok:
+            raise ValueError(f"{name} must be in [{low:g}, {high:g}{bracket}{unit}. Received: {name}={value!r}")
+
+    return check
+
+
+def one_of(table_or_names, what=None):
+    """A check that the value is a key of a table (or one of the names)."""
+
+    def check(value, name):
+        choose(table_or_names, what or name, value)
+
+    return check

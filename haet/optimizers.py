@@ -1,0 +1,71 @@
+"""Optimizers and the training loss: Keras' own, chosen by the `--optimizer` flag.
+
+- adam: `keras.optimizers.Adam` with its defaults (UMBC HAET-2021 used TF 2.4's Adam,
+  beta 0.9/0.999, epsilon 1e-7);
+- sgd: `keras.optimizers.SGD` with Nesterov momentum (Page's ResNet-9).
+Both keep Keras' exponential moving average of the weights when `--ema_decay` > 0
+(`use_ema`, one update per step), swapped into the model when training ends.
+The loss is the softmax cross-entropy on logits, with label smoothing when set.
+"""
+
+import keras
+
+from haet import fields
+from haet.fields import Field, Kind
+
+
+def _ema(ema_decay):
+    return {"use_ema": True, "ema_momentum": ema_decay} if ema_decay else {}
+
+
+def _adam(learning_rate, ema_decay):
+    return keras.optimizers.Adam(learning_rate, **_ema(ema_decay))
+
+
+def _sgd(learning_rate, momentum, ema_decay):
+    return keras.optimizers.SGD(learning_rate, momentum=momentum, nesterov=True, **_ema(ema_decay))
+
+
+# The optimizers the `--optimizer` flag names; every builder also takes
+# `learning_rate` (a float or a keras schedule).
+OPTIMIZERS = {
+    "adam": Kind(_adam, ("ema_decay",), None, "Adam"),
+    "sgd": Kind(_sgd, ("momentum", "ema_decay"), None, "SGD with Nesterov momentum"),
+}
+
+FIELDS = (
+    Field("optimizer", "adam", "Optimizer. " + fields.table_help(OPTIMIZERS) + ".",
+          fields.one_of(OPTIMIZERS, "optimizer")),
+    Field("momentum", 0.9, "sgd: momentum, in [0, 1).", fields.in_range(0, 1, high_open=True)),
+    Field("ema_decay", 0.0, "Momentum per step of the exponential moving average of the weights, in [0, 1); "
+          "0: off.", fields.in_range(0, 1, high_open=True)),
+    Field("label_smoothing", 0.0, "Label smoothing of the cross-entropy, in [0, 1).",
+          fields.in_range(0, 1, high_open=True)),
+)
+
+
+def make_optimizer(config, learning_rate):
+    """The optimizer `config.optimizer` at `learning_rate` (a float or a
+    `keras.optimizers.schedules.LearningRateSchedule`)."""
+    return fields.build(OPTIMIZERS, "optimizer", config.optimizer, config, learning_rate=learning_rate)
+
+
+def make_loss(config):
+    """Cross-entropy on logits; categorical (one-hot labels) when label smoothing is on."""
+    if config.label_smoothing:
+        return keras.losses.CategoricalCrossentropy(from_logits=True, label_smoothing=config.label_smoothing)
+    return keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+
+
+def learning_rate_variable(optimizer):
+    """The variable holding `optimizer`'s learning rate when it is a number (not a
+    schedule): the one a host-driven schedule writes.
+
+    Raises:
+        ValueError: the optimizer follows a schedule of its own.
+    """
+    inner = getattr(optimizer, "inner_optimizer", optimizer)  # LossScaleOptimizer (mixed_float16)
+    for variable in inner.variables:
+        if variable.name == "learning_rate":
+            return variable
+    raise ValueError(f"{type(inner).__name__} has no learning-rate variable: it follows a schedule.")
