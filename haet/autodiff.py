@@ -1,6 +1,6 @@
 """One gradient function for the TensorFlow and JAX backends (Keras 3 has none of its own
 outside the training step): used by Grad-CAM (`haet.explain`) and the training-health
-monitor (`haet.callbacks.TrainingHealth`)."""
+monitor (`haet.hooks.TrainingHealth`)."""
 
 import keras
 import numpy as np

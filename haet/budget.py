@@ -1,65 +1,105 @@
-"""The one clock that decides what counts toward the budget.
+"""The one clock that decides what counts toward the budget, and the hooks that spend it.
 
-Phases of a run, each measured apart (seconds, `time.perf_counter`):
+Phases of a run, each measured apart on one injected clock (seconds,
+`time.perf_counter` unless a test passes a fake):
 - setup: loading data, building and compiling (`model.compile`, no tracing) the model;
-- train: from the start of the first training step to the end of the last one.
-  The budget counts this, tracing and XLA compilation in the first step included;
-  `compile` below is the first step's excess over a typical step;
-- eval: the final evaluation on the test set (its own compilation included).
+- train: from the start of training to the end of the last training execution.
+  The budget counts all of it: precomputed augmentation, the planner's probe, the
+  tracing and XLA compilation in the first execution, validation between epochs;
+  `compile` below is the first execution's excess over its steps at the typical
+  step time;
+- eval: the final evaluation (its own compilation included).
+
+Training runs in compiled executions of several steps (`haet.engine`); the host
+reads the clock only between them. `WallClockBudget` sizes each execution so that
+it ends about where the budget or a wall-clock schedule's value ends (from the
+measured step time), and stops training at the first execution boundary after the
+budget: the overshoot is at most one execution (`steps_per_execution` steps), and
+about one step once the step time is known.
 """
 
 import contextlib
+import dataclasses
+import math
 import statistics
 import time
 
-import keras
 import numpy as np
 from absl import logging
 
+from haet import optimizers
 from haet.augment import FILL_MODES
+from haet.loop import Hook
 
 
 class PhaseTimer:
-    """Accumulates wall-clock seconds per named phase.
+    """Accumulates wall-clock seconds per named phase, on one clock.
 
     Usage: `with timer.phase("setup"): ...`; `timer.seconds` maps phase -> seconds.
+    Phases may nest: each second counts toward the innermost open phase only (a
+    "precompute" phase inside "setup" is not counted in "setup" too).
     """
 
     def __init__(self, clock=time.perf_counter):
         self.clock = clock
         self.seconds = {}
+        self._open = []  # names of the open phases, innermost last
+        self._since = None  # when the innermost phase last started counting
+
+    def _charge(self, now):
+        if self._open:
+            name = self._open[-1]
+            self.seconds[name] = self.seconds.get(name, 0.0) + now - self._since
+        self._since = now
 
     @contextlib.contextmanager
     def phase(self, name):
-        start = self.clock()
+        self._charge(self.clock())
+        self._open.append(name)
+        self.seconds.setdefault(name, 0.0)
         try:
             yield
         finally:
-            self.seconds[name] = self.seconds.get(name, 0.0) + self.clock() - start
+            self._charge(self.clock())
+            self._open.pop()
 
 
-class WallClockBudget(keras.callbacks.Callback):
-    """Stops training at the first step boundary after `budget_seconds` and drives
-    the learning rate, the augmentation strength and the fill mode from the clock.
+@dataclasses.dataclass(frozen=True)
+class Execution:
+    """One compiled execution: its steps, its seconds (dispatch to results on the
+    host) and whether it was a discarded probe."""
 
-    The clock starts when the first training step begins, so tracing and XLA
-    compilation count toward the budget. Before each step the elapsed fraction of
-    the budget is computed on the host; the learning rate and the strength are
-    written into the model only when their scheduled value changes (a handful of
-    times a run), and the fill mode once per epoch, drawn from `fill_modes` by a
-    `np.random.default_rng(seed)`. The values are variables the compiled step
-    reads, so nothing recompiles when they change.
+    steps: int
+    seconds: float
+    probe: bool = False
 
-    After each epoch (the last one possibly cut short) a row is appended to
-    `history` and logged: epoch, steps, elapsed and remaining seconds, learning
-    rate, strength, fill mode, loss, accuracy.
+
+class WallClockBudget(Hook):
+    """Stops training at the first execution boundary after `budget_seconds` and drives
+    the wall-clock schedules: learning rate, augmentation strength, fill mode.
+
+    The clock starts when training starts (`begin`, or earlier for work that counts,
+    such as precomputed augmentation), so compilation counts toward the budget.
+    Before each execution the elapsed fraction of the budget is computed on the host;
+    the learning rate and the strength are written into the variables the compiled
+    step reads when their scheduled value changes, and the fill mode once per epoch,
+    drawn from `fill_modes` by `np.random.default_rng(seed)`. Nothing recompiles.
+
+    Each execution is limited (`limit`) to the steps that start before the budget's
+    end or the next change of a schedule, from the measured step time (one step while
+    none is measured), so values change on time and the run ends about one step
+    after its budget.
+
+    After each epoch (the last possibly cut short) a row is appended to `history`
+    and logged: epoch, steps, elapsed and remaining seconds, learning rate, strength,
+    fill mode, loss, accuracy, and any `val_*` / `health_*` logs.
 
     Args:
-        budget_seconds: positive float, seconds of training.
-        learning_rate: callable fraction -> learning rate (e.g. `PiecewiseConstant`),
-            or None when the optimizer has a step-based schedule.
+        budget_seconds: positive float, seconds of training (`math.inf`: no budget).
+        learning_rate: schedule of unit "budget" (fraction -> learning rate, with
+            `next_change`), or None when the optimizer has a step-based schedule.
         augmentation: a `haet.augment.RandomAffine` inside the model, or None.
-        augmentation_strength: callable fraction -> strength in [0, 1], or None.
+        augmentation_strength: schedule fraction -> strength in [0, 1], or None.
         fill_modes: fill modes to draw from each epoch (subset of `FILL_MODES`).
         seed: int seed for the fill-mode draws.
         clock: function returning seconds; `time.perf_counter` unless testing.
@@ -68,115 +108,131 @@ class WallClockBudget(keras.callbacks.Callback):
         ValueError: a non-positive budget or an unknown fill mode.
     """
 
-    def __init__(
-        self,
-        budget_seconds,
-        learning_rate,
-        augmentation=None,
-        augmentation_strength=None,
-        fill_modes=FILL_MODES,
-        seed=0,
-        clock=time.perf_counter,
-    ):
-        super().__init__()
+    def __init__(self, budget_seconds, learning_rate=None, augmentation=None, augmentation_strength=None,
+                 fill_modes=FILL_MODES, seed=0, clock=time.perf_counter):
         if not budget_seconds > 0:
             raise ValueError(
-                f"budget_seconds must be positive (seconds of training). Received: {budget_seconds!r}"
-            )
+                f"budget_seconds must be positive (seconds of training). Received: {budget_seconds!r}")
         unknown = [m for m in fill_modes if m not in FILL_MODES]
         if unknown or not fill_modes:
-            raise ValueError(
-                f"fill_modes must be a non-empty subset of {FILL_MODES}. Received: {list(fill_modes)}"
-            )
+            raise ValueError(f"fill_modes must be a non-empty subset of {FILL_MODES}. Received: {list(fill_modes)}")
         self.budget_seconds = float(budget_seconds)
         self.learning_rate_schedule = learning_rate
         self.augmentation = augmentation
-        self.strength_schedule = augmentation_strength
+        self.strength_schedule = augmentation_strength if augmentation is not None else None
         self.fill_modes = tuple(fill_modes)
         self.rng = np.random.default_rng(seed)
         self.clock = clock
-        # Set before training when work before the first step counts toward the
-        # budget (precomputed augmentation); else the first step's start.
         self.start = None
         self.end = None
         self.steps = 0
-        self.step_seconds = []
+        self.executions = []
         self.history = []
-        self._last_step_end = None
-        self._epoch_steps = 0
         self._current = {}
+        self._targets = []
+        self._now = None
 
-    # Reading `self.model` on the JAX backend copies the training state back into
-    # the variables (a device sync); `self._model` does not. Use `self.model` only
-    # right before writing a variable.
-    def _set(self, key, value, write):
-        if self._current.get(key) != value:
-            self.model  # noqa: B018 -- syncs JAX state so the write below is seen.
-            write(value)
-            self._current[key] = value
-
-    def _set_learning_rate(self, value):
-        self.model.optimizer.learning_rate = value
+    def begin(self):
+        """Starts the budget's clock (no effect once started)."""
+        if self.start is None:
+            self.start = self.clock()
 
     def elapsed(self):
         """Seconds since the budget began (0 before)."""
         return 0.0 if self.start is None else self.clock() - self.start
 
-    def on_epoch_begin(self, epoch, logs=None):
-        self._epoch_steps = 0
+    def execute(self, engine, steps, probe=False):
+        """Runs `steps` steps on `engine` as one execution, timed; probe steps are not
+        counted in `steps`. Returns the engine's per-step losses."""
+        self.begin()
+        start = self.clock()
+        losses = engine.run(steps)
+        self.end = self.clock()
+        self.executions.append(Execution(steps, self.end - start, probe))
+        if not probe:
+            self.steps += steps
+        return losses
+
+    def step_seconds(self):
+        """The typical seconds per step: the median over executions after the first
+        (which compiles); the first's per-step time while it is the only one; None
+        before any."""
+        if not self.executions:
+            return None
+        later = [e.seconds / e.steps for e in self.executions[1:]]
+        return statistics.median(later) if later else self.executions[0].seconds / self.executions[0].steps
+
+    def steps_within(self, seconds):
+        """How many steps start within `seconds` from now (>= 1), at `step_seconds()`;
+        one while no step is timed, None for an unbounded time."""
+        if math.isinf(seconds):
+            return None
+        per_step = self.step_seconds()
+        if per_step is None or per_step <= 0:
+            return 1
+        return max(1, math.ceil(seconds / per_step - 1e-9))
+
+    # Hook methods, called by `haet.loop.Training`.
+    def on_train_begin(self, run):
+        self.begin()
+        if self.learning_rate_schedule is not None:
+            self._targets.append(("learning_rate", self.learning_rate_schedule,
+                                  optimizers.learning_rate_variable(run.engine.model.optimizer)))
+        if self.strength_schedule is not None:
+            self._targets.append(("strength", self.strength_schedule, self.augmentation.strength))
+
+    def on_epoch_begin(self, run, epoch):
         if self.augmentation is not None:
             mode = self.fill_modes[self.rng.integers(len(self.fill_modes))]
-            self._set("fill_mode", mode, self.augmentation.set_fill_mode)
+            self._write(run, "fill_mode", mode, self.augmentation.fill_mode_index, FILL_MODES.index(mode))
 
-    def on_train_batch_begin(self, batch, logs=None):
-        now = self.clock()
-        if self._last_step_end is None:
-            self._last_step_end = now
-        if self.start is None:
-            self.start = now
-        fraction = (now - self.start) / self.budget_seconds
-        if self.learning_rate_schedule is not None:
-            self._set("learning_rate", self.learning_rate_schedule(fraction), self._set_learning_rate)
-        if self.augmentation is not None and self.strength_schedule is not None:
-            self._set("strength", self.strength_schedule(fraction), self.augmentation.set_strength)
+    def _write(self, run, key, value, variable, stored=None):
+        if self._current.get(key) != value:
+            run.engine.assign(variable, value if stored is None else stored)
+            self._current[key] = value
 
-    def on_train_batch_end(self, batch, logs=None):
-        # Keras hands this callback host values (logs pythonified), which waits for
-        # the step to finish, so the clock here sees real device time.
-        now = self.clock()
-        self.step_seconds.append(now - self._last_step_end)
-        self._last_step_end = now
-        self.end = now
-        self.steps += 1
-        self._epoch_steps += 1
-        if now - self.start >= self.budget_seconds:
-            self._model.stop_training = True
+    def before_execution(self, run):
+        self._now = self.clock() - self.start
+        fraction = self._now / self.budget_seconds
+        for key, schedule, variable in self._targets:
+            self._write(run, key, schedule(fraction), variable)
 
-    def on_epoch_end(self, epoch, logs=None):
+    def limit(self, run):
+        # Steps that start before the budget's end or the next change of a schedule.
+        fraction = self._now / self.budget_seconds
+        seconds = self.budget_seconds - self._now
+        for _, schedule, _ in self._targets:
+            change = schedule.next_change(fraction)
+            if change is not None:
+                seconds = min(seconds, change * self.budget_seconds - self._now)
+        return self.steps_within(seconds)
+
+    def after_execution(self, run, steps, losses):
+        if self.end - self.start >= self.budget_seconds:
+            run.stop("budget")
+
+    def on_epoch_end(self, run, epoch, logs):
         elapsed = self.elapsed()
         row = {
             "epoch": epoch + 1,
-            "steps": self._epoch_steps,
-            "complete": self._epoch_steps == self.params.get("steps"),
+            "steps": run.engine.step_in_epoch,
+            "complete": run.engine.step_in_epoch == run.engine.steps_per_epoch,
             "elapsed_seconds": round(elapsed, 3),
             "remaining_seconds": round(max(0.0, self.budget_seconds - elapsed), 3),
             "learning_rate": (self._current["learning_rate"] if "learning_rate" in self._current
-                              else self._optimizer_learning_rate()),
+                              else run.engine.learning_rate),
             "augmentation_strength": self._current.get("strength"),
             "fill_mode": self._current.get("fill_mode"),
-            "loss": float(logs["loss"]) if logs and "loss" in logs else None,
-            "accuracy": float(logs["accuracy"]) if logs and "accuracy" in logs else None,
+            "loss": logs.get("loss"),
+            "accuracy": logs.get("accuracy"),
         }
-        # Keras' validation metrics and haet.callbacks.TrainingHealth's summaries.
-        row.update({k: float(v) for k, v in sorted((logs or {}).items())
-                    if k.startswith(("val_", "health_"))})
+        row.update({k: float(v) for k, v in sorted(logs.items()) if k.startswith(("val_", "health_"))})
         self.history.append(row)
-        # Later callbacks (TensorBoard) see the schedules' values among the epoch's logs.
-        if logs is not None:
-            logs["learning_rate"] = row["learning_rate"]
-            if row["augmentation_strength"] is not None:
-                logs["augmentation_strength"] = row["augmentation_strength"]
-        parts = [f"epoch {row['epoch']}{'' if row['complete'] else ' (cut by budget)'}: "
+        # Later hooks (TensorBoard) see the schedules' values among the epoch's logs.
+        logs["learning_rate"] = row["learning_rate"]
+        if row["augmentation_strength"] is not None:
+            logs["augmentation_strength"] = row["augmentation_strength"]
+        parts = [f"epoch {row['epoch']}{'' if row['complete'] else ' (cut short)'}: "
                  f"{elapsed:.1f} s elapsed, {row['remaining_seconds']:.1f} s left",
                  f"lr {row['learning_rate']:.2e}"]
         if row["augmentation_strength"] is not None:
@@ -187,48 +243,48 @@ class WallClockBudget(keras.callbacks.Callback):
                   if row.get(key) is not None]
         logging.info(" | ".join(parts))
 
-    def _optimizer_learning_rate(self):
-        """The step-based schedule's current value (epoch ends only: reads the state)."""
-        return float(keras.ops.convert_to_numpy(self.model.optimizer.learning_rate))
-
     def train_seconds(self):
-        """Seconds from the budget's start to the last step's end."""
-        return 0.0 if self.start is None else self.end - self.start
+        """Seconds from the budget's start to the last execution's end."""
+        return 0.0 if self.start is None or self.end is None else self.end - self.start
 
     def compile_seconds(self):
-        """The first step's excess over the median later step (tracing + compilation)."""
-        if not self.step_seconds:
+        """The first execution's excess over its steps at the typical step time (tracing
+        and compilation)."""
+        if not self.executions:
             return 0.0
-        later = self.step_seconds[1:]
+        first = self.executions[0]
+        later = [e.seconds / e.steps for e in self.executions[1:]]
         typical = statistics.median(later) if later else 0.0
-        return max(0.0, self.step_seconds[0] - typical)
+        return max(0.0, first.seconds - first.steps * typical)
+
+    def probe_steps(self):
+        return sum(e.steps for e in self.executions if e.probe)
 
 
-class StepPlanner(keras.callbacks.Callback):
+class StepPlanner(Hook):
     """Sets the length of a step-based schedule so that it ends with the budget.
 
-    A one-cycle schedule needs its total number of steps in advance; how many fit
-    in a wall-clock budget depends on the machine. After the first step (tracing
-    and compilation) and `probe_steps` more, the planner takes the median step time
-    measured by `budget` (a `WallClockBudget` placed before it in the callback
-    list), plans `floor((steps so far + remaining seconds / step time) / steps per
-    epoch)` whole epochs (at least 1), writes the planned steps into
-    `planned_steps` (the variable the compiled schedule reads), and stops training
-    when they are done. The budget still stops training if it runs out first.
+    A one-cycle schedule needs its total number of steps in advance; how many fit in
+    a wall-clock budget depends on the machine. Before training, the planner copies
+    the training state, runs one step (tracing and compilation) and `probe_steps`
+    more on the real data, timed, then puts the state back: no step that is kept ran
+    on a schedule of unknown length. From the mean step time it plans
+    `floor(remaining seconds / step time / steps per epoch)` whole epochs (at least
+    1), writes the planned steps into `planned_steps` (the variable the compiled
+    schedule reads) and stops training when they are done. The budget counts the
+    probe and still stops training if it runs out first.
 
-    Time spent between epochs (Keras' validation pass, epoch-end callbacks) is
-    measured at each epoch end (`epoch_overheads`) and charged to every planned epoch
-    but the last. If the plan was made before any epoch ended, it is made once more
-    at the first epoch end (`replanned_from` keeps the first plan) when the overhead
-    exceeds a step.
+    Time spent between epochs (validation, epoch-end hooks) is measured at each epoch
+    end (`epoch_overheads`) and charged to every planned epoch but the last; at the
+    first epoch end the plan is made once more with it (`replanned_from` keeps the
+    first plan) when the overhead exceeds a step.
 
     Attributes set when planned: `planned_epochs`, `planned_steps_value`,
-    `step_seconds` (the median used), `replanned_from` (None if not re-planned).
+    `step_seconds` (the probe's mean), `replanned_from` (None if not re-planned).
 
     Args:
         budget: the run's `WallClockBudget`.
-        planned_steps: the schedule's planned-steps variable
-            (`PlannedPiecewiseLinear.attach`).
+        planned_steps: the schedule's planned-steps variable (`attach`).
         steps_per_epoch: training steps per epoch.
         probe_steps: steps timed after the first one before planning (>= 1).
 
@@ -237,11 +293,9 @@ class StepPlanner(keras.callbacks.Callback):
     """
 
     def __init__(self, budget, planned_steps, steps_per_epoch, probe_steps=20):
-        super().__init__()
         if probe_steps < 1 or steps_per_epoch < 1:
             raise ValueError(
-                f"probe_steps and steps_per_epoch must be >= 1. Received: {probe_steps}, {steps_per_epoch}"
-            )
+                f"probe_steps and steps_per_epoch must be >= 1. Received: {probe_steps}, {steps_per_epoch}")
         self.budget = budget
         self.planned_steps = planned_steps
         self.steps_per_epoch = steps_per_epoch
@@ -253,53 +307,95 @@ class StepPlanner(keras.callbacks.Callback):
         self.replanned_from = None
         self._planned_with_overhead = False
 
+    def on_train_begin(self, run):
+        engine, budget = run.engine, self.budget
+        budget.begin()
+        snapshot = engine.snapshot()
+        engine.start_epoch(0)
+        budget.execute(engine, 1, probe=True)
+        timed_steps, timed_seconds = 0, 0.0
+        while timed_steps < self.probe_steps and budget.elapsed() < budget.budget_seconds:
+            if not engine.steps_left_in_epoch:
+                engine.start_epoch(engine.epoch + 1)
+            steps = min(engine.steps_per_execution, engine.steps_left_in_epoch, self.probe_steps - timed_steps)
+            budget.execute(engine, steps, probe=True)
+            timed_steps += steps
+            timed_seconds += budget.executions[-1].seconds
+        engine.restore(snapshot)
+        # Past the budget already (a compilation longer than it): one epoch, which
+        # the budget cuts.
+        self.step_seconds = timed_seconds / timed_steps if timed_steps else budget.executions[0].seconds
+        epochs, overhead, remaining = self._plan(0)
+        self._write(run, epochs)
+        logging.info("planned %d epochs (%d steps) from a mean step of %.4f s over %d probe steps and %.1f s "
+                     "left", self.planned_epochs, self.planned_steps_value, self.step_seconds, timed_steps, remaining)
+
     def _plan(self, done):
-        """Epochs that fit: each step costs the median step time plus its share of the
-        measured per-epoch overhead (validation, epoch-end callbacks); the last epoch's
-        overhead falls after the budget's end and is not counted."""
+        """Epochs that fit: each step costs the step time plus its share of the measured
+        per-epoch overhead (validation, epoch-end hooks); the last epoch's overhead
+        falls after the budget's end and is not counted."""
         overhead = statistics.fmean(self.epoch_overheads) if self.epoch_overheads else 0.0
         remaining = self.budget.budget_seconds - self.budget.elapsed()
         per_step = self.step_seconds + overhead / self.steps_per_epoch
         total = done + (remaining + overhead) / per_step
         return max(1, int(total // self.steps_per_epoch)), overhead, remaining
 
-    def _write(self, epochs):
+    def _write(self, run, epochs):
         self.planned_epochs = epochs
         self.planned_steps_value = epochs * self.steps_per_epoch
-        self.model  # noqa: B018 -- syncs JAX state so the write below is seen.
-        self.planned_steps.assign(float(self.planned_steps_value))
+        run.engine.assign(self.planned_steps, float(self.planned_steps_value))
 
-    def on_train_batch_end(self, batch, logs=None):
-        done = self.budget.steps
-        if self.planned_epochs is None and done >= 1 + self.probe_steps:
-            self.step_seconds = statistics.median(self.budget.step_seconds[1:])
-            epochs, overhead, remaining = self._plan(done)
-            self._write(epochs)
-            self._planned_with_overhead = bool(self.epoch_overheads)
-            logging.info(
-                "planned %d epochs (%d steps) from a median step of %.4f s, %.2f s overhead an "
-                "epoch and %.1f s left", self.planned_epochs, self.planned_steps_value,
-                self.step_seconds, overhead, remaining,
-            )
-        if self.planned_steps_value is not None and done >= self.planned_steps_value:
-            self._model.stop_training = True
+    def limit(self, run):
+        return self.planned_steps_value - self.budget.steps
 
-    def on_epoch_end(self, epoch, logs=None):
-        # Keras validates before this call, so the time since the last step is the
+    def after_execution(self, run, steps, losses):
+        if self.budget.steps >= self.planned_steps_value:
+            run.stop("planned")
+
+    def on_epoch_end(self, run, epoch, logs):
+        # Runs after the other epoch-end hooks: the time since the last execution is the
         # epoch's overhead outside the training steps.
         if self.budget.end is None:
             return
         self.epoch_overheads.append(max(0.0, self.budget.clock() - self.budget.end))
-        if self.planned_epochs is None or self._planned_with_overhead:
+        if self._planned_with_overhead:
             return
-        # Planned before any epoch ended: plan once more now that the overhead is known.
         self._planned_with_overhead = True
         epochs, overhead, _ = self._plan(self.budget.steps)
         epochs = max(epochs, epoch + 1)
         if epochs != self.planned_epochs and overhead > self.step_seconds:
-            logging.info("re-planned %d -> %d epochs: %.2f s overhead an epoch",
-                         self.planned_epochs, epochs, overhead)
+            logging.info("re-planned %d -> %d epochs: %.2f s overhead an epoch", self.planned_epochs, epochs, overhead)
             self.replanned_from = self.planned_epochs
-            self._write(epochs)
+            self._write(run, epochs)
             if self.budget.steps >= self.planned_steps_value:
-                self._model.stop_training = True
+                run.stop("planned")
+
+
+class Progress:
+    """How far a run is, as a fraction of the planned steps (step-based schedules) or
+    of the budget, and how many steps remain before a given fraction.
+
+    Args:
+        budget: the run's `WallClockBudget`.
+        planned_steps: None (budget fraction), or a function returning the planned
+            number of steps (None until planned).
+    """
+
+    def __init__(self, budget, planned_steps=None):
+        self.budget = budget
+        self.planned_steps = planned_steps
+
+    def fraction(self):
+        if self.planned_steps is None:
+            return min(1.0, self.budget.elapsed() / self.budget.budget_seconds)
+        planned = self.planned_steps()
+        return 0.0 if not planned else min(1.0, self.budget.steps / planned)
+
+    def steps_until(self, fraction):
+        """Steps to run before the run reaches `fraction` (>= 1), or None if unknown."""
+        if self.planned_steps is None:
+            return self.budget.steps_within(fraction * self.budget.budget_seconds - self.budget.elapsed())
+        planned = self.planned_steps()
+        if not planned:
+            return None
+        return max(1, math.ceil(fraction * planned - 1e-9) - self.budget.steps)

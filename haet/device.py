@@ -1,5 +1,7 @@
 """Which accelerator this process trains on, and the precision policy that fits it."""
 
+import contextlib
+import dataclasses
 import platform
 
 import keras
@@ -78,3 +80,57 @@ def resolve_precision(precision, device):
         major = int(str(device.get("compute_capability") or "0").split(".")[0])
         return "mixed_bfloat16" if major >= 8 else "mixed_float16"
     return "float32"
+
+
+@contextlib.contextmanager
+def run_settings(precision="auto", seed=0, data_parallel_batch=None):
+    """The process-global settings of a run, restored when the block ends.
+
+    Inside the block: the Keras dtype policy `resolve_precision(precision, device)`;
+    every random seed (`keras.utils.set_random_seed(seed)`: Python, NumPy, the
+    backend, Keras' global generator); and, with `data_parallel_batch` set, data-parallel
+    training on all local devices (`haet.distribute.data_parallel`, whose checks need
+    the global batch size). On exit the previous policy and distribution are set
+    again, and Python's and NumPy's global random states are put back (the
+    backend's global seed cannot be read back).
+
+    Yields:
+        `RunSettings`: `device` (`describe_device()`), `precision` (the policy name),
+        `parallel` (None, or the dict of `haet.distribute.data_parallel`).
+
+    Raises:
+        ValueError: an unknown precision, or a data-parallel setting the devices
+            cannot take (before anything is changed).
+    """
+    import random
+
+    import numpy as np
+
+    from haet import distribute
+
+    device = describe_device()
+    policy = resolve_precision(precision, device)
+    previous_policy = keras.mixed_precision.global_policy()
+    python_state, numpy_state = random.getstate(), np.random.get_state()
+    with contextlib.ExitStack() as stack:
+        parallel = None
+        if data_parallel_batch is not None:
+            parallel = stack.enter_context(distribute.data_parallel(data_parallel_batch))
+        keras.mixed_precision.set_global_policy(policy)
+        try:
+            keras.utils.set_random_seed(seed)
+            yield RunSettings(device, policy, parallel)
+        finally:
+            keras.mixed_precision.set_global_policy(previous_policy)
+            random.setstate(python_state)
+            np.random.set_state(numpy_state)
+
+
+@dataclasses.dataclass(frozen=True)
+class RunSettings:
+    """What `run_settings` set: the device description, the dtype policy name and the
+    data-parallel engine (or None)."""
+
+    device: dict
+    precision: str
+    parallel: dict | None

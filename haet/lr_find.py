@@ -23,29 +23,48 @@ import keras
 import numpy as np
 from absl import logging
 
-from haet import data as data_lib
-from haet import results, training
+from haet import device, optimizers, results, training
+from haet.budget import WallClockBudget
+from haet.engine import make_engine
+from haet.loop import Hook, Training
 
 
-class _LossPerStep(keras.callbacks.Callback):
+class _LossPerStep(Hook):
     """Records each step's own training loss and stops when it diverges.
 
-    Keras hands batch callbacks the running mean of the loss since the epoch began;
-    with equal batches, step k's own loss is `k * mean_k - (k - 1) * mean_(k-1)`.
+    The engine reports the running mean of the loss since the epoch began after
+    every step; with equal batches, step k's own loss is `k * mean_k - (k - 1) *
+    mean_(k-1)`.
+
+    Args:
+        learning_rate: function step (0-based) -> the learning rate of that step.
+        steps: steps of the test.
+        divergence: stop when the smoothed loss exceeds this times its minimum.
+        smoothing: the exponential moving average's factor.
     """
 
-    def __init__(self, schedule, steps, divergence=4.0, smoothing=0.9):
-        super().__init__()
-        self.schedule, self.steps = schedule, steps
+    def __init__(self, learning_rate, steps, divergence=4.0, smoothing=0.9):
+        self.learning_rate, self.steps = learning_rate, steps
         self.divergence, self.smoothing = divergence, smoothing
         self.rows, self._smoothed, self._best = [], None, math.inf
         self._epoch_step, self._epoch_mean = 0, 0.0
 
-    def on_epoch_begin(self, epoch, logs=None):
+    def on_epoch_begin(self, run, epoch):
         self._epoch_step, self._epoch_mean = 0, 0.0
 
-    def on_train_batch_end(self, batch, logs=None):
-        mean = float(logs["loss"])
+    def limit(self, run):
+        return self.steps - len(self.rows)
+
+    def after_execution(self, run, steps, losses):
+        for mean in losses:
+            if self._record(float(mean)):
+                run.stop("diverged")
+                return
+        if len(self.rows) >= self.steps:
+            run.stop("steps")
+
+    def _record(self, mean):
+        """Adds the step whose running mean is `mean`; True when the test should stop."""
         self._epoch_step += 1
         k = self._epoch_step
         loss = k * mean - (k - 1) * self._epoch_mean
@@ -60,10 +79,9 @@ class _LossPerStep(keras.callbacks.Callback):
             self._best = min(self._best, smoothed)
         else:
             smoothed = math.nan
-        lr = float(keras.ops.convert_to_numpy(self.schedule(step)))
-        self.rows.append({"step": step + 1, "learning_rate": lr, "loss": loss, "smoothed_loss": smoothed})
-        if not finite or smoothed > self.divergence * self._best or len(self.rows) >= self.steps:
-            self._model.stop_training = True
+        self.rows.append({"step": step + 1, "learning_rate": self.learning_rate(step), "loss": loss,
+                          "smoothed_loss": smoothed})
+        return not finite or smoothed > self.divergence * self._best
 
 
 def suggest(rows):
@@ -86,8 +104,13 @@ def suggest(rows):
     return best["learning_rate"] / 10.0, best["learning_rate"], steepest
 
 
-def range_test(config, info, x_train, y_train, min_learning_rate, max_learning_rate, steps):
-    """Runs the range test; returns the per-step rows (dicts) and the suggestion triple.
+def range_test(config, data, min_learning_rate, max_learning_rate, steps):
+    """Runs the range test on the training images of `data` (`haet.training.prepare_data`)
+    with the model, loss, precision and engine of a run of `config`.
+
+    Returns:
+        `(rows, suggestion)`: the per-step rows (dicts step, learning_rate, loss,
+        smoothed_loss) and the triple of `suggest`.
 
     Raises:
         ValueError: `min_learning_rate` not below `max_learning_rate`, or `steps < 2`.
@@ -96,17 +119,18 @@ def range_test(config, info, x_train, y_train, min_learning_rate, max_learning_r
         raise ValueError(
             f"Need 0 < min_learning_rate < max_learning_rate and steps >= 2. Received: "
             f"{min_learning_rate}, {max_learning_rate}, {steps}")
-    keras.utils.set_random_seed(config.seed)
-    model, _ = training.build_training_model(config, info, x_train)
-    schedule = keras.optimizers.schedules.ExponentialDecay(
-        min_learning_rate, decay_steps=1, decay_rate=(max_learning_rate / min_learning_rate) ** (1 / (steps - 1)))
-    optimizer = training.make_optimizer(dataclasses.replace(config, ema_decay=0.0), schedule)
-    model.compile(optimizer, training.make_loss(config), jit_compile=True)
-    batches = data_lib.ShuffledBatches(
-        x_train, y_train, config.batch_size, seed=config.seed,
-        one_hot_classes=info.num_classes if config.label_smoothing else None)
-    recorder = _LossPerStep(schedule, steps)
-    model.fit(batches, epochs=math.ceil(steps / len(batches)), shuffle=False, verbose=0, callbacks=[recorder])
+    rate = (max_learning_rate / min_learning_rate) ** (1 / (steps - 1))
+    with training.settings_of(config) as settings:
+        model, _, _ = training.build_model(config, data)
+        schedule = keras.optimizers.schedules.ExponentialDecay(min_learning_rate, decay_steps=1, decay_rate=rate)
+        optimizer = optimizers.make_optimizer(dataclasses.replace(config, ema_decay=0.0), schedule)
+        training.compile_model(config, model, optimizer, settings)
+        engine = make_engine(model, data.x_fit, data.y_fit, config.batch_size, seed=config.seed,
+                             one_hot_classes=data.info.num_classes if config.label_smoothing else None,
+                             steps_per_execution=config.steps_per_execution)
+        recorder = _LossPerStep(lambda step: min_learning_rate * rate**step, steps)
+        budget = WallClockBudget(math.inf)
+        Training(engine, budget, [budget, recorder]).fit()
     return recorder.rows, suggest(recorder.rows)
 
 
@@ -143,9 +167,9 @@ def main(argv):
 
     f = flags.FLAGS
     commit = results.git_commit()  # the code this process runs
-    config, dataset, x_train, y_train, sha = entry.config_and_data_from_flags()
-    rows, suggestion = range_test(config, dataset.info, x_train, y_train, f.min_learning_rate,
-                                  f.max_learning_rate, f.range_steps)
+    config = entry.config_from_flags()
+    data = training.prepare_data(config)
+    rows, suggestion = range_test(config, data, f.min_learning_rate, f.max_learning_rate, f.range_steps)
     run_dir = results.make_run_dir(f.results_dir, f"{config.dataset}{config.train_size}_{config.model}_lr_find")
     results.write_csv(run_dir, "lr_find.csv", rows)
     plot(rows, suggestion, os.path.join(run_dir, "lr_find.png"),
@@ -155,8 +179,10 @@ def main(argv):
         "suggested_learning_rate": suggestion[0], "minimum_loss_learning_rate": suggestion[1],
         "steepest_descent_learning_rate": suggestion[2], "steps": len(rows),
         "min_learning_rate": f.min_learning_rate, "max_learning_rate": f.max_learning_rate,
-        "dataset": config.dataset, "train_examples": len(y_train), "subset_sha256": sha,
-        "backend": keras.backend.backend(), "versions": results.versions(),
+        "dataset": config.dataset, "train_examples": len(data.y_fit), "subset_sha256": data.subset_sha256,
+        "backend": keras.backend.backend(), "device": device.describe_device(),
+        "precision": device.resolve_precision(config.precision, device.describe_device()),
+        "versions": results.versions(),
         "git_commit": commit, "flags": dataclasses.asdict(config),
     })
     print(f"suggested learning rate {suggestion[0]:.3g} (smoothed loss minimum at {suggestion[1]:.3g}, "

@@ -14,6 +14,9 @@ Johnson's "Training Neural Networks, part 2" (2020):
    `--target_accuracy` within `--max_steps` steps. Adam at a fixed rate tests the
    model and the data, whatever the recipe's optimizer.
 
+Both build the model as a training run does (`haet.training.build_model`, the
+input statistics of the whole training subset) under the recipe's precision policy.
+
 Prints one PASS/FAIL line per check; the exit code is 0 when both pass, 1 otherwise.
 """
 
@@ -25,6 +28,9 @@ import numpy as np
 from absl import logging
 
 from haet import evaluation, training
+from haet.budget import WallClockBudget
+from haet.engine import make_engine
+from haet.loop import Hook, Training
 
 
 def unregularized(config):
@@ -40,44 +46,51 @@ def sample(config, x_train, y_train, batches):
     return x_train[:n], y_train[:n]
 
 
-def check_initial_loss(config, info, x, y, tolerance=0.25):
-    """Mean cross-entropy of the untrained, unregularized model on `(x, y)`, from
+def check_initial_loss(config, data, x, y, tolerance=0.25):
+    """Mean cross-entropy of the untrained, unregularized model of `config` (built as a
+    run builds it from `data`, under its precision policy) on `(x, y)`, from
     training-mode forward passes of `config.batch_size` images.
 
     Returns:
         dict: `passed` (|loss - ln K| <= tolerance * ln K), `loss`, `expected` (ln K).
     """
     config = unregularized(config)
-    keras.utils.set_random_seed(config.seed)
-    model, _ = training.build_training_model(config, info, x)
-    # Training-mode forward passes (batch statistics in batch norm, as the first
-    # steps see them; the untrained moving statistics would say nothing), with
-    # dropout and augmentation already off.
-    logits = np.concatenate([
-        np.asarray(model(x[i:i + config.batch_size], training=True), dtype=np.float64)
-        for i in range(0, len(x), config.batch_size)
-    ])
+    with training.settings_of(config):
+        model, _, _ = training.build_model(config, data)
+        # Training-mode forward passes (batch statistics in batch norm, as the first
+        # steps see them; the untrained moving statistics would say nothing), with
+        # dropout and augmentation already off.
+        logits = np.concatenate([
+            np.asarray(model(x[i:i + config.batch_size], training=True), dtype=np.float64)
+            for i in range(0, len(x), config.batch_size)
+        ])
     loss = evaluation.cross_entropy(logits, y)
-    expected = math.log(info.num_classes)
+    expected = math.log(data.info.num_classes)
     return {"passed": abs(loss - expected) <= tolerance * expected, "loss": loss, "expected": expected}
 
 
-class _StopAtAccuracy(keras.callbacks.Callback):
-    def __init__(self, target):
-        super().__init__()
-        self.target, self.accuracy, self.steps = target, 0.0, 0
+class _StopAtAccuracy(Hook):
+    """Stops when an epoch's training accuracy reaches `target`, or after `max_steps`."""
 
-    def on_train_batch_end(self, batch, logs=None):
-        self.steps += 1
+    def __init__(self, target, max_steps):
+        self.target, self.max_steps, self.accuracy = target, max_steps, 0.0
 
-    def on_epoch_end(self, epoch, logs=None):
-        self.accuracy = float(logs["accuracy"])
+    def limit(self, run):
+        return self.max_steps - run.budget.steps
+
+    def after_execution(self, run, steps, losses):
+        if run.budget.steps >= self.max_steps:
+            run.stop("max_steps")
+
+    def on_epoch_end(self, run, epoch, logs):
+        self.accuracy = logs["accuracy"]
         if self.accuracy >= self.target:
-            self._model.stop_training = True
+            run.stop("target_accuracy")
 
 
-def check_overfit(config, info, x, y, max_steps=500, target_accuracy=0.99):
-    """Trains the unregularized model on `(x, y)` (fixed batches, Adam 1e-3).
+def check_overfit(config, data, x, y, max_steps=500, target_accuracy=0.99):
+    """Trains the unregularized model on `(x, y)` (Adam 1e-3, the
+    recipe's precision policy) with haet's engine.
 
     An epoch is one pass over the sample; the check passes when an epoch's training
     accuracy reaches `target_accuracy` within `max_steps` steps.
@@ -86,16 +99,16 @@ def check_overfit(config, info, x, y, max_steps=500, target_accuracy=0.99):
         dict: `passed`, `accuracy` (the last epoch's), `steps`.
     """
     config = unregularized(config)
-    keras.utils.set_random_seed(config.seed)
-    model, _ = training.build_training_model(config, info, x)
-    model.compile(keras.optimizers.Adam(1e-3), keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-                  metrics=["accuracy"], jit_compile=True)
-    batch_size = min(config.batch_size, len(y))
-    steps_per_epoch = math.ceil(len(y) / batch_size)
-    stop = _StopAtAccuracy(target_accuracy)
-    model.fit(x, y, batch_size=batch_size, epochs=max(1, max_steps // steps_per_epoch),
-              shuffle=False, verbose=0, callbacks=[stop])
-    return {"passed": stop.accuracy >= target_accuracy, "accuracy": stop.accuracy, "steps": stop.steps}
+    with training.settings_of(config) as settings:
+        model, _, _ = training.build_model(config, data)
+        model.compile(keras.optimizers.Adam(1e-3), keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+                      metrics=["accuracy"], jit_compile=settings.parallel["xla"] if settings.parallel else True)
+        engine = make_engine(model, x, y, min(config.batch_size, len(y)), seed=config.seed,
+                             steps_per_execution=config.steps_per_execution)
+        budget = WallClockBudget(math.inf)
+        stop = _StopAtAccuracy(target_accuracy, max_steps)
+        Training(engine, budget, [budget, stop]).fit()
+    return {"passed": stop.accuracy >= target_accuracy, "accuracy": stop.accuracy, "steps": budget.steps}
 
 
 def main(argv):
@@ -105,16 +118,17 @@ def main(argv):
     from haet import train as entry
 
     f = flags.FLAGS
-    config, dataset, x_train, y_train, _ = entry.config_and_data_from_flags()
-    x, y = sample(config, x_train, y_train, f.sanity_batches)
-    initial = check_initial_loss(config, dataset.info, x, y, f.initial_loss_tolerance)
+    config = entry.config_from_flags()
+    data = training.prepare_data(config)
+    x, y = sample(config, data.x_fit, data.y_fit, f.sanity_batches)
+    initial = check_initial_loss(config, data, x, y, f.initial_loss_tolerance)
     print(f"{'PASS' if initial['passed'] else 'FAIL'} initial loss {initial['loss']:.4f}, "
-          f"expected ln({dataset.info.num_classes}) = {initial['expected']:.4f} "
+          f"expected ln({data.info.num_classes}) = {initial['expected']:.4f} "
           f"(tolerance {f.initial_loss_tolerance:.0%})")
-    overfit = check_overfit(config, dataset.info, x, y, f.max_steps, f.target_accuracy)
+    overfit = check_overfit(config, data, x, y, f.max_steps, f.target_accuracy)
     print(f"{'PASS' if overfit['passed'] else 'FAIL'} overfit {len(y)} images: training accuracy "
           f"{overfit['accuracy']:.4f} after {overfit['steps']} steps (target {f.target_accuracy})")
-    logging.info("sanity checks on %s, model %s", dataset.info.name, config.model)
+    logging.info("sanity checks on %s, model %s", data.info.name, config.model)
     raise SystemExit(0 if initial["passed"] and overfit["passed"] else 1)
 
 

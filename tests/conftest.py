@@ -39,3 +39,80 @@ def cifar10_slice_dir(tmp_path_factory, cifar10_arrays):
     np.savez(path / "train.npz", x=x_train[:1000], y=y_train[:1000])
     np.savez(path / "test.npz", x=x_test[:500], y=y_test[:500])
     return str(path)
+
+
+class FakeClock:
+    """A clock the test moves: `clock.t` seconds."""
+
+    def __init__(self, t=0.0):
+        self.t = t
+
+    def __call__(self):
+        return self.t
+
+
+class FakeEngine:
+    """Stands in for `haet.engine.Engine` in tests of the host loop: no model runs; each
+    step advances `clock` by `step_seconds(step)` (the first execution also by
+    `compile_seconds`), and every step records the values written with `assign`
+    (by variable name) when it ran.
+
+    Attributes:
+        steps: one dict per step run (kept or probe): the assigned values, "epoch",
+            "restored" (how many restores happened before it).
+        executions: the steps of each `run` call.
+    """
+
+    def __init__(self, clock, size=16, batch_size=4, step_seconds=1.0, steps_per_execution=16, compile_seconds=0.0):
+        import keras
+
+        self.clock = clock
+        self.steps_per_epoch = size // batch_size
+        self.steps_per_execution = steps_per_execution
+        self.step_seconds = step_seconds if callable(step_seconds) else (lambda step: step_seconds)
+        self.compile_seconds = compile_seconds
+        self.model = keras.Model()  # an optimizer for the budget to find its learning-rate variable
+        self.model.optimizer = keras.optimizers.SGD(0.1)
+        self.epoch, self.step_in_epoch = None, 0
+        self.values, self.steps, self.executions = {}, [], []
+        self.restores, self.learning_rate = 0, 0.1
+
+    @property
+    def steps_left_in_epoch(self):
+        return self.steps_per_epoch - self.step_in_epoch
+
+    def start_epoch(self, epoch):
+        self.epoch, self.step_in_epoch = epoch, 0
+
+    def run(self, steps):
+        import numpy as np
+
+        assert self.epoch is not None and 1 <= steps <= min(self.steps_per_execution, self.steps_left_in_epoch)
+        if not self.executions:
+            self.clock.t += self.compile_seconds
+        for _ in range(steps):
+            self.clock.t += self.step_seconds(len(self.steps))
+            self.steps.append({**self.values, "epoch": self.epoch, "restored": self.restores})
+        self.executions.append(steps)
+        self.step_in_epoch += steps
+        return np.full(steps, 1.0, np.float32)
+
+    def epoch_metrics(self):
+        return {"loss": 1.0, "accuracy": 0.5}
+
+    def assign(self, variable, value):
+        self.values[variable.name] = value
+
+    def snapshot(self):
+        return dict(self.values)
+
+    def restore(self, snapshot):
+        self.values = dict(snapshot)
+        self.restores += 1
+        self.epoch = None
+
+    def sync(self):
+        pass
+
+    def reload(self):
+        pass

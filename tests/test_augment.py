@@ -141,6 +141,8 @@ class _CountingAffine(RandomAffine):
 
 
 def test_train_step_stays_xla_compiled_and_fill_mode_change_does_not_recompile():
+    from haet.engine import make_engine
+
     inputs = keras.Input((8, 8, 3))
     layer = _CountingAffine(seed=0)
     x = keras.layers.GlobalAveragePooling2D()(keras.layers.Conv2D(4, 3)(layer(inputs)))
@@ -148,15 +150,18 @@ def test_train_step_stays_xla_compiled_and_fill_mode_change_does_not_recompile()
     model.compile("sgd", keras.losses.SparseCategoricalCrossentropy(from_logits=True), jit_compile=True)
     assert model.jit_compile is True
     images = np.random.default_rng(0).uniform(size=(16, 8, 8, 3)).astype("float32")
-    labels = np.zeros(16, dtype="int32")
-    model.fit(images, labels, batch_size=8, epochs=1, verbose=0)
+    engine = make_engine(model, images, np.zeros(16, dtype="int32"), 8)
+    engine.start_epoch(0)
+    engine.run(1)
     traces = _CountingAffine.traces
-    for mode in FILL_MODES:
-        layer.set_fill_mode(mode)
-        layer.set_strength(0.5)
-        model.fit(images, labels, batch_size=8, epochs=1, verbose=0)
-    assert model.jit_compile is True
+    for epoch, mode in enumerate(FILL_MODES, start=1):
+        engine.assign(layer.fill_mode_index, FILL_MODES.index(mode))
+        engine.assign(layer.strength, 0.5)
+        engine.start_epoch(epoch)
+        engine.run(2)
     assert _CountingAffine.traces == traces  # the compiled step was not traced again
+    engine.sync()
+    assert float(np.asarray(layer.strength)) == 0.5 and int(np.asarray(layer.fill_mode_index)) == 3
 
 
 def test_crop_is_a_crop_of_the_mirror_padded_image():

@@ -1,170 +1,233 @@
+"""The budget, the planner and the host loop on a fake clock: exact arithmetic, no real time."""
+
 import keras
 import numpy as np
 import pytest
 
+from conftest import FakeClock, FakeEngine
 from haet.augment import RandomAffine
-from haet.budget import PhaseTimer, WallClockBudget
-from haet.data import ShuffledBatches
+from haet.budget import PhaseTimer, Progress, StepPlanner, WallClockBudget
+from haet.hooks import SnapshotKeeper
+from haet.loop import Hook, KerasCallbacks, Training
 from haet.schedules import PiecewiseConstant
 
 
-class FakeClock:
-    def __init__(self):
-        self.t = 0.0
-
-    def __call__(self):
-        return self.t
-
-
-class Tick(keras.callbacks.Callback):
-    """Advances the fake clock by `seconds` at the end of every step."""
-
-    def __init__(self, clock, seconds):
-        super().__init__()
-        self.clock, self.seconds = clock, seconds
-
-    def on_train_batch_end(self, batch, logs=None):
-        self.clock.t += self.seconds
-
-
-class Record(keras.callbacks.Callback):
-    """Reads the learning rate and augmentation strength each step used."""
-
-    def __init__(self, layer):
-        super().__init__()
-        self.layer, self.rows = layer, []
-
-    def on_train_batch_end(self, batch, logs=None):
-        model = self.model  # syncs the JAX state
-        self.rows.append((float(np.asarray(model.optimizer.learning_rate)),
-                          float(np.asarray(self.layer.strength))))
-
-
-def _tiny_model():
-    inputs = keras.Input((8, 8, 3))
-    layer = RandomAffine(seed=0, name="augmentation")
-    x = keras.layers.GlobalAveragePooling2D()(keras.layers.Conv2D(4, 3)(layer(inputs)))
-    model = keras.Model(inputs, keras.layers.Dense(2)(x))
-    model.compile(keras.optimizers.Adam(1e-3), keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-                  metrics=["accuracy"], jit_compile=True)
-    return model, layer
-
-
-def _batches(n=16, batch_size=4):
-    rng = np.random.default_rng(0)
-    return ShuffledBatches(rng.uniform(size=(n, 8, 8, 3)).astype("float32"),
-                           rng.integers(0, 2, n).astype("int32"), batch_size, seed=0)
+def _fit(engine, budget, *hooks, epochs=0):
+    return Training(engine, budget, [budget, *hooks], epochs=epochs).fit()
 
 
 def test_schedules_follow_the_clock_and_training_stops_at_the_budget():
-    model, layer = _tiny_model()
     clock = FakeClock()
-    budget = WallClockBudget(
-        10.0,
-        PiecewiseConstant([0.8, 0.9], [1e-3, 1e-4, 1e-5]),
-        augmentation=layer,
-        augmentation_strength=PiecewiseConstant([0.5], [1.0, 0.0]),
-        fill_modes=("wrap", "reflect"),
-        clock=clock,
-    )
-    record = Record(layer)
-    model.fit(_batches(), epochs=1000, verbose=0, callbacks=[Tick(clock, 1.0), budget, record])
+    engine = FakeEngine(clock, size=16, batch_size=4, step_seconds=1.0)
+    layer = RandomAffine(seed=0)
+    budget = WallClockBudget(10.0, PiecewiseConstant([0.8, 0.9], [1e-3, 1e-4, 1e-5]), augmentation=layer,
+                             augmentation_strength=PiecewiseConstant([0.5], [1.0, 0.0]),
+                             fill_modes=("wrap", "reflect"), clock=clock)
+    run = _fit(engine, budget)
     # Step k starts at k - 1 seconds and ends at k: the first step ending at or after
     # 10 s is step 10, 4 steps per epoch, so epochs of 4, 4 and 2 steps.
-    assert budget.steps == 10 and budget.train_seconds() == 10.0
-    lrs, strengths = zip(*record.rows)
-    np.testing.assert_allclose(lrs, [1e-3] * 8 + [1e-4] + [1e-5], rtol=1e-6)
-    assert strengths == (1.0,) * 5 + (0.0,) * 5
+    assert budget.steps == 10 and budget.train_seconds() == 10.0 and run.stopped_by == "budget"
+    assert [s["learning_rate"] for s in engine.steps] == [1e-3] * 8 + [1e-4] + [1e-5]
+    assert [s["strength"] for s in engine.steps] == [1.0] * 5 + [0.0] * 5
+    assert {s["fill_mode_index"] for s in engine.steps} <= {2, 3}  # wrap, reflect
+    # The first execution (no step time known) is one step; later ones end where a
+    # schedule changes, the epoch ends or the budget ends.
+    assert engine.executions == [1, 3, 1, 3, 1, 1]
     assert [row["steps"] for row in budget.history] == [4, 4, 2]
     assert [row["complete"] for row in budget.history] == [True, True, False]
     assert [row["elapsed_seconds"] for row in budget.history] == [4.0, 8.0, 10.0]
     assert [row["remaining_seconds"] for row in budget.history] == [6.0, 2.0, 0.0]
-    assert all(row["fill_mode"] in ("wrap", "reflect") for row in budget.history)
-    assert all(np.isfinite(row["loss"]) and 0 <= row["accuracy"] <= 1 for row in budget.history)
-    assert budget.history[-1]["learning_rate"] == 1e-5
+    assert budget.history[-1]["learning_rate"] == 1e-5 and budget.history[-1]["augmentation_strength"] == 0.0
 
 
-def test_real_clock_stops_at_the_first_step_boundary_after_the_budget():
-    model, _ = _tiny_model()
-    budget = WallClockBudget(1.0, PiecewiseConstant([], [1e-3]))
-    model.fit(_batches(), epochs=10**6, verbose=0, callbacks=[budget])
-    assert sum(budget.step_seconds[:-1]) < 1.0 <= sum(budget.step_seconds)
-    assert budget.train_seconds() == pytest.approx(sum(budget.step_seconds))
-    assert 0.0 <= budget.compile_seconds() <= budget.step_seconds[0]
+def test_executions_never_exceed_k_and_the_overshoot_is_at_most_one_execution():
+    # Steps slow down from 1 s to 3 s after step 6: the predicted execution lengths
+    # are wrong, yet no execution starts after the budget's end and the run ends
+    # within one execution of it.
+    clock = FakeClock()
+    engine = FakeEngine(clock, size=400, batch_size=4, steps_per_execution=5,
+                        step_seconds=lambda step: 1.0 if step < 6 else 3.0)
+    budget = WallClockBudget(20.0, clock=clock)
+    _fit(engine, budget)
+    assert max(engine.executions) <= 5
+    starts = np.cumsum([0.0] + [e.seconds for e in budget.executions])[:-1]
+    assert all(start < 20.0 for start in starts)
+    assert 0 <= budget.train_seconds() - 20.0 < budget.executions[-1].seconds
+
+
+def test_step_time_estimate_and_compile_seconds():
+    clock = FakeClock()
+    engine = FakeEngine(clock, size=400, batch_size=4, compile_seconds=5.0, step_seconds=0.5)
+    budget = WallClockBudget(30.0, clock=clock)
+    _fit(engine, budget)
+    assert budget.executions[0].steps == 1 and budget.executions[0].seconds == 5.5
+    assert budget.step_seconds() == 0.5 and budget.compile_seconds() == 5.0
+    assert budget.steps_within(2.0) == 4 and budget.steps_within(2.1) == 5 and budget.steps_within(0.0) == 1
 
 
 def test_bad_budget_arguments():
-    lr = PiecewiseConstant([], [1e-3])
     with pytest.raises(ValueError, match="budget_seconds must be positive .* Received: 0"):
-        WallClockBudget(0, lr)
+        WallClockBudget(0)
     with pytest.raises(ValueError, match="fill_modes must be a non-empty subset"):
-        WallClockBudget(1, lr, fill_modes=("mirror",))
+        WallClockBudget(1, fill_modes=("mirror",))
 
 
-def test_phase_timer_accumulates():
+def test_phase_timer_charges_each_second_to_the_innermost_phase():
     clock = FakeClock()
     timer = PhaseTimer(clock)
     for _ in range(2):
         with timer.phase("eval"):
             clock.t += 1.5
-    assert timer.seconds == {"eval": 3.0}
+    with timer.phase("setup"):
+        clock.t += 1.0
+        with timer.phase("precompute"):
+            clock.t += 4.0
+        clock.t += 0.5
+    assert timer.seconds == {"eval": 3.0, "setup": 1.5, "precompute": 4.0}
 
 
-def _planned_run():
-    """A tiny model on a one-cycle schedule, a 40 s budget on a fake clock and a planner
-    (4 steps an epoch, planning after 1 + 3 steps)."""
-    from haet.budget import StepPlanner
-    from haet.schedules import PlannedPiecewiseLinear
+class _PlannedSteps:
+    name = "planned_steps"
 
-    model, _ = _tiny_model()
-    schedule = PlannedPiecewiseLinear([0.0, 0.5, 1.0], [0.0, 0.1, 0.0])
-    optimizer = keras.optimizers.SGD(schedule)
-    schedule.attach(optimizer, 10**6)
-    model.compile(optimizer, keras.losses.SparseCategoricalCrossentropy(from_logits=True), jit_compile=True)
+
+def _planned(budget_seconds, epoch_overhead=0.0, steps_per_execution=16):
     clock = FakeClock()
-    budget = WallClockBudget(40.0, None, clock=clock)
-    planner = StepPlanner(budget, schedule.planned_steps, steps_per_epoch=4, probe_steps=3)
-    return model, schedule, clock, budget, planner
+    engine = FakeEngine(clock, size=16, batch_size=4, step_seconds=1.0, steps_per_execution=steps_per_execution)
+    budget = WallClockBudget(budget_seconds, clock=clock)
+    planner = StepPlanner(budget, _PlannedSteps(), steps_per_epoch=4, probe_steps=3)
+
+    class Validation(Hook):
+        def on_epoch_end(self, run, epoch, logs):
+            clock.t += epoch_overhead
+
+    run = Training(engine, budget, [Validation(), budget, planner]).fit()
+    return engine, budget, planner, run
 
 
-def test_planner_sets_the_schedule_length_from_measured_steps():
-    model, schedule, clock, budget, planner = _planned_run()
-
-    class Rates(keras.callbacks.Callback):
-        def __init__(self):
-            super().__init__()
-            self.rates = []
-
-        def on_train_batch_end(self, batch, logs=None):
-            self.rates.append(float(np.asarray(self.model.optimizer.learning_rate)))
-
-    rates = Rates()
-
-    # 1 s per step: after 4 steps, 36 s remain -> 40 steps in all = 10 epochs of 4.
-    model.fit(_batches(), epochs=1000, verbose=0, callbacks=[Tick(clock, 1.0), budget, planner, rates])
-    assert planner.planned_epochs == 10 and planner.planned_steps_value == 40
-    assert planner.step_seconds == 1.0
-    assert budget.steps == 40 and float(np.asarray(schedule.planned_steps)) == 40.0
-    # The learning rate read after step k is the schedule at iteration k: peak at 20 of 40.
-    assert max(rates.rates) == pytest.approx(0.1, rel=1e-5)
-    assert int(np.argmax(rates.rates)) == 19 and rates.rates[-1] == pytest.approx(0.0, abs=1e-7)
+def test_planner_probes_on_a_copy_then_plans_before_any_kept_step():
+    engine, budget, planner, run = _planned(40.5)
+    # Probe: 1 step (compiling) + 3 timed steps = 4 s, discarded; 36.5 s left at 1 s a
+    # step = 9 whole epochs of 4 steps, which end at 40 s.
+    assert engine.restores == 1 and budget.probe_steps() == 4
+    assert planner.step_seconds == 1.0 and planner.planned_epochs == 9 and planner.planned_steps_value == 36
+    kept = [s for s in engine.steps if s["restored"] == 1]
+    assert len(kept) == budget.steps == 36 and run.stopped_by == "planned"
+    # No kept step ran on a schedule of unknown length.
+    assert all(s["planned_steps"] == 36.0 for s in kept)
+    assert all("planned_steps" not in s for s in engine.steps[:4])
+    assert budget.train_seconds() == 40.0 and planner.replanned_from is None
 
 
 def test_planner_charges_the_measured_epoch_overhead_and_replans_once():
-    model, schedule, clock, budget, planner = _planned_run()
-
-    class Validation(keras.callbacks.Callback):
-        """4 s between epochs, as a validation pass would take."""
-
-        def on_epoch_end(self, epoch, logs=None):
-            clock.t += 4.0
-
-    # Planned at step 4 without overhead: 10 epochs. At the first epoch end 32 s remain
-    # and each further epoch costs 4 s of steps + 4 s of overhead (not after the last):
-    # 4 more epochs, whose steps end at 36 s.
-    model.fit(_batches(), epochs=1000, verbose=0,
-              callbacks=[Tick(clock, 1.0), budget, Validation(), planner])
-    assert planner.replanned_from == 10 and planner.planned_epochs == 5
+    # 4 s between epochs (a validation pass). Planned after the 4 s probe: 9 epochs.
+    # At the first epoch end (12 s) 28.5 s remain and each further epoch costs 4 s of
+    # steps + 4 s of overhead (not after the last): 4 more epochs, 5 in all, whose
+    # steps end at 40 s.
+    engine, budget, planner, run = _planned(40.5, epoch_overhead=4.0)
+    assert planner.replanned_from == 9 and planner.planned_epochs == 5
     assert planner.epoch_overheads == [4.0] * 5
-    assert budget.steps == 20 and float(np.asarray(schedule.planned_steps)) == 20.0
-    assert budget.end == 36.0
+    assert budget.steps == 20 and budget.end == 40.0 and run.stopped_by == "planned"
+    assert [s["planned_steps"] for s in engine.steps[4:]] == [36.0] * 4 + [20.0] * 16
+
+
+def test_planner_when_the_probe_exhausts_the_budget():
+    engine, budget, planner, run = _planned(3.0)
+    # The budget ran out during the probe: one epoch is planned and the budget cuts it.
+    assert planner.planned_epochs == 1 and budget.steps == 1 and run.stopped_by == "budget"
+
+
+def test_planner_with_a_real_schedule_and_engine_hits_the_peak_mid_run():
+    from haet.engine import make_engine
+    from haet.schedules import PlannedPiecewiseLinear
+
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
+    schedule = PlannedPiecewiseLinear([0.0, 0.5, 1.0], [0.0, 0.1, 0.0])
+    optimizer = keras.optimizers.SGD(schedule)
+    schedule.attach(optimizer, 1)
+    model.compile(optimizer, keras.losses.SparseCategoricalCrossentropy(from_logits=True), jit_compile=True)
+    x = np.random.default_rng(0).normal(size=(16, 3)).astype("float32")
+    engine = make_engine(model, x, np.arange(16) % 2, 4, steps_per_execution=1)
+    clock = FakeClock()
+    run_once = engine.run
+
+    def run(steps):  # each step takes 1 s on the fake clock
+        clock.t += steps
+        return run_once(steps)
+
+    engine.run = run
+    rates = []
+
+    class Rates(Hook):
+        def after_execution(self, run, steps, losses):
+            rates.append(run.engine.learning_rate)  # the rate of the next step
+
+    budget = WallClockBudget(40.5, clock=clock)
+    planner = StepPlanner(budget, schedule.planned_steps, steps_per_epoch=4, probe_steps=3)
+    Training(engine, budget, [budget, Rates(), planner]).fit()
+    assert planner.planned_steps_value == 36 and budget.steps == 36
+    assert float(np.asarray(schedule.planned_steps)) == 36.0
+    # The rate after kept step k is the schedule at iteration k: peak at 18 of 36.
+    assert max(rates) == pytest.approx(0.1, rel=1e-5) and int(np.argmax(rates)) == 17
+    assert rates[-1] == pytest.approx(0.0, abs=1e-7)
+    assert int(np.asarray(optimizer.iterations)) == 36  # the probe's steps were undone
+
+
+def test_snapshots_are_taken_exactly_at_cycle_ends_of_the_planned_steps():
+    clock = FakeClock()
+    engine = FakeEngine(clock, size=16, batch_size=4)
+    budget = WallClockBudget(1000.0, clock=clock)
+    keeper = SnapshotKeeper([0.3, 0.6, 1.0], Progress(budget, lambda: 10))
+    keeper._take = lambda run, fraction: keeper.snapshots.append((fraction, budget.steps))
+
+    class Stop(Hook):
+        def limit(self, run):
+            return 10 - budget.steps
+
+        def after_execution(self, run, steps, losses):
+            if budget.steps >= 10:
+                run.stop("planned")
+
+    _fit(engine, budget, Stop(), keeper)
+    # 10 planned steps: snapshots after steps 3 and 6 (executions cut there) and at the end.
+    assert keeper.snapshots == [(0.3, 3), (0.6, 6), (1.0, 10)]
+    with pytest.raises(ValueError, match="end at 1"):
+        SnapshotKeeper([0.5, 0.9], Progress(budget))
+
+
+def test_budget_progress_predicts_steps_to_a_fraction():
+    clock = FakeClock()
+    engine = FakeEngine(clock, size=400, batch_size=4, step_seconds=2.0)
+    budget = WallClockBudget(100.0, clock=clock)
+    progress = Progress(budget)
+    _fit(engine, budget, epochs=1)  # no epoch limit reached: the budget stops at 100 s
+    assert progress.fraction() == 1.0
+    clock.t = budget.start + 50.0
+    assert progress.steps_until(0.6) == 5  # 10 s at 2 s a step
+
+
+def test_loop_stops_after_epochs_and_by_early_stopping():
+    clock = FakeClock()
+    engine = FakeEngine(clock)
+    budget = WallClockBudget(1000.0, clock=clock)
+    run = _fit(engine, budget, epochs=3)
+    assert run.stopped_by == "epochs" and budget.steps == 12 and len(budget.history) == 3
+
+    model = keras.Sequential([keras.Input((1,)), keras.layers.Dense(1)])
+    stopper = keras.callbacks.EarlyStopping(monitor="loss", patience=1)  # the fake loss never improves
+    engine, budget = FakeEngine(clock), WallClockBudget(1000.0, clock=clock)
+    run = Training(engine, budget, [budget, KerasCallbacks([stopper], model)]).fit()
+    assert run.stopped_by == "early_stopping" and len(budget.history) == 2
+
+
+def test_a_hook_limit_below_one_is_an_error():
+    class Broken(Hook):
+        def limit(self, run):
+            return 0
+
+    clock = FakeClock()
+    engine, budget = FakeEngine(clock), WallClockBudget(10.0, clock=clock)
+    with pytest.raises(RuntimeError, match="limited the next execution to 0 steps"):
+        _fit(engine, budget, Broken())
+    with pytest.raises(ValueError, match="budget must be one of the hooks"):
+        Training(engine, budget, [])

@@ -48,6 +48,7 @@ def test_batch_norm_statistics_per_replica_on_tensorflow_global_on_jax(tmp_path)
     assert same == (keras.backend.backend() == "jax")
 
 
+@pytest.mark.e2e
 def test_train_data_parallel_end_to_end_on_two_devices(tmp_path, cifar10_slice_dir):
     code = (
         "import os, sys\n"

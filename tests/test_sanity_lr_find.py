@@ -1,3 +1,4 @@
+import dataclasses
 import json
 import math
 import os
@@ -17,38 +18,40 @@ def _tiny(cifar10_slice_dir, **changes):
                 batch_size=10, input_normalization="channel_standardize", augmentation="crop_flip_cutout")
     base.update(changes)
     config = TrainConfig(**base)
-    dataset, x, y, _ = training.load_training_data(config)
-    return config, dataset.info, x, y
+    data = training.prepare_data(config)
+    return config, data
 
 
 def test_initial_loss_check_passes_near_ln_k_and_catches_large_logits(cifar10_slice_dir):
-    config, info, x, y = _tiny(cifar10_slice_dir)
-    x, y = sanity.sample(config, x, y, batches=3)
+    config, data = _tiny(cifar10_slice_dir)
+    x, y = sanity.sample(config, data.x_fit, data.y_fit, batches=3)
     assert len(y) == 30
-    good = sanity.check_initial_loss(config, info, x, y)
+    good = sanity.check_initial_loss(config, data, x, y)
     assert good["passed"] and good["expected"] == pytest.approx(math.log(10))
-    bad = sanity.check_initial_loss(TrainConfig(**{**config.__dict__, "logit_scale": 200.0}), info, x, y)
+    bad = sanity.check_initial_loss(dataclasses.replace(config, logit_scale=200.0), data, x, y)
     assert not bad["passed"] and bad["loss"] > 1.25 * math.log(10)
 
 
 def test_overfit_check_memorizes_a_small_sample(cifar10_slice_dir):
-    config, info, x, y = _tiny(cifar10_slice_dir, dropout_rate=0.5, label_smoothing=0.3)
-    x, y = sanity.sample(config, x, y, batches=2)
-    result = sanity.check_overfit(config, info, x, y, max_steps=300, target_accuracy=0.99)
-    assert result["passed"] and result["accuracy"] >= 0.99 and 0 < result["steps"] <= 300
-    too_few = sanity.check_overfit(config, info, x, y, max_steps=2, target_accuracy=0.99)
-    assert not too_few["passed"]
+    config, data = _tiny(cifar10_slice_dir, model="tiny_cnn", width_multiplier=2.0, dropout_rate=0.5,
+                         label_smoothing=0.3)
+    x, y = sanity.sample(config, data.x_fit, data.y_fit, batches=2)
+    result = sanity.check_overfit(config, data, x, y, max_steps=400, target_accuracy=0.99)
+    assert result["passed"] and result["accuracy"] >= 0.99 and 0 < result["steps"] <= 400
+    too_few = sanity.check_overfit(config, data, x, y, max_steps=2, target_accuracy=0.99)
+    assert not too_few["passed"] and too_few["steps"] == 2
 
 
 def test_unregularized_turns_every_regularizer_off():
-    config = sanity.unregularized(TrainConfig(label_smoothing=0.2, precomputed_augmentation_epochs=3))
+    config = sanity.unregularized(TrainConfig(label_smoothing=0.2, augmentation="crop_flip_cutout",
+                                              precomputed_augmentation_epochs=3))
     assert (config.weight_decay, config.dropout_rate, config.augmentation, config.label_smoothing,
             config.precomputed_augmentation_epochs) == (0.0, 0.0, "none", 0.0, 0)
 
 
 def test_range_test_loss_rises_at_large_learning_rates(cifar10_slice_dir):
-    config, info, x, y = _tiny(cifar10_slice_dir, optimizer="sgd")
-    rows, (suggested, at_minimum, steepest) = lr_find.range_test(config, info, x, y, 1e-4, 100.0, 60)
+    config, data = _tiny(cifar10_slice_dir, optimizer="sgd")
+    rows, (suggested, at_minimum, steepest) = lr_find.range_test(config, data, 1e-4, 100.0, 60)
     lrs = [r["learning_rate"] for r in rows]
     assert 2 <= len(rows) <= 60
     assert lrs[0] == pytest.approx(1e-4) and all(b > a for a, b in zip(lrs, lrs[1:]))
@@ -59,7 +62,7 @@ def test_range_test_loss_rises_at_large_learning_rates(cifar10_slice_dir):
     assert 1e-4 <= at_minimum <= 100.0 and suggested == pytest.approx(at_minimum / 10)
     assert 1e-4 <= steepest <= at_minimum
     with pytest.raises(ValueError, match="min_learning_rate < max_learning_rate"):
-        lr_find.range_test(config, info, x, y, 1.0, 0.1, 10)
+        lr_find.range_test(config, data, 1.0, 0.1, 10)
 
 
 def test_suggest_on_a_known_curve():
@@ -73,6 +76,7 @@ def test_suggest_on_a_known_curve():
         lr_find.suggest([{"step": 1, "learning_rate": 1.0, "loss": math.nan, "smoothed_loss": math.nan}])
 
 
+@pytest.mark.e2e
 def test_sanity_and_lr_find_command_lines(tmp_path, cifar10_slice_dir):
     env = dict(os.environ, PYTHONPATH=REPO)
     common = [f"--data_dir={cifar10_slice_dir}", "--train_size=100", "--model=resnet9", "--width_multiplier=0.125",
@@ -94,17 +98,23 @@ def test_sanity_and_lr_find_command_lines(tmp_path, cifar10_slice_dir):
     assert "suggested learning rate" in result.stdout and record["suggested_learning_rate"] > 0
 
 
-def test_per_step_loss_is_recovered_from_keras_running_means():
-    import keras
+def test_per_step_loss_is_recovered_from_the_running_means():
+    class Run:
+        stopped_by = None
 
-    recorder = lr_find._LossPerStep(keras.optimizers.schedules.ExponentialDecay(0.1, 1, 2.0), steps=10)
-    recorder._model = type("M", (), {"stop_training": False})()
+        def stop(self, reason):
+            self.stopped_by = reason
+
+    recorder = lr_find._LossPerStep(lambda step: 0.1 * 2.0**step, steps=10)
     losses = [3.0, 1.0, 2.0, 5.0]
-    recorder.on_epoch_begin(0)
-    for k, _ in enumerate(losses[:2], start=1):
-        recorder.on_train_batch_end(k - 1, {"loss": sum(losses[:k]) / k})
-    recorder.on_epoch_begin(1)
-    for k, _ in enumerate(losses[2:], start=1):
-        recorder.on_train_batch_end(k - 1, {"loss": sum(losses[2:2 + k]) / k})
+    recorder.on_epoch_begin(None, 0)
+    recorder.after_execution(Run(), 2, np.array([sum(losses[:k]) / k for k in (1, 2)]))
+    recorder.on_epoch_begin(None, 1)
+    run = Run()
+    recorder.after_execution(run, 2, np.array([sum(losses[2:2 + k]) / k for k in (1, 2)]))
     assert [r["loss"] for r in recorder.rows] == pytest.approx(losses)
     assert [r["learning_rate"] for r in recorder.rows] == pytest.approx([0.1, 0.2, 0.4, 0.8])
+    assert run.stopped_by is None
+    # A loss 4x above the smoothed minimum stops the test at that step.
+    recorder.after_execution(run, 2, np.array([sum(losses[2:] + [400.0]) / 3, 0.0]))
+    assert run.stopped_by == "diverged" and len(recorder.rows) == 5

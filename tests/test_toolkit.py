@@ -7,12 +7,13 @@ import os
 import numpy as np
 import pytest
 
+from haet.schedules import cycle_ends
 from haet.training import TrainConfig, split_validation, train
 
 
 def _tiny(data_dir, **changes):
     base = dict(
-        budget_seconds=600.0, data_dir=data_dir, train_size=200, model="resnet9", width_multiplier=0.125,
+        budget_seconds=600.0, data_dir=data_dir, train_size=200, model="tiny_cnn", width_multiplier=1.0,
         batch_size=25, optimizer="sgd", augmentation="none", input_normalization="channel_standardize",
         eval_batch_size=250, save_model=False,
     )
@@ -71,10 +72,10 @@ def test_snapshot_ensemble_of_cosine_restarts_with_tensorboard(tmp_path, cifar10
     assert record["test_accuracy"] == record["test_accuracy_variants"]["final_tta_flip"]
     events = [f for _, _, files in os.walk(os.path.join(run_dir, "tensorboard")) for f in files]
     assert any(f.startswith("events.out.tfevents") for f in events)
-    assert dataclasses.replace(config, warmup=0.2).cycle_ends() == pytest.approx((0.2 + 0.8 / 3, 0.2 + 1.6 / 3, 1.0))
-    assert dataclasses.replace(config, warmup=0.2).cycle_ends()[-1] == 1.0
+    warm = dataclasses.replace(config, warmup=0.2)
+    assert cycle_ends(warm) == pytest.approx((0.2 + 0.8 / 3, 0.2 + 1.6 / 3, 1.0)) and cycle_ends(warm)[-1] == 1.0
     with pytest.raises(ValueError, match="snapshot_ensemble keeps the raw weights"):
-        dataclasses.replace(config, ema_decay=0.9).validate()
+        dataclasses.replace(config, ema_decay=0.9)
 
 
 @pytest.mark.parametrize("changes, message", [
@@ -86,14 +87,17 @@ def test_snapshot_ensemble_of_cosine_restarts_with_tensorboard(tmp_path, cifar10
 ])
 def test_bad_validation_settings(changes, message, cifar10_slice_dir):
     with pytest.raises(ValueError, match=message):
-        _tiny(cifar10_slice_dir, **changes).validate()
+        _tiny(cifar10_slice_dir, **changes)
 
 
 def test_health_monitor_update_is_learning_rate_times_gradient():
-    """Plain SGD on one fixed batch: every update is exactly lr x the probe gradient."""
+    """Plain SGD on the whole (fixed) set each step: every update is exactly lr x the probe gradient."""
     import keras
 
-    from haet.callbacks import TrainingHealth
+    from haet.budget import WallClockBudget
+    from haet.engine import make_engine
+    from haet.hooks import TrainingHealth
+    from haet.loop import Training
 
     keras.utils.set_random_seed(0)
     x = np.random.default_rng(0).normal(size=(16, 5)).astype("float32")
@@ -101,10 +105,12 @@ def test_health_monitor_update_is_learning_rate_times_gradient():
     model = keras.Sequential([keras.Input((5,)), keras.layers.Dense(8, activation="relu"),
                               keras.layers.Dense(3)])
     loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
-    model.compile(optimizer=keras.optimizers.SGD(0.1), loss=loss)
+    model.compile(optimizer=keras.optimizers.SGD(0.1), loss=loss, jit_compile=True)
     health = TrainingHealth(x, y, loss, every_steps=2)
     before = [np.array(v) for v in model.trainable_variables]
-    model.fit(x, y, batch_size=16, epochs=4, shuffle=False, verbose=0, callbacks=[health])
+    engine = make_engine(model, x, y, 16, steps_per_execution=8)
+    budget = WallClockBudget(1000.0)
+    Training(engine, budget, [health, budget], epochs=4).fit()
     assert sorted({r["step"] for r in health.rows}) == [0, 2]
     first = [r for r in health.rows if r["step"] == 0]
     assert [r["variable"] for r in first][-1] == "(all)" and len(first) == 3  # two kernels + total
@@ -134,31 +140,30 @@ def test_health_monitor_in_a_run_writes_health_csv_and_history(tmp_path, cifar10
 def test_snapshot_keeper_keeps_the_weights_at_each_cycle_end_and_the_final_ones():
     import keras
 
-    from haet.callbacks import SnapshotKeeper
+    from haet.budget import Progress, WallClockBudget
+    from haet.engine import make_engine
+    from haet.hooks import SnapshotKeeper
+    from haet.loop import Hook, Training
 
     keras.utils.set_random_seed(0)
     x = np.random.default_rng(0).normal(size=(8, 3)).astype("float32")
     model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
-    model.compile(optimizer=keras.optimizers.SGD(0.1), loss="mse")
-    steps = []
-
-    class Count(keras.callbacks.Callback):
-        def on_train_batch_end(self, batch, logs=None):
-            steps.append(batch)
-
+    model.compile(optimizer=keras.optimizers.SGD(0.1), loss=keras.losses.SparseCategoricalCrossentropy(
+        from_logits=True), jit_compile=True)
     kept_at = []
 
-    class Weights(keras.callbacks.Callback):
-        def on_train_batch_end(self, batch, logs=None):
-            kept_at.append([np.array(w) for w in self.model.get_weights()])
+    class Weights(Hook):
+        def after_execution(self, run, steps, losses):
+            run.engine.sync()
+            kept_at.extend([[np.array(v) for v in model.trainable_variables]] * steps)
 
+    engine = make_engine(model, x, np.arange(8) % 2, 8, steps_per_execution=4)
+    budget = WallClockBudget(1000.0)
     # 10 steps; progress = steps / 10: snapshots after steps 3 and 6, and at the end.
-    keeper = SnapshotKeeper([0.3, 0.6, 1.0], lambda: len(steps) / 10)
-    model.fit(x, np.zeros((8, 2)), batch_size=8, epochs=10, verbose=0, callbacks=[Count(), Weights(), keeper])
+    keeper = SnapshotKeeper([0.3, 0.6, 1.0], Progress(budget, lambda: 10))
+    Training(engine, budget, [budget, keeper, Weights()], epochs=10).fit()
     assert [f for f, _ in keeper.snapshots] == [0.3, 0.6, 1.0]
-    for (_, weights), step in zip(keeper.snapshots, (3, 6, 10)):
-        for a, b in zip(weights, kept_at[step - 1]):
+    for (_, (trainable, _)), step in zip(keeper.snapshots, (3, 6, 10)):
+        for a, b in zip(trainable, kept_at[step - 1]):
             np.testing.assert_array_equal(a, b)
-    assert not np.array_equal(keeper.snapshots[0][1][0], keeper.snapshots[1][1][0])
-    with pytest.raises(ValueError, match="end at 1"):
-        SnapshotKeeper([0.5, 0.9], lambda: 0.0)
+    assert not np.array_equal(keeper.snapshots[0][1][0][0], keeper.snapshots[1][1][0][0])

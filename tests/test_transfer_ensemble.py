@@ -38,6 +38,7 @@ def _tiny(**changes):
     return TrainConfig(**base)
 
 
+@pytest.mark.e2e
 def test_fine_tuning_copies_the_backbone_replaces_the_head_and_freezes_stages(tmp_path):
     source_record, source_dir = train(_tiny(classes=(0, 1, 2, 3, 4)), results_dir=str(tmp_path / "src"))
     assert source_record["dataset"] == "mnist[0,1,2,3,4]" and source_record["test_examples"] == 5139
@@ -63,9 +64,9 @@ def test_fine_tuning_copies_the_backbone_replaces_the_head_and_freezes_stages(tm
         train(_tiny(model="resnet20", width_multiplier=1, init_from=os.path.join(source_dir, "model.keras")),
               results_dir=str(tmp_path / "bad"))
     with pytest.raises(ValueError, match="freeze_stages needs --init_from"):
-        _tiny(freeze_stages=1).validate()
+        _tiny(freeze_stages=1)
     with pytest.raises(ValueError, match=r"freeze_stages must be in \[0, 4\]"):
-        _tiny(freeze_stages=5, init_from=os.path.join(source_dir, "model.keras")).validate()
+        _tiny(freeze_stages=5, init_from=os.path.join(source_dir, "model.keras"))
 
 
 def test_ensemble_of_two_different_models_averages_their_probabilities():
@@ -101,6 +102,7 @@ def test_ensemble_of_two_different_models_averages_their_probabilities():
         evaluation.ensemble([pa, pb[:10]], labels, 3)
 
 
+@pytest.mark.e2e
 def test_ensemble_command_on_two_real_runs(tmp_path):
     runs = [train(_tiny(seed=s, epochs=1), results_dir=str(tmp_path / "runs"))[1] for s in (0, 1)]
     env = dict(os.environ, PYTHONPATH=REPO)

@@ -1,0 +1,503 @@
+"""The training engine: images held on the accelerator, K steps per compiled execution.
+
+`model.fit` feeds every step from the host and, with any callback that has batch
+hooks, waits for every step to finish; on a GPU a few-millisecond step then leaves
+the device idle between steps. The engine instead
+
+- puts the training images and labels on the accelerator once (uint8, as given);
+- draws each epoch's permutation on the host (`np.random.default_rng((seed, epoch))`,
+  so the order is the same on every backend) and copies it there once per epoch;
+- runs up to `steps_per_execution` (K) training steps as one execution: each step
+  takes its batch of indices from the permutation at a position held on the device,
+  gathers the images and labels there and calls the model's own Keras `train_step`
+  (augmentation, loss, regularization, loss scaling, optimizer and its EMA,
+  metrics); nothing crosses from the host per step;
+- waits for the device only at the end of an execution (`run` returns the per-step
+  losses), which is where the host reads the clock and decides whether to go on.
+
+The number of steps of an execution is a run-time value (`lax.fori_loop` /
+`tf.range` with a tensor bound, or the count of dispatches), so executions of any
+length up to K share one compiled program.
+
+Backends: JAX (`jax.jit` over the stateless `train_step`, the state donated) and
+TensorFlow (a `tf.function` loop over an XLA-compiled step; under
+`tf.distribute.MirroredStrategy` each replica gathers its share of the batch). With
+`keras.distribution.DataParallel` (JAX) each gathered batch is sharded over the
+devices.
+"""
+
+import weakref
+
+import keras
+import numpy as np
+from keras import ops
+
+# Steps per execution unless told otherwise; see results/bench/ for the
+# measurements behind it.
+DEFAULT_STEPS_PER_EXECUTION = 16
+EXECUTION_LOOPS = ("auto", "fused", "dispatch")
+
+
+def epoch_permutation(seed, epoch, size):
+    """The order in which epoch `epoch` visits `size` training images: int32 `(size,)`.
+
+    A function of `(seed, epoch)` only, so a run that repeats an epoch (the planner's
+    probe) or changes backend sees the same batches.
+    """
+    return np.random.default_rng((seed, epoch)).permutation(size).astype(np.int32)
+
+
+def _batch(images, labels, order, step_start, batch_size, size, one_hot_classes):
+    """The batch whose indices are `order[step_start:step_start + batch_size]`,
+    gathered on the device; labels one-hot (float32) when `one_hot_classes` is set."""
+    # A gather, not a slice: TensorFlow's XLA bridge compiles a slice again for every
+    # start offset (it must be a compile-time constant there).
+    indices = ops.take(order, step_start + ops.arange(batch_size, dtype="int32"))
+    x = ops.take(images, indices, axis=0)
+    # With precomputed augmentation `images` holds several copies of the set and
+    # `order` indexes the epoch's copy; the labels are those of the one set.
+    y = ops.take(labels, ops.mod(indices, size), axis=0)
+    if one_hot_classes:
+        y = ops.one_hot(y, one_hot_classes, dtype="float32")
+    return x, y
+
+
+class Engine:
+    """Runs training steps of a compiled Keras model in executions of up to K steps,
+    on training images resident on the accelerator.
+
+    The model must be compiled (optimizer, loss, metrics); its `train_step` is the
+    step. An epoch is `len(images) // batch_size` steps of full batches (the
+    `len % batch_size` images at the end of each epoch's permutation wait for the
+    next one, so every step has one shape and compiles once).
+
+    Usage::
+
+        engine = Engine(model, x, y, batch_size=512)
+        engine.start_epoch(0)
+        while engine.steps_left_in_epoch:
+            losses = engine.run(min(engine.steps_per_execution, engine.steps_left_in_epoch))
+        logs = engine.epoch_metrics()
+
+    Under JAX the training state lives in the engine between `sync()` calls: read the
+    model's variables only after `sync()`, and call `reload()` after changing them.
+    `assign(variable, value)` writes one variable in either case.
+
+    Args:
+        model: a compiled `keras.Model` taking the images as they are stored.
+        images: `(N, H, W, C)` array (e.g. uint8), or `(E * N, H, W, C)` holding `E`
+            precomputed augmented copies of the set (`copies=E`): epoch `k` reads copy
+            `k % E`.
+        labels: int `(N,)` class labels.
+        batch_size: examples per step, in [1, N].
+        seed: int seed of the epoch permutations.
+        one_hot_classes: when set, labels reach the loss as float32 one-hot rows of
+            this length (losses with label smoothing).
+        steps_per_execution: K, the most steps one execution runs (>= 1).
+        copies: number of precomputed copies in `images` (>= 1).
+        execution_loop: JAX only: "fused" runs an execution as one compiled program
+            (a `lax.fori_loop` over the steps); "dispatch" dispatches one compiled step
+            after another without waiting for them (XLA on the CPU runs a loop's body
+            several times slower than the same step called on its own); "auto":
+            fused on accelerators, dispatch on CPUs. TensorFlow loops in a
+            `tf.function` over an XLA-compiled step either way.
+
+    Raises:
+        ValueError: a batch size outside [1, N], K < 1, or images and labels that
+            do not match; naming the values.
+    """
+
+    def __init__(self, model, images, labels, batch_size, seed=0, one_hot_classes=None,
+                 steps_per_execution=DEFAULT_STEPS_PER_EXECUTION, copies=1, execution_loop="auto"):
+        if not (isinstance(copies, int) and copies >= 1):
+            raise ValueError(f"copies must be a positive integer. Received: copies={copies!r}")
+        if len(images) != copies * len(labels):
+            raise ValueError(
+                f"images must hold copies={copies} copies of the {len(labels)} labelled images. "
+                f"Received {len(images)} images.")
+        size = len(labels)
+        if not (isinstance(batch_size, (int, np.integer)) and 1 <= batch_size <= size):
+            raise ValueError(f"batch_size={batch_size!r} must be between 1 and the {size} training images.")
+        if not (isinstance(steps_per_execution, (int, np.integer)) and steps_per_execution >= 1):
+            raise ValueError(
+                f"steps_per_execution must be a positive integer. Received: {steps_per_execution!r}")
+        if execution_loop not in EXECUTION_LOOPS:
+            raise ValueError(f"Unknown execution_loop {execution_loop!r}. Allowed: {', '.join(EXECUTION_LOOPS)}.")
+        if getattr(model, "optimizer", None) is None:
+            raise ValueError("The model must be compiled (optimizer, loss, metrics) before training.")
+        self.model = model
+        self.size = size
+        self.batch_size = int(batch_size)
+        self.seed = seed
+        self.one_hot_classes = one_hot_classes
+        self.steps_per_execution = int(steps_per_execution)
+        self.copies = copies
+        self.execution_loop = execution_loop
+        self.steps_per_epoch = size // self.batch_size
+        self.epoch = None
+        self.step_in_epoch = 0
+        self.loop_kind = None  # how executions run: "fused", "dispatch" (JAX) or "tf.function"
+        self.learning_rate = None  # the rate of the next step, after each execution
+        self._logs = {}
+        # Builds the model's metrics and optimizer variables (as `fit` does first).
+        model._symbolic_build(data_batch=_batch(
+            images[:self.batch_size], labels[:self.batch_size], np.arange(self.batch_size, dtype=np.int32),
+            0, self.batch_size, size, one_hot_classes))
+        self._setup(np.asarray(images), np.asarray(labels, dtype=np.int32))
+
+    @property
+    def steps_left_in_epoch(self):
+        return self.steps_per_epoch - self.step_in_epoch
+
+    def start_epoch(self, epoch):
+        """Resets the metrics and copies epoch `epoch`'s permutation to the device."""
+        order = epoch_permutation(self.seed, epoch, self.size)
+        if self.copies > 1:
+            order = order + np.int32((epoch % self.copies) * self.size)
+        self.sync()
+        self.model.reset_metrics()
+        self.reload()
+        self._set_order(order)
+        self.epoch = epoch
+        self.step_in_epoch = 0
+        self._logs = {}
+
+    def run(self, steps):
+        """Runs `steps` training steps (1 to K, within the epoch) as one execution and
+        waits for them.
+
+        Returns:
+            float32 `(steps,)`: the epoch's running mean of the training loss after
+            each step (what Keras logs per batch). `epoch_metrics()` and
+            `learning_rate` are updated from the same execution.
+
+        Raises:
+            ValueError: `steps` outside [1, min(K, steps left in the epoch)].
+            RuntimeError: no epoch started.
+        """
+        if self.epoch is None:
+            raise RuntimeError("Call start_epoch(epoch) before run(steps).")
+        limit = min(self.steps_per_execution, self.steps_left_in_epoch)
+        if not 1 <= steps <= limit:
+            raise ValueError(f"steps must be in [1, {limit}] (K={self.steps_per_execution}, "
+                             f"{self.steps_left_in_epoch} left in the epoch). Received: {steps!r}")
+        losses, logs = self._run(self.step_in_epoch * self.batch_size, steps)
+        self.step_in_epoch += steps
+        self.learning_rate = float(logs.pop("learning_rate"))
+        self._logs = {name: float(value) for name, value in logs.items()}
+        return losses[:steps]
+
+    def epoch_metrics(self):
+        """The epoch's training metrics after the last execution as floats, e.g.
+        `{"loss": ..., "accuracy": ...}` (running means over the epoch's steps); empty
+        before the epoch's first execution."""
+        return dict(self._logs)
+
+    def snapshot(self):
+        """A copy of the whole training state (weights, optimizer, metrics, random
+        generators), for `restore`."""
+        self.sync()
+        return [keras.ops.convert_to_numpy(v.value) for v in self._variables()]
+
+    def restore(self, snapshot):
+        """Puts back a `snapshot()`; the next epoch must be started again."""
+        for variable, value in zip(self._variables(), snapshot):
+            variable.assign(value)
+        self.reload()
+        self.epoch = None
+
+    def _variables(self):
+        model = self.model
+        return [*model.trainable_variables, *model.non_trainable_variables,
+                *model.optimizer.variables, *model.metrics_variables]
+
+    # Backend parts.
+    def _setup(self, images, labels):
+        raise NotImplementedError
+
+    def _set_order(self, order):
+        raise NotImplementedError
+
+    def _run(self, start, steps):
+        raise NotImplementedError
+
+    def sync(self):
+        """Writes the engine's training state into the model's variables."""
+
+    def reload(self):
+        """Reads the training state back from the model's variables."""
+
+    def assign(self, variable, value):
+        """Sets `variable` (of the model or its optimizer) to `value` for the next execution."""
+        variable.assign(value)
+
+
+class _JaxEngine(Engine):
+    """`jax.jit` of a `lax.fori_loop` over the model's stateless `train_step`."""
+
+    def _setup(self, images, labels):
+        import jax
+
+        distribution = keras.distribution.distribution()
+        self._state_shardings = None
+        # Every argument is committed to its devices: jit compiles again for an
+        # uncommitted argument where it saw a committed one.
+        if distribution is not None:
+            mesh = distribution.device_mesh.backend_mesh
+            self._replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+        else:
+            self._replicated = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        self._images = jax.device_put(images, self._replicated)
+        self._labels = jax.device_put(labels, self._replicated)
+        self._order = None
+        self._state = None
+        self._synced = True
+        self.reload()
+        if distribution is not None:
+            self._state_shardings = jax.tree.map(lambda a: a.sharding, self._state)
+
+            def shard(batch):
+                layout = distribution.get_data_layout(batch.shape).backend_layout
+                return jax.lax.with_sharding_constraint(batch, layout)
+        else:
+            def shard(batch):
+                return batch
+
+        model, batch_size, size = self.model, self.batch_size, self.size
+        one_hot, k = self.one_hot_classes, self.steps_per_execution
+        optimizer = model.optimizer
+
+        def step(state, images, labels, order, position):
+            # `position`: where this step's batch starts in the epoch's order (on the device).
+            x, y = _batch(images, labels, order, position, batch_size, size, one_hot)
+            logs, state = model.train_step(state, (shard(x), shard(y)))
+            return logs, state, position + batch_size
+
+        def learning_rate(optimizer_values):
+            # The rate the next step will use, from the optimizer's state (a schedule
+            # reads its iteration count).
+            with keras.StatelessScope(state_mapping=list(zip(optimizer.variables, optimizer_values))):
+                return ops.cast(optimizer.learning_rate, "float32")
+
+        def fused(state, images, labels, order, position, steps):
+            def body(i, carry):
+                state, position, losses, _ = carry
+                logs, state, position = step(state, images, labels, order, position)
+                return state, position, losses.at[i].set(logs["loss"].astype("float32")), logs
+
+            # The structure of the logs, for the loop's carry.
+            logs = jax.tree.map(lambda a: jax.numpy.zeros(a.shape, a.dtype),
+                                jax.eval_shape(step, state, images, labels, order, position)[0])
+            state, _, losses, logs = jax.lax.fori_loop(
+                0, steps, body, (state, position, jax.numpy.zeros((k,), "float32"), logs))
+            return state, losses, {**logs, "learning_rate": learning_rate(state[2])}
+
+        out = None if self._state_shardings is None else self._state_shardings
+        self._fused = jax.jit(fused, donate_argnums=0, out_shardings=None if out is None else (
+            out, self._replicated, self._replicated))
+        self._step = jax.jit(step, donate_argnums=0,
+                             out_shardings=None if out is None else (self._replicated, out, self._replicated))
+        self._learning_rate = jax.jit(learning_rate)
+        self.fused = self.execution_loop == "fused" or (
+            self.execution_loop == "auto" and jax.devices()[0].platform != "cpu")
+        self.loop_kind = "fused" if self.fused else "dispatch"
+
+    def _groups(self):
+        model = self.model
+        return (model.trainable_variables, model.non_trainable_variables, model.optimizer.variables,
+                model.metrics_variables)
+
+    def _set_order(self, order):
+        import jax
+
+        self._order = jax.device_put(order, self._replicated)
+
+    def _run(self, start, steps):
+        import jax
+
+        data = (self._images, self._labels, self._order)
+        if self.fused:
+            position, count = jax.device_put((np.int32(start), np.int32(steps)), self._replicated)
+            self._state, losses, logs = self._fused(self._state, *data, position, count)
+        else:
+            # One dispatch a step, none waited for: the device runs them back to back.
+            position = jax.device_put(np.int32(start), self._replicated)
+            losses = []
+            for _ in range(steps):
+                logs, self._state, position = self._step(self._state, *data, position)
+                losses.append(logs["loss"])
+            logs = {**logs, "learning_rate": self._learning_rate(self._state[2])}
+        self._synced = False
+        losses, logs = jax.device_get((losses, logs))
+        return np.asarray(losses, np.float32), logs
+
+    def sync(self):
+        if self._synced:
+            return
+        for variables, values in zip(self._groups(), self._state):
+            for variable, value in zip(variables, values):
+                variable.assign(value)
+        self._synced = True
+
+    def reload(self):
+        import jax
+
+        self._state = tuple([jax.device_put(v.value, v.value.sharding) for v in variables]
+                            for variables in self._groups())
+        self._synced = True
+
+    def assign(self, variable, value):
+        for g, variables in enumerate(self._groups()):
+            for i, v in enumerate(variables):
+                if v is variable:
+                    import jax
+
+                    array = np.asarray(value, dtype=variable.dtype)
+                    self._state[g][i] = jax.device_put(array, self._state[g][i].sharding)
+                    self._synced = False
+                    return
+        raise ValueError(f"{variable.path} is not a variable of the model or its optimizer.")
+
+
+class _TensorFlowEngine(Engine):
+    """A `tf.function` loop (`tf.range` over a tensor bound) calling an XLA-compiled step
+    that gathers its batch from `tf.Variable`s on the device."""
+
+    def _setup(self, images, labels):
+        import tensorflow as tf
+
+        model = self.model
+        strategy = model.distribute_strategy
+        with strategy.scope():
+            self._images = tf.Variable(images, trainable=False, name="train_images")
+            self._labels = tf.Variable(labels, trainable=False, name="train_labels")
+            self._order = tf.Variable(np.zeros(self.size, np.int32), trainable=False, name="epoch_order")
+        batch_size, size, one_hot = self.batch_size, self.size, self.one_hot_classes
+        replicas = strategy.num_replicas_in_sync
+        if batch_size % replicas:
+            raise ValueError(f"batch_size={batch_size} must be divisible by the {replicas} replicas.")
+        share = batch_size // replicas
+
+        def one_step(start):
+            # Each replica trains on its slice of the global batch (one slice without a strategy).
+            replica = tf.distribute.get_replica_context().replica_id_in_sync_group
+            x, y = _batch(self._images, self._labels, self._order, start + replica * share, share, size, one_hot)
+            return tf.cast(model.train_step((x, y))["loss"], tf.float32)
+
+        one_step = tf.function(one_step, jit_compile=bool(model.jit_compile))
+
+        @tf.function
+        def execution(start, steps):
+            losses = tf.TensorArray(tf.float32, size=steps)
+            for i in tf.range(steps):
+                loss = strategy.run(one_step, args=(start + i * batch_size,))
+                # Each replica's running mean covers its equal share: their mean is the batch's.
+                losses = losses.write(i, strategy.reduce("MEAN", loss, axis=None))
+            return losses.stack()
+
+        self._execution = execution
+        self.loop_kind = "tf.function"
+
+    def _set_order(self, order):
+        self._order.assign(order)
+
+    def _run(self, start, steps):
+        import tensorflow as tf
+
+        losses = self._execution(tf.constant(start, tf.int32), tf.constant(steps, tf.int32)).numpy()
+        logs = {name: keras.ops.convert_to_numpy(value) for name, value in self.model.get_metrics_result().items()}
+        logs["learning_rate"] = keras.ops.convert_to_numpy(self.model.optimizer.learning_rate)
+        return losses, logs
+
+
+def make_engine(model, images, labels, batch_size, **kwargs):
+    """The `Engine` of the current Keras backend (jax or tensorflow); see `Engine`.
+
+    Raises:
+        NotImplementedError: another backend.
+    """
+    backend = keras.backend.backend()
+    if backend == "jax":
+        return _JaxEngine(model, images, labels, batch_size, **kwargs)
+    if backend == "tensorflow":
+        return _TensorFlowEngine(model, images, labels, batch_size, **kwargs)
+    raise NotImplementedError(f"haet trains under the jax and tensorflow backends, not {backend!r}.")
+
+
+def current_weights(model):
+    """`(trainable, non_trainable)`: the model's variable values, the form `Predictor` takes."""
+    return ([v.value for v in model.trainable_variables], [v.value for v in model.non_trainable_variables])
+
+
+class Predictor:
+    """Compiled inference of a model with weights given as arguments.
+
+    One compiled program (`jax.jit` / `tf.function(jit_compile=True)`) of
+    `model.stateless_call(trainable, non_trainable, images, training=False)`, so any
+    set of weights (the final, the raw ones next to their moving average, snapshots)
+    is scored without writing it into the model. The last batch is padded to
+    `batch_size`, so every call has one shape.
+
+    Args:
+        model: a built `keras.Model`.
+    """
+
+    def __init__(self, model):
+        self.model = model
+
+        def logits(trainable, non_trainable, images):
+            outputs, _ = model.stateless_call(trainable, non_trainable, images, training=False)
+            return ops.cast(outputs, "float32")
+
+        backend = keras.backend.backend()
+        self._sharding = None
+        if backend == "jax":
+            import jax
+
+            distribution = keras.distribution.distribution()
+            if distribution is not None:
+                mesh = distribution.device_mesh.backend_mesh
+                self._sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+            self._logits = jax.jit(logits)
+        elif backend == "tensorflow":
+            import tensorflow as tf
+
+            self._logits = tf.function(logits, jit_compile=True, reduce_retracing=True)
+        else:
+            raise NotImplementedError(f"haet predicts under the jax and tensorflow backends, not {backend!r}.")
+
+    def __call__(self, images, batch_size, weights=None):
+        """Logits on `images` (`(N, ...)`, as the model takes them): float32 `(N, classes)`.
+
+        Args:
+            images: NumPy array of model inputs.
+            batch_size: examples per compiled call.
+            weights: `(trainable, non_trainable)` value lists (`current_weights`), or
+                None for the model's current variables.
+        """
+        trainable, non_trainable = weights if weights is not None else current_weights(self.model)
+        if keras.backend.backend() == "tensorflow":
+            trainable = [ops.convert_to_tensor(v) for v in trainable]
+            non_trainable = [ops.convert_to_tensor(v) for v in non_trainable]
+        outputs = []
+        for start in range(0, len(images), batch_size):
+            batch = images[start:start + batch_size]
+            size = len(batch)
+            if size < batch_size:
+                batch = np.concatenate([batch, np.repeat(batch[-1:], batch_size - size, axis=0)])
+            if self._sharding is not None:
+                import jax
+
+                batch = jax.device_put(batch, self._sharding)
+            outputs.append(np.asarray(self._logits(trainable, non_trainable, batch))[:size])
+        return np.concatenate(outputs) if outputs else np.zeros((0, self.model.output_shape[-1]), np.float32)
+
+
+_PREDICTORS = weakref.WeakKeyDictionary()
+
+
+def predictor_of(model):
+    """The `Predictor` of `model`, compiled once per model."""
+    if model not in _PREDICTORS:
+        _PREDICTORS[model] = Predictor(model)
+    return _PREDICTORS[model]

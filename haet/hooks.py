@@ -1,0 +1,230 @@
+"""Hooks of the training toolkit (`haet.loop.Hook`): validation, the weights' moving
+average, snapshot ensembles and the training-health monitor.
+
+They act between compiled executions: a hook that must see a particular step caps
+the execution before it (`limit`), so nothing runs per step on the host.
+"""
+
+import keras
+import numpy as np
+from absl import logging
+
+from haet import autodiff, evaluation
+from haet.loop import Hook
+
+
+class Validation(Hook):
+    """Scores the model on a held-out split at each epoch end: `val_loss` (mean
+    cross-entropy in nats, no weight penalty, no label smoothing) and `val_accuracy`
+    in the epoch's logs (hence the history, early stopping and TensorBoard).
+
+    Args:
+        images: uint8 `(N, H, W, C)`; labels: int `(N,)`.
+        num_classes: K.
+        batch_size: examples per prediction step.
+    """
+
+    def __init__(self, images, labels, num_classes, batch_size):
+        self.images, self.labels = images, labels
+        self.num_classes, self.batch_size = num_classes, batch_size
+
+    def on_train_begin(self, run):
+        # Compile the predictor now (the budget counts it), so that the first epoch's
+        # end costs what every epoch's end costs (the planner charges it to each).
+        evaluation.predict_logits(run.engine.model, self.images[:1], self.batch_size)
+
+    def on_epoch_end(self, run, epoch, logs):
+        probabilities = evaluation.predict_probabilities(run.engine.model, self.images, self.batch_size)
+        scores = evaluation.scores(probabilities, self.labels, self.num_classes)
+        logs["val_loss"], logs["val_accuracy"] = scores["loss"], scores["accuracy"]
+
+
+class MovingAverage(Hook):
+    """At the end of training, keeps a host copy of the raw trainable weights
+    (`raw_weights`) and swaps the optimizer's exponential moving average of the
+    weights into the model (`optimizer.finalize_variable_values`, as `model.fit` does).
+    Place it before `KerasCallbacks` so callbacks see the averaged weights, as in Keras.
+    """
+
+    raw_weights = None
+
+    def on_train_end(self, run):
+        model = run.engine.model
+        self.raw_weights = [keras.ops.convert_to_numpy(v.value) for v in model.trainable_variables]
+        model.optimizer.finalize_variable_values(model.trainable_variables)
+
+
+class SnapshotKeeper(Hook):
+    """Keeps copies of the model's weights at the ends of learning-rate cycles, for a
+    snapshot ensemble (Huang et al. 2017, "Snapshot ensembles: train 1, get M for
+    free": cosine cycles with restarts, one model kept at the end of each cycle).
+
+    `progress` (a `haet.budget.Progress`) gives the fraction of the run done (of the
+    planned steps, or of the budget); executions are cut where a fraction is reached,
+    and the weights (batch-norm statistics included) are copied to the host there. The last fraction is the run's end: its snapshot is taken when
+    training ends, whatever stopped it.
+
+    Attributes:
+        snapshots: list of `(fraction, weights)`; `weights` is `(trainable,
+            non_trainable)`, lists of numpy arrays (`haet.engine.current_weights`).
+
+    Args:
+        fractions: increasing fractions of the run in (0, 1], the last one 1.
+        progress: a `haet.budget.Progress` (`fraction()`, `steps_until(fraction)`).
+
+    Raises:
+        ValueError: fractions not increasing in (0, 1] or not ending at 1.
+    """
+
+    def __init__(self, fractions, progress):
+        fractions = [float(f) for f in fractions]
+        if (not fractions or fractions[-1] != 1.0 or any(not 0.0 < f <= 1.0 for f in fractions)
+                or any(a >= b for a, b in zip(fractions, fractions[1:]))):
+            raise ValueError(f"snapshot fractions must increase within (0, 1] and end at 1. Received: {fractions}")
+        self.fractions = fractions
+        self.progress = progress
+        self.snapshots = []
+
+    def _pending(self):
+        done = len(self.snapshots)
+        return self.fractions[done] if done < len(self.fractions) - 1 else None
+
+    def _take(self, run, fraction):
+        run.engine.sync()
+        model = run.engine.model
+        weights = ([np.array(v) for v in model.trainable_variables], [np.array(v) for v in model.non_trainable_variables])
+        self.snapshots.append((fraction, weights))
+        logging.info("snapshot %d kept at %.3f of the run", len(self.snapshots), fraction)
+
+    def limit(self, run):
+        pending = self._pending()
+        return None if pending is None else self.progress.steps_until(pending)
+
+    def after_execution(self, run, steps, losses):
+        while self._pending() is not None and self.progress.fraction() >= self._pending():
+            self._take(run, self.progress.fraction())
+
+    def on_train_end(self, run):
+        self._take(run, min(1.0, self.progress.fraction()))
+
+
+def _gradients(model, loss_fn, x, y):
+    """Gradients of `loss_fn(y, model(x, training=True))` w.r.t. the trainable
+    variables, as NumPy arrays, without touching the model's state (batch-norm
+    statistics, seeds): `model.stateless_call` under `haet.autodiff`."""
+    non_trainable = [v.value for v in model.non_trainable_variables]
+
+    def loss_of(trainable):
+        logits, _ = model.stateless_call(trainable, non_trainable, x, training=True)
+        return loss_fn(y, logits), None
+
+    return autodiff.value_and_gradient(loss_of, [v.value for v in model.trainable_variables])[2]
+
+
+class TrainingHealth(Hook):
+    """Logs, every `every_steps` steps, each weight matrix's update-to-weight norm
+    ratio and gradient norm (the checks of CS231n / Karpathy's "A recipe for training
+    neural networks": update/weight ratios near 1e-3 are healthy, far above means
+    the learning rate is too high, far below too low).
+
+    A sampled step runs as an execution of its own: the trainable weights with 2 or
+    more dimensions (kernels) are copied before and after it: ratio =
+    ||w_after - w_before|| / ||w_before||. The gradient is that of the data loss (no
+    weight penalty) on a fixed probe batch at the weights before the step
+    (`model.stateless_call`, so no state changes). Costs host copies of the weights
+    and an eager gradient per sample: the time counts toward the budget (off by
+    default).
+
+    Outputs:
+        `rows`: dicts step, variable, weight_norm, update_norm, update_ratio, grad_norm
+        (one per kernel per sample; the variable "(all)" holds global norms);
+        epoch logs (hence the history and TensorBoard): `health_update_ratio_median`,
+        `health_update_ratio_max`, `health_grad_norm` of the epoch's last sample;
+        with `summary_dir`, per-kernel scalars as TensorBoard summaries.
+
+    Args:
+        probe_x, probe_y: a fixed training batch (model inputs and labels as the loss takes them).
+        loss_fn: the training loss, a Keras loss on logits.
+        every_steps: sample period in steps (>= 1).
+        summary_dir: folder for TensorBoard summaries, or None.
+
+    Raises:
+        ValueError: `every_steps` < 1.
+    """
+
+    def __init__(self, probe_x, probe_y, loss_fn, every_steps=50, summary_dir=None):
+        if not (isinstance(every_steps, int) and every_steps >= 1):
+            raise ValueError(f"every_steps must be a positive integer. Received: {every_steps!r}")
+        self.probe_x, self.probe_y = probe_x, probe_y
+        self.loss_fn = loss_fn
+        self.every_steps = every_steps
+        self.summary_dir = summary_dir
+        self.rows = []
+        self._before = None
+        self._epoch_summary = None
+        self._writer = None
+
+    def _kernels(self, model):
+        return [(i, v) for i, v in enumerate(model.trainable_variables) if len(v.shape) >= 2]
+
+    def limit(self, run):
+        offset = run.budget.steps % self.every_steps
+        return 1 if offset == 0 else self.every_steps - offset
+
+    def before_execution(self, run):
+        if run.budget.steps % self.every_steps == 0:
+            run.engine.sync()
+            model = run.engine.model
+            self._before = [np.array(v) for _, v in self._kernels(model)]
+            self._grads = _gradients(model, self.loss_fn, self.probe_x, self.probe_y)
+
+    def after_execution(self, run, steps, losses):
+        if self._before is not None:
+            run.engine.sync()
+            self._record(run.engine.model, run.budget.steps - steps)
+            self._before = None
+
+    def _record(self, model, step):
+        kernels = self._kernels(model)
+        rows, total = [], np.zeros(3)
+        for (index, variable), before in zip(kernels, self._before):
+            after = np.asarray(variable, dtype=np.float64)
+            before = before.astype(np.float64)
+            weight, update = np.linalg.norm(before), np.linalg.norm(after - before)
+            grad = np.linalg.norm(self._grads[index].astype(np.float64))
+            total += (weight**2, update**2, grad**2)
+            rows.append({"step": step, "variable": variable.path, "weight_norm": weight,
+                         "update_norm": update, "update_ratio": update / weight if weight else np.nan,
+                         "grad_norm": grad})
+        all_grads = np.sqrt(sum(float(np.sum(np.square(g.astype(np.float64)))) for g in self._grads))
+        weight, update, _ = np.sqrt(total)
+        rows.append({"step": step, "variable": "(all)", "weight_norm": weight, "update_norm": update,
+                     "update_ratio": update / weight if weight else np.nan, "grad_norm": all_grads})
+        self.rows.extend(rows)
+        ratios = [r["update_ratio"] for r in rows[:-1]]
+        self._epoch_summary = {"health_update_ratio_median": float(np.nanmedian(ratios)),
+                               "health_update_ratio_max": float(np.nanmax(ratios)),
+                               "health_grad_norm": float(all_grads)}
+        if self.summary_dir:
+            self._write_summaries(step, rows)
+
+    def _write_summaries(self, step, rows):
+        import tensorflow as tf
+
+        if self._writer is None:
+            self._writer = tf.summary.create_file_writer(self.summary_dir)
+        with self._writer.as_default(step=step):
+            for r in rows:
+                name = r["variable"].replace("/", "_")
+                tf.summary.scalar(f"update_ratio/{name}", r["update_ratio"])
+                tf.summary.scalar(f"grad_norm/{name}", r["grad_norm"])
+        self._writer.flush()
+
+    def on_epoch_end(self, run, epoch, logs):
+        if self._epoch_summary is not None:
+            logs.update(self._epoch_summary)
+            median = self._epoch_summary["health_update_ratio_median"]
+            if not 1e-4 <= median <= 1e-2:
+                logging.warning(
+                    "epoch %d: median update/weight ratio %.2e is far from ~1e-3 (learning rate too %s?)",
+                    epoch + 1, median, "high" if median > 1e-2 else "low")

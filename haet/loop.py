@@ -1,0 +1,146 @@
+"""The host side of training: epochs of compiled executions, and the hooks between them.
+
+`Training.fit()` runs epochs of `haet.engine` executions. Between executions (never
+inside one) the hooks decide: each may write values into the state the step reads
+(`before_execution`), cap the next execution's length (`limit`), look at its
+per-step losses and stop the run (`after_execution`), and act at epoch ends. The
+budget (`haet.budget.WallClockBudget`) is one such hook and times every execution.
+
+Keras callbacks work at epoch granularity through `KerasCallbacks`
+(`EarlyStopping`, `TensorBoard`...); nothing runs per step on the host.
+"""
+
+import keras
+
+
+class Hook:
+    """Something a run does between compiled executions. Every method is optional.
+
+    `run` is the `Training`: `run.engine`, `run.budget`, `run.stop(reason)`.
+    Order within a step of the loop is the order of the hooks list.
+    """
+
+    def on_train_begin(self, run):
+        """Before the first execution (the state is in the model's variables)."""
+
+    def on_epoch_begin(self, run, epoch):
+        """After the engine started epoch `epoch` (0-based)."""
+
+    def before_execution(self, run):
+        """Before each execution: write values the step reads (`run.engine.assign`)."""
+
+    def limit(self, run):
+        """The most steps the next execution may run (>= 1), or None for no limit."""
+        return None
+
+    def after_execution(self, run, steps, losses):
+        """After each execution of `steps` steps; `losses` is the epoch's running mean
+        of the training loss after each of them (float32 `(steps,)`)."""
+
+    def on_epoch_end(self, run, epoch, logs):
+        """At the end of an epoch (complete or cut short), the state synced into the
+        model's variables; `logs` (loss, accuracy, val_*...) may be extended."""
+
+    def on_train_end(self, run):
+        """After the last epoch, the state synced into the model's variables."""
+
+
+class KerasCallbacks(Hook):
+    """Keras callbacks at epoch granularity: `on_train_begin`, `on_epoch_begin`,
+    `on_epoch_end` (with the epoch's logs) and `on_train_end`; no batch hooks are
+    called. A callback that sets `model.stop_training` (`EarlyStopping`) stops the
+    run ("early_stopping")."""
+
+    def __init__(self, callbacks, model, epochs=None):
+        self.model = model
+        self.callbacks = keras.callbacks.CallbackList(list(callbacks), model=model, add_history=False,
+                                                      add_progbar=False, epochs=epochs)
+
+    def on_train_begin(self, run):
+        self.model.stop_training = False
+        self.callbacks.on_train_begin()
+
+    def on_epoch_begin(self, run, epoch):
+        self.callbacks.on_epoch_begin(epoch)
+
+    def on_epoch_end(self, run, epoch, logs):
+        self.callbacks.on_epoch_end(epoch, logs)
+        if self.model.stop_training:
+            run.stop("early_stopping")
+
+    def on_train_end(self, run):
+        self.callbacks.on_train_end()
+
+
+class Training:
+    """Epochs of compiled executions on `engine`, timed and stopped by `budget`.
+
+    Each epoch: `engine.start_epoch`, then executions of
+    `min(K, steps left in the epoch, every hook's limit)` steps until the epoch ends
+    or a hook stops the run; then the epoch's metrics, the hooks' epoch ends (the
+    state synced into the model), and the next epoch unless stopped or `epochs`
+    are done. A run stopped inside an epoch still ends that epoch (its row says it
+    was cut short).
+
+    Args:
+        engine: a `haet.engine.Engine`.
+        budget: the run's `haet.budget.WallClockBudget`; it must be among `hooks`.
+        hooks: `Hook`s in the order they act.
+        epochs: > 0: stop after this many epochs; 0: no limit.
+
+    Attributes:
+        stopped_by: why training stopped: "budget", "planned", "epochs",
+            "early_stopping", or a hook's own reason.
+        epochs_run: epochs started.
+    """
+
+    def __init__(self, engine, budget, hooks, epochs=0):
+        if budget not in hooks:
+            raise ValueError("The budget must be one of the hooks (it writes the wall-clock schedules).")
+        self.engine = engine
+        self.budget = budget
+        self.hooks = list(hooks)
+        self.epochs = epochs
+        self.stopped_by = None
+        self.epochs_run = 0
+
+    def stop(self, reason):
+        """Ends training after the current execution (the first reason given is kept)."""
+        if self.stopped_by is None:
+            self.stopped_by = reason
+
+    def fit(self):
+        """Trains until a hook, the budget or `epochs` stops it; returns `self`."""
+        engine, hooks = self.engine, self.hooks
+        self.budget.begin()
+        for hook in hooks:
+            hook.on_train_begin(self)
+        epoch = 0
+        while self.stopped_by is None:
+            if self.epochs and epoch >= self.epochs:
+                self.stop("epochs")
+                break
+            engine.start_epoch(epoch)
+            self.epochs_run = epoch + 1
+            for hook in hooks:
+                hook.on_epoch_begin(self, epoch)
+            while engine.steps_left_in_epoch and self.stopped_by is None:
+                for hook in hooks:
+                    hook.before_execution(self)
+                limits = [limit for limit in (hook.limit(self) for hook in hooks) if limit is not None]
+                steps = min(engine.steps_per_execution, engine.steps_left_in_epoch, *limits)
+                if steps < 1:
+                    raise RuntimeError(f"A hook limited the next execution to {steps} steps: {limits}.")
+                losses = self.budget.execute(engine, steps)
+                for hook in hooks:
+                    hook.after_execution(self, steps, losses)
+            logs = engine.epoch_metrics()
+            engine.sync()
+            for hook in hooks:
+                hook.on_epoch_end(self, epoch, logs)
+            engine.reload()  # a hook may have changed the model's variables
+            epoch += 1
+        engine.sync()
+        for hook in hooks:
+            hook.on_train_end(self)
+        return self

@@ -1,0 +1,187 @@
+"""The engine computes what Keras' own step computes, on resident data, with one compile."""
+
+import keras
+import numpy as np
+import pytest
+
+from haet.augment import RandomCropFlipCutout
+from haet.engine import Predictor, _batch, current_weights, epoch_permutation, make_engine
+
+
+def _model(seed=1, ema=True):
+    keras.utils.set_random_seed(seed)
+    inputs = keras.Input((8, 8, 3), dtype="uint8")
+    h = keras.layers.Rescaling(1 / 255)(inputs)
+    h = RandomCropFlipCutout(1, True, 2, seed=3)(h)
+    h = keras.layers.Conv2D(6, 3)(h)
+    h = keras.layers.BatchNormalization()(h)
+    h = keras.layers.Dropout(0.3, seed=5)(h)
+    h = keras.layers.GlobalAveragePooling2D()(h)
+    outputs = keras.layers.Dense(4, kernel_regularizer=keras.regularizers.L2(1e-3))(h)
+    model = keras.Model(inputs, outputs)
+    optimizer = keras.optimizers.SGD(0.1, momentum=0.9, use_ema=ema, ema_momentum=0.5)
+    model.compile(optimizer, keras.losses.CategoricalCrossentropy(from_logits=True, label_smoothing=0.1),
+                  metrics=["accuracy"], jit_compile=True)
+    return model
+
+
+def _data(n=20):
+    rng = np.random.default_rng(0)
+    return rng.integers(0, 256, (n, 8, 8, 3)).astype("uint8"), rng.integers(0, 4, n)
+
+
+def _train(engine, epochs, k):
+    losses = []
+    for epoch in range(epochs):
+        engine.start_epoch(epoch)
+        while engine.steps_left_in_epoch:
+            losses += list(engine.run(min(k, engine.steps_left_in_epoch)))
+    return losses
+
+
+LOOPS = ["fused", "dispatch"] if keras.backend.backend() == "jax" else ["auto"]
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+def test_engine_steps_equal_keras_train_on_batch_on_the_same_batches(loop):
+    """Executions of 3 steps (and a last of 2) over two epochs, augmentation, dropout,
+    batch norm, label smoothing, weight decay, momentum and EMA included: the same
+    weights, statistics and optimizer state as Keras' own step fed those batches."""
+    x, y = _data()
+    ours = _model()
+    engine = make_engine(ours, x, y, 4, seed=7, one_hot_classes=4, steps_per_execution=3, execution_loop=loop)
+    running = _train(engine, 2, 3)
+    engine.sync()
+    theirs = _model()
+    step_losses = []
+    for epoch in range(2):
+        order = epoch_permutation(7, epoch, 20)
+        for s in range(5):
+            batch = order[s * 4:(s + 1) * 4]
+            logs = theirs.train_on_batch(x[batch], keras.utils.to_categorical(y[batch], 4), return_dict=True)
+            step_losses.append(logs["loss"])
+    for a, b in zip([*ours.weights, *ours.optimizer.variables], [*theirs.weights, *theirs.optimizer.variables]):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6, err_msg=a.path)
+    # The engine reports the epoch's running mean after each step; Keras reset per batch here.
+    expected = [np.mean(step_losses[e * 5:e * 5 + k + 1]) for e in range(2) for k in range(5)]
+    np.testing.assert_allclose(running, expected, rtol=1e-5)
+    assert engine.epoch_metrics()["loss"] == pytest.approx(expected[-1], rel=1e-5)
+    assert 0.0 <= engine.epoch_metrics()["accuracy"] <= 1.0
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+def test_executions_of_any_length_share_one_compiled_program(loop):
+    x, y = _data(40)
+    model = _model(ema=False)
+    engine = make_engine(model, x, y, 4, one_hot_classes=4, steps_per_execution=8, execution_loop=loop)
+    snapshot = engine.snapshot()
+    engine.start_epoch(0)
+    for steps in (1, 8, 1):
+        engine.run(steps)
+    engine.assign(model.optimizer.variables[1], 0.05)  # the learning rate
+    engine.start_epoch(1)
+    engine.run(3)
+    engine.restore(snapshot)
+    engine.start_epoch(0)
+    engine.run(2)
+    if keras.backend.backend() == "jax":
+        assert (engine._fused if loop == "fused" else engine._step)._cache_size() == 1
+    else:
+        assert engine._execution.experimental_get_tracing_count() == 1
+    engine.sync()
+    assert float(np.asarray(model.optimizer.learning_rate)) == pytest.approx(0.1)  # restored
+
+
+def test_restore_replays_the_same_steps():
+    x, y = _data()
+    model = _model()
+    engine = make_engine(model, x, y, 4, one_hot_classes=4)
+    snapshot = engine.snapshot()
+    first = _train(engine, 1, 5)
+    engine.sync()
+    weights = [np.array(w) for w in model.get_weights()]
+    engine.restore(snapshot)
+    assert _train(engine, 1, 5) == first
+    engine.sync()
+    for a, b in zip(weights, model.get_weights()):
+        np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+def test_no_host_to_device_copy_per_step(loop):
+    if keras.backend.backend() != "jax":
+        pytest.skip("JAX transfer guards")
+    import jax
+
+    x, y = _data(40)
+    engine = make_engine(_model(ema=False), x, y, 4, one_hot_classes=4, steps_per_execution=10, execution_loop=loop)
+    engine.start_epoch(0)
+    engine.run(1)  # compile
+    # Only the execution's start and length cross, explicitly; no batch is copied.
+    with jax.transfer_guard_host_to_device("disallow"):
+        engine.run(9)
+
+
+def test_batches_are_gathered_from_the_epoch_copy_and_its_labels():
+    images = np.arange(6 * 2, dtype=np.uint8).reshape(6, 2, 1, 1) // 2  # 2 copies of 3 images, values 0..5
+    labels = np.array([7, 8, 9])
+    order = np.array([2, 0, 1], np.int32) + 3  # epoch 1 reads copy 1
+    x, y = _batch(images, labels, order, 1, 2, 3, None)
+    np.testing.assert_array_equal(np.asarray(x)[:, 0, 0, 0], [3, 4])
+    np.testing.assert_array_equal(np.asarray(y), [7, 8])
+    _, one_hot = _batch(images, labels % 4, order, 0, 1, 3, 4)
+    np.testing.assert_array_equal(np.asarray(one_hot), [[0, 1, 0, 0]])
+
+
+def test_permutations_depend_on_seed_and_epoch_only():
+    a = epoch_permutation(3, 5, 100)
+    assert sorted(a) == list(range(100)) and a.dtype == np.int32
+    np.testing.assert_array_equal(a, epoch_permutation(3, 5, 100))
+    assert not np.array_equal(a, epoch_permutation(3, 6, 100))
+    assert not np.array_equal(a, epoch_permutation(4, 5, 100))
+
+
+def test_bad_engine_arguments_and_calls():
+    x, y = _data()
+    model = _model(ema=False)
+    with pytest.raises(ValueError, match="batch_size=21 must be between 1 and the 20"):
+        make_engine(model, x, y, 21)
+    with pytest.raises(ValueError, match="steps_per_execution must be a positive integer. Received: 0"):
+        make_engine(model, x, y, 4, steps_per_execution=0)
+    with pytest.raises(ValueError, match="copies=2 copies of the 20 labelled images. Received 20"):
+        make_engine(model, x, y, 4, copies=2)
+    with pytest.raises(ValueError, match="Unknown execution_loop 'eager'"):
+        make_engine(model, x, y, 4, execution_loop="eager")
+    uncompiled = keras.Sequential([keras.Input((8, 8, 3)), keras.layers.Flatten(), keras.layers.Dense(2)])
+    with pytest.raises(ValueError, match="must be compiled"):
+        make_engine(uncompiled, x, y, 4)
+    engine = make_engine(model, x, y, 4, one_hot_classes=4, steps_per_execution=2)
+    with pytest.raises(RuntimeError, match="start_epoch"):
+        engine.run(1)
+    engine.start_epoch(0)
+    with pytest.raises(ValueError, match=r"steps must be in \[1, 2\]"):
+        engine.run(3)
+    engine.run(2)
+    engine.run(2)
+    with pytest.raises(ValueError, match=r"steps must be in \[1, 1\] .*1 left in the epoch"):
+        engine.run(2)
+
+
+def test_predictor_scores_given_weights_without_touching_the_model():
+    x, y = _data(23)
+    model = _model(ema=False)
+    engine = make_engine(model, x, y, 4, one_hot_classes=4)
+    before = current_weights(model)
+    before = ([np.array(v) for v in before[0]], [np.array(v) for v in before[1]])
+    _train(engine, 1, 5)
+    engine.sync()
+    predictor = Predictor(model)
+    expected = np.asarray(model(x, training=False))
+    np.testing.assert_allclose(predictor(x, 10), expected, rtol=1e-5, atol=1e-6)  # 23 = 10 + 10 + 3 (padded)
+    trained = [np.array(w) for w in model.get_weights()]
+    old = predictor(x, 10, weights=before)
+    assert not np.allclose(old, expected)
+    for a, b in zip(trained, model.get_weights()):
+        np.testing.assert_array_equal(a, b)  # the model kept its own weights
+    fresh = _model(ema=False)
+    np.testing.assert_allclose(old, np.asarray(fresh(x, training=False)), rtol=1e-5, atol=1e-6)
