@@ -1,0 +1,359 @@
+"""Throughput of a recipe's training step, and how much of it the real training path keeps.
+
+    python -m haet.bench --flagfile=flags/page_resnet9.flags --width_multiplier=0.25 \\
+        --batch_sizes=128 --json=results/bench/resnet9.json
+    KERAS_BACKEND=jax python -m haet.bench --model=tiny_cnn --batch_sizes=32 \\
+        --steps_per_execution=1 --steps_per_executions=1,4,16,64 --keras_fit
+
+Takes every training flag (`--flagfile` recipes work) and, for each batch size and
+each steps-per-execution value, prints and writes (`--json`, a list of rows):
+
+- `flops_per_image`: forward FLOPs of one image, from the layers (2 x multiply-adds
+  of every convolution and dense layer; normalization, activations and the
+  augmentation are not counted); a training step counts 3x;
+- `step_ms`, `images_per_second`: the compiled training step alone (Keras'
+  `train_step` of the model, augmentation included, `--bench_steps` steps on one
+  batch held on the device with no host work between them, see `pure_step`;
+  compilation excluded);
+- `compile_seconds`: tracing and compiling that step (under JAX, both of the
+  variants `pure_step` times);
+- `tflops` and `peak_fraction` (against `PEAK_TFLOPS`, dense bf16/fp16 of known
+  GPUs; null on a CPU or an unknown device);
+- `end_to_end_images_per_second`: the same model trained by the real
+  `haet.training.train` path for `--end_to_end_budget` seconds in the same
+  process (the record's `images_per_second_after_compile`: trained images over
+  the budget's seconds without compilation or the planner's probe), and
+  `end_to_end_ratio` = that / `images_per_second`;
+- `host_overhead_us_per_step`: end-to-end step time minus the pure step's, in
+  microseconds;
+- with `--keras_fit`, `keras_fit_images_per_second`: `model.fit` fed NumPy batches by
+  a one-worker `PyDataset` with a callback that reads the clock at each batch end
+  (the loop haet had before its engine), after its first epoch.
+
+Training data: `--data_dir` as `haet.train` reads it, or (unset) random uint8
+images of the dataset's shape. Only `--bench_test_images` test images are scored
+after each end-to-end run (the score is not the point).
+"""
+
+import dataclasses
+import json
+import math
+import os
+import statistics
+import sys
+import tempfile
+import time
+
+import keras
+import numpy as np
+from absl import app, flags, logging
+
+from haet import config as config_lib
+from haet import data as data_lib
+from haet import training
+
+# Dense (no sparsity) bf16/fp16 tensor-core peaks in TFLOP/s, from NVIDIA's data
+# sheets; matched in this order against the device name.
+PEAK_TFLOPS = (
+    ("H200", 989.4),
+    ("H100 PCIe", 756.0),
+    ("H100 NVL", 835.0),
+    ("H100", 989.4),  # SXM, "NVIDIA H100 80GB HBM3"
+    ("A100", 312.0),
+    ("L40S", 362.0),
+    ("L4", 121.0),
+    ("A10", 125.0),
+    ("RTX 4090", 165.2),
+    ("V100", 125.0),
+    ("T4", 65.0),
+)
+
+
+def peak_tflops(device):
+    """The dense bf16/fp16 peak of `device` (`haet.device.describe_device()`), or None."""
+    if device.get("platform") != "gpu":
+        return None
+    name = device.get("name") or ""
+    return next((peak for key, peak in PEAK_TFLOPS if key in name), None)
+
+
+def forward_flops(model):
+    """Forward FLOPs of one example through `model`: 2 x the multiply-adds of its
+    convolutions and dense layers (nested models included); other layers are not
+    counted."""
+    total = 0
+    for layer in model.layers:
+        if isinstance(layer, keras.Model):
+            total += forward_flops(layer)
+        elif isinstance(layer, keras.layers.Conv2D):
+            kernel_h, kernel_w, channels_in, channels_out = layer.kernel.shape
+            out_h, out_w = layer.output.shape[1:3]
+            total += 2 * out_h * out_w * kernel_h * kernel_w * channels_in * channels_out // layer.groups
+        elif isinstance(layer, keras.layers.Dense):
+            units_in, units_out = layer.kernel.shape
+            positions = math.prod(layer.output.shape[1:-1]) if len(layer.output.shape) > 2 else 1
+            total += 2 * positions * units_in * units_out
+    return int(total)
+
+
+def _first_batch(data, config):
+    one_hot = data.info.num_classes if config.label_smoothing else None
+    x = data.x_fit[:config.batch_size]
+    y = data.y_fit[:config.batch_size]
+    return x, (data_lib.one_hot(y, one_hot) if one_hot else y)
+
+
+def pure_step(model, x, y, steps):
+    """Times `steps` training steps of the compiled model on one batch held on the
+    device, with no host work between them: under JAX the faster of one compiled
+    loop over the steps and back-to-back dispatches of the compiled step (XLA on the
+    CPU runs a loop's body several times slower); under TensorFlow a `tf.function`
+    loop over the XLA-compiled step.
+
+    Returns:
+        `(seconds per step, compile seconds)`: the best of three timed runs after a
+        first one that compiles (its excess over a timed run is the compile time).
+    """
+    backend = keras.backend.backend()
+    model._symbolic_build(data_batch=(x, y))
+    if backend == "jax":
+        import jax
+
+        def loop(state, batch, n):
+            return jax.lax.fori_loop(0, n, lambda _, state: model.train_step(state, batch)[1], state)
+
+        fused = jax.jit(loop, static_argnums=2, donate_argnums=0)
+        one = jax.jit(lambda state, batch: model.train_step(state, batch)[1], donate_argnums=0)
+        state = tuple([v.value for v in variables] for variables in (
+            model.trainable_variables, model.non_trainable_variables, model.optimizer.variables,
+            model.metrics_variables))
+        batch = jax.device_put((x, y))
+
+        def run_fused():
+            nonlocal state
+            state = fused(state, batch, steps)
+            jax.block_until_ready(state)
+
+        def run_dispatched():
+            nonlocal state
+            for _ in range(steps):
+                state = one(state, batch)
+            jax.block_until_ready(state)
+
+        runs = (run_fused, run_dispatched)
+    elif backend == "tensorflow":
+        import tensorflow as tf
+
+        step = tf.function(lambda batch: model.train_step(batch)["loss"], jit_compile=True)
+
+        @tf.function
+        def loop(batch):
+            loss = tf.constant(0.0)
+            for _ in tf.range(steps):
+                loss = tf.cast(step(batch), tf.float32)
+            return loss
+
+        batch = (tf.constant(x), tf.constant(y))
+        runs = (lambda: loop(batch).numpy(),)
+    else:
+        raise NotImplementedError(f"haet benchmarks the jax and tensorflow backends, not {backend!r}.")
+    best, compile_seconds = math.inf, 0.0
+    for run in runs:
+        start = time.perf_counter()
+        run()
+        first = time.perf_counter() - start
+        times = []
+        for _ in range(3):
+            start = time.perf_counter()
+            run()
+            times.append(time.perf_counter() - start)
+        compile_seconds += max(0.0, first - min(times))
+        best = min(best, min(times))
+    return best / steps, compile_seconds
+
+
+def keras_fit_images_per_second(model, x, y, batch_size, steps, seed=0):
+    """Images per second of `model.fit` fed host NumPy batches (a one-worker
+    `keras.utils.PyDataset` drawing a permutation per epoch) with a callback that
+    reads the clock at each batch's start and end (so Keras waits for every step),
+    over epochs of `steps` steps after a first epoch that compiles: haet's loop
+    before its engine."""
+
+    class Batches(keras.utils.PyDataset):
+        def __init__(self):
+            super().__init__(workers=1, use_multiprocessing=False, max_queue_size=16)
+            self.rng = np.random.default_rng(seed)
+            self.order = self.rng.permutation(len(x))
+
+        def __len__(self):
+            return steps
+
+        def __getitem__(self, index):
+            batch = self.order[(index * batch_size) % (len(x) - batch_size + 1):][:batch_size]
+            return x[batch], y[batch]
+
+        def on_epoch_end(self):
+            self.order = self.rng.permutation(len(x))
+
+    class Clock(keras.callbacks.Callback):
+        def __init__(self):
+            super().__init__()
+            self.epoch_seconds = []
+
+        def on_train_batch_begin(self, batch, logs=None):
+            self._now = time.perf_counter()
+
+        def on_epoch_begin(self, epoch, logs=None):
+            self._start = time.perf_counter()
+
+        def on_train_batch_end(self, batch, logs=None):
+            self._now = time.perf_counter()
+
+        def on_epoch_end(self, epoch, logs=None):
+            self.epoch_seconds.append(time.perf_counter() - self._start)
+
+    clock = Clock()
+    model.fit(Batches(), epochs=3, shuffle=False, verbose=0, callbacks=[clock])
+    return steps * batch_size / statistics.fmean(clock.epoch_seconds[1:])
+
+
+def _random_data_dir(config, folder, test_images):
+    info = data_lib.dataset_info(config.dataset, config.data_dir)
+    rng = np.random.default_rng(0)
+    n = config.train_size
+    labels = np.arange(n) % info.num_classes
+    np.savez(os.path.join(folder, "train.npz"), x=rng.integers(0, 256, (n, *info.image_shape), dtype=np.uint8),
+             y=labels.astype(np.uint8))
+    np.savez(os.path.join(folder, "test.npz"),
+             x=rng.integers(0, 256, (test_images, *info.image_shape), dtype=np.uint8),
+             y=(np.arange(test_images) % info.num_classes).astype(np.uint8))
+
+
+def _small_test_split(config, folder, test_images):
+    dataset = data_lib.load_dataset(config.dataset, config.data_dir)
+    indices = data_lib.stratified_subset(dataset.y_train, config.train_size, dataset.info.num_classes,
+                                         config.subset_seed)
+    np.savez(os.path.join(folder, "train.npz"), x=dataset.x_train[indices], y=dataset.y_train[indices])
+    np.savez(os.path.join(folder, "test.npz"), x=dataset.x_test[:test_images], y=dataset.y_test[:test_images])
+
+
+def bench(config, batch_sizes, steps_per_executions, bench_steps=20, end_to_end_budget=30.0, keras_fit=False,
+          test_images=100):
+    """Benchmark rows (dicts, see the module docstring) of `config` at each batch size
+    and steps per execution.
+
+    Raises:
+        ValueError: a batch size or steps-per-execution value the config cannot take.
+    """
+    rows = []
+    with tempfile.TemporaryDirectory() as folder:
+        data_dir = os.path.join(folder, "data")
+        os.makedirs(data_dir)
+        if config.data_dir:
+            _small_test_split(config, data_dir, test_images)
+        else:
+            _random_data_dir(config, data_dir, test_images)
+        base = dataclasses.replace(config, data_dir=data_dir, classes=(), train_size=config.train_size,
+                                   subset_seed=config.subset_seed, save_model=False, evaluate_test=True,
+                                   validation_size=0, budget_seconds=end_to_end_budget or config.budget_seconds)
+        for batch_size in batch_sizes:
+            sized = dataclasses.replace(base, batch_size=batch_size)
+            with training.settings_of(sized) as settings:
+                data = training.prepare_data(sized)
+                model, _, _ = training.build_model(sized, data)
+                optimizer, _ = training.build_optimizer(sized, data.steps_per_epoch(sized))
+                training.compile_model(sized, model, optimizer, settings)
+                x, y = _first_batch(data, sized)
+                step_seconds, compile_seconds = pure_step(model, x, y, bench_steps)
+                flops = forward_flops(model)
+                fit_rate = None
+                if keras_fit:
+                    fit_model, _, _ = training.build_model(sized, data)
+                    fit_optimizer, _ = training.build_optimizer(sized, data.steps_per_epoch(sized))
+                    training.compile_model(sized, fit_model, fit_optimizer, settings)
+                    labels = (data_lib.one_hot(data.y_fit, data.info.num_classes) if sized.label_smoothing
+                              else data.y_fit)
+                    fit_rate = keras_fit_images_per_second(fit_model, data.x_fit, labels, batch_size, bench_steps)
+            images_per_second = batch_size / step_seconds
+            peak = peak_tflops(settings.device)
+            tflops = 3 * flops * images_per_second / 1e12
+            for k in steps_per_executions:
+                row = {
+                    "model": model.name, "batch_size": batch_size, "precision": settings.precision,
+                    "backend": keras.backend.backend(), "device": settings.device["name"],
+                    "flops_per_image": flops, "step_ms": round(1e3 * step_seconds, 4),
+                    "images_per_second": round(images_per_second, 2), "compile_seconds": round(compile_seconds, 3),
+                    "tflops": round(tflops, 4), "peak_fraction": round(tflops / peak, 4) if peak else None,
+                    "steps_per_execution": k, "execution_loop": None, "end_to_end_images_per_second": None, "end_to_end_ratio": None,
+                    "host_overhead_us_per_step": None, "keras_fit_images_per_second":
+                        round(fit_rate, 2) if fit_rate else None,
+                    "keras_fit_host_overhead_us_per_step":
+                        round(1e6 * (batch_size / fit_rate - step_seconds), 1) if fit_rate else None,
+                }
+                if end_to_end_budget:
+                    run_config = dataclasses.replace(sized, steps_per_execution=k)
+                    record, _ = training.train(run_config, results_dir=os.path.join(folder, "runs"))
+                    rate = record["images_per_second_after_compile"]
+                    row.update(execution_loop=record["execution_loop"], end_to_end_images_per_second=rate,
+                               end_to_end_ratio=round(images_per_second / rate, 4)
+                               if rate else None, end_to_end_steps=record["steps"],
+                               host_overhead_us_per_step=round(1e6 * (batch_size / rate - step_seconds), 1)
+                               if rate else None)
+                logging.info("%s", row)
+                rows.append(row)
+    return rows
+
+
+def format_table(rows):
+    """The rows as a fixed-width text table."""
+    columns = ("model", "batch_size", "precision", "backend", "steps_per_execution", "execution_loop", "step_ms",
+               "images_per_second",
+               "end_to_end_images_per_second", "end_to_end_ratio", "host_overhead_us_per_step",
+               "keras_fit_images_per_second", "keras_fit_host_overhead_us_per_step", "tflops", "peak_fraction",
+               "compile_seconds")
+    lines = [list(columns)] + [["-" if row.get(c) is None else str(row[c]) for c in columns] for row in rows]
+    widths = [max(len(line[i]) for line in lines) for i in range(len(columns))]
+    return "\n".join("  ".join(cell.rjust(width) for cell, width in zip(line, widths)) for line in lines)
+
+
+config_lib.define_flags()
+flags.DEFINE_list("batch_sizes", [], "Batch sizes to measure (default: --batch_size).")
+flags.DEFINE_list("steps_per_executions", [], "Steps per execution of the end-to-end runs (default: "
+                  "--steps_per_execution).")
+flags.DEFINE_integer("bench_steps", 20, "Training steps per timed loop of the pure step (and per epoch of the "
+                     "keras_fit baseline).")
+flags.DEFINE_float("end_to_end_budget", 30.0, "Seconds of each end-to-end training run; 0: skip them.")
+flags.DEFINE_bool("keras_fit", False, "Also measure model.fit fed NumPy batches (haet's loop before its engine).")
+flags.DEFINE_integer("bench_test_images", 100, "Test images scored after each end-to-end run.")
+flags.DEFINE_string("json", None, "Write the rows here (a JSON list); an existing file is not overwritten.")
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    f = flags.FLAGS
+    if f.json and os.path.exists(f.json):
+        raise app.UsageError(f"--json={f.json} exists; choose a new file.")
+    try:
+        config = config_lib.config_from_flags(f)
+        batch_sizes = [int(b) for b in f.batch_sizes] or [config.batch_size]
+        ks = [int(k) for k in f.steps_per_executions] or [config.steps_per_execution]
+        for b in batch_sizes:
+            dataclasses.replace(config, batch_size=b)  # checked before any work
+    except ValueError as e:
+        raise app.UsageError(str(e)) from None
+    rows = bench(config, batch_sizes, ks, f.bench_steps, f.end_to_end_budget, f.keras_fit, f.bench_test_images)
+    print(format_table(rows))
+    if f.json:
+        os.makedirs(os.path.dirname(os.path.abspath(f.json)), exist_ok=True)
+        from haet import results
+
+        payload = [{**row, "git_commit": results.git_commit(), "versions": results.versions(),
+                    "command": sys.argv} for row in rows]
+        with open(f.json, "x") as out:
+            json.dump(payload, out, indent=2)
+        print(f"wrote {f.json}")
+
+
+if __name__ == "__main__":
+    app.run(main)
