@@ -111,8 +111,9 @@ def pure_step(model, x, y, steps):
     loop over the XLA-compiled step.
 
     Returns:
-        `(seconds per step, compile seconds)`: the best of three timed runs after a
-        first one that compiles (its excess over a timed run is the compile time).
+        `(seconds per step, compile seconds, {variant: seconds per step})`: the best
+        of three timed runs after a first one that compiles (its excess over a timed
+        run is the compile time), for the faster variant and for each.
     """
     backend = keras.backend.backend()
     model._symbolic_build(data_batch=(x, y))
@@ -140,7 +141,7 @@ def pure_step(model, x, y, steps):
                 state = one(state, batch)
             jax.block_until_ready(state)
 
-        runs = (run_fused, run_dispatched)
+        runs = {"fused": run_fused, "dispatch": run_dispatched}
     elif backend == "tensorflow":
         import tensorflow as tf
 
@@ -154,11 +155,11 @@ def pure_step(model, x, y, steps):
             return loss
 
         batch = (tf.constant(x), tf.constant(y))
-        runs = (lambda: loop(batch).numpy(),)
+        runs = {"tf.function": lambda: loop(batch).numpy()}
     else:
         raise NotImplementedError(f"haet benchmarks the jax and tensorflow backends, not {backend!r}.")
-    best, compile_seconds = math.inf, 0.0
-    for run in runs:
+    per_variant, compile_seconds = {}, 0.0
+    for name, run in runs.items():
         start = time.perf_counter()
         run()
         first = time.perf_counter() - start
@@ -168,8 +169,8 @@ def pure_step(model, x, y, steps):
             run()
             times.append(time.perf_counter() - start)
         compile_seconds += max(0.0, first - min(times))
-        best = min(best, min(times))
-    return best / steps, compile_seconds
+        per_variant[name] = min(times) / steps
+    return min(per_variant.values()), compile_seconds, per_variant
 
 
 def keras_fit_images_per_second(model, x, y, batch_size, steps, seed=0):
@@ -264,7 +265,7 @@ def bench(config, batch_sizes, steps_per_executions, bench_steps=20, end_to_end_
                 optimizer, _ = training.build_optimizer(sized, data.steps_per_epoch(sized))
                 training.compile_model(sized, model, optimizer, settings)
                 x, y = _first_batch(data, sized)
-                step_seconds, compile_seconds = pure_step(model, x, y, bench_steps)
+                step_seconds, compile_seconds, variants = pure_step(model, x, y, bench_steps)
                 flops = forward_flops(model)
                 fit_rate = None
                 if keras_fit:
@@ -284,6 +285,7 @@ def bench(config, batch_sizes, steps_per_executions, bench_steps=20, end_to_end_
                     "flops_per_image": flops, "step_ms": round(1e3 * step_seconds, 4),
                     "images_per_second": round(images_per_second, 2), "compile_seconds": round(compile_seconds, 3),
                     "tflops": round(tflops, 4), "peak_fraction": round(tflops / peak, 4) if peak else None,
+                    "pure_step_ms_by_loop": {name: round(1e3 * v, 4) for name, v in variants.items()},
                     "steps_per_execution": k, "execution_loop": None, "end_to_end_images_per_second": None, "end_to_end_ratio": None,
                     "host_overhead_us_per_step": None, "keras_fit_images_per_second":
                         round(fit_rate, 2) if fit_rate else None,

@@ -34,7 +34,7 @@ from keras import ops
 
 # Steps per execution unless told otherwise; see results/bench/ for the
 # measurements behind it.
-DEFAULT_STEPS_PER_EXECUTION = 16
+DEFAULT_STEPS_PER_EXECUTION = 64
 EXECUTION_LOOPS = ("auto", "fused", "dispatch")
 
 
