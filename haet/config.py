@@ -41,9 +41,9 @@ RUN_FIELDS = (
           fields.at_least(0, integer=True)),
     Field("planner_probe_steps", 20, "Step-planned schedules with --epochs=0: training steps timed (after the "
           "compiling one) before planning; their updates are discarded.", fields.positive(integer=True)),
-    Field("steps_per_execution", engine.DEFAULT_STEPS_PER_EXECUTION, "Most training steps per compiled "
-          "execution: the host waits for the device, reads the clock and writes schedule values only between "
-          "executions.", fields.positive(integer=True)),
+    Field("steps_per_execution", engine.DEFAULT_STEPS_PER_EXECUTION, "Most training steps per execution "
+          "(see --execution_loop): the host waits for the device, reads the clock and writes schedule values "
+          "only between executions; the budget overshoots by at most one execution.", fields.positive(integer=True)),
     Field("execution_loop", "auto", "JAX: fused (an execution is one compiled loop over its steps), dispatch "
           "(one compiled step after another, not waited for) or auto (fused on accelerators, dispatch on CPUs, "
           "where XLA runs a loop body several times slower).", fields.one_of(engine.EXECUTION_LOOPS,

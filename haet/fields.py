@@ -60,7 +60,8 @@ class Kind:
         build: the function that builds it (a model, a layer, a schedule...).
         args: names of config fields passed to `build` as keyword arguments.
         check: optional `check(config)` raising ValueError when the config cannot
-            use this kind as set (e.g. a width the model cannot take).
+            use this kind as set (e.g. a width the model cannot take); an
+            augmentation's check also takes the dataset's image shape.
         help: one line shown in the flag's help.
     """
 
