@@ -342,8 +342,16 @@ class _JaxEngine(Engine):
     def reload(self):
         import jax
 
-        self._state = tuple([jax.device_put(v.value, v.value.sharding) for v in variables]
-                            for variables in self._groups())
+        # Runs at every epoch's end and start: only values a hook or `reset_metrics`
+        # replaced since the last sync are committed again; the rest are the state's own.
+        previous = self._state or tuple([None] * len(g) for g in self._groups())
+
+        def current(variable, held):
+            value = variable.value
+            return held if value is held else jax.device_put(value, value.sharding)
+
+        self._state = tuple([current(v, held) for v, held in zip(variables, values)]
+                            for variables, values in zip(self._groups(), previous))
         self._synced = True
 
     def assign(self, variable, value):

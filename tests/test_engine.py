@@ -92,6 +92,23 @@ def test_executions_of_any_length_share_one_compiled_program(loop):
     assert float(np.asarray(model.optimizer.learning_rate)) == pytest.approx(0.1)  # restored
 
 
+def test_reload_keeps_the_arrays_nothing_replaced():
+    x, y = _data()
+    model = _model(ema=False)
+    engine = make_engine(model, x, y, 4, one_hot_classes=4)
+    engine.start_epoch(0)
+    engine.run(2)
+    engine.sync()
+    held = [list(group) for group in engine._state] if keras.backend.backend() == "jax" else None
+    model.reset_metrics()  # replaces the metrics' values only
+    engine.reload()
+    if held is not None:
+        assert all(a is b for a, b in zip(held[0], engine._state[0]))  # weights: not committed again
+        assert not any(a is b for a, b in zip(held[3], engine._state[3]))  # metrics: the new zeros
+    engine.run(2)
+    assert engine.epoch_metrics()["loss"] > 0
+
+
 def test_restore_replays_the_same_steps():
     x, y = _data()
     model = _model()

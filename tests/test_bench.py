@@ -1,0 +1,39 @@
+"""The benchmark's arithmetic (FLOPs from the layers, peaks) and one small run of it."""
+
+import pytest
+
+from haet import bench, models
+from haet.config import TrainConfig
+
+
+def test_forward_flops_count_convolutions_and_dense_layers():
+    # tiny_cnn on 32x32x3: conv 3x3x3->16 at 32x32, conv 3x3x16->32 at 16x16, dense 32->10.
+    expected = 2 * (32 * 32 * 27 * 16 + 16 * 16 * 144 * 32 + 32 * 10)
+    assert bench.forward_flops(models.tiny_cnn()) == expected == 3_244_672
+    wrapped = models.with_input_pipeline(models.tiny_cnn(), [0.5, 0.5, 0.5], variance=[1.0, 1.0, 1.0])
+    assert bench.forward_flops(wrapped) == expected  # the nested backbone is counted
+
+
+def test_peaks_of_known_gpus_only():
+    assert bench.peak_tflops({"platform": "gpu", "name": "NVIDIA H100 80GB HBM3"}) == 989.4
+    assert bench.peak_tflops({"platform": "gpu", "name": "NVIDIA H100 PCIe"}) == 756.0
+    assert bench.peak_tflops({"platform": "gpu", "name": "Tesla V100-SXM2-16GB"}) == 125.0
+    assert bench.peak_tflops({"platform": "gpu", "name": "Some Future GPU"}) is None
+    assert bench.peak_tflops({"platform": "cpu", "name": "NVIDIA H100"}) is None
+
+
+@pytest.mark.e2e
+def test_bench_rows_of_a_tiny_recipe():
+    config = TrainConfig(model="tiny_cnn", width_multiplier=0.5, train_size=200, augmentation="none",
+                         optimizer="sgd", lr_schedule="constant", learning_rate=0.05,
+                         input_normalization="channel_standardize")
+    rows = bench.bench(config, [8], [1, 4], bench_steps=3, end_to_end_budget=3.0, keras_fit=True, test_images=20)
+    assert [(r["batch_size"], r["steps_per_execution"]) for r in rows] == [(8, 1), (8, 4)]
+    for r in rows:
+        assert r["images_per_second"] == pytest.approx(8 / (r["step_ms"] / 1e3), rel=1e-3)
+        assert r["end_to_end_ratio"] == pytest.approx(r["images_per_second"] / r["end_to_end_images_per_second"],
+                                                      rel=1e-3)
+        assert r["flops_per_image"] == bench.forward_flops(models.tiny_cnn(width_multiplier=0.5))
+        assert r["peak_fraction"] is None and r["keras_fit_images_per_second"] > 0
+        assert r["execution_loop"] in ("dispatch", "fused", "tf.function") and r["end_to_end_steps"] >= 1
+    assert "end_to_end_ratio" in bench.format_table(rows)
