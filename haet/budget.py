@@ -67,11 +67,13 @@ class PhaseTimer:
 @dataclasses.dataclass(frozen=True)
 class Execution:
     """One compiled execution: its steps, its seconds (dispatch to results on the
-    host) and whether it was a discarded probe."""
+    host), whether it was a discarded probe, and whether it was the first of its
+    process (which traces and compiles: a resumed run compiles again)."""
 
     steps: int
     seconds: float
     probe: bool = False
+    first: bool = False
 
 
 class WallClockBudget(Hook):
@@ -128,9 +130,11 @@ class WallClockBudget(Hook):
         self.steps = 0
         self.executions = []
         self.history = []
+        self.paused_seconds = 0.0
         self._current = {}
         self._targets = []
         self._now = None
+        self._compiled = False
 
     def begin(self):
         """Starts the budget's clock (no effect once started)."""
@@ -148,19 +152,64 @@ class WallClockBudget(Hook):
         start = self.clock()
         losses = engine.run(steps)
         self.end = self.clock()
-        self.executions.append(Execution(steps, self.end - start, probe))
+        self.executions.append(Execution(steps, self.end - start, probe, first=not self._compiled))
+        self._compiled = True
         if not probe:
             self.steps += steps
         return losses
 
+    @contextlib.contextmanager
+    def pause(self):
+        """Work inside the block (writing a checkpoint) does not count toward the
+        budget: its seconds are added to `paused_seconds` and the clock's start
+        moves forward by them."""
+        started = self.clock()
+        try:
+            yield
+        finally:
+            seconds = self.clock() - started
+            self.paused_seconds += seconds
+            if self.start is not None:
+                self.start += seconds
+            if self.end is not None:
+                self.end += seconds
+
+    def typical_execution_seconds(self):
+        """The median seconds of a kept execution after each process's first, or None."""
+        later = [e.seconds for e in self.executions if not (e.first or e.probe)]
+        return statistics.median(later) if later else None
+
+    def state_dict(self):
+        """What a checkpoint keeps of the budget (JSON data): the elapsed budget, the
+        steps, executions and history so far, the schedules' current values and the
+        fill-mode generator."""
+        return {"elapsed": self.elapsed(), "end": None if self.end is None else self.end - self.start,
+                "steps": self.steps, "executions": [dataclasses.asdict(e) for e in self.executions],
+                "history": self.history, "paused_seconds": self.paused_seconds,
+                "current": self._current, "rng": self.rng.bit_generator.state}
+
+    def load_state_dict(self, state):
+        """Continues from `state_dict()`: the budget's clock goes on from the elapsed
+        seconds it saved (the remaining budget only)."""
+        self.start = self.clock() - state["elapsed"]
+        self.end = None if state["end"] is None else self.start + state["end"]
+        self.steps = state["steps"]
+        self.executions = [Execution(**e) for e in state["executions"]]
+        self.history = [dict(row) for row in state["history"]]
+        self.paused_seconds = state["paused_seconds"]
+        self._current = dict(state["current"])
+        self.rng.bit_generator.state = state["rng"]
+
     def step_seconds(self):
-        """The typical seconds per step: the median over executions after the first
-        (which compiles); the first's per-step time while it is the only one; None
-        before any."""
+        """The typical seconds per step: the median over executions that did not
+        compile (each process's first does); the first's per-step time while there is
+        no other; None before any."""
         if not self.executions:
             return None
-        later = [e.seconds / e.steps for e in self.executions[1:]]
-        return statistics.median(later) if later else self.executions[0].seconds / self.executions[0].steps
+        later = [e.seconds / e.steps for e in self.executions if not e.first]
+        if later:
+            return statistics.median(later)
+        return self.executions[-1].seconds / self.executions[-1].steps
 
     def steps_within(self, seconds):
         """How many steps start within `seconds` from now (>= 1), at `step_seconds()`;
@@ -248,14 +297,11 @@ class WallClockBudget(Hook):
         return 0.0 if self.start is None or self.end is None else self.end - self.start
 
     def compile_seconds(self):
-        """The first execution's excess over its steps at the typical step time (tracing
-        and compilation)."""
-        if not self.executions:
-            return 0.0
-        first = self.executions[0]
-        later = [e.seconds / e.steps for e in self.executions[1:]]
+        """The excess of each process's first execution over its steps at the typical
+        step time (tracing and compilation; a resumed run compiles again)."""
+        later = [e.seconds / e.steps for e in self.executions if not e.first]
         typical = statistics.median(later) if later else 0.0
-        return max(0.0, first.seconds - first.steps * typical)
+        return sum(max(0.0, e.seconds - e.steps * typical) for e in self.executions if e.first)
 
     def probe_steps(self):
         return sum(e.steps for e in self.executions if e.probe)
@@ -307,9 +353,23 @@ class StepPlanner(Hook):
         self.replanned_from = None
         self._planned_with_overhead = False
 
+    _STATE = ("planned_epochs", "planned_steps_value", "step_seconds", "epoch_overheads", "replanned_from",
+              "_planned_with_overhead")
+
+    def state_dict(self):
+        return {name: getattr(self, name) for name in self._STATE}
+
+    def load_state_dict(self, state):
+        """A resumed run keeps its plan (the planned-steps variable is restored with
+        the optimizer): no probe runs again."""
+        for name in self._STATE:
+            setattr(self, name, state[name])
+
     def on_train_begin(self, run):
         engine, budget = run.engine, self.budget
         budget.begin()
+        if self.planned_epochs is not None or run.stopped_by is not None:  # resumed, or stopped before training
+            return
         snapshot = engine.snapshot()
         engine.start_epoch(0)
         budget.execute(engine, 1, probe=True)

@@ -61,6 +61,12 @@ RUN_FIELDS = (
     Field("snapshot_ensemble", False, "Keep the weights at the end of each learning-rate cycle "
           "(cosine_restarts) and evaluate each and their ensemble."),
     Field("save_model", True, "Save the final model as model.keras."),
+    Field("checkpoint_every", 120.0, "Seconds of budget between checkpoints (<run folder>/checkpoint.npz, "
+          "for --resume; budgets shorter than this get none unless stopped by a signal); writing them pauses "
+          "the budget's clock. 0: only when a signal stops the run.", fields.at_least(0, unit=" seconds")),
+    Field("deterministic", False, "Deterministic ops on top of the seeds: TensorFlow's "
+          "enable_op_determinism, XLA's --xla_gpu_deterministic_ops under JAX (set before JAX starts); "
+          "slower on GPUs."),
 )
 
 SECTIONS = (

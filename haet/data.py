@@ -221,8 +221,18 @@ def validate_arrays(x, y, info, split):
 def _load_npz(directory):
     splits = {}
     for split in ("train", "test"):
-        with np.load(os.path.join(directory, f"{split}.npz")) as f:
-            splits[split] = (f["x"], f["y"])
+        path = os.path.join(directory, f"{split}.npz")
+        try:
+            with np.load(path) as f:
+                splits[split] = (f["x"], f["y"])
+        except FileNotFoundError:
+            raise ValueError(f"{path} does not exist: --data_dir needs train.npz and test.npz.") from None
+        except KeyError as e:
+            raise ValueError(f"{path} has no array {e}: it needs arrays x (uint8 NHWC images) and y "
+                             "(labels).") from None
+        except Exception as e:  # a truncated or corrupt file: zipfile, pickle and OS errors
+            raise ValueError(f"{path} is not a readable npz file ({type(e).__name__}: {e}); write it again "
+                             "(python -m haet.data --export_dir=...) or point --data_dir elsewhere.") from None
     return splits
 
 

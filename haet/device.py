@@ -82,8 +82,49 @@ def resolve_precision(precision, device):
     return "float32"
 
 
+XLA_DETERMINISTIC_FLAG = "--xla_gpu_deterministic_ops=true"
+
+
+def enable_determinism():
+    """Deterministic ops for the current backend, on top of the seeds; a dict of what
+    was set, for the record.
+
+    TensorFlow: `tf.config.experimental.enable_op_determinism()` (for the rest of the
+    process: TensorFlow has no public way back). JAX: `XLA_FLAGS` gets
+    `--xla_gpu_deterministic_ops=true`, which XLA reads when JAX starts its
+    backends; the CPU backend is deterministic without it.
+
+    Raises:
+        ValueError: JAX already started a GPU backend without the flag (set
+            `XLA_FLAGS` before the process starts, or pass --deterministic on the
+            command line, which sets it before JAX starts).
+    """
+    import os
+
+    backend = keras.backend.backend()
+    if backend == "tensorflow":
+        import tensorflow as tf
+
+        tf.config.experimental.enable_op_determinism()
+        return {"tensorflow": "enable_op_determinism"}
+    if backend == "jax":
+        xla_flags = os.environ.get("XLA_FLAGS", "")
+        if XLA_DETERMINISTIC_FLAG not in xla_flags:
+            import jax
+            from jax._src import xla_bridge
+
+            if xla_bridge.backends_are_initialized() and any(d.platform == "gpu" for d in jax.devices()):
+                raise ValueError(
+                    "deterministic=True needs XLA_FLAGS to contain "
+                    f"{XLA_DETERMINISTIC_FLAG} before JAX starts its GPU backend; it has started. Set "
+                    f"XLA_FLAGS='{XLA_DETERMINISTIC_FLAG}' in the environment of the process.")
+            os.environ["XLA_FLAGS"] = f"{xla_flags} {XLA_DETERMINISTIC_FLAG}".strip()
+        return {"xla_flags": XLA_DETERMINISTIC_FLAG}
+    raise ValueError(f"deterministic=True is supported under the jax and tensorflow backends, not {backend!r}.")
+
+
 @contextlib.contextmanager
-def run_settings(precision="auto", seed=0, data_parallel_batch=None):
+def run_settings(precision="auto", seed=0, data_parallel_batch=None, deterministic=False):
     """The process-global settings of a run, restored when the block ends.
 
     Inside the block: the Keras dtype policy `resolve_precision(precision, device)`;
@@ -92,11 +133,13 @@ def run_settings(precision="auto", seed=0, data_parallel_batch=None):
     training on all local devices (`haet.distribute.data_parallel`, whose checks need
     the global batch size). On exit the previous policy and distribution are set
     again, and Python's and NumPy's global random states are put back (the
-    backend's global seed cannot be read back).
+    backend's global seed cannot be read back). With `deterministic`,
+    `enable_determinism()` first (it stays in force).
 
     Yields:
         `RunSettings`: `device` (`describe_device()`), `precision` (the policy name),
-        `parallel` (None, or the dict of `haet.distribute.data_parallel`).
+        `parallel` (None, or the dict of `haet.distribute.data_parallel`),
+        `deterministic` (None, or what `enable_determinism` set).
 
     Raises:
         ValueError: an unknown precision, or a data-parallel setting the devices
@@ -108,6 +151,7 @@ def run_settings(precision="auto", seed=0, data_parallel_batch=None):
 
     from haet import distribute
 
+    determinism = enable_determinism() if deterministic else None
     device = describe_device()
     policy = resolve_precision(precision, device)
     previous_policy = keras.mixed_precision.global_policy()
@@ -119,7 +163,7 @@ def run_settings(precision="auto", seed=0, data_parallel_batch=None):
         keras.mixed_precision.set_global_policy(policy)
         try:
             keras.utils.set_random_seed(seed)
-            yield RunSettings(device, policy, parallel)
+            yield RunSettings(device, policy, parallel, determinism)
         finally:
             keras.mixed_precision.set_global_policy(previous_policy)
             random.setstate(python_state)
@@ -134,3 +178,4 @@ class RunSettings:
     device: dict
     precision: str
     parallel: dict | None
+    deterministic: dict | None = None

@@ -162,6 +162,26 @@ class Engine:
         self.step_in_epoch = 0
         self._logs = {}
 
+    def continue_epoch(self, epoch, step_in_epoch, logs=None, learning_rate=None):
+        """Goes on inside epoch `epoch` after `step_in_epoch` of its steps (a resumed
+        run, after `restore`): the epoch's permutation is copied to the device again;
+        the metrics keep their restored values; `logs` and `learning_rate` are the
+        last execution's.
+
+        Raises:
+            ValueError: `step_in_epoch` outside [0, steps per epoch].
+        """
+        if not 0 <= step_in_epoch <= self.steps_per_epoch:
+            raise ValueError(f"step_in_epoch must be in [0, {self.steps_per_epoch}]. Received: {step_in_epoch!r}")
+        order = epoch_permutation(self.seed, epoch, self.size)
+        if self.copies > 1:
+            order = order + np.int32((epoch % self.copies) * self.size)
+        self._set_order(order)
+        self.epoch = epoch
+        self.step_in_epoch = step_in_epoch
+        self._logs = dict(logs or {})
+        self.learning_rate = learning_rate
+
     def run(self, steps):
         """Runs `steps` training steps (1 to K, within the epoch) as one execution and
         waits for them.
@@ -200,11 +220,28 @@ class Engine:
         return [keras.ops.convert_to_numpy(v.value) for v in self._variables()]
 
     def restore(self, snapshot):
-        """Puts back a `snapshot()`; the next epoch must be started again."""
-        for variable, value in zip(self._variables(), snapshot):
+        """Puts back a `snapshot()`; the next epoch must be started again (or
+        `continue_epoch`).
+
+        Raises:
+            ValueError: a snapshot of another model (count or shapes differ).
+        """
+        variables = self._variables()
+        if len(snapshot) != len(variables):
+            raise ValueError(f"The snapshot has {len(snapshot)} values; the model and optimizer have "
+                             f"{len(variables)} variables.")
+        for variable, value in zip(variables, snapshot):
+            if tuple(np.shape(value)) != tuple(variable.shape):
+                raise ValueError(f"The snapshot's value for {variable.path} has shape {np.shape(value)}; the "
+                                 f"variable has {tuple(variable.shape)}.")
+        for variable, value in zip(variables, snapshot):
             variable.assign(value)
         self.reload()
         self.epoch = None
+
+    def variable_paths(self):
+        """The paths of the variables a `snapshot()` holds, in its order."""
+        return [v.path for v in self._variables()]
 
     def _variables(self):
         model = self.model

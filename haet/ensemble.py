@@ -16,7 +16,6 @@ best member, the wall-clock training seconds the members took together.
 """
 
 import dataclasses
-import json
 import os
 
 import keras
@@ -31,15 +30,34 @@ def config_of_run(run_dir):
     """The `TrainConfig` written in `run_dir/record.json` (`haet.config.config_from_record`).
 
     Raises:
-        FileNotFoundError: no record in `run_dir`.
+        ValueError: no readable record in `run_dir`, or a run that did not complete.
     """
-    path = os.path.join(run_dir, "record.json")
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"{path} does not exist: --runs takes run folders of python -m haet.train.")
-    with open(path) as f:
-        record = json.load(f)
+    record = results.read_record(run_dir)
+    status = record.get("status", "completed")
+    if status != "completed":
+        raise ValueError(f"{run_dir} did not complete (status {status!r}): only completed runs are members.")
+    if not isinstance(record.get("flags"), dict):
+        raise ValueError(f"{run_dir}/record.json has no flags.")
     # Only the data settings are used: a fine-tuned member's source model need not exist.
     return config_lib.config_from_record(record["flags"], init_from=None, freeze_stages=0), record
+
+
+def check_members(runs):
+    """Checks the member folders before any work.
+
+    Raises:
+        ValueError: fewer than two, or one folder given twice (under any spelling of
+            its path): an ensemble of a run with itself is that run.
+    """
+    if len(runs) < 2:
+        raise ValueError(f"--runs needs at least two run folders. Received: {list(runs)}")
+    seen = {}
+    for run in runs:
+        real = os.path.realpath(run)
+        if real in seen:
+            raise ValueError(f"--runs names {seen[real]!r} and {run!r}, the same run folder; each member must be "
+                             "an independently trained run.")
+        seen[real] = run
 
 
 def evaluate_ensemble(models, images, labels, num_classes, batch_size=500, tta="none"):
@@ -59,13 +77,15 @@ def evaluate_ensemble(models, images, labels, num_classes, batch_size=500, tta="
 
 def main(argv):
     del argv
-    from absl import flags
+    from absl import app, flags
 
     f = flags.FLAGS
     commit = results.git_commit()  # the code this process runs
-    if len(f.runs) < 2:
-        raise ValueError(f"--runs needs at least two run folders. Received: {f.runs}")
-    configs, records = zip(*(config_of_run(r) for r in f.runs))
+    try:
+        check_members(f.runs)
+        configs, records = zip(*(config_of_run(r) for r in f.runs))
+    except ValueError as e:
+        raise app.UsageError(str(e), exitcode=2) from None
     data_keys = ("dataset", "classes")
     first = {k: getattr(configs[0], k) for k in data_keys}
     for run, config in zip(f.runs, configs):

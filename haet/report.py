@@ -16,6 +16,7 @@ derived files and are regenerated on every call.
 import collections
 import csv
 import json
+import math
 import os
 import statistics
 
@@ -24,12 +25,26 @@ from absl import logging
 from haet import plots
 
 
-def load_records(results_dir):
-    """All run records below `results_dir`: list of dicts, each with its `record_path`.
+def scan_records(results_dir):
+    """Every run record below `results_dir`, sorted into those the report can use and
+    the others.
 
-    Files that are not valid JSON objects with a `test_accuracy` are skipped with a warning.
+    Usable: a JSON object with status "completed" (records written before statuses
+    existed count as completed), a numeric `test_accuracy`, a numeric
+    `budget_seconds` and a `flags` object. The others are returned with the reason
+    (malformed, not completed, validation only) and logged as warnings; none is
+    dropped silently and none stops the report.
+
+    Returns:
+        `(records, skipped)`: dicts with their `record_path` added, and
+        `(path, reason)` pairs.
     """
-    records = []
+    records, skipped = [], []
+
+    def skip(path, reason):
+        logging.warning("not in the report: %s: %s", path, reason)
+        skipped.append((path, reason))
+
     for root, _, files in sorted(os.walk(results_dir)):
         if "record.json" not in files:
             continue
@@ -37,18 +52,37 @@ def load_records(results_dir):
         try:
             with open(path) as f:
                 record = json.load(f)
-        except (OSError, json.JSONDecodeError) as e:
-            logging.warning("Skipping %s: %s", path, e)
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            skip(path, f"unreadable ({e})")
             continue
-        if not isinstance(record, dict) or "test_accuracy" not in record:
-            logging.warning("Skipping %s: no test_accuracy", path)
+        if not isinstance(record, dict):
+            skip(path, "not a JSON object")
             continue
-        if record["test_accuracy"] is None:  # a model-selection run (search trial): validation only
-            logging.info("Skipping %s: validation-only run", path)
-            continue
-        record["record_path"] = path
-        records.append(record)
-    return records
+        status = record.get("status", "completed")
+        accuracy = record.get("test_accuracy")
+        if status != "completed":
+            skip(path, f"status {status}" + (f" ({record['error']})" if record.get("error") else ""))
+        elif accuracy is None and "test_accuracy" in record:
+            skip(path, "validation only (no test accuracy)")
+        elif not _number(accuracy) or not 0 <= accuracy <= 1:
+            skip(path, f"test_accuracy {accuracy!r} is not a fraction")
+        elif not _number(record.get("budget_seconds")):
+            skip(path, f"budget_seconds {record.get('budget_seconds')!r} is not a number")
+        elif not isinstance(record.get("flags"), dict):
+            skip(path, f"flags {record.get('flags')!r} is not an object")
+        else:
+            record["record_path"] = path
+            records.append(record)
+    return records, skipped
+
+
+def _number(value):
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def load_records(results_dir):
+    """The usable run records below `results_dir` (see `scan_records`)."""
+    return scan_records(results_dir)[0]
 
 
 def load_published(path):
@@ -97,39 +131,92 @@ def _mean_std(values):
     return mean, std
 
 
+# Flags that do not change what a run measures: runs that differ only in them (and
+# the seed) are averaged together.
+NOT_COMPARED = ("seed", "data_dir", "save_model", "tensorboard", "eval_batch_size", "checkpoint_every")
+
+
+def comparable_key(record):
+    """What runs must share to be averaged: the dataset, the training subset (its
+    sha256), the test set's size, the budget, the device, backend and precision,
+    whether training ran past its budget, and every flag but `NOT_COMPARED`."""
+    flags = record.get("flags") or {}
+    compared = tuple(sorted((k, json.dumps(v, sort_keys=True)) for k, v in flags.items() if k not in NOT_COMPARED))
+    return (setting_of(record), record.get("subset_sha256"), record.get("test_examples"),
+            record.get("backend", "?"), record.get("precision", "?"), bool(record.get("over_budget")), compared)
+
+
+def _differences(keys):
+    """For each comparable key, the texts of what differs among `keys` (flags as
+    `name=value`, the training subset, the test set's size)."""
+    def values(key):
+        _, sha, test, _, _, _, compared = key
+        return {"subset_sha256": json.dumps(sha), "test_examples": json.dumps(test), **dict(compared)}
+
+    table = {key: values(key) for key in keys}
+    names = {name for v in table.values() for name in v}
+    varying = sorted(name for name in names if len({v.get(name) for v in table.values()}) > 1)
+
+    def text(name, value):
+        value = json.loads(value) if value is not None else None
+        if name == "subset_sha256":
+            return f"subset {value[:8] if value else '?'}"
+        if name == "test_examples":
+            return f"{value} test images"
+        return f"{name}={'(unset)' if value is None else value}"
+
+    return {key: [text(name, v.get(name)) for name in varying] for key, v in table.items()}
+
+
 def summarize(records):
-    """Groups records by setting, then by (recipe, backend, precision).
+    """Groups records by setting, then into comparable runs (`comparable_key`: only
+    the seed and `NOT_COMPARED` flags may differ within a row).
 
     Returns:
-        dict setting -> list of row dicts: recipe, backend, precision, runs,
-        accuracy_mean, accuracy_std (fractions), epochs_mean, images_per_second_mean,
-        records (paths), variants (evaluation name -> (mean accuracy, runs that have
-        it), e.g. raw and EMA weights, with and without TTA). Rows sorted by accuracy, best first.
+        dict setting -> list of row dicts: recipe (a short label, then what differs
+        from the setting's other rows), backend, precision, runs, accuracy_mean,
+        accuracy_std (fractions), epochs_mean, images_per_second_mean, over_budget
+        (runs trained past their budget by more than one execution), records
+        (paths), variants (evaluation name -> (mean accuracy, runs that have it),
+        e.g. raw and EMA weights, with and without TTA). Rows sorted by accuracy,
+        best first.
     """
     groups = collections.defaultdict(lambda: collections.defaultdict(list))
     for r in records:
-        groups[setting_of(r)][(recipe_of(r), r.get("backend", "?"), r.get("precision", "?"))].append(r)
+        groups[setting_of(r)][comparable_key(r)].append(r)
     table = {}
-    for setting, by_recipe in groups.items():
+    for setting, by_key in groups.items():
+        differences = _differences(list(by_key))
         rows = []
-        for (recipe, backend, precision), runs in by_recipe.items():
+        for key, runs in by_key.items():
             mean, std = _mean_std([r["test_accuracy"] for r in runs])
-            ips = [r["images_per_second"] for r in runs if r.get("images_per_second")]
-            variant_names = sorted({k for r in runs for k in r.get("test_accuracy_variants", {})})
+            ips = [r["images_per_second"] for r in runs if _number(r.get("images_per_second"))]
+            variant_names = sorted({k for r in runs for k in (r.get("test_accuracy_variants") or {})})
             variants = {}
             for k in variant_names:
-                values = [r["test_accuracy_variants"][k] for r in runs if k in r.get("test_accuracy_variants", {})]
-                variants[k] = (statistics.fmean(values), len(values))
+                values = [r["test_accuracy_variants"][k] for r in runs
+                          if _number((r.get("test_accuracy_variants") or {}).get(k))]
+                if values:
+                    variants[k] = (statistics.fmean(values), len(values))
+            recipe = "; ".join([recipe_of(runs[0]), *differences[key]])
+            over = key[5]
+            if over:
+                recipe += " (OVER BUDGET)"
             rows.append({
-                "recipe": recipe, "backend": backend, "precision": precision, "runs": len(runs),
-                "variants": variants,
+                "recipe": recipe, "backend": key[3], "precision": key[4], "runs": len(runs),
+                "variants": variants, "over_budget": over,
                 "accuracy_mean": mean, "accuracy_std": std,
-                "epochs_mean": statistics.fmean(r.get("epochs_equivalent", r.get("epochs", 0)) for r in runs),
+                "epochs_mean": statistics.fmean(_epochs(r) for r in runs),
                 "images_per_second_mean": statistics.fmean(ips) if ips else None,
                 "records": [r["record_path"] for r in runs],
             })
         table[setting] = sorted(rows, key=lambda row: -row["accuracy_mean"])
     return table
+
+
+def _epochs(record):
+    value = record.get("epochs_equivalent", record.get("epochs", 0))
+    return value if _number(value) else 0.0
 
 
 def matching_published(published, setting):
@@ -143,11 +230,12 @@ def _link(path, base):
     return os.path.relpath(path, base)
 
 
-def render_markdown(table, published, base_dir, figures, title=True):
+def render_markdown(table, published, base_dir, figures, title=True, skipped=()):
     """The report page as a Markdown string; links are relative to `base_dir`.
 
     With `title=False` (a section inside another page) it starts at the figures
-    and uses third-level headings.
+    and uses third-level headings. `skipped` (`(path, reason)` pairs from
+    `scan_records`) are listed at the end.
     """
     h = "##" if title else "###"
     lines = ["# Results", "",
@@ -187,6 +275,13 @@ def render_markdown(table, published, base_dir, figures, title=True):
         lines += [f"| {p['entry']} | {p['dataset']} | {p['train_examples'] or '?'} | "
                   f"{p['budget_seconds']:g} s | {p['device']} | {100 * p['test_accuracy']:.1f}% | "
                   f"{p['source']} | {p['protocol_notes']} |" for p in others]
+        lines.append("")
+    if any(row["over_budget"] for rows in table.values() for row in rows):
+        lines += ["OVER BUDGET: training ran past the budget by more than one execution (e.g. a compilation "
+                  "longer than the budget); those runs are not averaged with the others.", ""]
+    if skipped:
+        lines += [f"{h} Records not in the tables", "", "| record | why |", "|---|---|"]
+        lines += [f"| [{_link(path, base_dir)}]({_link(path, base_dir)}) | {reason} |" for path, reason in skipped]
         lines.append("")
     return "\n".join(lines)
 
@@ -268,13 +363,13 @@ def main(argv):
     from absl import flags
 
     f = flags.FLAGS
-    records = load_records(f.results_dir)
+    records, skipped = scan_records(f.results_dir)
     if not records:
-        raise ValueError(f"No record.json found under {f.results_dir!r}.")
+        raise ValueError(f"No usable record.json under {f.results_dir!r} ({len(skipped)} skipped).")
     published = load_published(f.published)
     figures = make_figures(records, published, f.figures_dir, f.featured_run)
     table = summarize(records)
-    page = render_markdown(table, published, os.path.dirname(os.path.abspath(f.out)), figures)
+    page = render_markdown(table, published, os.path.dirname(os.path.abspath(f.out)), figures, skipped=skipped)
     with open(f.out, "w") as out:
         out.write(page)
     if f.readme:

@@ -1,8 +1,15 @@
 """Results are data: every run writes a folder that is never overwritten.
 
-`RUN_DIR/record.json` (flags, versions, device, commit, timings, accuracy),
+`RUN_DIR/record.json` (flags, versions, device, commit, timings, accuracy, status),
 `RUN_DIR/history.csv` (one row per epoch), `RUN_DIR/confusion_matrix.csv` (test set),
-`RUN_DIR/learning_curves.png` and `RUN_DIR/model.keras`.
+`RUN_DIR/learning_curves.png`, `RUN_DIR/model.keras` and, while a run can still be
+resumed, `RUN_DIR/checkpoint.npz` (`haet.checkpoint`).
+
+The record exists from the start of a run: `RunFolder` writes it with
+`status: "running"` before the model is built, appends each epoch's history row as
+the epoch ends, and replaces the record atomically (a new file renamed over the
+old) when the run ends as one of `STATUSES`. Records are strict JSON: a non-finite
+number is written as null (`json_safe`).
 """
 
 import csv
@@ -10,12 +17,18 @@ import dataclasses
 import datetime
 import importlib.metadata
 import json
+import math
 import os
 import platform
+import socket
 import subprocess
 import sys
 
 import numpy as np
+from absl import logging
+
+# How a run ended. "running": the run's process has not ended it (or was killed).
+STATUSES = ("running", "completed", "interrupted", "diverged", "failed")
 
 # Published numbers in the HAET-2021 CIFAR-10 setting (5,000 training images,
 # 10 minutes on one GPU), for the record's comparison field.
@@ -66,6 +79,28 @@ def git_commit(path=None):
     return commit + ("-dirty" if dirty else "")
 
 
+def check_results_dir(results_dir):
+    """Checks, before any work, that run folders can be made under `results_dir`.
+
+    Raises:
+        ValueError: `results_dir` (or a parent of it) is a file, or the folder that
+            would hold it cannot be written; the message names the path and the fix.
+    """
+    path = os.path.abspath(results_dir)
+    probe = path
+    while not os.path.exists(probe):
+        parent = os.path.dirname(probe)
+        if parent == probe:
+            break
+        probe = parent
+    if not os.path.isdir(probe):
+        raise ValueError(f"results_dir {results_dir!r} cannot be made: {probe!r} is a file, not a folder. "
+                         "Pass --results_dir=FOLDER (a folder, or a path where one can be made).")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise ValueError(f"results_dir {results_dir!r} cannot be written: no write permission on {probe!r}. "
+                         "Pass --results_dir=FOLDER somewhere writable.")
+
+
 def make_run_dir(results_dir, name):
     """Creates and returns a new folder `results_dir/<UTC time>_<name>[_k]`.
 
@@ -84,17 +119,184 @@ def make_run_dir(results_dir, name):
             path = f"{base}_{k}"
 
 
+def json_safe(value):
+    """`value` as strict JSON data: NumPy scalars and arrays as Python numbers and
+    lists, tuples as lists, non-finite floats (NaN, +-inf) as None."""
+    if isinstance(value, dict):
+        return {str(k): json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    if isinstance(value, np.ndarray):
+        return json_safe(value.tolist())
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
 def _write_new(path, write):
     """Writes a file that must not exist yet (mode 'x')."""
     with open(path, "x", newline="") as f:
         write(f)
 
 
-def write_record(run_dir, record):
-    """Writes `record` (JSON-serializable dict) to `run_dir/record.json`."""
-    path = os.path.join(run_dir, "record.json")
-    _write_new(path, lambda f: json.dump(record, f, indent=2, sort_keys=True))
+def write_json_atomic(path, data):
+    """Writes `json_safe(data)` to `path` through a temporary file renamed over it, so
+    a reader (or a crash) sees the old file or the new one, never a part."""
+    text = json.dumps(json_safe(data), indent=2, sort_keys=True, allow_nan=False)
+    temporary = f"{path}.tmp{os.getpid()}"
+    try:
+        with open(temporary, "w") as f:
+            f.write(text + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        with _suppress_os_error():
+            os.remove(temporary)
+        raise
     return path
+
+
+class _suppress_os_error:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, value, traceback):
+        return kind is not None and issubclass(kind, OSError)
+
+
+def write_record(run_dir, record):
+    """Writes `record` to a new `run_dir/record.json` (strict JSON, see `json_safe`)."""
+    path = os.path.join(run_dir, "record.json")
+    text = json.dumps(json_safe(record), indent=2, sort_keys=True, allow_nan=False)
+    _write_new(path, lambda f: f.write(text + "\n"))
+    return path
+
+
+def read_record(run_dir):
+    """The record of run folder `run_dir` (a dict).
+
+    Raises:
+        ValueError: no readable JSON object at `run_dir/record.json`, naming the file.
+    """
+    path = os.path.join(run_dir, "record.json")
+    try:
+        with open(path) as f:
+            record = json.load(f)
+    except FileNotFoundError:
+        raise ValueError(f"{path} does not exist: expected the folder of a python -m haet.train run.") from None
+    except (OSError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path} is not a readable run record: {e}") from None
+    if not isinstance(record, dict):
+        raise ValueError(f"{path} is not a run record (a JSON object).")
+    return record
+
+
+class RunFolder:
+    """The folder of one run, written while the run goes (see the module docstring).
+
+    Attributes:
+        path: the folder.
+        record: the record as last written (a dict).
+        artifact_errors: file name -> error text, for the files that could not be
+            written (a full disk...); the run goes on without them.
+
+    Args:
+        path: an existing folder (`make_run_dir`, or a run folder being resumed).
+        record: the record to start from.
+    """
+
+    def __init__(self, path, record):
+        self.path = path
+        self.record = dict(record)
+        self.artifact_errors = dict(record.get("artifact_errors") or {})
+        self._history_fields = None
+
+    @classmethod
+    def create(cls, results_dir, name, record):
+        """Makes a new run folder under `results_dir` and writes `record` there
+        (with `status` "running" unless it says otherwise and `run_dir`)."""
+        path = make_run_dir(results_dir, name)
+        folder = cls(path, {"status": "running", **record, "run_dir": path})
+        folder.write_record()
+        return folder
+
+    def update(self, **fields):
+        """Adds `fields` to the record and writes it again."""
+        self.record.update(fields)
+        self.write_record()
+
+    def write_record(self, record=None):
+        """Replaces `record.json` atomically with `record` (or the current one).
+
+        A write that fails is logged and kept in `artifact_errors`, not raised; the
+        record stays in memory.
+        """
+        if record is not None:
+            self.record = dict(record)
+        if self.artifact_errors:
+            self.record["artifact_errors"] = dict(self.artifact_errors)
+        try:
+            write_json_atomic(os.path.join(self.path, "record.json"), self.record)
+            return True
+        except OSError as e:
+            self._failed("record.json", e)
+            return False
+
+    def _failed(self, name, error):
+        self.artifact_errors[name] = f"{type(error).__name__}: {error}"
+        logging.error("could not write %s in %s: %s", name, self.path, error)
+
+    def artifact(self, name, write):
+        """Runs `write(path)` for the file `name` of the folder; an OSError (a full
+        disk, a read-only folder) is logged and kept in `artifact_errors`. Returns
+        whether it was written."""
+        try:
+            write(os.path.join(self.path, name))
+            return True
+        except OSError as e:
+            self._failed(name, e)
+            return False
+
+    def start_history(self, rows=()):
+        """(Re)writes `history.csv` with `rows` (a resumed run's rows so far)."""
+        self._history_fields = None
+        path = os.path.join(self.path, "history.csv")
+        self.artifact("history.csv", lambda p: _write_rows(p, list(rows)))
+        if rows:
+            self._history_fields = _fields_of(rows)
+
+    def append_history(self, row, rows):
+        """Appends `row` (a dict) to `history.csv`; a row with a column the file lacks
+        rewrites the file with all of `rows` (the history so far, `row` last)."""
+        def write(path):
+            if self._history_fields is not None and set(row) <= set(self._history_fields):
+                with open(path, "a", newline="") as f:
+                    csv.DictWriter(f, fieldnames=self._history_fields, restval="").writerow(json_safe(row))
+            else:
+                _write_rows(path, rows)
+                self._history_fields = _fields_of(rows)
+
+        self.artifact("history.csv", write)
+
+
+def _fields_of(rows):
+    names = []
+    for row in rows:
+        names += [k for k in row if k not in names]
+    return names
+
+
+def _write_rows(path, rows):
+    temporary = f"{path}.tmp{os.getpid()}"
+    with open(temporary, "w", newline="") as f:
+        if rows:
+            w = csv.DictWriter(f, fieldnames=_fields_of(rows), restval="")
+            w.writeheader()
+            w.writerows(json_safe(r) for r in rows)
+    os.replace(temporary, path)
 
 
 def write_csv(run_dir, name, rows):
@@ -112,16 +314,19 @@ def write_csv(run_dir, name, rows):
 
 
 def write_confusion_matrix(run_dir, matrix, class_names):
-    """Writes `matrix` (rows: true class, columns: predicted) to `run_dir/confusion_matrix.csv`."""
+    """Writes `matrix` (rows: true class, columns: predicted) to a new `run_dir/confusion_matrix.csv`."""
     path = os.path.join(run_dir, "confusion_matrix.csv")
+    if os.path.exists(path):
+        raise FileExistsError(f"{path} exists; run folders are never overwritten.")
+    return _write_confusion_matrix(path, matrix, class_names)
 
-    def write(f):
+
+def _write_confusion_matrix(path, matrix, class_names):
+    with open(path, "x", newline="") as f:
         w = csv.writer(f)
         w.writerow(["true \\ predicted", *class_names])
         for name, row in zip(class_names, matrix):
             w.writerow([name, *(int(v) for v in row)])
-
-    _write_new(path, write)
     return path
 
 
@@ -144,40 +349,75 @@ def published_comparison(config, test_accuracy):
     }
 
 
-def run_record(config, data, model, run, evaluated, timer, settings, transfer, commit):
-    """The record of a finished training run (`haet.training.train`), a JSON-ready dict.
+def utc_now():
+    """The current UTC time as ISO 8601 text, e.g. "2026-11-22T10:00:00Z"."""
+    return datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
-    Timings (seconds, one clock): `setup_seconds`, `train_seconds` (the budget's:
-    from its start to the end of the last execution, precomputed augmentation,
-    probe, compilation and validation included), `compile_seconds` (the first
-    execution's excess over its steps), `probe_seconds` (the planner's discarded
-    steps, compilation included), `precompute_seconds`, `eval_seconds`.
-    Throughput: `images_per_second` (trained images / train seconds) and
-    `images_per_second_after_compile` (the same without compilation and probe).
+
+def start_record(config, settings, commit):
+    """The record a run writes before building its model (`status` "running"):
+    settings, code, versions, device, command, process."""
+    return {
+        "status": "running",
+        "test_accuracy": None,  # set when a completed run is evaluated on the test set
+        "started_utc": utc_now(),
+        "budget_seconds": config.budget_seconds,
+        "dataset": config.dataset,
+        "backend": _backend(),
+        "device": settings.device,
+        "precision": settings.precision,
+        "deterministic": settings.deterministic,
+        "data_parallel": settings.parallel,
+        "versions": versions(),
+        "git_commit": commit,
+        "flags": dataclasses.asdict(config),
+        "command": sys.argv,
+        "process": {"pid": os.getpid(), "host": socket.gethostname()},
+    }
+
+
+def data_fields(config, data):
+    """Record fields of the run's data (`haet.training.TrainingData`)."""
+    return {
+        "dataset": data.info.name,
+        "data_source": data.dataset.source,
+        "subset_seed": config.subset_seed,
+        "subset_sha256": data.subset_sha256,
+        "train_examples": int(len(data.y_fit)),
+        "validation_examples": int(len(data.y_val)),
+        "test_examples": int(len(data.dataset.y_test)) if config.evaluate_test else 0,
+    }
+
+
+def model_fields(model, transfer):
+    """Record fields of the built model."""
+    return {"model": model.name, "parameters": int(model.count_params()), "xla": bool(model.jit_compile),
+            "transfer": transfer}
+
+
+def training_fields(config, data, run, timer):
+    """Record fields of the training so far (`haet.training.Run`), on one clock.
+
+    Timings (seconds): `setup_seconds` (this process's setup), `train_seconds` (the
+    budget's: from its start to the end of the last execution, precomputed
+    augmentation, probe, compilation and validation included; checkpoint writing
+    excluded), `compile_seconds` (each process's first execution's excess over its
+    steps), `probe_seconds` (the planner's discarded steps, compilation included),
+    `checkpoint_seconds` (writing checkpoints: the budget's clock is paused),
+    `precompute_seconds`, `eval_seconds`. Throughput: `images_per_second` (trained
+    images / train seconds) and `images_per_second_after_compile` (the same without
+    compilation and probe). `over_budget_seconds`: training past the budget;
+    `over_budget`: past it by more than one typical execution.
     """
     budget, planner = run.budget, run.planner
-    test = evaluated.get("test")
-    scores = test.scores[test.headline] if test else None
     train_seconds = budget.train_seconds()
     compile_seconds = budget.compile_seconds()
     probe_seconds = sum(e.seconds for e in budget.executions if e.probe)
     excluded = probe_seconds if budget.executions and budget.executions[0].probe else compile_seconds
     images = budget.steps * config.batch_size
-    test_accuracy = float(scores["accuracy"]) if scores else None
-    info = data.info
-    record = {
-        "status": "completed",
-        "test_accuracy": test_accuracy,
-        "test_loss": float(scores["loss"]) if scores else None,  # cross-entropy, no weight penalty
-        "test_examples": int(len(data.dataset.y_test)) if test else 0,
-        "train_examples": int(len(data.y_fit)),
-        "validation_examples": int(len(data.y_val)),
-        "dataset": info.name,
-        "data_source": data.dataset.source,
-        "subset_seed": config.subset_seed,
-        "subset_sha256": data.subset_sha256,
-        "model": model.name,
-        "parameters": int(model.count_params()),
+    over = max(0.0, train_seconds - budget.budget_seconds)
+    typical = budget.typical_execution_seconds()
+    return {
         "epochs": len(budget.history),
         "planned_epochs": planner.planned_epochs if planner else (config.epochs or None),
         "replanned_from_epochs": planner.replanned_from if planner else None,
@@ -191,27 +431,31 @@ def run_record(config, data, model, run, evaluated, timer, settings, transfer, c
         "executions": sum(not e.probe for e in budget.executions),
         "step_seconds": budget.step_seconds(),
         "probe_steps": budget.probe_steps(),
-        "budget_seconds": config.budget_seconds,
         "setup_seconds": round(timer.seconds.get("setup", 0.0), 3),
         "compile_seconds": round(compile_seconds, 3),
         "probe_seconds": round(probe_seconds, 3),
         "train_seconds": round(train_seconds, 3),
-        "eval_seconds": round(timer.seconds.get("eval", 0.0), 3),
+        "checkpoint_seconds": round(budget.paused_seconds, 3),
+        "checkpoints": run.checkpointer.saved if run.checkpointer else 0,
         "precompute_seconds": round(timer.seconds.get("precompute", 0.0), 3),
+        "over_budget_seconds": round(over, 3),
+        "over_budget": bool(typical is not None and over > typical),
         "images_per_second": round(images / train_seconds, 2) if train_seconds else None,
         "images_per_second_after_compile": (
             round(images / (train_seconds - excluded), 2) if train_seconds > excluded else None),
-        "backend": _backend(),
-        "device": settings.device,
-        "precision": settings.precision,
-        "xla": bool(model.jit_compile),
-        "versions": versions(),
-        "git_commit": commit,
-        "flags": dataclasses.asdict(config),
-        "command": sys.argv,
+    }
+
+
+def evaluation_fields(config, data, run, evaluated, timer):
+    """Record fields of the final evaluation (`haet.training.evaluate`)."""
+    test = evaluated.get("test")
+    scores = test.scores[test.headline] if test else None
+    test_accuracy = float(scores["accuracy"]) if scores else None
+    record = {
+        "test_accuracy": test_accuracy,
+        "test_loss": float(scores["loss"]) if scores else None,  # cross-entropy, no weight penalty
+        "eval_seconds": round(timer.seconds.get("eval", 0.0), 3),
         "published": published_comparison(config, test_accuracy) if test else None,
-        "transfer": transfer,
-        "data_parallel": settings.parallel,
     }
     for name, split in evaluated.items():
         record[f"{name}_accuracy_variants"] = {k: v["accuracy"] for k, v in split.scores.items()}
@@ -222,7 +466,7 @@ def run_record(config, data, model, run, evaluated, timer, settings, transfer, c
         split = evaluated["validation"]
         record["validation_accuracy"] = split.scores[split.headline]["accuracy"]
         record["validation_loss"] = split.scores[split.headline]["loss"]
-        val_history = [row["val_accuracy"] for row in budget.history if row.get("val_accuracy") is not None]
+        val_history = [row["val_accuracy"] for row in run.budget.history if row.get("val_accuracy") is not None]
         if val_history:
             best = int(np.argmax(val_history))
             record["best_validation_epoch"] = best + 1
@@ -231,27 +475,26 @@ def run_record(config, data, model, run, evaluated, timer, settings, transfer, c
     return record
 
 
-def write_run(run_dir, record, model, run, evaluated, class_names, save_model=True):
-    """Writes a finished run's folder: `history.csv`, `health.csv` (with the health
-    monitor), `confusion_matrix.csv` (test set), `learning_curves.png`, `model.keras`
-    (if `save_model`) and `record.json` (with `run_dir` added)."""
+def write_artifacts(folder, model, run, evaluated, class_names, save_model=True):
+    """Writes a finished run's files into `folder` (a `RunFolder`): `health.csv` (with
+    the health monitor), `confusion_matrix.csv` (test set), `learning_curves.png` and
+    `model.keras` (if `save_model`). A file that cannot be written is logged and
+    listed in `folder.artifact_errors`; the others are still written."""
     from haet import plots
 
-    history = run.budget.history
-    write_csv(run_dir, "history.csv", history)
+    record = folder.record
     if run.health is not None:
-        write_csv(run_dir, "health.csv", run.health.rows)
+        folder.artifact("health.csv", lambda p: _write_rows(p, run.health.rows))
     test = evaluated.get("test")
     if test:
-        write_confusion_matrix(run_dir, test.scores[test.headline]["confusion_matrix"], class_names)
+        folder.artifact("confusion_matrix.csv", lambda p: _write_confusion_matrix(
+            p, test.scores[test.headline]["confusion_matrix"], class_names))
+    history = run.budget.history
     if history:
         score = (f"test accuracy {record['test_accuracy']:.2%}" if test else
                  f"validation accuracy {record['validation_accuracy']:.2%}")
-        plots.plot_learning_curves(
-            history, f"{record['model']} on {record['dataset']} ({record['train_examples']} images), "
-            f"{record['budget_seconds']:g} s budget, {record['backend']}: {score}",
-            os.path.join(run_dir, "learning_curves.png"))
+        title = (f"{record['model']} on {record['dataset']} ({record['train_examples']} images), "
+                 f"{record['budget_seconds']:g} s budget, {record['backend']}: {score}")
+        folder.artifact("learning_curves.png", lambda p: plots.plot_learning_curves(history, title, p))
     if save_model:
-        model.save(os.path.join(run_dir, "model.keras"), overwrite=False)
-    record["run_dir"] = run_dir
-    write_record(run_dir, record)
+        folder.artifact("model.keras", lambda p: model.save(p, overwrite=False))

@@ -234,6 +234,11 @@ def run_search(base, space, method, trials, seed, search_dir, grid_points=3, tra
         try:
             record, run_dir = train(dataclasses.replace(base, **trial),
                                     results_dir=os.path.join(search_dir, "runs"))
+            if record["status"] == "interrupted":
+                raise KeyboardInterrupt(f"trial {index} interrupted by {record.get('interrupted_by')}")
+            if record["status"] != "completed":
+                raise ArithmeticError(f"the run {record['status']}" + (
+                    f" at step {record['diverged_at_step']}" if record["status"] == "diverged" else ""))
             accuracy = record["validation_accuracy"]
             row.update(status="ok", validation_accuracy=accuracy,
                        validation_loss=record["validation_loss"], epochs=record["epochs"],

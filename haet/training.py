@@ -15,7 +15,8 @@ and the other commands reuse them (`haet.sanity`, `haet.lr_find`, `haet.search`,
 6. `Run.fit`: epochs of compiled executions until the budget, the plan, the epochs or
    early stopping end them;
 7. `evaluate`: every variant of the final model on the validation and test sets;
-8. `haet.results.run_record` / `write_run`: the record and the run folder.
+8. `haet.results`: the record (written from the start, see `train`) and the files
+   of the run folder.
 
 The defaults of `haet.config.TrainConfig` are the UMBC HAET-2021 recipe.
 """
@@ -23,6 +24,7 @@ The defaults of `haet.config.TrainConfig` are the UMBC HAET-2021 recipe.
 import contextlib
 import dataclasses
 import os
+import re
 import sys
 import time
 
@@ -30,62 +32,212 @@ import keras
 import numpy as np
 from absl import logging
 
-from haet import augment, budget as budget_lib, data as data_lib, device as device_lib, evaluation, models
-from haet import optimizers, results, schedules
+from haet import augment, budget as budget_lib, checkpoint as checkpoint_lib, data as data_lib
+from haet import device as device_lib, evaluation, models, optimizers, results, schedules
 from haet.config import TrainConfig
 from haet.engine import current_weights, make_engine
-from haet.hooks import MovingAverage, SnapshotKeeper, TrainingHealth, Validation
-from haet.loop import KerasCallbacks, Training
+from haet.hooks import DivergenceGuard, MovingAverage, SnapshotKeeper, TrainingHealth, Validation
+from haet.loop import Hook, KerasCallbacks, Training
 
-__all__ = ["TrainConfig", "train", "prepare_data", "build_model", "build_optimizer", "compile_model",
+__all__ = ["TrainConfig", "SetupError", "train", "prepare_data", "build_model", "build_optimizer", "compile_model",
            "build_run", "evaluate"]
 
 
-def train(config, results_dir="results/runs", clock=time.perf_counter):
+def train(config, results_dir="results/runs", clock=time.perf_counter, resume=None):
     """Trains `config` within its budget, evaluates it, and writes the run folder
-    (see `haet.results`).
+    (see `haet.results`) while it goes.
+
+    The data are loaded first; then the run folder is made and its record written
+    (`status: "running"`), before the model is built. History rows are appended as
+    epochs end; checkpoints are written every `config.checkpoint_every` seconds of
+    budget (`haet.checkpoint`). The run ends as one of:
+
+    - "completed": evaluated; the record, then the model and figures are written
+      (a file that cannot be written is listed in `artifact_errors`) and the
+      checkpoint is deleted;
+    - "interrupted": SIGINT or SIGTERM stopped training at an execution boundary;
+      a checkpoint is written for `resume` (`interrupted_by` names the signal);
+    - "diverged": a non-finite training loss stopped training at once
+      (`diverged_at_step`, `last_finite_loss`); no accuracy is claimed;
+    - "failed": an exception after the folder was made; the record has the `error`
+      and the exception propagates.
 
     Args:
         config: a `TrainConfig` (checked when it was made).
-        results_dir: parent folder of the new run folder.
+        results_dir: parent folder of the new run folder (unused when resuming).
         clock: the one clock of the run (seconds; tests pass a fake), shared by the
             phase timer and the budget.
+        resume: None, or the folder of an interrupted (or killed) run of `config`
+            with a checkpoint: training goes on in that folder from the checkpoint,
+            on the remaining budget; the record counts the `resumes`.
 
     Returns:
-        `(record, run_dir)`: the record dict also written to `run_dir/record.json`.
+        `(record, run_dir)`: the record also written to `run_dir/record.json`.
 
     Raises:
-        ValueError: malformed data, before training starts.
-        RuntimeError: no data can be found or downloaded.
+        SetupError (a ValueError): bad data (the file named), no data found, an
+            unusable results folder, a precision or device setting the machine
+            cannot take, or a run that cannot be resumed: before the run folder
+            is made or touched.
+        KeyboardInterrupt: a second stop signal (or one outside training); the record
+            says "interrupted".
     """
     timer = budget_lib.PhaseTimer(clock)
     commit = results.git_commit()  # the code this process runs, not the tree at the end
-    with settings_of(config) as settings:
+    previous = None
+    with _setup_errors():
+        if resume is not None:
+            previous = checkpoint_lib.resumable(resume)
+            _check_same_settings(config, previous, resume)
+        else:
+            results.check_results_dir(results_dir)
+    with contextlib.ExitStack() as stack:
+        with _setup_errors():
+            settings = stack.enter_context(settings_of(config))
+        signals = stack.enter_context(checkpoint_lib.StopSignals())
         with timer.phase("setup"):
-            data = prepare_data(config)
-            model, augmentation, transfer = build_model(config, data)
-            optimizer, schedule = build_optimizer(config, data.steps_per_epoch(config))
-            compile_model(config, model, optimizer, settings)
-            # The run folder exists once the data and model are known to be good.
-            run_dir = results.make_run_dir(results_dir, config.run_name())
-            run = build_run(config, model, augmentation, schedule, data, run_dir, clock, timer)
-        run.fit()
-        with timer.phase("eval"):
-            evaluated = evaluate(config, model, data, run)
-    record = results.run_record(config, data, model, run, evaluated, timer, settings, transfer, commit)
-    results.write_run(run_dir, record, model, run, evaluated, data.info.class_names, save_model=config.save_model)
-    logging.info(
-        "%s; %d epochs (%d steps, %s); setup %.1f s, compile %.1f s, train %.1f s, eval %.1f s, %.1f images/s -> %s",
-        "; ".join(f"{name} accuracy {v.scores[v.headline]['accuracy']:.4f}" for name, v in evaluated.items()),
-        record["epochs"], record["steps"], record["stopped_by"], record["setup_seconds"], record["compile_seconds"],
-        record["train_seconds"], record["eval_seconds"], record["images_per_second"] or 0, run_dir)
-    return record, run_dir
+            with _setup_errors():
+                data = prepare_data(config)
+            start = {**results.start_record(config, settings, commit), **results.data_fields(config, data)}
+            if previous is None:
+                folder = results.RunFolder.create(results_dir, config.run_name(), start)
+            else:
+                folder = _reopen(resume, previous, start)
+        try:
+            record = _train_in(config, folder, data, settings, timer, clock, signals, previous)
+        except BaseException as e:
+            interrupted = isinstance(e, KeyboardInterrupt)
+            folder.update(status="interrupted" if interrupted else "failed",
+                          error=f"{type(e).__name__}: {e}",
+                          interrupted_by=signals.name if interrupted else None,
+                          checkpoint=checkpoint_lib.CHECKPOINT if os.path.exists(
+                              os.path.join(folder.path, checkpoint_lib.CHECKPOINT)) else None,
+                          ended_utc=results.utc_now())
+            if not interrupted:
+                logging.exception("run %s failed", folder.path)
+            raise
+    return record, folder.path
+
+
+class SetupError(ValueError):
+    """A run that cannot start: a setting, data file, results folder or run to resume
+    that is not usable; raised before the run folder is made (or touched)."""
+
+
+@contextlib.contextmanager
+def _setup_errors():
+    try:
+        yield
+    except SetupError:
+        raise
+    except (ValueError, RuntimeError) as e:
+        raise SetupError(str(e)) from e
+
+
+def _check_same_settings(config, record, run_dir):
+    ours = results.json_safe(dataclasses.asdict(config))
+    theirs = {k: v for k, v in record["flags"].items() if k in ours}
+    changed = sorted(k for k in theirs if k != "data_dir" and theirs[k] != ours[k])
+    if changed:
+        raise ValueError(f"{run_dir} was trained with other settings ({', '.join(changed)}): a run resumes with "
+                         "its own settings (python -m haet.train --resume=RUN_DIR reads them from its record).")
+
+
+def _reopen(run_dir, previous, start):
+    """The run folder of a resumed run, its record marked running again."""
+    folder = results.RunFolder(run_dir, previous)
+    history = list(previous.get("resume_history") or [])
+    history.append({"utc": start["started_utc"], "git_commit": start["git_commit"], "backend": start["backend"],
+                    "device": start["device"], "process": start["process"],
+                    "budget_seconds_elapsed": previous.get("train_seconds")})
+    folder.update(status="running", resumes=len(history), resume_history=history, process=start["process"],
+                  error=None, interrupted_by=None)
+    logging.info("resuming %s (resume %d)", run_dir, len(history))
+    return folder
+
+
+def _train_in(config, folder, data, settings, timer, clock, signals, previous):
+    """Builds, trains and evaluates `config` in `folder` (see `train`); returns the record."""
+    with timer.phase("setup"):
+        model, augmentation, transfer = build_model(config, data)
+        optimizer, schedule = build_optimizer(config, data.steps_per_epoch(config))
+        compile_model(config, model, optimizer, settings)
+        run = build_run(config, model, augmentation, schedule, data, folder, clock, timer, signals=signals)
+    earlier_setup = (previous or {}).get("setup_seconds") or 0.0
+
+    def progress(**fields):
+        record = {**folder.record, **results.training_fields(config, data, run, timer), **fields}
+        record["setup_seconds"] = round(earlier_setup + timer.seconds.get("setup", 0.0), 3)
+        return record
+
+    folder.update(**results.model_fields(model, transfer),
+                  setup_seconds=round(earlier_setup + timer.seconds["setup"], 3))
+    run.checkpointer.record_progress = lambda: folder.write_record(progress(checkpoint=checkpoint_lib.CHECKPOINT))
+    resume_from = None
+    if previous is not None:
+        resume_from = _load_checkpoint(run, folder.path)
+    run.fit(resume_from)
+    stopped_by = run.training.stopped_by
+    if stopped_by == "interrupted":
+        saved = run.engine.epoch is not None and run.checkpointer.save(run.training)
+        record = progress(status="interrupted", interrupted_by=signals.name, ended_utc=results.utc_now(),
+                          checkpoint=checkpoint_lib.CHECKPOINT if saved else None)
+        folder.write_record(record)
+        logging.warning("interrupted by %s after %d steps (%.1f s of the %g s budget); %s", signals.name,
+                        record["steps"], record["train_seconds"], config.budget_seconds,
+                        f"resume with: python -m haet.train --resume={folder.path}" if saved
+                        else "no checkpoint (nothing was trained yet)")
+        return folder.record
+    if stopped_by == "diverged":
+        record = progress(status="diverged", diverged_at_step=run.divergence.step,
+                          last_finite_loss=run.divergence.last_finite_loss, test_accuracy=None,
+                          ended_utc=results.utc_now())
+        folder.write_record(record)
+        logging.error("diverged at step %d; no accuracy is claimed -> %s", run.divergence.step, folder.path)
+        return folder.record
+    with timer.phase("eval"):
+        evaluated = evaluate(config, model, data, run)
+    record = progress(status="completed", **results.evaluation_fields(config, data, run, evaluated, timer),
+                      ended_utc=results.utc_now())
+    folder.write_record(record)  # the accuracy is on disk before the large files are written
+    results.write_artifacts(folder, model, run, evaluated, data.info.class_names, save_model=config.save_model)
+    run.checkpointer.remove()
+    folder.update(checkpoint=None)
+    record = folder.record
+    message = "%s; %d epochs (%d steps, %s); setup %.1f s, compile %.1f s, train %.1f s, eval %.1f s, " \
+              "%.1f images/s -> %s"
+    args = ("; ".join(f"{name} accuracy {v.scores[v.headline]['accuracy']:.4f}" for name, v in evaluated.items()),
+            record["epochs"], record["steps"], record["stopped_by"], record["setup_seconds"],
+            record["compile_seconds"], record["train_seconds"], record["eval_seconds"],
+            record["images_per_second"] or 0, folder.path)
+    logging.info(message, *args)
+    if folder.artifact_errors:
+        logging.error("files that could not be written: %s", folder.artifact_errors)
+    return record
+
+
+def _unnumbered(path):
+    return "/".join(re.sub(r"_\d+$", "", part) for part in path.split("/"))
+
+
+def _load_checkpoint(run, run_dir):
+    """`(snapshot, state)` of `run_dir`'s checkpoint, checked against `run`'s
+    variables; the host's random generators are put back."""
+    snapshot, paths, state = checkpoint_lib.load(os.path.join(run_dir, checkpoint_lib.CHECKPOINT))
+    ours = run.engine.variable_paths()
+    # Keras numbers the names of objects made again in one process (adam_1/...): compare without.
+    differ = [(a, b) for a, b in zip(paths, ours) if _unnumbered(a) != _unnumbered(b)]
+    if len(paths) != len(ours) or differ:
+        raise ValueError(f"The checkpoint in {run_dir} holds other variables than this model: {len(paths)} vs "
+                         f"{len(ours)} variables{', first difference ' + str(differ[0]) if differ else ''}.")
+    checkpoint_lib.set_host_random_state(state.pop("host_random"))
+    return snapshot, state
 
 
 def settings_of(config):
     """`haet.device.run_settings` for `config`: its precision, seed and data parallelism."""
     return device_lib.run_settings(config.precision, config.seed,
-                                   config.batch_size if config.data_parallel else None)
+                                   config.batch_size if config.data_parallel else None, config.deterministic)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -239,22 +391,45 @@ class Run:
     early_stopping: keras.callbacks.EarlyStopping | None = None
     snapshots: SnapshotKeeper | None = None
     health: TrainingHealth | None = None
+    divergence: DivergenceGuard | None = None
+    checkpointer: checkpoint_lib.Checkpointer | None = None
 
-    def fit(self):
-        """Trains (see `haet.loop.Training.fit`); returns `self`."""
-        self.training.fit()
+    def fit(self, resume=None):
+        """Trains (see `haet.loop.Training.fit`, and its `resume`); returns `self`."""
+        self.training.fit(resume)
         return self
 
 
-def build_run(config, model, augmentation, schedule, data, run_dir, clock=time.perf_counter, timer=None):
+class HistoryWriter(Hook):
+    """Appends each epoch's history row to the run folder's `history.csv` as the epoch
+    ends (a resumed run first writes the rows its checkpoint kept)."""
+
+    def __init__(self, folder, budget):
+        self.folder, self.budget = folder, budget
+
+    def on_train_begin(self, run):
+        self.folder.start_history(self.budget.history)
+
+    def on_epoch_end(self, run, epoch, logs):
+        self.folder.append_history(self.budget.history[-1], self.budget.history)
+
+
+def build_run(config, model, augmentation, schedule, data, folder, clock=time.perf_counter, timer=None,
+              signals=None):
     """The engine, budget and hooks that train `model` as `config` says.
 
     With precomputed augmentation the budget starts here: the augmented copies are
     made now (phase "precompute" of `timer`) and count toward it.
 
+    Args:
+        folder: the run's `haet.results.RunFolder` (history rows, checkpoints,
+            TensorBoard logs).
+        signals: a `haet.checkpoint.StopSignals` (its hook acts first), or None.
+
     Returns:
         `Run` (not yet fitted).
     """
+    run_dir = folder.path
     steps_per_epoch = data.steps_per_epoch(config)
     affine = augmentation if isinstance(augmentation, augment.RandomAffine) else None
     budget = budget_lib.WallClockBudget(
@@ -274,7 +449,9 @@ def build_run(config, model, augmentation, schedule, data, run_dir, clock=time.p
                          steps_per_execution=config.steps_per_execution, copies=copies,
                          execution_loop=config.execution_loop)
     run = Run(engine, budget, training=None)
-    hooks = []
+    hooks = [signals] if signals is not None else []
+    run.divergence = DivergenceGuard()
+    hooks.append(run.divergence)
     if config.validation_size:
         hooks.append(Validation(data.x_val, data.y_val, data.info.num_classes, config.eval_batch_size))
     if config.health_every_steps:
@@ -284,7 +461,7 @@ def build_run(config, model, augmentation, schedule, data, run_dir, clock=time.p
             data.x_fit[probe], labels, model.loss, config.health_every_steps,
             os.path.join(run_dir, "tensorboard", "health") if config.tensorboard else None)
         hooks.append(run.health)
-    hooks.append(budget)
+    hooks += [budget, HistoryWriter(folder, budget)]
     if config.ema_decay:
         run.moving_average = MovingAverage()
         hooks.append(run.moving_average)
@@ -309,7 +486,9 @@ def build_run(config, model, augmentation, schedule, data, run_dir, clock=time.p
         run.snapshots = SnapshotKeeper(schedules.cycle_ends(config), budget_lib.Progress(budget, planned))
         hooks.append(run.snapshots)
     if run.planner:
-        hooks.append(run.planner)  # last: its epoch end measures the time the other hooks took
+        hooks.append(run.planner)  # its epoch end measures the time the other hooks took
+    run.checkpointer = checkpoint_lib.Checkpointer(folder, config.checkpoint_every)
+    hooks.append(run.checkpointer)  # last: it saves what the others did
     run.training = Training(engine, budget, hooks, epochs=config.epochs)
     return run
 

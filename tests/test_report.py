@@ -89,3 +89,48 @@ def test_readme_section_is_replaced_between_markers(tmp_path):
     with pytest.raises(ValueError, match="lacks the lines"):
         report.update_readme(str(bare), {}, [], {})
     assert bare.read_text() == "no markers"
+
+
+def test_only_comparable_runs_are_averaged_and_bad_records_are_listed(tmp_path):
+    def run(name, accuracy, **changes):
+        path = _write_run(tmp_path, name, accuracy)
+        record = json.loads((path / "record.json").read_text())
+        flags = {"batch_size": 32, "seed": 0, "ema_decay": 0.0, "tta": "none", **(changes.pop("flags", {}) or {})}
+        record.update({"subset_sha256": "aaaa1111", "test_examples": 10000, "flags": flags, **changes})
+        (path / "record.json").write_text(json.dumps(record))
+
+    run("seed0", 0.80)
+    run("seed1", 0.90, flags={"seed": 1, "data_dir": "/elsewhere"})  # averaged with seed0
+    run("small_test", 0.20, test_examples=1000, subset_sha256="bbbb2222")
+    run("ema_tta", 0.40, flags={"ema_decay": 0.99, "tta": "flip"})
+    run("slow", 0.70, over_budget=True)
+    run("stopped", 0.10, status="interrupted")
+    run("no_budget", 0.50)
+    broken = json.loads((tmp_path / "no_budget" / "record.json").read_text())
+    del broken["budget_seconds"]
+    (tmp_path / "no_budget" / "record.json").write_text(json.dumps(broken))
+    run("bad_flags", 0.5)
+    bad = json.loads((tmp_path / "bad_flags" / "record.json").read_text())
+    bad["flags"] = None
+    (tmp_path / "bad_flags" / "record.json").write_text(json.dumps(bad))
+    run("text_accuracy", 0.5)
+    text = json.loads((tmp_path / "text_accuracy" / "record.json").read_text())
+    text["test_accuracy"] = "0.5"
+    (tmp_path / "text_accuracy" / "record.json").write_text(json.dumps(text))
+
+    records, skipped = report.scan_records(str(tmp_path))
+    reasons = {os.path.basename(os.path.dirname(p)): why for p, why in skipped}
+    assert reasons == {"stopped": "status interrupted", "no_budget": "budget_seconds None is not a number",
+                       "bad_flags": "flags None is not an object",
+                       "text_accuracy": "test_accuracy '0.5' is not a fraction"}
+    rows = report.summarize(records)[("cifar10", 5000, 600.0, "NVIDIA H100")]
+    by_runs = {row["recipe"]: (row["runs"], round(row["accuracy_mean"], 4)) for row in rows}
+    assert by_runs == {
+        "resnet20x6, batch 32; ema_decay=0.0; subset aaaa1111; 10000 test images; tta=none": (2, 0.85),
+        "resnet20x6, batch 32; ema_decay=0.0; subset bbbb2222; 1000 test images; tta=none": (1, 0.2),
+        "resnet20x6, batch 32; ema_decay=0.99; subset aaaa1111; 10000 test images; tta=flip": (1, 0.4),
+        "resnet20x6, batch 32; ema_decay=0.0; subset aaaa1111; 10000 test images; tta=none (OVER BUDGET)": (1, 0.7),
+    }
+    page = report.render_markdown(report.summarize(records), [], str(tmp_path), {}, skipped=skipped)
+    assert "| [stopped/record.json](stopped/record.json) | status interrupted |" in page
+    assert "OVER BUDGET: training ran past the budget" in page

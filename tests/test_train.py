@@ -130,11 +130,14 @@ def test_the_default_recipe_end_to_end_on_real_cifar10(tmp_path, cifar10_slice_d
 @pytest.mark.e2e
 def test_cli_reports_bad_input_and_writes_nothing(tmp_path):
     result = _run_cli("--budget=-1", results_dir=tmp_path / "runs")
-    assert result.returncode != 0
+    assert result.returncode == 2 and "Traceback" not in result.stderr
     assert "budget must be a positive number of seconds. Received: budget=-1.0" in result.stderr
     assert not (tmp_path / "runs").exists()
     result = _run_cli("--batch_size=lots", results_dir=tmp_path / "runs")
     assert result.returncode != 0 and "--batch_size takes an integer. Received: 'lots'" in result.stderr
+    result = _run_cli("--data_dir=/no/such/folder", results_dir=tmp_path / "runs")
+    assert result.returncode == 2 and "data_dir '/no/such/folder' is not a folder" in result.stderr
+    assert "Traceback" not in result.stderr and not (tmp_path / "runs").exists()
 
 
 @pytest.mark.e2e

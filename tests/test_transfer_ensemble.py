@@ -116,4 +116,17 @@ def test_ensemble_command_on_two_real_runs(tmp_path):
     assert record["test_examples"] == 10000 and 0 <= record["ensemble_test_accuracy"] <= 1
     bad = subprocess.run([sys.executable, "-m", "haet.ensemble", f"--runs={runs[0]}"], env=env,
                          capture_output=True, text=True, cwd=REPO)
-    assert bad.returncode != 0 and "at least two run folders" in bad.stderr
+    assert bad.returncode == 2 and "at least two run folders" in bad.stderr
+
+
+def test_an_ensemble_refuses_a_run_twice_and_runs_that_did_not_complete(tmp_path):
+    from haet import ensemble, results
+
+    a = tmp_path / "a"
+    a.mkdir()
+    with pytest.raises(ValueError, match="the same run folder"):
+        ensemble.check_members([str(a), str(tmp_path / "." / "a") + "/"])
+    ensemble.check_members([str(a), str(tmp_path / "b")])
+    results.write_record(str(a), {"status": "interrupted", "flags": {}})
+    with pytest.raises(ValueError, match="did not complete \\(status 'interrupted'\\)"):
+        ensemble.config_of_run(str(a))

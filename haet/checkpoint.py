@@ -1,0 +1,317 @@
+"""Runs that survive: checkpoints, resume, stop signals.
+
+A checkpoint (`RUN_DIR/checkpoint.npz`, replaced atomically each time) holds the
+whole training state at an execution boundary: every variable of the model, its
+optimizer (moving average of the weights, iteration count, the planned steps of a
+step-based schedule) and its metrics, the augmentation's random-generator states;
+and, as JSON, the loop's position in its epoch (the epoch's order is a function of
+the seed and the epoch), the budget's elapsed seconds, steps, executions and
+history, the schedules' current values, each hook's state (planner, snapshots,
+early stopping, health rows) and the host's random generators.
+`python -m haet.train --resume=RUN_DIR` goes on from it in the same folder, on the
+remaining budget only.
+
+Why not `keras.callbacks.BackupAndRestore`: it is driven by `model.fit`'s epoch and
+batch callbacks (haet trains in compiled executions without them), saves after a
+count of epochs or batches rather than seconds of the budget, and keeps the
+weights, optimizer and `model.fit`'s counters only: not the wall-clock budget, the
+position inside an epoch of our engine, the hooks' state or the host's generators.
+"""
+
+import json
+import os
+import random
+import signal
+import threading
+
+import numpy as np
+from absl import logging
+
+from haet import results
+from haet.loop import Hook
+
+CHECKPOINT = "checkpoint.npz"
+FORMAT = 1
+_STATE_KEY = "__state__"
+
+
+def _split_arrays(value, arrays):
+    """`value` with each NumPy array replaced by a reference into `arrays`."""
+    if isinstance(value, np.ndarray):
+        key = f"a{len(arrays)}"
+        arrays[key] = value
+        return {"__array__": key}
+    if isinstance(value, dict):
+        return {k: _split_arrays(v, arrays) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_split_arrays(v, arrays) for v in value]
+    if isinstance(value, np.generic):
+        return value.item()
+    return value
+
+
+def _join_arrays(value, arrays):
+    if isinstance(value, dict):
+        if set(value) == {"__array__"}:
+            return arrays[value["__array__"]]
+        return {k: _join_arrays(v, arrays) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_join_arrays(v, arrays) for v in value]
+    return value
+
+
+def host_random_state():
+    """Python's and NumPy's global random states, for a checkpoint."""
+    version, internal, gauss = random.getstate()
+    return {"python": [version, list(internal), gauss], "numpy": list(np.random.get_state())}
+
+
+def set_host_random_state(state):
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    np.random.set_state(tuple(state["numpy"]))
+
+
+def save(path, snapshot, variable_paths, state):
+    """Writes a checkpoint to `path` through a temporary file renamed over it.
+
+    Args:
+        snapshot: list of NumPy arrays (`haet.engine.Engine.snapshot()`).
+        variable_paths: their variables' paths (checked on load).
+        state: JSON data with NumPy arrays anywhere inside.
+
+    Returns:
+        The bytes written.
+
+    Raises:
+        OSError: the file could not be written (nothing is left behind then).
+    """
+    arrays = {}
+    tree = _split_arrays({"format": FORMAT, "variable_paths": list(variable_paths), "state": state}, arrays)
+    arrays.update({f"v{i}": np.asarray(v) for i, v in enumerate(snapshot)})
+    arrays[_STATE_KEY] = np.frombuffer(json.dumps(tree).encode(), dtype=np.uint8)
+    temporary = f"{path}.tmp{os.getpid()}"
+    try:
+        with open(temporary, "wb") as f:
+            np.savez(f, **arrays)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        if os.path.exists(temporary):
+            os.remove(temporary)
+        raise
+    return os.path.getsize(path)
+
+
+def load(path):
+    """Reads a checkpoint written by `save`.
+
+    Returns:
+        `(snapshot, variable_paths, state)`.
+
+    Raises:
+        ValueError: the file is missing or not a haet checkpoint, naming it.
+    """
+    try:
+        with np.load(path) as f:
+            files = dict(f.items())
+    except FileNotFoundError:
+        raise ValueError(f"{path} does not exist: the run has no checkpoint to resume from.") from None
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{path} is not a readable checkpoint ({e}).") from None
+    if _STATE_KEY not in files:
+        raise ValueError(f"{path} is not a haet checkpoint (no state).")
+    tree = json.loads(files.pop(_STATE_KEY).tobytes().decode())
+    if tree.get("format") != FORMAT:
+        raise ValueError(f"{path} has checkpoint format {tree.get('format')!r}; this haet reads {FORMAT}.")
+    count = len([k for k in files if k.startswith("v")])
+    snapshot = [files[f"v{i}"] for i in range(count)]
+    tree = _join_arrays(tree, files)
+    return snapshot, tree["variable_paths"], tree["state"]
+
+
+class Checkpointer(Hook):
+    """Writes a checkpoint every `every_seconds` of the budget, at the first execution
+    boundary after each period (`save` also writes one on demand). The budget's
+    clock is paused while it writes (the seconds are the record's
+    `checkpoint_seconds`). A write that fails (a full disk) is logged and listed
+    in the run folder's `artifact_errors`; training goes on.
+
+    Place it after every hook whose state it saves acts (last among the hooks).
+
+    Args:
+        folder: the run's `haet.results.RunFolder`.
+        every_seconds: seconds of budget between checkpoints; 0: only on demand.
+        record_progress: optional function called after each checkpoint (it
+            updates the run's record).
+
+    Attributes:
+        saved: checkpoints written by the run (all its processes).
+        bytes: size of the last one.
+    """
+
+    def __init__(self, folder, every_seconds, record_progress=None):
+        self.folder = folder
+        self.every_seconds = float(every_seconds)
+        self.record_progress = record_progress
+        self.saved = 0
+        self.bytes = None
+        self.next_due = self.every_seconds
+
+    @property
+    def path(self):
+        return os.path.join(self.folder.path, CHECKPOINT)
+
+    def state_dict(self):
+        return {"saved": self.saved, "next_due": self.next_due}
+
+    def load_state_dict(self, state):
+        self.saved, self.next_due = state["saved"], state["next_due"]
+
+    def after_execution(self, run, steps, losses):
+        if self.every_seconds and run.stopped_by is None and run.budget.elapsed() >= self.next_due:
+            self.save(run)
+            self.next_due = run.budget.elapsed() + self.every_seconds
+
+    def save(self, run):
+        """Writes the run's checkpoint now (between executions); returns whether it was written."""
+        engine = run.engine
+        with run.budget.pause():
+            self.saved += 1
+            state = {**run.state_dict(), "host_random": host_random_state()}
+            try:
+                self.bytes = save(self.path, engine.snapshot(), engine.variable_paths(), state)
+            except OSError as e:
+                self.saved -= 1
+                self.folder._failed(CHECKPOINT, e)
+                return False
+            if CHECKPOINT in self.folder.artifact_errors:
+                del self.folder.artifact_errors[CHECKPOINT]
+            if self.record_progress is not None:
+                self.record_progress()
+        logging.info("checkpoint %d written (%.1f MB) at %.1f s of the budget", self.saved, self.bytes / 1e6,
+                     run.budget.elapsed())
+        return True
+
+    def remove(self):
+        """Deletes the checkpoint (a completed run no longer needs it)."""
+        if os.path.exists(self.path):
+            os.remove(self.path)
+
+
+class StopSignals(Hook):
+    """SIGINT and SIGTERM stop a run cleanly: the first one stops training at the next
+    execution boundary (`run.stop("interrupted", immediate=True)`; the caller writes
+    a checkpoint and an "interrupted" record); a second one raises
+    `KeyboardInterrupt` at once. Between `__enter__` and `__exit__` the handlers are
+    installed (in the main thread only; elsewhere signals are left alone).
+
+    Attributes:
+        received: the first signal's number, or None.
+    """
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self):
+        self.received = None
+        self._previous = {}
+
+    @property
+    def name(self):
+        return None if self.received is None else signal.Signals(self.received).name
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for sig in self.SIGNALS:
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous = {}
+        return False
+
+    def _handle(self, signum, frame):
+        if self.received is not None:
+            raise KeyboardInterrupt(f"second stop signal ({signal.Signals(signum).name})")
+        self.received = signum
+        logging.warning("%s received: stopping at the next execution boundary and writing a checkpoint "
+                        "(send it again to stop at once)", signal.Signals(signum).name)
+
+    def on_train_begin(self, run):
+        if self.received is not None:
+            run.stop("interrupted", immediate=True)
+
+    def after_execution(self, run, steps, losses):
+        if self.received is not None:
+            run.stop("interrupted", immediate=True)
+
+
+def exit_code(record):
+    """The process exit status for a run's record: 0 completed (every file written),
+    1 failed, 3 diverged, 4 completed but a file could not be written, 128 + the
+    signal's number when interrupted by one (130 SIGINT, 143 SIGTERM)."""
+    status = record.get("status")
+    if status == "completed":
+        return 4 if record.get("artifact_errors") else 0
+    if status == "interrupted":
+        name = record.get("interrupted_by")
+        return 128 + int(signal.Signals[name]) if name in signal.Signals.__members__ else 130
+    if status == "diverged":
+        return 3
+    return 1
+
+
+def resumable(run_dir):
+    """Checks that `run_dir` holds a run that can go on, before any work.
+
+    A run can be resumed when its record says "interrupted" or "failed", or
+    "running" while no process of this host with the record's pid is alive (the
+    process was killed), and its checkpoint exists.
+
+    Returns:
+        The run's record.
+
+    Raises:
+        ValueError: naming the folder, its status and what can be done.
+    """
+    if not os.path.isdir(run_dir):
+        raise ValueError(f"--resume={run_dir!r} is not a folder: pass the folder of an interrupted run.")
+    record = results.read_record(run_dir)
+    status = record.get("status")
+    if status == "completed":
+        raise ValueError(f"{run_dir} has completed (test accuracy {record.get('test_accuracy')}); nothing to resume.")
+    if status == "diverged":
+        raise ValueError(f"{run_dir} diverged at step {record.get('diverged_at_step')}; resuming would diverge "
+                         "again: start a new run with other settings (a lower --learning_rate).")
+    if status == "running":
+        process = record.get("process") or {}
+        if process.get("host") == results.socket.gethostname() and _alive(process.get("pid")):
+            raise ValueError(f"{run_dir} is still running (pid {process.get('pid')}): stop it first "
+                             "(kill -TERM writes a checkpoint).")
+    elif status not in ("interrupted", "failed"):
+        raise ValueError(f"{run_dir} has status {status!r}; only interrupted, failed or killed runs resume.")
+    if not os.path.exists(os.path.join(run_dir, CHECKPOINT)):
+        raise ValueError(f"{run_dir} has no {CHECKPOINT} (it stopped before its first checkpoint, or "
+                         "--checkpoint_every=0): start the run again.")
+    if not isinstance(record.get("flags"), dict):
+        raise ValueError(f"{run_dir}/record.json has no flags to rebuild the run from.")
+    return record
+
+
+def _alive(pid):
+    if not isinstance(pid, int) or pid <= 0 or pid == os.getpid():
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+__all__ = ["CHECKPOINT", "Checkpointer", "StopSignals", "save", "load", "exit_code", "resumable",
+           "host_random_state", "set_host_random_state"]

@@ -1,0 +1,305 @@
+"""Runs that survive: the record from the start, checkpoints and resume, signals,
+divergence, failed writes, setup errors. Run under either backend."""
+
+import csv
+import errno
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import keras
+import numpy as np
+import pytest
+
+from conftest import REPO, FakeClock, FakeEngine
+from haet import budget as budget_lib, checkpoint, results
+from haet.hooks import DivergenceGuard
+from haet.loop import Training
+from haet.training import SetupError, TrainConfig, train
+
+
+def _tiny(data_dir, **changes):
+    base = dict(budget_seconds=600.0, data_dir=data_dir, train_size=100, model="tiny_cnn", width_multiplier=1,
+                batch_size=20, optimizer="sgd", lr_schedule="constant", learning_rate=0.05,
+                lr_schedule_unit="steps", epochs=3, augmentation="none", eval_batch_size=250, save_model=False,
+                steps_per_execution=3)
+    base.update(changes)
+    return TrainConfig(**base)
+
+
+def _record(run_dir):
+    with open(os.path.join(run_dir, "record.json")) as f:
+        return json.loads(f.read(), parse_constant=lambda c: pytest.fail(f"not strict JSON: {c}"))
+
+
+def _history(run_dir):
+    with open(os.path.join(run_dir, "history.csv")) as f:
+        return list(csv.DictReader(f))
+
+
+@pytest.fixture
+def sigterm_after(monkeypatch):
+    """Sends this process SIGTERM once the budget has run `steps` kept steps."""
+    def arm(steps):
+        original = budget_lib.WallClockBudget.execute
+        sent = []
+
+        def execute(self, engine, n, probe=False):
+            losses = original(self, engine, n, probe)
+            if self.steps >= steps and not sent:
+                sent.append(self.steps)
+                os.kill(os.getpid(), signal.SIGTERM)
+            return losses
+
+        monkeypatch.setattr(budget_lib.WallClockBudget, "execute", execute)
+        return sent
+
+    return arm
+
+
+def test_sigterm_checkpoints_and_the_resumed_run_matches_an_uninterrupted_one(tmp_path, cifar10_slice_dir,
+                                                                               sigterm_after):
+    # Augmentation, EMA and a step-based schedule: their random and optimizer state must come back.
+    config = _tiny(cifar10_slice_dir, augmentation="crop_flip_cutout", crop_padding=2, cutout_size=4,
+                   lr_schedule="one_cycle", ema_decay=0.8, validation_size=20)
+    reference, _ = train(config, results_dir=str(tmp_path / "whole"))
+
+    sent = sigterm_after(6)  # inside the second epoch (4 steps an epoch, executions of 3 and 1)
+    stopped, run_dir = train(config, results_dir=str(tmp_path / "parts"))
+    assert sent == [7]
+    record = _record(run_dir)
+    assert record == json.loads(json.dumps(results.json_safe(stopped)))
+    assert record["status"] == "interrupted" and record["interrupted_by"] == "SIGTERM"
+    assert record["steps"] == 7 and record["checkpoint"] == "checkpoint.npz" and record["test_accuracy"] is None
+    assert checkpoint.exit_code(record) == 128 + signal.SIGTERM
+    assert [int(r["epoch"]) for r in _history(run_dir)] == [1]  # the second epoch was not ended
+    assert sorted(os.listdir(run_dir)) == ["checkpoint.npz", "history.csv", "record.json"]
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # handlers put back
+
+    resumed, same_dir = train(config, resume=run_dir)
+    assert same_dir == run_dir
+    assert resumed["status"] == "completed" and resumed["resumes"] == 1 and resumed["checkpoint"] is None
+    assert len(resumed["resume_history"]) == 1
+    assert resumed["steps"] == reference["steps"] == 12 and resumed["epochs"] == 3
+    for key in ("test_accuracy", "test_loss", "validation_accuracy"):
+        assert resumed[key] == pytest.approx(reference[key], abs=1e-6), key
+    assert resumed["test_loss_variants"]["raw"] == pytest.approx(reference["test_loss_variants"]["raw"], abs=1e-6)
+    rows, whole = _history(run_dir), _history(reference["run_dir"])
+    assert [r["epoch"] for r in rows] == ["1", "2", "3"]
+    assert [float(r["loss"]) for r in rows] == pytest.approx([float(r["loss"]) for r in whole], abs=1e-6)
+    assert not os.path.exists(os.path.join(run_dir, "checkpoint.npz"))
+    with pytest.raises(SetupError, match="has completed"):
+        train(config, resume=run_dir)
+
+
+def test_a_resumed_run_spends_only_the_remaining_budget(tmp_path, cifar10_slice_dir, sigterm_after, monkeypatch):
+    from haet import engine as engine_lib
+
+    clock = FakeClock()
+    original = engine_lib.Engine.run
+
+    def timed(self, steps):  # each step costs 1 s on the fake clock
+        clock.t += steps
+        return original(self, steps)
+
+    monkeypatch.setattr(engine_lib.Engine, "run", timed)
+    config = _tiny(cifar10_slice_dir, epochs=0, budget_seconds=10.0, checkpoint_every=4.0,
+                   lr_schedule_unit="budget")
+    sigterm_after(6)
+    record, run_dir = train(config, results_dir=str(tmp_path), clock=clock)
+    # A periodic checkpoint after 4 s, the signal's once 6 steps have run.
+    assert record["status"] == "interrupted" and record["checkpoints"] == 2
+    assert 6 <= record["steps"] < 10 and record["train_seconds"] == pytest.approx(record["steps"])
+    resumed, _ = train(config, resume=run_dir, clock=clock)
+    assert resumed["status"] == "completed" and resumed["stopped_by"] == "budget"
+    assert resumed["steps"] == 10 and resumed["train_seconds"] == pytest.approx(10.0)
+    assert resumed["over_budget_seconds"] == 0 and not resumed["over_budget"]
+
+
+def test_divergence_stops_the_run_with_an_honest_record(tmp_path, cifar10_slice_dir):
+    config = _tiny(cifar10_slice_dir, learning_rate=1e8, epochs=10, steps_per_execution=2)
+    record, run_dir = train(config, results_dir=str(tmp_path))
+    on_disk = _record(run_dir)
+    assert on_disk["status"] == "diverged" and record["status"] == "diverged"
+    assert on_disk["test_accuracy"] is None and "test_accuracy_variants" not in on_disk
+    assert 1 <= on_disk["diverged_at_step"] <= on_disk["steps"] < 50  # 10 epochs of 5 steps
+    assert on_disk["stopped_by"] == "diverged" and checkpoint.exit_code(on_disk) == 3
+    assert "model.keras" not in os.listdir(run_dir)
+    with pytest.raises(SetupError, match="diverged"):
+        train(config, resume=run_dir)
+
+
+def test_the_divergence_guard_recovers_the_last_finite_step_loss():
+    clock = FakeClock()
+    engine = FakeEngine(clock, size=40, batch_size=4, steps_per_execution=4)
+    budget = budget_lib.WallClockBudget(100.0, clock=clock)
+    guard = DivergenceGuard()
+    run = Training(engine, budget, [budget, guard])
+    step_losses = [2.0, 4.0, 6.0, 1.0, 3.0, np.inf]
+    engine.start_epoch(0)
+    means = np.cumsum(step_losses) / np.arange(1, 7)
+    for chunk in (slice(0, 4), slice(4, 6)):
+        steps = chunk.stop - chunk.start
+        budget.steps += steps
+        engine.step_in_epoch += steps
+        guard.after_execution(run, steps, means[chunk].astype(np.float32))
+    assert run.stopped_by == "diverged" and run.stopped_at_once
+    assert guard.step == 6 and guard.last_finite_loss == pytest.approx(3.0)
+
+
+def test_the_record_exists_before_the_model_and_a_failed_run_says_why(tmp_path, cifar10_slice_dir, monkeypatch):
+    from haet import training
+
+    seen = {}
+
+    def broken(config, model, optimizer, settings):
+        (run_dir,) = os.listdir(tmp_path)
+        seen.update(_record(tmp_path / run_dir))
+        raise RuntimeError("the compiler is on fire")
+
+    monkeypatch.setattr(training, "compile_model", broken)
+    with pytest.raises(RuntimeError, match="on fire"):
+        train(_tiny(cifar10_slice_dir), results_dir=str(tmp_path))
+    assert seen["status"] == "running" and seen["flags"]["model"] == "tiny_cnn" and seen["git_commit"] is not None
+    assert seen["subset_sha256"] and seen["process"]["pid"] == os.getpid()
+    (run_dir,) = os.listdir(tmp_path)
+    record = _record(tmp_path / run_dir)
+    assert record["status"] == "failed" and record["error"] == "RuntimeError: the compiler is on fire"
+    assert checkpoint.exit_code(record) == 1
+
+
+def test_files_that_cannot_be_written_are_reported_and_the_accuracy_kept(tmp_path, cifar10_slice_dir,
+                                                                         monkeypatch):
+    def full_disk(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(keras.Model, "save", full_disk)
+    monkeypatch.setattr("haet.plots.plot_learning_curves", full_disk)
+    record, run_dir = train(_tiny(cifar10_slice_dir, save_model=True), results_dir=str(tmp_path))
+    on_disk = _record(run_dir)
+    assert on_disk["status"] == "completed" and 0 <= on_disk["test_accuracy"] <= 1
+    assert set(on_disk["artifact_errors"]) == {"model.keras", "learning_curves.png"}
+    assert "No space left on device" in on_disk["artifact_errors"]["model.keras"]
+    assert sorted(os.listdir(run_dir)) == ["confusion_matrix.csv", "history.csv", "record.json"]
+    assert checkpoint.exit_code(on_disk) == 4
+
+    # A record that cannot be written at the end: the run still returns its accuracy.
+    monkeypatch.setattr(results, "write_json_atomic", full_disk)
+    record, run_dir = train(_tiny(cifar10_slice_dir), results_dir=str(tmp_path / "second"))
+    assert record["status"] == "completed" and record["test_accuracy"] is not None
+    assert "record.json" in record["artifact_errors"]
+
+
+def test_setup_errors_come_before_any_run_folder(tmp_path, cifar10_slice_dir):
+    a_file = tmp_path / "results_file"
+    a_file.write_text("not a folder")
+    with pytest.raises(SetupError, match="is a file, not a folder"):
+        train(_tiny(cifar10_slice_dir), results_dir=str(a_file / "runs"))
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    with open(os.path.join(cifar10_slice_dir, "train.npz"), "rb") as f:
+        (broken / "train.npz").write_bytes(f.read()[:5000])
+    (broken / "test.npz").write_bytes(b"")
+    with pytest.raises(SetupError, match=r"broken/train.npz is not a readable npz file"):
+        train(_tiny(str(broken)), results_dir=str(tmp_path / "runs"))
+    assert not (tmp_path / "runs").exists()
+    if os.geteuid() != 0:  # root writes anywhere
+        locked = tmp_path / "locked"
+        locked.mkdir(mode=0o500)
+        with pytest.raises(SetupError, match="no write permission"):
+            train(_tiny(cifar10_slice_dir), results_dir=str(locked / "runs"))
+
+
+def test_resume_refuses_what_it_cannot_continue(tmp_path, cifar10_slice_dir):
+    config = _tiny(cifar10_slice_dir)
+    with pytest.raises(SetupError, match="is not a folder"):
+        train(config, resume=str(tmp_path / "nothing"))
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    results.write_record(str(run_dir), {"status": "interrupted", "flags": results.json_safe(
+        __import__("dataclasses").asdict(config))})
+    with pytest.raises(SetupError, match="has no checkpoint.npz"):
+        train(config, resume=str(run_dir))
+    (run_dir / "checkpoint.npz").write_bytes(b"x")
+    with pytest.raises(SetupError, match="other settings \\(learning_rate\\)"):
+        train(_tiny(cifar10_slice_dir, learning_rate=0.1), resume=str(run_dir))
+
+
+def test_records_are_strict_json():
+    data = {"a": float("nan"), "b": [np.float32(np.inf), np.int64(3)], "c": (1.5, -np.inf), "d": np.arange(2)}
+    assert results.json_safe(data) == {"a": None, "b": [None, 3], "c": [1.5, None], "d": [0, 1]}
+
+
+def test_checkpoint_writing_pauses_the_budget():
+    clock = FakeClock()
+    budget = budget_lib.WallClockBudget(10.0, clock=clock)
+    budget.begin()
+    clock.t = 4.0
+    with budget.pause():
+        clock.t = 7.0
+    assert budget.elapsed() == pytest.approx(4.0) and budget.paused_seconds == pytest.approx(3.0)
+
+
+def _cli(*args, **kwargs):
+    env = dict(os.environ, PYTHONPATH=REPO)
+    return subprocess.Popen([sys.executable, "-m", "haet.train", *args], env=env, cwd=REPO, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, **kwargs)
+
+
+@pytest.mark.e2e
+def test_cli_sigterm_then_a_resume_that_finishes(tmp_path, cifar10_slice_dir):
+    out = tmp_path / "runs"
+    flags = [f"--data_dir={cifar10_slice_dir}", "--train_size=200", "--model=tiny_cnn", "--width_multiplier=1",
+             "--batch_size=20", "--optimizer=sgd", "--lr_schedule=constant", "--learning_rate=0.05",
+             "--lr_schedule_unit=steps", "--epochs=60", "--augmentation=none", "--eval_batch_size=250",
+             "--save_model=false", "--steps_per_execution=2", "--deterministic", f"--results_dir={out}"]
+    process = _cli(*flags)
+    run_dir = None
+    for _ in range(3000):  # until two epochs have ended (a hang guard, not a timing assertion)
+        runs = list(out.iterdir()) if out.exists() else []
+        if runs and (runs[0] / "history.csv").exists() and len(_history(runs[0])) >= 2:
+            run_dir = runs[0]
+            break
+        assert process.poll() is None, process.communicate()[1][-3000:]
+        time.sleep(0.05)
+    assert run_dir is not None
+    process.send_signal(signal.SIGTERM)
+    stdout, stderr = process.communicate(timeout=300)
+    assert process.returncode == 128 + signal.SIGTERM, stderr[-3000:]
+    record = _record(run_dir)
+    assert record["status"] == "interrupted" and record["interrupted_by"] == "SIGTERM"
+    assert record["deterministic"] and record["steps"] < 600
+    assert f"--resume={run_dir}" in stdout and os.path.exists(run_dir / "checkpoint.npz")
+
+    refused = _cli(f"--resume={run_dir}", "--learning_rate=1")
+    _, stderr = refused.communicate(timeout=300)
+    assert refused.returncode == 2 and "do not pass --learning_rate with it" in stderr
+    assert _record(run_dir) == record  # nothing touched
+
+    resumed = _cli(f"--resume={run_dir}")
+    stdout, stderr = resumed.communicate(timeout=300)
+    assert resumed.returncode == 0, stderr[-3000:]
+    final = _record(run_dir)
+    assert final["status"] == "completed" and final["resumes"] == 1 and final["steps"] == 600
+    assert final["epochs"] == 60 and len(_history(run_dir)) == 60 and 0 <= final["test_accuracy"] <= 1
+    assert "completed: test accuracy" in stdout and not os.path.exists(run_dir / "checkpoint.npz")
+
+
+@pytest.mark.e2e
+def test_cli_exit_codes_for_bad_flags_and_divergence(tmp_path, cifar10_slice_dir):
+    out = tmp_path / "runs"
+    bad = _cli("--ghost_batch_splits=3", "--model=resnet9", "--batch_size=64", f"--results_dir={out}")
+    _, stderr = bad.communicate(timeout=300)
+    assert bad.returncode == 2 and "ghost_batch_splits" in stderr and "Traceback" not in stderr
+    assert not out.exists()
+    diverging = _cli(f"--data_dir={cifar10_slice_dir}", "--train_size=100", "--model=tiny_cnn",
+                     "--width_multiplier=1", "--batch_size=20", "--optimizer=sgd", "--lr_schedule=constant",
+                     "--learning_rate=1e8", "--lr_schedule_unit=steps", "--epochs=10", "--augmentation=none",
+                     "--eval_batch_size=250", f"--results_dir={out}")
+    stdout, stderr = diverging.communicate(timeout=300)
+    assert diverging.returncode == 3, stderr[-3000:]
+    (run_dir,) = list(out.iterdir())
+    assert _record(run_dir)["status"] == "diverged" and "diverged" in stdout
