@@ -191,7 +191,9 @@ class WallClockBudget(Hook):
     def load_state_dict(self, state):
         """Continues from `state_dict()`: the budget's clock goes on from the elapsed
         seconds it saved (the remaining budget only)."""
-        self.start = self.clock() - state["elapsed"]
+        # Work this process already charged to the budget (precomputed augmentation) counts on top.
+        already = self.elapsed()
+        self.start = self.clock() - state["elapsed"] - already
         self.end = None if state["end"] is None else self.start + state["end"]
         self.steps = state["steps"]
         self.executions = [Execution(**e) for e in state["executions"]]

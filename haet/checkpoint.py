@@ -202,7 +202,7 @@ class Checkpointer(Hook):
 
 class StopSignals(Hook):
     """SIGINT and SIGTERM stop a run cleanly: the first one stops training at the next
-    execution boundary (`run.stop("interrupted", immediate=True)`; the caller writes
+    execution boundary (executions are kept to about `responsive_seconds`) (`run.stop("interrupted", immediate=True)`; the caller writes
     a checkpoint and an "interrupted" record); a second one raises
     `KeyboardInterrupt` at once. Between `__enter__` and `__exit__` the handlers are
     installed (in the main thread only; elsewhere signals are left alone).
@@ -213,9 +213,16 @@ class StopSignals(Hook):
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
-    def __init__(self):
+    def __init__(self, responsive_seconds=2.0):
         self.received = None
+        self.responsive_seconds = responsive_seconds
         self._previous = {}
+
+    def limit(self, run):
+        # Executions of slow steps (a wide model on a CPU) are cut to about
+        # `responsive_seconds`, so a signal is answered within that; on a GPU an
+        # execution of K steps is far shorter and this never binds.
+        return run.budget.steps_within(self.responsive_seconds)
 
     @property
     def name(self):

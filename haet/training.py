@@ -211,6 +211,10 @@ def _train_in(config, folder, data, settings, timer, clock, signals, previous):
             record["compile_seconds"], record["train_seconds"], record["eval_seconds"],
             record["images_per_second"] or 0, folder.path)
     logging.info(message, *args)
+    if record["over_budget"]:
+        logging.warning("training ran %.1f s past its %g s budget (more than one execution: compile %.1f s); the "
+                        "report keeps this run apart", record["over_budget_seconds"], config.budget_seconds,
+                        record["compile_seconds"])
     if folder.artifact_errors:
         logging.error("files that could not be written: %s", folder.artifact_errors)
     return record
