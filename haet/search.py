@@ -1,38 +1,48 @@
-"""Hyperparameter search over any training flags, scored on a validation split.
+"""Hyperparameter search over any training flags, on Optuna, scored on a validation split.
 
     python -m haet.search --flagfile=flags/page_resnet9.flags --data_dir=../shared/data/cifar10 \
-        --validation_size=1000 --budget=60 --method=random --trials=8 \
+        --validation_size=1000 --budget=60 --trials=16 --sampler=tpe --pruner=successive_halving \
         --space=learning_rate=loguniform:0.01:1,weight_decay=loguniform:1e-5:1e-3 \
         --search_dir=results/search/resnet9_lr_wd
 
-Every trial is a `haet.training.train` run of the base flags with the trial's values,
-its own `--budget`, `--validation_size` images held out of the training subset and
+A thin layer over Optuna (Akiba et al. 2019, "Optuna: a next-generation hyperparameter
+optimization framework"): every trial is a `haet.training.train` run of the base flags
+with the trial's values, in its own run folder under `SEARCH_DIR/runs/`, with
+`--validation_size` images held out of the training subset and
 `evaluate_test=False`: trials are ranked by validation accuracy and never see the
-test set (Bergstra & Bengio 2012, "Random search for hyper-parameter optimization";
-log-uniform draws for scale parameters). Evaluate the winner on the test set
-afterwards with `python -m haet.train` and the printed flags.
+test set. Evaluate the winner on the test set afterwards with `python -m haet.train`
+and the printed flags.
+
+- Samplers: `tpe` (default; Bergstra et al. 2011), `random` (Bergstra & Bengio
+  2012) or `grid` (every combination; `--grid_points` values per numeric flag).
+- Pruning: `--pruner=successive_halving` or `hyperband` (Li et al. 2018) stop
+  trials whose validation accuracy at an epoch's end trails the others'; the
+  resource is seconds of the trial's budget (each epoch end reports at its elapsed
+  second), so a pruned trial used a fraction of its budget.
+- The study lives in `SEARCH_DIR/study.db` (SQLite) unless `--storage` names
+  another database: the same command again resumes it (finished trials count
+  toward `--trials`), and several processes, or machines sharing one database
+  URL (e.g. `postgresql://...`), run one study together; a worker that dies is
+  noticed by the storage's heartbeat and its trial marked failed.
 
 `--space` entries, `name=kind:...` with `name` a training flag:
-- `loguniform:LOW:HIGH`, `uniform:LOW:HIGH` (floats; grid: `--grid_points` values,
-  evenly spaced on the log / linear scale, ends included);
-- `int:LOW:HIGH` (integers, ends included; grid: every integer);
+- `loguniform:LOW:HIGH`, `uniform:LOW:HIGH` (floats);
+- `int:LOW:HIGH` (integers, ends included);
 - `choice:A|B|C` (the listed values, cast to the flag's type).
 
-The search folder holds `search.json` (the space, method, seed and base flags, and
-the git commit, versions, backend and device it began with), `trials.csv` (one row
-per finished trial, appended as each one ends, with the commit that ran it), `runs/` (each
-trial's run folder), `search.png`. Running the same command again resumes: trials
-already in `trials.csv` are skipped (the trial list is a function of the search
-spec, so trial k is the same draw); a different spec for an existing folder is an
-error, never an overwrite.
+The search folder holds `search.json` (the space, sampler, pruner, seed and base
+flags, and the commit, versions, backend and device it began with; another search in
+the same folder is refused), `study.db`, `trials.csv` (every trial: number, state,
+values, validation accuracy, the run folder), `runs/`, and Optuna's figures
+(`optimization_history.png`, `slice.png`, `intermediate_values.png` with a pruner,
+`param_importances.png` with two or more flags).
 """
 
 import csv
 import dataclasses
-import itertools
 import json
-import math
 import os
+import socket
 import sys
 import time
 
@@ -43,9 +53,23 @@ from absl import app, flags, logging
 from haet import config as config_lib
 from haet import results, training
 from haet.device import describe_device
+from haet.loop import Hook
 
 KINDS = ("loguniform", "uniform", "int", "choice")
+SAMPLERS = ("tpe", "random", "grid")
+PRUNERS = ("none", "successive_halving", "hyperband")
 _NOT_SEARCHABLE = {"validation_size", "evaluate_test", "save_model", "data_dir", "dataset"}
+# The keys of search.json that define the search (compared on resume); the others
+# (git_commit, versions, backend, device, command, created_utc) say where it began.
+SPEC_KEYS = ("space", "sampler", "pruner", "seed", "grid_points", "base_flags")
+
+
+def _optuna():
+    try:
+        import optuna
+    except ImportError:
+        raise ValueError("haet.search runs on Optuna: pip install optuna (or pip install 'haet[search]').") from None
+    return optuna
 
 
 def _cast(name, text):
@@ -85,9 +109,10 @@ def parse_space(entries):
             try:
                 low, high = (float(v) for v in args.split(":"))
             except ValueError:
-                raise ValueError(f"--space entry {entry!r}: {kind} takes LOW:HIGH numbers.")
+                raise ValueError(f"--space entry {entry!r}: {kind} takes LOW:HIGH numbers.") from None
             if not low < high or (kind == "loguniform" and low <= 0):
-                raise ValueError(f"--space entry {entry!r}: needs LOW < HIGH{' and LOW > 0' if kind == 'loguniform' else ''}.")
+                raise ValueError(f"--space entry {entry!r}: needs LOW < HIGH"
+                                 f"{' and LOW > 0' if kind == 'loguniform' else ''}.")
             values = (int(low), int(high)) if kind == "int" else (low, high)
         space[name] = (kind, values)
     if not space:
@@ -96,9 +121,16 @@ def parse_space(entries):
     return space
 
 
-def _grid_values(kind, values, points):
+def _choice_key(value):
+    """A choice as Optuna stores it (None, bool, int, float or str)."""
+    return ";".join(map(str, value)) if isinstance(value, tuple) else value
+
+
+def grid_values(kind, values, points):
+    """The grid of one flag: the choices, every integer, or `points` values evenly
+    spaced on the log (loguniform) or linear scale, ends included."""
     if kind == "choice":
-        return list(values)
+        return [_choice_key(v) for v in values]
     low, high = values
     if kind == "int":
         return list(range(low, high + 1))
@@ -107,219 +139,356 @@ def _grid_values(kind, values, points):
     return [float(v) for v in np.linspace(low, high, points)]
 
 
-def make_trials(space, method, trials, seed, grid_points=3):
-    """The list of trials (dicts flag name -> value), a function of its arguments only.
+def suggest(trial, space):
+    """The trial's values (flag name -> value of the flag's type), asked of Optuna."""
+    values = {}
+    for name, (kind, args) in space.items():
+        if kind == "choice":
+            keys = [_choice_key(v) for v in args]
+            values[name] = args[keys.index(trial.suggest_categorical(name, keys))]
+        elif kind == "int":
+            values[name] = trial.suggest_int(name, *args)
+        else:
+            values[name] = trial.suggest_float(name, *args, log=kind == "loguniform")
+    return values
 
-    random: `trials` independent draws from `np.random.default_rng(seed)`;
-    grid: the Cartesian product of each flag's grid values (`trials` ignored).
+
+def make_sampler(sampler, space, seed, grid_points=3):
+    """The Optuna sampler named `sampler` (see `SAMPLERS`), seeded.
 
     Raises:
-        ValueError: unknown method, `trials` < 1 for random, `grid_points` < 2.
+        ValueError: an unknown name or `grid_points` < 2.
     """
-    if method == "grid":
+    optuna = _optuna()
+    if sampler == "tpe":
+        return optuna.samplers.TPESampler(seed=seed)
+    if sampler == "random":
+        return optuna.samplers.RandomSampler(seed=seed)
+    if sampler == "grid":
         if grid_points < 2:
             raise ValueError(f"grid_points must be >= 2. Received: {grid_points}")
-        names = list(space)
-        axes = [_grid_values(*space[n], grid_points) for n in names]
-        return [dict(zip(names, combo)) for combo in itertools.product(*axes)]
-    if method != "random":
-        raise ValueError(f"Unknown search method {method!r}. Allowed: random, grid.")
-    if trials < 1:
-        raise ValueError(f"trials must be >= 1. Received: {trials}")
-    rng = np.random.default_rng(seed)
-    out = []
-    for _ in range(trials):
-        trial = {}
-        for name, (kind, values) in space.items():
-            if kind == "choice":
-                trial[name] = values[int(rng.integers(len(values)))]
-            elif kind == "int":
-                trial[name] = int(rng.integers(values[0], values[1] + 1))
-            elif kind == "loguniform":
-                trial[name] = float(math.exp(rng.uniform(math.log(values[0]), math.log(values[1]))))
-            else:
-                trial[name] = float(rng.uniform(*values))
-        out.append(trial)
-    return out
+        return optuna.samplers.GridSampler(
+            {name: grid_values(kind, args, grid_points) for name, (kind, args) in space.items()}, seed=seed)
+    raise ValueError(f"Unknown sampler {sampler!r}. Allowed: {', '.join(SAMPLERS)}.")
 
 
-def _csv_value(value):
-    if isinstance(value, tuple):
-        return ";".join(str(v) for v in value)
-    return value
+def make_pruner(pruner, budget_seconds, min_resource_seconds=None):
+    """The Optuna pruner named `pruner` (see `PRUNERS`); its resource is seconds of a
+    trial's budget. `min_resource_seconds`: the least a trial trains before it can
+    be pruned (default: a tenth of the budget, at least 1 s).
+
+    Raises:
+        ValueError: an unknown name.
+    """
+    optuna = _optuna()
+    least = int(max(1, round(min_resource_seconds if min_resource_seconds else budget_seconds / 10)))
+    if pruner == "none":
+        return optuna.pruners.NopPruner()
+    if pruner == "successive_halving":
+        return optuna.pruners.SuccessiveHalvingPruner(min_resource=least, reduction_factor=3)
+    if pruner == "hyperband":
+        return optuna.pruners.HyperbandPruner(min_resource=least, max_resource=max(least + 1, int(budget_seconds)),
+                                              reduction_factor=3)
+    raise ValueError(f"Unknown pruner {pruner!r}. Allowed: {', '.join(PRUNERS)}.")
 
 
-def _read_done(path):
-    if not os.path.exists(path):
-        return []
-    with open(path, newline="") as f:
-        return list(csv.DictReader(f))
+class ReportToTrial(Hook):
+    """Reports each epoch's validation accuracy to an Optuna trial, at the epoch's
+    elapsed second of the budget (the pruner's resource), and stops the run
+    ("pruned") when the pruner says so. Place it after `haet.hooks.Validation`."""
+
+    def __init__(self, trial):
+        self.trial = trial
+        self.pruned = False
+        self._last_step = -1
+
+    def on_epoch_end(self, run, epoch, logs):
+        value = logs.get("val_accuracy")
+        if value is None:
+            return
+        step = max(self._last_step + 1, int(run.budget.elapsed()))
+        self._last_step = step
+        self.trial.report(float(value), step)
+        if self.trial.should_prune():
+            self.pruned = True
+            run.stop("pruned")
+
+    def state_dict(self):
+        return {"last_step": self._last_step}
+
+    def load_state_dict(self, state):
+        self._last_step = state["last_step"]
 
 
-COLUMNS = ("trial", "status", "validation_accuracy", "validation_loss", "epochs", "steps",
-           "train_seconds", "run_dir", "error", "git_commit")
-# The keys of search.json that define the search (compared on resume); the others
-# (git_commit, versions, backend, device, command, created_utc) say where it began.
-SPEC_KEYS = ("space", "method", "trials", "seed", "grid_points", "base_flags")
+class TrialFailed(Exception):
+    """A trial's run ended without a score (diverged or failed); Optuna marks it failed."""
 
 
-def _append_row(path, row, fieldnames):
-    """Appends `row` to the CSV at `path`, writing the header first if the file is new.
-    An existing file keeps its own header (columns it lacks are dropped from `row`)."""
-    existing = _read_header(path)
-    with open(path, "a", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=existing or fieldnames, extrasaction="ignore")
-        if not existing:
-            writer.writeheader()
-        writer.writerow(row)
+def _spec(base, space, sampler, pruner, seed, grid_points):
+    spec = {"space": {k: [kind, list(v)] for k, (kind, v) in space.items()}, "sampler": sampler, "pruner": pruner,
+            "seed": seed, "grid_points": grid_points, "base_flags": dataclasses.asdict(base)}
+    return json.loads(json.dumps(spec))
 
 
-def _read_header(path):
-    if not os.path.exists(path):
-        return None
-    with open(path, newline="") as f:
-        return next(csv.reader(f), None)
+def _claim_folder(search_dir, spec):
+    """Writes `search.json`, or checks that the folder holds this search."""
+    os.makedirs(search_dir, exist_ok=True)
+    path = os.path.join(search_dir, "search.json")
+    if os.path.exists(path):
+        with open(path) as f:
+            saved = {k: v for k, v in json.load(f).items() if k in SPEC_KEYS}
+        if saved != spec:
+            changed = sorted(k for k in set(saved) | set(spec) if saved.get(k) != spec.get(k))
+            raise ValueError(f"{search_dir} holds another search (different {', '.join(changed)}); "
+                             "use a new --search_dir.")
+        return
+    provenance = {"git_commit": results.git_commit(), "versions": results.versions(),
+                  "backend": keras.backend.backend(), "device": describe_device(), "command": sys.argv,
+                  "created_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    temporary = f"{path}.tmp{os.getpid()}"
+    with open(temporary, "w") as f:
+        json.dump({**spec, **provenance}, f, indent=2, sort_keys=True)
+    try:
+        os.link(temporary, path)  # whole, and only if no other worker wrote it first
+    except FileExistsError:
+        os.remove(temporary)
+        _claim_folder(search_dir, spec)
+    else:
+        os.remove(temporary)
 
 
-def run_search(base, space, method, trials, seed, search_dir, grid_points=3, train=training.train):
-    """Runs (or resumes) a search; returns the rows of `trials.csv`, best first.
+def open_study(search_dir, sampler, pruner, storage=None, study_name="haet"):
+    """The search's Optuna study (created, or loaded to resume or to join).
+
+    Args:
+        storage: a database URL; None: `sqlite:///SEARCH_DIR/study.db`, with a
+            heartbeat so that a dead worker's trial is marked failed.
+    """
+    import fcntl
+
+    optuna = _optuna()
+    os.makedirs(search_dir, exist_ok=True)
+    # Workers starting together would race to create the database's tables.
+    with open(os.path.join(search_dir, ".study.lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if storage is None:
+            url = f"sqlite:///{os.path.abspath(os.path.join(search_dir, 'study.db'))}"
+            storage = optuna.storages.RDBStorage(url, heartbeat_interval=30, grace_period=120,
+                                                 engine_kwargs={"connect_args": {"timeout": 60}})
+        return optuna.create_study(storage=storage, study_name=study_name, sampler=sampler, pruner=pruner,
+                                   direction="maximize", load_if_exists=True)
+
+
+def run_search(base, space, search_dir, trials, sampler="tpe", pruner="none", seed=0, grid_points=3,
+               storage=None, min_resource_seconds=None, train=training.train):
+    """Runs trials of one study until it has `trials` finished ones (or, with the grid
+    sampler, the grid is done); returns the study. Several processes may run this
+    at once on one search folder (or one `storage`); each finished trial counts.
 
     Args:
         base: `TrainConfig` every trial starts from; needs `validation_size` > 0.
         space: from `parse_space`.
-        method, trials, seed, grid_points: see `make_trials`.
-        search_dir: the search folder (created, or resumed if it holds the same spec).
+        search_dir: the search folder (created, or resumed if it holds the same search).
+        trials: finished trials (complete, pruned or failed) the study should have.
+        sampler, pruner: see `SAMPLERS`, `PRUNERS`.
         train: the training function (tests may pass a stand-in with its signature).
 
     Raises:
-        ValueError: `base.validation_size` is 0, or `search_dir` holds another search.
+        ValueError: `validation_size` 0, a searched value the config refuses, or a
+            folder holding another search: before any trial runs.
     """
+    optuna = _optuna()
     if not base.validation_size:
         raise ValueError("A search scores trials on a validation split of the training subset: "
                          "set --validation_size (e.g. 1000), never the test set.")
+    if trials < 1:
+        raise ValueError(f"trials must be >= 1. Received: {trials}")
     base = dataclasses.replace(base, evaluate_test=False, save_model=False)
-    plan = make_trials(space, method, trials, seed, grid_points)
-    for trial in plan:
-        dataclasses.replace(base, **trial)  # every trial is valid before any runs (checked at construction)
-    spec = {"space": {k: [kind, list(v)] for k, (kind, v) in space.items()}, "method": method,
-            "trials": len(plan), "seed": seed, "grid_points": grid_points,
-            "base_flags": dataclasses.asdict(base)}
-    spec = json.loads(json.dumps(spec))
-    commit = results.git_commit()  # the code this process runs; each trial row repeats it
-    os.makedirs(search_dir, exist_ok=True)
-    spec_path = os.path.join(search_dir, "search.json")
-    if os.path.exists(spec_path):
-        with open(spec_path) as f:
-            saved = {k: v for k, v in json.load(f).items() if k in SPEC_KEYS}
-        if saved != spec:
-            changed = sorted(k for k in set(saved) | set(spec) if saved.get(k) != spec.get(k))
-            raise ValueError(
-                f"{search_dir} holds a different search (differs in: {', '.join(changed)}). "
-                "Use a new --search_dir, or the original flags to resume it.")
-        logging.info("resuming the search in %s", search_dir)
-    else:
-        provenance = {"git_commit": commit, "versions": results.versions(),
-                      "backend": keras.backend.backend(), "device": describe_device(),
-                      "command": sys.argv, "created_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-        with open(spec_path, "x") as f:
-            json.dump({**spec, **provenance}, f, indent=2, sort_keys=True)
-    csv_path = os.path.join(search_dir, "trials.csv")
-    done = {int(r["trial"]) for r in _read_done(csv_path)}
-    names = list(space)
-    for index, trial in enumerate(plan):
-        if index in done:
-            continue
-        logging.info("trial %d/%d: %s", index + 1, len(plan), trial)
-        row = {"trial": index, **{n: _csv_value(trial[n]) for n in names}, "git_commit": commit}
+    for name, (kind, args) in space.items():  # each end of each range is a valid setting
+        for value in args:
+            dataclasses.replace(base, **{name: value})
+    spec = _spec(base, space, sampler, pruner, seed, grid_points)
+    study_sampler = make_sampler(sampler, space, seed, grid_points)
+    study_pruner = make_pruner(pruner, base.budget_seconds, min_resource_seconds)
+    _claim_folder(search_dir, spec)
+    study = open_study(search_dir, study_sampler, study_pruner, storage)
+    runs_dir = os.path.join(search_dir, "runs")
+    commit = results.git_commit()
+
+    def objective(trial):
+        values = suggest(trial, space)
+        logging.info("trial %d: %s", trial.number, {k: _short(v) for k, v in values.items()})
+        reporter = ReportToTrial(trial) if pruner != "none" else None
+        trial.set_user_attr("git_commit", commit)
+        trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
         try:
-            record, run_dir = train(dataclasses.replace(base, **trial),
-                                    results_dir=os.path.join(search_dir, "runs"))
-            if record["status"] == "interrupted":
-                raise KeyboardInterrupt(f"trial {index} interrupted by {record.get('interrupted_by')}")
-            if record["status"] != "completed":
-                raise ArithmeticError(f"the run {record['status']}" + (
-                    f" at step {record['diverged_at_step']}" if record["status"] == "diverged" else ""))
-            accuracy = record["validation_accuracy"]
-            row.update(status="ok", validation_accuracy=accuracy,
-                       validation_loss=record["validation_loss"], epochs=record["epochs"],
-                       steps=record["steps"], train_seconds=record["train_seconds"],
-                       run_dir=os.path.relpath(run_dir, search_dir), error="")
-        except (ValueError, FloatingPointError, ArithmeticError) as e:
-            row.update(status="failed", validation_accuracy="", validation_loss="", epochs="",
-                       steps="", train_seconds="", run_dir="", error=str(e)[:300])
-            logging.warning("trial %d failed: %s", index, e)
-        _append_row(csv_path, row, ["trial", *names, *COLUMNS[1:]])
-    rows = _read_done(csv_path)
-    rows.sort(key=lambda r: -float(r["validation_accuracy"]) if r["validation_accuracy"] else math.inf)
+            config = dataclasses.replace(base, **values)
+        except ValueError as e:
+            raise TrialFailed(f"the settings do not check: {e}") from None
+        try:
+            record, run_dir = train(config, results_dir=runs_dir, hooks=[reporter] if reporter else [])
+        except KeyboardInterrupt:
+            trial.set_user_attr("interrupted", True)  # failed, but not counted as a finished trial
+            raise
+        trial.set_user_attr("run_dir", os.path.relpath(run_dir, search_dir))
+        for key in ("status", "epochs", "steps", "train_seconds", "stopped_by"):
+            trial.set_user_attr(key, record.get(key))
+        if record["status"] == "interrupted":
+            trial.set_user_attr("interrupted", True)
+            raise KeyboardInterrupt(f"trial {trial.number} interrupted by {record.get('interrupted_by')}")
+        if record["status"] != "completed":
+            raise TrialFailed(f"the run {record['status']}: {record.get('error') or record.get('diverged_at_step')}")
+        if reporter is not None and reporter.pruned:
+            raise optuna.TrialPruned(f"pruned after {record['train_seconds']:.1f} s")
+        return record["validation_accuracy"]
+
+    def stop_when_done(study, trial=None):
+        if finished_trials(study) >= trials:
+            study.stop()
+
+    if finished_trials(study) < trials:
+        study.optimize(objective, callbacks=[stop_when_done], catch=(TrialFailed,))
+    return study
+
+
+def finished_trials(study, running=True):
+    """Trials that count toward `--trials`: complete, pruned, failed (not those an
+    interruption ended) and, with `running`, those other workers are running."""
+    counted = 0
+    for t in study.get_trials(deepcopy=False):
+        state = t.state.name
+        if state in ("COMPLETE", "PRUNED") or (state == "RUNNING" and running) or (
+                state == "FAIL" and not t.user_attrs.get("interrupted")):
+            counted += 1
+    return counted
+
+
+def _short(value):
+    return float(f"{value:.4g}") if isinstance(value, float) else value
+
+
+def trial_rows(study, space):
+    """One dict per trial of `study`, by trial number: trial, state, each flag's
+    value, validation_accuracy, epochs, train_seconds, stopped_by, run_dir, git_commit."""
+    rows = []
+    for t in sorted(study.trials, key=lambda t: t.number):
+        row = {"trial": t.number, "state": t.state.name.lower()}
+        row.update({name: t.params.get(name) for name in space})
+        row["validation_accuracy"] = t.value if t.state.name == "COMPLETE" else None
+        last = max(t.intermediate_values.items())[1] if t.intermediate_values else None
+        row["last_reported_accuracy"] = last
+        for key in ("epochs", "train_seconds", "stopped_by", "status", "run_dir", "git_commit"):
+            row[key] = t.user_attrs.get(key)
+        rows.append(row)
     return rows
 
 
-def plot_search(rows, space, path, title):
-    """Validation accuracy against each searched flag (one panel each); returns `path`."""
-    from haet.plots import _pyplot
-
-    plt = _pyplot()
-    ok = [r for r in rows if r["status"] == "ok"]
-    fig, axes = plt.subplots(1, len(space), figsize=(4.5 * len(space), 3.6), squeeze=False)
-    best = max(ok, key=lambda r: float(r["validation_accuracy"])) if ok else None
-    for ax, (name, (kind, _)) in zip(axes[0], space.items()):
-        values = [r[name] for r in ok]
-        acc = [100 * float(r["validation_accuracy"]) for r in ok]
-        numeric = kind != "choice"
-        xs = [float(v) for v in values] if numeric else values
-        ax.scatter(xs, acc, color="tab:blue")
-        if best is not None:
-            ax.scatter([float(best[name]) if numeric else best[name]], [100 * float(best["validation_accuracy"])],
-                       color="tab:red", marker="*", s=150, label="best")
-            ax.legend(loc="lower right")
-        if kind == "loguniform":
-            ax.set_xscale("log")
-        ax.set_xlabel(name)
-        ax.set_ylabel("validation accuracy (%)")
-        ax.grid(alpha=0.3)
-    fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+def write_trials_csv(rows, path):
+    """Writes the trials (`trial_rows`) to `path` (a derived file, rewritten each time)."""
+    temporary = f"{path}.tmp{os.getpid()}"
+    with open(temporary, "w", newline="") as f:
+        if rows:
+            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(results.json_safe(r) for r in rows)
+    os.replace(temporary, path)
     return path
 
 
+def write_figures(study, space, search_dir, title):
+    """Optuna's figures of the study, as PNG files in `search_dir`; returns their paths.
+    A figure Optuna cannot draw yet (too few trials) is skipped with a log line."""
+    import warnings
+
+    import optuna.visualization.matplotlib as plots
+
+    from haet.plots import _pyplot
+
+    plt = _pyplot()
+    figures = {"optimization_history": plots.plot_optimization_history, "slice": plots.plot_slice}
+    if any(t.intermediate_values for t in study.trials):
+        figures["intermediate_values"] = plots.plot_intermediate_values
+    if len(space) >= 2:
+        figures["param_importances"] = plots.plot_param_importances
+    written = []
+    for name, plot in figures.items():
+        path = os.path.join(search_dir, f"{name}.png")
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # Optuna marks its matplotlib plots experimental
+                axes = plot(study)
+            figure = (axes.flat[0] if isinstance(axes, np.ndarray) else axes).get_figure()
+            figure.suptitle(title, fontsize=9)
+            figure.set_size_inches(max(6.4, 4.0 * len(space) if name == "slice" else 6.4), 4.8)
+            figure.tight_layout()
+            figure.savefig(path, dpi=110)
+            plt.close(figure)
+            written.append(path)
+        except (ValueError, RuntimeError, ZeroDivisionError) as e:
+            logging.info("no %s figure: %s", name, e)
+    return written
+
+
 def format_table(rows, names):
-    """The trials as a fixed-width text table, best first."""
-    header = ["trial", *names, "val acc", "epochs", "seconds", "status"]
+    """The trials as a fixed-width text table, best first (values to 4 significant digits)."""
+    header = ["trial", *names, "val acc", "epochs", "seconds", "state"]
+
+    def accuracy(r):
+        return r["validation_accuracy"] if r["validation_accuracy"] is not None else -1.0
+
     lines = [header]
-    for r in rows:
-        acc = f"{100 * float(r['validation_accuracy']):.2f}%" if r["validation_accuracy"] else "-"
-        lines.append([r["trial"], *[str(r[n]) for n in names], acc, r["epochs"] or "-",
-                      r["train_seconds"] or "-", r["status"]])
+    for r in sorted(rows, key=lambda r: (-accuracy(r), r["trial"])):
+        acc = f"{100 * r['validation_accuracy']:.2f}%" if r["validation_accuracy"] is not None else (
+            f"({100 * r['last_reported_accuracy']:.2f}%)" if r["last_reported_accuracy"] is not None else "-")
+        seconds = f"{r['train_seconds']:.1f}" if r["train_seconds"] is not None else "-"
+        lines.append([r["trial"], *[str(_short(r[n])) for n in names], acc, r["epochs"] or "-", seconds, r["state"]])
     widths = [max(len(str(line[i])) for line in lines) for i in range(len(header))]
     return "\n".join("  ".join(str(c).rjust(w) for c, w in zip(line, widths)) for line in lines)
 
 
+def best_summary(study, space, num_classes):
+    """The best trial's flags (exact values) and score, with a warning when it is at
+    chance level; None without a completed trial."""
+    completed = [t for t in study.trials if t.state.name == "COMPLETE"]
+    if not completed:
+        return None
+    best = max(completed, key=lambda t: t.value)
+    text = ("best: trial %d: " % best.number + " ".join(
+        f"--{config_lib.flag_name(n)}={best.params[n]}" for n in space)
+        + f"  (validation accuracy {100 * best.value:.2f}%)")
+    chance = 1.0 / num_classes
+    if best.value <= 1.5 * chance:
+        text += (f"\nWARNING: the best validation accuracy is near chance ({100 * chance:.0f}%): no trial "
+                 "learned; widen the space, lengthen --budget or check the data.")
+    return text
+
+
 def main(argv):
     if len(argv) > 1:
-        raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+        raise app.UsageError(f"Unexpected arguments: {argv[1:]}", exitcode=2)
+    from haet import data as data_lib
     from haet import train as entry
 
     f = flags.FLAGS
     try:
         space = parse_space(f.space)
         base = entry.config_from_flags()
-        search_dir = f.search_dir
-        rows = run_search(base, space, f.method, f.trials, f.search_seed, search_dir, f.grid_points)
+        study = run_search(base, space, f.search_dir, f.trials, f.sampler, f.pruner, f.search_seed,
+                           f.grid_points, f.storage, f.min_resource_seconds)
     except ValueError as e:
-        raise app.UsageError(str(e))
+        raise app.UsageError(str(e), exitcode=2) from None
     names = list(space)
-    plot_search(rows, space, os.path.join(search_dir, "search.png"),
-                f"{base.model} on {base.dataset} ({base.train_size - base.validation_size} train / "
-                f"{base.validation_size} validation images), {base.budget_seconds:g} s per trial")
+    rows = trial_rows(study, space)
+    write_trials_csv(rows, os.path.join(f.search_dir, "trials.csv"))
+    write_figures(study, space, f.search_dir,
+                  f"{base.model} on {base.dataset} ({base.train_size - base.validation_size} train / "
+                  f"{base.validation_size} validation images), {base.budget_seconds:g} s per trial, "
+                  f"{f.sampler}, pruner {f.pruner}")
     print(format_table(rows, names))
-    ok = [r for r in rows if r["status"] == "ok"]
-    if ok:
-        best = ok[0]
-        print("best: " + " ".join(f"--{config_lib.flag_name(n)}={best[n]}" for n in names)
-              + f"  (validation accuracy {100 * float(best['validation_accuracy']):.2f}%)")
-    print(f"wrote {search_dir}")
+    summary = best_summary(study, space, data_lib.check_config(base).num_classes)
+    if summary:
+        print(summary)
+    print(f"wrote {f.search_dir}")
     sys.stdout.flush()
 
 
@@ -328,10 +497,16 @@ if __name__ == "__main__":
 
     flags.DEFINE_list("space", [], "Flags to search: name=loguniform:LOW:HIGH, name=uniform:LOW:HIGH, "
                       "name=int:LOW:HIGH or name=choice:A|B|C, comma-separated.")
-    flags.DEFINE_enum("method", "random", ["random", "grid"], "Random (log-)uniform draws, or a full grid.")
-    flags.DEFINE_integer("trials", 8, "random: number of trials.")
+    flags.DEFINE_enum("sampler", "tpe", list(SAMPLERS), "Optuna sampler: TPE, random, or the full grid.")
+    flags.DEFINE_enum("pruner", "none", list(PRUNERS), "Stop trials that trail at an epoch's end; resource: "
+                      "seconds of the trial's budget.")
+    flags.DEFINE_float("min_resource_seconds", None, "Pruners: seconds a trial trains before it can be pruned "
+                       "(default: a tenth of --budget).")
+    flags.DEFINE_integer("trials", 8, "Finished trials the study should have (all workers together); a worker "
+                         "starting when one is short may add one more.")
     flags.DEFINE_integer("grid_points", 3, "grid: values per loguniform/uniform flag.")
-    flags.DEFINE_integer("search_seed", 0, "Seed of the random draws.")
+    flags.DEFINE_integer("search_seed", 0, "Seed of the sampler.")
     flags.DEFINE_string("search_dir", None, "The search folder; an existing one with the same search resumes.")
+    flags.DEFINE_string("storage", None, "Optuna storage URL shared by workers (default: sqlite in --search_dir).")
     flags.mark_flag_as_required("search_dir")
     app.run(main)

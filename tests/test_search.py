@@ -4,6 +4,9 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
+import time
+import types
 
 import pytest
 
@@ -36,104 +39,153 @@ def test_bad_space_entries(entry, message):
         search.parse_space([entry])
 
 
-def test_random_trials_are_log_uniform_in_range_and_reproducible():
-    space = search.parse_space(["learning_rate=loguniform:1e-4:1e-0", "batch_size=int:8:10"])
-    trials = search.make_trials(space, "random", 400, seed=3)
-    assert trials == search.make_trials(space, "random", 400, seed=3)
-    rates = [t["learning_rate"] for t in trials]
-    assert all(1e-4 <= r <= 1.0 for r in rates)
-    # Log-uniform: each decade gets about a quarter of the draws.
-    per_decade = [sum(10.0 ** -(d + 1) <= r < 10.0 ** -d for r in rates) for d in range(4)]
-    assert all(60 <= n <= 140 for n in per_decade), per_decade
-    assert {t["batch_size"] for t in trials} == {8, 9, 10}
-
-
-def test_grid_is_the_cartesian_product():
-    space = search.parse_space(["learning_rate=loguniform:0.01:1", "optimizer=choice:adam|sgd"])
-    trials = search.make_trials(space, "grid", trials=0, seed=0, grid_points=3)
-    assert len(trials) == 6
-    assert sorted({round(t["learning_rate"], 6) for t in trials}) == [0.01, 0.1, 1.0]
-
-
-def _fake_train(calls, fail_at=None):
-    def train(config, results_dir):
+def _fake_train(calls, fail_at=None, curve=None, slow=0.0):
+    """A stand-in for `haet.training.train`: scores peak at learning rate 0.1; with
+    `curve`, it reports validation accuracies at epoch ends to the hooks first."""
+    def train(config, results_dir, hooks=()):
         calls.append(config)
+        time.sleep(slow)  # lets two workers' trials overlap
         if len(calls) == fail_at:
             raise KeyboardInterrupt  # the search is interrupted mid-way
         assert config.evaluate_test is False and config.save_model is False
-        run_dir = os.path.join(results_dir, f"lr{config.learning_rate}")
-        os.makedirs(run_dir)
-        # A made-up score peaking at learning rate 0.1.
+        os.makedirs(results_dir, exist_ok=True)
+        run_dir = tempfile.mkdtemp(dir=results_dir)
         score = 1.0 - abs(config.learning_rate - 0.1)
-        return {"validation_accuracy": score, "validation_loss": 1 - score, "epochs": 1, "steps": 2,
-                "train_seconds": 1.0}, run_dir
+        run = _FakeRun()
+        for epoch, fraction in enumerate(curve or []):
+            run.budget.t = (epoch + 1) * config.budget_seconds / len(curve)
+            for hook in hooks:
+                hook.on_epoch_end(run, epoch, {"val_accuracy": score * fraction})
+            if run.stopped_by:
+                break
+        return {"status": "completed", "validation_accuracy": score, "validation_loss": 1 - score, "epochs": 1,
+                "steps": 2, "train_seconds": run.budget.t or 1.0, "stopped_by": run.stopped_by or "budget"}, run_dir
     return train
 
 
-def test_search_resumes_after_interruption_and_refuses_another_spec(tmp_path):
+class _FakeRun:
+    def __init__(self):
+        self.stopped_by = None
+        self.budget = types.SimpleNamespace(t=0.0)
+        self.budget.elapsed = lambda: self.budget.t
+
+    def stop(self, reason):
+        self.stopped_by = self.stopped_by or reason
+
+
+def _states(study):
+    return [t.state.name for t in sorted(study.trials, key=lambda t: t.number)]
+
+
+def test_tpe_search_resumes_after_interruption_and_refuses_another_spec(tmp_path):
     base = TrainConfig(validation_size=500, budget_seconds=5)
-    space = search.parse_space(["learning_rate=loguniform:0.01:1"])
+    space = search.parse_space(["learning_rate=loguniform:0.01:1", "optimizer=choice:adam|sgd"])
     calls = []
     with pytest.raises(KeyboardInterrupt):
-        search.run_search(base, space, "random", 5, 0, str(tmp_path), train=_fake_train(calls, fail_at=3))
-    with open(tmp_path / "trials.csv") as f:
-        assert [r["trial"] for r in csv.DictReader(f)] == ["0", "1"]
+        search.run_search(base, space, str(tmp_path), 6, train=_fake_train(calls, fail_at=3))
     resumed = []
-    rows = search.run_search(base, space, "random", 5, 0, str(tmp_path), train=_fake_train(resumed))
-    assert len(resumed) == 3  # trials 2, 3, 4 only
-    planned = search.make_trials(space, "random", 5, 0)
-    assert [c.learning_rate for c in resumed] == [t["learning_rate"] for t in planned[2:]]
-    accuracies = [float(r["validation_accuracy"]) for r in rows]
-    assert len(rows) == 5 and accuracies == sorted(accuracies, reverse=True)
+    study = search.run_search(base, space, str(tmp_path), 6, train=_fake_train(resumed))
+    # Two finished before the interruption; the interrupted one failed; four more ran.
+    assert _states(study) == ["COMPLETE", "COMPLETE", "FAIL", "COMPLETE", "COMPLETE", "COMPLETE", "COMPLETE"]
+    assert len(resumed) == 4 and all(c.validation_size == 500 for c in resumed)
+    rows = search.trial_rows(study, space)
+    assert [r["trial"] for r in rows] == list(range(7))
+    assert all(0.01 <= r["learning_rate"] <= 1 and r["optimizer"] in ("adam", "sgd") for r in rows)
+    best = max((r for r in rows if r["validation_accuracy"] is not None), key=lambda r: r["validation_accuracy"])
+    assert best["validation_accuracy"] == pytest.approx(1 - abs(best["learning_rate"] - 0.1))
     spec = json.loads((tmp_path / "search.json").read_text())
-    assert spec["trials"] == 5 and spec["git_commit"] == results.git_commit()
-    assert {"versions", "backend", "device", "created_utc"} <= set(spec)
-    assert {r["git_commit"] for r in rows} == {results.git_commit()}
-    with pytest.raises(ValueError, match="holds a different search .*trials"):
-        search.run_search(base, space, "random", 6, 0, str(tmp_path), train=_fake_train([]))
+    assert spec["sampler"] == "tpe" and spec["git_commit"] == results.git_commit()
+    assert {r["git_commit"] for r in rows if r["state"] == "complete"} == {results.git_commit()}
+    with pytest.raises(ValueError, match="holds another search .*pruner"):
+        search.run_search(base, space, str(tmp_path), 6, pruner="hyperband", train=_fake_train([]))
     with pytest.raises(ValueError, match="set --validation_size"):
-        search.run_search(dataclasses.replace(base, validation_size=0), space, "random", 5, 0,
-                          str(tmp_path / "other"), train=_fake_train([]))
-    path = search.plot_search(rows, space, str(tmp_path / "search.png"), "t")
-    assert os.path.getsize(path) > 0
-    table = search.format_table(rows, ["learning_rate"])
-    assert table.splitlines()[1].split()[0] == rows[0]["trial"]
+        search.run_search(dataclasses.replace(base, validation_size=0), space, str(tmp_path / "other"), 5,
+                          train=_fake_train([]))
+    table = search.format_table(rows, list(space)).splitlines()
+    assert table[1].split()[0] == str(best["trial"])  # best first, numbered as Optuna numbers trials
+    search.write_trials_csv(rows, str(tmp_path / "trials.csv"))
+    with open(tmp_path / "trials.csv") as f:
+        assert [int(r["trial"]) for r in csv.DictReader(f)] == list(range(7))
+
+
+def test_grid_sampler_visits_every_combination_once(tmp_path):
+    base = TrainConfig(validation_size=500, budget_seconds=5)
+    space = search.parse_space(["learning_rate=loguniform:0.01:1", "optimizer=choice:adam|sgd"])
+    calls = []
+    study = search.run_search(base, space, str(tmp_path), 100, sampler="grid", grid_points=3,
+                              train=_fake_train(calls))
+    seen = sorted((round(c.learning_rate, 6), c.optimizer) for c in calls)
+    assert seen == sorted((lr, o) for lr in (0.01, 0.1, 1.0) for o in ("adam", "sgd"))
+    assert _states(study) == ["COMPLETE"] * 6
+
+
+def test_pruning_stops_trailing_trials_on_budget_seconds(tmp_path):
+    base = TrainConfig(validation_size=500, budget_seconds=90)
+    space = search.parse_space(["learning_rate=uniform:0.05:1"])
+    calls = []
+    study = search.run_search(base, space, str(tmp_path), 12, sampler="random", pruner="successive_halving",
+                              train=_fake_train(calls, curve=[0.3, 0.6, 0.8, 0.9, 1.0]))
+    states = _states(study)
+    assert states.count("PRUNED") >= 3 and states.count("COMPLETE") >= 1 and len(states) == 12
+    pruned = [t for t in study.trials if t.state.name == "PRUNED"]
+    # Reported at elapsed seconds of the budget; pruned runs stopped short of it.
+    assert all(set(t.intermediate_values) <= {18, 36, 54, 72, 90} for t in study.trials)
+    assert all(t.user_attrs["stopped_by"] == "pruned" and t.user_attrs["train_seconds"] < 90 for t in pruned)
+
+
+def test_a_best_at_chance_level_is_flagged(tmp_path):
+    base = TrainConfig(validation_size=500, budget_seconds=5)
+    space = search.parse_space(["learning_rate=loguniform:10:100"])
+    study = search.run_search(base, space, str(tmp_path), 2, train=_fake_train([]))  # scores far below 0.15
+    assert "WARNING: the best validation accuracy is near chance (10%)" in search.best_summary(study, space, 10)
+
+
+_WORKER = """
+import sys
+sys.path.insert(0, {tests!r})
+from test_search import _fake_train
+from haet import search
+from haet.training import TrainConfig
+space = search.parse_space(["learning_rate=loguniform:0.01:1"])
+search.run_search(TrainConfig(validation_size=500, budget_seconds=5), space, {folder!r}, 10,
+                  train=_fake_train([], slow=0.2))
+"""
+
+
+def test_two_worker_processes_share_one_study(tmp_path):
+    env = dict(os.environ, PYTHONPATH=REPO)
+    script = _WORKER.format(tests=os.path.dirname(os.path.abspath(__file__)), folder=str(tmp_path))
+    workers = [subprocess.Popen([sys.executable, "-c", script], env=env, cwd=REPO, stderr=subprocess.PIPE,
+                                text=True) for _ in range(2)]
+    for w in workers:
+        _, stderr = w.communicate(timeout=600)
+        assert w.returncode == 0, stderr[-3000:]
+    study = search.open_study(str(tmp_path), None, None)
+    numbers = [t.number for t in study.trials]
+    assert sorted(numbers) == list(range(len(numbers))) and 10 <= len(numbers) <= 11
+    assert set(_states(study)) == {"COMPLETE"}
+    run_dirs = [t.user_attrs["run_dir"] for t in study.trials]
+    assert len(set(run_dirs)) == len(run_dirs) == len(os.listdir(tmp_path / "runs"))  # each trial ran once
+    assert len({t.user_attrs["worker"] for t in study.trials}) == 2  # both workers took trials
 
 
 @pytest.mark.e2e
 def test_search_command_on_real_data(tmp_path, cifar10_slice_dir):
-    env = dict(os.environ, PYTHONPATH=REPO)
+    env = dict(os.environ, PYTHONPATH=REPO, MPLBACKEND="Agg")
     result = subprocess.run(
         [sys.executable, "-m", "haet.search", f"--data_dir={cifar10_slice_dir}", "--train_size=200",
          "--validation_size=50", "--model=tiny_cnn", "--width_multiplier=1", "--batch_size=25",
          "--optimizer=sgd", "--augmentation=none", "--input_normalization=channel_standardize",
-         "--lr_schedule=cosine", "--lr_schedule_unit=steps", "--epochs=1", "--eval_batch_size=250",
-         "--method=grid", "--space=learning_rate=choice:0.01|0.1", f"--search_dir={tmp_path / 's'}"],
+         "--lr_schedule=cosine", "--lr_schedule_unit=steps", "--epochs=2", "--eval_batch_size=250",
+         "--sampler=grid", "--pruner=successive_halving", "--space=learning_rate=choice:0.01|0.1",
+         f"--search_dir={tmp_path / 's'}"],
         env=env, capture_output=True, text=True, cwd=REPO)
     assert result.returncode == 0, result.stderr[-3000:]
     with open(tmp_path / "s" / "trials.csv") as f:
         rows = list(csv.DictReader(f))
-    assert [r["status"] for r in rows] == ["ok", "ok"] and {r["learning_rate"] for r in rows} == {"0.01", "0.1"}
+    assert [r["trial"] for r in rows] == ["0", "1"] and {r["learning_rate"] for r in rows} == {"0.01", "0.1"}
+    assert {r["state"] for r in rows} <= {"complete", "pruned"}
     records = [json.loads(open(tmp_path / "s" / r["run_dir"] / "record.json").read()) for r in rows]
     assert all(r["test_accuracy"] is None and r["validation_examples"] == 50 for r in records)
-    assert "best: --learning_rate=" in result.stdout and (tmp_path / "s" / "search.png").exists()
-
-
-def test_resuming_a_folder_written_before_trials_had_a_commit_column(tmp_path):
-    base = TrainConfig(validation_size=500, budget_seconds=5)
-    space = search.parse_space(["learning_rate=loguniform:0.01:1"])
-    with pytest.raises(KeyboardInterrupt):
-        search.run_search(base, space, "random", 3, 0, str(tmp_path), train=_fake_train([], fail_at=2))
-    # Rewrite the folder as an older version left it: no commit column, no provenance.
-    with open(tmp_path / "trials.csv") as f:
-        old = [{k: v for k, v in r.items() if k != "git_commit"} for r in csv.DictReader(f)]
-    with open(tmp_path / "trials.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(old[0]))
-        w.writeheader()
-        w.writerows(old)
-    spec = json.loads((tmp_path / "search.json").read_text())
-    (tmp_path / "search.json").write_text(json.dumps({k: spec[k] for k in search.SPEC_KEYS}))
-    rows = search.run_search(base, space, "random", 3, 0, str(tmp_path), train=_fake_train([]))
-    assert sorted(r["trial"] for r in rows) == ["0", "1", "2"]
-    with open(tmp_path / "trials.csv") as f:
-        assert next(csv.reader(f)) == list(old[0])  # the file keeps its header
+    assert "--learning_rate=" in result.stdout
+    assert (tmp_path / "s" / "optimization_history.png").stat().st_size > 5000
