@@ -392,6 +392,91 @@ MODELS = {
     "tiny_cnn": Kind(tiny_cnn, ("width_multiplier", "weight_decay"), None, "a two-block convnet for tests"),
 }
 
+POOLINGS = (None, "avg", "max")
+
+
+def _application(name, builder):
+    """A constructor of `builder`'s network in the style of `keras.applications`."""
+
+    def constructor(include_top=True, weights=None, input_shape=(32, 32, 3), pooling=None, classes=10, **kwargs):
+        if pooling not in POOLINGS:
+            raise ValueError(f"pooling must be one of None, 'avg', 'max'. Received: pooling={pooling!r}")
+        if include_top and pooling is not None:
+            raise ValueError("pooling applies to include_top=False (the head pools as the network does).")
+        if weights is not None and not os.path.exists(weights):
+            raise ValueError(f"weights={weights!r} does not exist: pass None (random initialization) or the path "
+                             "of a haet model.keras or a .weights.h5 of this network.")
+        model = builder(num_classes=classes, input_shape=tuple(input_shape), **kwargs)
+        if weights is not None:
+            _load_weights(model, weights, include_top)
+        if include_top:
+            return model
+        pool = model.get_layer("pool")
+        features = pool.input
+        if pooling == "avg":
+            features = layers.GlobalAveragePooling2D(name="avg_pool")(features)
+        elif pooling == "max":
+            features = layers.GlobalMaxPooling2D(name="max_pool")(features)
+        return keras.Model(model.inputs, features, name=f"{model.name}_features")
+
+    constructor.__name__ = constructor.__qualname__ = name
+    constructor.__doc__ = f"""`{builder.__name__}` in the style of `keras.applications`.
+
+    Args:
+        include_top: with the classification head (global pooling, dense layer, logits);
+            without it the model ends at the last stage's feature map.
+        weights: None (random initialization), or the path of a haet `model.keras`
+            (its network's weights are copied layer by layer, matching names and
+            shapes; the uint8 input pipeline is left out) or of a `.weights.h5` saved
+            from this network.
+        input_shape: `(height, width, channels)` of the float images it takes
+            (normalized as the weights were trained; `with_input_pipeline` adds the
+            uint8 pipeline).
+        pooling: without the top: None (the 4-D feature map), "avg" or "max" (2-D features).
+        classes: logits of the head.
+        **kwargs: the other arguments of `haet.models.{builder.__name__}` (width_multiplier...).
+
+    Returns:
+        `keras.Model` from float images `(batch, *input_shape)` to float32 logits
+        `(batch, classes)`, or to features.
+
+    Raises:
+        ValueError: a pooling with the top, unknown pooling, missing weights file, or
+            weights that do not fit (no layer in common, or a head of another size).
+    """
+    return constructor
+
+
+def _load_weights(model, path, include_top):
+    if not path.endswith(".keras"):
+        model.load_weights(path)
+        return
+    source = backbone_of(keras.saving.load_model(path, compile=False))
+    copied, head = 0, {"logits", "dense"}
+    for layer in model.layers:
+        if not layer.weights:
+            continue
+        try:
+            theirs = source.get_layer(layer.name)
+        except ValueError:
+            continue
+        mine = [tuple(w.shape) for w in layer.weights]
+        if [tuple(w.shape) for w in theirs.weights] != mine:
+            if layer.name in head and include_top:
+                raise ValueError(f"{path}'s head {layer.name!r} has shapes {[tuple(w.shape) for w in theirs.weights]}, "
+                                 f"this model's {mine}: pass classes= as trained, or include_top=False.")
+            continue
+        layer.set_weights(theirs.get_weights())
+        copied += 1
+    if not copied:
+        raise ValueError(f"No layer of {path} ({source.name}) matches this model by name and shape.")
+
+
+ResNet20 = _application("ResNet20", resnet20)
+ResNet9 = _application("ResNet9", resnet9)
+TinyCNN = _application("TinyCNN", tiny_cnn)
+
+
 # How the uint8 input is normalized (`with_input_pipeline`).
 INPUT_NORMALIZATIONS = ("pixel_mean", "channel_standardize")
 

@@ -18,12 +18,37 @@ def _ema(ema_decay):
     return {"use_ema": True, "ema_momentum": ema_decay} if ema_decay else {}
 
 
+class _PlanOnBuild:
+    """Keras optimizers whose step-planned learning-rate schedule
+    (`haet.schedules.PlannedSchedule`...) gets its planned-steps variable back when a
+    saved model is loaded: Keras builds a loaded optimizer, then restores its
+    variables only if their count matches the saved one, and the plan is one of
+    them. Keras optimizers have no hook for a schedule's own variables, hence these
+    two subclasses; they behave as Keras' SGD and Adam otherwise."""
+
+    def build(self, variables):
+        schedule = getattr(self, "_learning_rate", None)
+        if getattr(schedule, "unit", None) == "steps" and getattr(schedule, "planned_steps", 1) is None:
+            schedule.attach(self, schedule.saved_planned_steps or 1.0)
+        super().build(variables)
+
+
+@keras.saving.register_keras_serializable(package="haet")
+class SGD(_PlanOnBuild, keras.optimizers.SGD):
+    """`keras.optimizers.SGD` that restores a planned schedule's plan on load (see `_PlanOnBuild`)."""
+
+
+@keras.saving.register_keras_serializable(package="haet")
+class Adam(_PlanOnBuild, keras.optimizers.Adam):
+    """`keras.optimizers.Adam` that restores a planned schedule's plan on load (see `_PlanOnBuild`)."""
+
+
 def _adam(learning_rate, ema_decay):
-    return keras.optimizers.Adam(learning_rate, **_ema(ema_decay))
+    return Adam(learning_rate, **_ema(ema_decay))
 
 
 def _sgd(learning_rate, momentum, ema_decay):
-    return keras.optimizers.SGD(learning_rate, momentum=momentum, nesterov=True, **_ema(ema_decay))
+    return SGD(learning_rate, momentum=momentum, nesterov=True, **_ema(ema_decay))
 
 
 # The optimizers the `--optimizer` flag names; every builder also takes

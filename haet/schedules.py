@@ -110,15 +110,33 @@ class _PlannedSteps(keras.optimizers.schedules.LearningRateSchedule):
     steps is a variable the compiled step reads (see `attach`)."""
 
     planned_steps = None
+    saved_planned_steps = None  # the plan of a schedule loaded from a saved model
     unit = "steps"
 
     def attach(self, optimizer, planned_steps):
-        """Creates the planned-steps variable in `optimizer`, set to `planned_steps`."""
+        """Creates the planned-steps variable in `optimizer`, set to `planned_steps`.
+
+        A loaded model's optimizer (`haet.optimizers`' SGD and Adam) calls it when it
+        builds, before Keras restores its variables, so the optimizer state loads
+        whole."""
         self.planned_steps = optimizer.add_variable(
             shape=(), initializer=keras.initializers.Constant(float(planned_steps)),
             dtype="float32", name="planned_steps",
         )
         return self.planned_steps
+
+    def _with_plan(self, config):
+        """`config` with the current plan (saved with the model)."""
+        if self.planned_steps is not None:
+            config["planned_steps"] = float(keras.ops.convert_to_numpy(self.planned_steps))
+        elif self.saved_planned_steps is not None:
+            config["planned_steps"] = self.saved_planned_steps
+        return config
+
+    @staticmethod
+    def _loaded(schedule, planned_steps):
+        schedule.saved_planned_steps = planned_steps
+        return schedule
 
     def fraction(self, step):
         """`step / planned_steps` as a float32 tensor.
@@ -166,7 +184,13 @@ class PlannedPiecewiseLinear(_PlannedSteps):
         return lr
 
     def get_config(self):
-        return {"knots": list(self.knots), "values": list(self.values)}
+        return self._with_plan({"knots": list(self.knots), "values": list(self.values)})
+
+    @classmethod
+    def from_config(cls, config):
+        config = dict(config)
+        planned = config.pop("planned_steps", None)
+        return cls._loaded(cls(**config), planned)
 
 
 # Learning-rate schedules as shapes over the whole run.
@@ -347,11 +371,11 @@ class PlannedSchedule(_PlannedSteps):
         return ops.cast(self.shape(ops.minimum(fraction * NOMINAL_STEPS, _END)), "float32")
 
     def get_config(self):
-        return {"shape": keras.optimizers.schedules.serialize(self.shape)}
+        return self._with_plan({"shape": keras.optimizers.schedules.serialize(self.shape)})
 
     @classmethod
     def from_config(cls, config):
-        return cls(keras.optimizers.schedules.deserialize(config["shape"]))
+        return cls._loaded(cls(keras.optimizers.schedules.deserialize(config["shape"])), config.get("planned_steps"))
 
 
 class BudgetSchedule:
