@@ -135,6 +135,10 @@ class WallClockBudget(Hook):
         self._targets = []
         self._now = None
         self._compiled = False
+        # A progress line every this many seconds of training (None: off); epoch
+        # lines come on top. Budgets of minutes get one every 5% of the budget.
+        self.progress_every = None if math.isinf(self.budget_seconds) else max(10.0, self.budget_seconds / 20)
+        self._next_progress = self.progress_every or 0.0
 
     def begin(self):
         """Starts the budget's clock (no effect once started)."""
@@ -173,6 +177,11 @@ class WallClockBudget(Hook):
                 self.start += seconds
             if self.end is not None:
                 self.end += seconds
+
+    def steady_step_seconds(self):
+        """The median seconds per step over executions that did not compile, or None."""
+        later = [e.seconds / e.steps for e in self.executions if not e.first]
+        return statistics.median(later) if later else None
 
     def typical_execution_seconds(self):
         """The median seconds of a kept execution after each process's first, or None."""
@@ -259,8 +268,25 @@ class WallClockBudget(Hook):
         return self.steps_within(seconds)
 
     def after_execution(self, run, steps, losses):
-        if self.end - self.start >= self.budget_seconds:
+        elapsed = self.end - self.start
+        if elapsed >= self.budget_seconds:
             run.stop("budget")
+        last = self.executions[-1]
+        if last.first and last.seconds > self.budget_seconds / 4:
+            logging.warning(
+                "the first execution (tracing and XLA compilation) took %.1f s, more than a quarter of the %g s "
+                "budget%s", last.seconds, self.budget_seconds,
+                ": the run is over its budget and the report will keep it apart" if elapsed > self.budget_seconds
+                else "; a longer --budget buys more training per compiled second")
+        if self.progress_every and elapsed >= self._next_progress:
+            self._next_progress = elapsed + self.progress_every
+            engine = run.engine
+            rate = self.steps / max(elapsed, 1e-9)
+            logging.info("%3.0f%% of the %g s budget: %.0f s elapsed, %.0f s left | epoch %d, step %d/%d | "
+                         "%.1f steps/s | lr %.2e | loss %.4f", 100 * min(1.0, elapsed / self.budget_seconds),
+                         self.budget_seconds, elapsed, max(0.0, self.budget_seconds - elapsed),
+                         (engine.epoch or 0) + 1, engine.step_in_epoch, engine.steps_per_epoch, rate,
+                         self._current.get("learning_rate", engine.learning_rate or 0.0), float(losses[-1]))
 
     def on_epoch_end(self, run, epoch, logs):
         elapsed = self.elapsed()

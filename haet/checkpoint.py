@@ -222,7 +222,10 @@ class StopSignals(Hook):
         # Executions of slow steps (a wide model on a CPU) are cut to about
         # `responsive_seconds`, so a signal is answered within that; on a GPU an
         # execution of K steps is far shorter and this never binds.
-        return run.budget.steps_within(self.responsive_seconds)
+        per_step = run.budget.steady_step_seconds()
+        if not per_step:  # only compiling executions so far: their time says nothing of a step
+            return None
+        return max(1, int(self.responsive_seconds / per_step))
 
     @property
     def name(self):

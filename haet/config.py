@@ -61,6 +61,10 @@ RUN_FIELDS = (
     Field("snapshot_ensemble", False, "Keep the weights at the end of each learning-rate cycle "
           "(cosine_restarts) and evaluate each and their ensemble."),
     Field("save_model", True, "Save the final model as model.keras."),
+    Field("export", "none", "none, or saved_model: also write <run folder>/saved_model, a TensorFlow SavedModel "
+          "whose serving signature takes uint8 images (N, H, W, C) and returns float32 logits (for TF "
+          "Serving, TFLite converters; needs tensorflow, under either backend).",
+          fields.one_of(("none", "saved_model"), "export")),
     Field("checkpoint_every", 120.0, "Seconds of budget between checkpoints (<run folder>/checkpoint.npz, "
           "for --resume; budgets shorter than this get none unless stopped by a signal); writing them pauses "
           "the budget's clock. 0: only when a signal stops the run.", fields.at_least(0, unit=" seconds")),
@@ -197,6 +201,11 @@ def _check_run(config, info):
                          "ema_decay or keep_best, which replace the final weights.")
     if not config.evaluate_test and not config.validation_size:
         raise ValueError("evaluate_test=False needs --validation_size: a run must be scored on something.")
+    if config.export == "saved_model":
+        try:
+            import tensorflow  # noqa: F401
+        except ImportError:
+            raise ValueError("--export=saved_model writes a TensorFlow SavedModel: pip install tensorflow.") from None
     if config.tensorboard:
         try:
             import tensorboard  # noqa: F401

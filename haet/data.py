@@ -376,14 +376,16 @@ def _load_tfds(info, data_dir):
                 tfds.load(info.tfds_name, split=split, data_dir=data_dir, batch_size=-1)
             )
         except Exception as e:  # tfds raises many kinds of errors when offline.
+            # Its messages run to hundreds of lines: the first line says enough.
+            first = (str(e).strip().splitlines() or [""])[0][:200]
             raise RuntimeError(
                 f"Could not load {info.name} with tensorflow-datasets ({type(e).__name__}: "
-                f"{e}). Offline? Pass --data_dir=DIR with DIR/train.npz and DIR/test.npz "
+                f"{first}). Offline? Pass --data_dir=DIR with DIR/train.npz and DIR/test.npz "
                 "(arrays x uint8 NHWC, y labels)"
                 + (f", or the original {_CIFAR_PYTHON[info.name][1]}"
                    if info.name in _CIFAR_PYTHON else "")
                 + "."
-            ) from e
+            ) from None
         x, y = arrays["image"], arrays["label"]
         if "id" in arrays:
             order = _canonical_order(arrays["id"])

@@ -45,7 +45,10 @@ def describe_device():
     if backend == "tensorflow":
         import tensorflow as tf
 
-        gpus = tf.config.list_physical_devices("GPU")
+        from haet.console import native_logs_filtered
+
+        with native_logs_filtered():  # TensorFlow starts its devices here (cuInit)
+            gpus = tf.config.list_physical_devices("GPU")
         if gpus:
             details = tf.config.experimental.get_device_details(gpus[0])
             capability = details.get("compute_capability")

@@ -20,14 +20,18 @@ def _floats(rows, key):
 
 
 def plot_learning_curves(history, title, path):
-    """Loss and accuracy vs epoch and vs elapsed seconds, in a 2x2 grid.
+    """Loss and accuracy vs epoch and vs elapsed seconds, in a 2x2 grid: training
+    (blue) and, when the history has them, validation (orange) curves.
 
-    Each panel carries the learning rate (red; log scale unless it reaches 0) and the augmentation
-    strength (green, when recorded) on extra right-hand axes.
+    Each panel carries the learning rate (red; log scale unless it reaches 0) and the
+    augmentation strength (green, when recorded) on extra right-hand axes. Points are
+    marked, so a run of one or two epochs still shows them; the legend sits below the
+    panels, off the curves.
 
     Args:
         history: rows of `history.csv` (dicts with epoch, elapsed_seconds, loss,
-            accuracy, learning_rate, augmentation_strength; values may be strings).
+            accuracy, learning_rate, augmentation_strength, and optionally val_loss,
+            val_accuracy; values may be strings).
         title: figure title.
         path: PNG file to write.
     """
@@ -36,16 +40,24 @@ def plot_learning_curves(history, title, path):
     seconds = _floats(history, "elapsed_seconds")
     lr = _floats(history, "learning_rate")
     strength = _floats(history, "augmentation_strength")
-    fig, axes = plt.subplots(2, 2, figsize=(12, 7.5), constrained_layout=True)
-    for row, (key, label) in enumerate((("loss", "training loss"), ("accuracy", "training accuracy"))):
+    marker = "o-" if len(history) < 60 else "-"
+    fig, axes = plt.subplots(2, 2, figsize=(12, 8), constrained_layout=True)
+    handles = {}
+    for row, key in enumerate(("loss", "accuracy")):
         for col, (x, xlabel) in enumerate(((epochs, "epoch"), (seconds, "elapsed training time (s)"))):
             ax = axes[row][col]
-            lines = ax.plot(x, _floats(history, key), "o-", color="C0", ms=3, label=label)
+            for name, color, values in ((f"training {key}", "C0", _floats(history, key)),
+                                        (f"validation {key}", "C1", _floats(history, f"val_{key}"))):
+                if not np.all(np.isnan(values)):
+                    (handles[name],) = ax.plot(x, values, marker, color=color, ms=4, label=name)
             ax.set_xlabel(xlabel)
-            ax.set_ylabel(label)
+            ax.set_ylabel(key)
             ax.grid(alpha=0.3)
+            if len(x) == 1:  # one point: give the axis a width
+                ax.set_xlim(x[0] * 0.5 - 0.5, x[0] * 1.5 + 0.5)
             lr_ax = ax.twinx()
-            lines += lr_ax.plot(x, lr, ".--", color="C3", label="learning rate (at epoch ends)")
+            (handles["learning rate (at epoch ends)"],) = lr_ax.plot(
+                x, lr, "s--", color="C3", ms=3, label="learning rate (at epoch ends)")
             # Log scale shows step decays; a one-cycle schedule ends at 0, which it cannot.
             if all(v > 0 for v in lr):
                 lr_ax.set_yscale("log")
@@ -53,10 +65,12 @@ def plot_learning_curves(history, title, path):
             if not np.all(np.isnan(strength)):
                 s_ax = ax.twinx()
                 s_ax.spines["right"].set_position(("axes", 1.14))
-                lines += s_ax.plot(x, strength, ".--", color="C2", label="augmentation strength (at epoch ends)")
+                (handles["augmentation strength (at epoch ends)"],) = s_ax.plot(
+                    x, strength, "^--", color="C2", ms=3, label="augmentation strength (at epoch ends)")
                 s_ax.set_ylim(-0.05, 1.05)
                 s_ax.set_ylabel("augmentation strength", color="C2")
-            ax.legend(lines, [l.get_label() for l in lines], fontsize=8, loc="center right")
+    fig.legend(list(handles.values()), list(handles), loc="outside lower center", ncol=min(len(handles), 4),
+               fontsize=9, frameon=False)
     fig.suptitle(title)
     fig.savefig(path, dpi=90)
     plt.close(fig)
@@ -75,10 +89,14 @@ def plot_accuracy_vs_budget(runs, published, path, title="Test accuracy vs wall-
     plt = _pyplot()
     labels = sorted({r["label"] for r in runs})
     fig, ax = plt.subplots(figsize=(9, 5 + 0.22 * (len(labels) + 1)), constrained_layout=True)
+    # 20 colours times 5 markers: every series looks different up to 100 of them.
+    colors = plt.get_cmap("tab20").colors
+    markers = "osD^v"
     for i, label in enumerate(labels):
         pts = [r for r in runs if r["label"] == label]
         ax.plot([r["budget_seconds"] for r in pts], [100 * r["test_accuracy"] for r in pts],
-                "o", color=f"C{i}", alpha=0.8, label=f"haet: {label}")
+                markers[(i // len(colors)) % len(markers)], color=colors[i % len(colors)], alpha=0.85,
+                label=f"haet: {label}")
     for k, p in enumerate(sorted(published, key=lambda p: p["test_accuracy"])):
         ax.plot(p["budget_seconds"], 100 * p["test_accuracy"], "*", ms=14, color="black")
         # Labels of nearby points alternate below and above them.
@@ -126,6 +144,11 @@ def plot_confusion_matrix(matrix, class_names, path, title="Confusion matrix"):
     return path
 
 
+def _short_name(name, width=12):
+    name = str(name)
+    return name if len(name) <= width else name[:width - 1] + "…"
+
+
 def plot_grad_cam_grid(images, heatmaps, true_labels, predicted_labels, class_names, path,
                        title="Grad-CAM", columns=8):
     """A grid of images with their Grad-CAM heatmaps overlaid.
@@ -140,7 +163,7 @@ def plot_grad_cam_grid(images, heatmaps, true_labels, predicted_labels, class_na
     plt = _pyplot()
     n = len(images)
     rows = int(np.ceil(n / columns))
-    fig, axes = plt.subplots(rows, columns, figsize=(1.6 * columns, 1.85 * rows), squeeze=False)
+    fig, axes = plt.subplots(rows, columns, figsize=(1.9 * columns, 2.3 * rows), squeeze=False)
     for ax in axes.ravel():
         ax.axis("off")
     for k in range(n):
@@ -149,10 +172,11 @@ def plot_grad_cam_grid(images, heatmaps, true_labels, predicted_labels, class_na
         ax.imshow(image[..., 0] if image.shape[-1] == 1 else image, cmap="gray" if image.shape[-1] == 1 else None)
         ax.imshow(heatmaps[k], cmap="jet", alpha=0.45, vmin=0, vmax=1)
         ok = true_labels[k] == predicted_labels[k]
-        ax.set_title(f"pred {class_names[predicted_labels[k]]}\ntrue {class_names[true_labels[k]]}",
-                     fontsize=7, color="green" if ok else "red")
+        ax.set_title(f"pred {_short_name(class_names[predicted_labels[k]])}\n"
+                     f"true {_short_name(class_names[true_labels[k]])}", fontsize=7, color="green" if ok else "red",
+                     pad=2)
     fig.suptitle(title + " (green: correct, red: wrong)")
-    fig.tight_layout()
+    fig.tight_layout(h_pad=1.2, w_pad=0.6)
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return os.path.abspath(path)

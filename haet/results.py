@@ -439,7 +439,9 @@ def training_fields(config, data, run, timer):
         "checkpoints": run.checkpointer.saved if run.checkpointer else 0,
         "precompute_seconds": round(timer.seconds.get("precompute", 0.0), 3),
         "over_budget_seconds": round(over, 3),
-        "over_budget": bool(typical is not None and over > typical),
+        # Past the budget by more than one typical execution (by anything when the only
+        # executions compiled: the compilation alone outlasted the budget).
+        "over_budget": bool(over > (typical if typical is not None else 0.0)),
         "images_per_second": round(images / train_seconds, 2) if train_seconds else None,
         "images_per_second_after_compile": (
             round(images / (train_seconds - excluded), 2) if train_seconds > excluded else None),
@@ -475,10 +477,11 @@ def evaluation_fields(config, data, run, evaluated, timer):
     return record
 
 
-def write_artifacts(folder, model, run, evaluated, class_names, save_model=True):
+def write_artifacts(folder, model, run, evaluated, class_names, save_model=True, export="none"):
     """Writes a finished run's files into `folder` (a `RunFolder`): `health.csv` (with
     the health monitor), `confusion_matrix.csv` (test set), `learning_curves.png` and
-    `model.keras` (if `save_model`). A file that cannot be written is logged and
+    `model.keras` (if `save_model`) and `saved_model/` (with `export="saved_model"`: a
+    TensorFlow SavedModel serving uint8 images). A file that cannot be written is logged and
     listed in `folder.artifact_errors`; the others are still written."""
     from haet import plots
 
@@ -498,3 +501,5 @@ def write_artifacts(folder, model, run, evaluated, class_names, save_model=True)
         folder.artifact("learning_curves.png", lambda p: plots.plot_learning_curves(history, title, p))
     if save_model:
         folder.artifact("model.keras", lambda p: model.save(p, overwrite=False))
+    if export == "saved_model":
+        folder.artifact("saved_model", lambda p: model.export(p, format="tf_saved_model", verbose=False))

@@ -43,7 +43,7 @@ __all__ = ["TrainConfig", "SetupError", "train", "prepare_data", "build_model", 
            "build_run", "evaluate"]
 
 
-def train(config, results_dir="results/runs", clock=time.perf_counter, resume=None):
+def train(config, results_dir="results/runs", clock=time.perf_counter, resume=None, hooks=()):
     """Trains `config` within its budget, evaluates it, and writes the run folder
     (see `haet.results`) while it goes.
 
@@ -70,6 +70,9 @@ def train(config, results_dir="results/runs", clock=time.perf_counter, resume=No
         resume: None, or the folder of an interrupted (or killed) run of `config`
             with a checkpoint: training goes on in that folder from the checkpoint,
             on the remaining budget; the record counts the `resumes`.
+        hooks: extra `haet.loop.Hook`s, acting after validation and the budget
+            (e.g. `haet.search.ReportToTrial`); a hook may stop the run with its
+            own reason (the record's `stopped_by`).
 
     Returns:
         `(record, run_dir)`: the record also written to `run_dir/record.json`.
@@ -104,7 +107,7 @@ def train(config, results_dir="results/runs", clock=time.perf_counter, resume=No
             else:
                 folder = _reopen(resume, previous, start)
         try:
-            record = _train_in(config, folder, data, settings, timer, clock, signals, previous)
+            record = _train_in(config, folder, data, settings, timer, clock, signals, previous, hooks)
         except BaseException as e:
             interrupted = isinstance(e, KeyboardInterrupt)
             folder.update(status="interrupted" if interrupted else "failed",
@@ -156,13 +159,14 @@ def _reopen(run_dir, previous, start):
     return folder
 
 
-def _train_in(config, folder, data, settings, timer, clock, signals, previous):
+def _train_in(config, folder, data, settings, timer, clock, signals, previous, hooks=()):
     """Builds, trains and evaluates `config` in `folder` (see `train`); returns the record."""
     with timer.phase("setup"):
         model, augmentation, transfer = build_model(config, data)
         optimizer, schedule = build_optimizer(config, data.steps_per_epoch(config))
         compile_model(config, model, optimizer, settings)
-        run = build_run(config, model, augmentation, schedule, data, folder, clock, timer, signals=signals)
+        run = build_run(config, model, augmentation, schedule, data, folder, clock, timer, signals=signals,
+                        extra_hooks=hooks)
     earlier_setup = (previous or {}).get("setup_seconds") or 0.0
 
     def progress(**fields):
@@ -200,7 +204,8 @@ def _train_in(config, folder, data, settings, timer, clock, signals, previous):
     record = progress(status="completed", **results.evaluation_fields(config, data, run, evaluated, timer),
                       ended_utc=results.utc_now())
     folder.write_record(record)  # the accuracy is on disk before the large files are written
-    results.write_artifacts(folder, model, run, evaluated, data.info.class_names, save_model=config.save_model)
+    results.write_artifacts(folder, model, run, evaluated, data.info.class_names, save_model=config.save_model,
+                            export=config.export)
     run.checkpointer.remove()
     folder.update(checkpoint=None)
     record = folder.record
@@ -419,7 +424,7 @@ class HistoryWriter(Hook):
 
 
 def build_run(config, model, augmentation, schedule, data, folder, clock=time.perf_counter, timer=None,
-              signals=None):
+              signals=None, extra_hooks=()):
     """The engine, budget and hooks that train `model` as `config` says.
 
     With precomputed augmentation the budget starts here: the augmented copies are
@@ -429,6 +434,8 @@ def build_run(config, model, augmentation, schedule, data, folder, clock=time.pe
         folder: the run's `haet.results.RunFolder` (history rows, checkpoints,
             TensorBoard logs).
         signals: a `haet.checkpoint.StopSignals` (its hook acts first), or None.
+        extra_hooks: hooks acting after the built-in ones, before the planner and
+            the checkpointer.
 
     Returns:
         `Run` (not yet fitted).
@@ -489,6 +496,7 @@ def build_run(config, model, augmentation, schedule, data, folder, clock=time.pe
                 lambda: config.epochs * steps_per_epoch)
         run.snapshots = SnapshotKeeper(schedules.cycle_ends(config), budget_lib.Progress(budget, planned))
         hooks.append(run.snapshots)
+    hooks += list(extra_hooks)
     if run.planner:
         hooks.append(run.planner)  # its epoch end measures the time the other hooks took
     run.checkpointer = checkpoint_lib.Checkpointer(folder, config.checkpoint_every)

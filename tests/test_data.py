@@ -238,3 +238,31 @@ def test_image_folder_dataset(tmp_path):
         data.load_dataset("folder", str(tmp_path))
     with pytest.raises(ValueError, match="needs --data_dir"):
         data.load_dataset("folder")
+
+
+def test_the_download_path_imports_without_the_network(monkeypatch, tmp_path):
+    """tensorflow-datasets' CIFAR-10 builder can be made with what haet installs (its
+    undeclared importlib_resources among it) and no network."""
+    import socket
+
+    tfds = pytest.importorskip("tensorflow_datasets")
+
+    def no_network(*args, **kwargs):
+        raise OSError("network disabled by the test")
+
+    monkeypatch.setattr(socket.socket, "connect", no_network)
+    monkeypatch.setattr(socket, "create_connection", no_network)
+    builder = tfds.builder("cifar10", data_dir=str(tmp_path))
+    assert builder.info.features["label"].num_classes == 10 and builder.info.splits is not None
+
+
+def test_an_offline_error_is_one_short_line(monkeypatch, tmp_path):
+    def load(*args, **kwargs):
+        raise ConnectionError("Failed to download\n" + "\n".join(f"  traceback line {i}" for i in range(190)))
+
+    _fake_tfds(monkeypatch, load)
+    with pytest.raises(RuntimeError) as error:
+        data.load_dataset("cifar10", str(tmp_path))
+    message = str(error.value)
+    assert len(message.splitlines()) == 1 and "(ConnectionError: Failed to download)" in message
+    assert "Offline? Pass --data_dir=DIR" in message and error.value.__cause__ is None

@@ -134,3 +134,41 @@ def test_only_comparable_runs_are_averaged_and_bad_records_are_listed(tmp_path):
     page = report.render_markdown(report.summarize(records), [], str(tmp_path), {}, skipped=skipped)
     assert "| [stopped/record.json](stopped/record.json) | status interrupted |" in page
     assert "OVER BUDGET: training ran past the budget" in page
+
+
+def test_report_writes_into_the_results_folder_it_reads(tmp_path):
+    mine = tmp_path / "mine"
+    _write_run(mine, "run1", 0.7)
+    tracked = [os.path.join(REPO, "README.md"), os.path.join(REPO, "results", "README.md")]
+    before = {p: os.path.getmtime(p) for p in tracked if os.path.exists(p)}
+    env = dict(os.environ, PYTHONPATH=REPO, MPLBACKEND="Agg")
+    result = subprocess.run([sys.executable, "-m", "haet.report", f"--results_dir={mine}"], env=env,
+                            capture_output=True, text=True, cwd=REPO)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert (mine / "README.md").exists() and (mine / "figures" / "accuracy_vs_budget.png").exists()
+    assert "UMBC widened ResNet-20" in (mine / "README.md").read_text()  # the repository's published numbers
+    assert {p: os.path.getmtime(p) for p in before} == before  # the project's pages untouched
+
+
+def test_learning_curves_show_validation_and_a_single_epoch(tmp_path, monkeypatch):
+    import matplotlib.figure
+
+    from haet import plots
+
+    legends = []
+    save = matplotlib.figure.Figure.savefig
+
+    def record(fig, *args, **kwargs):
+        legends.append([t.get_text() for t in fig.legends[0].texts])
+        return save(fig, *args, **kwargs)
+
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", record)
+    row = {"epoch": "1", "elapsed_seconds": "3.5", "learning_rate": "0.1", "augmentation_strength": "",
+           "loss": "2.1", "accuracy": "0.2", "val_loss": "2.2", "val_accuracy": "0.18"}
+    path = plots.plot_learning_curves([row], "one epoch", str(tmp_path / "one.png"))
+    assert os.path.getsize(path) > 10_000
+    assert legends[-1] == ["training loss", "validation loss", "learning rate (at epoch ends)",
+                           "training accuracy", "validation accuracy"]
+    plots.plot_learning_curves([{k: v for k, v in row.items() if not k.startswith("val_")}], "t",
+                               str(tmp_path / "two.png"))
+    assert "validation loss" not in legends[-1]

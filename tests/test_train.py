@@ -125,6 +125,9 @@ def test_the_default_recipe_end_to_end_on_real_cifar10(tmp_path, cifar10_slice_d
     assert len(rows) == record["epochs"] and sum(int(r["steps"]) for r in rows) == record["steps"]
     assert {r["fill_mode"] for r in rows} <= {"nearest", "constant", "wrap", "reflect"}
     assert "epoch 1" in result.stderr and "test accuracy" in result.stderr
+    # TensorFlow's native start-up lines are filtered (haet.console); the progress and epoch lines remain.
+    assert "absl::InitializeLog" not in result.stderr and "cuInit" not in result.stderr
+    assert "completed: test accuracy" in result.stdout
 
 
 @pytest.mark.e2e

@@ -1,0 +1,169 @@
+"""The GPU campaign (issue 14), call by call, and a dry mode that runs the same steps here.
+
+On this machine, once per checkout (see ../shared/GPU.md):
+
+    python scripts/gpu_campaign.py prepare              # wheels and the 5,000-image subset into .device/
+    python scripts/gpu_campaign.py command call1        # the command line to give the device tool (carry .device)
+
+On the GPU machine each call runs one stage and copies what it made to $OUT:
+
+    call1       set-up check (nvidia-smi -L, JAX devices, versions); the throughput table
+                (haet.bench: ResNet-20 x6 at batch 32, 128 and 512, ResNet-9 at 512, bf16,
+                with the end-to-end ratio); the fast recipe at 15, 30, 60 and 120 s, seed 0.
+    start600    starts the default recipe (--budget=600, seed --seed) in its own process
+                session, then waits in the call and prints the log's tail.
+    collect600  waits for that run to end and copies its record, history and log.
+    seeds       more seeds of the fast recipe at 600 s... (what time is left allows).
+
+`--dry` runs a stage here under JAX with budgets of a few seconds, tiny benchmark
+settings and the data from ../shared/data, writing to --out: the test of this script
+(tests/test_gpu_campaign.py) runs it so that the campaign keeps working as the code
+changes. Every run's record and log land in --out, even a failed one.
+"""
+
+import argparse
+import glob
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+import time
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PREAMBLE = ("python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .device/*.whl "
+            "&& export PYTHONPATH=/tmp/site:$PWD KERAS_BACKEND=jax PYTHONUNBUFFERED=1 "
+            "JAX_COMPILATION_CACHE_DIR=/tmp/jax-cache || exit 1;")
+FAST_RECIPE = ["--flagfile=flags/page_resnet9.flags"]
+FAST_BUDGETS = (15, 30, 60, 120)
+BENCHES = (  # name, flags
+    ("resnet20x6", ["--width_multiplier=6", "--batch_sizes=32,128,512", "--precision=mixed_bfloat16"]),
+    ("resnet9", ["--flagfile=flags/page_resnet9.flags", "--batch_sizes=512", "--precision=mixed_bfloat16"]),
+)
+
+
+class Stage:
+    """Runs the commands of one stage, logging each into `out`."""
+
+    def __init__(self, out, dry, data_dir):
+        self.out, self.dry, self.data_dir = out, dry, data_dir
+        self.results = os.path.join(out, "runs") if dry else "/tmp/gpu"
+        os.makedirs(self.out, exist_ok=True)
+        os.makedirs(self.results, exist_ok=True)
+        self.failures = []
+
+    def run(self, name, argv, timeout=None):
+        """Runs `argv` (a list) from the repository root; its output goes to `out/<name>.log`."""
+        log = os.path.join(self.out, f"{name}.log")
+        print(f"$ {shlex.join(argv)}  > {log}", flush=True)
+        env = dict(os.environ, KERAS_BACKEND="jax", PYTHONPATH=os.pathsep.join(
+            [p for p in (os.environ.get("PYTHONPATH"), REPO) if p]))
+        with open(log, "w") as f:
+            try:
+                code = subprocess.run(argv, cwd=REPO, env=env, stdout=f, stderr=subprocess.STDOUT,
+                                      timeout=timeout).returncode
+            except subprocess.TimeoutExpired:
+                code = "timeout"
+        if code != 0:
+            self.failures.append(f"{name}: {code}")
+        print(f"  -> {code}", flush=True)
+        return code
+
+    def train(self, name, flags, budget):
+        budget = 2 if self.dry else budget
+        extra = ["--train_size=1000", "--eval_batch_size=500"] if self.dry else []
+        return self.run(name, [sys.executable, "-m", "haet.train", *flags, f"--budget={budget}",
+                               f"--data_dir={self.data_dir}", f"--results_dir={self.results}", *extra])
+
+    def collect(self):
+        """Copies every run's record and history (under a name of its folder) into `out`."""
+        for record in sorted(glob.glob(os.path.join(self.results, "*", "record.json"))):
+            run = os.path.basename(os.path.dirname(record))
+            for name in ("record.json", "history.csv"):
+                source = os.path.join(os.path.dirname(record), name)
+                if os.path.exists(source):
+                    shutil.copy(source, os.path.join(self.out, f"{run}_{name}"))
+
+
+def call1(stage):
+    if not stage.dry:
+        stage.run("setup_nvidia_smi", ["nvidia-smi", "-L"])
+    stage.run("setup_versions", [sys.executable, "-c", "import jax, keras, numpy; print(jax.devices(), "
+                                 "jax.__version__, keras.__version__, numpy.__version__)"])
+    for name, flags in BENCHES:
+        tiny = ["--model=tiny_cnn", "--width_multiplier=1", "--batch_sizes=32", "--precision=float32",
+                "--bench_steps=3", "--end_to_end_budget=2", "--bench_test_images=50", "--train_size=1000"] if stage.dry else []
+        stage.run(f"bench_{name}", [sys.executable, "-m", "haet.bench", *flags, *tiny, f"--data_dir={stage.data_dir}",
+                                    f"--json={os.path.join(stage.out, f'bench_{name}.json')}"])
+    for budget in FAST_BUDGETS[:2] if stage.dry else FAST_BUDGETS:  # dry: the first two show the path
+        stage.train(f"fast_{budget}s_seed0", FAST_RECIPE + (["--width_multiplier=0.125"] if stage.dry else []),
+                    budget)
+    stage.collect()
+
+
+def start600(stage, seed):
+    flags = [f"--seed={seed}"] + (["--width_multiplier=1", "--model=tiny_cnn"] if stage.dry else [])
+    budget = 2 if stage.dry else 600
+    argv = [sys.executable, "-m", "haet.train", *flags, f"--budget={budget}", f"--data_dir={stage.data_dir}",
+            f"--results_dir={stage.results}"] + (["--train_size=1000", "--eval_batch_size=500"] if stage.dry else [])
+    log = os.path.join("/tmp" if not stage.dry else stage.out, f"default600_seed{seed}.log")
+    print(f"$ setsid {shlex.join(argv)} > {log} &", flush=True)
+    with open(log, "w") as f:
+        process = subprocess.Popen(argv, cwd=REPO, stdout=f, stderr=subprocess.STDOUT, start_new_session=True,
+                                   env=dict(os.environ, KERAS_BACKEND="jax"))
+    with open(os.path.join("/tmp" if not stage.dry else stage.out, "default600.pid"), "w") as f:
+        f.write(str(process.pid))
+    if stage.dry:
+        process.wait()
+    else:
+        time.sleep(540)  # keep the call (and the lease) alive while it trains
+    print(open(log).read()[-2000:])
+
+
+def collect600(stage, seed):
+    pid_file = os.path.join("/tmp" if not stage.dry else stage.out, "default600.pid")
+    log = os.path.join("/tmp" if not stage.dry else stage.out, f"default600_seed{seed}.log")
+    if os.path.exists(pid_file):
+        pid = int(open(pid_file).read())
+        for _ in range(0 if stage.dry else 540):
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                break
+            time.sleep(1)
+    if os.path.exists(log) and not stage.dry:
+        shutil.copy(log, stage.out)
+    stage.collect()
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("stage", choices=["prepare", "command", "call1", "start600", "collect600"])
+    parser.add_argument("which", nargs="?", help="command: the stage whose device command to print")
+    parser.add_argument("--dry", action="store_true", help="run here under JAX with tiny budgets")
+    parser.add_argument("--out", default=os.environ.get("OUT", "/tmp/campaign"), help="where results go")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--data_dir", default=None, help="default: .device/cifar10_5k, or ../shared/data/cifar10 "
+                        "with --dry")
+    args = parser.parse_args(argv)
+    if args.stage == "prepare":
+        os.makedirs(os.path.join(REPO, ".device"), exist_ok=True)
+        for wheel in glob.glob(os.path.join(REPO, "..", "shared", "wheels", "*.whl")):
+            shutil.copy(wheel, os.path.join(REPO, ".device"))
+        return subprocess.run([sys.executable, "-m", "haet.data", "--dataset=cifar10", "--train_size=5000",
+                               f"--data_dir={os.path.join(REPO, '..', 'shared', 'data', 'cifar10')}",
+                               "--export_dir=.device/cifar10_5k"], cwd=REPO).returncode
+    if args.stage == "command":
+        print(f"{PREAMBLE} python3 scripts/gpu_campaign.py {args.which} --out=$OUT --seed={args.seed}")
+        return 0
+    shared = os.environ.get("HAET_SHARED_DATA", os.path.join(REPO, "..", "shared", "data"))
+    data_dir = args.data_dir or (os.path.join(shared, "cifar10") if args.dry else ".device/cifar10_5k")
+    stage = Stage(args.out, args.dry, data_dir)
+    {"call1": lambda: call1(stage), "start600": lambda: start600(stage, args.seed),
+     "collect600": lambda: collect600(stage, args.seed)}[args.stage]()
+    print("failures: " + (", ".join(stage.failures) or "none"))
+    return 1 if stage.failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

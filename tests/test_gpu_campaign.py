@@ -1,0 +1,33 @@
+"""The GPU campaign script (scripts/gpu_campaign.py) in its dry mode: the same stages
+as on the GPU machine, here under JAX with budgets of seconds."""
+
+import glob
+import json
+import os
+import subprocess
+import sys
+
+import keras
+import pytest
+
+from conftest import REPO
+
+
+@pytest.mark.e2e
+def test_the_campaign_runs_dry(tmp_path, cifar10_slice_dir):
+    if keras.backend.backend() != "jax":
+        pytest.skip("the campaign runs under JAX (the GPU machine has no TensorFlow)")
+    out = tmp_path / "out"
+    script = os.path.join(REPO, "scripts", "gpu_campaign.py")
+    env = dict(os.environ, PYTHONPATH=REPO)
+    for stage in ("call1", "start600", "collect600"):
+        result = subprocess.run([sys.executable, script, stage, "--dry", f"--out={out}",
+                                 f"--data_dir={cifar10_slice_dir}"], env=env, capture_output=True, text=True)
+        assert result.returncode == 0, (stage, result.stdout[-3000:], result.stderr[-3000:])
+        assert "failures: none" in result.stdout
+    benches = [json.loads((out / f"bench_{name}.json").read_text()) for name in ("resnet20x6", "resnet9")]
+    assert all(rows and rows[0]["images_per_second"] > 0 for rows in benches)
+    records = [json.loads(open(p).read()) for p in glob.glob(str(out / "*_record.json"))]
+    assert len(records) == 3 and {r["status"] for r in records} == {"completed"}
+    command = subprocess.run([sys.executable, script, "command", "call1"], capture_output=True, text=True)
+    assert "--no-index" in command.stdout and "KERAS_BACKEND=jax" in command.stdout and "call1 --out=$OUT" in command.stdout
