@@ -142,36 +142,61 @@ def _mean_std(values):
 NOT_COMPARED = ("seed", "data_dir", "save_model", "tensorboard", "eval_batch_size", "checkpoint_every")
 
 
+# Flags the recipe label (`recipe_of`) already shows.
+SHOWN_BY_RECIPE = ("model", "width_multiplier", "batch_size", "lr_schedule", "learning_rate", "init_from",
+                   "data_parallel", "snapshot_ensemble", "health_every_steps")
+
+
+def _canonical(value):
+    """A flag value as comparable text: numbers as floats (6 and 6.0 are one value)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return json.dumps(value, sort_keys=True)
+    return json.dumps(float(value))
+
+
 def comparable_key(record):
     """What runs must share to be averaged: the dataset, the training subset (its
     sha256), the test set's size, the budget, the device, backend and precision,
     whether training ran past its budget, and every flag but `NOT_COMPARED`."""
     flags = record.get("flags") or {}
-    compared = tuple(sorted((k, json.dumps(v, sort_keys=True)) for k, v in flags.items() if k not in NOT_COMPARED))
+    compared = tuple(sorted((k, _canonical(v)) for k, v in flags.items() if k not in NOT_COMPARED))
     return (setting_of(record), record.get("subset_sha256"), record.get("test_examples"),
             record.get("backend", "?"), record.get("precision", "?"), bool(record.get("over_budget")), compared)
 
 
 def _differences(keys):
-    """For each comparable key, the texts of what differs among `keys` (flags as
-    `name=value`, the training subset, the test set's size)."""
+    """For each comparable key, the texts of what differs from the setting's other
+    rows: flags every row records (as `name=value`, except what the recipe label
+    shows), the training subset, the test set's size; and how many flags an older
+    record lacks."""
     def values(key):
         _, sha, test, _, _, _, compared = key
         return {"subset_sha256": json.dumps(sha), "test_examples": json.dumps(test), **dict(compared)}
 
     table = {key: values(key) for key in keys}
-    names = {name for v in table.values() for name in v}
-    varying = sorted(name for name in names if len({v.get(name) for v in table.values()}) > 1)
+    everywhere = set.intersection(*(set(v) for v in table.values())) if table else set()
+    anywhere = set().union(*(set(v) for v in table.values())) if table else set()
+    varying = sorted(name for name in everywhere
+                     if name not in SHOWN_BY_RECIPE and len({v[name] for v in table.values()}) > 1)
 
     def text(name, value):
-        value = json.loads(value) if value is not None else None
+        value = json.loads(value)
         if name == "subset_sha256":
             return f"subset {value[:8] if value else '?'}"
         if name == "test_examples":
             return f"{value} test images"
-        return f"{name}={'(unset)' if value is None else value}"
+        if isinstance(value, float):
+            return f"{name}={value:.4g}"
+        return f"{name}={value}"
 
-    return {key: [text(name, v.get(name)) for name in varying] for key, v in table.items()}
+    out = {}
+    for key, v in table.items():
+        parts = [text(name, v[name]) for name in varying]
+        missing = len(anywhere - set(v))
+        if missing:
+            parts.append(f"older record: {missing} flags unrecorded")
+        out[key] = parts
+    return out
 
 
 def summarize(records):
@@ -285,10 +310,17 @@ def render_markdown(table, published, base_dir, figures, title=True, skipped=())
     if any(row["over_budget"] for rows in table.values() for row in rows):
         lines += ["OVER BUDGET: training ran past the budget by more than one execution (e.g. a compilation "
                   "longer than the budget); those runs are not averaged with the others.", ""]
+    validation_only = [path for path, reason in skipped if reason.startswith("validation only")]
+    listed = [(path, reason) for path, reason in skipped if not reason.startswith("validation only")]
     if skipped:
-        lines += [f"{h} Records not in the tables", "", "| record | why |", "|---|---|"]
-        lines += [f"| [{_link(path, base_dir)}]({_link(path, base_dir)}) | {reason} |" for path, reason in skipped]
+        lines += [f"{h} Records not in the tables", ""]
+    if listed:
+        lines += ["| record | why |", "|---|---|"]
+        lines += [f"| [{_link(path, base_dir)}]({_link(path, base_dir)}) | {reason} |" for path, reason in listed]
         lines.append("")
+    if validation_only:
+        lines += [f"{len(validation_only)} validation-only runs (search trials, scored without the test set) are "
+                  "not in the tables.", ""]
     return "\n".join(lines)
 
 

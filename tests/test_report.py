@@ -126,10 +126,10 @@ def test_only_comparable_runs_are_averaged_and_bad_records_are_listed(tmp_path):
     rows = report.summarize(records)[("cifar10", 5000, 600.0, "NVIDIA H100")]
     by_runs = {row["recipe"]: (row["runs"], round(row["accuracy_mean"], 4)) for row in rows}
     assert by_runs == {
-        "resnet20x6, batch 32; ema_decay=0.0; subset aaaa1111; 10000 test images; tta=none": (2, 0.85),
-        "resnet20x6, batch 32; ema_decay=0.0; subset bbbb2222; 1000 test images; tta=none": (1, 0.2),
+        "resnet20x6, batch 32; ema_decay=0; subset aaaa1111; 10000 test images; tta=none": (2, 0.85),
+        "resnet20x6, batch 32; ema_decay=0; subset bbbb2222; 1000 test images; tta=none": (1, 0.2),
         "resnet20x6, batch 32; ema_decay=0.99; subset aaaa1111; 10000 test images; tta=flip": (1, 0.4),
-        "resnet20x6, batch 32; ema_decay=0.0; subset aaaa1111; 10000 test images; tta=none (OVER BUDGET)": (1, 0.7),
+        "resnet20x6, batch 32; ema_decay=0; subset aaaa1111; 10000 test images; tta=none (OVER BUDGET)": (1, 0.7),
     }
     page = report.render_markdown(report.summarize(records), [], str(tmp_path), {}, skipped=skipped)
     assert "| [stopped/record.json](stopped/record.json) | status interrupted |" in page
