@@ -165,7 +165,10 @@ def run_settings(precision="auto", seed=0, data_parallel_batch=None, determinist
             parallel = stack.enter_context(distribute.data_parallel(data_parallel_batch))
         keras.mixed_precision.set_global_policy(policy)
         try:
-            keras.utils.set_random_seed(seed)
+            from haet.console import native_logs_filtered
+
+            with native_logs_filtered():  # it imports TensorFlow when installed, under any backend
+                keras.utils.set_random_seed(seed)
             yield RunSettings(device, policy, parallel, determinism)
         finally:
             keras.mixed_precision.set_global_policy(previous_policy)

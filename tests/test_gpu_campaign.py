@@ -25,9 +25,9 @@ def test_the_campaign_runs_dry(tmp_path, cifar10_slice_dir):
                                  f"--data_dir={cifar10_slice_dir}"], env=env, capture_output=True, text=True)
         assert result.returncode == 0, (stage, result.stdout[-3000:], result.stderr[-3000:])
         assert "failures: none" in result.stdout
-    benches = [json.loads((out / f"bench_{name}.json").read_text()) for name in ("resnet20x6", "resnet9")]
-    assert all(rows and rows[0]["images_per_second"] > 0 for rows in benches)
+    rows = json.loads((out / "bench_resnet9.json").read_text())
+    assert rows and rows[0]["images_per_second"] > 0
     records = [json.loads(open(p).read()) for p in glob.glob(str(out / "*_record.json"))]
-    assert len(records) == 3 and {r["status"] for r in records} == {"completed"}
+    assert len(records) == 2 and {r["status"] for r in records} == {"completed"}
     command = subprocess.run([sys.executable, script, "command", "call1"], capture_output=True, text=True)
     assert "--no-index" in command.stdout and "KERAS_BACKEND=jax" in command.stdout and "call1 --out=$OUT" in command.stdout

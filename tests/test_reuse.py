@@ -61,9 +61,11 @@ _LOAD = """
 import sys, warnings, json
 warnings.simplefilter("error", UserWarning)  # a skipped optimizer state is an error here
 import haet, keras, numpy as np
+from haet.explain import grad_cam
 model = keras.saving.load_model(sys.argv[1])
 images = np.load(sys.argv[2])
-print(json.dumps({"optimizer_variables": len(model.optimizer.variables),
+heat = grad_cam(model, images)["heatmaps"]
+print(json.dumps({"optimizer_variables": len(model.optimizer.variables), "heatmaps": list(heat.shape),
                   "logits": np.asarray(model.predict(images, verbose=0)).tolist()}))
 """
 
@@ -80,23 +82,25 @@ def test_saved_models_load_after_import_haet_export_and_explain(name, tmp_path, 
     images = np.load(os.path.join(cifar10_slice_dir, "test.npz"))["x"][:4]
     np.save(tmp_path / "images.npy", images)
     env = dict(os.environ, PYTHONPATH=REPO, MPLBACKEND="Agg")
+    # A fresh process that imports only haet and keras: load (optimizer state whole), predict, Grad-CAM.
     result = subprocess.run([sys.executable, "-c", _LOAD, os.path.join(run_dir, "model.keras"),
                              str(tmp_path / "images.npy")], env=env, capture_output=True, text=True, cwd=REPO)
     assert result.returncode == 0, result.stderr[-3000:]
     loaded = json.loads(result.stdout.strip().splitlines()[-1])
     model = keras.saving.load_model(os.path.join(run_dir, "model.keras"))
-    assert loaded["optimizer_variables"] == len(model.optimizer.variables)
+    assert loaded["optimizer_variables"] == len(model.optimizer.variables) and loaded["heatmaps"] == [4, 32, 32]
     np.testing.assert_allclose(loaded["logits"], np.asarray(model.predict(images, verbose=0)), rtol=1e-5, atol=1e-4)
     tf = pytest.importorskip("tensorflow")
     restored = tf.saved_model.load(os.path.join(run_dir, "saved_model"))  # kept: it owns the variables
     served = restored.serve(tf.constant(images))
     np.testing.assert_allclose(np.asarray(served), loaded["logits"], rtol=1e-5, atol=1e-4)
-    out = tmp_path / "gradcam.png"
-    result = subprocess.run([sys.executable, "-m", "haet.explain", f"--model={run_dir}/model.keras",
-                             f"--data_dir={cifar10_slice_dir}", f"--out={out}", "--num_images=4"],
-                            env=env, capture_output=True, text=True, cwd=REPO)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert out.stat().st_size > 5000
+    if name == "resnet9":  # the command line too, on the model with ghost batch norm
+        out = tmp_path / "gradcam.png"
+        result = subprocess.run([sys.executable, "-m", "haet.explain", f"--model={run_dir}/model.keras",
+                                 f"--data_dir={cifar10_slice_dir}", f"--out={out}", "--num_images=4"],
+                                env=env, capture_output=True, text=True, cwd=REPO)
+        assert result.returncode == 0, result.stderr[-3000:]
+        assert out.stat().st_size > 5000
 
 
 @pytest.mark.parametrize("name", sorted(models.MODELS))
