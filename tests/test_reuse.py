@@ -62,45 +62,53 @@ import sys, warnings, json
 warnings.simplefilter("error", UserWarning)  # a skipped optimizer state is an error here
 import haet, keras, numpy as np
 from haet.explain import grad_cam
-model = keras.saving.load_model(sys.argv[1])
-images = np.load(sys.argv[2])
-heat = grad_cam(model, images)["heatmaps"]
-print(json.dumps({"optimizer_variables": len(model.optimizer.variables), "heatmaps": list(heat.shape),
-                  "logits": np.asarray(model.predict(images, verbose=0)).tolist()}))
+images = np.load(sys.argv[1])
+out = {}
+for path in sys.argv[2:]:
+    model = keras.saving.load_model(path)
+    out[path] = {"optimizer_variables": len(model.optimizer.variables),
+                 "heatmaps": list(grad_cam(model, images)["heatmaps"].shape),
+                 "logits": np.asarray(model.predict(images, verbose=0)).tolist()}
+print(json.dumps(out))
 """
 
 
 @pytest.mark.e2e
-@pytest.mark.parametrize("name", sorted(models.MODELS))
-def test_saved_models_load_after_import_haet_export_and_explain(name, tmp_path, cifar10_slice_dir):
-    config = TrainConfig(budget_seconds=600.0, data_dir=cifar10_slice_dir, train_size=100, model=name,
-                         batch_size=20, optimizer="sgd", lr_schedule="one_cycle", epochs=1, ema_decay=0.9,
-                         augmentation="crop_flip_cutout", input_normalization="channel_standardize",
-                         eval_batch_size=500, export="saved_model", **SMALL[name])
-    record, run_dir = train(config, results_dir=str(tmp_path))
-    assert record["status"] == "completed" and "artifact_errors" not in record
+def test_saved_models_load_after_import_haet_export_and_explain(tmp_path, cifar10_slice_dir):
+    run_dirs = {}
+    for name in sorted(models.MODELS):
+        config = TrainConfig(budget_seconds=600.0, data_dir=cifar10_slice_dir, train_size=100, model=name,
+                             batch_size=20, optimizer="sgd", lr_schedule="one_cycle", epochs=1, ema_decay=0.9,
+                             augmentation="crop_flip_cutout", input_normalization="channel_standardize",
+                             eval_batch_size=500, export="saved_model", **SMALL[name])
+        record, run_dirs[name] = train(config, results_dir=str(tmp_path / name))
+        assert record["status"] == "completed" and "artifact_errors" not in record
     images = np.load(os.path.join(cifar10_slice_dir, "test.npz"))["x"][:4]
     np.save(tmp_path / "images.npy", images)
     env = dict(os.environ, PYTHONPATH=REPO, MPLBACKEND="Agg")
+    paths = [os.path.join(run_dirs[name], "model.keras") for name in sorted(run_dirs)]
     # A fresh process that imports only haet and keras: load (optimizer state whole), predict, Grad-CAM.
-    result = subprocess.run([sys.executable, "-c", _LOAD, os.path.join(run_dir, "model.keras"),
-                             str(tmp_path / "images.npy")], env=env, capture_output=True, text=True, cwd=REPO)
+    result = subprocess.run([sys.executable, "-c", _LOAD, str(tmp_path / "images.npy"), *paths], env=env,
+                            capture_output=True, text=True, cwd=REPO)
     assert result.returncode == 0, result.stderr[-3000:]
     loaded = json.loads(result.stdout.strip().splitlines()[-1])
-    model = keras.saving.load_model(os.path.join(run_dir, "model.keras"))
-    assert loaded["optimizer_variables"] == len(model.optimizer.variables) and loaded["heatmaps"] == [4, 32, 32]
-    np.testing.assert_allclose(loaded["logits"], np.asarray(model.predict(images, verbose=0)), rtol=1e-5, atol=1e-4)
     tf = pytest.importorskip("tensorflow")
-    restored = tf.saved_model.load(os.path.join(run_dir, "saved_model"))  # kept: it owns the variables
-    served = restored.serve(tf.constant(images))
-    np.testing.assert_allclose(np.asarray(served), loaded["logits"], rtol=1e-5, atol=1e-4)
-    if name == "resnet9":  # the command line too, on the model with ghost batch norm
-        out = tmp_path / "gradcam.png"
-        result = subprocess.run([sys.executable, "-m", "haet.explain", f"--model={run_dir}/model.keras",
-                                 f"--data_dir={cifar10_slice_dir}", f"--out={out}", "--num_images=4"],
-                                env=env, capture_output=True, text=True, cwd=REPO)
-        assert result.returncode == 0, result.stderr[-3000:]
-        assert out.stat().st_size > 5000
+    for name, path in zip(sorted(run_dirs), paths):
+        model = keras.saving.load_model(path)
+        assert loaded[path]["optimizer_variables"] == len(model.optimizer.variables), name
+        assert loaded[path]["heatmaps"] == [4, 32, 32]
+        np.testing.assert_allclose(loaded[path]["logits"], np.asarray(model.predict(images, verbose=0)),
+                                   rtol=1e-5, atol=1e-4)
+        restored = tf.saved_model.load(os.path.join(run_dirs[name], "saved_model"))  # kept: it owns the variables
+        served = restored.serve(tf.constant(images))
+        np.testing.assert_allclose(np.asarray(served), loaded[path]["logits"], rtol=1e-5, atol=1e-4)
+    # The command line too, on the model with ghost batch norm.
+    out = tmp_path / "gradcam.png"
+    result = subprocess.run([sys.executable, "-m", "haet.explain", f"--model={run_dirs['resnet9']}/model.keras",
+                             f"--data_dir={cifar10_slice_dir}", f"--out={out}", "--num_images=4"],
+                            env=env, capture_output=True, text=True, cwd=REPO)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert out.stat().st_size > 5000
 
 
 @pytest.mark.parametrize("name", sorted(models.MODELS))

@@ -141,22 +141,27 @@ def test_a_best_at_chance_level_is_flagged(tmp_path):
 
 
 _WORKER = """
-import sys
+import os, sys, time
 sys.path.insert(0, {tests!r})
 from test_search import _fake_train
 from haet import search
 from haet.training import TrainConfig
 space = search.parse_space(["learning_rate=loguniform:0.01:1"])
+# Both workers start together (imports take seconds): a barrier of two files.
+open(os.path.join({folder!r}, "ready_" + sys.argv[1]), "w").close()
+deadline = time.time() + 300
+while len([f for f in os.listdir({folder!r}) if f.startswith("ready_")]) < 2 and time.time() < deadline:
+    time.sleep(0.05)
 search.run_search(TrainConfig(validation_size=500, budget_seconds=5), space, {folder!r}, 10,
-                  train=_fake_train([], slow=0.2))
+                  train=_fake_train([], slow=0.3))
 """
 
 
 def test_two_worker_processes_share_one_study(tmp_path):
     env = dict(os.environ, PYTHONPATH=REPO)
     script = _WORKER.format(tests=os.path.dirname(os.path.abspath(__file__)), folder=str(tmp_path))
-    workers = [subprocess.Popen([sys.executable, "-c", script], env=env, cwd=REPO, stderr=subprocess.PIPE,
-                                text=True) for _ in range(2)]
+    workers = [subprocess.Popen([sys.executable, "-c", script, str(k)], env=env, cwd=REPO, stderr=subprocess.PIPE,
+                                text=True) for k in range(2)]
     for w in workers:
         _, stderr = w.communicate(timeout=600)
         assert w.returncode == 0, stderr[-3000:]
