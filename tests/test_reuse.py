@@ -80,7 +80,8 @@ def test_saved_models_load_after_import_haet_export_and_explain(tmp_path, cifar1
         config = TrainConfig(budget_seconds=600.0, data_dir=cifar10_slice_dir, train_size=100, model=name,
                              batch_size=20, optimizer="sgd", lr_schedule="one_cycle", epochs=1, ema_decay=0.9,
                              augmentation="crop_flip_cutout", input_normalization="channel_standardize",
-                             eval_batch_size=500, export="saved_model", **SMALL[name])
+                             eval_batch_size=500, export="saved_model" if name == "resnet9" else "none",
+                             **SMALL[name])
         record, run_dirs[name] = train(config, results_dir=str(tmp_path / name))
         assert record["status"] == "completed" and "artifact_errors" not in record
     images = np.load(os.path.join(cifar10_slice_dir, "test.npz"))["x"][:4]
@@ -99,6 +100,9 @@ def test_saved_models_load_after_import_haet_export_and_explain(tmp_path, cifar1
         assert loaded[path]["heatmaps"] == [4, 32, 32]
         np.testing.assert_allclose(loaded[path]["logits"], np.asarray(model.predict(images, verbose=0)),
                                    rtol=1e-5, atol=1e-4)
+        if name != "resnet9":  # the export does not depend on the network: one model (custom layers) shows it
+            assert not os.path.exists(os.path.join(run_dirs[name], "saved_model"))
+            continue
         restored = tf.saved_model.load(os.path.join(run_dirs[name], "saved_model"))  # kept: it owns the variables
         served = restored.serve(tf.constant(images))
         np.testing.assert_allclose(np.asarray(served), loaded[path]["logits"], rtol=1e-5, atol=1e-4)
