@@ -18,6 +18,7 @@ budget: the overshoot is at most one execution (`steps_per_execution` steps), an
 about one step once the step time is known.
 """
 
+import bisect
 import contextlib
 import dataclasses
 import math
@@ -29,7 +30,7 @@ from absl import logging
 
 from haet import optimizers
 from haet.augment import FILL_MODES
-from haet.loop import Hook
+from haet.loop import Hook, StepLimit
 
 
 class PhaseTimer:
@@ -135,6 +136,7 @@ class WallClockBudget(Hook):
         self._targets = []
         self._now = None
         self._compiled = False
+        self._step_times = []  # seconds per step of each execution that did not compile, sorted
         # A progress line every this many seconds of training (None: off); epoch
         # lines come on top. Budgets of minutes get one every 5% of the budget.
         self.progress_every = None if math.isinf(self.budget_seconds) else max(10.0, self.budget_seconds / 20)
@@ -157,6 +159,8 @@ class WallClockBudget(Hook):
         losses = engine.run(steps)
         self.end = self.clock()
         self.executions.append(Execution(steps, self.end - start, probe, first=not self._compiled))
+        if self._compiled:
+            bisect.insort(self._step_times, (self.end - start) / steps)
         self._compiled = True
         if not probe:
             self.steps += steps
@@ -179,9 +183,15 @@ class WallClockBudget(Hook):
                 self.end += seconds
 
     def steady_step_seconds(self):
-        """The median seconds per step over executions that did not compile, or None."""
-        later = [e.seconds / e.steps for e in self.executions if not e.first]
-        return statistics.median(later) if later else None
+        """The median seconds per step over executions that did not compile, or None.
+
+        Read before every execution: the per-step times are kept sorted as they come
+        (`_step_times`), so this costs no pass over thousands of executions."""
+        times = self._step_times
+        if not times:
+            return None
+        middle = len(times) // 2
+        return times[middle] if len(times) % 2 else (times[middle - 1] + times[middle]) / 2
 
     def typical_execution_seconds(self):
         """The median seconds of a kept execution after each process's first, or None."""
@@ -206,6 +216,7 @@ class WallClockBudget(Hook):
         self.end = None if state["end"] is None else self.start + state["end"]
         self.steps = state["steps"]
         self.executions = [Execution(**e) for e in state["executions"]]
+        self._step_times = sorted(e.seconds / e.steps for e in self.executions if not e.first)
         self.history = [dict(row) for row in state["history"]]
         self.paused_seconds = state["paused_seconds"]
         self._current = dict(state["current"])
@@ -217,9 +228,9 @@ class WallClockBudget(Hook):
         no other; None before any."""
         if not self.executions:
             return None
-        later = [e.seconds / e.steps for e in self.executions if not e.first]
-        if later:
-            return statistics.median(later)
+        steady = self.steady_step_seconds()
+        if steady is not None:
+            return steady
         return self.executions[-1].seconds / self.executions[-1].steps
 
     def steps_within(self, seconds):
@@ -327,15 +338,14 @@ class WallClockBudget(Hook):
     def compile_seconds(self):
         """The excess of each process's first execution over its steps at the typical
         step time (tracing and compilation; a resumed run compiles again)."""
-        later = [e.seconds / e.steps for e in self.executions if not e.first]
-        typical = statistics.median(later) if later else 0.0
+        typical = self.steady_step_seconds() or 0.0
         return sum(max(0.0, e.seconds - e.steps * typical) for e in self.executions if e.first)
 
     def probe_steps(self):
         return sum(e.steps for e in self.executions if e.probe)
 
 
-class StepPlanner(Hook):
+class StepPlanner(StepLimit):
     """Sets the length of a step-based schedule so that it ends with the budget.
 
     A one-cycle schedule needs its total number of steps in advance; how many fit in
@@ -374,8 +384,8 @@ class StepPlanner(Hook):
         self.planned_steps = planned_steps
         self.steps_per_epoch = steps_per_epoch
         self.probe_steps = probe_steps
+        super().__init__(None)
         self.planned_epochs = None
-        self.planned_steps_value = None
         self.step_seconds = None
         self.epoch_overheads = []
         self.replanned_from = None
@@ -433,12 +443,16 @@ class StepPlanner(Hook):
         self.planned_steps_value = epochs * self.steps_per_epoch
         run.engine.assign(self.planned_steps, float(self.planned_steps_value))
 
-    def limit(self, run):
-        return self.planned_steps_value - self.budget.steps
+    reason = "planned"
 
-    def after_execution(self, run, steps, losses):
-        if self.budget.steps >= self.planned_steps_value:
-            run.stop("planned")
+    @property
+    def planned_steps_value(self):
+        """The planned number of steps (the `StepLimit`), None before planning."""
+        return self.max_steps
+
+    @planned_steps_value.setter
+    def planned_steps_value(self, value):
+        self.max_steps = value
 
     def on_epoch_end(self, run, epoch, logs):
         # Runs after the other epoch-end hooks: the time since the last execution is the

@@ -22,6 +22,7 @@ import json
 import os
 import random
 import signal
+import socket
 import threading
 
 import numpy as np
@@ -184,7 +185,7 @@ class Checkpointer(Hook):
                 self.bytes = save(self.path, engine.snapshot(), engine.variable_paths(), state)
             except OSError as e:
                 self.saved -= 1
-                self.folder._failed(CHECKPOINT, e)
+                self.folder.report_failure(CHECKPOINT, e)
                 return False
             if CHECKPOINT in self.folder.artifact_errors:
                 del self.folder.artifact_errors[CHECKPOINT]
@@ -298,7 +299,7 @@ def resumable(run_dir):
                          "again: start a new run with other settings (a lower --learning_rate).")
     if status == "running":
         process = record.get("process") or {}
-        if process.get("host") == results.socket.gethostname() and _alive(process.get("pid")):
+        if process.get("host") == socket.gethostname() and _alive(process.get("pid")):
             raise ValueError(f"{run_dir} is still running (pid {process.get('pid')}): stop it first "
                              "(kill -TERM writes a checkpoint).")
     elif status not in ("interrupted", "failed"):

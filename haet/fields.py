@@ -94,7 +94,8 @@ def table_help(table):
 
 
 # Value checks for `Field.check`: each returns `check(value, name)`.
-def _number(value):
+def is_number(value):
+    """Whether `value` is a finite int or float (not a bool)."""
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
@@ -103,7 +104,7 @@ def at_least(low, integer=False, unit=""):
     what = "an integer" if integer else "a number"
 
     def check(value, name):
-        if not (_number(value) and value >= low and (not integer or isinstance(value, int))):
+        if not (is_number(value) and value >= low and (not integer or isinstance(value, int))):
             raise ValueError(f"{name} must be {what} >= {low:g}{unit}. Received: {name}={value!r}")
 
     return check
@@ -114,7 +115,7 @@ def positive(integer=False, unit=""):
     what = "a positive integer" if integer else "a positive number"
 
     def check(value, name):
-        if not (_number(value) and value > 0 and (not integer or isinstance(value, int))):
+        if not (is_number(value) and value > 0 and (not integer or isinstance(value, int))):
             raise ValueError(f"{name} must be {what}{unit}. Received: {name}={value!r}")
 
     return check
@@ -125,7 +126,7 @@ def in_range(low, high, high_open=False, unit=""):
     bracket = ")" if high_open else "]"
 
     def check(value, name):
-        ok = _number(value) and low <= value and (value < high if high_open else value <= high)
+        ok = is_number(value) and low <= value and (value < high if high_open else value <= high)
         if not ok:
             raise ValueError(f"{name} must be in [{low:g}, {high:g}{bracket}{unit}. Received: {name}={value!r}")
 

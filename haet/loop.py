@@ -54,6 +54,24 @@ class Hook:
         """Puts back a `state_dict()` before a resumed run's `on_train_begin`."""
 
 
+class StepLimit(Hook):
+    """Stops the run (`reason`) once the budget counts `max_steps` kept steps, and caps
+    each execution so that none runs past them. `max_steps` may change while the run
+    goes (a planner sets it); None: no limit yet."""
+
+    reason = "max_steps"
+
+    def __init__(self, max_steps=None):
+        self.max_steps = max_steps
+
+    def limit(self, run):
+        return None if self.max_steps is None else self.max_steps - run.budget.steps
+
+    def after_execution(self, run, steps, losses):
+        if self.max_steps is not None and run.budget.steps >= self.max_steps:
+            run.stop(self.reason)
+
+
 class KerasCallbacks(Hook):
     """Keras callbacks at epoch granularity: `on_train_begin`, `on_epoch_begin`,
     `on_epoch_end` (with the epoch's logs) and `on_train_end`; no batch hooks are

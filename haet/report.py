@@ -22,13 +22,13 @@ README (between `README_START` and `README_END`); nothing else touches it.
 import collections
 import csv
 import json
-import math
 import os
 import statistics
 
 from absl import logging
 
 from haet import plots
+from haet.fields import is_number
 
 
 def scan_records(results_dir):
@@ -70,9 +70,9 @@ def scan_records(results_dir):
             skip(path, f"status {status}" + (f" ({record['error']})" if record.get("error") else ""))
         elif accuracy is None and "test_accuracy" in record:
             skip(path, "validation only (no test accuracy)")
-        elif not _number(accuracy) or not 0 <= accuracy <= 1:
+        elif not is_number(accuracy) or not 0 <= accuracy <= 1:
             skip(path, f"test_accuracy {accuracy!r} is not a fraction")
-        elif not _number(record.get("budget_seconds")):
+        elif not is_number(record.get("budget_seconds")):
             skip(path, f"budget_seconds {record.get('budget_seconds')!r} is not a number")
         elif not isinstance(record.get("flags"), dict):
             skip(path, f"flags {record.get('flags')!r} is not an object")
@@ -80,10 +80,6 @@ def scan_records(results_dir):
             record["record_path"] = path
             records.append(record)
     return records, skipped
-
-
-def _number(value):
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def load_records(results_dir):
@@ -221,12 +217,12 @@ def summarize(records):
         rows = []
         for key, runs in by_key.items():
             mean, std = _mean_std([r["test_accuracy"] for r in runs])
-            ips = [r["images_per_second"] for r in runs if _number(r.get("images_per_second"))]
+            ips = [r["images_per_second"] for r in runs if is_number(r.get("images_per_second"))]
             variant_names = sorted({k for r in runs for k in (r.get("test_accuracy_variants") or {})})
             variants = {}
             for k in variant_names:
                 values = [r["test_accuracy_variants"][k] for r in runs
-                          if _number((r.get("test_accuracy_variants") or {}).get(k))]
+                          if is_number((r.get("test_accuracy_variants") or {}).get(k))]
                 if values:
                     variants[k] = (statistics.fmean(values), len(values))
             recipe = "; ".join([recipe_of(runs[0]), *differences[key]])
@@ -247,7 +243,7 @@ def summarize(records):
 
 def _epochs(record):
     value = record.get("epochs_equivalent", record.get("epochs", 0))
-    return value if _number(value) else 0.0
+    return value if is_number(value) else 0.0
 
 
 def matching_published(published, setting):

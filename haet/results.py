@@ -12,6 +12,7 @@ old) when the run ends as one of `STATUSES`. Records are strict JSON: a non-fini
 number is written as null (`json_safe`).
 """
 
+import contextlib
 import csv
 import dataclasses
 import datetime
@@ -153,18 +154,10 @@ def write_json_atomic(path, data):
             os.fsync(f.fileno())
         os.replace(temporary, path)
     except BaseException:
-        with _suppress_os_error():
+        with contextlib.suppress(OSError):
             os.remove(temporary)
         raise
     return path
-
-
-class _suppress_os_error:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, kind, value, traceback):
-        return kind is not None and issubclass(kind, OSError)
 
 
 def write_record(run_dir, record):
@@ -242,10 +235,11 @@ class RunFolder:
             write_json_atomic(os.path.join(self.path, "record.json"), self.record)
             return True
         except OSError as e:
-            self._failed("record.json", e)
+            self.report_failure("record.json", e)
             return False
 
-    def _failed(self, name, error):
+    def report_failure(self, name, error):
+        """Logs that file `name` could not be written and lists it in `artifact_errors`."""
         self.artifact_errors[name] = f"{type(error).__name__}: {error}"
         logging.error("could not write %s in %s: %s", name, self.path, error)
 
@@ -257,14 +251,14 @@ class RunFolder:
             write(os.path.join(self.path, name))
             return True
         except OSError as e:
-            self._failed(name, e)
+            self.report_failure(name, e)
             return False
 
     def start_history(self, rows=()):
         """(Re)writes `history.csv` with `rows` (a resumed run's rows so far)."""
         self._history_fields = None
         path = os.path.join(self.path, "history.csv")
-        self.artifact("history.csv", lambda p: _write_rows(p, list(rows)))
+        self.artifact("history.csv", lambda p: write_rows(p, list(rows)))
         if rows:
             self._history_fields = _fields_of(rows)
 
@@ -276,7 +270,7 @@ class RunFolder:
                 with open(path, "a", newline="") as f:
                     csv.DictWriter(f, fieldnames=self._history_fields, restval="").writerow(json_safe(row))
             else:
-                _write_rows(path, rows)
+                write_rows(path, rows)
                 self._history_fields = _fields_of(rows)
 
         self.artifact("history.csv", write)
@@ -289,7 +283,9 @@ def _fields_of(rows):
     return names
 
 
-def _write_rows(path, rows):
+def write_rows(path, rows):
+    """Writes dict `rows` as CSV to `path` (the union of their keys as columns) through a
+    temporary file renamed over it: for files a run rewrites as it goes."""
     temporary = f"{path}.tmp{os.getpid()}"
     with open(temporary, "w", newline="") as f:
         if rows:
@@ -315,10 +311,7 @@ def write_csv(run_dir, name, rows):
 
 def write_confusion_matrix(run_dir, matrix, class_names):
     """Writes `matrix` (rows: true class, columns: predicted) to a new `run_dir/confusion_matrix.csv`."""
-    path = os.path.join(run_dir, "confusion_matrix.csv")
-    if os.path.exists(path):
-        raise FileExistsError(f"{path} exists; run folders are never overwritten.")
-    return _write_confusion_matrix(path, matrix, class_names)
+    return _write_confusion_matrix(os.path.join(run_dir, "confusion_matrix.csv"), matrix, class_names)
 
 
 def _write_confusion_matrix(path, matrix, class_names):
@@ -487,7 +480,7 @@ def write_artifacts(folder, model, run, evaluated, class_names, save_model=True,
 
     record = folder.record
     if run.health is not None:
-        folder.artifact("health.csv", lambda p: _write_rows(p, run.health.rows))
+        folder.artifact("health.csv", lambda p: write_rows(p, run.health.rows))
     test = evaluated.get("test")
     if test:
         folder.artifact("confusion_matrix.csv", lambda p: _write_confusion_matrix(

@@ -30,7 +30,7 @@ from absl import logging
 from haet import evaluation, training
 from haet.budget import WallClockBudget
 from haet.engine import make_engine
-from haet.loop import Hook, Training
+from haet.loop import StepLimit, Training
 
 
 def unregularized(config):
@@ -69,18 +69,12 @@ def check_initial_loss(config, data, x, y, tolerance=0.25):
     return {"passed": abs(loss - expected) <= tolerance * expected, "loss": loss, "expected": expected}
 
 
-class _StopAtAccuracy(Hook):
+class _StopAtAccuracy(StepLimit):
     """Stops when an epoch's training accuracy reaches `target`, or after `max_steps`."""
 
     def __init__(self, target, max_steps):
-        self.target, self.max_steps, self.accuracy = target, max_steps, 0.0
-
-    def limit(self, run):
-        return self.max_steps - run.budget.steps
-
-    def after_execution(self, run, steps, losses):
-        if run.budget.steps >= self.max_steps:
-            run.stop("max_steps")
+        super().__init__(max_steps)
+        self.target, self.accuracy = target, 0.0
 
     def on_epoch_end(self, run, epoch, logs):
         self.accuracy = logs["accuracy"]

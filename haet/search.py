@@ -38,7 +38,6 @@ values, validation accuracy, the run folder), `runs/`, and Optuna's figures
 `param_importances.png` with two or more flags).
 """
 
-import csv
 import dataclasses
 import json
 import os
@@ -385,13 +384,7 @@ def trial_rows(study, space):
 
 def write_trials_csv(rows, path):
     """Writes the trials (`trial_rows`) to `path` (a derived file, rewritten each time)."""
-    temporary = f"{path}.tmp{os.getpid()}"
-    with open(temporary, "w", newline="") as f:
-        if rows:
-            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-            writer.writeheader()
-            writer.writerows(results.json_safe(r) for r in rows)
-    os.replace(temporary, path)
+    results.write_rows(path, rows)
     return path
 
 

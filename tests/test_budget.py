@@ -231,3 +231,22 @@ def test_a_hook_limit_below_one_is_an_error():
         _fit(engine, budget, Broken())
     with pytest.raises(ValueError, match="budget must be one of the hooks"):
         Training(engine, budget, [])
+
+
+def test_step_time_median_is_kept_as_executions_come_and_after_a_resume():
+    import statistics
+
+    clock = FakeClock()
+    seconds = [5.0, 0.3, 0.1, 0.2, 0.4, 0.25, 0.15]  # the first compiles
+    engine = FakeEngine(clock, size=400, batch_size=4, step_seconds=lambda step: seconds[len(engine.executions)],
+                        steps_per_execution=1)
+    budget = WallClockBudget(100.0, clock=clock)
+    engine.start_epoch(0)
+    for k in range(len(seconds)):
+        budget.execute(engine, 1)
+        later = seconds[1:k + 1]
+        assert budget.steady_step_seconds() == (pytest.approx(statistics.median(later)) if later else None)
+    assert budget.step_seconds() == pytest.approx(0.225) and budget.compile_seconds() == pytest.approx(4.775)
+    resumed = WallClockBudget(100.0, clock=clock)
+    resumed.load_state_dict(budget.state_dict())
+    assert resumed.steady_step_seconds() == pytest.approx(0.225)
