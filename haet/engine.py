@@ -26,6 +26,7 @@ TensorFlow (a `tf.function` loop over an XLA-compiled step; under
 devices.
 """
 
+import contextlib
 import weakref
 
 import keras
@@ -95,6 +96,10 @@ class Engine:
             this length (losses with label smoothing).
         steps_per_execution: K, the most steps one execution runs (>= 1).
         copies: number of precomputed copies in `images` (>= 1).
+        averages: weight averagers (`haet.averaging.ExponentialMovingAverage`...),
+            built here on the model; after every optimizer step, inside the
+            execution, each one's `update` runs on the new weights, and their
+            variables are part of the training state (snapshots, checkpoints).
         execution_loop: JAX only: "fused" runs an execution as one compiled program
             (a `lax.fori_loop` over the steps); "dispatch" dispatches one compiled step
             after another without waiting for them (XLA on the CPU runs a loop's body
@@ -108,7 +113,7 @@ class Engine:
     """
 
     def __init__(self, model, images, labels, batch_size, seed=0, one_hot_classes=None,
-                 steps_per_execution=DEFAULT_STEPS_PER_EXECUTION, copies=1, execution_loop="auto"):
+                 steps_per_execution=DEFAULT_STEPS_PER_EXECUTION, copies=1, execution_loop="auto", averages=()):
         if not (isinstance(copies, int) and copies >= 1):
             raise ValueError(f"copies must be a positive integer. Received: copies={copies!r}")
         if len(images) != copies * len(labels):
@@ -143,6 +148,11 @@ class Engine:
         model._symbolic_build(data_batch=_batch(
             images[:self.batch_size], labels[:self.batch_size], np.arange(self.batch_size, dtype=np.int32),
             0, self.batch_size, size, one_hot_classes))
+        self.averages = list(averages)
+        tensorflow = keras.backend.backend() == "tensorflow"
+        with model.distribute_strategy.scope() if tensorflow else contextlib.nullcontext():
+            for average in self.averages:
+                average.build(model)
         self._setup(np.asarray(images), np.asarray(labels, dtype=np.int32))
 
     @property
@@ -246,7 +256,20 @@ class Engine:
     def _variables(self):
         model = self.model
         return [*model.trainable_variables, *model.non_trainable_variables,
-                *model.optimizer.variables, *model.metrics_variables]
+                *model.optimizer.variables, *model.metrics_variables, *self._average_variables()]
+
+    def _average_variables(self):
+        return [v for average in self.averages for v in average.variables]
+
+    def _apply_averages(self, trainable, non_trainable, values):
+        """Each averager's `update` after a step: `(trainable, non_trainable, values)`."""
+        trainable, non_trainable, values, out = list(trainable), list(non_trainable), list(values), []
+        for average in self.averages:
+            count = len(average.variables)
+            trainable, non_trainable, new = average.update(trainable, non_trainable, values[:count])
+            values = values[count:]
+            out += list(new)
+        return list(trainable), list(non_trainable), out
 
     # Backend parts.
     def _setup(self, images, labels):
@@ -307,7 +330,10 @@ class _JaxEngine(Engine):
         def step(state, images, labels, order, position):
             # `position`: where this step's batch starts in the epoch's order (on the device).
             x, y = _batch(images, labels, order, position, batch_size, size, one_hot)
-            logs, state = model.train_step(state, (shard(x), shard(y)))
+            logs, (trainable, non_trainable, optimizer_values, metrics) = model.train_step(
+                state[:4], (shard(x), shard(y)))
+            trainable, non_trainable, averages = self._apply_averages(trainable, non_trainable, state[4])
+            state = (trainable, non_trainable, list(optimizer_values), list(metrics), averages)
             return logs, state, position + batch_size
 
         def learning_rate(optimizer_values):
@@ -342,7 +368,7 @@ class _JaxEngine(Engine):
     def _groups(self):
         model = self.model
         return (model.trainable_variables, model.non_trainable_variables, model.optimizer.variables,
-                model.metrics_variables)
+                model.metrics_variables, self._average_variables())
 
     def _set_order(self, order):
         import jax
@@ -430,12 +456,28 @@ class _TensorFlowEngine(Engine):
             return tf.cast(model.train_step((x, y))["loss"], tf.float32)
 
         one_step = tf.function(one_step, jit_compile=bool(model.jit_compile))
+        averages = self._average_variables()
+
+        def average():
+            # In the cross-replica context: every replica holds the same weights after a step.
+            trainable = [v.value for v in model.trainable_variables]
+            non_trainable = [v.value for v in model.non_trainable_variables]
+            new_trainable, new_non_trainable, values = self._apply_averages(
+                trainable, non_trainable, [v.value for v in averages])
+            for variables, old, new in ((model.trainable_variables, trainable, new_trainable),
+                                        (model.non_trainable_variables, non_trainable, new_non_trainable),
+                                        (averages, averages, values)):
+                for variable, before, after in zip(variables, old, new):
+                    if after is not before:
+                        variable.assign(after)
 
         @tf.function
         def execution(start, steps):
             losses = tf.TensorArray(tf.float32, size=steps)
             for i in tf.range(steps):
                 loss = strategy.run(one_step, args=(start + i * batch_size,))
+                if averages:
+                    average()
                 # Each replica's running mean covers its equal share: their mean is the batch's.
                 losses = losses.write(i, strategy.reduce("MEAN", loss, axis=None))
             return losses.stack()

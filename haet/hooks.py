@@ -89,18 +89,28 @@ class DivergenceGuard(Hook):
 
 
 class MovingAverage(Hook):
-    """At the end of training, keeps a host copy of the raw trainable weights
-    (`raw_weights`) and swaps the optimizer's exponential moving average of the
-    weights into the model (`optimizer.finalize_variable_values`, as `model.fit` does).
-    Place it before `KerasCallbacks` so callbacks see the averaged weights, as in Keras.
+    """At the end of training, keeps host copies of the raw weights (`raw_weights`,
+    `(trainable, non_trainable)` value lists: the form `haet.engine.Predictor` takes)
+    and writes the moving average (`average`, a `haet.averaging.ExponentialMovingAverage`
+    the engine updates) into the model: weights, and batch-norm statistics when it
+    averages them. Place it before `KerasCallbacks` so callbacks see the averaged
+    weights, as with Keras' own EMA.
     """
 
     raw_weights = None
 
+    def __init__(self, average):
+        self.average = average
+
     def on_train_end(self, run):
         model = run.engine.model
-        self.raw_weights = [keras.ops.convert_to_numpy(v.value) for v in model.trainable_variables]
-        model.optimizer.finalize_variable_values(model.trainable_variables)
+        self.raw_weights = tuple([keras.ops.convert_to_numpy(v.value) for v in variables]
+                                 for variables in (model.trainable_variables, model.non_trainable_variables))
+        trainable, non_trainable = self.average.average_weights(model)
+        for variables, values in ((model.trainable_variables, trainable),
+                                  (model.non_trainable_variables, non_trainable)):
+            for variable, value in zip(variables, values):
+                variable.assign(value)
 
 
 class SnapshotKeeper(Hook):

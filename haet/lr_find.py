@@ -123,7 +123,7 @@ def range_test(config, data, min_learning_rate, max_learning_rate, steps):
     with training.settings_of(config) as settings:
         model, _, _ = training.build_model(config, data)
         schedule = keras.optimizers.schedules.ExponentialDecay(min_learning_rate, decay_steps=1, decay_rate=rate)
-        optimizer = optimizers.make_optimizer(dataclasses.replace(config, ema_decay=0.0), schedule)
+        optimizer = optimizers.make_optimizer(config, schedule)
         training.compile_model(config, model, optimizer, settings)
         engine = make_engine(model, data.x_fit, data.y_fit, config.batch_size, seed=config.seed,
                              one_hot_classes=data.info.num_classes if config.label_smoothing else None,

@@ -3,8 +3,8 @@
 - adam: `keras.optimizers.Adam` with its defaults (UMBC HAET-2021 used TF 2.4's Adam,
   beta 0.9/0.999, epsilon 1e-7);
 - sgd: `keras.optimizers.SGD` with Nesterov momentum (Page's ResNet-9).
-Both keep Keras' exponential moving average of the weights when `--ema_decay` > 0
-(`use_ema`, one update per step), swapped into the model when training ends.
+The moving average of the weights (`--ema_decay`) is `haet.averaging`'s, kept by the
+engine (Keras' `use_ema` has no warm-up and leaves the batch-norm statistics out).
 The loss is the softmax cross-entropy on logits, with label smoothing when set.
 """
 
@@ -12,10 +12,6 @@ import keras
 
 from haet import fields
 from haet.fields import Field, Kind
-
-
-def _ema(ema_decay):
-    return {"use_ema": True, "ema_momentum": ema_decay} if ema_decay else {}
 
 
 class _PlanOnBuild:
@@ -43,30 +39,47 @@ class Adam(_PlanOnBuild, keras.optimizers.Adam):
     """`keras.optimizers.Adam` that restores a planned schedule's plan on load (see `_PlanOnBuild`)."""
 
 
-def _adam(learning_rate, ema_decay):
-    return Adam(learning_rate, **_ema(ema_decay))
+def _adam(learning_rate):
+    return Adam(learning_rate)
 
 
-def _sgd(learning_rate, momentum, ema_decay):
-    return SGD(learning_rate, momentum=momentum, nesterov=True, **_ema(ema_decay))
+def _sgd(learning_rate, momentum):
+    return SGD(learning_rate, momentum=momentum, nesterov=True)
 
 
 # The optimizers the `--optimizer` flag names; every builder also takes
 # `learning_rate` (a float or a keras schedule).
 OPTIMIZERS = {
-    "adam": Kind(_adam, ("ema_decay",), None, "Adam"),
-    "sgd": Kind(_sgd, ("momentum", "ema_decay"), None, "SGD with Nesterov momentum"),
+    "adam": Kind(_adam, (), None, "Adam"),
+    "sgd": Kind(_sgd, ("momentum",), None, "SGD with Nesterov momentum"),
 }
 
 FIELDS = (
     Field("optimizer", "adam", "Optimizer. " + fields.table_help(OPTIMIZERS) + ".",
           fields.one_of(OPTIMIZERS, "optimizer")),
     Field("momentum", 0.9, "sgd: momentum, in [0, 1).", fields.in_range(0, 1, high_open=True)),
-    Field("ema_decay", 0.0, "Momentum per step of the exponential moving average of the weights, in [0, 1); "
-          "0: off.", fields.in_range(0, 1, high_open=True)),
+    Field("ema_decay", 0.0, "Momentum per step of the exponential moving average of the weights, in [0, 1) "
+          "(horizon about 1 / (1 - decay) steps); the averaged weights are the final ones. 0: off.",
+          fields.in_range(0, 1, high_open=True)),
+    Field("ema_every_steps", 1, "EMA: update the average every this many steps, with momentum "
+          "ema_decay ** ema_every_steps (Page: 0.99 per step, every 5 steps).", fields.positive(integer=True)),
+    Field("ema_warmup", True, "EMA: the n-th update's momentum is at most (1 + n) / (10 + n) (TensorFlow's "
+          "ExponentialMovingAverage num_updates), so short runs average recent weights, not initial ones."),
+    Field("ema_batch_norm_statistics", True, "EMA: average the batch-norm moving means and variances with the "
+          "weights (else the averaged weights are evaluated with the raw weights' statistics)."),
     Field("label_smoothing", 0.0, "Label smoothing of the cross-entropy, in [0, 1).",
           fields.in_range(0, 1, high_open=True)),
 )
+
+
+def make_moving_average(config):
+    """The `haet.averaging.ExponentialMovingAverage` of `config`, or None without `ema_decay`."""
+    from haet.averaging import ExponentialMovingAverage
+
+    if not config.ema_decay:
+        return None
+    return ExponentialMovingAverage(config.ema_decay, config.ema_every_steps, config.ema_warmup,
+                                    config.ema_batch_norm_statistics)
 
 
 def make_optimizer(config, learning_rate):

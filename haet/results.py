@@ -452,6 +452,10 @@ def evaluation_fields(config, data, run, evaluated, timer):
         "eval_seconds": round(timer.seconds.get("eval", 0.0), 3),
         "published": published_comparison(config, test_accuracy) if test else None,
     }
+    split = next(iter(evaluated.values()), None)
+    if split is not None:
+        record["headline_variant"] = split.headline
+        record["headline_chosen_on"] = "validation" if config.ema_decay and "validation" in evaluated else None
     for name, split in evaluated.items():
         record[f"{name}_accuracy_variants"] = {k: v["accuracy"] for k, v in split.scores.items()}
         record[f"{name}_loss_variants"] = {k: v["loss"] for k, v in split.scores.items()}

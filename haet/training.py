@@ -456,9 +456,10 @@ def build_run(config, model, augmentation, schedule, data, folder, clock=time.pe
                                                255.0 * mean)
         images, copies = np.concatenate(epochs), len(epochs)
     one_hot = data.info.num_classes if config.label_smoothing else None
+    average = optimizers.make_moving_average(config)
     engine = make_engine(model, images, data.y_fit, config.batch_size, seed=config.seed, one_hot_classes=one_hot,
                          steps_per_execution=config.steps_per_execution, copies=copies,
-                         execution_loop=config.execution_loop)
+                         execution_loop=config.execution_loop, averages=[average] if average else [])
     run = Run(engine, budget, training=None)
     hooks = [signals] if signals is not None else []
     run.divergence = DivergenceGuard()
@@ -473,8 +474,8 @@ def build_run(config, model, augmentation, schedule, data, folder, clock=time.pe
             os.path.join(run_dir, "tensorboard", "health") if config.tensorboard else None)
         hooks.append(run.health)
     hooks += [budget, HistoryWriter(folder, budget)]
-    if config.ema_decay:
-        run.moving_average = MovingAverage()
+    if average is not None:
+        run.moving_average = MovingAverage(average)
         hooks.append(run.moving_average)
     callbacks = []
     if config.early_stopping_patience or config.keep_best:
@@ -532,11 +533,20 @@ def evaluate(config, model, data, run):
     configured test-time augmentation ("<name>_tta_<mode>"). Weights other than the
     final ones are passed to the predictor, never written into the model.
 
+    The headline is the final weights with the configured test-time augmentation;
+    with EMA and a validation split, it is the one of "ema" and "raw" (with that
+    augmentation) scoring higher on the validation split (ties: "ema"), never chosen
+    on the test set; when that is "raw", the raw weights are written back into the
+    model, so the saved model is the one the headline scores.
+
     Returns:
         dict split name ("validation", "test") -> `Evaluated`.
     """
     prefix = "ema" if config.ema_decay else "best" if config.keep_best else "final"
-    headline = f"{prefix}_tta_{config.tta}" if config.tta != "none" else prefix
+
+    def with_tta(base):
+        return f"{base}_tta_{config.tta}" if config.tta != "none" else base
+
     splits = {}
     if config.validation_size:
         splits["validation"] = (data.x_val, data.y_val)
@@ -545,13 +555,20 @@ def evaluate(config, model, data, run):
     final = current_weights(model)
     weights = {prefix: final}
     if run.moving_average is not None:
-        weights["raw"] = (run.moving_average.raw_weights, final[1])
+        weights["raw"] = run.moving_average.raw_weights
     snapshots = [w for _, w in run.snapshots.snapshots] if run.snapshots else []
-    evaluated = {}
-    for name, (x, y) in splits.items():
-        scores, members = _evaluate_variants(config, model, x, y, data.info.num_classes, weights, snapshots)
-        evaluated[name] = Evaluated(scores, headline, members)
-    return evaluated
+    scored = {name: _evaluate_variants(config, model, x, y, data.info.num_classes, weights, snapshots)
+              for name, (x, y) in splits.items()}
+    headline = with_tta(prefix)
+    if run.moving_average is not None and "validation" in scored:
+        validation = scored["validation"][0]
+        if validation[with_tta("raw")]["accuracy"] > validation[headline]["accuracy"]:
+            headline = with_tta("raw")
+            for variables, values in zip((model.trainable_variables, model.non_trainable_variables),
+                                         run.moving_average.raw_weights):
+                for variable, value in zip(variables, values):
+                    variable.assign(value)
+    return {name: Evaluated(scores, headline, members) for name, (scores, members) in scored.items()}
 
 
 def _evaluate_variants(config, model, x, y, num_classes, weights, snapshots):
