@@ -5,15 +5,22 @@ import numpy as np
 from haet import fields
 from haet.fields import Field
 
-TTA_MODES = ("none", "flip", "flip_translate")
+TTA_MODES = ("none", "flip", "flip_translate", "airbench")
 
 FIELDS = (
     Field("tta", "none", "Test-time augmentation: none; flip (mean of the image and its mirror image); "
-          "flip_translate (also shifted by +-2 pixels, 6 views).", fields.one_of(TTA_MODES, "tta")),
+          "flip_translate (also shifted by +-2 pixels, 6 views); airbench (the image and its mirror image, "
+          "unshifted and shifted by -1 and +1 pixel, logits weighted 0.5/0.25/0.25).",
+          fields.one_of(TTA_MODES, "tta")),
     Field("eval_batch_size", 500, "Examples per evaluation step.", fields.positive(integer=True)),
 )
 # flip_translate: each of these (rows, cols) shifts in pixels, with and without a flip.
 TTA_SHIFTS = ((0, 0), (2, 2), (-2, -2))
+# airbench (KellerJordan/cifar10-airbench, airbench94.py, infer with tta_level=2): the
+# mirror-averaged logits of the image (weight 0.5) and of its one-pixel shifts up-left
+# and down-right with reflect padding (0.25 each).
+AIRBENCH_SHIFTS = ((0, 0), (-1, -1), (1, 1))
+AIRBENCH_WEIGHTS = (0.5, 0.25, 0.25)
 
 
 def _shift(images, rows, cols):
@@ -27,10 +34,16 @@ def _shift(images, rows, cols):
 
 
 def tta_views(images, tta):
-    """The views of `images` that test-time augmentation averages over.
+    """The views of `images` that test-time augmentation combines, and how.
 
     "none": the images; "flip": and their left-right mirror images (Page's ResNet-9);
-    "flip_translate": both, each also shifted by (2, 2) and (-2, -2) pixels (6 views).
+    "flip_translate": both, each also shifted by (2, 2) and (-2, -2) pixels (6
+    views); "airbench": both, unshifted and shifted by (-1, -1) and (1, 1) pixels
+    (6 views, airbench94's `tta_level=2`).
+
+    Returns:
+        `(views, weights, space)`: uint8 arrays shaped like `images`, one weight per
+        view (summing to 1), and "probabilities" or "logits": what the weights average.
 
     Raises:
         ValueError: an unknown mode.
@@ -38,11 +51,15 @@ def tta_views(images, tta):
     if tta not in TTA_MODES:
         raise ValueError(f"Unknown test-time augmentation {tta!r}. Allowed: {', '.join(TTA_MODES)}.")
     if tta == "none":
-        return [images]
+        return [images], [1.0], "probabilities"
     flipped = images[:, :, ::-1]
     if tta == "flip":
-        return [images, flipped]
-    return [_shift(v, r, c) for v in (images, flipped) for r, c in TTA_SHIFTS]
+        return [images, flipped], [0.5, 0.5], "probabilities"
+    if tta == "flip_translate":
+        views = [_shift(v, r, c) for v in (images, flipped) for r, c in TTA_SHIFTS]
+        return views, [1.0 / len(views)] * len(views), "probabilities"
+    views = [_shift(v, r, c) for r, c in AIRBENCH_SHIFTS for v in (images, flipped)]
+    return views, [w / 2 for w in AIRBENCH_WEIGHTS for _ in range(2)], "logits"
 
 
 def predict_logits(model, images, batch_size, weights=None):
@@ -82,12 +99,14 @@ def _softmax(logits):
 
 def predict_probabilities(model, images, batch_size, tta="none", weights=None):
     """Softmax probabilities of `model` (with `weights`, see `predict_logits`) on uint8
-    `(N, H, W, C)` images, averaged over the views of `tta_views(images, tta)`:
-    float64 `(N, classes)`."""
-    views = tta_views(images, tta)
-    probabilities = sum(_softmax(predict_logits(model, v, batch_size, weights).astype(np.float64))
-                        for v in views)
-    return probabilities / len(views)
+    `(N, H, W, C)` images, combined over the views of `tta_views(images, tta)` (its
+    weighted mean of the probabilities, or the softmax of its weighted mean of the
+    logits): float64 `(N, classes)`."""
+    views, view_weights, space = tta_views(images, tta)
+    outputs = [predict_logits(model, v, batch_size, weights).astype(np.float64) for v in views]
+    if space == "logits":
+        return _softmax(sum(w * o for w, o in zip(view_weights, outputs)))
+    return sum(w * _softmax(o) for w, o in zip(view_weights, outputs))
 
 
 def scores(probabilities, labels, num_classes):

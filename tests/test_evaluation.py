@@ -35,13 +35,22 @@ def test_evaluate_matches_keras_on_a_fixed_model():
 
 def test_tta_views():
     x = np.arange(2 * 4 * 4 * 1, dtype=np.uint8).reshape(2, 4, 4, 1)
-    assert len(evaluation.tta_views(x, "none")) == 1
-    plain, flipped = evaluation.tta_views(x, "flip")
+    assert len(evaluation.tta_views(x, "none")[0]) == 1
+    (plain, flipped), weights, space = evaluation.tta_views(x, "flip")
     np.testing.assert_array_equal(flipped[:, :, ::-1], x)
-    views = evaluation.tta_views(x, "flip_translate")
-    assert len(views) == 6 and all(v.shape == x.shape for v in views)
+    assert weights == [0.5, 0.5] and space == "probabilities"
+    views, weights, _ = evaluation.tta_views(x, "flip_translate")
+    assert len(views) == 6 and all(v.shape == x.shape for v in views) and math.isclose(sum(weights), 1.0)
     # Shifted by (2, 2): output pixel (0, 0) shows input pixel (2, 2).
     assert views[1][0, 0, 0, 0] == x[0, 2, 2, 0]
+    # airbench: the image and its mirror, unshifted (0.25 each), shifted by -1 and +1 pixel
+    # with reflect padding (0.125 each), combined on logits.
+    views, weights, space = evaluation.tta_views(x, "airbench")
+    assert weights == [0.25, 0.25, 0.125, 0.125, 0.125, 0.125] and space == "logits"
+    np.testing.assert_array_equal(views[0], x)
+    np.testing.assert_array_equal(views[1], x[:, :, ::-1])
+    assert views[2][0, 1, 1, 0] == x[0, 0, 0, 0] and views[2][0, 0, 0, 0] == x[0, 1, 1, 0]  # reflect: row -1 = row 1
+    assert views[4][0, 0, 0, 0] == x[0, 1, 1, 0] and views[4][0, 3, 3, 0] == x[0, 2, 2, 0]
     with pytest.raises(ValueError, match="Unknown test-time augmentation 'rotate'"):
         evaluation.tta_views(x, "rotate")
 
@@ -57,3 +66,18 @@ def test_flip_tta_averages_probabilities():
     assert plain["accuracy"] == 1.0 and both["accuracy"] == 0.0  # mean of p(0)=0.88 and 0.0025
     p0 = (1 / (1 + math.exp(-2)) + 1 / (1 + math.exp(6))) / 2
     assert math.isclose(both["loss"], -math.log(p0), rel_tol=1e-5)
+
+
+def test_airbench_tta_weights_logits_not_probabilities():
+    # A "model" whose logits are (v, -v) for the top-left pixel v: the combined logit is the
+    # weighted mean of v over the six views, so the answer follows its sign.
+    inputs = keras.Input((3, 3, 1))
+    corner = keras.layers.Lambda(lambda t: keras.ops.stack([t[:, 0, 0, 0], -t[:, 0, 0, 0]], axis=1))(inputs)
+    model = keras.Model(inputs, corner)
+    x = np.zeros((1, 3, 3, 1), "float32")
+    x[0, 0, 0, 0], x[0, 0, 2, 0], x[0, 1, 1, 0] = 8.0, -1.0, -1.0
+    views, weights, _ = evaluation.tta_views(x, "airbench")
+    mean_logit = sum(w * v[0, 0, 0, 0] for w, v in zip(weights, views))
+    probabilities = evaluation.predict_probabilities(model, x, 1, "airbench")
+    expected = 1 / (1 + math.exp(-2 * mean_logit))
+    assert math.isclose(probabilities[0, 0], expected, rel_tol=1e-6)
