@@ -1,6 +1,7 @@
 """Small backend-neutral layers that Keras does not have."""
 
 import keras
+import numpy as np
 from keras import ops
 
 
@@ -25,6 +26,7 @@ class GhostBatchNormalization(keras.layers.Layer):
         epsilon: added to the variance.
         center: learn a shift (beta).
         scale: learn a scale (gamma); `False` freezes it at 1 (Page's frozen scale).
+        beta_regularizer: a regularizer of the shift, or None.
 
     Input: `(batch, ..., channels)`; output: same shape and dtype.
 
@@ -32,8 +34,10 @@ class GhostBatchNormalization(keras.layers.Layer):
         ValueError: `num_splits < 1` at construction.
     """
 
-    def __init__(self, num_splits=1, momentum=0.9, epsilon=1e-5, center=True, scale=True, **kwargs):
+    def __init__(self, num_splits=1, momentum=0.9, epsilon=1e-5, center=True, scale=True, beta_regularizer=None,
+                 **kwargs):
         super().__init__(**kwargs)
+        self.beta_regularizer = keras.regularizers.get(beta_regularizer)
         if not isinstance(num_splits, int) or num_splits < 1:
             raise ValueError(f"num_splits must be a positive integer. Received: num_splits={num_splits!r}")
         self.num_splits = num_splits
@@ -46,7 +50,8 @@ class GhostBatchNormalization(keras.layers.Layer):
         channels = input_shape[-1]
         # As keras.layers.BatchNormalization: no variable for a frozen scale or shift.
         self.gamma = self.add_weight(shape=(channels,), name="gamma", initializer="ones") if self.scale else None
-        self.beta = self.add_weight(shape=(channels,), name="beta", initializer="zeros") if self.center else None
+        self.beta = self.add_weight(shape=(channels,), name="beta", initializer="zeros",
+                                    regularizer=self.beta_regularizer) if self.center else None
         self.moving_mean = self.add_weight(shape=(channels,), name="moving_mean",
                                            initializer="zeros", trainable=False)
         self.moving_variance = self.add_weight(shape=(channels,), name="moving_variance",
@@ -79,7 +84,8 @@ class GhostBatchNormalization(keras.layers.Layer):
     def get_config(self):
         config = super().get_config()
         config.update(num_splits=self.num_splits, momentum=self.momentum, epsilon=self.epsilon,
-                      center=self.center, scale=self.scale)
+                      center=self.center, scale=self.scale,
+                      beta_regularizer=keras.regularizers.serialize(self.beta_regularizer))
         return config
 
 
@@ -106,3 +112,111 @@ class CELU(keras.layers.Layer):
 
     def get_config(self):
         return {**super().get_config(), "alpha": self.alpha}
+
+
+@keras.saving.register_keras_serializable(package="haet")
+class PatchWhitening(keras.layers.Layer):
+    """A frozen convolution that whitens the image's `k x k` patches: its filters are the
+    eigenvectors of the patches' (uncentred) covariance, each divided by the square
+    root of its eigenvalue plus `epsilon` (PCA whitening; filters sorted by
+    decreasing eigenvalue). The covariance comes from training images through
+    `adapt`; the filters are non-trainable weights, saved with the model.
+
+    David Page's bag of tricks (davidcpage/cifar10-fast, bag_of_tricks.ipynb): 3x3
+    patches, 27 filters, epsilon 1e-2, "same" padding, then a trained 1x1 conv.
+    airbench (KellerJordan/cifar10-airbench, airbench94.py): 2x2 patches, epsilon
+    5e-4, "valid" padding, each filter and its negative (`both_signs`, 24 filters),
+    with a trained bias.
+
+    Args:
+        patch_size: `k`, the patch side in pixels (>= 1).
+        epsilon: added to the eigenvalues (> 0), in squared input units.
+        padding: "same" or "valid".
+        both_signs: also output the negated filters (twice the channels).
+        use_bias: add a trainable bias per output channel.
+
+    Input: float `(batch, height, width, channels)` (normalized as the images given to
+    `adapt`); output: `(batch, height', width', k * k * channels [* 2])`.
+
+    Raises:
+        ValueError: a bad patch size, epsilon or padding; `adapt` on images of
+            another channel count or smaller than a patch.
+    """
+
+    def __init__(self, patch_size=3, epsilon=1e-2, padding="same", both_signs=False, use_bias=False, **kwargs):
+        kwargs.setdefault("dtype", "float32")
+        super().__init__(**kwargs)
+        if not (isinstance(patch_size, int) and patch_size >= 1):
+            raise ValueError(f"patch_size must be a positive integer (pixels). Received: {patch_size!r}")
+        if not epsilon > 0:
+            raise ValueError(f"epsilon must be positive. Received: {epsilon!r}")
+        if padding not in ("same", "valid"):
+            raise ValueError(f"padding must be 'same' or 'valid'. Received: {padding!r}")
+        self.patch_size, self.epsilon, self.padding = patch_size, float(epsilon), padding
+        self.both_signs, self.use_bias = bool(both_signs), bool(use_bias)
+        self.adapted = False
+
+    def build(self, input_shape):
+        channels = input_shape[-1]
+        k = self.patch_size
+        filters = k * k * channels * (2 if self.both_signs else 1)
+        self.kernel = self.add_weight(shape=(k, k, channels, filters), name="kernel", initializer="zeros",
+                                      trainable=False)
+        self.bias = self.add_weight(shape=(filters,), name="bias", initializer="zeros") if self.use_bias else None
+
+    @staticmethod
+    def whitening_kernel(images, patch_size, epsilon, chunk_size=256):
+        """The `(k, k, C, k * k * C)` float32 whitening filters of float `(N, H, W, C)` images
+        (every `k x k` patch inside the images, no padding), computed in float64 chunks."""
+        images = np.asarray(images)
+        k = patch_size
+        n, height, width, channels = images.shape
+        if height < k or width < k:
+            raise ValueError(f"Images of {height}x{width} pixels are smaller than a {k}x{k} patch.")
+        dims = k * k * channels
+        covariance, count = np.zeros((dims, dims)), 0
+        for start in range(0, n, chunk_size):
+            chunk = images[start:start + chunk_size].astype(np.float64)
+            windows = np.lib.stride_tricks.sliding_window_view(chunk, (k, k), axis=(1, 2))
+            # (n, H-k+1, W-k+1, C, k, k) -> rows of (k, k, C) patches, the kernel's layout.
+            patches = windows.transpose(0, 1, 2, 4, 5, 3).reshape(-1, dims)
+            covariance += patches.T @ patches
+            count += len(patches)
+        covariance /= max(count - 1, 1)
+        eigenvalues, eigenvectors = np.linalg.eigh(covariance)
+        order = np.argsort(eigenvalues)[::-1]
+        eigenvalues, eigenvectors = eigenvalues[order], eigenvectors[:, order]
+        filters = eigenvectors / np.sqrt(np.maximum(eigenvalues, 0.0) + epsilon)
+        return filters.reshape(k, k, channels, dims).astype(np.float32)
+
+    def adapt(self, images):
+        """Computes the filters from float `(N, H, W, C)` images (normalized as this layer's
+        input will be: Page and airbench use the training images, unaugmented)."""
+        images = np.asarray(images)
+        if not self.built:
+            self.build(images.shape)
+        if images.ndim != 4 or images.shape[-1] != self.kernel.shape[2]:
+            raise ValueError(f"adapt takes (N, H, W, {self.kernel.shape[2]}) images. Received shape {images.shape}")
+        kernel = self.whitening_kernel(images, self.patch_size, self.epsilon)
+        if self.both_signs:
+            kernel = np.concatenate([kernel, -kernel], axis=-1)
+        self.kernel.assign(kernel)
+        self.adapted = True
+
+    def call(self, inputs):
+        x = keras.ops.conv(keras.ops.cast(inputs, "float32"), self.kernel, padding=self.padding)
+        if self.bias is not None:
+            x = x + self.bias
+        return keras.ops.cast(x, self.compute_dtype)
+
+    def compute_output_shape(self, input_shape):
+        k = self.patch_size
+        channels = k * k * input_shape[-1] * (2 if self.both_signs else 1)
+        if self.padding == "same":
+            return (*input_shape[:-1], channels)
+        shrink = [None if d is None else d - k + 1 for d in input_shape[1:3]]
+        return (input_shape[0], *shrink, channels)
+
+    def get_config(self):
+        return {**super().get_config(), "patch_size": self.patch_size, "epsilon": self.epsilon,
+                "padding": self.padding, "both_signs": self.both_signs, "use_bias": self.use_bias}

@@ -11,7 +11,7 @@ from keras import layers
 
 from haet import fields
 from haet.fields import Field, Kind
-from haet.layers import CELU, GhostBatchNormalization
+from haet.layers import CELU, GhostBatchNormalization, PatchWhitening
 
 # UMBC HAET-2021 (xmhosseini/HAET2021, HAET_CIFAR10_train.py): where their widened
 # ResNet-20 puts Dropout(0.25), as (stage, block, site) with stage and block counted
@@ -158,21 +158,42 @@ RESNET9_WIDTHS = (64, 128, 256, 512)
 RESNET9_RESIDUAL_LAYERS = (1, 3)
 
 
-def _conv_bn_act(x, filters, weight_decay, activation, celu_alpha, ghost_batch_splits,
-                 frozen_bn_scale, name):
-    x = layers.Conv2D(
-        filters, 3, padding="same", use_bias=False, kernel_initializer="he_uniform",
-        kernel_regularizer=keras.regularizers.L2(weight_decay) if weight_decay else None,
-        name=f"{name}_conv",
-    )(x)
+def _batch_norm(x, ghost_batch_splits, frozen_bn_scale, shift_decay, name):
+    regularizer = keras.regularizers.L2(shift_decay) if shift_decay else None
     if ghost_batch_splits > 1:
-        x = GhostBatchNormalization(ghost_batch_splits, scale=not frozen_bn_scale, name=f"{name}_bn")(x)
-    else:
-        x = layers.BatchNormalization(momentum=0.9, epsilon=1e-5, scale=not frozen_bn_scale,
-                                      name=f"{name}_bn")(x)
+        return GhostBatchNormalization(ghost_batch_splits, scale=not frozen_bn_scale, beta_regularizer=regularizer,
+                                       name=name)(x)
+    return layers.BatchNormalization(momentum=0.9, epsilon=1e-5, scale=not frozen_bn_scale,
+                                     beta_regularizer=regularizer, name=name)(x)
+
+
+def _activation(x, activation, celu_alpha, name):
     if activation == "celu":
         return CELU(celu_alpha, name=f"{name}_celu")(x)
     return layers.Activation(activation, name=f"{name}_{activation}")(x)
+
+
+def _conv_bn_act(x, filters, weight_decay, activation, celu_alpha, ghost_batch_splits, frozen_bn_scale,
+                 shift_decay, name, pool=None, kernel_size=3):
+    """conv-BN-act, then max-pool(2) when `pool` is "after"; conv-pool-BN-act when it is "before"."""
+    x = layers.Conv2D(
+        filters, kernel_size, padding="same", use_bias=False, kernel_initializer="he_uniform",
+        kernel_regularizer=keras.regularizers.L2(weight_decay) if weight_decay else None,
+        name=f"{name}_conv",
+    )(x)
+    if pool == "before":
+        x = layers.MaxPooling2D(2, name=f"{name}_pool")(x)
+    x = _batch_norm(x, ghost_batch_splits, frozen_bn_scale, shift_decay, f"{name}_bn")
+    x = _activation(x, activation, celu_alpha, name)
+    if pool == "after":
+        x = layers.MaxPooling2D(2, name=f"{name}_pool")(x)
+    return x
+
+
+# What the first block of ResNet-9 is: Page's dawn.py conv, or his bag of tricks'
+# frozen 3x3 PCA whitening followed by a trained 1x1 conv.
+RESNET9_PREPS = ("conv", "whitening")
+PAGE_WHITENING_EPSILON = 1e-2
 
 
 def resnet9(
@@ -185,6 +206,10 @@ def resnet9(
     frozen_bn_scale=True,
     logit_scale=0.125,
     weight_decay=5e-4,
+    prep="conv",
+    whitening_images=None,
+    pool_before_bn=False,
+    bn_shift_weight_decay=0.0,
     name=None,
 ):
     """David Page's ResNet-9 ("How to train your ResNet", myrtle.ai 2018;
@@ -194,6 +219,14 @@ def resnet9(
     conv(128)-BN-act; layer2: conv(256)-BN-act-maxpool(2); layer3: conv(512)-BN-act-
     maxpool(2) + residual; global max pooling; dense without bias; logits times
     `logit_scale`. 3x3 convs without bias.
+
+    The bag of tricks' variants (bag_of_tricks.ipynb): `prep="whitening"` replaces the
+    prep conv by a frozen `PatchWhitening` of 3x3 patches (27 channels, epsilon
+    1e-2, computed from `whitening_images`) and a trained 1x1 conv(64)-BN-act;
+    `pool_before_bn` pools right after each pooling layer's conv (conv-pool-BN-act,
+    a quarter of the BN and activation work); `bn_shift_weight_decay` puts an L2
+    penalty on the batch-norm shifts (Page decays them at weight decay / 64 with
+    64x their learning rate).
 
     Parameter count at width 1, 10 classes, RGB: 6,575,360 with frozen BN scales
     (6,570,880 trainable; the rest are BN moving statistics), 6,577,600 with learned
@@ -209,15 +242,22 @@ def resnet9(
         celu_alpha: CELU's alpha.
         ghost_batch_splits: >1 uses `GhostBatchNormalization` with that many groups.
         frozen_bn_scale: BN scales fixed at 1 (not trained).
-        logit_scale: multiplies the logits (Page: 0.125).
+        logit_scale: multiplies the logits (Page: 0.125 in dawn.py, 1/16 in the bag of tricks).
         weight_decay: L2 factor on conv and dense kernels (loss += wd * sum(w**2)).
+        prep: "conv" or "whitening" (see above).
+        whitening_images: with `prep="whitening"`: float `(N, H, W, C)` training
+            images, normalized as the model's input, whose patches give the
+            whitening filters.
+        pool_before_bn: conv-pool-BN-act instead of conv-BN-act-pool.
+        bn_shift_weight_decay: L2 factor on the batch-norm shifts (0: none).
         name: model name; default "resnet9".
 
     Returns:
         `keras.Model` from float images `(batch, *input_shape)` to float32 logits.
 
     Raises:
-        ValueError: non-positive width, images smaller than 8x8, fewer than 2 classes.
+        ValueError: non-positive width, images smaller than 8x8, fewer than 2
+            classes, an unknown prep, or whitening without images.
     """
     if not width_multiplier > 0:
         raise ValueError(f"width_multiplier must be positive. Received: {width_multiplier!r}")
@@ -225,14 +265,25 @@ def resnet9(
         raise ValueError(f"resnet9 pools by 8: height and width must be >= 8. Received: input_shape={input_shape}")
     if num_classes < 2:
         raise ValueError(f"num_classes must be >= 2. Received: {num_classes!r}")
+    if prep not in RESNET9_PREPS:
+        raise ValueError(f"Unknown prep {prep!r}. Allowed: {', '.join(RESNET9_PREPS)}.")
+    if prep == "whitening" and whitening_images is None:
+        raise ValueError("prep='whitening' computes its filters from training images: pass whitening_images, "
+                         "float (N, H, W, C) images normalized as the model's input.")
     widths = [max(1, round(w * width_multiplier)) for w in RESNET9_WIDTHS]
     block = dict(weight_decay=weight_decay, activation=activation, celu_alpha=celu_alpha,
-                 ghost_batch_splits=ghost_batch_splits, frozen_bn_scale=frozen_bn_scale)
+                 ghost_batch_splits=ghost_batch_splits, frozen_bn_scale=frozen_bn_scale,
+                 shift_decay=bn_shift_weight_decay)
+    pool = "before" if pool_before_bn else "after"
     inputs = keras.Input(shape=input_shape, name="images")
-    x = _conv_bn_act(inputs, widths[0], name="prep", **block)
+    x = inputs
+    if prep == "whitening":
+        whitening = PatchWhitening(3, PAGE_WHITENING_EPSILON, padding="same", name="prep_whitening")
+        whitening.adapt(whitening_images)
+        x = whitening(x)
+    x = _conv_bn_act(x, widths[0], name="prep", kernel_size=1 if prep == "whitening" else 3, **block)
     for i, filters in enumerate(widths[1:], start=1):
-        x = _conv_bn_act(x, filters, name=f"layer{i}", **block)
-        x = layers.MaxPooling2D(2, name=f"layer{i}_pool")(x)
+        x = _conv_bn_act(x, filters, name=f"layer{i}", pool=pool, **block)
         if i in RESNET9_RESIDUAL_LAYERS:
             y = _conv_bn_act(x, filters, name=f"layer{i}_res1", **block)
             y = _conv_bn_act(y, filters, name=f"layer{i}_res2", **block)
@@ -380,14 +431,20 @@ def _check_resnet9(config):
                              "name such as relu, gelu or elu.") from None
 
 
+def _resnet9(bn_shift_weight_decay, bn_shift_lr_multiplier, weight_decay, **kwargs):
+    shift_decay = weight_decay / bn_shift_lr_multiplier if bn_shift_weight_decay else 0.0
+    return resnet9(weight_decay=weight_decay, bn_shift_weight_decay=shift_decay, **kwargs)
+
+
 # The models the `--model` flag names: builder, the config fields it takes, its checks.
 # Every builder also takes `num_classes` and `input_shape` and returns a keras.Model
 # from float images to float32 logits.
 MODELS = {
     "resnet20": Kind(resnet20, ("width_multiplier", "dropout_rate", "weight_decay"), _check_resnet20,
                      "UMBC's widened ResNet-20 v1"),
-    "resnet9": Kind(resnet9, ("width_multiplier", "activation", "celu_alpha", "ghost_batch_splits",
-                              "frozen_bn_scale", "logit_scale", "weight_decay"), _check_resnet9,
+    "resnet9": Kind(_resnet9, ("width_multiplier", "activation", "celu_alpha", "ghost_batch_splits",
+                               "frozen_bn_scale", "logit_scale", "weight_decay", "prep", "pool_before_bn",
+                               "bn_shift_weight_decay", "bn_shift_lr_multiplier"), _check_resnet9,
                     "David Page's ResNet-9"),
     "tiny_cnn": Kind(tiny_cnn, ("width_multiplier", "weight_decay"), None, "a two-block convnet for tests"),
 }
@@ -406,6 +463,9 @@ def _application(name, builder):
         if weights is not None and not os.path.exists(weights):
             raise ValueError(f"weights={weights!r} does not exist: pass None (random initialization) or the path "
                              "of a haet model.keras or a .weights.h5 of this network.")
+        if weights is not None and kwargs.get("prep") == "whitening" and kwargs.get("whitening_images") is None:
+            # The whitening filters are among the weights loaded below.
+            kwargs["whitening_images"] = np.zeros((1, *tuple(input_shape)), np.float32)
         model = builder(num_classes=classes, input_shape=tuple(input_shape), **kwargs)
         if weights is not None:
             _load_weights(model, weights, include_top)
@@ -495,6 +555,13 @@ FIELDS = (
           "(1: plain batch norm).", fields.positive(integer=True)),
     Field("frozen_bn_scale", True, "resnet9: batch-norm scales fixed at 1."),
     Field("logit_scale", 0.125, "resnet9: logits multiplied by this (> 0).", fields.positive()),
+    Field("prep", "conv", "resnet9: the first block, conv (dawn.py's 3x3 conv-BN-act) or whitening (the bag "
+          "of tricks': a frozen PCA whitening of 3x3 patches computed from the training images, then a 1x1 "
+          "conv-BN-act).", fields.one_of(RESNET9_PREPS, "prep")),
+    Field("pool_before_bn", False, "resnet9: conv-pool-BN-act in the pooling layers (bag of tricks) instead of "
+          "conv-BN-act-pool."),
+    Field("bn_shift_weight_decay", False, "resnet9: L2 weight decay on the batch-norm shifts too, of "
+          "weight_decay / bn_shift_lr_multiplier (learning rate x decay as the kernels', as Page)."),
     Field("input_normalization", "pixel_mean", "pixel_mean: subtract the training images' per-pixel mean; "
           "channel_standardize: per-channel mean and standard deviation.", fields.one_of(INPUT_NORMALIZATIONS)),
     Field("init_from", None, "A saved model.keras to fine-tune (same --model and --width_multiplier): its "
@@ -513,6 +580,11 @@ def check_config(config):
     kind = fields.choose(MODELS, "model", config.model)
     if kind.check:
         kind.check(config)
+    only_resnet9 = [f"--{name}" for name, default in (("prep", "conv"), ("pool_before_bn", False),
+                                                      ("bn_shift_weight_decay", False))
+                    if getattr(config, name) != default]
+    if config.model != "resnet9" and only_resnet9:
+        raise ValueError(f"{', '.join(only_resnet9)} apply to --model=resnet9, not {config.model}.")
     if config.init_from is not None and not os.path.isfile(config.init_from):
         raise ValueError(f"init_from={config.init_from!r} is not a file: pass a model.keras of a run folder.")
     if config.freeze_stages and not config.init_from:
@@ -523,9 +595,14 @@ def check_config(config):
                          f"Received: {config.freeze_stages}")
 
 
-def build_backbone(config, num_classes, input_shape):
-    """The classifier `config.model` of `MODELS`, from float images to float32 logits."""
-    return fields.build(MODELS, "model", config.model, config, num_classes=num_classes, input_shape=input_shape)
+def build_backbone(config, num_classes, input_shape, whitening_images=None):
+    """The classifier `config.model` of `MODELS`, from float images to float32 logits.
+
+    `whitening_images`: float `(N, H, W, C)` training images normalized as the
+    backbone's input, for resnet9 with `prep="whitening"` (else unused)."""
+    extra = {"whitening_images": whitening_images} if config.model == "resnet9" else {}
+    return fields.build(MODELS, "model", config.model, config, num_classes=num_classes, input_shape=input_shape,
+                        **extra)
 
 
 def build_model(name, **kwargs):

@@ -8,47 +8,110 @@ engine (Keras' `use_ema` has no warm-up and leaves the batch-norm statistics out
 The loss is the softmax cross-entropy on logits, with label smoothing when set.
 """
 
+import re
+
 import keras
+from keras import ops
 
 from haet import fields
 from haet.fields import Field, Kind
 
 
-class _PlanOnBuild:
-    """Keras optimizers whose step-planned learning-rate schedule
-    (`haet.schedules.PlannedSchedule`...) gets its planned-steps variable back when a
-    saved model is loaded: Keras builds a loaded optimizer, then restores its
-    variables only if their count matches the saved one, and the plan is one of
-    them. Keras optimizers have no hook for a schedule's own variables, hence these
-    two subclasses; they behave as Keras' SGD and Adam otherwise."""
+class _HaetOptimizer:
+    """What haet adds to Keras' SGD and Adam (subclasses below; otherwise they behave
+    as Keras' own):
+
+    - per-variable learning-rate multipliers: Keras 3 optimizers have no parameter
+      groups, so `learning_rate_multipliers`, pairs `(pattern, multiplier)`, scale
+      the learning rate of every variable whose path matches the regular expression
+      `pattern` (`re.search`; the first match wins) inside `update_step`, exactly
+      as a PyTorch parameter group with that learning rate (Page's ResNet-9 gives
+      batch-norm shifts 64x the learning rate, davidcpage/cifar10-fast
+      bag_of_tricks.ipynb; airbench too);
+    - a step-planned learning-rate schedule (`haet.schedules.PlannedSchedule`...)
+      gets its planned-steps variable back when a saved model is loaded: Keras builds
+      a loaded optimizer, then restores its variables only if their count matches
+      the saved one, and the plan is one of them. Keras optimizers have no hook for a
+      schedule's own variables.
+
+    Raises:
+        ValueError: a multiplier that is not a positive number, or a pattern that is
+            not a regular expression.
+    """
+
+    def __init__(self, *args, learning_rate_multipliers=(), **kwargs):
+        super().__init__(*args, **kwargs)
+        pairs = []
+        for pattern, multiplier in learning_rate_multipliers or ():
+            if isinstance(multiplier, bool) or not isinstance(multiplier, (int, float)) or not multiplier > 0:
+                raise ValueError(f"A learning-rate multiplier must be a positive number. Received: {multiplier!r} "
+                                 f"for {pattern!r}")
+            try:
+                re.compile(pattern)
+            except re.error as e:
+                raise ValueError(f"{pattern!r} is not a regular expression ({e}).") from None
+            pairs.append((str(pattern), float(multiplier)))
+        self.learning_rate_multipliers = tuple(pairs)
+
+    def multiplier_of(self, variable):
+        """The learning-rate multiplier of `variable` (1.0 when no pattern matches its path)."""
+        for pattern, multiplier in self.learning_rate_multipliers:
+            if re.search(pattern, variable.path):
+                return multiplier
+        return 1.0
+
+    def update_step(self, gradient, variable, learning_rate):
+        # The TensorFlow backend passes the tf.Variable inside the Keras one: look it up.
+        multiplier = self._multipliers[self._get_variable_index(variable)] if self.learning_rate_multipliers else 1.0
+        if multiplier != 1.0:
+            learning_rate = ops.cast(learning_rate, variable.dtype) * multiplier
+        return super().update_step(gradient, variable, learning_rate)
 
     def build(self, variables):
         schedule = getattr(self, "_learning_rate", None)
         if getattr(schedule, "unit", None) == "steps" and getattr(schedule, "planned_steps", 1) is None:
             schedule.attach(self, schedule.saved_planned_steps or 1.0)
         super().build(variables)
+        self._multipliers = [self.multiplier_of(v) for v in variables]
+
+    def get_config(self):
+        return {**super().get_config(),
+                "learning_rate_multipliers": [list(pair) for pair in self.learning_rate_multipliers]}
 
 
 @keras.saving.register_keras_serializable(package="haet")
-class SGD(_PlanOnBuild, keras.optimizers.SGD):
-    """`keras.optimizers.SGD` that restores a planned schedule's plan on load (see `_PlanOnBuild`)."""
+class SGD(_HaetOptimizer, keras.optimizers.SGD):
+    """`keras.optimizers.SGD` with per-variable learning-rate multipliers and a planned
+    schedule restored on load (see `_HaetOptimizer`)."""
 
 
 @keras.saving.register_keras_serializable(package="haet")
-class Adam(_PlanOnBuild, keras.optimizers.Adam):
-    """`keras.optimizers.Adam` that restores a planned schedule's plan on load (see `_PlanOnBuild`)."""
+class Adam(_HaetOptimizer, keras.optimizers.Adam):
+    """`keras.optimizers.Adam` with per-variable learning-rate multipliers and a planned
+    schedule restored on load (see `_HaetOptimizer`)."""
 
 
-def _adam(learning_rate):
-    return Adam(learning_rate)
+# Batch-norm shifts (betas) of Keras' BatchNormalization and haet's GhostBatchNormalization.
+BATCH_NORM_SHIFTS = r"(^|/)beta$"
 
 
-def _sgd(learning_rate, momentum):
-    return SGD(learning_rate, momentum=momentum, nesterov=True)
+def learning_rate_multipliers(config):
+    """The `(pattern, multiplier)` pairs of `config` (`bn_shift_lr_multiplier`)."""
+    if config.bn_shift_lr_multiplier == 1.0:
+        return ()
+    return ((BATCH_NORM_SHIFTS, config.bn_shift_lr_multiplier),)
+
+
+def _adam(learning_rate, multipliers):
+    return Adam(learning_rate, learning_rate_multipliers=multipliers)
+
+
+def _sgd(learning_rate, momentum, multipliers):
+    return SGD(learning_rate, momentum=momentum, nesterov=True, learning_rate_multipliers=multipliers)
 
 
 # The optimizers the `--optimizer` flag names; every builder also takes
-# `learning_rate` (a float or a keras schedule).
+# `learning_rate` (a float or a keras schedule) and `multipliers` (`learning_rate_multipliers`).
 OPTIMIZERS = {
     "adam": Kind(_adam, (), None, "Adam"),
     "sgd": Kind(_sgd, ("momentum",), None, "SGD with Nesterov momentum"),
@@ -67,6 +130,8 @@ FIELDS = (
           "ExponentialMovingAverage num_updates), so short runs average recent weights, not initial ones."),
     Field("ema_batch_norm_statistics", True, "EMA: average the batch-norm moving means and variances with the "
           "weights (else the averaged weights are evaluated with the raw weights' statistics)."),
+    Field("bn_shift_lr_multiplier", 1.0, "Learning rate of the batch-norm shifts (betas) x this (Page's "
+          "ResNet-9 and airbench: 64, with frozen scales).", fields.positive()),
     Field("label_smoothing", 0.0, "Label smoothing of the cross-entropy, in [0, 1).",
           fields.in_range(0, 1, high_open=True)),
 )
@@ -85,7 +150,8 @@ def make_moving_average(config):
 def make_optimizer(config, learning_rate):
     """The optimizer `config.optimizer` at `learning_rate` (a float or a
     `keras.optimizers.schedules.LearningRateSchedule`)."""
-    return fields.build(OPTIMIZERS, "optimizer", config.optimizer, config, learning_rate=learning_rate)
+    return fields.build(OPTIMIZERS, "optimizer", config.optimizer, config, learning_rate=learning_rate,
+                        multipliers=learning_rate_multipliers(config))
 
 
 def make_loss(config):

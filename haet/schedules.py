@@ -149,48 +149,95 @@ class _PlannedSteps(keras.optimizers.schedules.LearningRateSchedule):
         return ops.cast(step, "float32") / ops.maximum(ops.cast(self.planned_steps, "float32"), 1.0)
 
 
+KNOT_UNITS = ("fraction", "epochs")
+
+
 @keras.saving.register_keras_serializable(package="haet")
 class PlannedPiecewiseLinear(_PlannedSteps):
-    """Learning rate linear between knots placed at fractions of the planned steps.
+    """Learning rate linear between knots placed at fractions of the planned steps, or
+    at epochs.
 
     With knots `(0, 5/24, 1)` and values `(0, 0.4, 0)` this is David Page's one-cycle
-    schedule for ResNet-9 (davidcpage/cifar10-fast; super-convergence, Smith & Topin
-    2019). Past the last knot the last value holds.
+    schedule for ResNet-9 (davidcpage/cifar10-fast, dawn.py; super-convergence, Smith
+    & Topin 2019). With `knot_unit="epochs"`, knots `(0, 2, 8)` and values
+    `(0, 1, 0.1)` it is his bag of tricks' 10-epoch schedule (0.1 holds after epoch
+    8). Past the last knot the last value holds.
 
-    The number of planned steps is a variable the compiled step reads, so a planner
-    (`haet.budget.StepPlanner`) can set it after timing the first steps on the
-    actual machine without recompiling. Call `attach(optimizer, planned_steps)` once
-    before training: it creates that variable among the optimizer's variables (part
-    of the training state on every backend).
+    Fractions: the number of planned steps is a variable the compiled step reads, so a
+    planner (`haet.budget.StepPlanner`) can set it after timing the first steps on
+    the actual machine without recompiling. Call `attach(optimizer, planned_steps,
+    steps_per_epoch)` once before training: it creates that variable among the
+    optimizer's variables (part of the training state on every backend). Epochs:
+    step `s` is at epoch `s / steps_per_epoch`, whatever the plan (no planner needed:
+    the budget or --epochs ends the run).
 
     Args:
-        knots: fractions of the planned steps, strictly increasing from 0 to 1.
+        knots: fractions of the planned steps, strictly increasing from 0 to 1; or
+            epochs (floats), strictly increasing from 0.
         values: learning rates at the knots (>= 0).
+        knot_unit: "fraction" or "epochs".
+        steps_per_epoch: with epochs, the optimizer steps of an epoch (else set by `attach`).
 
     Raises:
-        ValueError: malformed knots or values.
+        ValueError: malformed knots or values, or an unknown unit.
     """
 
-    def __init__(self, knots, values):
-        self.knots, self.values = _check_knots(knots, values, "learning rate")
+    def __init__(self, knots, values, knot_unit="fraction", steps_per_epoch=None):
+        if knot_unit not in KNOT_UNITS:
+            raise ValueError(f"Unknown knot unit {knot_unit!r}. Allowed: {', '.join(KNOT_UNITS)}.")
+        if knot_unit == "fraction":
+            self.knots, self.values = _check_knots(knots, values, "learning rate")
+        else:
+            self.knots, self.values = _check_epoch_knots(knots, values)
+        self.knot_unit = knot_unit
+        self.steps_per_epoch = None if steps_per_epoch is None else float(steps_per_epoch)
         self.planned_steps = None
 
+    @property
+    def needs_plan(self):
+        """Whether the schedule depends on the planned number of steps."""
+        return self.knot_unit == "fraction"
+
+    def attach(self, optimizer, planned_steps, steps_per_epoch=None):
+        if steps_per_epoch is not None:
+            self.steps_per_epoch = float(steps_per_epoch)
+        return super().attach(optimizer, planned_steps)
+
     def __call__(self, step):
-        fraction = self.fraction(step)
+        if self.knot_unit == "fraction":
+            position = self.fraction(step)
+        else:
+            if not self.steps_per_epoch:
+                raise ValueError("PlannedPiecewiseLinear with epoch knots needs steps_per_epoch (attach(...)).")
+            position = ops.cast(step, "float32") / self.steps_per_epoch
         # v0 + sum of each segment's slope times the part of it already covered.
         lr = ops.convert_to_tensor(self.values[0], "float32")
         for k0, k1, v0, v1 in zip(self.knots, self.knots[1:], self.values, self.values[1:]):
-            lr = lr + (v1 - v0) / (k1 - k0) * ops.clip(fraction - k0, 0.0, k1 - k0)
+            lr = lr + (v1 - v0) / (k1 - k0) * ops.clip(position - k0, 0.0, k1 - k0)
         return lr
 
     def get_config(self):
-        return self._with_plan({"knots": list(self.knots), "values": list(self.values)})
+        return self._with_plan({"knots": list(self.knots), "values": list(self.values), "knot_unit": self.knot_unit,
+                                "steps_per_epoch": self.steps_per_epoch})
 
     @classmethod
     def from_config(cls, config):
         config = dict(config)
         planned = config.pop("planned_steps", None)
         return cls._loaded(cls(**config), planned)
+
+
+def _check_epoch_knots(knots, values):
+    knots = [float(k) for k in knots]
+    values = [float(v) for v in values]
+    if len(knots) != len(values) or len(knots) < 2:
+        raise ValueError(f"learning rate schedule needs as many values as knots, at least 2. Received knots {knots}, "
+                         f"values {values}.")
+    if knots[0] != 0.0 or any(a >= b for a, b in zip(knots, knots[1:])) or not all(map(math.isfinite, knots)):
+        raise ValueError(f"learning rate schedule knots in epochs must increase strictly from 0. Received: {knots}")
+    if not all(math.isfinite(v) and v >= 0 for v in values):
+        raise ValueError(f"learning rate schedule values must be finite and >= 0. Received: {values}")
+    return knots, values
 
 
 # Learning-rate schedules as shapes over the whole run.
@@ -430,8 +477,9 @@ def _wall_clock(learning_rate_boundaries, learning_rates, scale):
     return check_range(schedule, 0.0, math.inf)
 
 
-def _one_cycle(one_cycle_knots, one_cycle_learning_rates, scale):
-    return PlannedPiecewiseLinear(one_cycle_knots, [v * scale for v in one_cycle_learning_rates])
+def _one_cycle(one_cycle_knots, one_cycle_learning_rates, one_cycle_knot_unit, scale):
+    return PlannedPiecewiseLinear(one_cycle_knots, [v * scale for v in one_cycle_learning_rates],
+                                  knot_unit=one_cycle_knot_unit)
 
 
 def _shape_builder(shape):
@@ -469,9 +517,9 @@ _SHAPE_HELP = {
 LR_SCHEDULES = {
     "wall_clock": Kind(_wall_clock, ("learning_rate_boundaries", "learning_rates"), _no_warmup,
                        "--learning_rates piecewise constant over the budget fraction (UMBC)"),
-    "one_cycle": Kind(_one_cycle, ("one_cycle_knots", "one_cycle_learning_rates"), _no_warmup,
-                      "piecewise linear through --one_cycle_learning_rates at --one_cycle_knots of the planned "
-                      "steps (Page)"),
+    "one_cycle": Kind(_one_cycle, ("one_cycle_knots", "one_cycle_learning_rates", "one_cycle_knot_unit"),
+                      _no_warmup, "piecewise linear through --one_cycle_learning_rates at --one_cycle_knots (of the "
+                      "planned steps, or epochs) (Page)"),
     **{shape: Kind(_shape_builder(shape), _SHAPE_ARGS, None, _SHAPE_HELP[shape]) for shape in LR_SHAPES},
 }
 LR_SCHEDULE_UNITS = ("budget", "steps")
@@ -497,7 +545,11 @@ FIELDS = (
           "rate steps."),
     Field("learning_rates", (1e-3, 1e-4, 1e-5), "wall_clock: learning rate in each interval (one more than the "
           "boundaries)."),
-    Field("one_cycle_knots", (0.0, 0.2, 1.0), "one_cycle: knots as fractions of the planned steps, from 0 to 1."),
+    Field("one_cycle_knots", (0.0, 0.2, 1.0), "one_cycle: knots as fractions of the planned steps, from 0 to 1, "
+          "or epochs from 0 (see --one_cycle_knot_unit)."),
+    Field("one_cycle_knot_unit", "fraction", "one_cycle: fraction (knots are fractions of the planned steps: "
+          "the run is planned to fit the budget) or epochs (knots are epochs; the last value holds after the last "
+          "knot, until --epochs or the budget ends the run).", fields.one_of(KNOT_UNITS, "one_cycle_knot_unit")),
     Field("one_cycle_learning_rates", (0.0, 0.4, 0.0), "one_cycle: learning rate at each knot."),
 )
 

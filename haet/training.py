@@ -346,7 +346,13 @@ def build_model(config, data):
     """
     info = data.info
     mean, variance = input_statistics(config, data.x_fit)
-    backbone = models.build_backbone(config, info.num_classes, info.image_shape)
+    whitening = None
+    if config.prep == "whitening":
+        # The images as the backbone sees them: scaled and normalized, unaugmented (at most
+        # 10,000, as Page).
+        scale = np.sqrt(variance) if variance is not None else 1.0
+        whitening = (data.x_fit[:10_000].astype(np.float32) / 255.0 - mean) / scale
+    backbone = models.build_backbone(config, info.num_classes, info.image_shape, whitening)
     augmentation = augment.build_augmentation(config)
     in_model = None if config.precomputed_augmentation_epochs else augmentation
     model = models.with_input_pipeline(backbone, mean, in_model, variance)
@@ -373,7 +379,10 @@ def build_optimizer(config, steps_per_epoch):
     schedule = schedules.learning_rate_schedule(config)
     if schedule.unit == "steps":
         optimizer = optimizers.make_optimizer(config, schedule)
-        schedule.attach(optimizer, max(1, config.epochs) * steps_per_epoch)
+        if isinstance(schedule, schedules.PlannedPiecewiseLinear):
+            schedule.attach(optimizer, max(1, config.epochs) * steps_per_epoch, steps_per_epoch)
+        else:
+            schedule.attach(optimizer, max(1, config.epochs) * steps_per_epoch)
     else:
         optimizer = optimizers.make_optimizer(config, schedule(0.0))
     return optimizer, schedule
@@ -487,14 +496,15 @@ def build_run(config, model, augmentation, schedule, data, folder, clock=time.pe
         callbacks.append(keras.callbacks.TensorBoard(os.path.join(run_dir, "tensorboard"), write_graph=False))
     if callbacks:
         hooks.append(KerasCallbacks(callbacks, model, epochs=config.epochs or None))
-    if schedule.unit == "steps" and not config.epochs:
+    if schedule.unit == "steps" and not config.epochs and getattr(schedule, "needs_plan", True):
         run.planner = budget_lib.StepPlanner(budget, schedule.planned_steps, steps_per_epoch,
                                              config.planner_probe_steps)
     if config.snapshot_ensemble:
         planned = None
-        if schedule.unit == "steps":
-            planned = (lambda: run.planner.planned_steps_value) if run.planner else (
-                lambda: config.epochs * steps_per_epoch)
+        if run.planner:
+            planned = lambda: run.planner.planned_steps_value  # noqa: E731
+        elif schedule.unit == "steps" and config.epochs:
+            planned = lambda: config.epochs * steps_per_epoch  # noqa: E731
         run.snapshots = SnapshotKeeper(schedules.cycle_ends(config), budget_lib.Progress(budget, planned))
         hooks.append(run.snapshots)
     hooks += list(extra_hooks)

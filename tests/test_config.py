@@ -139,6 +139,8 @@ def test_default_flags_are_the_umbc_flagfile():
     ["page_resnet9.flags"],
     ["page_resnet9.flags", "page_resnet9_full_cifar10.flags"],
     ["page_resnet9.flags", "resnet9_mnist.flags"],
+    ["page_bag_of_tricks.flags"],
+    ["page_bag_of_tricks.flags", "page_bag_of_tricks_haet.flags"],
 ])
 def test_every_recipe_flagfile_parses_and_checks(flagfiles):
     values = absl_flags.FlagValues()
