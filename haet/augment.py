@@ -473,6 +473,9 @@ FIELDS = (
           "affine: fractions of the budget where the augmentation strength steps."),
     Field("augment_strengths", (1.0, 0.87, 0.73, 0.6, 0.47, 0.33, 0.0),
           "affine: strength in [0, 1] multiplying every range, per interval (one more than the boundaries)."),
+    Field("alternating_flip", False, "airbench's flips: the training set is mirrored at random once (seeded), "
+          "and the whole set every other epoch, so each image is seen both ways in turn; replaces the random "
+          "flip (--nohorizontal_flip)."),
     Field("crop_padding", 4, "crop_flip_cutout: largest crop offset in pixels (mirror padding).",
           fields.at_least(0, integer=True)),
     Field("cutout_size", 8, "crop_flip_cutout: side of the cutout square in pixels, at most the image "
@@ -493,10 +496,25 @@ def check_config(config, image_shape):
     kind = fields.choose(AUGMENTATIONS, "augmentation", config.augmentation)
     if kind.check:
         kind.check(config, image_shape)
+    if config.alternating_flip and config.horizontal_flip and config.augmentation != "none":
+        raise ValueError("alternating_flip replaces the random flip: pass --nohorizontal_flip.")
+    if config.alternating_flip and config.precomputed_augmentation_epochs:
+        raise ValueError("alternating_flip and precomputed_augmentation_epochs each hold copies of the training "
+                         "set; set one of them.")
     if config.precomputed_augmentation_epochs and config.augmentation != "crop_flip_cutout":
         raise ValueError(
             "precomputed_augmentation_epochs needs --augmentation=crop_flip_cutout (affine augmentation "
             f"follows the clock). Received: augmentation={config.augmentation!r}")
+
+
+def alternating_flip_copies(images, seed):
+    """airbench's alternating flip as two copies of the training set: `images` each
+    mirrored left-right with probability 0.5 (`np.random.default_rng((seed, 2))`), then
+    the whole of that mirrored; epoch `k` reads copy `k % 2` (`haet.engine.Engine`'s
+    `copies`). uint8 `(N, H, W, C)` in, `(2N, H, W, C)` out."""
+    flip = np.random.default_rng((seed, 2)).random(len(images)) < 0.5
+    once = np.where(flip[:, None, None, None], images[:, :, ::-1], images)
+    return np.concatenate([once, once[:, :, ::-1]])
 
 
 def build_augmentation(config):

@@ -12,8 +12,9 @@ the raw ones; (c) updates at every step. Hence this class (TensorFlow's
 
 An averager is state next to the model's: `variables` (Keras variables, part of the
 engine's training state, its snapshots and checkpoints), and `update`, a pure
-function of the weights and its own values that `haet.engine` calls after every
-optimizer step, inside the compiled execution (nothing crosses to the host).
+function of the weights, its own values and the optimizer's that `haet.engine` calls
+after every optimizer step, inside the compiled execution (nothing crosses to the
+host). `Lookahead` (airbench's) writes its average back into the weights.
 """
 
 import keras
@@ -104,7 +105,7 @@ class ExponentialMovingAverage:
                                         name=_variable_name(self.prefix, v)) for v in sources]
         self.variables = [self.steps, *self.averages]
 
-    def update(self, trainable, non_trainable, values):
+    def update(self, trainable, non_trainable, values, optimizer_values=None):
         """One step: `(trainable, non_trainable, values)` after it (pure; the weights are
         returned unchanged). `values` holds the current values of `variables`."""
         steps = values[0] + 1
@@ -128,3 +129,85 @@ class ExponentialMovingAverage:
         for i, value in zip(self.statistic_indices, values[self.trainable_count:]):
             non_trainable[i] = value.astype(non_trainable[i].dtype)
         return trainable, non_trainable
+
+
+class Lookahead(ExponentialMovingAverage):
+    """airbench's "lookahead" (KellerJordan/cifar10-airbench, airbench94.py): an
+    exponential moving average of the weights and batch-norm statistics that is
+    copied back into them, inside the compiled step.
+
+    From step `start_step` on, every `every_steps`-th step: the first time the average
+    takes the current values; afterwards it moves toward them with momentum
+    `rho = decay ** every_steps * (step / total_steps) ** power` (averaging weakly
+    early, strongly at the end) and the weights take the average's values. At the last
+    step of each epoch the weights take the average's values again (airbench copies
+    back after each epoch). `total_steps` is the run's planned steps: the optimizer's
+    `planned_steps` variable when its schedule has one (set by the planner or from
+    `--epochs`), else `total_steps`.
+
+    Args:
+        steps_per_epoch: optimizer steps of an epoch (>= 1).
+        total_steps: steps of the run when the optimizer has no plan (>= 1), or None.
+        decay: per-step base momentum in [0, 1) (airbench: 0.95).
+        every_steps: update every this many steps (airbench: 5).
+        power: exponent of the `step / total_steps` ramp (airbench: 3).
+        start_step: first step that may update (airbench: 3 epochs).
+        statistics: also average (and copy back) the batch-norm statistics.
+
+    Raises:
+        ValueError: bad values, or no plan and no `total_steps` (at `build`).
+    """
+
+    prefix = "lookahead"
+
+    def __init__(self, steps_per_epoch, total_steps=None, decay=0.95, every_steps=5, power=3.0, start_step=0,
+                 statistics=True):
+        super().__init__(decay, every_steps, warmup=False, statistics=statistics)
+        if not (isinstance(steps_per_epoch, (int, np.integer)) and steps_per_epoch >= 1):
+            raise ValueError(f"steps_per_epoch must be a positive integer. Received: {steps_per_epoch!r}")
+        if total_steps is not None and not total_steps >= 1:
+            raise ValueError(f"total_steps must be >= 1. Received: {total_steps!r}")
+        if not (isinstance(start_step, (int, np.integer)) and start_step >= 0):
+            raise ValueError(f"start_step must be a non-negative integer. Received: {start_step!r}")
+        self.steps_per_epoch = int(steps_per_epoch)
+        self.total_steps = None if total_steps is None else float(total_steps)
+        self.power = float(power)
+        self.start_step = int(start_step)
+
+    def build(self, model):
+        super().build(model)
+        optimizer = getattr(model, "optimizer", None)
+        inner = getattr(optimizer, "inner_optimizer", optimizer)
+        names = [v.name for v in inner.variables] if inner is not None else []
+        self.plan_index = None
+        if "planned_steps" in names:
+            # LossScaleOptimizer: the inner optimizer's variables follow the wrapper's own.
+            offset = len(optimizer.variables) - len(inner.variables)
+            self.plan_index = offset + names.index("planned_steps")
+        elif self.total_steps is None:
+            raise ValueError("Lookahead needs the run's length: a step-planned schedule (one_cycle...) or "
+                             "--epochs > 0.")
+        self.started = keras.Variable(0, dtype="int32", trainable=False, name=f"{self.prefix}_started")
+        self.variables.append(self.started)
+
+    def update(self, trainable, non_trainable, values, optimizer_values=None):
+        steps, averages, started = values[0] + 1, values[1:-1], values[-1]
+        if self.plan_index is not None:
+            total = ops.maximum(ops.cast(optimizer_values[self.plan_index], "float32"), 1.0)
+        else:
+            total = self.total_steps
+        update = ops.logical_and(ops.equal(ops.mod(steps, self.every_steps), 0), steps >= self.start_step)
+        ramp = ops.minimum(ops.cast(steps, "float32") / total, 1.0) ** self.power
+        rho = ops.where(started > 0, self.decay ** self.every_steps * ramp, 0.0)
+        rho = ops.where(update, rho, 1.0)
+        current = [*trainable, *(non_trainable[i] for i in self.statistic_indices)]
+        averages = [rho * a + (1.0 - rho) * ops.cast(v, "float32") for a, v in zip(averages, current)]
+        started = ops.where(update, 1, started)
+        # The weights take the average after an update, and at each epoch's last step.
+        copy = ops.logical_and(started > 0, ops.logical_or(update, ops.equal(ops.mod(steps, self.steps_per_epoch), 0)))
+        count = len(trainable)
+        trainable = [ops.where(copy, ops.cast(a, v.dtype), v) for a, v in zip(averages[:count], trainable)]
+        non_trainable = list(non_trainable)
+        for i, a in zip(self.statistic_indices, averages[count:]):
+            non_trainable[i] = ops.where(copy, ops.cast(a, non_trainable[i].dtype), non_trainable[i])
+        return trainable, non_trainable, [steps, *averages, ops.cast(started, "int32")]

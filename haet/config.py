@@ -36,9 +36,9 @@ RUN_FIELDS = (
     Field("batch_size", 32, "Training examples per step.", fields.positive(integer=True)),
     Field("precision", "auto", f"One of {', '.join(PRECISIONS)}. auto: mixed_bfloat16 on Ampere or newer GPUs, "
           "mixed_float16 on older GPUs, float32 on CPU.", fields.one_of(PRECISIONS, "precision")),
-    Field("epochs", 0, "> 0: train this many epochs (the budget still stops training); 0: the budget "
-          "decides (one_cycle and step-unit schedules: planned by timing steps first).",
-          fields.at_least(0, integer=True)),
+    Field("epochs", 0.0, "> 0: train this many epochs (the budget still stops training); a fraction ends "
+          "inside the last epoch, after ceil(epochs x steps per epoch) steps (airbench: 9.9); 0: the budget "
+          "decides (one_cycle and step-unit schedules: planned by timing steps first).", fields.at_least(0)),
     Field("planner_probe_steps", 20, "Step-planned schedules with --epochs=0: training steps timed (after the "
           "compiling one) before planning; their updates are discarded.", fields.positive(integer=True)),
     Field("steps_per_execution", engine.DEFAULT_STEPS_PER_EXECUTION, "Most training steps per execution "
@@ -199,6 +199,11 @@ def _check_run(config, info):
     if config.snapshot_ensemble and (config.ema_decay or config.keep_best):
         raise ValueError("snapshot_ensemble keeps the raw weights at each cycle end; it cannot be combined with "
                          "ema_decay or keep_best, which replace the final weights.")
+    if config.lookahead and not config.epochs:
+        schedule = schedules.learning_rate_schedule(config)
+        if schedule.unit != "steps" or not getattr(schedule, "needs_plan", True):
+            raise ValueError("lookahead ramps its momentum over the run's planned steps: set --epochs, or a "
+                             "step-planned schedule (e.g. --lr_schedule=one_cycle).")
     if not config.evaluate_test and not config.validation_size:
         raise ValueError("evaluate_test=False needs --validation_size: a run must be scored on something.")
     if config.export == "saved_model":

@@ -261,12 +261,13 @@ class Engine:
     def _average_variables(self):
         return [v for average in self.averages for v in average.variables]
 
-    def _apply_averages(self, trainable, non_trainable, values):
+    def _apply_averages(self, trainable, non_trainable, values, optimizer_values):
         """Each averager's `update` after a step: `(trainable, non_trainable, values)`."""
         trainable, non_trainable, values, out = list(trainable), list(non_trainable), list(values), []
         for average in self.averages:
             count = len(average.variables)
-            trainable, non_trainable, new = average.update(trainable, non_trainable, values[:count])
+            trainable, non_trainable, new = average.update(trainable, non_trainable, values[:count],
+                                                           optimizer_values)
             values = values[count:]
             out += list(new)
         return list(trainable), list(non_trainable), out
@@ -332,7 +333,8 @@ class _JaxEngine(Engine):
             x, y = _batch(images, labels, order, position, batch_size, size, one_hot)
             logs, (trainable, non_trainable, optimizer_values, metrics) = model.train_step(
                 state[:4], (shard(x), shard(y)))
-            trainable, non_trainable, averages = self._apply_averages(trainable, non_trainable, state[4])
+            trainable, non_trainable, averages = self._apply_averages(trainable, non_trainable, state[4],
+                                                                      optimizer_values)
             state = (trainable, non_trainable, list(optimizer_values), list(metrics), averages)
             return logs, state, position + batch_size
 
@@ -463,7 +465,7 @@ class _TensorFlowEngine(Engine):
             trainable = [v.value for v in model.trainable_variables]
             non_trainable = [v.value for v in model.non_trainable_variables]
             new_trainable, new_non_trainable, values = self._apply_averages(
-                trainable, non_trainable, [v.value for v in averages])
+                trainable, non_trainable, [v.value for v in averages], [v.value for v in model.optimizer.variables])
             for variables, old, new in ((model.trainable_variables, trainable, new_trainable),
                                         (model.non_trainable_variables, non_trainable, new_non_trainable),
                                         (averages, averages, values)):
@@ -549,7 +551,10 @@ class Predictor:
         elif backend == "tensorflow":
             import tensorflow as tf
 
-            self._logits = tf.function(logits, jit_compile=True, reduce_retracing=True)
+            # No Python control flow to convert; AutoGraph sometimes failed on this closure
+            # ("closure mismatch") and warned.
+            self._logits = tf.function(tf.autograph.experimental.do_not_convert(logits), jit_compile=True,
+                                       reduce_retracing=True)
         else:
             raise NotImplementedError(f"haet predicts under the jax and tensorflow backends, not {backend!r}.")
 

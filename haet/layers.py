@@ -133,7 +133,9 @@ class PatchWhitening(keras.layers.Layer):
         epsilon: added to the eigenvalues (> 0), in squared input units.
         padding: "same" or "valid".
         both_signs: also output the negated filters (twice the channels).
-        use_bias: add a trainable bias per output channel.
+        use_bias: add a trainable bias per output channel. airbench trains it for the
+            first 3 epochs only: `set_bias_trainable(False)` (a variable the compiled
+            step reads) stops its gradient from then on.
 
     Input: float `(batch, height, width, channels)` (normalized as the images given to
     `adapt`); output: `(batch, height', width', k * k * channels [* 2])`.
@@ -163,6 +165,19 @@ class PatchWhitening(keras.layers.Layer):
         self.kernel = self.add_weight(shape=(k, k, channels, filters), name="kernel", initializer="zeros",
                                       trainable=False)
         self.bias = self.add_weight(shape=(filters,), name="bias", initializer="zeros") if self.use_bias else None
+        # 1.0: the bias learns; 0.0: its gradient is stopped (its value stays).
+        self.bias_gate = self.add_weight(shape=(), name="bias_gate", initializer="ones", trainable=False) \
+            if self.use_bias else None
+
+    def set_bias_trainable(self, trainable):
+        """Lets the bias learn (True) or stops its gradient (False), without recompiling.
+
+        Raises:
+            ValueError: the layer has no bias.
+        """
+        if self.bias_gate is None:
+            raise ValueError("This PatchWhitening has no bias (use_bias=False).")
+        self.bias_gate.assign(1.0 if trainable else 0.0)
 
     @staticmethod
     def whitening_kernel(images, patch_size, epsilon, chunk_size=256):
@@ -206,7 +221,8 @@ class PatchWhitening(keras.layers.Layer):
     def call(self, inputs):
         x = keras.ops.conv(keras.ops.cast(inputs, "float32"), self.kernel, padding=self.padding)
         if self.bias is not None:
-            x = x + self.bias
+            gate = self.bias_gate
+            x = x + gate * self.bias + (1.0 - gate) * keras.ops.stop_gradient(self.bias)
         return keras.ops.cast(x, self.compute_dtype)
 
     def compute_output_shape(self, input_shape):

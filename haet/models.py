@@ -7,7 +7,7 @@ import os
 
 import keras
 import numpy as np
-from keras import layers
+from keras import layers, ops
 
 from haet import fields
 from haet.fields import Field, Kind
@@ -190,6 +190,9 @@ def _conv_bn_act(x, filters, weight_decay, activation, celu_alpha, ghost_batch_s
     return x
 
 
+# Models whose builder takes `whitening_images` (`build_backbone`).
+WHITENED_MODELS = ("resnet9", "airbench")
+
 # What the first block of ResNet-9 is: Page's dawn.py conv, or his bag of tricks'
 # frozen 3x3 PCA whitening followed by a trained 1x1 conv.
 RESNET9_PREPS = ("conv", "whitening")
@@ -295,12 +298,130 @@ def resnet9(
     return keras.Model(inputs, outputs, name=name or "resnet9")
 
 
+@keras.saving.register_keras_serializable(package="haet")
+class Dirac(keras.initializers.Initializer):
+    """Conv kernels whose first `min(in, out)` filters are the identity (a 1 at the
+    centre tap of their own input channel, 0 elsewhere) and whose other filters come
+    from `base`: an implicit residual at initialization (airbench,
+    KellerJordan/cifar10-airbench, airbench94.py: `torch.nn.init.dirac_` over PyTorch's
+    default conv init, uniform in +-1/sqrt(fan_in), the `base` default here).
+
+    Shape `(kh, kw, in, out)`, odd or even kernel sides (the centre is `k // 2`).
+    """
+
+    def __init__(self, base=None):
+        self.base = keras.initializers.get(base or keras.initializers.VarianceScaling(1 / 3, "fan_in", "uniform"))
+
+    def __call__(self, shape, dtype=None):
+        kh, kw, cin, cout = shape
+        kernel = self.base(shape, dtype=dtype)
+        identity = np.zeros(shape, np.float32)
+        n = min(cin, cout)
+        identity[kh // 2, kw // 2, np.arange(n), np.arange(n)] = 1.0
+        keep = np.ones(shape, np.float32)
+        keep[..., :n] = 0.0
+        return kernel * ops.convert_to_tensor(keep, kernel.dtype) + ops.convert_to_tensor(identity, kernel.dtype)
+
+    def get_config(self):
+        return {"base": keras.initializers.serialize(self.base)}
+
+
+# airbench94 (KellerJordan/cifar10-airbench): widths of its three conv groups at width 1,
+# and its whitening layer.
+AIRBENCH_WIDTHS = (64, 256, 256)
+AIRBENCH_WHITENING = {"patch_size": 2, "epsilon": 5e-4}
+
+
+def _airbench_batch_norm(x, shift_decay, name):
+    # Scale frozen at 1, momentum 0.6 (PyTorch's 0.4), epsilon 1e-12, in float32 whatever the policy.
+    return layers.BatchNormalization(momentum=0.6, epsilon=1e-12, scale=False, dtype="float32",
+                                     beta_regularizer=keras.regularizers.L2(shift_decay) if shift_decay else None,
+                                     name=name)(x)
+
+
+def airbench(
+    num_classes=10,
+    input_shape=(32, 32, 3),
+    width_multiplier=1.0,
+    logit_scale=1 / 9,
+    weight_decay=0.0,
+    bn_shift_weight_decay=0.0,
+    whitening_images=None,
+    name=None,
+):
+    """The network of airbench94 (Keller Jordan, KellerJordan/cifar10-airbench,
+    airbench94.py: 94.01% on full CIFAR-10 in 3.83 s on an A100).
+
+    whitening: a `PatchWhitening` of 2x2 patches ("valid", epsilon 5e-4, each filter and
+    its negative: 24 channels for RGB) with a trained bias, computed from
+    `whitening_images`; GELU; three groups of conv-maxpool(2)-BN-GELU-conv-BN-GELU with
+    64, 256, 256 channels (times `width_multiplier`); MaxPool(3); a dense layer without
+    bias; logits times `logit_scale`. 3x3 convs without bias, identity-initialized
+    (`Dirac`); batch norm with frozen scale, momentum 0.6 (PyTorch's 0.4), epsilon
+    1e-12, in float32. Differences: the patch covariance divides by n - 1 (airbench: n);
+    a frozen whitening bias keeps its momentum's last moves (airbench stops updating it).
+
+    Parameter count at width 1, 10 classes, RGB: 1,971,352 trainable (of 1,973,945; the
+    rest are the whitening filters, its bias gate and the BN moving statistics).
+
+    Args:
+        num_classes: output logits (>= 2).
+        input_shape: `(height, width, channels)`; height and width >= 25 (three pools by 2
+            after the 2x2 whitening, then a 3x3 pool).
+        width_multiplier: positive float scaling the groups' channels.
+        logit_scale: multiplies the logits (airbench: 1/9).
+        weight_decay: L2 factor on conv and dense kernels.
+        bn_shift_weight_decay: L2 factor on the batch-norm shifts (0: none).
+        whitening_images: float `(N, H, W, C)` training images normalized as the
+            model's input (airbench: the first 5,000).
+        name: model name; default "airbench".
+
+    Returns:
+        `keras.Model` from float images `(batch, *input_shape)` to float32 logits.
+
+    Raises:
+        ValueError: non-positive width, images too small, fewer than 2 classes, no
+            whitening images.
+    """
+    if not width_multiplier > 0:
+        raise ValueError(f"width_multiplier must be positive. Received: {width_multiplier!r}")
+    if min(input_shape[:2]) < 25:
+        raise ValueError(f"airbench needs images of at least 25x25 pixels. Received: input_shape={input_shape}")
+    if num_classes < 2:
+        raise ValueError(f"num_classes must be >= 2. Received: {num_classes!r}")
+    if whitening_images is None:
+        raise ValueError("airbench computes its whitening filters from training images: pass whitening_images, "
+                         "float (N, H, W, C) images normalized as the model's input.")
+    regularizer = keras.regularizers.L2(weight_decay) if weight_decay else None
+    inputs = keras.Input(shape=input_shape, name="images")
+    whitening = PatchWhitening(both_signs=True, use_bias=True, padding="valid", name="whitening",
+                               **AIRBENCH_WHITENING)
+    whitening.adapt(whitening_images)
+    x = layers.Activation("gelu", name="whitening_gelu")(whitening(inputs))
+    for i, width in enumerate(AIRBENCH_WIDTHS, start=1):
+        width = max(1, round(width * width_multiplier))
+        for j in (1, 2):
+            x = layers.Conv2D(width, 3, padding="same", use_bias=False, kernel_initializer=Dirac(),
+                              kernel_regularizer=regularizer, name=f"block{i}_conv{j}")(x)
+            if j == 1:
+                x = layers.MaxPooling2D(2, name=f"block{i}_pool")(x)
+            x = _airbench_batch_norm(x, bn_shift_weight_decay, f"block{i}_bn{j}")
+            x = layers.Activation("gelu", name=f"block{i}_gelu{j}")(x)
+    x = layers.MaxPooling2D(3, name="pool")(x)
+    x = layers.Flatten(name="flatten")(x)
+    x = layers.Dense(num_classes, use_bias=False, kernel_regularizer=regularizer, name="dense")(x)
+    outputs = layers.Rescaling(logit_scale, dtype="float32", name="logits")(x)
+    return keras.Model(inputs, outputs, name=name or "airbench")
+
+
 # Each model's stages in order, as layer-name prefixes (for freezing when fine-tuning),
 # and its classification head (replaced when the class count changes).
 STAGES = {"resnet20": ("stem", "stage1", "stage2", "stage3"),
           "resnet9": ("prep", "layer1", "layer2", "layer3"),
+          "airbench": ("whitening", "block1", "block2", "block3"),
           "tiny_cnn": ("block1", "block2")}
-HEADS = {"resnet20": ("logits",), "resnet9": ("dense", "logits"), "tiny_cnn": ("logits",)}
+HEADS = {"resnet20": ("logits",), "resnet9": ("dense", "logits"), "airbench": ("dense", "logits"),
+         "tiny_cnn": ("logits",)}
 
 
 def backbone_of(model):
@@ -431,9 +552,12 @@ def _check_resnet9(config):
                              "name such as relu, gelu or elu.") from None
 
 
-def _resnet9(bn_shift_weight_decay, bn_shift_lr_multiplier, weight_decay, **kwargs):
-    shift_decay = weight_decay / bn_shift_lr_multiplier if bn_shift_weight_decay else 0.0
-    return resnet9(weight_decay=weight_decay, bn_shift_weight_decay=shift_decay, **kwargs)
+def _with_shift_decay(builder):
+    def build(bn_shift_weight_decay, bn_shift_lr_multiplier, weight_decay, **kwargs):
+        shift_decay = weight_decay / bn_shift_lr_multiplier if bn_shift_weight_decay else 0.0
+        return builder(weight_decay=weight_decay, bn_shift_weight_decay=shift_decay, **kwargs)
+
+    return build
 
 
 # The models the `--model` flag names: builder, the config fields it takes, its checks.
@@ -442,10 +566,13 @@ def _resnet9(bn_shift_weight_decay, bn_shift_lr_multiplier, weight_decay, **kwar
 MODELS = {
     "resnet20": Kind(resnet20, ("width_multiplier", "dropout_rate", "weight_decay"), _check_resnet20,
                      "UMBC's widened ResNet-20 v1"),
-    "resnet9": Kind(_resnet9, ("width_multiplier", "activation", "celu_alpha", "ghost_batch_splits",
+    "resnet9": Kind(_with_shift_decay(resnet9), ("width_multiplier", "activation", "celu_alpha", "ghost_batch_splits",
                                "frozen_bn_scale", "logit_scale", "weight_decay", "prep", "pool_before_bn",
                                "bn_shift_weight_decay", "bn_shift_lr_multiplier"), _check_resnet9,
                     "David Page's ResNet-9"),
+    "airbench": Kind(_with_shift_decay(airbench), ("width_multiplier", "logit_scale", "weight_decay",
+                                                   "bn_shift_weight_decay", "bn_shift_lr_multiplier"), None,
+                     "Keller Jordan's airbench94 network"),
     "tiny_cnn": Kind(tiny_cnn, ("width_multiplier", "weight_decay"), None, "a two-block convnet for tests"),
 }
 
@@ -463,7 +590,8 @@ def _application(name, builder):
         if weights is not None and not os.path.exists(weights):
             raise ValueError(f"weights={weights!r} does not exist: pass None (random initialization) or the path "
                              "of a haet model.keras or a .weights.h5 of this network.")
-        if weights is not None and kwargs.get("prep") == "whitening" and kwargs.get("whitening_images") is None:
+        whitened = builder is airbench or kwargs.get("prep") == "whitening"
+        if weights is not None and whitened and kwargs.get("whitening_images") is None:
             # The whitening filters are among the weights loaded below.
             kwargs["whitening_images"] = np.zeros((1, *tuple(input_shape)), np.float32)
         model = builder(num_classes=classes, input_shape=tuple(input_shape), **kwargs)
@@ -534,6 +662,7 @@ def _load_weights(model, path, include_top):
 
 ResNet20 = _application("ResNet20", resnet20)
 ResNet9 = _application("ResNet9", resnet9)
+Airbench = _application("Airbench", airbench)
 TinyCNN = _application("TinyCNN", tiny_cnn)
 
 
@@ -554,14 +683,17 @@ FIELDS = (
     Field("ghost_batch_splits", 1, "resnet9: batch-norm groups per training batch, dividing --batch_size "
           "(1: plain batch norm).", fields.positive(integer=True)),
     Field("frozen_bn_scale", True, "resnet9: batch-norm scales fixed at 1."),
-    Field("logit_scale", 0.125, "resnet9: logits multiplied by this (> 0).", fields.positive()),
+    Field("logit_scale", 0.125, "resnet9, airbench: logits multiplied by this (> 0; Page 1/8 then 1/16, "
+          "airbench 1/9).", fields.positive()),
     Field("prep", "conv", "resnet9: the first block, conv (dawn.py's 3x3 conv-BN-act) or whitening (the bag "
           "of tricks': a frozen PCA whitening of 3x3 patches computed from the training images, then a 1x1 "
           "conv-BN-act).", fields.one_of(RESNET9_PREPS, "prep")),
     Field("pool_before_bn", False, "resnet9: conv-pool-BN-act in the pooling layers (bag of tricks) instead of "
           "conv-BN-act-pool."),
-    Field("bn_shift_weight_decay", False, "resnet9: L2 weight decay on the batch-norm shifts too, of "
+    Field("bn_shift_weight_decay", False, "resnet9, airbench: L2 weight decay on the batch-norm shifts too, of "
           "weight_decay / bn_shift_lr_multiplier (learning rate x decay as the kernels', as Page)."),
+    Field("whitening_bias_epochs", 3.0, "airbench: epochs during which the whitening layer's bias learns "
+          "(then its gradient is stopped); 0: always.", fields.at_least(0)),
     Field("input_normalization", "pixel_mean", "pixel_mean: subtract the training images' per-pixel mean; "
           "channel_standardize: per-channel mean and standard deviation.", fields.one_of(INPUT_NORMALIZATIONS)),
     Field("init_from", None, "A saved model.keras to fine-tune (same --model and --width_multiplier): its "
@@ -580,11 +712,12 @@ def check_config(config):
     kind = fields.choose(MODELS, "model", config.model)
     if kind.check:
         kind.check(config)
-    only_resnet9 = [f"--{name}" for name, default in (("prep", "conv"), ("pool_before_bn", False),
-                                                      ("bn_shift_weight_decay", False))
+    only_resnet9 = [f"--{name}" for name, default in (("prep", "conv"), ("pool_before_bn", False))
                     if getattr(config, name) != default]
     if config.model != "resnet9" and only_resnet9:
         raise ValueError(f"{', '.join(only_resnet9)} apply to --model=resnet9, not {config.model}.")
+    if config.bn_shift_weight_decay and config.model not in ("resnet9", "airbench"):
+        raise ValueError(f"--bn_shift_weight_decay applies to --model=resnet9 or airbench, not {config.model}.")
     if config.init_from is not None and not os.path.isfile(config.init_from):
         raise ValueError(f"init_from={config.init_from!r} is not a file: pass a model.keras of a run folder.")
     if config.freeze_stages and not config.init_from:
@@ -600,7 +733,7 @@ def build_backbone(config, num_classes, input_shape, whitening_images=None):
 
     `whitening_images`: float `(N, H, W, C)` training images normalized as the
     backbone's input, for resnet9 with `prep="whitening"` (else unused)."""
-    extra = {"whitening_images": whitening_images} if config.model == "resnet9" else {}
+    extra = {"whitening_images": whitening_images} if config.model in WHITENED_MODELS else {}
     return fields.build(MODELS, "model", config.model, config, num_classes=num_classes, input_shape=input_shape,
                         **extra)
 

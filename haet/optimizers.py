@@ -132,9 +132,29 @@ FIELDS = (
           "weights (else the averaged weights are evaluated with the raw weights' statistics)."),
     Field("bn_shift_lr_multiplier", 1.0, "Learning rate of the batch-norm shifts (betas) x this (Page's "
           "ResNet-9 and airbench: 64, with frozen scales).", fields.positive()),
+    Field("lookahead", False, "airbench's lookahead: from --lookahead_start_epochs on, every "
+          "--lookahead_every_steps steps the weights (and batch-norm statistics) move to a moving average of "
+          "themselves with momentum --lookahead_decay ** k * (step / planned steps) ** --lookahead_power; needs "
+          "--epochs or a planned schedule."),
+    Field("lookahead_decay", 0.95, "lookahead: base momentum per step, in [0, 1).", fields.in_range(0, 1, high_open=True)),
+    Field("lookahead_every_steps", 5, "lookahead: steps between updates.", fields.positive(integer=True)),
+    Field("lookahead_power", 3.0, "lookahead: exponent of the (step / planned steps) ramp of the momentum.",
+          fields.at_least(0)),
+    Field("lookahead_start_epochs", 3.0, "lookahead: epochs before the first update.", fields.at_least(0)),
     Field("label_smoothing", 0.0, "Label smoothing of the cross-entropy, in [0, 1).",
           fields.in_range(0, 1, high_open=True)),
 )
+
+
+def make_lookahead(config, steps_per_epoch, total_steps):
+    """The `haet.averaging.Lookahead` of `config` (None without `lookahead`); `total_steps`:
+    the run's steps when its schedule has no plan (None otherwise)."""
+    from haet.averaging import Lookahead
+
+    if not config.lookahead:
+        return None
+    return Lookahead(steps_per_epoch, total_steps, config.lookahead_decay, config.lookahead_every_steps,
+                     config.lookahead_power, round(config.lookahead_start_epochs * steps_per_epoch))
 
 
 def make_moving_average(config):

@@ -23,6 +23,7 @@ The defaults of `haet.config.TrainConfig` are the UMBC HAET-2021 recipe.
 
 import contextlib
 import dataclasses
+import math
 import os
 import re
 import sys
@@ -36,8 +37,9 @@ from haet import augment, budget as budget_lib, checkpoint as checkpoint_lib, da
 from haet import device as device_lib, evaluation, models, optimizers, results, schedules
 from haet.config import TrainConfig
 from haet.engine import current_weights, make_engine
+from haet.layers import PatchWhitening
 from haet.hooks import DivergenceGuard, MovingAverage, SnapshotKeeper, TrainingHealth, Validation
-from haet.loop import Hook, KerasCallbacks, Training
+from haet.loop import Hook, KerasCallbacks, StepLimit, Training
 
 __all__ = ["TrainConfig", "SetupError", "train", "prepare_data", "build_model", "build_optimizer", "compile_model",
            "build_run", "evaluate"]
@@ -347,9 +349,9 @@ def build_model(config, data):
     info = data.info
     mean, variance = input_statistics(config, data.x_fit)
     whitening = None
-    if config.prep == "whitening":
+    if config.prep == "whitening" or config.model == "airbench":
         # The images as the backbone sees them: scaled and normalized, unaugmented (at most
-        # 10,000, as Page).
+        # 10,000: Page took 10,000, airbench 5,000).
         scale = np.sqrt(variance) if variance is not None else 1.0
         whitening = (data.x_fit[:10_000].astype(np.float32) / 255.0 - mean) / scale
     backbone = models.build_backbone(config, info.num_classes, info.image_shape, whitening)
@@ -363,6 +365,11 @@ def build_model(config, data):
                     **models.transfer_weights(source, model, config.model, config.freeze_stages)}
         logging.info("fine-tuning from %s: %s", config.init_from, transfer)
     return model, augmentation, transfer
+
+
+def planned_steps(config, steps_per_epoch):
+    """The steps of `config.epochs` epochs (a fraction rounds up to a whole step); 0 with `epochs=0`."""
+    return math.ceil(config.epochs * steps_per_epoch)
 
 
 def build_optimizer(config, steps_per_epoch):
@@ -379,10 +386,11 @@ def build_optimizer(config, steps_per_epoch):
     schedule = schedules.learning_rate_schedule(config)
     if schedule.unit == "steps":
         optimizer = optimizers.make_optimizer(config, schedule)
+        planned = max(steps_per_epoch, planned_steps(config, steps_per_epoch))
         if isinstance(schedule, schedules.PlannedPiecewiseLinear):
-            schedule.attach(optimizer, max(1, config.epochs) * steps_per_epoch, steps_per_epoch)
+            schedule.attach(optimizer, planned, steps_per_epoch)
         else:
-            schedule.attach(optimizer, max(1, config.epochs) * steps_per_epoch)
+            schedule.attach(optimizer, planned)
     else:
         optimizer = optimizers.make_optimizer(config, schedule(0.0))
     return optimizer, schedule
@@ -432,6 +440,26 @@ class HistoryWriter(Hook):
         self.folder.append_history(self.budget.history[-1], self.budget.history)
 
 
+def _whitening_layer(model):
+    for layer in models.backbone_of(model).layers:
+        if isinstance(layer, PatchWhitening) and layer.bias is not None:
+            return layer
+    return None
+
+
+class FreezeWhiteningBias(Hook):
+    """Stops the gradient of a `PatchWhitening` bias from epoch `epochs` on (airbench
+    trains it for the first 3 epochs), through its gate variable: nothing recompiles.
+    A fraction of an epoch takes effect at the next epoch start."""
+
+    def __init__(self, layer, epochs):
+        self.layer, self.epochs = layer, epochs
+
+    def on_epoch_begin(self, run, epoch):
+        if epoch >= self.epochs:
+            run.engine.assign(self.layer.bias_gate, 0.0)
+
+
 def build_run(config, model, augmentation, schedule, data, folder, clock=time.perf_counter, timer=None,
               signals=None, extra_hooks=()):
     """The engine, budget and hooks that train `model` as `config` says.
@@ -464,11 +492,16 @@ def build_run(config, model, augmentation, schedule, data, folder, clock=time.pe
             epochs = augment.precompute_epochs(data.x_fit, augmentation, config.precomputed_augmentation_epochs,
                                                255.0 * mean)
         images, copies = np.concatenate(epochs), len(epochs)
+    if config.alternating_flip:
+        images, copies = augment.alternating_flip_copies(data.x_fit, config.seed), 2
     one_hot = data.info.num_classes if config.label_smoothing else None
+    # Lookahead first (it moves the weights), then the EMA of the weights it leaves.
+    lookahead = optimizers.make_lookahead(config, steps_per_epoch,
+                                          planned_steps(config, steps_per_epoch) or None)
     average = optimizers.make_moving_average(config)
     engine = make_engine(model, images, data.y_fit, config.batch_size, seed=config.seed, one_hot_classes=one_hot,
                          steps_per_execution=config.steps_per_execution, copies=copies,
-                         execution_loop=config.execution_loop, averages=[average] if average else [])
+                         execution_loop=config.execution_loop, averages=[a for a in (lookahead, average) if a])
     run = Run(engine, budget, training=None)
     hooks = [signals] if signals is not None else []
     run.divergence = DivergenceGuard()
@@ -483,6 +516,9 @@ def build_run(config, model, augmentation, schedule, data, folder, clock=time.pe
             os.path.join(run_dir, "tensorboard", "health") if config.tensorboard else None)
         hooks.append(run.health)
     hooks += [budget, HistoryWriter(folder, budget)]
+    whitening = _whitening_layer(model)
+    if config.model == "airbench" and config.whitening_bias_epochs and whitening is not None:
+        hooks.append(FreezeWhiteningBias(whitening, config.whitening_bias_epochs))
     if average is not None:
         run.moving_average = MovingAverage(average)
         hooks.append(run.moving_average)
@@ -495,7 +531,7 @@ def build_run(config, model, augmentation, schedule, data, folder, clock=time.pe
     if config.tensorboard:
         callbacks.append(keras.callbacks.TensorBoard(os.path.join(run_dir, "tensorboard"), write_graph=False))
     if callbacks:
-        hooks.append(KerasCallbacks(callbacks, model, epochs=config.epochs or None))
+        hooks.append(KerasCallbacks(callbacks, model, epochs=math.ceil(config.epochs) or None))
     if schedule.unit == "steps" and not config.epochs and getattr(schedule, "needs_plan", True):
         run.planner = budget_lib.StepPlanner(budget, schedule.planned_steps, steps_per_epoch,
                                              config.planner_probe_steps)
@@ -504,7 +540,7 @@ def build_run(config, model, augmentation, schedule, data, folder, clock=time.pe
         if run.planner:
             planned = lambda: run.planner.planned_steps_value  # noqa: E731
         elif schedule.unit == "steps" and config.epochs:
-            planned = lambda: config.epochs * steps_per_epoch  # noqa: E731
+            planned = lambda: planned_steps(config, steps_per_epoch)  # noqa: E731
         run.snapshots = SnapshotKeeper(schedules.cycle_ends(config), budget_lib.Progress(budget, planned))
         hooks.append(run.snapshots)
     hooks += list(extra_hooks)
@@ -512,7 +548,12 @@ def build_run(config, model, augmentation, schedule, data, folder, clock=time.pe
         hooks.append(run.planner)  # its epoch end measures the time the other hooks took
     run.checkpointer = checkpoint_lib.Checkpointer(folder, config.checkpoint_every)
     hooks.append(run.checkpointer)  # last: it saves what the others did
-    run.training = Training(engine, budget, hooks, epochs=config.epochs)
+    if config.epochs != int(config.epochs):
+        # A fraction of an epoch: stop inside the last one (its row says it was cut short).
+        limit = StepLimit(planned_steps(config, steps_per_epoch))
+        limit.reason = "epochs"
+        hooks.insert(hooks.index(budget) + 1, limit)
+    run.training = Training(engine, budget, hooks, epochs=math.ceil(config.epochs))
     return run
 
 

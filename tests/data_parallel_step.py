@@ -1,6 +1,7 @@
 """Run by test_distribute.py in a fresh process: two SGD steps of haet's engine on a fixed
-global batch, on 1 device or data-parallel on 2 logical CPU devices; saves the weights
-and the per-step losses.
+global batch, on 1 device or data-parallel on 2 logical CPU devices, with a moving
+average of the weights (and batch-norm statistics); saves the weights, the averages and
+the per-step losses.
 
     python tests/data_parallel_step.py REPLICAS OUT.npz [batchnorm]
 
@@ -25,6 +26,7 @@ import contextlib  # noqa: E402
 import keras  # noqa: E402
 
 from haet import distribute  # noqa: E402
+from haet.averaging import ExponentialMovingAverage  # noqa: E402
 from haet.engine import make_engine  # noqa: E402
 
 x = np.random.default_rng(0).integers(0, 256, (16, 8, 8, 3)).astype("uint8")
@@ -41,12 +43,13 @@ with context as parallel:
     model = keras.Model(inputs, logits)
     model.compile(optimizer=keras.optimizers.SGD(0.5, momentum=0.9),
                   loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True), jit_compile=parallel["xla"])
-    engine = make_engine(model, x, y, 16, steps_per_execution=2)
+    average = ExponentialMovingAverage(0.5, warmup=False)
+    engine = make_engine(model, x, y, 16, steps_per_execution=2, averages=[average])
     losses = []
     for epoch in range(2):  # one step an epoch: the whole batch of 16
         engine.start_epoch(epoch)
         losses.extend(engine.run(1))
     engine.sync()
     assert parallel["replicas"] == replicas, parallel
-np.savez(out, loss=np.array(losses), *[np.asarray(v) for v in model.trainable_variables])
+np.savez(out, loss=np.array(losses), *[np.asarray(v) for v in [*model.trainable_variables, *average.averages]])
 print("devices", len(distribute.local_devices()), "replicas", parallel["replicas"])

@@ -18,7 +18,7 @@ from haet.config import TrainConfig
     "changes, message",
     [
         ({"dataset": "imagenet"}, "Unknown dataset 'imagenet'"),
-        ({"model": "vgg"}, "Unknown model 'vgg'. Allowed: resnet20, resnet9, tiny_cnn"),
+        ({"model": "vgg"}, "Unknown model 'vgg'. Allowed: resnet20, resnet9, airbench, tiny_cnn"),
         ({"precision": "half"}, "Unknown precision 'half'. Allowed: auto, float32"),
         ({"fill_modes": ("nearest", "mirror")}, "Unknown fill mode 'mirror'"),
         ({"budget_seconds": 0}, "budget must be a positive number of seconds. Received: budget=0"),
@@ -141,6 +141,8 @@ def test_default_flags_are_the_umbc_flagfile():
     ["page_resnet9.flags", "resnet9_mnist.flags"],
     ["page_bag_of_tricks.flags"],
     ["page_bag_of_tricks.flags", "page_bag_of_tricks_haet.flags"],
+    ["airbench94.flags"],
+    ["airbench94.flags", "airbench94_haet.flags"],
 ])
 def test_every_recipe_flagfile_parses_and_checks(flagfiles):
     values = absl_flags.FlagValues()

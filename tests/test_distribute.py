@@ -31,11 +31,12 @@ def test_two_device_data_parallel_steps_equal_one_device_steps(tmp_path):
     out = _run(HELPER, "2", str(two))
     assert "devices 2 replicas 2" in out.stdout
     a, b = np.load(one), np.load(two)
-    assert sorted(a.files) == sorted(b.files) and len(a.files) == 5
+    assert sorted(a.files) == sorted(b.files) and len(a.files) == 9  # loss, 4 weights, their 4 averages
     for name in a.files:
         np.testing.assert_allclose(a[name], b[name], rtol=1e-5, atol=1e-6, err_msg=name)
-    # Two steps moved the weights: the comparison is not of initial values.
+    # Two steps moved the weights and their averages: the comparison is not of initial values.
     assert a["loss"][1] < a["loss"][0]
+    assert not np.allclose(a["arr_4"], a["arr_0"])  # the conv kernel's average lags the kernel
 
 
 def test_batch_norm_statistics_per_replica_on_tensorflow_global_on_jax(tmp_path):

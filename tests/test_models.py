@@ -50,7 +50,7 @@ def test_bad_model_arguments(kwargs, message):
 
 
 def test_unknown_model_name():
-    with pytest.raises(ValueError, match="Unknown model 'resnet50'. Allowed: resnet20, resnet9, tiny_cnn."):
+    with pytest.raises(ValueError, match="Unknown model 'resnet50'. Allowed: resnet20, resnet9, airbench, tiny_cnn."):
         models.build_model("resnet50")
 
 
