@@ -42,6 +42,45 @@ def batch_norm_statistics(model):
     return [v for v in model.non_trainable_variables if id(v) in wanted]
 
 
+def recompute_batch_norm_statistics(model, images, batch_size, max_images=2048, seed=0):
+    """Sets every batch-norm layer's moving mean and variance to the mean of its batch
+    statistics over training batches, computed with the model's current weights (in
+    training mode: augmentation and dropout as in training). SWA's `update_bn`
+    (Izmailov et al. 2018, "Averaging weights leads to wider optima and better
+    generalization"): averaged weights are evaluated with statistics that belong to
+    them, neither the raw weights' nor an average of past ones.
+
+    Each layer's momentum is set to `(k - 1) / k` for the `k`-th batch (a cumulative
+    mean: Keras reads it when the layer is called, here eagerly) and restored after.
+    Frozen layers (`trainable=False`) keep their statistics.
+
+    Args:
+        model: a built `keras.Model` (uint8 input pipeline included).
+        images: training images as the model takes them, `(N, H, W, C)`.
+        batch_size: images per forward pass (the training batch size: ghost batch
+            norm needs a multiple of its splits).
+        max_images: at most this many images, drawn without replacement with `seed`
+            (whole batches).
+        seed: int seed of the draw.
+
+    Returns:
+        The number of images used.
+    """
+    layers = [layer for layer in _layers(model) if isinstance(layer, NORMALIZATION_LAYERS)]
+    count = max(1, min(len(images), max_images) // batch_size) * batch_size
+    chosen = np.random.default_rng(seed).permutation(len(images))[:count]
+    momenta = [layer.momentum for layer in layers]
+    try:
+        for k, start in enumerate(range(0, count, batch_size), start=1):
+            for layer in layers:
+                layer.momentum = (k - 1) / k
+            model(images[np.sort(chosen[start:start + batch_size])], training=True)
+    finally:
+        for layer, momentum in zip(layers, momenta):
+            layer.momentum = momentum
+    return count
+
+
 def _variable_name(prefix, variable):
     return f"{prefix}_{variable.path.replace('/', '_')}"
 

@@ -5,6 +5,8 @@ They act between compiled executions: a hook that must see a particular step cap
 the execution before it (`limit`), so nothing runs per step on the host.
 """
 
+import time
+
 import keras
 import numpy as np
 from absl import logging
@@ -93,14 +95,17 @@ class MovingAverage(Hook):
     `(trainable, non_trainable)` value lists: the form `haet.engine.Predictor` takes)
     and writes the moving average (`average`, a `haet.averaging.ExponentialMovingAverage`
     the engine updates) into the model: weights, and batch-norm statistics when it
-    averages them. Place it before `KerasCallbacks` so callbacks see the averaged
-    weights, as with Keras' own EMA.
+    averages them. With `recompute=(images, batch_size)` the statistics are then
+    recomputed under the averaged weights (`haet.averaging.recompute_batch_norm_statistics`;
+    `recompute_seconds` says how long it took, on `clock`). Place it before
+    `KerasCallbacks` so callbacks see the averaged weights, as with Keras' own EMA.
     """
 
     raw_weights = None
+    recompute_seconds = None
 
-    def __init__(self, average):
-        self.average = average
+    def __init__(self, average, recompute=None, clock=None):
+        self.average, self.recompute, self.clock = average, recompute, clock or time.perf_counter
 
     def on_train_end(self, run):
         model = run.engine.model
@@ -111,6 +116,12 @@ class MovingAverage(Hook):
                                   (model.non_trainable_variables, non_trainable)):
             for variable, value in zip(variables, values):
                 variable.assign(value)
+        if self.recompute is not None:
+            from haet.averaging import recompute_batch_norm_statistics
+
+            start = self.clock()
+            recompute_batch_norm_statistics(model, *self.recompute)
+            self.recompute_seconds = self.clock() - start
 
 
 class SnapshotKeeper(Hook):

@@ -91,6 +91,9 @@ class Adam(_HaetOptimizer, keras.optimizers.Adam):
     schedule restored on load (see `_HaetOptimizer`)."""
 
 
+# The batch-norm statistics of the averaged weights (`--ema_statistics`).
+EMA_STATISTICS = ("average", "recompute", "raw")
+
 # Batch-norm shifts (betas) of Keras' BatchNormalization and haet's GhostBatchNormalization.
 BATCH_NORM_SHIFTS = r"(^|/)beta$"
 
@@ -128,8 +131,11 @@ FIELDS = (
           "ema_decay ** ema_every_steps (Page: 0.99 per step, every 5 steps).", fields.positive(integer=True)),
     Field("ema_warmup", True, "EMA: the n-th update's momentum is at most (1 + n) / (10 + n) (TensorFlow's "
           "ExponentialMovingAverage num_updates), so short runs average recent weights, not initial ones."),
-    Field("ema_batch_norm_statistics", True, "EMA: average the batch-norm moving means and variances with the "
-          "weights (else the averaged weights are evaluated with the raw weights' statistics)."),
+    Field("ema_statistics", "average", "EMA: the batch-norm statistics the averaged weights are evaluated "
+          "with: average (averaged with the weights, as Page), recompute (after training, the mean of the batch "
+          "statistics of up to 2,048 training images under the averaged weights, as SWA; outside the budget, "
+          "recorded as ema_statistics_seconds) or raw (the raw weights' own).",
+          fields.one_of(EMA_STATISTICS, "ema_statistics")),
     Field("bn_shift_lr_multiplier", 1.0, "Learning rate of the batch-norm shifts (betas) x this (Page's "
           "ResNet-9 and airbench: 64, with frozen scales).", fields.positive()),
     Field("lookahead", False, "airbench's lookahead: from --lookahead_start_epochs on, every "
@@ -164,7 +170,7 @@ def make_moving_average(config):
     if not config.ema_decay:
         return None
     return ExponentialMovingAverage(config.ema_decay, config.ema_every_steps, config.ema_warmup,
-                                    config.ema_batch_norm_statistics)
+                                    config.ema_statistics == "average")
 
 
 def make_optimizer(config, learning_rate):

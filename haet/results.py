@@ -431,6 +431,9 @@ def training_fields(config, data, run, timer):
         "checkpoint_seconds": round(budget.paused_seconds, 3),
         "checkpoints": run.checkpointer.saved if run.checkpointer else 0,
         "precompute_seconds": round(timer.seconds.get("precompute", 0.0), 3),
+        # Recomputing the averaged weights' batch-norm statistics after training (--ema_statistics=recompute).
+        "ema_statistics_seconds": (round(run.moving_average.recompute_seconds, 3) if run.moving_average is not None
+                                   and run.moving_average.recompute_seconds is not None else None),
         "over_budget_seconds": round(over, 3),
         # Past the budget by more than one typical execution (by anything when the only
         # executions compiled: the compilation alone outlasted the budget).

@@ -520,7 +520,8 @@ def build_run(config, model, augmentation, schedule, data, folder, clock=time.pe
     if config.model == "airbench" and config.whitening_bias_epochs and whitening is not None:
         hooks.append(FreezeWhiteningBias(whitening, config.whitening_bias_epochs))
     if average is not None:
-        run.moving_average = MovingAverage(average)
+        recompute = (data.x_fit, config.batch_size) if config.ema_statistics == "recompute" else None
+        run.moving_average = MovingAverage(average, recompute, clock)
         hooks.append(run.moving_average)
     callbacks = []
     if config.early_stopping_patience or config.keep_best:

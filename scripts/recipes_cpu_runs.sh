@@ -27,7 +27,8 @@ run bag_of_tricks_conv_prep python -m haet.train $BOT --prep=conv
 run bag_of_tricks_pool_after_bn python -m haet.train $BOT --nopool_before_bn
 run bag_of_tricks_no_shift_multiplier python -m haet.train $BOT --bn_shift_lr_multiplier=1 --nobn_shift_weight_decay
 run bag_of_tricks_no_ema python -m haet.train $BOT --ema_decay=0
-run bag_of_tricks_ema_raw_statistics python -m haet.train $BOT --noema_batch_norm_statistics
+run bag_of_tricks_ema_raw_statistics python -m haet.train $BOT --ema_statistics=raw
+run bag_of_tricks_ema_recomputed_statistics python -m haet.train $BOT --ema_statistics=recompute
 run bag_of_tricks_airbench_tta python -m haet.train $BOT --tta=airbench
 run bag_of_tricks_validation_headline python -m haet.train $BOT --validation_size=500
 }

@@ -138,3 +138,20 @@ def test_snapshots_hold_the_averages():
 def test_bad_settings_are_refused(kwargs, message):
     with pytest.raises(ValueError, match=message):
         ExponentialMovingAverage(**kwargs)
+
+
+def test_recomputed_statistics_are_the_mean_of_the_batch_statistics():
+    from haet.averaging import recompute_batch_norm_statistics
+
+    model = _model()
+    x, _ = _data(12)
+    bn = model.get_layer(index=3)
+    features = keras.Model(model.inputs, bn.input)  # the conv's output, what the BN normalizes
+    used = recompute_batch_norm_statistics(model, x, batch_size=4, max_images=8, seed=1)
+    assert used == 8 and bn.momentum == 0.5  # restored
+    chosen = np.random.default_rng(1).permutation(12)[:8]
+    batches = [np.asarray(features(x[np.sort(chosen[i:i + 4])]), np.float64) for i in (0, 4)]
+    mean = np.mean([b.mean(axis=(0, 1, 2)) for b in batches], axis=0)
+    variance = np.mean([b.var(axis=(0, 1, 2)) for b in batches], axis=0)
+    np.testing.assert_allclose(np.asarray(bn.moving_mean.value), mean, rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(bn.moving_variance.value), variance, rtol=1e-4, atol=1e-6)

@@ -153,19 +153,30 @@ def _flagfile_config(*names, **overrides):
     return config_lib.config_from_flags(values, **overrides)
 
 
+@pytest.mark.e2e
 def test_the_bag_of_tricks_trains_evaluates_and_saves(tmp_path, cifar10_slice_dir):
-    """The HAET flagfiles at a tiny size: whitening, pool before BN, shift multiplier, EMA every
-    5 steps with statistics, airbench TTA; the headline chosen on the validation split, and
-    the saved model is the one it scores."""
+    """The HAET flagfiles at a tiny size and a 12 s budget: whitening, pool before BN, shift
+    multiplier, ghost BN, label smoothing, one-cycle planned to fit the budget, EMA every
+    5 steps with statistics, airbench TTA; the headline chosen on the validation split,
+    and the saved model is the one it scores."""
     from haet.training import train
 
     config = _flagfile_config(
         "page_bag_of_tricks.flags", "page_bag_of_tricks_haet.flags", data_dir=cifar10_slice_dir, train_size=200,
-        validation_size=40, width_multiplier=0.0625, batch_size=32, ghost_batch_splits=2, epochs=2,
-        budget_seconds=600.0, tta="airbench", eval_batch_size=250, checkpoint_every=0.0)
+        validation_size=40, width_multiplier=0.0625, batch_size=32, ghost_batch_splits=2, budget_seconds=12.0,
+        planner_probe_steps=5, tta="airbench", eval_batch_size=250, checkpoint_every=0.0)
     record, run_dir = train(config, results_dir=str(tmp_path))
-    assert record["status"] == "completed" and record["steps"] == 10
+    assert record["status"] == "completed"
+    # The planner probed 1 + 5 steps (discarded), then planned whole epochs of 5 steps:
+    # either they all ran, or the budget ran out first.
+    # (Fewer when the compilation alone outlasts the budget on a loaded machine.)
+    assert 1 <= record["probe_steps"] <= 6 and record["planned_epochs"] >= 1
+    if record["stopped_by"] == "planned":
+        assert record["steps"] == record["planned_epochs"] * 5 == record["epochs_completed"] * 5
+    else:
+        assert record["stopped_by"] == "budget" and record["train_seconds"] >= 12.0
     assert set(record["test_accuracy_variants"]) == {"ema", "ema_tta_airbench", "raw", "raw_tta_airbench"}
+    assert len({round(v, 6) for v in record["test_loss_variants"].values()}) == 4  # EMA and TTA each matter
     validation = record["validation_accuracy_variants"]
     chosen = "raw_tta_airbench" if validation["raw_tta_airbench"] > validation["ema_tta_airbench"] else \
         "ema_tta_airbench"
