@@ -158,6 +158,16 @@ RESNET9_WIDTHS = (64, 128, 256, 512)
 RESNET9_RESIDUAL_LAYERS = (1, 3)
 
 
+def _check_sizes(width_multiplier, num_classes, input_shape, min_side, too_small):
+    """The checks every builder makes: a positive width, >= 2 classes, images of at least `min_side`."""
+    if not width_multiplier > 0:
+        raise ValueError(f"width_multiplier must be positive. Received: {width_multiplier!r}")
+    if min(input_shape[:2]) < min_side:
+        raise ValueError(f"{too_small}. Received: input_shape={input_shape}")
+    if num_classes < 2:
+        raise ValueError(f"num_classes must be >= 2. Received: {num_classes!r}")
+
+
 def _batch_norm(x, ghost_batch_splits, frozen_bn_scale, shift_decay, name):
     regularizer = keras.regularizers.L2(shift_decay) if shift_decay else None
     if ghost_batch_splits > 1:
@@ -262,12 +272,7 @@ def resnet9(
         ValueError: non-positive width, images smaller than 8x8, fewer than 2
             classes, an unknown prep, or whitening without images.
     """
-    if not width_multiplier > 0:
-        raise ValueError(f"width_multiplier must be positive. Received: {width_multiplier!r}")
-    if min(input_shape[:2]) < 8:
-        raise ValueError(f"resnet9 pools by 8: height and width must be >= 8. Received: input_shape={input_shape}")
-    if num_classes < 2:
-        raise ValueError(f"num_classes must be >= 2. Received: {num_classes!r}")
+    _check_sizes(width_multiplier, num_classes, input_shape, 8, "resnet9 pools by 8: height and width must be >= 8")
     if prep not in RESNET9_PREPS:
         raise ValueError(f"Unknown prep {prep!r}. Allowed: {', '.join(RESNET9_PREPS)}.")
     if prep == "whitening" and whitening_images is None:
@@ -383,12 +388,7 @@ def airbench(
         ValueError: non-positive width, images too small, fewer than 2 classes, no
             whitening images.
     """
-    if not width_multiplier > 0:
-        raise ValueError(f"width_multiplier must be positive. Received: {width_multiplier!r}")
-    if min(input_shape[:2]) < 25:
-        raise ValueError(f"airbench needs images of at least 25x25 pixels. Received: input_shape={input_shape}")
-    if num_classes < 2:
-        raise ValueError(f"num_classes must be >= 2. Received: {num_classes!r}")
+    _check_sizes(width_multiplier, num_classes, input_shape, 25, "airbench needs images of at least 25x25 pixels")
     if whitening_images is None:
         raise ValueError("airbench computes its whitening filters from training images: pass whitening_images, "
                          "float (N, H, W, C) images normalized as the model's input.")
