@@ -13,10 +13,15 @@ On the GPU machine each call runs one stage and copies what it made to $OUT:
     start600    starts the default recipe (--budget=600, seed --seed) in its own process
                 session, then waits in the call and prints the log's tail.
     collect600  waits for that run to end and copies its record, history and log.
+    recipes     airbench94 in the HAET setting at 15, 30 and 60 s and Page's bag of tricks
+                at 60 s (their HAET flagfiles), seed --seed.
     seeds       more seeds of the fast recipe at 600 s... (what time is left allows).
 
+The device returns at most 8 files from $OUT: each stage writes its logs, benchmark
+tables, records and histories into a folder and leaves one archive, $OUT/<stage>.tar.gz.
+
 `--dry` runs a stage here under JAX with budgets of a few seconds, tiny benchmark
-settings and the data from ../shared/data, writing to --out: the test of this script
+settings and the data from ../shared/data, writing to --out (files under --out/files): the test of this script
 (tests/test_gpu_campaign.py) runs it so that the campaign keeps working as the code
 changes. Every run's record and log land in --out, even a failed one.
 """
@@ -36,6 +41,8 @@ PREAMBLE = ("python3 -m pip install -q --no-index --no-deps --no-compile --targe
             "JAX_COMPILATION_CACHE_DIR=/tmp/jax-cache || exit 1;")
 FAST_RECIPE = ["--flagfile=flags/page_resnet9.flags"]
 FAST_BUDGETS = (15, 30, 60, 120)
+AIRBENCH_HAET = ["--flagfile=flags/airbench94.flags", "--flagfile=flags/airbench94_haet.flags"]
+BAG_OF_TRICKS_HAET = ["--flagfile=flags/page_bag_of_tricks.flags", "--flagfile=flags/page_bag_of_tricks_haet.flags"]
 BENCHES = (  # name, flags
     ("resnet20x6", ["--width_multiplier=6", "--batch_sizes=32,128,512", "--precision=mixed_bfloat16"]),
     ("resnet9", ["--flagfile=flags/page_resnet9.flags", "--batch_sizes=512", "--precision=mixed_bfloat16"]),
@@ -46,7 +53,8 @@ class Stage:
     """Runs the commands of one stage, logging each into `out`."""
 
     def __init__(self, out, dry, data_dir):
-        self.out, self.dry, self.data_dir = out, dry, data_dir
+        self.archive_dir, self.dry, self.data_dir = out, dry, data_dir
+        self.out = os.path.join(out, "files") if dry else "/tmp/campaign_files"
         self.results = os.path.join(out, "runs") if dry else "/tmp/gpu"
         os.makedirs(self.out, exist_ok=True)
         os.makedirs(self.results, exist_ok=True)
@@ -75,6 +83,12 @@ class Stage:
         return self.run(name, [sys.executable, "-m", "haet.train", *flags, f"--budget={budget}",
                                f"--data_dir={self.data_dir}", f"--results_dir={self.results}", *extra])
 
+    def pack(self, name):
+        """Writes everything in the stage's folder into one archive, `<out>/<name>.tar.gz`."""
+        os.makedirs(self.archive_dir, exist_ok=True)
+        path = shutil.make_archive(os.path.join(self.archive_dir, name), "gztar", root_dir=self.out)
+        print(f"packed {len(os.listdir(self.out))} files into {path}", flush=True)
+
     def collect(self):
         """Copies every run's record and history (under a name of its folder) into `out`."""
         for record in sorted(glob.glob(os.path.join(self.results, "*", "record.json"))):
@@ -99,6 +113,17 @@ def call1(stage):
         stage.train(f"fast_{budget}s_seed0", FAST_RECIPE + (["--width_multiplier=0.125"] if stage.dry else []),
                     budget)
     stage.collect()
+    stage.pack("call1")
+
+
+def recipes(stage, seed):
+    tiny = ["--width_multiplier=0.125"] if stage.dry else []
+    for budget in (15,) if stage.dry else (15, 30, 60):  # dry: the first shows the path
+        stage.train(f"airbench_haet_{budget}s_seed{seed}", AIRBENCH_HAET + tiny + [f"--seed={seed}"], budget)
+    if not stage.dry:
+        stage.train(f"bag_of_tricks_haet_60s_seed{seed}", BAG_OF_TRICKS_HAET + [f"--seed={seed}"], 60)
+    stage.collect()
+    stage.pack(f"recipes_seed{seed}")
 
 
 def start600(stage, seed):
@@ -134,11 +159,12 @@ def collect600(stage, seed):
     if os.path.exists(log) and not stage.dry:
         shutil.copy(log, stage.out)
     stage.collect()
+    stage.pack(f"default600_seed{seed}")
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("stage", choices=["prepare", "command", "call1", "start600", "collect600"])
+    parser.add_argument("stage", choices=["prepare", "command", "call1", "start600", "collect600", "recipes"])
     parser.add_argument("which", nargs="?", help="command: the stage whose device command to print")
     parser.add_argument("--dry", action="store_true", help="run here under JAX with tiny budgets")
     parser.add_argument("--out", default=os.environ.get("OUT", "/tmp/campaign"), help="where results go")
@@ -160,7 +186,7 @@ def main(argv=None):
     data_dir = args.data_dir or (os.path.join(shared, "cifar10") if args.dry else ".device/cifar10_5k")
     stage = Stage(args.out, args.dry, data_dir)
     {"call1": lambda: call1(stage), "start600": lambda: start600(stage, args.seed),
-     "collect600": lambda: collect600(stage, args.seed)}[args.stage]()
+     "collect600": lambda: collect600(stage, args.seed), "recipes": lambda: recipes(stage, args.seed)}[args.stage]()
     print("failures: " + (", ".join(stage.failures) or "none"))
     return 1 if stage.failures else 0
 
