@@ -180,13 +180,14 @@ class Lookahead(ExponentialMovingAverage):
     `rho = decay ** every_steps * (step / total_steps) ** power` (averaging weakly
     early, strongly at the end) and the weights take the average's values. At the last
     step of each epoch the weights take the average's values again (airbench copies
-    back after each epoch). `total_steps` is the run's planned steps: the optimizer's
-    `planned_steps` variable when its schedule has one (set by the planner or from
-    `--epochs`), else `total_steps`.
+    back after each epoch). The run's length is `plan`, the planned-steps variable of a
+    step-planned schedule (`haet.schedules`; set by the planner or from `--epochs`,
+    read inside the step), else `total_steps`.
 
     Args:
         steps_per_epoch: optimizer steps of an epoch (>= 1).
-        total_steps: steps of the run when the optimizer has no plan (>= 1), or None.
+        total_steps: steps of the run without a plan (>= 1), or None.
+        plan: the schedule's planned-steps variable (one of the optimizer's), or None.
         decay: per-step base momentum in [0, 1) (airbench: 0.95).
         every_steps: update every this many steps (airbench: 5).
         power: exponent of the `step / total_steps` ramp (airbench: 3).
@@ -200,7 +201,7 @@ class Lookahead(ExponentialMovingAverage):
     prefix = "lookahead"
 
     def __init__(self, steps_per_epoch, total_steps=None, decay=0.95, every_steps=5, power=3.0, start_step=0,
-                 statistics=True):
+                 statistics=True, plan=None):
         super().__init__(decay, every_steps, warmup=False, statistics=statistics)
         if not (isinstance(steps_per_epoch, (int, np.integer)) and steps_per_epoch >= 1):
             raise ValueError(f"steps_per_epoch must be a positive integer. Received: {steps_per_epoch!r}")
@@ -212,20 +213,15 @@ class Lookahead(ExponentialMovingAverage):
         self.total_steps = None if total_steps is None else float(total_steps)
         self.power = float(power)
         self.start_step = int(start_step)
+        self.plan = plan
 
     def build(self, model):
         super().build(model)
-        optimizer = getattr(model, "optimizer", None)
-        inner = getattr(optimizer, "inner_optimizer", optimizer)
-        names = [v.name for v in inner.variables] if inner is not None else []
-        self.plan_index = None
-        if "planned_steps" in names:
-            # LossScaleOptimizer: the inner optimizer's variables follow the wrapper's own.
-            offset = len(optimizer.variables) - len(inner.variables)
-            self.plan_index = offset + names.index("planned_steps")
-        elif self.total_steps is None:
-            raise ValueError("Lookahead needs the run's length: a step-planned schedule (one_cycle...) or "
-                             "--epochs > 0.")
+        # Where the plan sits in the optimizer's state (the engine passes its values).
+        self.plan_index = next((i for i, v in enumerate(model.optimizer.variables) if v is self.plan), None)
+        if self.plan_index is None and self.total_steps is None:
+            raise ValueError("Lookahead needs the run's length: a step-planned schedule's plan (one_cycle...) or "
+                             "total_steps (--epochs > 0).")
         self.started = keras.Variable(0, dtype="int32", trainable=False, name=f"{self.prefix}_started")
         self.variables.append(self.started)
 

@@ -156,7 +156,6 @@ class PatchWhitening(keras.layers.Layer):
             raise ValueError(f"padding must be 'same' or 'valid'. Received: {padding!r}")
         self.patch_size, self.epsilon, self.padding = patch_size, float(epsilon), padding
         self.both_signs, self.use_bias = bool(both_signs), bool(use_bias)
-        self.adapted = False
 
     def build(self, input_shape):
         channels = input_shape[-1]
@@ -216,7 +215,6 @@ class PatchWhitening(keras.layers.Layer):
         if self.both_signs:
             kernel = np.concatenate([kernel, -kernel], axis=-1)
         self.kernel.assign(kernel)
-        self.adapted = True
 
     def call(self, inputs):
         x = keras.ops.conv(keras.ops.cast(inputs, "float32"), self.kernel, padding=self.padding)

@@ -203,6 +203,12 @@ def _conv_bn_act(x, filters, weight_decay, activation, celu_alpha, ghost_batch_s
 # Models whose builder takes `whitening_images` (`build_backbone`).
 WHITENED_MODELS = ("resnet9", "airbench")
 
+
+def needs_whitening(model, prep="conv"):
+    """Whether the network `model` (with `prep`, for resnet9) computes a whitening layer
+    from training images: airbench always, resnet9 with `prep="whitening"`."""
+    return model == "airbench" or (model == "resnet9" and prep == "whitening")
+
 # What the first block of ResNet-9 is: Page's dawn.py conv, or his bag of tricks'
 # frozen 3x3 PCA whitening followed by a trained 1x1 conv.
 RESNET9_PREPS = ("conv", "whitening")
@@ -590,8 +596,8 @@ def _application(name, builder):
         if weights is not None and not os.path.exists(weights):
             raise ValueError(f"weights={weights!r} does not exist: pass None (random initialization) or the path "
                              "of a haet model.keras or a .weights.h5 of this network.")
-        whitened = builder is airbench or kwargs.get("prep") == "whitening"
-        if weights is not None and whitened and kwargs.get("whitening_images") is None:
+        if (weights is not None and needs_whitening(builder.__name__, kwargs.get("prep", "conv"))
+                and kwargs.get("whitening_images") is None):
             # The whitening filters are among the weights loaded below.
             kwargs["whitening_images"] = np.zeros((1, *tuple(input_shape)), np.float32)
         model = builder(num_classes=classes, input_shape=tuple(input_shape), **kwargs)

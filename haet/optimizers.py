@@ -152,15 +152,15 @@ FIELDS = (
 )
 
 
-def make_lookahead(config, steps_per_epoch, total_steps):
-    """The `haet.averaging.Lookahead` of `config` (None without `lookahead`); `total_steps`:
-    the run's steps when its schedule has no plan (None otherwise)."""
+def make_lookahead(config, steps_per_epoch, total_steps, plan):
+    """The `haet.averaging.Lookahead` of `config` (None without `lookahead`); the run's
+    length is `plan` (a schedule's planned-steps variable) or else `total_steps`."""
     from haet.averaging import Lookahead
 
     if not config.lookahead:
         return None
     return Lookahead(steps_per_epoch, total_steps, config.lookahead_decay, config.lookahead_every_steps,
-                     config.lookahead_power, round(config.lookahead_start_epochs * steps_per_epoch))
+                     config.lookahead_power, round(config.lookahead_start_epochs * steps_per_epoch), plan=plan)
 
 
 def make_moving_average(config):

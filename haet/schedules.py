@@ -88,18 +88,23 @@ def check_range(schedule, low, high):
     return schedule
 
 
-def _check_knots(knots, values, name):
+def _check_knots(knots, values, name, unit="fraction"):
+    """Knots and values as floats. `unit` "fraction": knots from 0 to 1 (fractions of the
+    planned steps); "epochs": knots from 0, any finite end."""
     knots = [float(k) for k in knots]
     values = [float(v) for v in values]
     if len(knots) != len(values) or len(knots) < 2:
         raise ValueError(
             f"{name} schedule needs as many values as knots, at least 2. Received knots {knots}, values {values}."
         )
-    if knots[0] != 0.0 or knots[-1] != 1.0 or any(a >= b for a, b in zip(knots, knots[1:])):
+    increasing = knots[0] == 0.0 and all(a < b for a, b in zip(knots, knots[1:])) and all(map(math.isfinite, knots))
+    if unit == "fraction" and not (increasing and knots[-1] == 1.0):
         raise ValueError(
             f"{name} schedule knots must increase strictly from 0 to 1 (fractions of the "
             f"planned steps). Received: {knots}"
         )
+    if unit == "epochs" and not increasing:
+        raise ValueError(f"{name} schedule knots in epochs must increase strictly from 0. Received: {knots}")
     if not all(math.isfinite(v) and v >= 0 for v in values):
         raise ValueError(f"{name} schedule values must be finite and >= 0. Received: {values}")
     return knots, values
@@ -185,10 +190,7 @@ class PlannedPiecewiseLinear(_PlannedSteps):
     def __init__(self, knots, values, knot_unit="fraction", steps_per_epoch=None):
         if knot_unit not in KNOT_UNITS:
             raise ValueError(f"Unknown knot unit {knot_unit!r}. Allowed: {', '.join(KNOT_UNITS)}.")
-        if knot_unit == "fraction":
-            self.knots, self.values = _check_knots(knots, values, "learning rate")
-        else:
-            self.knots, self.values = _check_epoch_knots(knots, values)
+        self.knots, self.values = _check_knots(knots, values, "learning rate", knot_unit)
         self.knot_unit = knot_unit
         self.steps_per_epoch = None if steps_per_epoch is None else float(steps_per_epoch)
         self.planned_steps = None
@@ -225,19 +227,6 @@ class PlannedPiecewiseLinear(_PlannedSteps):
         config = dict(config)
         planned = config.pop("planned_steps", None)
         return cls._loaded(cls(**config), planned)
-
-
-def _check_epoch_knots(knots, values):
-    knots = [float(k) for k in knots]
-    values = [float(v) for v in values]
-    if len(knots) != len(values) or len(knots) < 2:
-        raise ValueError(f"learning rate schedule needs as many values as knots, at least 2. Received knots {knots}, "
-                         f"values {values}.")
-    if knots[0] != 0.0 or any(a >= b for a, b in zip(knots, knots[1:])) or not all(map(math.isfinite, knots)):
-        raise ValueError(f"learning rate schedule knots in epochs must increase strictly from 0. Received: {knots}")
-    if not all(math.isfinite(v) and v >= 0 for v in values):
-        raise ValueError(f"learning rate schedule values must be finite and >= 0. Received: {values}")
-    return knots, values
 
 
 # Learning-rate schedules as shapes over the whole run.

@@ -349,7 +349,7 @@ def build_model(config, data):
     info = data.info
     mean, variance = input_statistics(config, data.x_fit)
     whitening = None
-    if config.prep == "whitening" or config.model == "airbench":
+    if models.needs_whitening(config.model, config.prep):
         # The images as the backbone sees them: scaled and normalized, unaugmented (at most
         # 10,000: Page took 10,000, airbench 5,000).
         scale = np.sqrt(variance) if variance is not None else 1.0
@@ -496,8 +496,8 @@ def build_run(config, model, augmentation, schedule, data, folder, clock=time.pe
         images, copies = augment.alternating_flip_copies(data.x_fit, config.seed), 2
     one_hot = data.info.num_classes if config.label_smoothing else None
     # Lookahead first (it moves the weights), then the EMA of the weights it leaves.
-    lookahead = optimizers.make_lookahead(config, steps_per_epoch,
-                                          planned_steps(config, steps_per_epoch) or None)
+    lookahead = optimizers.make_lookahead(config, steps_per_epoch, planned_steps(config, steps_per_epoch) or None,
+                                          schedule.planned_steps if schedule.unit == "steps" else None)
     average = optimizers.make_moving_average(config)
     engine = make_engine(model, images, data.y_fit, config.batch_size, seed=config.seed, one_hot_classes=one_hot,
                          steps_per_execution=config.steps_per_execution, copies=copies,
