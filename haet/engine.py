@@ -39,21 +39,39 @@ DEFAULT_STEPS_PER_EXECUTION = 64
 EXECUTION_LOOPS = ("auto", "fused", "dispatch")
 
 
-def epoch_permutation(seed, epoch, size):
+def epoch_permutation(seed, epoch, size, member=0):
     """The order in which epoch `epoch` visits `size` training images: int32 `(size,)`.
 
-    A function of `(seed, epoch)` only, so a run that repeats an epoch (the planner's
-    probe) or changes backend sees the same batches.
+    A function of `(seed, epoch)` only (and of `member`, for ensemble member 1 and
+    on: `(seed, epoch, member)`; member 0 visits the images as a single network
+    does), so a run that repeats an epoch (the planner's probe) or changes backend
+    sees the same batches.
     """
-    return np.random.default_rng((seed, epoch)).permutation(size).astype(np.int32)
+    key = (seed, epoch) if member == 0 else (seed, epoch, member)
+    return np.random.default_rng(key).permutation(size).astype(np.int32)
 
 
-def _batch(images, labels, order, step_start, batch_size, size, one_hot_classes):
-    """The batch whose indices are `order[step_start:step_start + batch_size]`,
-    gathered on the device; labels one-hot (float32) when `one_hot_classes` is set."""
+def epoch_orders(seed, epoch, size, members=1, copies=1):
+    """Every member's order of epoch `epoch`, member after member: int32 `(members * size,)`.
+
+    With `copies` precomputed augmented copies of the set, member m reads copy
+    `(epoch + m) % copies` (its indices are offset into that copy), so members see
+    different copies in the same epoch.
+    """
+    return np.concatenate([epoch_permutation(seed, epoch, size, m) + np.int32(((epoch + m) % copies) * size)
+                           for m in range(members)])
+
+
+def _batch(images, labels, order, step_start, batch_size, size, one_hot_classes, members=1):
+    """The batch of each member m, the indices `order[m * size + step_start:][:batch_size]`,
+    gathered on the device, members one after the other (`(members * batch_size, ...)`);
+    labels one-hot (float32) when `one_hot_classes` is set."""
     # A gather, not a slice: TensorFlow's XLA bridge compiles a slice again for every
     # start offset (it must be a compile-time constant there).
-    indices = ops.take(order, step_start + ops.arange(batch_size, dtype="int32"))
+    positions = step_start + ops.arange(batch_size, dtype="int32")
+    if members > 1:
+        positions = ops.reshape(ops.arange(members, dtype="int32")[:, None] * size + positions[None, :], (-1,))
+    indices = ops.take(order, positions)
     x = ops.take(images, indices, axis=0)
     # With precomputed augmentation `images` holds several copies of the set and
     # `order` indexes the epoch's copy; the labels are those of the one set.
@@ -71,6 +89,10 @@ class Engine:
     step. An epoch is `len(images) // batch_size` steps of full batches (the
     `len % batch_size` images at the end of each epoch's permutation wait for the
     next one, so every step has one shape and compiles once).
+
+    An `haet.models.EnsembleModel` of N members trains each member on its own
+    `batch_size` images a step, in its own order (`epoch_orders`): a step gathers
+    N blocks of `batch_size` rows, member after member, which the model splits.
 
     Usage::
 
@@ -137,6 +159,7 @@ class Engine:
         self.one_hot_classes = one_hot_classes
         self.steps_per_execution = int(steps_per_execution)
         self.copies = copies
+        self.members = int(getattr(model, "ensemble_members", 1))
         self.execution_loop = execution_loop
         self.steps_per_epoch = size // self.batch_size
         self.epoch = None
@@ -146,8 +169,9 @@ class Engine:
         self._logs = {}
         # Builds the model's metrics and optimizer variables (as `fit` does first).
         model._symbolic_build(data_batch=_batch(
-            images[:self.batch_size], labels[:self.batch_size], np.arange(self.batch_size, dtype=np.int32),
-            0, self.batch_size, size, one_hot_classes))
+            images[:self.batch_size], labels[:self.batch_size],
+            np.tile(np.arange(self.batch_size, dtype=np.int32), self.members), 0, self.batch_size, self.batch_size,
+            one_hot_classes, self.members))
         self.averages = list(averages)
         tensorflow = keras.backend.backend() == "tensorflow"
         with model.distribute_strategy.scope() if tensorflow else contextlib.nullcontext():
@@ -161,9 +185,7 @@ class Engine:
 
     def start_epoch(self, epoch):
         """Resets the metrics and copies epoch `epoch`'s permutation to the device."""
-        order = epoch_permutation(self.seed, epoch, self.size)
-        if self.copies > 1:
-            order = order + np.int32((epoch % self.copies) * self.size)
+        order = epoch_orders(self.seed, epoch, self.size, self.members, self.copies)
         self.sync()
         self.model.reset_metrics()
         self.reload()
@@ -183,10 +205,7 @@ class Engine:
         """
         if not 0 <= step_in_epoch <= self.steps_per_epoch:
             raise ValueError(f"step_in_epoch must be in [0, {self.steps_per_epoch}]. Received: {step_in_epoch!r}")
-        order = epoch_permutation(self.seed, epoch, self.size)
-        if self.copies > 1:
-            order = order + np.int32((epoch % self.copies) * self.size)
-        self._set_order(order)
+        self._set_order(epoch_orders(self.seed, epoch, self.size, self.members, self.copies))
         self.epoch = epoch
         self.step_in_epoch = step_in_epoch
         self._logs = dict(logs or {})
@@ -324,13 +343,13 @@ class _JaxEngine(Engine):
             def shard(batch):
                 return batch
 
-        model, batch_size, size = self.model, self.batch_size, self.size
+        model, batch_size, size, members = self.model, self.batch_size, self.size, self.members
         one_hot, k = self.one_hot_classes, self.steps_per_execution
         optimizer = model.optimizer
 
         def step(state, images, labels, order, position):
             # `position`: where this step's batch starts in the epoch's order (on the device).
-            x, y = _batch(images, labels, order, position, batch_size, size, one_hot)
+            x, y = _batch(images, labels, order, position, batch_size, size, one_hot, members)
             logs, (trainable, non_trainable, optimizer_values, metrics) = model.train_step(
                 state[:4], (shard(x), shard(y)))
             trainable, non_trainable, averages = self._apply_averages(trainable, non_trainable, state[4],
@@ -444,17 +463,20 @@ class _TensorFlowEngine(Engine):
         with strategy.scope():
             self._images = tf.Variable(images, trainable=False, name="train_images")
             self._labels = tf.Variable(labels, trainable=False, name="train_labels")
-            self._order = tf.Variable(np.zeros(self.size, np.int32), trainable=False, name="epoch_order")
-        batch_size, size, one_hot = self.batch_size, self.size, self.one_hot_classes
+            self._order = tf.Variable(np.zeros(self.members * self.size, np.int32), trainable=False,
+                                      name="epoch_order")
+        batch_size, size, one_hot, members = self.batch_size, self.size, self.one_hot_classes, self.members
         replicas = strategy.num_replicas_in_sync
         if batch_size % replicas:
             raise ValueError(f"batch_size={batch_size} must be divisible by the {replicas} replicas.")
         share = batch_size // replicas
 
         def one_step(start):
-            # Each replica trains on its slice of the global batch (one slice without a strategy).
+            # Each replica trains on its slice of the global batch (one slice without a strategy);
+            # of an ensemble, on its slice of every member's batch.
             replica = tf.distribute.get_replica_context().replica_id_in_sync_group
-            x, y = _batch(self._images, self._labels, self._order, start + replica * share, share, size, one_hot)
+            x, y = _batch(self._images, self._labels, self._order, start + replica * share, share, size, one_hot,
+                          members)
             return tf.cast(model.train_step((x, y))["loss"], tf.float32)
 
         one_step = tf.function(one_step, jit_compile=bool(model.jit_compile))

@@ -18,7 +18,7 @@ import keras
 import numpy as np
 
 from haet import augment  # noqa: F401 -- registers RandomAffine for load_model
-from haet import autodiff
+from haet import autodiff, models
 
 
 def _split(model, layer_name=None):
@@ -65,11 +65,13 @@ def _logits_and_gradients(head, feature_maps, class_index):
     return logits, grads
 
 
-def grad_cam(model, images, class_index=None, layer_name=None):
+def grad_cam(model, images, class_index=None, layer_name=None, member=0):
     """Grad-CAM heatmaps of `model` for `images`.
 
     Args:
-        model: a classifier `keras.Model` returning logits.
+        model: a classifier `keras.Model` returning logits; of a
+            `haet.models.EnsembleModel`, member `member` is explained (the
+            members' feature maps are their own).
         images: `(N, H, W, C)` array as the model takes it (uint8 for haet models).
         class_index: int `(N,)` classes to explain; default the predicted ones.
         layer_name: the convolutional layer to explain; default the last 4-D one.
@@ -80,8 +82,10 @@ def grad_cam(model, images, class_index=None, layer_name=None):
         int `(N,)`, `layer` (name).
 
     Raises:
-        ValueError: for a missing or non-4-D layer.
+        ValueError: for a missing or non-4-D layer, or a member the ensemble lacks.
     """
+    if isinstance(model, models.EnsembleModel):
+        model = model.member_model(member)
     preprocess, features, head, layer = _split(model, layer_name)
     x = images
     for l in preprocess:
@@ -115,11 +119,12 @@ def main(argv):
     pick = np.random.default_rng(f.seed).choice(len(dataset.y_test), f.num_images, replace=False)
     images, labels = dataset.x_test[np.sort(pick)], dataset.y_test[np.sort(pick)]
     model = keras.saving.load_model(f.model)
-    result = grad_cam(model, images, layer_name=f.layer)
+    result = grad_cam(model, images, layer_name=f.layer, member=f.member)
+    name = f"{model.name} member {f.member}" if isinstance(model, models.EnsembleModel) else model.name
     predicted = result["logits"].argmax(axis=1)
     plots.plot_grad_cam_grid(
         images, result["heatmaps"], labels, predicted, dataset.info.class_names, f.out,
-        title=f"Grad-CAM of {model.name} at {result['layer']} on {f.num_images} {f.dataset} test images",
+        title=f"Grad-CAM of {name} at {result['layer']} on {f.num_images} {f.dataset} test images",
     )
     logging.info("%d/%d correct; wrote %s", int((predicted == labels).sum()), len(labels), f.out)
 
@@ -136,4 +141,5 @@ if __name__ == "__main__":
     flags.DEFINE_integer("num_images", 24, "Test images to show, drawn with --seed.")
     flags.DEFINE_integer("seed", 0, "Seed choosing the test images.")
     flags.DEFINE_string("layer", None, "Layer to explain; default the last 4-D layer.")
+    flags.DEFINE_integer("member", 0, "Of an ensemble model (--ensemble_members): the member to explain.")
     app.run(main)

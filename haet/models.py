@@ -431,7 +431,10 @@ HEADS = {"resnet20": ("logits",), "resnet9": ("dense", "logits"), "airbench": ("
 
 
 def backbone_of(model):
-    """The classifier inside a `with_input_pipeline` model (or `model` itself)."""
+    """The classifier inside a `with_input_pipeline` model (or `model` itself; of an
+    `EnsembleModel`, its first member)."""
+    if isinstance(model, EnsembleModel):
+        return model.member_backbones()[0]
     nested = [layer for layer in model.layers if isinstance(layer, keras.Model)]
     return nested[-1] if nested else model
 
@@ -706,6 +709,10 @@ FIELDS = (
           "backbone is copied by layer name, the head is new; use a lower learning rate."),
     Field("freeze_stages", 0, "With --init_from: leading backbone stages kept frozen (resnet9: prep, layer1, "
           "layer2, layer3; resnet20: stem, stage1, stage2, stage3).", fields.at_least(0, integer=True)),
+    Field("ensemble_members", 1, "Independent copies of the network trained together in one compiled step "
+          "within the one budget, each with its own initialization, data order and augmentation draws, on "
+          "--batch_size images each per step; evaluated as the mean of their probabilities (the record also "
+          "has each member's accuracy). 1: a single network.", fields.positive(integer=True)),
 )
 
 
@@ -724,6 +731,10 @@ def check_config(config):
         raise ValueError(f"{', '.join(only_resnet9)} apply to --model=resnet9, not {config.model}.")
     if config.bn_shift_weight_decay and config.model not in ("resnet9", "airbench"):
         raise ValueError(f"--bn_shift_weight_decay applies to --model=resnet9 or airbench, not {config.model}.")
+    if config.ensemble_members > 1 and config.init_from is not None:
+        raise ValueError(f"--init_from would start all {config.ensemble_members} ensemble members from the same "
+                         "weights: fine-tune one network (--ensemble_members=1), or train the ensemble from "
+                         "random initializations.")
     if config.init_from is not None and not os.path.isfile(config.init_from):
         raise ValueError(f"init_from={config.init_from!r} is not a file: pass a model.keras of a run folder.")
     if config.freeze_stages and not config.init_from:
@@ -734,14 +745,28 @@ def check_config(config):
                          f"Received: {config.freeze_stages}")
 
 
-def build_backbone(config, num_classes, input_shape, whitening_images=None):
+def build_backbone(config, num_classes, input_shape, whitening_images=None, name=None):
     """The classifier `config.model` of `MODELS`, from float images to float32 logits.
 
     `whitening_images`: float `(N, H, W, C)` training images normalized as the
-    backbone's input, for resnet9 with `prep="whitening"` (else unused)."""
+    backbone's input, for resnet9 with `prep="whitening"` (else unused). `name`: the
+    model's name (default the builder's)."""
     extra = {"whitening_images": whitening_images} if config.model in WHITENED_MODELS else {}
-    return fields.build(MODELS, "model", config.model, config, num_classes=num_classes, input_shape=input_shape,
-                        **extra)
+    if name is not None:
+        extra["name"] = name
+    kind = fields.choose(MODELS, "model", config.model)
+    return kind.build(**{arg: getattr(config, arg) for arg in kind.args}, num_classes=num_classes,
+                      input_shape=input_shape, **extra)
+
+
+def build_backbones(config, num_classes, input_shape, whitening_images=None):
+    """The `config.ensemble_members` networks of `build_backbone`, drawn one after the
+    other from the seeded generators (each its own initialization), named
+    `<model>_member<m>` when there are several."""
+    if config.ensemble_members == 1:
+        return [build_backbone(config, num_classes, input_shape, whitening_images)]
+    return [build_backbone(config, num_classes, input_shape, whitening_images, name=f"{config.model}_member{m}")
+            for m in range(config.ensemble_members)]
 
 
 def build_model(name, **kwargs):
@@ -778,7 +803,15 @@ def with_input_pipeline(backbone, mean, augmentation=None, variance=None, name=N
         ValueError: if `mean` is neither per-pixel nor per-channel for the
             backbone's input, or `variance` is shaped differently.
     """
-    image_shape = tuple(backbone.input_shape[1:])
+    inputs, x = _normalized_input(tuple(backbone.input_shape[1:]), mean, variance)
+    if augmentation is not None:
+        x = augmentation(x)
+    outputs = backbone(x)
+    return keras.Model(inputs, outputs, name=name or backbone.name)
+
+
+def _normalized_input(image_shape, mean, variance):
+    """The uint8 input and the rescaled, normalized images of `with_input_pipeline`."""
     mean = np.asarray(mean, dtype=np.float32)
     if mean.shape == image_shape:
         axis = (1, 2, 3)
@@ -795,7 +828,177 @@ def with_input_pipeline(backbone, mean, augmentation=None, variance=None, name=N
     inputs = keras.Input(shape=image_shape, dtype="uint8", name="uint8_images")
     x = layers.Rescaling(1.0 / 255.0, name="rescale")(inputs)
     x = layers.Normalization(axis=axis, mean=mean, variance=variance, name="normalize")(x)
+    return inputs, x
+
+
+# Ensembles trained in one step. The mechanism is one Keras model with N branches: it
+# runs under both backends with every layer, recipe and averager haet has, and saves
+# as any Keras model. Stacked (vmapped) parameters would be JAX-only, grouped
+# convolutions would need every layer rewritten; `scripts/bench_ensembles.py` measures
+# the branches against N separate steps (and a vmapped member under JAX).
+
+
+@keras.saving.register_keras_serializable(package="haet")
+class MemberBatch(layers.Layer):
+    """The rows of a batch that ensemble member `member` of `members` sees.
+
+    Training: the batch holds `members` equal blocks of rows, member-major (the
+    engine gathers each member's own images, in its own order, into block
+    `member`); this layer returns block `member`, `(batch / members, ...)`.
+    Inference: every member sees every row, so the input is returned as it is.
+
+    Raises:
+        ValueError: `member` outside [0, members) at construction.
+    """
+
+    def __init__(self, members, member, **kwargs):
+        super().__init__(**kwargs)
+        if not (isinstance(members, int) and members >= 1 and isinstance(member, int) and 0 <= member < members):
+            raise ValueError(f"member must be in [0, members) and members >= 1. Received: member={member!r}, "
+                             f"members={members!r}")
+        self.members, self.member = members, member
+
+    def call(self, x, training=False):
+        if not training or self.members == 1:
+            return x
+        rows = ops.shape(x)[0] // self.members
+        return x[self.member * rows:(self.member + 1) * rows]
+
+    def compute_output_shape(self, input_shape):
+        return input_shape
+
+    def get_config(self):
+        return {**super().get_config(), "members": self.members, "member": self.member}
+
+
+@keras.saving.register_keras_serializable(package="haet")
+class MemberAverage(layers.Layer):
+    """Joins the members' logits, each `(rows, classes)`.
+
+    Training: their concatenation over rows, `(members * rows, classes)`, block m
+    member m's logits on its own rows (each member's loss is computed on its own
+    images). Inference: the ensemble's prediction, the log of the mean of the
+    members' softmax probabilities, float32 `(rows, classes)`: its softmax is
+    the averaged probabilities (Lakshminarayanan et al. 2017, deep ensembles), so
+    the model is a classifier returning logits like any other.
+    """
+
+    def call(self, logits, training=False):
+        logits = [ops.cast(x, "float32") for x in logits]
+        if training:
+            return ops.concatenate(logits, axis=0)
+        # log(mean of the softmaxes) as a logsumexp of log-softmaxes: no log(0) where a
+        # probability underflows.
+        log_p = ops.stack([ops.log_softmax(x, axis=-1) for x in logits])
+        return ops.logsumexp(log_p, axis=0) - float(np.log(len(logits)))
+
+    def compute_output_shape(self, input_shape):
+        return tuple(input_shape[0])
+
+
+@keras.saving.register_keras_serializable(package="haet")
+class EnsembleModel(keras.Model):
+    """`members` classifiers trained together in one step: a functional model from
+    uint8 images `(batch, H, W, C)` to float32 logits `(batch, classes)` (built by
+    `ensemble_with_input_pipeline`).
+
+    - Training (`training=True`, what the engine and `fit` run): the batch is
+      `members` blocks of rows; member m trains on block m (`MemberBatch`), with
+      its own weights, batch-norm statistics and augmentation draws; the loss
+      minimized is the sum of the members' losses (each member's gradient is that
+      of its own loss, as if trained alone), and the loss reported (metrics,
+      history) is their mean.
+    - Inference: every member sees every image; the logits are the log of the
+      members' mean softmax probabilities (`MemberAverage`).
+    - `member_model(m)`: member m alone as a uint8-input classifier sharing the
+      ensemble's layers (per-member evaluation).
+    """
+
+    def __init__(self, *args, **kwargs):
+        # Functional arguments only, so `keras.saving.load_model` revives it as functional.
+        super().__init__(*args, **kwargs)
+        self._member_models = {}
+
+    @property
+    def ensemble_members(self):
+        """The number of members (int)."""
+        return sum(isinstance(layer, MemberBatch) for layer in self.layers)
+
+    def member_backbones(self):
+        """The members' networks (float images to logits), in member order."""
+        return [layer for layer in self.layers if isinstance(layer, keras.Model)]
+
+    def member_model(self, member):
+        """Member `member` alone: uint8 images to its float32 logits, sharing this
+        model's layers and variables (made once per member).
+
+        Raises:
+            ValueError: `member` outside [0, ensemble_members).
+        """
+        if not (isinstance(member, int) and 0 <= member < self.ensemble_members):
+            raise ValueError(f"member must be in [0, {self.ensemble_members}). Received: {member!r}")
+        if member not in self._member_models:
+            inputs = keras.Input(shape=self.input_shape[1:], dtype="uint8", name="uint8_images")
+            x = self.get_layer("normalize")(self.get_layer("rescale")(inputs))
+            self._member_models[member] = keras.Model(inputs, self.member_backbones()[member](x),
+                                                      name=f"{self.name}_member{member}")
+        return self._member_models[member]
+
+    def member_weights(self, member, weights):
+        """Member `member`'s share of `(trainable, non_trainable)` value lists of this
+        model (the form `haet.engine.Predictor` takes), in `member_model`'s order."""
+        sub = self.member_model(member)
+        out = []
+        for ours, values, theirs in ((self.trainable_variables, weights[0], sub.trainable_variables),
+                                     (self.non_trainable_variables, weights[1], sub.non_trainable_variables)):
+            index = {id(v): i for i, v in enumerate(ours)}
+            out.append([values[index[id(v)]] for v in theirs])
+        return tuple(out)
+
+    def compute_loss(self, x=None, y=None, y_pred=None, sample_weight=None, training=True):
+        total = super().compute_loss(x, y, y_pred, sample_weight, training=training)
+        members = self.ensemble_members
+        if not training or members == 1 or total is None:
+            return total
+        # Keras' loss is the data loss averaged over all rows (the members' mean) plus
+        # every member's weight penalty. Minimized: the sum of the members' losses;
+        # reported: their mean (stop_gradient changes the value, not the gradient).
+        penalty = sum((ops.sum(ops.cast(loss, "float32")) for loss in self.losses), ops.zeros((), "float32"))
+        data = total - penalty
+        minimized = members * data + penalty
+        reported = data + penalty / members
+        return minimized + ops.stop_gradient(reported - minimized)
+
+
+def ensemble_with_input_pipeline(backbones, mean, augmentation=None, variance=None, name=None):
+    """An `EnsembleModel` of `backbones` (each float images to logits, same input and
+    classes), taking raw uint8 images: the input pipeline of `with_input_pipeline`
+    (rescale, normalize, `augmentation` in training), then the members.
+
+    Returns:
+        `EnsembleModel` from uint8 images `(batch, H, W, C)` to float32 logits.
+
+    Raises:
+        ValueError: fewer than one backbone, backbones with other input shapes or
+            class counts, or `mean`/`variance` as `with_input_pipeline`.
+    """
+    backbones = list(backbones)
+    if not backbones:
+        raise ValueError("An ensemble needs at least one member.")
+    shapes = {(tuple(b.input_shape[1:]), b.output_shape[-1]) for b in backbones}
+    if len(shapes) != 1:
+        raise ValueError(f"Ensemble members must take the same images and classes. Received: {sorted(shapes)}")
+    inputs, x = _normalized_input(tuple(backbones[0].input_shape[1:]), mean, variance)
     if augmentation is not None:
         x = augmentation(x)
-    outputs = backbone(x)
-    return keras.Model(inputs, outputs, name=name or backbone.name)
+    members = len(backbones)
+    logits = [backbone(MemberBatch(members, m, name=f"member{m}_batch")(x)) for m, backbone in enumerate(backbones)]
+    outputs = MemberAverage(name="ensemble_average")(logits)
+    return EnsembleModel(inputs, outputs, name=name or f"ensemble_of_{members}")
+
+
+def backbones_of(model):
+    """Every classifier inside `model`: an ensemble's members, else `[backbone_of(model)]`."""
+    if isinstance(model, EnsembleModel):
+        return model.member_backbones()
+    return [backbone_of(model)]

@@ -118,6 +118,8 @@ def recipe_of(record):
     width = flags.get("width_multiplier", 1)
     label = model + (f" width {width:g}" if model == "resnet9" and width != 1 else "")
     label += f", batch {flags.get('batch_size', '?')}"
+    if (flags.get("ensemble_members") or 1) > 1:
+        label += f", ensemble of {flags['ensemble_members']}"
     if flags.get("lr_schedule") not in (None, "wall_clock", "one_cycle"):
         label += f", {flags['lr_schedule']} lr {flags.get('learning_rate', 0):.3g}"
     for key, text in (("init_from", "fine-tuned"), ("data_parallel", "data-parallel"),
@@ -140,7 +142,7 @@ NOT_COMPARED = ("seed", "data_dir", "save_model", "tensorboard", "eval_batch_siz
 
 # Flags the recipe label (`recipe_of`) already shows.
 SHOWN_BY_RECIPE = ("model", "width_multiplier", "batch_size", "lr_schedule", "learning_rate", "init_from",
-                   "data_parallel", "snapshot_ensemble", "health_every_steps")
+                   "data_parallel", "snapshot_ensemble", "health_every_steps", "ensemble_members")
 
 
 def _canonical(value):

@@ -399,7 +399,8 @@ def training_fields(config, data, run, timer):
     `checkpoint_seconds` (writing checkpoints: the budget's clock is paused),
     `precompute_seconds`, `eval_seconds`. Throughput: `images_per_second` (trained
     images / train seconds) and `images_per_second_after_compile` (the same without
-    compilation and probe). `over_budget_seconds`: training past the budget;
+    compilation and probe), counting each ensemble member's images (`images_seen` and
+    `epochs_equivalent` are each member's). `over_budget_seconds`: training past the budget;
     `over_budget`: past it by more than one typical execution.
     """
     budget, planner = run.budget, run.planner
@@ -407,7 +408,8 @@ def training_fields(config, data, run, timer):
     compile_seconds = budget.compile_seconds()
     probe_seconds = sum(e.seconds for e in budget.executions if e.probe)
     excluded = probe_seconds if budget.executions and budget.executions[0].probe else compile_seconds
-    images = budget.steps * config.batch_size
+    images = budget.steps * config.batch_size  # what each network (each ensemble member) trained on
+    through = images * config.ensemble_members  # images through a network: the device's work
     over = max(0.0, train_seconds - budget.budget_seconds)
     typical = budget.typical_execution_seconds()
     return {
@@ -438,9 +440,9 @@ def training_fields(config, data, run, timer):
         # Past the budget by more than one typical execution (by anything when the only
         # executions compiled: the compilation alone outlasted the budget).
         "over_budget": bool(over > (typical if typical is not None else 0.0)),
-        "images_per_second": round(images / train_seconds, 2) if train_seconds else None,
+        "images_per_second": round(through / train_seconds, 2) if train_seconds else None,
         "images_per_second_after_compile": (
-            round(images / (train_seconds - excluded), 2) if train_seconds > excluded else None),
+            round(through / (train_seconds - excluded), 2) if train_seconds > excluded else None),
     }
 
 
@@ -464,6 +466,12 @@ def evaluation_fields(config, data, run, evaluated, timer):
         record[f"{name}_loss_variants"] = {k: v["loss"] for k, v in split.scores.items()}
         if split.snapshot_accuracies:
             record[f"{name}_snapshot_accuracies"] = split.snapshot_accuracies
+        if split.member_scores:
+            accuracies = [m["accuracy"] for m in split.member_scores]
+            record[f"member_{name}_accuracies"] = accuracies
+            record[f"member_{name}_losses"] = [m["loss"] for m in split.member_scores]
+            record[f"mean_member_{name}_accuracy"] = float(np.mean(accuracies))
+            record[f"best_member_{name}_accuracy"] = float(np.max(accuracies))
     if "validation" in evaluated:
         split = evaluated["validation"]
         record["validation_accuracy"] = split.scores[split.headline]["accuracy"]

@@ -340,7 +340,8 @@ def build_model(config, data):
     (in training only), except with precomputed augmentation, where the layer is
     returned but left out. With `init_from`, the saved model's weights are copied
     in (new head) and the first `freeze_stages` stages frozen
-    (`haet.models.transfer_weights`).
+    (`haet.models.transfer_weights`). With `ensemble_members` > 1 the model is a
+    `haet.models.EnsembleModel` of that many networks.
 
     Returns:
         `(model, augmentation, transfer)`: a `keras.Model` from uint8 images to
@@ -354,10 +355,14 @@ def build_model(config, data):
         # 10,000: Page took 10,000, airbench 5,000).
         scale = np.sqrt(variance) if variance is not None else 1.0
         whitening = (data.x_fit[:10_000].astype(np.float32) / 255.0 - mean) / scale
-    backbone = models.build_backbone(config, info.num_classes, info.image_shape, whitening)
+    backbones = models.build_backbones(config, info.num_classes, info.image_shape, whitening)
     augmentation = augment.build_augmentation(config)
     in_model = None if config.precomputed_augmentation_epochs else augmentation
-    model = models.with_input_pipeline(backbone, mean, in_model, variance)
+    if config.ensemble_members > 1:
+        model = models.ensemble_with_input_pipeline(backbones, mean, in_model, variance,
+                                                    name=f"{config.model}_ensemble_of_{config.ensemble_members}")
+    else:
+        model = models.with_input_pipeline(backbones[0], mean, in_model, variance)
     transfer = None
     if config.init_from:
         source = keras.saving.load_model(config.init_from, compile=False)
@@ -440,24 +445,24 @@ class HistoryWriter(Hook):
         self.folder.append_history(self.budget.history[-1], self.budget.history)
 
 
-def _whitening_layer(model):
-    for layer in models.backbone_of(model).layers:
-        if isinstance(layer, PatchWhitening) and layer.bias is not None:
-            return layer
-    return None
+def _whitening_layers(model):
+    """The `PatchWhitening` layers with a bias of `model`'s networks (each ensemble member's)."""
+    return [layer for backbone in models.backbones_of(model) for layer in backbone.layers
+            if isinstance(layer, PatchWhitening) and layer.bias is not None]
 
 
 class FreezeWhiteningBias(Hook):
-    """Stops the gradient of a `PatchWhitening` bias from epoch `epochs` on (airbench
-    trains it for the first 3 epochs), through its gate variable: nothing recompiles.
+    """Stops the gradient of `PatchWhitening` biases from epoch `epochs` on (airbench
+    trains it for the first 3 epochs), through their gate variables: nothing recompiles.
     A fraction of an epoch takes effect at the next epoch start."""
 
-    def __init__(self, layer, epochs):
-        self.layer, self.epochs = layer, epochs
+    def __init__(self, layers, epochs):
+        self.layers, self.epochs = list(layers), epochs
 
     def on_epoch_begin(self, run, epoch):
         if epoch >= self.epochs:
-            run.engine.assign(self.layer.bias_gate, 0.0)
+            for layer in self.layers:
+                run.engine.assign(layer.bias_gate, 0.0)
 
 
 def build_run(config, model, augmentation, schedule, data, folder, clock=time.perf_counter, timer=None,
@@ -511,13 +516,17 @@ def build_run(config, model, augmentation, schedule, data, folder, clock=time.pe
     if config.health_every_steps:
         probe = slice(0, config.batch_size)
         labels = data.y_fit[probe] if not one_hot else data_lib.one_hot(data.y_fit[probe], one_hot)
+        loss, members = model.loss, config.ensemble_members
+        if members > 1:
+            # Every member's gradient on the same probe batch, each that of its own loss.
+            loss = lambda y, logits: members * model.loss(y, logits)  # noqa: E731
         run.health = TrainingHealth(
-            data.x_fit[probe], labels, model.loss, config.health_every_steps,
-            os.path.join(run_dir, "tensorboard", "health") if config.tensorboard else None)
+            np.concatenate([data.x_fit[probe]] * members), np.concatenate([labels] * members), loss,
+            config.health_every_steps, os.path.join(run_dir, "tensorboard", "health") if config.tensorboard else None)
         hooks.append(run.health)
     hooks += [budget, HistoryWriter(folder, budget)]
-    whitening = _whitening_layer(model)
-    if config.model == "airbench" and config.whitening_bias_epochs and whitening is not None:
+    whitening = _whitening_layers(model)
+    if config.model == "airbench" and config.whitening_bias_epochs and whitening:
         hooks.append(FreezeWhiteningBias(whitening, config.whitening_bias_epochs))
     if average is not None:
         recompute = (data.x_fit, config.batch_size) if config.ema_statistics == "recompute" else None
@@ -568,11 +577,15 @@ class Evaluated:
         headline: the variant the run reports (the final weights, with the
             configured test-time augmentation).
         snapshot_accuracies: accuracy of each snapshot (empty without snapshots).
+        member_scores: of an ensemble (`ensemble_members` > 1), each member's
+            `haet.evaluation.scores` with the headline's weights and test-time
+            augmentation (empty otherwise).
     """
 
     scores: dict
     headline: str
     snapshot_accuracies: list
+    member_scores: list = dataclasses.field(default_factory=list)
 
 
 def evaluate(config, model, data, run):
@@ -589,7 +602,9 @@ def evaluate(config, model, data, run):
     with EMA and a validation split, it is the one of "ema" and "raw" (with that
     augmentation) scoring higher on the validation split (ties: "ema"), never chosen
     on the test set; when that is "raw", the raw weights are written back into the
-    model, so the saved model is the one the headline scores.
+    model, so the saved model is the one the headline scores. An ensemble's
+    variants are the ensemble's (the mean of its members' probabilities), and each
+    member is also scored alone as the headline (`Evaluated.member_scores`).
 
     Returns:
         dict split name ("validation", "test") -> `Evaluated`.
@@ -611,16 +626,22 @@ def evaluate(config, model, data, run):
     snapshots = [w for _, w in run.snapshots.snapshots] if run.snapshots else []
     scored = {name: _evaluate_variants(config, model, x, y, data.info.num_classes, weights, snapshots)
               for name, (x, y) in splits.items()}
-    headline = with_tta(prefix)
+    headline, base = with_tta(prefix), prefix
     if run.moving_average is not None and "validation" in scored:
         validation = scored["validation"][0]
         if validation[with_tta("raw")]["accuracy"] > validation[headline]["accuracy"]:
-            headline = with_tta("raw")
+            headline, base = with_tta("raw"), "raw"
             for variables, values in zip((model.trainable_variables, model.non_trainable_variables),
                                          run.moving_average.raw_weights):
                 for variable, value in zip(variables, values):
                     variable.assign(value)
-    return {name: Evaluated(scores, headline, members) for name, (scores, members) in scored.items()}
+    members = {}
+    if isinstance(model, models.EnsembleModel):
+        members = {name: [evaluation.scores(evaluation.predict_probabilities(
+            model.member_model(m), x, config.eval_batch_size, config.tta, weights=model.member_weights(m, weights[base])),
+            y, data.info.num_classes) for m in range(model.ensemble_members)] for name, (x, y) in splits.items()}
+    return {name: Evaluated(scores, headline, snapshots, members.get(name, []))
+            for name, (scores, snapshots) in scored.items()}
 
 
 def _evaluate_variants(config, model, x, y, num_classes, weights, snapshots):
