@@ -3,9 +3,11 @@ global batch, on 1 device or data-parallel on 2 logical CPU devices, with a movi
 average of the weights (and batch-norm statistics); saves the weights, the averages and
 the per-step losses.
 
-    python tests/data_parallel_step.py REPLICAS OUT.npz [batchnorm]
+    python tests/data_parallel_step.py REPLICAS OUT.npz [batchnorm | ensemble]
 
-With "batchnorm" the model has a batch-norm layer after its convolution.
+With "batchnorm" the model has a batch-norm layer after its convolution; with
+"ensemble" it is an ensemble of two such networks (each member's batch of 16 split
+over the replicas).
 """
 
 import os
@@ -15,6 +17,7 @@ import numpy as np
 
 replicas, out = int(sys.argv[1]), sys.argv[2]
 batchnorm = sys.argv[3:] == ["batchnorm"]
+ensemble = sys.argv[3:] == ["ensemble"]
 if os.environ.get("KERAS_BACKEND", "tensorflow") == "tensorflow":
     import tensorflow as tf
 
@@ -25,7 +28,7 @@ import contextlib  # noqa: E402
 
 import keras  # noqa: E402
 
-from haet import distribute  # noqa: E402
+from haet import distribute, models  # noqa: E402
 from haet.averaging import ExponentialMovingAverage  # noqa: E402
 from haet.engine import make_engine  # noqa: E402
 
@@ -33,14 +36,20 @@ x = np.random.default_rng(0).integers(0, 256, (16, 8, 8, 3)).astype("uint8")
 y = np.arange(16) % 4
 context = distribute.data_parallel(16) if replicas > 1 else contextlib.nullcontext({"replicas": 1, "xla": True})
 with context as parallel:
-    inputs = keras.Input((8, 8, 3), dtype="uint8")
-    h = keras.layers.Rescaling(1 / 255)(inputs)
-    h = keras.layers.Conv2D(6, 3, activation="relu", kernel_initializer=keras.initializers.GlorotUniform(1))(h)
-    if batchnorm:
-        h = keras.layers.BatchNormalization()(h)
-    h = keras.layers.GlobalAveragePooling2D()(h)
-    logits = keras.layers.Dense(4, kernel_initializer=keras.initializers.GlorotUniform(2))(h)
-    model = keras.Model(inputs, logits)
+    def network(seed, uint8=True):
+        inputs = keras.Input((8, 8, 3), dtype="uint8" if uint8 else "float32")
+        h = keras.layers.Rescaling(1 / 255)(inputs) if uint8 else inputs
+        h = keras.layers.Conv2D(6, 3, activation="relu", kernel_initializer=keras.initializers.GlorotUniform(seed))(h)
+        if batchnorm:
+            h = keras.layers.BatchNormalization()(h)
+        h = keras.layers.GlobalAveragePooling2D()(h)
+        logits = keras.layers.Dense(4, kernel_initializer=keras.initializers.GlorotUniform(seed + 1))(h)
+        return keras.Model(inputs, logits, name=f"member{seed}")
+
+    if ensemble:
+        model = models.ensemble_with_input_pipeline([network(1, False), network(3, False)], mean=[0.0, 0.0, 0.0])
+    else:
+        model = network(1)
     model.compile(optimizer=keras.optimizers.SGD(0.5, momentum=0.9),
                   loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True), jit_compile=parallel["xla"])
     average = ExponentialMovingAverage(0.5, warmup=False)

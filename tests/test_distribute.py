@@ -39,6 +39,21 @@ def test_two_device_data_parallel_steps_equal_one_device_steps(tmp_path):
     assert not np.allclose(a["arr_4"], a["arr_0"])  # the conv kernel's average lags the kernel
 
 
+def test_two_device_ensemble_steps_equal_one_device_steps(tmp_path):
+    """Each replica takes its share of every member's batch (TensorFlow), or the sharded
+    program the whole (JAX): the members' weights and averages as on one device."""
+    one, two = tmp_path / "one.npz", tmp_path / "two.npz"
+    _run(HELPER, "1", str(one), "ensemble")
+    out = _run(HELPER, "2", str(two), "ensemble")
+    assert "devices 2 replicas 2" in out.stdout
+    a, b = np.load(one), np.load(two)
+    assert len(a.files) == 17  # loss, 2 x 4 weights, their 8 averages
+    for name in a.files:
+        np.testing.assert_allclose(a[name], b[name], rtol=1e-5, atol=1e-6, err_msg=name)
+    assert a["loss"][1] < a["loss"][0]
+    assert not np.allclose(a["arr_0"][..., :1], a["arr_4"][..., :1], atol=1e-3)  # the members differ
+
+
 def test_batch_norm_statistics_per_replica_on_tensorflow_global_on_jax(tmp_path):
     one, two = tmp_path / "one.npz", tmp_path / "two.npz"
     _run(HELPER, "1", str(one), "batchnorm")
