@@ -11,6 +11,8 @@ each steps-per-execution value, prints and writes (`--json`, a list of rows):
 - `flops_per_image`: forward FLOPs of one image, from the layers (2 x multiply-adds
   of every convolution and dense layer; normalization, activations and the
   augmentation are not counted); a training step counts 3x;
+- with `--ensemble_members=N`, images count once per member that trains on them (a
+  step is N x `batch_size` images) and FLOPs are one member's;
 - `step_ms`, `images_per_second`: the compiled training step alone (Keras'
   `train_step` of the model, augmentation included, `--bench_steps` steps on one
   batch held on the device with no host work between them, see `pure_step`;
@@ -97,9 +99,12 @@ def forward_flops(model):
 
 
 def _first_batch(data, config):
+    """A training step's batch: `batch_size` rows for each ensemble member, member after
+    member (the members take consecutive images)."""
     one_hot = data.info.num_classes if config.label_smoothing else None
-    x = data.x_fit[:config.batch_size]
-    y = data.y_fit[:config.batch_size]
+    rows = np.arange(config.batch_size * config.ensemble_members) % len(data.y_fit)
+    x = data.x_fit[rows]
+    y = data.y_fit[rows]
     return x, (data_lib.one_hot(y, one_hot) if one_hot else y)
 
 
@@ -275,13 +280,17 @@ def bench(config, batch_sizes, steps_per_executions, bench_steps=20, end_to_end_
                     training.compile_model(sized, fit_model, fit_optimizer, settings)
                     labels = (data_lib.one_hot(data.y_fit, data.info.num_classes) if sized.label_smoothing
                               else data.y_fit)
-                    fit_rate = keras_fit_images_per_second(fit_model, data.x_fit, labels, batch_size, bench_steps)
-            images_per_second = batch_size / step_seconds
+                    fit_rate = keras_fit_images_per_second(fit_model, data.x_fit, labels, len(x), bench_steps)
+            # Of an ensemble: images through a member (N a step), FLOPs of one member's image.
+            members = sized.ensemble_members
+            flops //= members
+            images_per_second = len(x) / step_seconds
             peak = peak_tflops(settings.device)
             tflops = 3 * flops * images_per_second / 1e12
             for k in steps_per_executions:
                 row = {
-                    "model": model.name, "batch_size": batch_size, "precision": settings.precision,
+                    "model": model.name, "batch_size": batch_size, "ensemble_members": members,
+                    "precision": settings.precision,
                     "backend": keras.backend.backend(), "device": settings.device["name"],
                     "flops_per_image": flops, "step_ms": round(1e3 * step_seconds, 4),
                     "images_per_second": round(images_per_second, 2), "compile_seconds": round(compile_seconds, 3),
@@ -291,7 +300,7 @@ def bench(config, batch_sizes, steps_per_executions, bench_steps=20, end_to_end_
                     "host_overhead_us_per_step": None, "keras_fit_images_per_second":
                         round(fit_rate, 2) if fit_rate else None,
                     "keras_fit_host_overhead_us_per_step":
-                        round(1e6 * (batch_size / fit_rate - step_seconds), 1) if fit_rate else None,
+                        round(1e6 * (len(x) / fit_rate - step_seconds), 1) if fit_rate else None,
                 }
                 if end_to_end_budget:
                     run_config = dataclasses.replace(sized, steps_per_execution=k)
@@ -300,7 +309,7 @@ def bench(config, batch_sizes, steps_per_executions, bench_steps=20, end_to_end_
                     row.update(execution_loop=record["execution_loop"], end_to_end_images_per_second=rate,
                                end_to_end_ratio=round(images_per_second / rate, 4)
                                if rate else None, end_to_end_steps=record["steps"],
-                               host_overhead_us_per_step=round(1e6 * (batch_size / rate - step_seconds), 1)
+                               host_overhead_us_per_step=round(1e6 * (len(x) / rate - step_seconds), 1)
                                if rate else None)
                 logging.info("%s", row)
                 rows.append(row)

@@ -166,8 +166,10 @@ class _Base:
         _check_run(self, info)
 
     def run_name(self):
-        """The run folder's name: dataset, training size, model, width, budget, backend, seed."""
-        return (f"{self.dataset}{self.train_size}_{self.model}x{self.width_multiplier:g}_"
+        """The run folder's name: dataset, training size, model, width (and ensemble size),
+        budget, backend, seed."""
+        ensemble = f"_ensemble{self.ensemble_members}" if self.ensemble_members > 1 else ""
+        return (f"{self.dataset}{self.train_size}_{self.model}x{self.width_multiplier:g}{ensemble}_"
                 f"{self.budget_seconds:g}s_{keras.backend.backend()}_seed{self.seed}")
 
 

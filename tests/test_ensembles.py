@@ -1,6 +1,8 @@
 """Ensembles trained in one step (`--ensemble_members`): each member trains as if alone,
 on its own batches; inference averages the members' probabilities."""
 
+import dataclasses
+
 import keras
 import numpy as np
 import pytest
@@ -218,3 +220,31 @@ def test_init_from_cannot_start_every_member_from_one_model(tmp_path):
     path.write_bytes(b"")
     with pytest.raises(ValueError, match="same weights"):
         TrainConfig(init_from=str(path), ensemble_members=2)
+
+
+def test_the_ensemble_benchmark_times_every_mechanism(tmp_path):
+    """scripts/bench_ensembles.py's measurements on a tiny network: N separate steps, the
+    N-branch step and (JAX) the vmapped step, each a positive time."""
+    import importlib.util
+    import os
+
+    from conftest import REPO
+    from haet import bench, training
+
+    spec = importlib.util.spec_from_file_location("bench_ensembles", os.path.join(REPO, "scripts",
+                                                                                  "bench_ensembles.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    config = training.TrainConfig(model="tiny_cnn", width_multiplier=1, batch_size=8, train_size=40,
+                                  augmentation="crop_flip_cutout", ensemble_members=2)
+    bench._random_data_dir(config, str(tmp_path), 10)
+    config = dataclasses.replace(config, data_dir=str(tmp_path))
+    with training.settings_of(config) as settings:
+        data = training.prepare_data(config)
+        rows = module.keras_steps(config, data, settings, 2, 1)
+        expected = ["separate", "branches"]
+        if keras.backend.backend() == "jax":
+            rows += module.jax_steps(config, data, settings, 2, 1)
+            expected += ["sgd_separate", "sgd_branches", "sgd_vmap"]
+    assert [name for name, _, _ in rows] == expected
+    assert all(seconds > 0 and compile_seconds >= 0 for _, seconds, compile_seconds in rows)

@@ -1,0 +1,203 @@
+"""How to train N small networks at once: the measurements behind `--ensemble_members`.
+
+    python scripts/bench_ensembles.py --flagfile=flags/page_bag_of_tricks_haet.flags \\
+        --width_multiplier=0.25 --batch_size=128 --members=1,2,4 --json=results/bench/ensembles_cpu.json
+    KERAS_BACKEND=jax python scripts/bench_ensembles.py ...   # adds the vmapped variant
+
+Takes every training flag (the recipe of one member). For each N of `--members` it
+times a training step of N members (one batch of `--batch_size` images each, on
+random uint8 images or `--data_dir`'s), compilation excluded, best of 3:
+
+- `separate`: one member's compiled Keras `train_step` run N times (N networks
+  trained one after the other, or N runs);
+- `branches`: the `haet.models.EnsembleModel` of N members (what
+  `--ensemble_members` trains): one compiled Keras `train_step` of N branches;
+- JAX only, in plain JAX with the same SGD update for all three so that only the
+  mechanism differs (`sgd_` prefix): `sgd_separate` (one member's
+  value-and-gradient and update, dispatched N times), `sgd_branches` (the
+  ensemble's, once) and `sgd_vmap` (one member's step `jax.vmap`ped over N stacked
+  copies of its weights and N batches: XLA batches each convolution over the
+  members).
+
+Rows: `members`, `variant`, `step_ms` (an ensemble step: all N members),
+`images_per_second` (N x batch / step), `speedup` (against `separate` or
+`sgd_separate`), `compile_seconds`. Written to `--json` (a new file) with the
+device and versions.
+"""
+
+import dataclasses
+import json
+import os
+import sys
+import time
+
+import keras
+import numpy as np
+from absl import app, flags
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from haet import bench, results, training  # noqa: E402
+from haet import config as config_lib  # noqa: E402
+
+
+def _time(run, repeats=3):
+    """`(best seconds of `repeats` timed calls, compile seconds)` after a first call."""
+    start = time.perf_counter()
+    run()
+    first = time.perf_counter() - start
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - start)
+    return min(times), max(0.0, first - min(times))
+
+
+def _built(config, data, settings):
+    model, _, _ = training.build_model(config, data)
+    optimizer, _ = training.build_optimizer(config, data.steps_per_epoch(config))
+    training.compile_model(config, model, optimizer, settings)
+    return model
+
+
+def keras_steps(config, data, settings, members, steps):
+    """Rows `separate` and `branches`: Keras' compiled `train_step` (the recipe's optimizer)."""
+    single = dataclasses.replace(config, ensemble_members=1)
+    x, y = bench._first_batch(data, single)
+    separate, separate_compile, _ = bench.pure_step(_built(single, data, settings), x, y, steps)
+    rows = [("separate", members * separate, separate_compile)]
+    if members > 1:
+        joint = dataclasses.replace(config, ensemble_members=members)
+        x, y = bench._first_batch(data, joint)
+        branches, compile_seconds, _ = bench.pure_step(_built(joint, data, settings), x, y, steps)
+        rows.append(("branches", branches, compile_seconds))
+    return rows
+
+
+def jax_steps(config, data, settings, members, steps, learning_rate=0.01):
+    """Rows `sgd_separate`, `sgd_branches` and `sgd_vmap` (plain JAX, plain SGD)."""
+    import jax
+    import jax.numpy as jnp
+
+    def sgd_step(model, scale):
+        def loss(trainable, non_trainable, x, y):
+            logits, non_trainable = model.stateless_call(trainable, non_trainable, x, training=True)
+            log_p = jax.nn.log_softmax(logits.astype(jnp.float32))
+            return -scale * jnp.mean(jnp.take_along_axis(log_p, y[:, None], axis=1)), non_trainable
+
+        def step(trainable, non_trainable, x, y):
+            (value, non_trainable), grads = jax.value_and_grad(loss, has_aux=True)(trainable, non_trainable, x, y)
+            return [w - learning_rate * g for w, g in zip(trainable, grads)], non_trainable, value
+
+        return step
+
+    def weights(model):
+        return [v.value for v in model.trainable_variables], [v.value for v in model.non_trainable_variables]
+
+    single = dataclasses.replace(config, ensemble_members=1)
+    member = _built(single, data, settings)
+    x, y = bench._first_batch(data, dataclasses.replace(config, ensemble_members=members))
+    y = np.asarray(y).reshape(len(x), -1).argmax(1) if np.ndim(y) > 1 else np.asarray(y, np.int32)
+    batch = config.batch_size
+    blocks = [(jax.device_put(x[m * batch:(m + 1) * batch]), jax.device_put(y[m * batch:(m + 1) * batch]))
+              for m in range(members)]
+    one = jax.jit(sgd_step(member, 1.0))
+    state = [weights(member) for _ in range(members)]
+
+    def run_separate():
+        nonlocal state
+        for _ in range(steps):
+            for m in range(members):
+                tr, nt, _ = one(*state[m], *blocks[m])
+                state[m] = (tr, nt)
+        jax.block_until_ready(state)
+
+    seconds, compile_seconds = _time(run_separate)
+    rows = [("sgd_separate", seconds / steps, compile_seconds)]
+    if members == 1:
+        return rows
+    ensemble = _built(dataclasses.replace(config, ensemble_members=members), data, settings)
+    joint = jax.jit(sgd_step(ensemble, float(members)))
+    joint_state = weights(ensemble)
+    joint_batch = (jax.device_put(x), jax.device_put(y))
+
+    def run_branches():
+        nonlocal joint_state
+        for _ in range(steps):
+            tr, nt, _ = joint(*joint_state, *joint_batch)
+            joint_state = (tr, nt)
+        jax.block_until_ready(joint_state)
+
+    seconds, compile_seconds = _time(run_branches)
+    rows.append(("sgd_branches", seconds / steps, compile_seconds))
+    vmapped = jax.jit(jax.vmap(sgd_step(member, 1.0)))
+    stacked = jax.tree.map(lambda *a: jnp.stack(a), *state)
+    stacked_batch = (jnp.stack([b[0] for b in blocks]), jnp.stack([b[1] for b in blocks]))
+
+    def run_vmap():
+        nonlocal stacked
+        for _ in range(steps):
+            tr, nt, _ = vmapped(*stacked, *stacked_batch)
+            stacked = (tr, nt)
+        jax.block_until_ready(stacked)
+
+    seconds, compile_seconds = _time(run_vmap)
+    rows.append(("sgd_vmap", seconds / steps, compile_seconds))
+    return rows
+
+
+# haet.bench defines the training flags, --bench_steps (ensemble steps per timed run) and --json.
+flags.DEFINE_list("members", ["1", "2", "4"], "Ensemble sizes N to measure.")
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    f = flags.FLAGS
+    if f.json and os.path.exists(f.json):
+        raise app.UsageError(f"--json={f.json} exists; choose a new file.")
+    try:
+        members = [int(n) for n in f.members]
+        if not members or min(members) < 1:
+            raise ValueError(f"--members takes positive integers. Received: {f.members}")
+        config = config_lib.config_from_flags(f)
+    except ValueError as e:
+        raise app.UsageError(str(e)) from None
+    import tempfile
+
+    rows = []
+    with tempfile.TemporaryDirectory() as folder:
+        if not config.data_dir:
+            bench._random_data_dir(config, folder, 10)
+        else:
+            bench._small_test_split(config, folder, 10)
+        config = dataclasses.replace(config, data_dir=folder, classes=(), validation_size=0)
+        with training.settings_of(config) as settings:
+            data = training.prepare_data(config)
+            for n in members:
+                measured = keras_steps(config, data, settings, n, f.bench_steps)
+                if keras.backend.backend() == "jax":
+                    measured += jax_steps(config, data, settings, n, f.bench_steps)
+                base = {name: seconds for name, seconds, _ in measured}
+                for name, seconds, compile_seconds in measured:
+                    reference = base["sgd_separate" if name.startswith("sgd_") else "separate"]
+                    rows.append({"members": n, "variant": name, "batch_size": config.batch_size,
+                                 "step_ms": round(1e3 * seconds, 3),
+                                 "images_per_second": round(n * config.batch_size / seconds, 1),
+                                 "speedup": round(reference / seconds, 3), "compile_seconds": round(compile_seconds, 2),
+                                 "model": config.model, "width_multiplier": config.width_multiplier,
+                                 "precision": settings.precision, "backend": keras.backend.backend(),
+                                 "device": settings.device["name"]})
+                    print(" ".join(f"{k}={v}" for k, v in rows[-1].items()), flush=True)
+    if f.json:
+        os.makedirs(os.path.dirname(os.path.abspath(f.json)), exist_ok=True)
+        payload = [{**row, "git_commit": results.git_commit(), "versions": results.versions(), "command": sys.argv}
+                   for row in rows]
+        with open(f.json, "x") as out:
+            json.dump(payload, out, indent=2)
+        print(f"wrote {f.json}")
+
+
+if __name__ == "__main__":
+    app.run(main)

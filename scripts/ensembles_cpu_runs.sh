@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# Recorded CPU measurements of --ensemble_members (README, "Ensembles in one budget") on a
+# 2-core CPU: the step of N members as N branches against N separate steps (and, under JAX,
+# a vmapped member), then airbench94 in the HAET setting at a quarter width and 60 s with
+# 1, 2 and 4 members. They show that ensembles train, evaluate and save under both backends
+# and what a CPU makes of them; the GPU decides the mechanism and the recipe (the campaign's
+# "ensembles" stage). Run from the repository root with the shared data at ../shared/data;
+# nothing else should use the CPU meanwhile (budgets are wall-clock). Nothing is overwritten.
+set -euo pipefail
+export TF_CPP_MIN_LOG_LEVEL=3 PYTHONPATH=${PYTHONPATH:-$PWD}
+DATA=../shared/data
+LOGS=results/logs
+OUT=results/cpu
+STAMP=$(date -u +%Y%m%dT%H%M%SZ)
+mkdir -p "$LOGS" results/bench
+BENCH="--flagfile=flags/page_bag_of_tricks.flags --flagfile=flags/page_bag_of_tricks_haet.flags
+       --width_multiplier=0.25 --batch_size=128 --ghost_batch_splits=4 --members=1,2,4 --bench_steps=5"
+AIR="--flagfile=flags/airbench94.flags --flagfile=flags/airbench94_haet.flags
+     --data_dir=$DATA/cifar10 --width_multiplier=0.25 --batch_size=128 --budget=60
+     --one_cycle_learning_rates=0.0375,0.1875,0.013125 --results_dir=$OUT"
+run() {
+  local name=$1 log k=1; shift
+  log="$LOGS/$name.log"
+  while [ -e "$log" ]; do log="$LOGS/$name.$k.log"; k=$((k + 1)); done
+  echo "== $name -> $log"; "$@" > "$log" 2>&1; tail -n 1 "$log"
+}
+# shellcheck disable=SC2086
+{
+run ensembles_bench_tensorflow python scripts/bench_ensembles.py $BENCH --json=results/bench/ensembles_cpu_tensorflow_$STAMP.json
+run ensembles_bench_jax env KERAS_BACKEND=jax python scripts/bench_ensembles.py $BENCH --json=results/bench/ensembles_cpu_jax_$STAMP.json
+run airbench94_haet_members1 python -m haet.train $AIR
+run airbench94_haet_members2 python -m haet.train $AIR --ensemble_members=2
+run airbench94_haet_members4 python -m haet.train $AIR --ensemble_members=4
+}
