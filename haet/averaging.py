@@ -52,7 +52,8 @@ def recompute_batch_norm_statistics(model, images, batch_size, max_images=2048, 
 
     Each layer's momentum is set to `(k - 1) / k` for the `k`-th batch (a cumulative
     mean: Keras reads it when the layer is called, here eagerly) and restored after.
-    Frozen layers (`trainable=False`) keep their statistics.
+    Frozen layers (`trainable=False`) keep their statistics. Every member of an
+    `haet.models.EnsembleModel` sees each whole batch.
 
     Args:
         model: a built `keras.Model` (uint8 input pipeline included).
@@ -70,11 +71,12 @@ def recompute_batch_norm_statistics(model, images, batch_size, max_images=2048, 
     count = max(1, min(len(images), max_images) // batch_size) * batch_size
     chosen = np.random.default_rng(seed).permutation(len(images))[:count]
     momenta = [layer.momentum for layer in layers]
+    members = getattr(model, "ensemble_members", 1)  # in training, member m takes block m of the rows
     try:
         for k, start in enumerate(range(0, count, batch_size), start=1):
             for layer in layers:
                 layer.momentum = (k - 1) / k
-            model(images[np.sort(chosen[start:start + batch_size])], training=True)
+            model(np.concatenate([images[np.sort(chosen[start:start + batch_size])]] * members), training=True)
     finally:
         for layer, momentum in zip(layers, momenta):
             layer.momentum = momentum

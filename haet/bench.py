@@ -108,12 +108,12 @@ def _first_batch(data, config):
     return x, (data_lib.one_hot(y, one_hot) if one_hot else y)
 
 
-def pure_step(model, x, y, steps):
+def pure_step(model, x, y, steps, jax_loops=("fused", "dispatch")):
     """Times `steps` training steps of the compiled model on one batch held on the
     device, with no host work between them: under JAX the faster of one compiled
     loop over the steps and back-to-back dispatches of the compiled step (XLA on the
-    CPU runs a loop's body several times slower); under TensorFlow a `tf.function`
-    loop over the XLA-compiled step.
+    CPU runs a loop's body several times slower; `jax_loops` names the ones to time);
+    under TensorFlow a `tf.function` loop over the XLA-compiled step.
 
     Returns:
         `(seconds per step, compile seconds, {variant: seconds per step})`: the best
@@ -146,7 +146,7 @@ def pure_step(model, x, y, steps):
                 state = one(state, batch)
             jax.block_until_ready(state)
 
-        runs = {"fused": run_fused, "dispatch": run_dispatched}
+        runs = {name: run for name, run in (("fused", run_fused), ("dispatch", run_dispatched)) if name in jax_loops}
     elif backend == "tensorflow":
         import tensorflow as tf
 

@@ -848,7 +848,8 @@ class MemberBatch(layers.Layer):
     Inference: every member sees every row, so the input is returned as it is.
 
     Raises:
-        ValueError: `member` outside [0, members) at construction.
+        ValueError: `member` outside [0, members) at construction; in training, a
+            batch whose row count (when known) is not a multiple of `members`.
     """
 
     def __init__(self, members, member, **kwargs):
@@ -861,7 +862,11 @@ class MemberBatch(layers.Layer):
     def call(self, x, training=False):
         if not training or self.members == 1:
             return x
-        rows = ops.shape(x)[0] // self.members
+        total = ops.shape(x)[0]
+        if isinstance(total, int) and total % self.members:
+            raise ValueError(f"A training batch of an ensemble of {self.members} holds one block of rows per "
+                             f"member; {total} rows do not split into {self.members} blocks.")
+        rows = total // self.members
         return x[self.member * rows:(self.member + 1) * rows]
 
     def compute_output_shape(self, input_shape):

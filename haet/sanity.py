@@ -49,7 +49,8 @@ def sample(config, x_train, y_train, batches):
 def check_initial_loss(config, data, x, y, tolerance=0.25):
     """Mean cross-entropy of the untrained, unregularized model of `config` (built as a
     run builds it from `data`, under its precision policy) on `(x, y)`, from
-    training-mode forward passes of `config.batch_size` images.
+    training-mode forward passes of `config.batch_size` images (of an ensemble, the
+    mean over its members).
 
     Returns:
         dict: `passed` (|loss - ln K| <= tolerance * ln K), `loss`, `expected` (ln K).
@@ -60,10 +61,15 @@ def check_initial_loss(config, data, x, y, tolerance=0.25):
         # Training-mode forward passes (batch statistics in batch norm, as the first
         # steps see them; the untrained moving statistics would say nothing), with
         # dropout and augmentation already off.
+        # Of an ensemble, every member takes every batch (training mode gives member m block m).
+        members = config.ensemble_members
         logits = np.concatenate([
-            np.asarray(model(x[i:i + config.batch_size], training=True), dtype=np.float64)
+            np.asarray(model(np.concatenate([x[i:i + config.batch_size]] * members), training=True),
+                       dtype=np.float64)
             for i in range(0, len(x), config.batch_size)
         ])
+        y = np.concatenate([np.concatenate([y[i:i + config.batch_size]] * members)
+                            for i in range(0, len(y), config.batch_size)])
     loss = evaluation.cross_entropy(logits, y)
     expected = math.log(data.info.num_classes)
     return {"passed": abs(loss - expected) <= tolerance * expected, "loss": loss, "expected": expected}

@@ -9,7 +9,8 @@ times a training step of N members (one batch of `--batch_size` images each, on
 random uint8 images or `--data_dir`'s), compilation excluded, best of 3:
 
 - `separate`: one member's compiled Keras `train_step` run N times (N networks
-  trained one after the other, or N runs);
+  trained one after the other, or N runs); under JAX the faster of a compiled loop
+  and dispatched steps (dispatched only, on a CPU), as `haet.bench.pure_step`;
 - `branches`: the `haet.models.EnsembleModel` of N members (what
   `--ensemble_members` trains): one compiled Keras `train_step` of N branches;
 - JAX only, in plain JAX with the same SGD update for all three so that only the
@@ -61,16 +62,23 @@ def _built(config, data, settings):
     return model
 
 
+def _jax_loops(settings):
+    # Dispatched steps only on a CPU, where XLA runs a compiled loop's body several times
+    # slower (haet.bench); both on accelerators, the faster counting.
+    return ("dispatch",) if settings.device.get("platform") == "cpu" else ("fused", "dispatch")
+
+
 def keras_steps(config, data, settings, members, steps):
     """Rows `separate` and `branches`: Keras' compiled `train_step` (the recipe's optimizer)."""
     single = dataclasses.replace(config, ensemble_members=1)
     x, y = bench._first_batch(data, single)
-    separate, separate_compile, _ = bench.pure_step(_built(single, data, settings), x, y, steps)
+    loops = _jax_loops(settings)
+    separate, separate_compile, _ = bench.pure_step(_built(single, data, settings), x, y, steps, loops)
     rows = [("separate", members * separate, separate_compile)]
     if members > 1:
         joint = dataclasses.replace(config, ensemble_members=members)
         x, y = bench._first_batch(data, joint)
-        branches, compile_seconds, _ = bench.pure_step(_built(joint, data, settings), x, y, steps)
+        branches, compile_seconds, _ = bench.pure_step(_built(joint, data, settings), x, y, steps, loops)
         rows.append(("branches", branches, compile_seconds))
     return rows
 

@@ -15,6 +15,9 @@ On the GPU machine each call runs one stage and copies what it made to $OUT:
     collect600  waits for that run to end and copies its record, history and log.
     recipes     airbench94 in the HAET setting at 15, 30 and 60 s and Page's bag of tricks
                 at 60 s (their HAET flagfiles), seed --seed.
+    ensembles   the mechanism of --ensemble_members (scripts/bench_ensembles.py: airbench94
+                at batch 512, bf16, 1, 2, 4 and 8 members as branches, as separate steps
+                and vmapped), then airbench94 in the HAET setting at 60 s with 4 members.
     seeds       more seeds of the fast recipe at 600 s... (what time is left allows).
 
 The device returns at most 8 files from $OUT: each stage writes its logs, benchmark
@@ -126,6 +129,21 @@ def recipes(stage, seed):
     stage.pack(f"recipes_seed{seed}")
 
 
+def ensembles(stage, seed):
+    tiny = (["--model=tiny_cnn", "--width_multiplier=1", "--members=1,2", "--bench_steps=2", "--train_size=1000",
+             "--precision=float32"] if stage.dry else
+            ["--members=1,2,4,8", "--bench_steps=20", "--precision=mixed_bfloat16"])
+    stage.run("bench_ensembles", [sys.executable, "scripts/bench_ensembles.py", *AIRBENCH_HAET, *tiny,
+                                  f"--data_dir={stage.data_dir}",
+                                  f"--json={os.path.join(stage.out, 'bench_ensembles.json')}"])
+    members = 2 if stage.dry else 4
+    stage.train(f"airbench_haet_60s_ensemble{members}_seed{seed}",
+                AIRBENCH_HAET + (["--width_multiplier=0.125"] if stage.dry else []) +
+                [f"--ensemble_members={members}", f"--seed={seed}"], 60)
+    stage.collect()
+    stage.pack(f"ensembles_seed{seed}")
+
+
 def start600(stage, seed):
     flags = [f"--seed={seed}"] + (["--width_multiplier=1", "--model=tiny_cnn"] if stage.dry else [])
     budget = 2 if stage.dry else 600
@@ -164,7 +182,8 @@ def collect600(stage, seed):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("stage", choices=["prepare", "command", "call1", "start600", "collect600", "recipes"])
+    parser.add_argument("stage", choices=["prepare", "command", "call1", "start600", "collect600", "recipes",
+                                          "ensembles"])
     parser.add_argument("which", nargs="?", help="command: the stage whose device command to print")
     parser.add_argument("--dry", action="store_true", help="run here under JAX with tiny budgets")
     parser.add_argument("--out", default=os.environ.get("OUT", "/tmp/campaign"), help="where results go")
@@ -186,7 +205,8 @@ def main(argv=None):
     data_dir = args.data_dir or (os.path.join(shared, "cifar10") if args.dry else ".device/cifar10_5k")
     stage = Stage(args.out, args.dry, data_dir)
     {"call1": lambda: call1(stage), "start600": lambda: start600(stage, args.seed),
-     "collect600": lambda: collect600(stage, args.seed), "recipes": lambda: recipes(stage, args.seed)}[args.stage]()
+     "collect600": lambda: collect600(stage, args.seed), "recipes": lambda: recipes(stage, args.seed),
+     "ensembles": lambda: ensembles(stage, args.seed)}[args.stage]()
     print("failures: " + (", ".join(stage.failures) or "none"))
     return 1 if stage.failures else 0
 

@@ -248,3 +248,19 @@ def test_the_ensemble_benchmark_times_every_mechanism(tmp_path):
             expected += ["sgd_separate", "sgd_branches", "sgd_vmap"]
     assert [name for name, _, _ in rows] == expected
     assert all(seconds > 0 and compile_seconds >= 0 for _, seconds, compile_seconds in rows)
+
+
+def test_recomputed_batch_norm_statistics_are_each_members_own_on_whole_batches():
+    from haet.averaging import recompute_batch_norm_statistics
+
+    x, _ = _data(16)
+    ensemble = _ensemble(2)
+    recompute_batch_norm_statistics(ensemble, x, 8)
+    statistics = [[np.asarray(w) for w in ensemble.get_layer(f"member{m}").get_layer("bn").non_trainable_weights]
+                  for m in range(2)]
+    for m in range(2):
+        recompute_batch_norm_statistics(ensemble.member_model(m), x, 8)
+        alone = [np.asarray(w) for w in ensemble.get_layer(f"member{m}").get_layer("bn").non_trainable_weights]
+        for a, b in zip(statistics[m], alone):
+            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    assert not np.allclose(statistics[0][0], statistics[1][0])
