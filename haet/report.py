@@ -118,8 +118,9 @@ def recipe_of(record):
     width = flags.get("width_multiplier", 1)
     label = model + (f" width {width:g}" if model == "resnet9" and width != 1 else "")
     label += f", batch {flags.get('batch_size', '?')}"
-    if (flags.get("ensemble_members") or 1) > 1:
-        label += f", ensemble of {flags['ensemble_members']}"
+    members = flags.get("ensemble_members") or 1
+    if members > 1:
+        label = label.replace(f"_ensemble_of_{members}", "") + f", ensemble of {members}"
     if flags.get("lr_schedule") not in (None, "wall_clock", "one_cycle"):
         label += f", {flags['lr_schedule']} lr {flags.get('learning_rate', 0):.3g}"
     for key, text in (("init_from", "fine-tuned"), ("data_parallel", "data-parallel"),

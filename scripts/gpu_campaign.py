@@ -130,7 +130,7 @@ def recipes(stage, seed):
 
 
 def ensembles(stage, seed):
-    tiny = (["--model=tiny_cnn", "--width_multiplier=1", "--members=1,2", "--bench_steps=2", "--train_size=1000",
+    tiny = (["--width_multiplier=0.125", "--batch_size=32", "--members=2", "--bench_steps=2", "--train_size=1000",
              "--precision=float32"] if stage.dry else
             ["--members=1,2,4,8", "--bench_steps=20", "--precision=mixed_bfloat16"])
     stage.run("bench_ensembles", [sys.executable, "scripts/bench_ensembles.py", *AIRBENCH_HAET, *tiny,

@@ -21,7 +21,7 @@ def test_the_campaign_runs_dry(tmp_path, cifar10_slice_dir):
     out = tmp_path / "out"
     script = os.path.join(REPO, "scripts", "gpu_campaign.py")
     env = dict(os.environ, PYTHONPATH=REPO)
-    for stage in ("call1", "start600", "collect600", "recipes"):
+    for stage in ("call1", "start600", "collect600", "recipes", "ensembles"):
         result = subprocess.run([sys.executable, script, stage, "--dry", f"--out={out}",
                                  f"--data_dir={cifar10_slice_dir}"], env=env, capture_output=True, text=True)
         assert result.returncode == 0, (stage, result.stdout[-3000:], result.stderr[-3000:])
@@ -29,11 +29,14 @@ def test_the_campaign_runs_dry(tmp_path, cifar10_slice_dir):
     rows = json.loads((out / "files" / "bench_resnet9.json").read_text())
     assert rows and rows[0]["images_per_second"] > 0
     records = [json.loads(open(p).read()) for p in glob.glob(str(out / "files" / "*_record.json"))]
-    assert len(records) == 3 and {r["status"] for r in records} == {"completed"}
-    assert {r["model"] for r in records} == {"resnet9", "tiny_cnn", "airbench"}
+    assert len(records) == 4 and {r["status"] for r in records} == {"completed"}
+    assert {r["model"] for r in records} == {"resnet9", "tiny_cnn", "airbench", "airbench_ensemble_of_2"}
+    mechanisms = json.loads((out / "files" / "bench_ensembles.json").read_text())
+    assert {(r["members"], r["variant"]) for r in mechanisms} == {
+        (2, "separate"), (2, "branches"), (2, "sgd_separate"), (2, "sgd_branches"), (2, "sgd_vmap")}
     # What comes back from the device: one archive a stage (it returns at most 8 files).
     archives = sorted(p.name for p in out.glob("*.tar.gz"))
-    assert archives == ["call1.tar.gz", "default600_seed0.tar.gz", "recipes_seed0.tar.gz"]
+    assert archives == ["call1.tar.gz", "default600_seed0.tar.gz", "ensembles_seed0.tar.gz", "recipes_seed0.tar.gz"]
     with tarfile.open(out / "recipes_seed0.tar.gz") as archive:
         assert any(name.endswith("airbench_haet_15s_seed0.log") for name in archive.getnames())
     command = subprocess.run([sys.executable, script, "command", "call1"], capture_output=True, text=True)
