@@ -20,6 +20,18 @@ On the GPU machine each call runs one stage and copies what it made to $OUT:
                 and vmapped), then airbench94 in the HAET setting at 60 s with 4 members.
     seeds       more seeds of the fast recipe at 600 s... (what time is left allows).
 
+Full CIFAR-10 (50,000 images, ~150 MB) does not fit in one call's 64 MiB of carry, and
+ignored paths already on a warm machine stay there between calls, so it travels in parts:
+
+    python scripts/gpu_campaign.py prepare_full         # .device_full/part1.npz ... part3.npz, ~50 MB each
+    (call k = 1, 2, 3, carry [".device_full/partk.npz"]):  `receive`, prints the parts present
+    (then, carrying nothing new)  full   assembles them with .device/cifar10_5k/test.npz (the
+                                         whole test set) and runs airbench94 (9.9 epochs) and Page's
+                                         bag of tricks (10 epochs) on full CIFAR-10, seeds 0, 1, 2.
+
+The part calls must follow each other and `.device`'s call while the machine is warm
+(it is given back 30 s after a call); `full` names what is missing otherwise.
+
 The device returns at most 8 files from $OUT: each stage writes its logs, benchmark
 tables, records and histories into a folder and leaves one archive, $OUT/<stage>.tar.gz.
 
@@ -31,6 +43,7 @@ changes. Every run's record and log land in --out, even a failed one.
 
 import argparse
 import glob
+import json
 import os
 import shlex
 import shutil
@@ -46,6 +59,9 @@ FAST_RECIPE = ["--flagfile=flags/page_resnet9.flags"]
 FAST_BUDGETS = (15, 30, 60, 120)
 AIRBENCH_HAET = ["--flagfile=flags/airbench94.flags", "--flagfile=flags/airbench94_haet.flags"]
 BAG_OF_TRICKS_HAET = ["--flagfile=flags/page_bag_of_tricks.flags", "--flagfile=flags/page_bag_of_tricks_haet.flags"]
+FULL_RECIPES = (("airbench94_full", ["--flagfile=flags/airbench94.flags"]),
+                ("bag_of_tricks_full", ["--flagfile=flags/page_bag_of_tricks.flags"]))
+FULL_PARTS = 3
 BENCHES = (  # name, flags
     ("resnet20x6", ["--width_multiplier=6", "--batch_sizes=32,128,512", "--precision=mixed_bfloat16"]),
     ("resnet9", ["--flagfile=flags/page_resnet9.flags", "--batch_sizes=512", "--precision=mixed_bfloat16"]),
@@ -80,11 +96,13 @@ class Stage:
         print(f"  -> {code}", flush=True)
         return code
 
-    def train(self, name, flags, budget):
+    def train(self, name, flags, budget, data_dir=None):
+        """Trains `flags` for `budget` seconds (None: the flagfile's budget)."""
         budget = 2 if self.dry else budget
         extra = ["--train_size=1000", "--eval_batch_size=500"] if self.dry else []
-        return self.run(name, [sys.executable, "-m", "haet.train", *flags, f"--budget={budget}",
-                               f"--data_dir={self.data_dir}", f"--results_dir={self.results}", *extra])
+        return self.run(name, [sys.executable, "-m", "haet.train", *flags,
+                               *([f"--budget={budget}"] if budget is not None else []),
+                               f"--data_dir={data_dir or self.data_dir}", f"--results_dir={self.results}", *extra])
 
     def pack(self, name):
         """Writes everything in the stage's folder into one archive, `<out>/<name>.tar.gz`."""
@@ -144,6 +162,74 @@ def ensembles(stage, seed):
     stage.pack(f"ensembles_seed{seed}")
 
 
+def prepare_full(source_dir, parts_dir, parts=FULL_PARTS):
+    """Splits `source_dir/train.npz` into `parts` files `parts_dir/part<k>.npz` (each with
+    its rows, `part`, `parts` and the total count), for calls of at most 64 MiB."""
+    import numpy as np
+
+    os.makedirs(parts_dir, exist_ok=True)
+    with np.load(os.path.join(source_dir, "train.npz")) as f:
+        x, y = f["x"], f["y"]
+    for k, rows in enumerate(np.array_split(np.arange(len(y)), parts), start=1):
+        path = os.path.join(parts_dir, f"part{k}.npz")
+        np.savez(path, x=x[rows], y=y[rows], part=k, parts=parts, total=len(y))
+        print(f"{path}: {len(rows)} images, {os.path.getsize(path) / 2**20:.1f} MiB")
+    return 0
+
+
+def assemble_full(parts_dir, test_npz, out_dir):
+    """Joins the parts of `prepare_full` into `out_dir/train.npz` and copies `test_npz`
+    next to it; returns `out_dir`.
+
+    Raises:
+        FileNotFoundError: a part (or the test set) is missing, naming which.
+        ValueError: parts of different splits, or a count that does not add up.
+    """
+    import numpy as np
+
+    paths = sorted(glob.glob(os.path.join(parts_dir, "part*.npz")))
+    if not paths:
+        raise FileNotFoundError(f"no part*.npz in {parts_dir}: carry each .device_full/part<k>.npz in a call first.")
+    loaded = [np.load(p) for p in paths]
+    parts, total = int(loaded[0]["parts"]), int(loaded[0]["total"])
+    present = sorted(int(f["part"]) for f in loaded)
+    if present != list(range(1, parts + 1)) or {(int(f["parts"]), int(f["total"])) for f in loaded} != {(parts, total)}:
+        missing = sorted(set(range(1, parts + 1)) - set(present))
+        raise FileNotFoundError(f"{parts_dir} holds parts {present} of {parts}; missing {missing}: carry them in "
+                                "calls that follow each other while the machine is warm.")
+    loaded.sort(key=lambda f: int(f["part"]))
+    x, y = np.concatenate([f["x"] for f in loaded]), np.concatenate([f["y"] for f in loaded])
+    if len(y) != total:
+        raise ValueError(f"the parts hold {len(y)} images; they were cut from {total}.")
+    if not os.path.exists(test_npz):
+        raise FileNotFoundError(f"{test_npz} is missing: carry .device (the 5,000-image export holds the test set).")
+    os.makedirs(out_dir, exist_ok=True)
+    np.savez(os.path.join(out_dir, "train.npz"), x=x, y=y)
+    shutil.copy(test_npz, os.path.join(out_dir, "test.npz"))
+    return out_dir
+
+
+def receive(stage, parts_dir):
+    present = {os.path.basename(p): os.path.getsize(p) for p in sorted(glob.glob(os.path.join(parts_dir, "*.npz")))}
+    print("parts present: " + json.dumps(present), flush=True)
+
+
+def full(stage, parts_dir, seeds=(0, 1, 2)):
+    out_dir = os.path.join(stage.results if stage.dry else "/tmp", "cifar10_full")
+    try:
+        data_dir = assemble_full(parts_dir, os.path.join(stage.data_dir, "test.npz"), out_dir)
+    except (OSError, ValueError) as e:
+        print(f"full CIFAR-10 not assembled: {e}", flush=True)
+        stage.failures.append(f"assemble: {e}")
+        return
+    tiny = ["--width_multiplier=0.125", "--batch_size=100", "--ghost_batch_splits=2"] if stage.dry else []
+    for name, flags in FULL_RECIPES:
+        for seed in seeds[:1] if stage.dry else seeds:
+            stage.train(f"{name}_seed{seed}", flags + tiny + [f"--seed={seed}"], None, data_dir=data_dir)
+    stage.collect()
+    stage.pack("full_cifar10")
+
+
 def start600(stage, seed):
     flags = [f"--seed={seed}"] + (["--width_multiplier=1", "--model=tiny_cnn"] if stage.dry else [])
     budget = 2 if stage.dry else 600
@@ -182,14 +268,16 @@ def collect600(stage, seed):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("stage", choices=["prepare", "command", "call1", "start600", "collect600", "recipes",
-                                          "ensembles"])
+    parser.add_argument("stage", choices=["prepare", "prepare_full", "command", "call1", "start600", "collect600",
+                                          "recipes", "ensembles", "receive", "full"])
     parser.add_argument("which", nargs="?", help="command: the stage whose device command to print")
     parser.add_argument("--dry", action="store_true", help="run here under JAX with tiny budgets")
     parser.add_argument("--out", default=os.environ.get("OUT", "/tmp/campaign"), help="where results go")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--data_dir", default=None, help="default: .device/cifar10_5k, or ../shared/data/cifar10 "
-                        "with --dry")
+                        "with --dry (prepare_full: the full set to split, default ../shared/data/cifar10)")
+    parser.add_argument("--parts_dir", default=os.path.join(REPO, ".device_full"),
+                        help="where prepare_full writes the parts of full CIFAR-10 and receive/full read them")
     args = parser.parse_args(argv)
     if args.stage == "prepare":
         os.makedirs(os.path.join(REPO, ".device"), exist_ok=True)
@@ -198,6 +286,9 @@ def main(argv=None):
         return subprocess.run([sys.executable, "-m", "haet.data", "--dataset=cifar10", "--train_size=5000",
                                f"--data_dir={os.path.join(REPO, '..', 'shared', 'data', 'cifar10')}",
                                "--export_dir=.device/cifar10_5k"], cwd=REPO).returncode
+    if args.stage == "prepare_full":
+        source = args.data_dir or os.path.join(REPO, "..", "shared", "data", "cifar10")
+        return prepare_full(source, args.parts_dir)
     if args.stage == "command":
         print(f"{PREAMBLE} python3 scripts/gpu_campaign.py {args.which} --out=$OUT --seed={args.seed}")
         return 0
@@ -206,7 +297,8 @@ def main(argv=None):
     stage = Stage(args.out, args.dry, data_dir)
     {"call1": lambda: call1(stage), "start600": lambda: start600(stage, args.seed),
      "collect600": lambda: collect600(stage, args.seed), "recipes": lambda: recipes(stage, args.seed),
-     "ensembles": lambda: ensembles(stage, args.seed)}[args.stage]()
+     "ensembles": lambda: ensembles(stage, args.seed), "receive": lambda: receive(stage, args.parts_dir),
+     "full": lambda: full(stage, args.parts_dir)}[args.stage]()
     print("failures: " + (", ".join(stage.failures) or "none"))
     return 1 if stage.failures else 0
 
