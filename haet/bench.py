@@ -274,7 +274,10 @@ def bench(config, batch_sizes, steps_per_executions, bench_steps=20, end_to_end_
                 step_seconds, compile_seconds, variants = pure_step(model, x, y, bench_steps)
                 flops = forward_flops(model)
                 fit_rate = None
-                if keras_fit:
+                if keras_fit and len(x) > len(data.y_fit):
+                    logging.warning("--keras_fit skipped: a step of %d images (all members) exceeds the %d training "
+                                    "images", len(x), len(data.y_fit))
+                elif keras_fit:
                     fit_model, _, _ = training.build_model(sized, data)
                     fit_optimizer, _ = training.build_optimizer(sized, data.steps_per_epoch(sized))
                     training.compile_model(sized, fit_model, fit_optimizer, settings)

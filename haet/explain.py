@@ -86,6 +86,9 @@ def grad_cam(model, images, class_index=None, layer_name=None, member=0):
     """
     if isinstance(model, models.EnsembleModel):
         model = model.member_model(member)
+    elif member != 0:
+        raise ValueError(f"member={member} names an ensemble member; {model.name!r} is a single network "
+                         "(use member=0).")
     preprocess, features, head, layer = _split(model, layer_name)
     x = images
     for l in preprocess:

@@ -252,6 +252,15 @@ class TrainingHealth(Hook):
     def _kernels(self, model):
         return [(i, v) for i, v in enumerate(model.trainable_variables) if len(v.shape) >= 2]
 
+    @staticmethod
+    def _name(model, variable):
+        """The variable's path; of an ensemble member's, prefixed `member<m>/` (members
+        share layer names)."""
+        for m, backbone in enumerate(getattr(model, "member_backbones", lambda: [])()):
+            if any(v is variable for v in backbone.trainable_variables):
+                return f"member{m}/{variable.path}"
+        return variable.path
+
     def limit(self, run):
         offset = run.budget.steps % self.every_steps
         return 1 if offset == 0 else self.every_steps - offset
@@ -278,7 +287,7 @@ class TrainingHealth(Hook):
             weight, update = np.linalg.norm(before), np.linalg.norm(after - before)
             grad = np.linalg.norm(self._grads[index].astype(np.float64))
             total += (weight**2, update**2, grad**2)
-            rows.append({"step": step, "variable": variable.path, "weight_norm": weight,
+            rows.append({"step": step, "variable": self._name(model, variable), "weight_norm": weight,
                          "update_norm": update, "update_ratio": update / weight if weight else np.nan,
                          "grad_norm": grad})
         all_grads = np.sqrt(sum(float(np.sum(np.square(g.astype(np.float64)))) for g in self._grads))

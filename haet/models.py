@@ -912,7 +912,9 @@ class EnsembleModel(keras.Model):
       its own weights, batch-norm statistics and augmentation draws; the loss
       minimized is the sum of the members' losses (each member's gradient is that
       of its own loss, as if trained alone), and the loss reported (metrics,
-      history) is their mean.
+      history) is their mean. They share the optimizer's state that is not per
+      variable: its step count and, under mixed_float16, the loss scale (a step
+      that overflows in one member is skipped for all).
     - Inference: every member sees every image; the logits are the log of the
       members' mean softmax probabilities (`MemberAverage`).
     - `member_model(m)`: member m alone as a uint8-input classifier sharing the
@@ -967,8 +969,11 @@ class EnsembleModel(keras.Model):
             return total
         # Keras' loss is the data loss averaged over all rows (the members' mean) plus
         # every member's weight penalty. Minimized: the sum of the members' losses;
-        # reported: their mean (stop_gradient changes the value, not the gradient).
-        penalty = sum((ops.sum(ops.cast(loss, "float32")) for loss in self.losses), ops.zeros((), "float32"))
+        # reported: their mean (stop_gradient changes the value, not the gradient). The
+        # penalty is summed as Keras summed it (under a TensorFlow distribution strategy
+        # divided by the replicas), so `total - penalty` is exactly the data loss.
+        penalty = sum((ops.cast(self._aggregate_additional_loss(loss), "float32") for loss in self.losses),
+                      ops.zeros((), "float32"))
         data = total - penalty
         minimized = members * data + penalty
         reported = data + penalty / members

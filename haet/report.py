@@ -116,11 +116,16 @@ def recipe_of(record):
     flags = record.get("flags", {})
     model = record.get("model", flags.get("model", "?"))
     width = flags.get("width_multiplier", 1)
-    label = model + (f" width {width:g}" if model == "resnet9" and width != 1 else "")
-    label += f", batch {flags.get('batch_size', '?')}"
     members = flags.get("ensemble_members") or 1
     if members > 1:
-        label = label.replace(f"_ensemble_of_{members}", "") + f", ensemble of {members}"
+        # An ensemble is named after --model alone: its width is shown for every model.
+        model = flags.get("model", model)
+        label = model + (f" width {width:g}" if width != 1 else "")
+    else:
+        label = model + (f" width {width:g}" if model == "resnet9" and width != 1 else "")
+    label += f", batch {flags.get('batch_size', '?')}"
+    if members > 1:
+        label += f", ensemble of {members}"
     if flags.get("lr_schedule") not in (None, "wall_clock", "one_cycle"):
         label += f", {flags['lr_schedule']} lr {flags.get('learning_rate', 0):.3g}"
     for key, text in (("init_from", "fine-tuned"), ("data_parallel", "data-parallel"),

@@ -39,7 +39,9 @@ with context as parallel:
     def network(seed, uint8=True):
         inputs = keras.Input((8, 8, 3), dtype="uint8" if uint8 else "float32")
         h = keras.layers.Rescaling(1 / 255)(inputs) if uint8 else inputs
-        h = keras.layers.Conv2D(6, 3, activation="relu", kernel_initializer=keras.initializers.GlorotUniform(seed))(h)
+        # An L2 penalty in the ensemble: Keras divides it by the replicas under MirroredStrategy.
+        h = keras.layers.Conv2D(6, 3, activation="relu", kernel_initializer=keras.initializers.GlorotUniform(seed),
+                                kernel_regularizer=keras.regularizers.L2(0.05) if ensemble else None)(h)
         if batchnorm:
             h = keras.layers.BatchNormalization()(h)
         h = keras.layers.GlobalAveragePooling2D()(h)

@@ -198,6 +198,9 @@ def test_a_run_trains_an_ensemble_and_records_every_member(tmp_path, cifar10_sli
     with open(f"{run_dir}/history.csv") as f:
         rows = list(csv.DictReader(f))
     assert all(float(r["health_update_ratio_median"]) > 0 for r in rows)
+    with open(f"{run_dir}/health.csv") as f:
+        names = {r["variable"] for r in csv.DictReader(f)}
+    assert {n.split("/")[0] for n in names} == {"member0", "member1", "member2", "(all)"}
 
 
 def test_airbench_members_each_have_their_whitening_bias_gated():
@@ -264,3 +267,19 @@ def test_recomputed_batch_norm_statistics_are_each_members_own_on_whole_batches(
         for a, b in zip(statistics[m], alone):
             np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
     assert not np.allclose(statistics[0][0], statistics[1][0])
+
+
+def test_grad_cam_explains_one_member_and_report_labels_name_the_ensemble():
+    from haet import report
+    from haet.explain import grad_cam
+
+    x, _ = _data(3)
+    ensemble = _ensemble(2)
+    for m in range(2):
+        result = grad_cam(ensemble, x, member=m)
+        np.testing.assert_allclose(result["logits"], np.asarray(ensemble.member_model(m)(x)), rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="single network"):
+        grad_cam(ensemble.member_model(0), x, member=1)
+    record = {"model": "resnet20_ensemble_of_4",
+              "flags": {"model": "resnet20", "width_multiplier": 6, "batch_size": 32, "ensemble_members": 4}}
+    assert report.recipe_of(record) == "resnet20 width 6, batch 32, ensemble of 4"
