@@ -71,12 +71,13 @@ def recompute_batch_norm_statistics(model, images, batch_size, max_images=2048, 
     count = max(1, min(len(images), max_images) // batch_size) * batch_size
     chosen = np.random.default_rng(seed).permutation(len(images))[:count]
     momenta = [layer.momentum for layer in layers]
-    members = getattr(model, "ensemble_members", 1)  # in training, member m takes block m of the rows
+    from haet.models import for_every_member
+
     try:
         for k, start in enumerate(range(0, count, batch_size), start=1):
             for layer in layers:
                 layer.momentum = (k - 1) / k
-            model(np.concatenate([images[np.sort(chosen[start:start + batch_size])]] * members), training=True)
+            model(for_every_member(model, images[np.sort(chosen[start:start + batch_size])]), training=True)
     finally:
         for layer, momentum in zip(layers, momenta):
             layer.momentum = momentum

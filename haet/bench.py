@@ -98,7 +98,7 @@ def forward_flops(model):
     return int(total)
 
 
-def _first_batch(data, config):
+def first_batch(data, config):
     """A training step's batch: `batch_size` rows for each ensemble member, member after
     member (the members take consecutive images)."""
     one_hot = data.info.num_classes if config.label_smoothing else None
@@ -165,17 +165,25 @@ def pure_step(model, x, y, steps, jax_loops=("fused", "dispatch")):
         raise NotImplementedError(f"haet benchmarks the jax and tensorflow backends, not {backend!r}.")
     per_variant, compile_seconds = {}, 0.0
     for name, run in runs.items():
+        seconds, compiling = best_of(run)
+        compile_seconds += compiling
+        per_variant[name] = seconds / steps
+    return min(per_variant.values()), compile_seconds, per_variant
+
+
+def best_of(run, repeats=3):
+    """Times `run()` (which must wait for the device): `(best seconds of `repeats` timed
+    calls, compile seconds)`, after a first call whose excess over the best is the
+    compilation."""
+    start = time.perf_counter()
+    run()
+    first = time.perf_counter() - start
+    times = []
+    for _ in range(repeats):
         start = time.perf_counter()
         run()
-        first = time.perf_counter() - start
-        times = []
-        for _ in range(3):
-            start = time.perf_counter()
-            run()
-            times.append(time.perf_counter() - start)
-        compile_seconds += max(0.0, first - min(times))
-        per_variant[name] = min(times) / steps
-    return min(per_variant.values()), compile_seconds, per_variant
+        times.append(time.perf_counter() - start)
+    return min(times), max(0.0, first - min(times))
 
 
 def keras_fit_images_per_second(model, x, y, batch_size, steps, seed=0):
@@ -225,6 +233,16 @@ def keras_fit_images_per_second(model, x, y, batch_size, steps, seed=0):
     return steps * batch_size / statistics.fmean(clock.epoch_seconds[1:])
 
 
+def prepare_data_dir(config, folder, test_images):
+    """Writes the training data of `config` into `folder` (train.npz, test.npz): its
+    `--data_dir` subset with only `test_images` test images, or random uint8 images of
+    the dataset's shape without a data_dir."""
+    if config.data_dir:
+        _small_test_split(config, folder, test_images)
+    else:
+        _random_data_dir(config, folder, test_images)
+
+
 def _random_data_dir(config, folder, test_images):
     info = data_lib.dataset_info(config.dataset, config.data_dir)
     rng = np.random.default_rng(0)
@@ -257,10 +275,7 @@ def bench(config, batch_sizes, steps_per_executions, bench_steps=20, end_to_end_
     with tempfile.TemporaryDirectory() as folder:
         data_dir = os.path.join(folder, "data")
         os.makedirs(data_dir)
-        if config.data_dir:
-            _small_test_split(config, data_dir, test_images)
-        else:
-            _random_data_dir(config, data_dir, test_images)
+        prepare_data_dir(config, data_dir, test_images)
         base = dataclasses.replace(config, data_dir=data_dir, classes=(), save_model=False, evaluate_test=True,
                                    validation_size=0, budget_seconds=end_to_end_budget or config.budget_seconds)
         for batch_size in batch_sizes:
@@ -270,7 +285,7 @@ def bench(config, batch_sizes, steps_per_executions, bench_steps=20, end_to_end_
                 model, _, _ = training.build_model(sized, data)
                 optimizer, _ = training.build_optimizer(sized, data.steps_per_epoch(sized))
                 training.compile_model(sized, model, optimizer, settings)
-                x, y = _first_batch(data, sized)
+                x, y = first_batch(data, sized)
                 step_seconds, compile_seconds, variants = pure_step(model, x, y, bench_steps)
                 flops = forward_flops(model)
                 fit_rate = None
@@ -360,14 +375,24 @@ def main(argv):
     rows = bench(config, batch_sizes, ks, f.bench_steps, f.end_to_end_budget, f.keras_fit, f.bench_test_images)
     print(format_table(rows))
     if f.json:
-        os.makedirs(os.path.dirname(os.path.abspath(f.json)), exist_ok=True)
-        from haet import results
+        write_rows(f.json, rows)
 
-        payload = [{**row, "git_commit": results.git_commit(), "versions": results.versions(),
-                    "command": sys.argv} for row in rows]
-        with open(f.json, "x") as out:
-            json.dump(payload, out, indent=2)
-        print(f"wrote {f.json}")
+
+def write_rows(path, rows):
+    """Writes benchmark `rows` to the new file `path` (a JSON list), each with the git
+    commit, versions and command line.
+
+    Raises:
+        FileExistsError: `path` exists (nothing is overwritten).
+    """
+    from haet import results
+
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    payload = [{**row, "git_commit": results.git_commit(), "versions": results.versions(), "command": sys.argv}
+               for row in rows]
+    with open(path, "x") as out:
+        json.dump(payload, out, indent=2)
+    print(f"wrote {path}")
 
 
 if __name__ == "__main__":

@@ -241,6 +241,7 @@ class TrainingHealth(Hook):
         self._before = None
         self._epoch_summary = None
         self._writer = None
+        self._member_of = None
 
     def state_dict(self):
         return {"rows": self.rows, "epoch_summary": self._epoch_summary}
@@ -252,14 +253,14 @@ class TrainingHealth(Hook):
     def _kernels(self, model):
         return [(i, v) for i, v in enumerate(model.trainable_variables) if len(v.shape) >= 2]
 
-    @staticmethod
-    def _name(model, variable):
+    def _name(self, model, variable):
         """The variable's path; of an ensemble member's, prefixed `member<m>/` (members
-        share layer names)."""
-        for m, backbone in enumerate(getattr(model, "member_backbones", lambda: [])()):
-            if any(v is variable for v in backbone.trainable_variables):
-                return f"member{m}/{variable.path}"
-        return variable.path
+        share layer names). The prefixes are looked up once per run."""
+        if self._member_of is None:
+            self._member_of = {id(v): m for m, backbone in enumerate(getattr(model, "member_backbones", list)())
+                               for v in backbone.trainable_variables}
+        member = self._member_of.get(id(variable))
+        return variable.path if member is None else f"member{member}/{variable.path}"
 
     def limit(self, run):
         offset = run.budget.steps % self.every_steps

@@ -1007,6 +1007,14 @@ def ensemble_with_input_pipeline(backbones, mean, augmentation=None, variance=No
     return EnsembleModel(inputs, outputs, name=name or f"ensemble_of_{members}")
 
 
+def for_every_member(model, batch):
+    """`batch` (any array, rows first) repeated once per member of an `EnsembleModel`,
+    so that in training mode every member takes all of it (`MemberBatch` gives member
+    m block m); `batch` itself for a single network."""
+    members = getattr(model, "ensemble_members", 1)
+    return np.concatenate([batch] * members) if members > 1 else batch
+
+
 def backbones_of(model):
     """Every classifier inside `model`: an ensemble's members, else `[backbone_of(model)]`."""
     if isinstance(model, EnsembleModel):

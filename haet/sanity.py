@@ -27,7 +27,7 @@ import keras
 import numpy as np
 from absl import logging
 
-from haet import evaluation, training
+from haet import evaluation, models, training
 from haet.budget import WallClockBudget
 from haet.engine import make_engine
 from haet.loop import StepLimit, Training
@@ -61,15 +61,12 @@ def check_initial_loss(config, data, x, y, tolerance=0.25):
         # Training-mode forward passes (batch statistics in batch norm, as the first
         # steps see them; the untrained moving statistics would say nothing), with
         # dropout and augmentation already off.
-        # Of an ensemble, every member takes every batch (training mode gives member m block m).
-        members = config.ensemble_members
+        # Of an ensemble, every member takes every batch.
+        batches = range(0, len(x), config.batch_size)
         logits = np.concatenate([
-            np.asarray(model(np.concatenate([x[i:i + config.batch_size]] * members), training=True),
-                       dtype=np.float64)
-            for i in range(0, len(x), config.batch_size)
-        ])
-        y = np.concatenate([np.concatenate([y[i:i + config.batch_size]] * members)
-                            for i in range(0, len(y), config.batch_size)])
+            np.asarray(model(models.for_every_member(model, x[i:i + config.batch_size]), training=True),
+                       dtype=np.float64) for i in batches])
+        y = np.concatenate([models.for_every_member(model, y[i:i + config.batch_size]) for i in batches])
     loss = evaluation.cross_entropy(logits, y)
     expected = math.log(data.info.num_classes)
     return {"passed": abs(loss - expected) <= tolerance * expected, "loss": loss, "expected": expected}

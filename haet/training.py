@@ -521,7 +521,7 @@ def build_run(config, model, augmentation, schedule, data, folder, clock=time.pe
             # Every member's gradient on the same probe batch, each that of its own loss.
             loss = lambda y, logits: members * model.loss(y, logits)  # noqa: E731
         run.health = TrainingHealth(
-            np.concatenate([data.x_fit[probe]] * members), np.concatenate([labels] * members), loss,
+            models.for_every_member(model, data.x_fit[probe]), models.for_every_member(model, labels), loss,
             config.health_every_steps, os.path.join(run_dir, "tensorboard", "health") if config.tensorboard else None)
         hooks.append(run.health)
     hooks += [budget, HistoryWriter(folder, budget)]

@@ -27,10 +27,8 @@ device and versions.
 """
 
 import dataclasses
-import json
 import os
 import sys
-import time
 
 import keras
 import numpy as np
@@ -38,21 +36,8 @@ from absl import app, flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from haet import bench, results, training  # noqa: E402
+from haet import bench, training  # noqa: E402
 from haet import config as config_lib  # noqa: E402
-
-
-def _time(run, repeats=3):
-    """`(best seconds of `repeats` timed calls, compile seconds)` after a first call."""
-    start = time.perf_counter()
-    run()
-    first = time.perf_counter() - start
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        run()
-        times.append(time.perf_counter() - start)
-    return min(times), max(0.0, first - min(times))
 
 
 def _built(config, data, settings):
@@ -71,13 +56,13 @@ def _jax_loops(settings):
 def keras_steps(config, data, settings, members, steps):
     """Rows `separate` and `branches`: Keras' compiled `train_step` (the recipe's optimizer)."""
     single = dataclasses.replace(config, ensemble_members=1)
-    x, y = bench._first_batch(data, single)
+    x, y = bench.first_batch(data, single)
     loops = _jax_loops(settings)
     separate, separate_compile, _ = bench.pure_step(_built(single, data, settings), x, y, steps, loops)
     rows = [("separate", members * separate, separate_compile)]
     if members > 1:
         joint = dataclasses.replace(config, ensemble_members=members)
-        x, y = bench._first_batch(data, joint)
+        x, y = bench.first_batch(data, joint)
         branches, compile_seconds, _ = bench.pure_step(_built(joint, data, settings), x, y, steps, loops)
         rows.append(("branches", branches, compile_seconds))
     return rows
@@ -105,53 +90,36 @@ def jax_steps(config, data, settings, members, steps, learning_rate=0.01):
 
     single = dataclasses.replace(config, ensemble_members=1)
     member = _built(single, data, settings)
-    x, y = bench._first_batch(data, dataclasses.replace(config, ensemble_members=members))
+    x, y = bench.first_batch(data, dataclasses.replace(config, ensemble_members=members))
     y = np.asarray(y).reshape(len(x), -1).argmax(1) if np.ndim(y) > 1 else np.asarray(y, np.int32)
     batch = config.batch_size
     blocks = [(jax.device_put(x[m * batch:(m + 1) * batch]), jax.device_put(y[m * batch:(m + 1) * batch]))
               for m in range(members)]
+
+    def timed(step, states, batches):
+        """Seconds per ensemble step of `steps` rounds of `step` on each (state, batch) pair."""
+        states = list(states)
+
+        def run():
+            for _ in range(steps):
+                for i, batch in enumerate(batches):
+                    trainable, non_trainable, _ = step(*states[i], *batch)
+                    states[i] = (trainable, non_trainable)
+            jax.block_until_ready(states)
+
+        seconds, compile_seconds = bench.best_of(run)
+        return seconds / steps, compile_seconds
+
     one = jax.jit(sgd_step(member, 1.0))
-    state = [weights(member) for _ in range(members)]
-
-    def run_separate():
-        nonlocal state
-        for _ in range(steps):
-            for m in range(members):
-                tr, nt, _ = one(*state[m], *blocks[m])
-                state[m] = (tr, nt)
-        jax.block_until_ready(state)
-
-    seconds, compile_seconds = _time(run_separate)
-    rows = [("sgd_separate", seconds / steps, compile_seconds)]
+    rows = [("sgd_separate", *timed(one, [weights(member)] * members, blocks))]
     if members == 1:
         return rows
     ensemble = _built(dataclasses.replace(config, ensemble_members=members), data, settings)
     joint = jax.jit(sgd_step(ensemble, float(members)))
-    joint_state = weights(ensemble)
-    joint_batch = (jax.device_put(x), jax.device_put(y))
-
-    def run_branches():
-        nonlocal joint_state
-        for _ in range(steps):
-            tr, nt, _ = joint(*joint_state, *joint_batch)
-            joint_state = (tr, nt)
-        jax.block_until_ready(joint_state)
-
-    seconds, compile_seconds = _time(run_branches)
-    rows.append(("sgd_branches", seconds / steps, compile_seconds))
-    vmapped = jax.jit(jax.vmap(sgd_step(member, 1.0)))
-    stacked = jax.tree.map(lambda *a: jnp.stack(a), *state)
+    rows.append(("sgd_branches", *timed(joint, [weights(ensemble)], [(jax.device_put(x), jax.device_put(y))])))
+    stacked = jax.tree.map(lambda *a: jnp.stack(a), *[weights(member)] * members)
     stacked_batch = (jnp.stack([b[0] for b in blocks]), jnp.stack([b[1] for b in blocks]))
-
-    def run_vmap():
-        nonlocal stacked
-        for _ in range(steps):
-            tr, nt, _ = vmapped(*stacked, *stacked_batch)
-            stacked = (tr, nt)
-        jax.block_until_ready(stacked)
-
-    seconds, compile_seconds = _time(run_vmap)
-    rows.append(("sgd_vmap", seconds / steps, compile_seconds))
+    rows.append(("sgd_vmap", *timed(jax.jit(jax.vmap(sgd_step(member, 1.0))), [stacked], [stacked_batch])))
     return rows
 
 
@@ -176,10 +144,7 @@ def main(argv):
 
     rows = []
     with tempfile.TemporaryDirectory() as folder:
-        if not config.data_dir:
-            bench._random_data_dir(config, folder, 10)
-        else:
-            bench._small_test_split(config, folder, 10)
+        bench.prepare_data_dir(config, folder, 10)
         config = dataclasses.replace(config, data_dir=folder, classes=(), validation_size=0)
         with training.settings_of(config) as settings:
             data = training.prepare_data(config)
@@ -199,13 +164,7 @@ def main(argv):
                                  "device": settings.device["name"]})
                     print(" ".join(f"{k}={v}" for k, v in rows[-1].items()), flush=True)
     if f.json:
-        os.makedirs(os.path.dirname(os.path.abspath(f.json)), exist_ok=True)
-        payload = [{**row, "git_commit": results.git_commit(), "versions": results.versions(), "command": sys.argv}
-                   for row in rows]
-        with open(f.json, "x") as out:
-            json.dump(payload, out, indent=2)
-        print(f"wrote {f.json}")
-
+        bench.write_rows(f.json, rows)
 
 if __name__ == "__main__":
     app.run(main)

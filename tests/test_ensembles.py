@@ -204,7 +204,7 @@ def test_a_run_trains_an_ensemble_and_records_every_member(tmp_path, cifar10_sli
 
 
 def test_airbench_members_each_have_their_whitening_bias_gated():
-    from haet.training import _whitening_layers
+    from haet.training import FreezeWhiteningBias, _whitening_layers
 
     keras.utils.set_random_seed(0)
     images = np.random.default_rng(0).normal(size=(64, 32, 32, 3)).astype("float32")
@@ -214,6 +214,17 @@ def test_airbench_members_each_have_their_whitening_bias_gated():
     layers = _whitening_layers(ensemble)
     assert len(layers) == 2 and layers[0] is not layers[1]
     assert models.backbone_of(ensemble) is backbones[0]
+
+    class Engine:  # the hook writes through the engine
+        def assign(self, variable, value):
+            variable.assign(value)
+
+    hook = FreezeWhiteningBias(layers, 3)
+    run = type("Run", (), {"engine": Engine()})()
+    hook.on_epoch_begin(run, 2)
+    assert [float(np.asarray(layer.bias_gate)) for layer in layers] == [1.0, 1.0]
+    hook.on_epoch_begin(run, 3)
+    assert [float(np.asarray(layer.bias_gate)) for layer in layers] == [0.0, 0.0]
 
 
 def test_init_from_cannot_start_every_member_from_one_model(tmp_path):
@@ -240,7 +251,7 @@ def test_the_ensemble_benchmark_times_every_mechanism(tmp_path):
     spec.loader.exec_module(module)
     config = training.TrainConfig(model="tiny_cnn", width_multiplier=1, batch_size=8, train_size=40,
                                   augmentation="crop_flip_cutout", ensemble_members=2)
-    bench._random_data_dir(config, str(tmp_path), 10)
+    bench.prepare_data_dir(config, str(tmp_path), 10)
     config = dataclasses.replace(config, data_dir=str(tmp_path))
     with training.settings_of(config) as settings:
         data = training.prepare_data(config)
