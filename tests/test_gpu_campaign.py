@@ -1,5 +1,9 @@
 """The GPU campaign script (scripts/gpu_campaign.py) in its dry mode: the same stages
-as on the GPU machine, here under JAX with budgets of seconds."""
+as on the GPU machine, here under JAX with budgets of seconds.
+
+The stages fall into groups that need nothing of each other (each group its own
+test, so that the two CI workers share them): the first call and the 600 s run, the
+recipes, the ensembles, and full CIFAR-10 in parts."""
 
 import glob
 import json
@@ -14,50 +18,94 @@ import pytest
 
 from conftest import REPO
 
+SCRIPT = os.path.join(REPO, "scripts", "gpu_campaign.py")
 
-@pytest.mark.e2e
-def test_the_campaign_runs_dry(tmp_path, cifar10_slice_dir):
+
+@pytest.fixture
+def campaign(tmp_path, cifar10_slice_dir):
+    """Runs dry stages of the campaign into `tmp_path/out`: `campaign(stage, ...)` -> the
+    finished process; the fixture's `out` and `parts` are the folders it uses."""
     if keras.backend.backend() != "jax":
         pytest.skip("the campaign runs under JAX (the GPU machine has no TensorFlow)")
-    out = tmp_path / "out"
-    script = os.path.join(REPO, "scripts", "gpu_campaign.py")
     env = dict(os.environ, PYTHONPATH=REPO)
-    parts = tmp_path / "parts"
-    # Full CIFAR-10 travels in parts; `full` refuses to start without all of them.
-    split = subprocess.run([sys.executable, script, "prepare_full", f"--data_dir={cifar10_slice_dir}",
-                            f"--parts_dir={parts}"], env=env, capture_output=True, text=True)
-    assert split.returncode == 0, split.stderr[-3000:]
-    assert sorted(p.name for p in parts.iterdir()) == ["part1.npz", "part2.npz", "part3.npz"]
-    (parts / "part2.npz").rename(tmp_path / "part2.npz")
-    missing = subprocess.run([sys.executable, script, "full", "--dry", f"--out={tmp_path / 'missing'}",
-                              f"--data_dir={cifar10_slice_dir}", f"--parts_dir={parts}"], env=env,
-                             capture_output=True, text=True)
-    assert missing.returncode == 1 and "missing [2]" in missing.stdout
-    (tmp_path / "part2.npz").rename(parts / "part2.npz")
-    for stage in ("call1", "start600", "collect600", "recipes", "ensembles", "receive", "full"):
-        result = subprocess.run([sys.executable, script, stage, "--dry", f"--out={out}",
-                                 f"--data_dir={cifar10_slice_dir}", f"--parts_dir={parts}"], env=env,
-                                capture_output=True, text=True)
+
+    def run(stage, *extra, out=tmp_path / "out", dry=True):
+        return subprocess.run([sys.executable, SCRIPT, stage, *(["--dry"] if dry else []), f"--out={out}",
+                               f"--data_dir={cifar10_slice_dir}", f"--parts_dir={tmp_path / 'parts'}", *extra],
+                              env=env, capture_output=True, text=True)
+
+    run.out, run.parts, run.data_dir = tmp_path / "out", tmp_path / "parts", cifar10_slice_dir
+    return run
+
+
+def run_stages(campaign, *stages):
+    for stage in stages:
+        result = campaign(stage)
         assert result.returncode == 0, (stage, result.stdout[-3000:], result.stderr[-3000:])
         assert "failures: none" in result.stdout
-    joined = np.load(out / "runs" / "cifar10_full" / "train.npz")
-    with np.load(os.path.join(cifar10_slice_dir, "train.npz")) as original:
-        np.testing.assert_array_equal(joined["x"], original["x"])
-        np.testing.assert_array_equal(joined["y"], original["y"])
-    rows = json.loads((out / "files" / "bench_resnet9.json").read_text())
+
+
+def records(out):
+    return [json.loads(open(p).read()) for p in glob.glob(str(out / "files" / "*_record.json"))]
+
+
+def archives(out):
+    """What comes back from the device: one archive a stage (it returns at most 8 files)."""
+    return sorted(p.name for p in out.glob("*.tar.gz"))
+
+
+@pytest.mark.e2e
+def test_the_first_call_and_the_600s_run_dry(campaign):
+    run_stages(campaign, "call1", "start600", "collect600")
+    rows = json.loads((campaign.out / "files" / "bench_resnet9.json").read_text())
     assert rows and rows[0]["images_per_second"] > 0
-    records = [json.loads(open(p).read()) for p in glob.glob(str(out / "files" / "*_record.json"))]
-    assert len(records) == 6 and {r["status"] for r in records} == {"completed"}
-    assert {r["model"] for r in records} == {"resnet9", "tiny_cnn", "airbench", "airbench_ensemble_of_2"}
-    assert sum(r["flags"]["train_size"] == 1000 and r["flags"]["epochs"] in (9.9, 10.0) for r in records) == 2
-    mechanisms = json.loads((out / "files" / "bench_ensembles.json").read_text())
+    runs = records(campaign.out)
+    assert len(runs) == 2 and {r["status"] for r in runs} == {"completed"}
+    assert {r["model"] for r in runs} == {"resnet9", "tiny_cnn"}
+    assert archives(campaign.out) == ["call1.tar.gz", "default600_seed0.tar.gz"]
+    command = subprocess.run([sys.executable, SCRIPT, "command", "call1"], capture_output=True, text=True)
+    assert "--no-index" in command.stdout and "KERAS_BACKEND=jax" in command.stdout and "call1 --out=$OUT" in command.stdout
+
+
+@pytest.mark.e2e
+def test_the_recipes_stage_dry(campaign):
+    run_stages(campaign, "recipes")
+    runs = records(campaign.out)
+    assert len(runs) == 1 and runs[0]["status"] == "completed" and runs[0]["model"] == "airbench"
+    assert archives(campaign.out) == ["recipes_seed0.tar.gz"]
+    with tarfile.open(campaign.out / "recipes_seed0.tar.gz") as archive:
+        assert any(name.endswith("airbench_haet_15s_seed0.log") for name in archive.getnames())
+
+
+@pytest.mark.e2e
+def test_the_ensembles_stage_dry(campaign):
+    run_stages(campaign, "ensembles")
+    runs = records(campaign.out)
+    assert len(runs) == 1 and runs[0]["status"] == "completed" and runs[0]["model"] == "airbench_ensemble_of_2"
+    mechanisms = json.loads((campaign.out / "files" / "bench_ensembles.json").read_text())
     assert {(r["members"], r["variant"]) for r in mechanisms} == {
         (2, "separate"), (2, "branches"), (2, "sgd_separate"), (2, "sgd_branches"), (2, "sgd_vmap")}
-    # What comes back from the device: one archive a stage (it returns at most 8 files).
-    archives = sorted(p.name for p in out.glob("*.tar.gz"))
-    assert archives == ["call1.tar.gz", "default600_seed0.tar.gz", "ensembles_seed0.tar.gz", "full_cifar10.tar.gz",
-                        "recipes_seed0.tar.gz"]
-    with tarfile.open(out / "recipes_seed0.tar.gz") as archive:
-        assert any(name.endswith("airbench_haet_15s_seed0.log") for name in archive.getnames())
-    command = subprocess.run([sys.executable, script, "command", "call1"], capture_output=True, text=True)
-    assert "--no-index" in command.stdout and "KERAS_BACKEND=jax" in command.stdout and "call1 --out=$OUT" in command.stdout
+    assert archives(campaign.out) == ["ensembles_seed0.tar.gz"]
+
+
+@pytest.mark.e2e
+def test_full_cifar10_travels_in_parts_dry(campaign, tmp_path):
+    split = campaign("prepare_full", dry=False)
+    assert split.returncode == 0, split.stderr[-3000:]
+    parts = campaign.parts
+    assert sorted(p.name for p in parts.iterdir()) == ["part1.npz", "part2.npz", "part3.npz"]
+    # `full` refuses to start without all of them, naming what is missing.
+    (parts / "part2.npz").rename(tmp_path / "part2.npz")
+    missing = campaign("full", out=tmp_path / "missing")
+    assert missing.returncode == 1 and "missing [2]" in missing.stdout
+    (tmp_path / "part2.npz").rename(parts / "part2.npz")
+    run_stages(campaign, "receive", "full")
+    joined = np.load(campaign.out / "runs" / "cifar10_full" / "train.npz")
+    with np.load(os.path.join(campaign.data_dir, "train.npz")) as original:
+        np.testing.assert_array_equal(joined["x"], original["x"])
+        np.testing.assert_array_equal(joined["y"], original["y"])
+    runs = records(campaign.out)
+    assert len(runs) == 2 and {r["status"] for r in runs} == {"completed"}
+    assert {r["model"] for r in runs} == {"resnet9", "airbench"}
+    assert all(r["flags"]["train_size"] == 1000 and r["flags"]["epochs"] in (9.9, 10.0) for r in runs)
+    assert archives(campaign.out) == ["full_cifar10.tar.gz"]
