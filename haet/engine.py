@@ -581,7 +581,8 @@ class Predictor:
             raise NotImplementedError(f"haet predicts under the jax and tensorflow backends, not {backend!r}.")
 
     def __call__(self, images, batch_size, weights=None):
-        """Logits on `images` (`(N, ...)`, as the model takes them): float32 `(N, classes)`.
+        """Logits on `images` (`(N, ...)`, as the model takes them): float32, `(N, classes)`
+        (the model's output shape with N rows).
 
         Args:
             images: NumPy array of model inputs.
@@ -604,7 +605,7 @@ class Predictor:
 
                 batch = jax.device_put(batch, self._sharding)
             outputs.append(np.asarray(self._logits(trainable, non_trainable, batch))[:size])
-        return np.concatenate(outputs) if outputs else np.zeros((0, self.model.output_shape[-1]), np.float32)
+        return np.concatenate(outputs) if outputs else np.zeros((0, *self.model.output_shape[1:]), np.float32)
 
 
 _PREDICTORS = weakref.WeakKeyDictionary()

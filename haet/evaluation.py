@@ -97,16 +97,69 @@ def _softmax(logits):
     return e / e.sum(axis=1, keepdims=True)
 
 
+def combine_views(logits, view_weights, space):
+    """Class probabilities float64 `(N, K)` from the logits of each view, a list of
+    float `(N, K)` arrays, as `tta_views` says: the weighted mean of their softmax
+    probabilities (`space` "probabilities") or the softmax of their weighted mean
+    ("logits")."""
+    logits = [np.asarray(o, dtype=np.float64) for o in logits]
+    if space == "logits":
+        return _softmax(sum(w * o for w, o in zip(view_weights, logits)))
+    return sum(w * _softmax(o) for w, o in zip(view_weights, logits))
+
+
 def predict_probabilities(model, images, batch_size, tta="none", weights=None):
     """Softmax probabilities of `model` (with `weights`, see `predict_logits`) on uint8
     `(N, H, W, C)` images, combined over the views of `tta_views(images, tta)` (its
     weighted mean of the probabilities, or the softmax of its weighted mean of the
     logits): float64 `(N, classes)`."""
     views, view_weights, space = tta_views(images, tta)
-    outputs = [predict_logits(model, v, batch_size, weights).astype(np.float64) for v in views]
-    if space == "logits":
-        return _softmax(sum(w * o for w, o in zip(view_weights, outputs)))
-    return sum(w * _softmax(o) for w, o in zip(view_weights, outputs))
+    return combine_views([predict_logits(model, v, batch_size, weights) for v in views], view_weights, space)
+
+
+def log_mean_softmax(logits, axis):
+    """The log of the mean over `axis` of softmax probabilities (over the last axis)
+    of float `logits`, in float64: an ensemble's logits from its members' (a
+    logsumexp of log-softmaxes, so no log(0) where a probability underflows)."""
+    logits = np.asarray(logits, dtype=np.float64)
+    shifted = logits - logits.max(axis=-1, keepdims=True)
+    log_p = shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
+    top = log_p.max(axis=axis, keepdims=True)
+    mean = np.log(np.exp(log_p - top).mean(axis=axis, keepdims=True)) + top
+    return np.squeeze(mean, axis=axis)
+
+
+def predict_ensemble_probabilities(model, images, batch_size, tta="none", weights=None):
+    """An ensemble's probabilities and each member's from one pass over the images.
+
+    `predict_probabilities(model, ...)` of a `haet.models.EnsembleModel` and of each
+    `model.member_model(m)`, derived from every member's logits on each view
+    (`model.members_model()`): for each view the ensemble's logits are the log of
+    the members' mean softmax (as the model's `MemberAverage` computes them), then
+    views combine as `tta_views` says, for the ensemble and for each member. The
+    cost of one ensemble prediction instead of two (ensemble, then members).
+
+    Args:
+        model: an `EnsembleModel`.
+        images: uint8 `(N, H, W, C)`.
+        batch_size: examples per compiled call.
+        tta: a mode of `TTA_MODES`.
+        weights: the ensemble's `(trainable, non_trainable)` value lists
+            (`haet.engine.current_weights`), or None for its current variables.
+
+    Returns:
+        `(ensemble, members)`: float64 `(N, classes)` and a list of one such array
+        per member.
+    """
+    from haet.engine import current_weights
+
+    views, view_weights, space = tta_views(images, tta)
+    sub = model.members_model()
+    sub_weights = model.weights_of(sub, weights if weights is not None else current_weights(model))
+    stacked = [predict_logits(sub, v, batch_size, sub_weights) for v in views]  # each (N, members, K)
+    ensemble = combine_views([log_mean_softmax(s, axis=1) for s in stacked], view_weights, space)
+    members = [combine_views([s[:, m] for s in stacked], view_weights, space) for m in range(sub.output_shape[1])]
+    return ensemble, members
 
 
 def scores(probabilities, labels, num_classes):

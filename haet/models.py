@@ -918,13 +918,15 @@ class EnsembleModel(keras.Model):
     - Inference: every member sees every image; the logits are the log of the
       members' mean softmax probabilities (`MemberAverage`).
     - `member_model(m)`: member m alone as a uint8-input classifier sharing the
-      ensemble's layers (per-member evaluation).
+      ensemble's layers; `members_model()`: every member's logits at once
+      (evaluation scores the ensemble and each member from one pass).
     """
 
     def __init__(self, *args, **kwargs):
         # Functional arguments only, so `keras.saving.load_model` revives it as functional.
         super().__init__(*args, **kwargs)
         self._member_models = {}
+        self._members_model = None
 
     @property
     def ensemble_members(self):
@@ -945,16 +947,34 @@ class EnsembleModel(keras.Model):
         if not (isinstance(member, int) and 0 <= member < self.ensemble_members):
             raise ValueError(f"member must be in [0, {self.ensemble_members}). Received: {member!r}")
         if member not in self._member_models:
-            inputs = keras.Input(shape=self.input_shape[1:], dtype="uint8", name="uint8_images")
-            x = self.get_layer("normalize")(self.get_layer("rescale")(inputs))
+            inputs, x = self._normalized_inputs()
             self._member_models[member] = keras.Model(inputs, self.member_backbones()[member](x),
                                                       name=f"{self.name}_member{member}")
         return self._member_models[member]
 
+    def _normalized_inputs(self):
+        inputs = keras.Input(shape=self.input_shape[1:], dtype="uint8", name="uint8_images")
+        return inputs, self.get_layer("normalize")(self.get_layer("rescale")(inputs))
+
+    def members_model(self):
+        """Every member's logits from one call: uint8 images `(batch, H, W, C)` to
+        `(batch, members, classes)` logits (the members' compute dtype), sharing this
+        model's layers and variables (made once). The ensemble's own output is the
+        log of the mean over axis 1 of their softmax probabilities."""
+        if self._members_model is None:
+            inputs, x = self._normalized_inputs()
+            logits = ops.stack([backbone(x) for backbone in self.member_backbones()], axis=1)
+            self._members_model = keras.Model(inputs, logits, name=f"{self.name}_members")
+        return self._members_model
+
     def member_weights(self, member, weights):
         """Member `member`'s share of `(trainable, non_trainable)` value lists of this
         model (the form `haet.engine.Predictor` takes), in `member_model`'s order."""
-        sub = self.member_model(member)
+        return self.weights_of(self.member_model(member), weights)
+
+    def weights_of(self, sub, weights):
+        """The share of `(trainable, non_trainable)` value lists of this model that
+        `sub` (`member_model(m)` or `members_model()`) takes, in `sub`'s order."""
         out = []
         for ours, values, theirs in ((self.trainable_variables, weights[0], sub.trainable_variables),
                                      (self.non_trainable_variables, weights[1], sub.non_trainable_variables)):

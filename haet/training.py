@@ -604,7 +604,8 @@ def evaluate(config, model, data, run):
     on the test set; when that is "raw", the raw weights are written back into the
     model, so the saved model is the one the headline scores. An ensemble's
     variants are the ensemble's (the mean of its members' probabilities), and each
-    member is also scored alone as the headline (`Evaluated.member_scores`).
+    member is also scored alone as the headline (`Evaluated.member_scores`), from
+    the same pass over the images (`evaluation.predict_ensemble_probabilities`).
 
     Returns:
         dict split name ("validation", "test") -> `Evaluated`.
@@ -635,36 +636,40 @@ def evaluate(config, model, data, run):
                                          run.moving_average.raw_weights):
                 for variable, value in zip(variables, values):
                     variable.assign(value)
-    members = {}
-    if isinstance(model, models.EnsembleModel):
-        members = {name: [evaluation.scores(evaluation.predict_probabilities(
-            model.member_model(m), x, config.eval_batch_size, config.tta, weights=model.member_weights(m, weights[base])),
-            y, data.info.num_classes) for m in range(model.ensemble_members)] for name, (x, y) in splits.items()}
-    return {name: Evaluated(scores, headline, snapshots, members.get(name, []))
-            for name, (scores, snapshots) in scored.items()}
+    return {name: Evaluated(scores, headline, snapshots, members.get(base, []))
+            for name, (scores, snapshots, members) in scored.items()}
 
 
 def _evaluate_variants(config, model, x, y, num_classes, weights, snapshots):
+    """`(variants, snapshot accuracies, members)` on one split: the scores of each
+    weights' variant, the accuracy of each snapshot, and of an ensemble, per weights'
+    name, each member's scores with the configured test-time augmentation."""
     tta_modes = ["none"] + ([config.tta] if config.tta != "none" else [])
+    ensemble = isinstance(model, models.EnsembleModel)
 
     def name(base, tta):
         return base if tta == "none" else f"{base}_tta_{tta}"
 
     def probabilities(w, tta):
-        return evaluation.predict_probabilities(model, x, config.eval_batch_size, tta, weights=w)
+        """The model's probabilities and, of an ensemble, each member's (one pass)."""
+        if ensemble:
+            return evaluation.predict_ensemble_probabilities(model, x, config.eval_batch_size, tta, weights=w)
+        return evaluation.predict_probabilities(model, x, config.eval_batch_size, tta, weights=w), []
 
-    variants, members, final = {}, [], {}
+    variants, snapshot_accuracies, final, members = {}, [], {}, {}
     for base, w in weights.items():
         for tta in tta_modes:
-            predicted = probabilities(w, tta)
+            predicted, member_probabilities = probabilities(w, tta)
             final.setdefault(tta, predicted)  # the first weights are the final ones
             variants[name(base, tta)] = evaluation.scores(predicted, y, num_classes)
+            if ensemble and tta == config.tta:
+                members[base] = [evaluation.scores(p, y, num_classes) for p in member_probabilities]
     if snapshots:
         for tta in tta_modes:
             # The last snapshot is taken when training ends: the final weights, predicted above.
             member_scores, ensemble_scores = evaluation.ensemble(
-                [probabilities(w, tta) for w in snapshots[:-1]] + [final[tta]], y, num_classes)
+                [probabilities(w, tta)[0] for w in snapshots[:-1]] + [final[tta]], y, num_classes)
             variants[name("snapshot_ensemble", tta)] = ensemble_scores
             if tta == "none":
-                members = [m["accuracy"] for m in member_scores]
-    return variants, members
+                snapshot_accuracies = [m["accuracy"] for m in member_scores]
+    return variants, snapshot_accuracies, members

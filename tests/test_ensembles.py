@@ -106,6 +106,44 @@ def test_inference_averages_the_members_probabilities_and_members_stand_alone():
                                atol=1e-5)
 
 
+@pytest.mark.parametrize("tta", ["none", "flip", "airbench"])
+def test_one_pass_scores_the_ensemble_and_each_member(tta):
+    """`predict_ensemble_probabilities` (every member's logits once) equals predicting
+    with the ensemble and then with each member alone, for TTA that averages
+    probabilities (flip) and logits (airbench), with weights other than the model's."""
+    from haet import evaluation
+    from haet.engine import current_weights
+
+    x, _ = _data(10)
+    ensemble = _ensemble(3)
+    assert ensemble.members_model().output_shape == (None, 3, CLASSES)
+    trainable, non_trainable = current_weights(ensemble)
+    # Other weights than the model's (as the raw weights next to EMA ones).
+    weights = ([np.asarray(v) * 1.5 for v in trainable], [np.asarray(v) for v in non_trainable])
+    probabilities, members = evaluation.predict_ensemble_probabilities(ensemble, x, 4, tta, weights=weights)
+    np.testing.assert_allclose(probabilities, evaluation.predict_probabilities(ensemble, x, 4, tta, weights=weights),
+                               rtol=1e-5, atol=1e-6)
+    assert len(members) == 3
+    for m, member in enumerate(members):
+        alone = evaluation.predict_probabilities(ensemble.member_model(m), x, 4, tta,
+                                                 weights=ensemble.member_weights(m, weights))
+        np.testing.assert_allclose(member, alone, rtol=1e-6, atol=1e-7)
+    # The model's own weights are not the ones given.
+    assert not np.allclose(evaluation.predict_ensemble_probabilities(ensemble, x, 4, tta)[0], probabilities)
+
+
+def test_log_mean_softmax_is_the_ensemble_layer_even_where_probabilities_underflow():
+    from haet import evaluation
+
+    logits = np.array([[[0.0, 800.0, -800.0], [900.0, 0.0, -900.0]], [[1.0, 2.0, 3.0], [3.0, 2.0, 1.0]]])
+    expected = np.asarray(models.MemberAverage()([logits[:, 0], logits[:, 1]]), np.float64)
+    ours = evaluation.log_mean_softmax(logits, axis=1)
+    assert np.all(np.isfinite(ours))
+    np.testing.assert_allclose(ours, expected, rtol=1e-5, atol=1e-4)
+    np.testing.assert_allclose(np.exp(ours[1]), [0.5 * (a + b) for a, b in zip(
+        np.exp([1, 2, 3]) / np.exp([1, 2, 3]).sum(), np.exp([3, 2, 1]) / np.exp([3, 2, 1]).sum())], rtol=1e-12)
+
+
 def test_training_mode_gives_each_member_its_block_of_rows():
     x, _ = _data(12)
     ensemble = _ensemble(3)
