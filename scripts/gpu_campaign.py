@@ -20,11 +20,14 @@ On the GPU machine each call runs one stage and copies what it made to $OUT:
                 and vmapped), then airbench94 in the HAET setting at 60 s with 4 members.
     seeds       more seeds of the fast recipe at 600 s... (what time is left allows).
 
-Full CIFAR-10 (50,000 images, ~150 MB) does not fit in one call's 64 MiB of carry, and
-ignored paths already on a warm machine stay there between calls, so it travels in parts:
+Full CIFAR-10 (50,000 images, ~150 MB) does not fit in one call's 64 MiB (the working
+tree that every call sends, plus what it carries), and ignored paths already on a warm
+machine stay there between calls, so it travels in parts, as few as fit beside the
+working tree as it is when they are cut (3 with a tree of 8 MiB; `prepare_full` prints
+the sizes and refuses a tree that leaves no room):
 
-    python scripts/gpu_campaign.py prepare_full         # .device_full/part1.npz ... part3.npz, ~50 MB each
-    (call k = 1, 2, 3, carry [".device_full/partk.npz"]):  `receive`, prints the parts present
+    python scripts/gpu_campaign.py prepare_full         # .device_full/part1.npz ... partN.npz
+    (call k = 1 ... N, carry [".device_full/partk.npz"]):  `receive`, prints the parts present
     (then, carrying nothing new)  full   assembles them with .device/cifar10_5k/test.npz (the
                                          whole test set) and runs airbench94 (9.9 epochs) and Page's
                                          bag of tricks (10 epochs) on full CIFAR-10, seeds 0, 1, 2.
@@ -44,6 +47,7 @@ changes. Every run's record and log land in --out, even a failed one.
 import argparse
 import glob
 import json
+import math
 import os
 import shlex
 import shutil
@@ -61,7 +65,8 @@ AIRBENCH_HAET = ["--flagfile=flags/airbench94.flags", "--flagfile=flags/airbench
 BAG_OF_TRICKS_HAET = ["--flagfile=flags/page_bag_of_tricks.flags", "--flagfile=flags/page_bag_of_tricks_haet.flags"]
 FULL_RECIPES = (("airbench94_full", ["--flagfile=flags/airbench94.flags"]),
                 ("bag_of_tricks_full", ["--flagfile=flags/page_bag_of_tricks.flags"]))
-FULL_PARTS = 3
+CALL_LIMIT = 64 * 2**20  # bytes one device call sends: the working tree and what it carries
+CALL_MARGIN = 2 * 2**20  # room left for the tree to grow (records, logs) before the part calls
 BENCHES = (  # name, flags
     ("resnet20x6", ["--width_multiplier=6", "--batch_sizes=32,128,512", "--precision=mixed_bfloat16"]),
     ("resnet9", ["--flagfile=flags/page_resnet9.flags", "--batch_sizes=512", "--precision=mixed_bfloat16"]),
@@ -162,18 +167,54 @@ def ensembles(stage, seed):
     stage.pack(f"ensembles_seed{seed}")
 
 
-def prepare_full(source_dir, parts_dir, parts=FULL_PARTS):
-    """Splits `source_dir/train.npz` into `parts` files `parts_dir/part<k>.npz` (each with
-    its rows, `part`, `parts` and the total count), for calls of at most 64 MiB."""
+def travelling_bytes(repo=REPO):
+    """Bytes of the working tree that every device call sends: the files git tracks and
+    the untracked ones it does not ignore (the device tool's rule)."""
+    listed = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=repo,
+                            capture_output=True, check=True).stdout.split(b"\0")
+    paths = [os.path.join(repo, os.fsdecode(name)) for name in listed if name]
+    return sum(os.path.getsize(p) for p in paths if os.path.isfile(p) and not os.path.islink(p))
+
+
+def parts_needed(data_bytes, tree_bytes, limit=CALL_LIMIT, margin=CALL_MARGIN):
+    """The fewest parts of `data_bytes` such that each, with the `tree_bytes` of the
+    working tree, stays `margin` bytes under a call's `limit`.
+
+    Raises:
+        ValueError: the tree leaves no room (naming the sizes and the fix).
+    """
+    room = limit - tree_bytes - margin
+    if room <= 0:
+        raise ValueError(f"the working tree ({tree_bytes / 2**20:.1f} MiB) leaves no room in a call of "
+                         f"{limit / 2**20:.0f} MiB (margin {margin / 2**20:.0f} MiB): move large files out of the "
+                         "tracked tree (or ignore them) first.")
+    return max(1, math.ceil(data_bytes / room))
+
+
+def prepare_full(source_dir, parts_dir, parts=None):
+    """Splits `source_dir/train.npz` into files `parts_dir/part<k>.npz` (each with its
+    rows, `part`, `parts` and the total count) that each fit in one device call beside
+    the working tree: `parts` of them, or by default as few as fit (`parts_needed`).
+
+    Raises:
+        ValueError: `parts` < 1, or the working tree leaves no room for any part.
+    """
     import numpy as np
 
-    os.makedirs(parts_dir, exist_ok=True)
+    if parts is not None and parts < 1:
+        raise ValueError(f"--parts must be at least 1. Received: {parts}")
     with np.load(os.path.join(source_dir, "train.npz")) as f:
         x, y = f["x"], f["y"]
+    tree = travelling_bytes()
+    parts = parts or parts_needed(x.nbytes + y.nbytes, tree)
+    print(f"working tree {tree / 2**20:.1f} MiB; {x.nbytes + y.nbytes} bytes of images and labels in {parts} parts")
+    os.makedirs(parts_dir, exist_ok=True)
     for k, rows in enumerate(np.array_split(np.arange(len(y)), parts), start=1):
         path = os.path.join(parts_dir, f"part{k}.npz")
         np.savez(path, x=x[rows], y=y[rows], part=k, parts=parts, total=len(y))
-        print(f"{path}: {len(rows)} images, {os.path.getsize(path) / 2**20:.1f} MiB")
+        size = os.path.getsize(path)
+        print(f"{path}: {len(rows)} images, {size / 2**20:.1f} MiB; a call carrying it sends "
+              f"{(size + tree) / 2**20:.1f} MiB of {CALL_LIMIT / 2**20:.0f}")
     return 0
 
 
@@ -276,6 +317,8 @@ def main(argv=None):
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--data_dir", default=None, help="default: .device/cifar10_5k, or ../shared/data/cifar10 "
                         "with --dry (prepare_full: the full set to split, default ../shared/data/cifar10)")
+    parser.add_argument("--parts", type=int, default=None,
+                        help="prepare_full: how many parts (default: as few as fit in a call beside the working tree)")
     parser.add_argument("--parts_dir", default=os.path.join(REPO, ".device_full"),
                         help="where prepare_full writes the parts of full CIFAR-10 and receive/full read them")
     args = parser.parse_args(argv)
@@ -288,7 +331,10 @@ def main(argv=None):
                                "--export_dir=.device/cifar10_5k"], cwd=REPO).returncode
     if args.stage == "prepare_full":
         source = args.data_dir or os.path.join(REPO, "..", "shared", "data", "cifar10")
-        return prepare_full(source, args.parts_dir)
+        try:
+            return prepare_full(source, args.parts_dir, args.parts)
+        except ValueError as e:
+            parser.error(str(e))
     if args.stage == "command":
         print(f"{PREAMBLE} python3 scripts/gpu_campaign.py {args.which} --out=$OUT --seed={args.seed}")
         return 0

@@ -90,7 +90,16 @@ def test_the_ensembles_stage_dry(campaign):
 
 @pytest.mark.e2e
 def test_full_cifar10_travels_in_parts_dry(campaign, tmp_path):
+    # As few parts as fit beside the working tree: one for these 1,000 images.
     split = campaign("prepare_full", dry=False)
+    assert split.returncode == 0, split.stderr[-3000:]
+    assert sorted(p.name for p in campaign.parts.iterdir()) == ["part1.npz"] and "in 1 parts" in split.stdout
+    for path in campaign.parts.iterdir():
+        path.unlink()
+    refused = campaign("prepare_full", "--parts=0", dry=False)
+    assert refused.returncode == 2 and "--parts must be at least 1. Received: 0" in refused.stderr
+    assert not list(campaign.parts.iterdir())
+    split = campaign("prepare_full", "--parts=3", dry=False)
     assert split.returncode == 0, split.stderr[-3000:]
     parts = campaign.parts
     assert sorted(p.name for p in parts.iterdir()) == ["part1.npz", "part2.npz", "part3.npz"]
@@ -109,3 +118,27 @@ def test_full_cifar10_travels_in_parts_dry(campaign, tmp_path):
     assert {r["model"] for r in runs} == {"resnet9", "airbench"}
     assert all(r["flags"]["train_size"] == 1000 and r["flags"]["epochs"] in (9.9, 10.0) for r in runs)
     assert archives(campaign.out) == ["full_cifar10.tar.gz"]
+
+
+def _script():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("gpu_campaign", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_full_cifar10_is_cut_into_as_few_parts_as_fit_beside_the_tree():
+    script = _script()
+    mib = 2**20
+    full = 50000 * 3072 + 50000  # CIFAR-10's training images and labels
+    # 64 MiB a call, 2 MiB of margin: a tree of 8.2 MiB leaves 53.8 MiB a part.
+    assert script.parts_needed(full, int(8.2 * mib)) == 3
+    assert script.parts_needed(full, 20 * mib) == 4
+    assert script.parts_needed(1000, 0) == 1
+    with pytest.raises(ValueError, match=r"working tree \(62.5 MiB\) leaves no room"):
+        script.parts_needed(full, int(62.5 * mib))
+    # The tree that travels: git's tracked and not-ignored files, not .device or .device_full.
+    tree = script.travelling_bytes()
+    assert 0 < tree < script.CALL_LIMIT
