@@ -118,11 +118,10 @@ def recipe_of(record):
     width = flags.get("width_multiplier", 1)
     members = flags.get("ensemble_members") or 1
     if members > 1:
-        # An ensemble is named after --model alone: its width is shown for every model.
+        # An ensemble is named after --model alone ("airbench_ensemble_of_4").
         model = flags.get("model", model)
-        label = model + (f" width {width:g}" if width != 1 else "")
-    else:
-        label = model + (f" width {width:g}" if model == "resnet9" and width != 1 else "")
+    # Some models carry their width in their name ("resnet20x6"); the others get it here.
+    label = model + (f" width {width:g}" if width != 1 and not model.endswith(f"x{width:g}") else "")
     label += f", batch {flags.get('batch_size', '?')}"
     if members > 1:
         label += f", ensemble of {members}"
@@ -133,6 +132,11 @@ def recipe_of(record):
         if flags.get(key):
             label += f", {text}"
     return label
+
+
+def _model_of(record):
+    """The model a run trained: its `model` flag, else (older records) the record's."""
+    return str((record.get("flags") or {}).get("model") or record.get("model", "?"))
 
 
 def _mean_std(values):
@@ -168,20 +172,26 @@ def comparable_key(record):
             record.get("backend", "?"), record.get("precision", "?"), bool(record.get("over_budget")), compared)
 
 
-def _differences(keys):
-    """For each comparable key, the texts of what differs from the setting's other
-    rows: flags every row records (as `name=value`, except what the recipe label
-    shows), the training subset, the test set's size; and how many flags an older
-    record lacks."""
+def _differences(keys, models):
+    """What each row of a setting changes, as an ablation table reads: for each
+    comparable key, the texts of what differs from the usual recipe of its model.
+
+    Rows are grouped by the model they train (`models`: key -> name). Within a model, a
+    flag (or the training subset, the test set's size) that takes more than one
+    value among the rows recording it is shown as `name=value`, except on the rows
+    that hold its usual value: the one more rows hold than any other (none when
+    two values tie; then every row recording it shows it). What the recipe label
+    shows is never repeated, and a row whose record lacks flags that others of its
+    model record (written before those flags existed) says how many ("older
+    record: N flags unrecorded").
+
+    Returns:
+        `(differences, usual)`: dict key -> list of texts, and dict model -> the
+        texts of its usual values (empty where no flag varies or none is usual).
+    """
     def values(key):
         _, sha, test, _, _, _, compared = key
         return {"subset_sha256": json.dumps(sha), "test_examples": json.dumps(test), **dict(compared)}
-
-    table = {key: values(key) for key in keys}
-    everywhere = set.intersection(*(set(v) for v in table.values())) if table else set()
-    anywhere = set().union(*(set(v) for v in table.values())) if table else set()
-    varying = sorted(name for name in everywhere
-                     if name not in SHOWN_BY_RECIPE and len({v[name] for v in table.values()}) > 1)
 
     def text(name, value):
         value = json.loads(value)
@@ -193,14 +203,29 @@ def _differences(keys):
             return f"{name}={value:.4g}"
         return f"{name}={value}"
 
-    out = {}
-    for key, v in table.items():
-        parts = [text(name, v[name]) for name in varying]
-        missing = len(anywhere - set(v))
-        if missing:
-            parts.append(f"older record: {missing} flags unrecorded")
-        out[key] = parts
-    return out
+    table = {key: values(key) for key in keys}
+    families = collections.defaultdict(list)
+    for key in keys:
+        families[models[key]].append(key)
+    out, usual_texts = {}, {}
+    for model, members in families.items():
+        rows = [table[key] for key in members]
+        anywhere = set().union(*(set(v) for v in rows))
+        usual = {}
+        for name in sorted(anywhere - set(SHOWN_BY_RECIPE)):
+            counts = collections.Counter(v[name] for v in rows if name in v).most_common()
+            if len(counts) > 1:
+                # The usual value, if one is held by more rows than any other; else none.
+                usual[name] = counts[0][0] if counts[0][1] > counts[1][1] else None
+        usual_texts[model] = [text(n, v) for n, v in usual.items() if v is not None]
+        for key in members:
+            v = table[key]
+            parts = [text(name, v[name]) for name, common in usual.items() if name in v and v[name] != common]
+            missing = len(anywhere - set(v))
+            if missing:
+                parts.append(f"older record: {missing} flags unrecorded")
+            out[key] = parts
+    return out, usual_texts
 
 
 def summarize(records):
@@ -209,7 +234,9 @@ def summarize(records):
 
     Returns:
         dict setting -> list of row dicts: recipe (a short label, then what differs
-        from the setting's other rows), backend, precision, runs, accuracy_mean,
+        from the usual recipe of its model among the setting's rows, see
+        `_differences`), model (`_model_of`), usual (the texts of that usual
+        recipe's values, which rows holding them do not repeat), backend, precision, runs, accuracy_mean,
         accuracy_std (fractions), epochs_mean, images_per_second_mean, over_budget
         (runs trained past their budget by more than one execution), records
         (paths), variants (evaluation name -> (mean accuracy, runs that have it),
@@ -221,7 +248,8 @@ def summarize(records):
         groups[setting_of(r)][comparable_key(r)].append(r)
     table = {}
     for setting, by_key in groups.items():
-        differences = _differences(list(by_key))
+        models = {key: _model_of(runs[0]) for key, runs in by_key.items()}
+        differences, usual = _differences(list(by_key), models)
         rows = []
         for key, runs in by_key.items():
             mean, std = _mean_std([r["test_accuracy"] for r in runs])
@@ -234,6 +262,7 @@ def summarize(records):
                 if values:
                     variants[k] = (statistics.fmean(values), len(values))
             recipe = "; ".join([recipe_of(runs[0]), *differences[key]])
+            model = models[key]
             over = key[5]
             if over:
                 recipe += " (OVER BUDGET)"
@@ -243,7 +272,7 @@ def summarize(records):
                 "accuracy_mean": mean, "accuracy_std": std,
                 "epochs_mean": statistics.fmean(_epochs(r) for r in runs),
                 "images_per_second_mean": statistics.fmean(ips) if ips else None,
-                "records": [r["record_path"] for r in runs],
+                "records": [r["record_path"] for r in runs], "model": model, "usual": usual[model],
             })
         table[setting] = sorted(rows, key=lambda row: -row["accuracy_mean"])
     return table
@@ -294,6 +323,10 @@ def render_markdown(table, published, base_dir, figures, title=True, skipped=())
                 f"| {row['recipe']} | {row['backend']} | {row['precision']} | "
                 f"{100 * row['accuracy_mean']:.2f}% ± {100 * row['accuracy_std']:.2f} | {row['runs']} | "
                 f"{row['epochs_mean']:.2f} | {ips} | {variants} | {links} |")
+        usual = {row["model"]: row["usual"] for row in table[setting] if row["usual"]}
+        if usual:
+            lines += [""] + [f"Unless its row says otherwise, every {model} row has: {', '.join(texts)}."
+                             for model, texts in sorted(usual.items())]
         same = matching_published(published, setting)
         if same:
             lines += ["", "Published in the same dataset / training-set size / budget:", "",

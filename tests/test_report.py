@@ -125,13 +125,16 @@ def test_only_comparable_runs_are_averaged_and_bad_records_are_listed(tmp_path):
                        "text_accuracy": "test_accuracy '0.5' is not a fraction"}
     rows = report.summarize(records)[("cifar10", 5000, 600.0, "NVIDIA H100")]
     by_runs = {row["recipe"]: (row["runs"], round(row["accuracy_mean"], 4)) for row in rows}
+    # An ablation table: each row names what differs from the usual values of its model's rows.
     assert by_runs == {
-        "resnet20x6, batch 32; ema_decay=0; subset aaaa1111; 10000 test images; tta=none": (2, 0.85),
-        "resnet20x6, batch 32; ema_decay=0; subset bbbb2222; 1000 test images; tta=none": (1, 0.2),
-        "resnet20x6, batch 32; ema_decay=0.99; subset aaaa1111; 10000 test images; tta=flip": (1, 0.4),
-        "resnet20x6, batch 32; ema_decay=0; subset aaaa1111; 10000 test images; tta=none (OVER BUDGET)": (1, 0.7),
+        "resnet20x6, batch 32": (2, 0.85),
+        "resnet20x6, batch 32; subset bbbb2222; 1000 test images": (1, 0.2),
+        "resnet20x6, batch 32; ema_decay=0.99; tta=flip": (1, 0.4),
+        "resnet20x6, batch 32 (OVER BUDGET)": (1, 0.7),
     }
     page = report.render_markdown(report.summarize(records), [], str(tmp_path), {}, skipped=skipped)
+    assert ("Unless its row says otherwise, every resnet20x6 row has: ema_decay=0, subset aaaa1111, 10000 test images, "
+            "tta=none.") in page
     assert "| [stopped/record.json](stopped/record.json) | status interrupted |" in page
     assert "OVER BUDGET: training ran past the budget" in page
 
@@ -172,3 +175,41 @@ def test_learning_curves_show_validation_and_a_single_epoch(tmp_path, monkeypatc
     plots.plot_learning_curves([{k: v for k, v in row.items() if not k.startswith("val_")}], "t",
                                str(tmp_path / "two.png"))
     assert "validation loss" not in legends[-1]
+
+
+def test_rows_name_what_differs_within_their_model_and_ties_show_both(tmp_path):
+    """Rows of two models in one setting: a flag that only separates the models is not
+    repeated (the label names the model); within a model, a value held by as many rows
+    as another is no usual value, so both rows show it; an older record that lacks a
+    flag says so, and a flag some records lack still separates those that have it."""
+    def run(name, accuracy, model, **flags):
+        path = _write_run(tmp_path, name, accuracy)
+        record = json.loads((path / "record.json").read_text())
+        record["model"] = model
+        record["flags"] = {"batch_size": 128, "model": model, **flags}
+        (path / "record.json").write_text(json.dumps(record))
+
+    run("a1", 0.70, "airbench", momentum=0.85, tta="airbench")
+    run("r1", 0.60, "resnet9", momentum=0.9, tta="flip", prep="whitening", cutout_size=12)
+    run("r2", 0.55, "resnet9", momentum=0.9, tta="flip", prep="conv", cutout_size=12)
+    run("r3", 0.50, "resnet9", momentum=0.9, tta="airbench", prep="whitening", cutout_size=0)
+    run("r4", 0.45, "resnet9", momentum=0.9, tta="flip", prep="whitening")  # older: no cutout_size
+    rows = report.summarize(report.load_records(str(tmp_path)))[("cifar10", 5000, 600.0, "NVIDIA H100")]
+    assert [row["recipe"] for row in rows] == [
+        "airbench, batch 128",
+        "resnet9, batch 128",
+        "resnet9, batch 128; prep=conv",
+        "resnet9, batch 128; cutout_size=0; tta=airbench",
+        "resnet9, batch 128; older record: 1 flags unrecorded",
+    ]
+    page = report.render_markdown(report.summarize(report.load_records(str(tmp_path))), [], str(tmp_path), {})
+    assert "Unless its row says otherwise, every resnet9 row has: cutout_size=12, prep=whitening, tta=flip." in page
+    assert "every airbench row" not in page  # one row: nothing varies
+    # A tie: two resnet9 rows with each value of a flag; both say theirs.
+    run("r5", 0.40, "resnet9", momentum=0.9, tta="flip", prep="whitening", cutout_size=12, ema_decay=0.99)
+    run("r6", 0.35, "resnet9", momentum=0.9, tta="flip", prep="whitening", cutout_size=12, ema_decay=0.0)
+    rows = report.summarize(report.load_records(str(tmp_path)))[("cifar10", 5000, 600.0, "NVIDIA H100")]
+    recipes = {round(row["accuracy_mean"], 2): row["recipe"] for row in rows}
+    assert recipes[0.4] == "resnet9, batch 128; ema_decay=0.99" and recipes[0.35] == "resnet9, batch 128; ema_decay=0"
+    assert recipes[0.6] == "resnet9, batch 128; older record: 1 flags unrecorded"
+    assert recipes[0.45] == "resnet9, batch 128; older record: 2 flags unrecorded"
