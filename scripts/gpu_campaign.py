@@ -10,15 +10,23 @@ On the GPU machine each call runs one stage and copies what it made to $OUT:
     call1       set-up check (nvidia-smi -L, JAX devices, versions); the throughput table
                 (haet.bench: ResNet-20 x6 at batch 32, 128 and 512, ResNet-9 at 512, bf16,
                 with the end-to-end ratio); the fast recipe at 15, 30, 60 and 120 s, seed 0.
-    start600    starts the default recipe (--budget=600, seed --seed) in its own process
-                session, then waits in the call and prints the log's tail.
-    collect600  waits for that run to end and copies its record, history and log.
+    start600    starts a recipe at --budget=600 (--recipe, default: the default recipe; seed
+                --seed) in its own process session, then waits in the call and prints the
+                log's tail.
+    collect600  (the next call, at once, with the same --recipe and --seed) waits for that
+                run to end and copies its record, history and log.
     recipes     airbench94 in the HAET setting at 15, 30 and 60 s and Page's bag of tricks
                 at 60 s (their HAET flagfiles), seed --seed.
     ensembles   the mechanism of --ensemble_members (scripts/bench_ensembles.py: airbench94
                 at batch 512, bf16, 1, 2, 4 and 8 members as branches, as separate steps
                 and vmapped), then airbench94 in the HAET setting at 60 s with 4 members.
-    seeds       more seeds of the fast recipe at 600 s... (what time is left allows).
+
+Recipes at 600 s (--recipe, each a start600 + collect600 pair of calls): default (UMBC's
+ResNet-20 x6), fast (Page's ResNet-9 as in flags/page_resnet9.flags), airbench_haet,
+bag_of_tricks_haet (their HAET flagfiles: epochs planned to fill the budget) and
+airbench_haet_ensemble4 (4 members in the one budget). Issue 14 asks for >= 3 seeds of the
+default and of each fast recipe at 600 s across sessions: later sessions repeat the pairs
+with --seed=1, 2.
 
 Full CIFAR-10 (50,000 images, ~150 MB) does not fit in one call's 64 MiB (the working
 tree that every call sends, plus what it carries), and ignored paths already on a warm
@@ -67,6 +75,15 @@ FULL_RECIPES = (("airbench94_full", ["--flagfile=flags/airbench94.flags"]),
                 ("bag_of_tricks_full", ["--flagfile=flags/page_bag_of_tricks.flags"]))
 CALL_LIMIT = 64 * 2**20  # bytes one device call sends: the working tree and what it carries
 CALL_MARGIN = 2 * 2**20  # room left for the tree to grow (records, logs) before the part calls
+STAGES = ("prepare", "prepare_full", "command", "call1", "start600", "collect600", "recipes", "ensembles", "receive",
+          "full")
+RECIPES_600 = {  # --recipe of start600/collect600: its flags, and what stands for it in a dry run
+    "default": ([], ["--model=tiny_cnn", "--width_multiplier=1"]),
+    "fast": (FAST_RECIPE, ["--width_multiplier=0.125"]),
+    "airbench_haet": (AIRBENCH_HAET, ["--width_multiplier=0.125"]),
+    "bag_of_tricks_haet": (BAG_OF_TRICKS_HAET, ["--width_multiplier=0.125"]),
+    "airbench_haet_ensemble4": (AIRBENCH_HAET + ["--ensemble_members=4"], ["--width_multiplier=0.125"]),
+}
 BENCHES = (  # name, flags
     ("resnet20x6", ["--width_multiplier=6", "--batch_sizes=32,128,512", "--precision=mixed_bfloat16"]),
     ("resnet9", ["--flagfile=flags/page_resnet9.flags", "--batch_sizes=512", "--precision=mixed_bfloat16"]),
@@ -271,17 +288,24 @@ def full(stage, parts_dir, seeds=(0, 1, 2)):
     stage.pack("full_cifar10")
 
 
-def start600(stage, seed):
-    flags = [f"--seed={seed}"] + (["--width_multiplier=1", "--model=tiny_cnn"] if stage.dry else [])
+def _run600_paths(stage, recipe, seed):
+    """The log and the pid file of a recipe's 600 s run (under /tmp on the device)."""
+    folder = stage.out if stage.dry else "/tmp"
+    return os.path.join(folder, f"{recipe}_600s_seed{seed}.log"), os.path.join(folder, f"{recipe}_600s.pid")
+
+
+def start600(stage, seed, recipe="default"):
+    flags, dry_flags = RECIPES_600[recipe]
+    flags = flags + [f"--seed={seed}"] + (dry_flags if stage.dry else [])
     budget = 2 if stage.dry else 600
     argv = [sys.executable, "-m", "haet.train", *flags, f"--budget={budget}", f"--data_dir={stage.data_dir}",
             f"--results_dir={stage.results}"] + (["--train_size=1000", "--eval_batch_size=500"] if stage.dry else [])
-    log = os.path.join("/tmp" if not stage.dry else stage.out, f"default600_seed{seed}.log")
+    log, pid_file = _run600_paths(stage, recipe, seed)
     print(f"$ setsid {shlex.join(argv)} > {log} &", flush=True)
     with open(log, "w") as f:
         process = subprocess.Popen(argv, cwd=REPO, stdout=f, stderr=subprocess.STDOUT, start_new_session=True,
                                    env=dict(os.environ, KERAS_BACKEND="jax"))
-    with open(os.path.join("/tmp" if not stage.dry else stage.out, "default600.pid"), "w") as f:
+    with open(pid_file, "w") as f:
         f.write(str(process.pid))
     if stage.dry:
         process.wait()
@@ -290,9 +314,8 @@ def start600(stage, seed):
     print(open(log).read()[-2000:])
 
 
-def collect600(stage, seed):
-    pid_file = os.path.join("/tmp" if not stage.dry else stage.out, "default600.pid")
-    log = os.path.join("/tmp" if not stage.dry else stage.out, f"default600_seed{seed}.log")
+def collect600(stage, seed, recipe="default"):
+    log, pid_file = _run600_paths(stage, recipe, seed)
     if os.path.exists(pid_file):
         pid = int(open(pid_file).read())
         for _ in range(0 if stage.dry else 540):
@@ -304,17 +327,18 @@ def collect600(stage, seed):
     if os.path.exists(log) and not stage.dry:
         shutil.copy(log, stage.out)
     stage.collect()
-    stage.pack(f"default600_seed{seed}")
+    stage.pack(f"{recipe}_600s_seed{seed}")
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("stage", choices=["prepare", "prepare_full", "command", "call1", "start600", "collect600",
-                                          "recipes", "ensembles", "receive", "full"])
+    parser.add_argument("stage", choices=STAGES)
     parser.add_argument("which", nargs="?", help="command: the stage whose device command to print")
     parser.add_argument("--dry", action="store_true", help="run here under JAX with tiny budgets")
     parser.add_argument("--out", default=os.environ.get("OUT", "/tmp/campaign"), help="where results go")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--recipe", default="default", choices=sorted(RECIPES_600),
+                        help="start600/collect600: the recipe to run at 600 s")
     parser.add_argument("--data_dir", default=None, help="default: .device/cifar10_5k, or ../shared/data/cifar10 "
                         "with --dry (prepare_full: the full set to split, default ../shared/data/cifar10)")
     parser.add_argument("--parts", type=int, default=None,
@@ -336,13 +360,17 @@ def main(argv=None):
         except ValueError as e:
             parser.error(str(e))
     if args.stage == "command":
-        print(f"{PREAMBLE} python3 scripts/gpu_campaign.py {args.which} --out=$OUT --seed={args.seed}")
+        device_stages = [c for c in STAGES if c not in ("prepare", "prepare_full", "command")]
+        if args.which not in device_stages:
+            parser.error(f"command needs the stage to print, one of {', '.join(device_stages)}. Received: {args.which!r}")
+        recipe = f" --recipe={args.recipe}" if args.which in ("start600", "collect600") else ""
+        print(f"{PREAMBLE} python3 scripts/gpu_campaign.py {args.which} --out=$OUT --seed={args.seed}{recipe}")
         return 0
     shared = os.environ.get("HAET_SHARED_DATA", os.path.join(REPO, "..", "shared", "data"))
     data_dir = args.data_dir or (os.path.join(shared, "cifar10") if args.dry else ".device/cifar10_5k")
     stage = Stage(args.out, args.dry, data_dir)
-    {"call1": lambda: call1(stage), "start600": lambda: start600(stage, args.seed),
-     "collect600": lambda: collect600(stage, args.seed), "recipes": lambda: recipes(stage, args.seed),
+    {"call1": lambda: call1(stage), "start600": lambda: start600(stage, args.seed, args.recipe),
+     "collect600": lambda: collect600(stage, args.seed, args.recipe), "recipes": lambda: recipes(stage, args.seed),
      "ensembles": lambda: ensembles(stage, args.seed), "receive": lambda: receive(stage, args.parts_dir),
      "full": lambda: full(stage, args.parts_dir)}[args.stage]()
     print("failures: " + (", ".join(stage.failures) or "none"))

@@ -62,17 +62,27 @@ def test_the_first_call_and_the_600s_run_dry(campaign):
     runs = records(campaign.out)
     assert len(runs) == 2 and {r["status"] for r in runs} == {"completed"}
     assert {r["model"] for r in runs} == {"resnet9", "tiny_cnn"}
-    assert archives(campaign.out) == ["call1.tar.gz", "default600_seed0.tar.gz"]
+    assert archives(campaign.out) == ["call1.tar.gz", "default_600s_seed0.tar.gz"]
     command = subprocess.run([sys.executable, SCRIPT, "command", "call1"], capture_output=True, text=True)
     assert "--no-index" in command.stdout and "KERAS_BACKEND=jax" in command.stdout and "call1 --out=$OUT" in command.stdout
 
 
 @pytest.mark.e2e
-def test_the_recipes_stage_dry(campaign):
+def test_the_recipes_stage_and_a_fast_recipe_at_600s_dry(campaign):
     run_stages(campaign, "recipes")
-    runs = records(campaign.out)
-    assert len(runs) == 1 and runs[0]["status"] == "completed" and runs[0]["model"] == "airbench"
-    assert archives(campaign.out) == ["recipes_seed0.tar.gz"]
+    for stage in ("start600", "collect600"):
+        result = campaign(stage, "--recipe=bag_of_tricks_haet", "--seed=1")
+        assert result.returncode == 0 and "failures: none" in result.stdout, (stage, result.stdout[-3000:])
+    runs = sorted(records(campaign.out), key=lambda r: r["flags"]["seed"])
+    assert [(r["model"], r["flags"]["seed"], r["status"]) for r in runs] == [
+        ("airbench", 0, "completed"), ("resnet9", 1, "completed")]
+    assert runs[1]["flags"]["prep"] == "whitening" and runs[1]["flags"]["one_cycle_knot_unit"] == "fraction"
+    assert archives(campaign.out) == ["bag_of_tricks_haet_600s_seed1.tar.gz", "recipes_seed0.tar.gz"]
+    with tarfile.open(campaign.out / "bag_of_tricks_haet_600s_seed1.tar.gz") as archive:
+        assert any(name.endswith("bag_of_tricks_haet_600s_seed1.log") for name in archive.getnames())
+    command = subprocess.run([sys.executable, SCRIPT, "command", "collect600", "--recipe=airbench_haet_ensemble4",
+                              "--seed=2"], capture_output=True, text=True)
+    assert command.stdout.rstrip().endswith("collect600 --out=$OUT --seed=2 --recipe=airbench_haet_ensemble4")
     with tarfile.open(campaign.out / "recipes_seed0.tar.gz") as archive:
         assert any(name.endswith("airbench_haet_15s_seed0.log") for name in archive.getnames())
 
