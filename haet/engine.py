@@ -186,9 +186,7 @@ class Engine:
     def start_epoch(self, epoch):
         """Resets the metrics and copies epoch `epoch`'s permutation to the device."""
         order = epoch_orders(self.seed, epoch, self.size, self.members, self.copies)
-        self.sync()
-        self.model.reset_metrics()
-        self.reload()
+        self._reset_metrics()
         self._set_order(order)
         self.epoch = epoch
         self.step_in_epoch = 0
@@ -295,6 +293,12 @@ class Engine:
     def _setup(self, images, labels):
         raise NotImplementedError
 
+    def _reset_metrics(self):
+        """Sets the metrics' state to its initial values for a new epoch."""
+        self.sync()
+        self.model.reset_metrics()
+        self.reload()
+
     def _set_order(self, order):
         raise NotImplementedError
 
@@ -387,9 +391,34 @@ class _JaxEngine(Engine):
         self.loop_kind = "fused" if self.fused else "dispatch"
 
     def _groups(self):
-        model = self.model
-        return (model.trainable_variables, model.non_trainable_variables, model.optimizer.variables,
-                model.metrics_variables, self._average_variables())
+        """The variables of the five parts of the state, in its order (made once: Keras
+        walks every layer to list them, and they do not change once the engine is
+        built), and where each variable is (`_where`)."""
+        if getattr(self, "_group_lists", None) is None:
+            model = self.model
+            self._group_lists = tuple(list(group) for group in (
+                model.trainable_variables, model.non_trainable_variables, model.optimizer.variables,
+                model.metrics_variables, self._average_variables()))
+            self._where = {id(v): (g, i) for g, variables in enumerate(self._group_lists)
+                           for i, v in enumerate(variables)}
+        return self._group_lists
+
+    def _reset_metrics(self):
+        # In the state, without a round trip through the model's variables: the
+        # metrics' initial values are taken once, from a `reset_metrics()`, into a
+        # compiled function that returns new arrays of them (the state's arrays are
+        # donated to each execution, so each epoch needs its own), in one dispatch.
+        import jax
+
+        metrics = self._state[3]
+        if getattr(self, "_initial_metrics", None) is None:
+            self.sync()
+            self.model.reset_metrics()
+            initial = [np.asarray(v.value) for v in self._groups()[3]]
+            self._initial_metrics = jax.jit(lambda: [jax.numpy.asarray(v) for v in initial],
+                                            out_shardings=[held.sharding for held in metrics])
+        metrics[:] = self._initial_metrics()
+        self._synced = False
 
     def _set_order(self, order):
         import jax
@@ -439,16 +468,15 @@ class _JaxEngine(Engine):
         self._synced = True
 
     def assign(self, variable, value):
-        for g, variables in enumerate(self._groups()):
-            for i, v in enumerate(variables):
-                if v is variable:
-                    import jax
+        import jax
 
-                    array = np.asarray(value, dtype=variable.dtype)
-                    self._state[g][i] = jax.device_put(array, self._state[g][i].sharding)
-                    self._synced = False
-                    return
-        raise ValueError(f"{variable.path} is not a variable of the model or its optimizer.")
+        self._groups()
+        if id(variable) not in self._where:
+            raise ValueError(f"{variable.path} is not a variable of the model or its optimizer.")
+        g, i = self._where[id(variable)]
+        array = np.asarray(value, dtype=variable.dtype)
+        self._state[g][i] = jax.device_put(array, self._state[g][i].sharding)
+        self._synced = False
 
 
 class _TensorFlowEngine(Engine):
