@@ -335,6 +335,13 @@ class WallClockBudget(Hook):
         """Seconds from the budget's start to the last execution's end."""
         return 0.0 if self.start is None or self.end is None else self.end - self.start
 
+    def between_executions_seconds(self):
+        """Seconds of training time with no execution running: from the budget's start
+        to the last execution's end, less every execution's seconds (host work between
+        executions: precomputed augmentation, epoch ends, hooks, validation; checkpoint
+        writing is paused out). On an accelerator the device has nothing to run then."""
+        return max(0.0, self.train_seconds() - sum(e.seconds for e in self.executions))
+
     def compile_seconds(self):
         """The excess of each process's first execution over its steps at the typical
         step time (tracing and compilation; a resumed run compiles again)."""

@@ -397,8 +397,9 @@ def training_fields(config, data, run, timer):
     excluded), `compile_seconds` (each process's first execution's excess over its
     steps), `probe_seconds` (the planner's discarded steps, compilation included),
     `checkpoint_seconds` (writing checkpoints: the budget's clock is paused),
-    `precompute_seconds`, `eval_seconds`. Throughput: `images_per_second` (trained
-    images / train seconds) and `images_per_second_after_compile` (the same without
+    `precompute_seconds`, `eval_seconds`; `between_executions_seconds`: the part of
+    `train_seconds` with no execution running (precomputed augmentation, epoch ends,
+    hooks, validation). Throughput: `images_per_second` (trained images / train seconds) and `images_per_second_after_compile` (the same without
     compilation and probe), counting each ensemble member's images (`images_seen` and
     `epochs_equivalent` are each member's). `over_budget_seconds`: training past the budget;
     `over_budget`: past it by more than one typical execution.
@@ -430,6 +431,8 @@ def training_fields(config, data, run, timer):
         "compile_seconds": round(compile_seconds, 3),
         "probe_seconds": round(probe_seconds, 3),
         "train_seconds": round(train_seconds, 3),
+        # Of the train seconds, those with no execution running (host work between them).
+        "between_executions_seconds": round(budget.between_executions_seconds(), 3),
         "checkpoint_seconds": round(budget.paused_seconds, 3),
         "checkpoints": run.checkpointer.saved if run.checkpointer else 0,
         "precompute_seconds": round(timer.seconds.get("precompute", 0.0), 3),

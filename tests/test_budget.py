@@ -40,6 +40,30 @@ def test_schedules_follow_the_clock_and_training_stops_at_the_budget():
     assert budget.history[-1]["learning_rate"] == 1e-5 and budget.history[-1]["augmentation_strength"] == 0.0
 
 
+def test_time_between_executions_is_the_host_work_between_them():
+    """Host work at each epoch end (0.5 s on the fake clock) is counted between
+    executions; a checkpoint-like pause is not; what follows the last execution is
+    not training time."""
+    clock = FakeClock()
+    engine = FakeEngine(clock, size=16, batch_size=4, step_seconds=1.0)
+    budget = WallClockBudget(12.0, clock=clock)
+    ends = []
+
+    class HostWork(Hook):
+        def on_epoch_end(self, run, epoch, logs):
+            ends.append(clock.t)
+            clock.t += 0.5
+            with budget.pause():
+                clock.t += 7.0
+
+    _fit(engine, budget, HostWork())
+    # Epochs of 4, 4 and 3 steps of 1 s: two epoch ends (1 s of host work) fall between
+    # executions inside the 12 s, the third after the last execution.
+    assert engine.executions == [1, 3, 4, 3] and len(ends) == 3 and budget.paused_seconds == 21.0
+    assert budget.train_seconds() == 12.0
+    assert budget.between_executions_seconds() == 1.0 == budget.train_seconds() - budget.steps
+
+
 def test_executions_never_exceed_k_and_the_overshoot_is_at_most_one_execution():
     # Steps slow down from 1 s to 3 s after step 6: the predicted execution lengths
     # are wrong, yet no execution starts after the budget's end and the run ends

@@ -213,6 +213,7 @@ def test_a_run_trains_an_ensemble_and_records_every_member(tmp_path, cifar10_sli
     # Each member trained on 8 steps of 20 images: 2 epochs each; the device on three times that.
     assert record["images_seen"] == 160 and record["epochs_equivalent"] == 2.0
     assert record["images_per_second"] == pytest.approx(480 / record["train_seconds"], rel=1e-3)
+    assert 0 < record["between_executions_seconds"] < record["train_seconds"]  # validation between epochs
     for split, size in (("test", 500), ("validation", 20)):
         accuracies = record[f"member_{split}_accuracies"]
         assert len(accuracies) == 3 and all(0 <= a <= 1 for a in accuracies)
