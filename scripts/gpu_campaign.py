@@ -9,7 +9,9 @@ On the GPU machine each call runs one stage and copies what it made to $OUT:
 
     call1       set-up check (nvidia-smi -L, JAX devices, versions); the throughput table
                 (haet.bench: ResNet-20 x6 at batch 32, 128 and 512, ResNet-9 at 512, bf16,
-                with the end-to-end ratio); the fast recipe at 15, 30, 60 and 120 s, seed 0.
+                with the end-to-end ratio); the host's share of an epoch boundary
+                (scripts/bench_epoch_boundary.py, airbench94's HAET flags); the fast recipe
+                at 15, 30, 60 and 120 s, seed 0.
     start600    starts a recipe at --budget=600 (--recipe, default: the default recipe; seed
                 --seed) in its own process session, then waits in the call and prints the
                 log's tail.
@@ -152,6 +154,11 @@ def call1(stage):
                 "--bench_steps=3", "--end_to_end_budget=2", "--bench_test_images=50", "--train_size=1000"] if stage.dry else []
         stage.run(f"bench_{name}", [sys.executable, "-m", "haet.bench", *flags, *tiny, f"--data_dir={stage.data_dir}",
                                     f"--json={os.path.join(stage.out, f'bench_{name}.json')}"])
+    # The host's share of an epoch boundary, for airbench94's HAET flags (10 steps an epoch).
+    boundary = (["--width_multiplier=0.125", "--train_size=1000", "--boundaries=16"] if stage.dry else [])
+    stage.run("bench_epoch_boundary", [sys.executable, "scripts/bench_epoch_boundary.py", *AIRBENCH_HAET, *boundary,
+                                       f"--data_dir={stage.data_dir}",
+                                       f"--json={os.path.join(stage.out, 'bench_epoch_boundary.json')}"])
     for budget in FAST_BUDGETS[:1] if stage.dry else FAST_BUDGETS:  # dry: the first shows the path
         stage.train(f"fast_{budget}s_seed0", FAST_RECIPE + (["--width_multiplier=0.125"] if stage.dry else []),
                     budget)

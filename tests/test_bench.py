@@ -37,3 +37,36 @@ def test_bench_rows_of_a_tiny_recipe():
         assert r["peak_fraction"] is None and r["keras_fit_images_per_second"] > 0
         assert r["execution_loop"] in ("dispatch", "fused", "tf.function") and r["end_to_end_steps"] >= 1
     assert "end_to_end_ratio" in bench.format_table(rows)
+
+
+def test_the_epoch_boundary_benchmark_times_each_boundary_and_leaves_the_engine_going():
+    """scripts/bench_epoch_boundary.py on a tiny engine: one time per boundary after the
+    first eighth, each positive; the engine went through every epoch, with the metrics
+    of each reset (a 1-step epoch's running mean is that step's loss)."""
+    import importlib.util
+    import os
+
+    import keras
+    import numpy as np
+
+    from conftest import REPO
+    from haet.engine import make_engine
+
+    spec = importlib.util.spec_from_file_location("bench_epoch_boundary",
+                                                  os.path.join(REPO, "scripts", "bench_epoch_boundary.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    rng = np.random.default_rng(0)
+    x, y = rng.integers(0, 256, (32, 32, 32, 3)).astype("uint8"), rng.integers(0, 10, 32).astype("int32")
+    model = models.with_input_pipeline(models.tiny_cnn(width_multiplier=0.25), [0.5] * 3, variance=[0.06] * 3)
+    model.compile(keras.optimizers.SGD(0.0), keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+                  jit_compile=True)
+    engine = make_engine(model, x, y, 8)
+    ms = module.epoch_boundary_milliseconds(engine, 16)
+    assert ms.shape == (14,) and np.all(ms > 0)
+    assert engine.epoch == 16 and engine.step_in_epoch == 0 and engine.epoch_metrics() == {}
+    # A learning rate of 0: epoch 16 started again gives its first step's loss alone,
+    # not averaged with the steps before the restart.
+    losses = [float(engine.run(1)[0]) for _ in range(2)]
+    engine.start_epoch(16)
+    assert float(engine.run(1)[0]) == pytest.approx(losses[0], rel=1e-5) and losses[1] != losses[0]

@@ -59,6 +59,8 @@ def test_the_first_call_and_the_600s_run_dry(campaign):
     run_stages(campaign, "call1", "start600", "collect600")
     rows = json.loads((campaign.out / "files" / "bench_resnet9.json").read_text())
     assert rows and rows[0]["images_per_second"] > 0
+    (boundary,) = json.loads((campaign.out / "files" / "bench_epoch_boundary.json").read_text())
+    assert boundary["model"] == "airbench" and boundary["boundaries_timed"] == 14 and boundary["median_ms"] > 0
     runs = records(campaign.out)
     assert len(runs) == 2 and {r["status"] for r in runs} == {"completed"}
     assert {r["model"] for r in runs} == {"resnet9", "tiny_cnn"}
