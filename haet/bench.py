@@ -98,6 +98,16 @@ def forward_flops(model):
     return int(total)
 
 
+def compiled_model(config, data, settings):
+    """The model of `config` built and compiled as `haet.train` does, on `data`
+    (`haet.training.prepare_data`) under `settings` (`haet.training.settings_of`):
+    `(model, augmentation layer or None, learning-rate schedule)`."""
+    model, augmentation, _ = training.build_model(config, data)
+    optimizer, schedule = training.build_optimizer(config, data.steps_per_epoch(config))
+    training.compile_model(config, model, optimizer, settings)
+    return model, augmentation, schedule
+
+
 def first_batch(data, config):
     """A training step's batch: `batch_size` rows for each ensemble member, member after
     member (the members take consecutive images)."""
@@ -282,9 +292,7 @@ def bench(config, batch_sizes, steps_per_executions, bench_steps=20, end_to_end_
             sized = dataclasses.replace(base, batch_size=batch_size)
             with training.settings_of(sized) as settings:
                 data = training.prepare_data(sized)
-                model, _, _ = training.build_model(sized, data)
-                optimizer, _ = training.build_optimizer(sized, data.steps_per_epoch(sized))
-                training.compile_model(sized, model, optimizer, settings)
+                model, _, _ = compiled_model(sized, data, settings)
                 x, y = first_batch(data, sized)
                 step_seconds, compile_seconds, variants = pure_step(model, x, y, bench_steps)
                 flops = forward_flops(model)
@@ -293,9 +301,7 @@ def bench(config, batch_sizes, steps_per_executions, bench_steps=20, end_to_end_
                     logging.warning("--keras_fit skipped: a step of %d images (all members) exceeds the %d training "
                                     "images", len(x), len(data.y_fit))
                 elif keras_fit:
-                    fit_model, _, _ = training.build_model(sized, data)
-                    fit_optimizer, _ = training.build_optimizer(sized, data.steps_per_epoch(sized))
-                    training.compile_model(sized, fit_model, fit_optimizer, settings)
+                    fit_model, _, _ = compiled_model(sized, data, settings)
                     labels = (data_lib.one_hot(data.y_fit, data.info.num_classes) if sized.label_smoothing
                               else data.y_fit)
                     fit_rate = keras_fit_images_per_second(fit_model, data.x_fit, labels, len(x), bench_steps)

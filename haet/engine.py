@@ -404,10 +404,11 @@ class _JaxEngine(Engine):
         return self._group_lists
 
     def _reset_metrics(self):
-        # In the state, without a round trip through the model's variables: the
+        # Without a round trip of the whole state through the model's variables: the
         # metrics' initial values are taken once, from a `reset_metrics()`, into a
         # compiled function that returns new arrays of them (the state's arrays are
-        # donated to each execution, so each epoch needs its own), in one dispatch.
+        # donated to each execution, so each epoch needs its own), in one dispatch;
+        # the metric variables take the same arrays, so a `reload()` keeps them.
         import jax
 
         metrics = self._state[3]
@@ -418,7 +419,8 @@ class _JaxEngine(Engine):
             self._initial_metrics = jax.jit(lambda: [jax.numpy.asarray(v) for v in initial],
                                             out_shardings=[held.sharding for held in metrics])
         metrics[:] = self._initial_metrics()
-        self._synced = False
+        for variable, value in zip(self._groups()[3], metrics):
+            variable.assign(value)
 
     def _set_order(self, order):
         import jax
@@ -455,8 +457,8 @@ class _JaxEngine(Engine):
     def reload(self):
         import jax
 
-        # Runs at every epoch's end and start: only values a hook or `reset_metrics`
-        # replaced since the last sync are committed again; the rest are the state's own.
+        # Runs at every epoch's end: only values a hook replaced since the last sync
+        # are committed again; the rest are the state's own.
         previous = self._state or tuple([None] * len(g) for g in self._groups())
 
         def current(variable, held):

@@ -63,7 +63,9 @@ def tta_views(images, tta):
 
 
 def predict_logits(model, images, batch_size, weights=None):
-    """Logits of `model` on `images` (uint8 or float `(N, H, W, C)`): float32 `(N, classes)`.
+    """Logits of `model` on `images` (uint8 or float `(N, H, W, C)`): float32 `(N, classes)`
+    (the model's output shape with N rows: `(N, members, classes)` for an ensemble's
+    `members_model()`).
 
     `weights`: `(trainable, non_trainable)` value lists to predict with instead of
     the model's own (`haet.engine.current_weights`); the model is left untouched.

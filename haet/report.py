@@ -134,6 +134,18 @@ def recipe_of(record):
     return label
 
 
+def _label_flags(record):
+    """The flags whose value the row label of `record` (`recipe_of`) carries: the
+    model, width, batch and ensemble size always; the schedule and learning rate,
+    fine-tuning, data parallelism, snapshots and the health monitor where it names them."""
+    flags = record.get("flags", {})
+    shown = {"model", "width_multiplier", "batch_size", "ensemble_members"}
+    if flags.get("lr_schedule") not in (None, "wall_clock", "one_cycle"):
+        shown |= {"lr_schedule", "learning_rate"}
+    return shown | {key for key in ("init_from", "data_parallel", "snapshot_ensemble", "health_every_steps")
+                    if flags.get(key)}
+
+
 def _model_of(record):
     """The model a run trained: its `model` flag, else (older records) the record's."""
     return str((record.get("flags") or {}).get("model") or record.get("model", "?"))
@@ -148,11 +160,6 @@ def _mean_std(values):
 # Flags that do not change what a run measures: runs that differ only in them (and
 # the seed) are averaged together.
 NOT_COMPARED = ("seed", "data_dir", "save_model", "tensorboard", "eval_batch_size", "checkpoint_every")
-
-
-# Flags the recipe label (`recipe_of`) already shows.
-SHOWN_BY_RECIPE = ("model", "width_multiplier", "batch_size", "lr_schedule", "learning_rate", "init_from",
-                   "data_parallel", "snapshot_ensemble", "health_every_steps", "ensemble_members")
 
 
 def _canonical(value):
@@ -172,7 +179,7 @@ def comparable_key(record):
             record.get("backend", "?"), record.get("precision", "?"), bool(record.get("over_budget")), compared)
 
 
-def _differences(keys, models):
+def _differences(keys, models, shown):
     """What each row of a setting changes, as an ablation table reads: for each
     comparable key, the texts of what differs from the usual recipe of its model.
 
@@ -180,10 +187,10 @@ def _differences(keys, models):
     flag (or the training subset, the test set's size) that takes more than one
     value among the rows recording it is shown as `name=value`, except on the rows
     that hold its usual value: the one more rows hold than any other (none when
-    two values tie; then every row recording it shows it). What the recipe label
-    shows is never repeated, and a row whose record lacks flags that others of its
-    model record (written before those flags existed) says how many ("older
-    record: N flags unrecorded").
+    two values tie; then every row recording it shows it). A row does not repeat
+    what its recipe label says (`shown`: key -> flag names, `_label_flags`), and a
+    row whose record lacks flags that others of its model record (written before
+    those flags existed) says how many ("older record: N flags unrecorded").
 
     Returns:
         `(differences, usual)`: dict key -> list of texts, and dict model -> the
@@ -212,7 +219,7 @@ def _differences(keys, models):
         rows = [table[key] for key in members]
         anywhere = set().union(*(set(v) for v in rows))
         usual = {}
-        for name in sorted(anywhere - set(SHOWN_BY_RECIPE)):
+        for name in sorted(anywhere - {"model", "width_multiplier", "batch_size", "ensemble_members"}):
             counts = collections.Counter(v[name] for v in rows if name in v).most_common()
             if len(counts) > 1:
                 # The usual value, if one is held by more rows than any other; else none.
@@ -220,7 +227,8 @@ def _differences(keys, models):
         usual_texts[model] = [text(n, v) for n, v in usual.items() if v is not None]
         for key in members:
             v = table[key]
-            parts = [text(name, v[name]) for name, common in usual.items() if name in v and v[name] != common]
+            parts = [text(name, v[name]) for name, common in usual.items()
+                     if name in v and v[name] != common and name not in shown[key]]
             missing = len(anywhere - set(v))
             if missing:
                 parts.append(f"older record: {missing} flags unrecorded")
@@ -249,7 +257,8 @@ def summarize(records):
     table = {}
     for setting, by_key in groups.items():
         models = {key: _model_of(runs[0]) for key, runs in by_key.items()}
-        differences, usual = _differences(list(by_key), models)
+        differences, usual = _differences(list(by_key), models,
+                                          {key: _label_flags(runs[0]) for key, runs in by_key.items()})
         rows = []
         for key, runs in by_key.items():
             mean, std = _mean_std([r["test_accuracy"] for r in runs])
@@ -325,7 +334,7 @@ def render_markdown(table, published, base_dir, figures, title=True, skipped=())
                 f"{row['epochs_mean']:.2f} | {ips} | {variants} | {links} |")
         usual = {row["model"]: row["usual"] for row in table[setting] if row["usual"]}
         if usual:
-            lines += [""] + [f"Unless its row says otherwise, every {model} row has: {', '.join(texts)}."
+            lines += [""] + [f"Unless its row says otherwise, every --model={model} row has: {', '.join(texts)}."
                              for model, texts in sorted(usual.items())]
         same = matching_published(published, setting)
         if same:

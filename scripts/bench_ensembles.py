@@ -41,10 +41,7 @@ from haet import config as config_lib  # noqa: E402
 
 
 def _built(config, data, settings):
-    model, _, _ = training.build_model(config, data)
-    optimizer, _ = training.build_optimizer(config, data.steps_per_epoch(config))
-    training.compile_model(config, model, optimizer, settings)
-    return model
+    return bench.compiled_model(config, data, settings)[0]
 
 
 def _jax_loops(settings):

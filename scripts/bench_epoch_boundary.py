@@ -5,9 +5,10 @@ the last execution of one epoch and the first of the next.
         --json=results/bench/epoch_boundary.json
     KERAS_BACKEND=jax python scripts/bench_epoch_boundary.py --model=tiny_cnn --execution_loop=fused
 
-Takes every training flag (a recipe's flagfile; its moving averages are left out)
-and builds the recipe's model, optimizer and `haet.engine` as `haet.train` does, on
-random uint8 images of the dataset's shape (`--train_size` of them) or `--data_dir`'s.
+Takes every training flag (a recipe's flagfile) and builds the recipe's run as
+`haet.train` does (`haet.training.build_run`: the model, optimizer and the engine with
+its lookahead and moving averages, alternating-flip copies...), on random uint8 images
+of the dataset's shape (`--train_size` of them) or `--data_dir`'s.
 Each of `--boundaries` epochs runs one 1-step execution, then the engine's share of
 the loop's epoch end is timed: `epoch_metrics()`, `sync()`, `reload()` and
 `start_epoch()` (the hooks' own work, validation and history rows, is not in it; a
@@ -30,9 +31,8 @@ from absl import app, flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from haet import bench, training  # noqa: E402
+from haet import bench, results, training  # noqa: E402
 from haet import config as config_lib  # noqa: E402
-from haet.engine import make_engine  # noqa: E402
 
 flags.DEFINE_integer("boundaries", 200, "Epoch boundaries timed (the first eighth dropped).")
 
@@ -71,12 +71,11 @@ def main(argv):
         config = dataclasses.replace(config, data_dir=folder, classes=(), validation_size=0)
         with training.settings_of(config) as settings:
             data = training.prepare_data(config)
-            model, _, _ = training.build_model(config, data)
-            optimizer, _ = training.build_optimizer(config, data.steps_per_epoch(config))
-            training.compile_model(config, model, optimizer, settings)
-            engine = make_engine(model, data.x_fit, data.y_fit, config.batch_size, seed=config.seed,
-                                 one_hot_classes=data.info.num_classes if config.label_smoothing else None,
-                                 execution_loop=config.execution_loop)
+            model, augmentation, schedule = bench.compiled_model(config, data, settings)
+            run_dir = os.path.join(folder, "run")
+            os.makedirs(run_dir)
+            engine = training.build_run(config, model, augmentation, schedule, data,
+                                        results.RunFolder(run_dir, {})).engine
             ms = epoch_boundary_milliseconds(engine, f.boundaries)
     row = {"backend": keras.backend.backend(), "device": settings.device["name"], "model": model.name,
            "width_multiplier": config.width_multiplier, "batch_size": config.batch_size,

@@ -19,9 +19,7 @@ config = TrainConfig(data_dir=sys.argv[1] if len(sys.argv) > 1 else "../shared/d
                      width_multiplier=1, batch_size=32)
 with training.settings_of(config) as settings:
     data = training.prepare_data(config)
-    model, augmentation, _ = training.build_model(config, data)
-    optimizer, _ = training.build_optimizer(config, data.steps_per_epoch(config))
-    training.compile_model(config, model, optimizer, settings)
+    model, augmentation, _ = bench.compiled_model(config, data, settings)
     for mode in FILL_MODES:
         augmentation.set_fill_mode(mode)
         seconds, _, _ = bench.pure_step(model, data.x_fit[:32], data.y_fit[:32], 10)

@@ -221,7 +221,8 @@ def prepare_full(source_dir, parts_dir, parts=None):
     the working tree: `parts` of them, or by default as few as fit (`parts_needed`).
 
     Raises:
-        ValueError: `parts` < 1, or the working tree leaves no room for any part.
+        ValueError: `parts` < 1, fewer parts than fit, or a working tree that leaves
+            no room for any part.
     """
     import numpy as np
 
@@ -230,7 +231,11 @@ def prepare_full(source_dir, parts_dir, parts=None):
     with np.load(os.path.join(source_dir, "train.npz")) as f:
         x, y = f["x"], f["y"]
     tree = travelling_bytes()
-    parts = parts or parts_needed(x.nbytes + y.nbytes, tree)
+    needed = parts_needed(x.nbytes + y.nbytes, tree)
+    if parts is not None and parts < needed:
+        raise ValueError(f"--parts={parts} leaves parts too large for a call beside the working tree "
+                         f"({tree / 2**20:.1f} MiB): at least {needed} are needed.")
+    parts = parts or needed
     print(f"working tree {tree / 2**20:.1f} MiB; {x.nbytes + y.nbytes} bytes of images and labels in {parts} parts")
     os.makedirs(parts_dir, exist_ok=True)
     for k, rows in enumerate(np.array_split(np.arange(len(y)), parts), start=1):

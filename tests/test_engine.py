@@ -109,6 +109,35 @@ def test_reload_keeps_the_arrays_nothing_replaced():
     assert engine.epoch_metrics()["loss"] > 0
 
 
+@pytest.mark.parametrize("loop", LOOPS)
+def test_a_new_epoch_starts_its_metrics_afresh_in_the_state_and_the_model(loop):
+    """After `start_epoch` the model's metric variables hold their initial values too,
+    so a hook that writes a variable and reloads (as the loop's hooks do between the
+    epoch end's sync and the next execution) keeps the reset: the epoch's first step
+    counts alone, not on top of the last epoch's."""
+    x, y = _data()
+    model = _model(ema=False)
+    engine = make_engine(model, x, y, 4, one_hot_classes=4, execution_loop=loop)
+    counts = [v for v in model.metrics_variables if v.path.endswith("count")]
+    engine.start_epoch(0)
+    engine.run(1)
+    engine.sync()
+    one_step = [float(np.asarray(v.value)) for v in counts]
+    engine.reload()
+    engine.run(2)
+    engine.sync()  # the loop's epoch end
+    engine.reload()
+    engine.start_epoch(1)
+    for variable in model.metrics_variables:
+        np.testing.assert_array_equal(np.asarray(variable.value), np.zeros(variable.shape))
+    bias = model.layers[-1].bias
+    bias.assign(np.asarray(bias.value) + 0.0)  # a hook's write...
+    engine.reload()  # ...read back
+    engine.run(1)
+    engine.sync()
+    assert counts and one_step[0] > 0 and [float(np.asarray(v.value)) for v in counts] == one_step
+
+
 def test_restore_replays_the_same_steps():
     x, y = _data()
     model = _model()

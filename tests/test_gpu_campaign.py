@@ -154,3 +154,14 @@ def test_full_cifar10_is_cut_into_as_few_parts_as_fit_beside_the_tree():
     # The tree that travels: git's tracked and not-ignored files, not .device or .device_full.
     tree = script.travelling_bytes()
     assert 0 < tree < script.CALL_LIMIT
+
+
+def test_prepare_full_refuses_too_few_parts_and_writes_nothing(tmp_path, monkeypatch, cifar10_slice_dir):
+    script = _script()
+    # A working tree of 60 MiB leaves 2 MiB a call: the slice's 3.07 MB need 2 parts.
+    monkeypatch.setattr(script, "travelling_bytes", lambda: 60 * 2**20)
+    with pytest.raises(ValueError, match=r"--parts=1 leaves parts too large .* at least 2 are needed"):
+        script.prepare_full(cifar10_slice_dir, str(tmp_path / "parts"), parts=1)
+    assert not (tmp_path / "parts").exists()
+    assert script.prepare_full(cifar10_slice_dir, str(tmp_path / "parts")) == 0
+    assert sorted(p.name for p in (tmp_path / "parts").iterdir()) == ["part1.npz", "part2.npz"]

@@ -133,7 +133,7 @@ def test_only_comparable_runs_are_averaged_and_bad_records_are_listed(tmp_path):
         "resnet20x6, batch 32 (OVER BUDGET)": (1, 0.7),
     }
     page = report.render_markdown(report.summarize(records), [], str(tmp_path), {}, skipped=skipped)
-    assert ("Unless its row says otherwise, every resnet20x6 row has: ema_decay=0, subset aaaa1111, 10000 test images, "
+    assert ("Unless its row says otherwise, every --model=resnet20x6 row has: ema_decay=0, subset aaaa1111, 10000 test images, "
             "tta=none.") in page
     assert "| [stopped/record.json](stopped/record.json) | status interrupted |" in page
     assert "OVER BUDGET: training ran past the budget" in page
@@ -203,8 +203,8 @@ def test_rows_name_what_differs_within_their_model_and_ties_show_both(tmp_path):
         "resnet9, batch 128; older record: 1 flags unrecorded",
     ]
     page = report.render_markdown(report.summarize(report.load_records(str(tmp_path))), [], str(tmp_path), {})
-    assert "Unless its row says otherwise, every resnet9 row has: cutout_size=12, prep=whitening, tta=flip." in page
-    assert "every airbench row" not in page  # one row: nothing varies
+    assert "Unless its row says otherwise, every --model=resnet9 row has: cutout_size=12, prep=whitening, tta=flip." in page
+    assert "every --model=airbench row" not in page  # one row: nothing varies
     # A tie: two resnet9 rows with each value of a flag; both say theirs.
     run("r5", 0.40, "resnet9", momentum=0.9, tta="flip", prep="whitening", cutout_size=12, ema_decay=0.99)
     run("r6", 0.35, "resnet9", momentum=0.9, tta="flip", prep="whitening", cutout_size=12, ema_decay=0.0)
@@ -213,3 +213,29 @@ def test_rows_name_what_differs_within_their_model_and_ties_show_both(tmp_path):
     assert recipes[0.4] == "resnet9, batch 128; ema_decay=0.99" and recipes[0.35] == "resnet9, batch 128; ema_decay=0"
     assert recipes[0.6] == "resnet9, batch 128; older record: 1 flags unrecorded"
     assert recipes[0.45] == "resnet9, batch 128; older record: 2 flags unrecorded"
+
+
+def test_a_schedule_the_label_does_not_name_is_shown_where_it_differs(tmp_path):
+    """The label names cosine-like schedules with their rate ("cosine lr 0.4") and not
+    the wall-clock or one-cycle ones: those rows show the schedule and rate where they
+    differ from the usual, and a labelled schedule is not repeated."""
+    def run(name, accuracy, **flags):
+        path = _write_run(tmp_path, name, accuracy)
+        record = json.loads((path / "record.json").read_text())
+        record["model"] = "resnet9"
+        record["flags"] = {"batch_size": 128, "model": "resnet9", **flags}
+        (path / "record.json").write_text(json.dumps(record))
+
+    run("a", 0.70, lr_schedule="wall_clock", learning_rate=0.4, cutout_size=12)
+    run("b", 0.69, lr_schedule="wall_clock", learning_rate=0.4, cutout_size=8)
+    run("c", 0.60, lr_schedule="one_cycle", learning_rate=0.4, cutout_size=12)
+    run("d", 0.50, lr_schedule="wall_clock", learning_rate=0.8, cutout_size=12)
+    run("e", 0.40, lr_schedule="cosine", learning_rate=0.8, cutout_size=12)
+    rows = report.summarize(report.load_records(str(tmp_path)))[("cifar10", 5000, 600.0, "NVIDIA H100")]
+    assert [row["recipe"] for row in rows] == [
+        "resnet9, batch 128",
+        "resnet9, batch 128; cutout_size=8",
+        "resnet9, batch 128; lr_schedule=one_cycle",
+        "resnet9, batch 128; learning_rate=0.8",
+        "resnet9, batch 128, cosine lr 0.8",
+    ]
