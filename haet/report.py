@@ -224,15 +224,19 @@ def _differences(keys, models, shown):
             if len(counts) > 1:
                 # The usual value, if one is held by more rows than any other; else none.
                 usual[name] = counts[0][0] if counts[0][1] > counts[1][1] else None
-        usual_texts[model] = [text(n, v) for n, v in usual.items() if v is not None]
+        displayed = set()
         for key in members:
             v = table[key]
-            parts = [text(name, v[name]) for name, common in usual.items()
+            names = [name for name, common in usual.items()
                      if name in v and v[name] != common and name not in shown[key]]
+            displayed.update(names)
+            parts = [text(name, v[name]) for name in names]
             missing = len(anywhere - set(v))
             if missing:
                 parts.append(f"older record: {missing} flags unrecorded")
             out[key] = parts
+        # The usual values of what some row names (the labels carry the rest).
+        usual_texts[model] = [text(n, v) for n, v in usual.items() if v is not None and n in displayed]
     return out, usual_texts
 
 

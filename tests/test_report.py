@@ -239,3 +239,7 @@ def test_a_schedule_the_label_does_not_name_is_shown_where_it_differs(tmp_path):
         "resnet9, batch 128; learning_rate=0.8",
         "resnet9, batch 128, cosine lr 0.8",
     ]
+    page = report.render_markdown(report.summarize(report.load_records(str(tmp_path))), [], str(tmp_path), {})
+    # The usual values of what rows name; not those every label carries (batch size, model).
+    assert ("Unless its row says otherwise, every --model=resnet9 row has: cutout_size=12, learning_rate=0.4, "
+            "lr_schedule=wall_clock.") in page
