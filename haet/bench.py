@@ -364,12 +364,18 @@ flags.DEFINE_integer("bench_test_images", 100, "Test images scored after each en
 flags.DEFINE_string("json", None, "Write the rows here (a JSON list); an existing file is not overwritten.")
 
 
-def main(argv):
+def check_command_line(argv):
+    """Refuses (`app.UsageError`) arguments other than flags and a `--json` file that
+    exists, before any work: for the benchmark command lines (this one and scripts/)."""
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    if flags.FLAGS.json and os.path.exists(flags.FLAGS.json):
+        raise app.UsageError(f"--json={flags.FLAGS.json} exists; choose a new file.")
+
+
+def main(argv):
+    check_command_line(argv)
     f = flags.FLAGS
-    if f.json and os.path.exists(f.json):
-        raise app.UsageError(f"--json={f.json} exists; choose a new file.")
     try:
         config = config_lib.config_from_flags(f)
         batch_sizes = [int(b) for b in f.batch_sizes] or [config.batch_size]

@@ -125,11 +125,8 @@ flags.DEFINE_list("members", ["1", "2", "4"], "Ensemble sizes N to measure.")
 
 
 def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    bench.check_command_line(argv)
     f = flags.FLAGS
-    if f.json and os.path.exists(f.json):
-        raise app.UsageError(f"--json={f.json} exists; choose a new file.")
     try:
         members = [int(n) for n in f.members]
         if not members or min(members) < 1:

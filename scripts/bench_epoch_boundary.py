@@ -55,11 +55,8 @@ def epoch_boundary_milliseconds(engine, boundaries):
 
 
 def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    bench.check_command_line(argv)
     f = flags.FLAGS
-    if f.json and os.path.exists(f.json):
-        raise app.UsageError(f"--json={f.json} exists; choose a new file.")
     if f.boundaries < 8:
         raise app.UsageError(f"--boundaries must be at least 8. Received: {f.boundaries}")
     try:
