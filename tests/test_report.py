@@ -29,6 +29,15 @@ def _write_run(root, name, accuracy, budget=600.0, backend="jax", device="NVIDIA
     return run
 
 
+def _write_model_run(root, name, accuracy, model, **flags):
+    """A run of `model` at batch 128 with these flags (see `_write_run`)."""
+    path = _write_run(root, name, accuracy)
+    record = json.loads((path / "record.json").read_text())
+    record["model"] = model
+    record["flags"] = {"batch_size": 128, "model": model, **flags}
+    (path / "record.json").write_text(json.dumps(record))
+
+
 def test_table_numbers_match_the_records(tmp_path):
     _write_run(tmp_path, "a", 0.80, epochs=10.0, variants={"raw": 0.82, "ema": 0.80})
     _write_run(tmp_path, "b", 0.90, epochs=12.0, variants={"raw": 0.90, "ema": 0.88})
@@ -183,11 +192,7 @@ def test_rows_name_what_differs_within_their_model_and_ties_show_both(tmp_path):
     as another is no usual value, so both rows show it; an older record that lacks a
     flag says so, and a flag some records lack still separates those that have it."""
     def run(name, accuracy, model, **flags):
-        path = _write_run(tmp_path, name, accuracy)
-        record = json.loads((path / "record.json").read_text())
-        record["model"] = model
-        record["flags"] = {"batch_size": 128, "model": model, **flags}
-        (path / "record.json").write_text(json.dumps(record))
+        _write_model_run(tmp_path, name, accuracy, model, **flags)
 
     run("a1", 0.70, "airbench", momentum=0.85, tta="airbench")
     run("r1", 0.60, "resnet9", momentum=0.9, tta="flip", prep="whitening", cutout_size=12)
@@ -220,11 +225,7 @@ def test_a_schedule_the_label_does_not_name_is_shown_where_it_differs(tmp_path):
     the wall-clock or one-cycle ones: those rows show the schedule and rate where they
     differ from the usual, and a labelled schedule is not repeated."""
     def run(name, accuracy, **flags):
-        path = _write_run(tmp_path, name, accuracy)
-        record = json.loads((path / "record.json").read_text())
-        record["model"] = "resnet9"
-        record["flags"] = {"batch_size": 128, "model": "resnet9", **flags}
-        (path / "record.json").write_text(json.dumps(record))
+        _write_model_run(tmp_path, name, accuracy, "resnet9", **flags)
 
     run("a", 0.70, lr_schedule="wall_clock", learning_rate=0.4, cutout_size=12)
     run("b", 0.69, lr_schedule="wall_clock", learning_rate=0.4, cutout_size=8)
