@@ -154,7 +154,7 @@ def call1(stage):
                 "--bench_steps=3", "--end_to_end_budget=2", "--bench_test_images=50", "--train_size=1000"] if stage.dry else []
         stage.run(f"bench_{name}", [sys.executable, "-m", "haet.bench", *flags, *tiny, f"--data_dir={stage.data_dir}",
                                     f"--json={os.path.join(stage.out, f'bench_{name}.json')}"])
-    # The host's share of an epoch boundary, for airbench94's HAET flags (10 steps an epoch).
+    # The host's share of an epoch boundary, for airbench94's HAET flags (9 steps an epoch).
     boundary = (["--width_multiplier=0.125", "--train_size=1000", "--boundaries=16"] if stage.dry else [])
     stage.run("bench_epoch_boundary", [sys.executable, "scripts/bench_epoch_boundary.py", *AIRBENCH_HAET, *boundary,
                                        f"--data_dir={stage.data_dir}",
