@@ -27,6 +27,7 @@ devices.
 """
 
 import contextlib
+import dataclasses
 import weakref
 
 import keras
@@ -37,6 +38,26 @@ from keras import ops
 # measurements behind it.
 DEFAULT_STEPS_PER_EXECUTION = 64
 EXECUTION_LOOPS = ("auto", "fused", "dispatch")
+
+
+@dataclasses.dataclass(frozen=True)
+class EpochEnd:
+    """An epoch that ended in an execution, as the engine saw it.
+
+    Attributes:
+        epoch: 0-based epoch.
+        steps: its steps (the steps per epoch, or fewer when training stopped inside it).
+        logs: its training metrics after its last step (floats, e.g. `loss`, `accuracy`).
+        learning_rate: the learning rate of the step after its last (float).
+        after_steps: steps of the execution up to and including the epoch's last one;
+            None for an epoch the loop ended itself (training stopped inside it).
+    """
+
+    epoch: int
+    steps: int
+    logs: dict
+    learning_rate: float
+    after_steps: int | None = None
 
 
 def epoch_permutation(seed, epoch, size, member=0):
@@ -106,6 +127,15 @@ class Engine:
     model's variables only after `sync()`, and call `reload()` after changing them.
     `assign(variable, value)` writes one variable in either case.
 
+    **Executions across epoch ends** (`spans_epochs`, JAX): `run(steps)` may take up
+    to K steps whatever is left of the epoch; the epochs that end inside the
+    execution go on in the next one on the device (each its own permutation, its
+    metrics started afresh at its first step), and each ended epoch's metrics and
+    learning rate are kept in `ended_epochs` (`EpochEnd`) for the host to read
+    after the execution. In the HAET setting an epoch is 9 steps at batch 512, so an
+    execution of 64 steps replaces seven epoch-end waits with one. Under TensorFlow
+    an execution ends at its epoch's end at the latest.
+
     Args:
         model: a compiled `keras.Model` taking the images as they are stored.
         images: `(N, H, W, C)` array (e.g. uint8), or `(E * N, H, W, C)` holding `E`
@@ -122,6 +152,8 @@ class Engine:
             built here on the model; after every optimizer step, inside the
             execution, each one's `update` runs on the new weights, and their
             variables are part of the training state (snapshots, checkpoints).
+        span_epochs: whether executions may run past epoch ends (see above); None:
+            wherever the backend can (JAX). True under TensorFlow is an error.
         execution_loop: JAX only: "fused" runs an execution as one compiled program
             (a `lax.fori_loop` over the steps); "dispatch" dispatches one compiled step
             after another without waiting for them (XLA on the CPU runs a loop's body
@@ -130,12 +162,16 @@ class Engine:
             `tf.function` over an XLA-compiled step either way.
 
     Raises:
-        ValueError: a batch size outside [1, N], K < 1, or images and labels that
-            do not match; naming the values.
+        ValueError: a batch size outside [1, N], K < 1, images and labels that do
+            not match, or `span_epochs=True` under TensorFlow; naming the values.
     """
 
+    # Whether this backend's executions can run past an epoch's end.
+    can_span_epochs = False
+
     def __init__(self, model, images, labels, batch_size, seed=0, one_hot_classes=None,
-                 steps_per_execution=DEFAULT_STEPS_PER_EXECUTION, copies=1, execution_loop="auto", averages=()):
+                 steps_per_execution=DEFAULT_STEPS_PER_EXECUTION, copies=1, execution_loop="auto", averages=(),
+                 span_epochs=None):
         if not (isinstance(copies, int) and copies >= 1):
             raise ValueError(f"copies must be a positive integer. Received: copies={copies!r}")
         if len(images) != copies * len(labels):
@@ -152,6 +188,11 @@ class Engine:
             raise ValueError(f"Unknown execution_loop {execution_loop!r}. Allowed: {', '.join(EXECUTION_LOOPS)}.")
         if getattr(model, "optimizer", None) is None:
             raise ValueError("The model must be compiled (optimizer, loss, metrics) before training.")
+        if span_epochs not in (None, True, False):
+            raise ValueError(f"span_epochs must be None, True or False. Received: {span_epochs!r}")
+        if span_epochs and not self.can_span_epochs:
+            raise ValueError(f"span_epochs=True: executions across epoch ends need the JAX backend, not "
+                             f"{keras.backend.backend()!r}; leave it unset (None) or False.")
         self.model = model
         self.size = size
         self.batch_size = int(batch_size)
@@ -162,8 +203,13 @@ class Engine:
         self.members = int(getattr(model, "ensemble_members", 1))
         self.execution_loop = execution_loop
         self.steps_per_epoch = size // self.batch_size
+        self.spans_epochs = self.can_span_epochs if span_epochs is None else bool(span_epochs)
         self.epoch = None
         self.step_in_epoch = 0
+        self.ended_epochs = []  # `EpochEnd`s of the executions since the loop last took them
+        # Of the last execution's steps: the epoch of each and its 1-based position there.
+        self.step_epochs = np.zeros(0, np.int64)
+        self.step_positions = np.zeros(0, np.int64)
         self.loop_kind = None  # how executions run: "fused", "dispatch" (JAX) or "tf.function"
         self.learning_rate = None  # the rate of the next step, after each execution
         self._logs = {}
@@ -185,51 +231,82 @@ class Engine:
 
     def start_epoch(self, epoch):
         """Resets the metrics and copies epoch `epoch`'s permutation to the device."""
-        order = epoch_orders(self.seed, epoch, self.size, self.members, self.copies)
         self._reset_metrics()
-        self._set_order(order)
+        self._prepare_order(epoch)
         self.epoch = epoch
         self.step_in_epoch = 0
         self._logs = {}
 
-    def continue_epoch(self, epoch, step_in_epoch, logs=None, learning_rate=None):
+    def continue_epoch(self, epoch, step_in_epoch, logs=None, learning_rate=None, ended_epochs=()):
         """Goes on inside epoch `epoch` after `step_in_epoch` of its steps (a resumed
         run, after `restore`): the epoch's permutation is copied to the device again;
         the metrics keep their restored values; `logs` and `learning_rate` are the
-        last execution's.
+        last execution's, `ended_epochs` the `EpochEnd`s the loop had not taken yet.
 
         Raises:
             ValueError: `step_in_epoch` outside [0, steps per epoch].
         """
         if not 0 <= step_in_epoch <= self.steps_per_epoch:
             raise ValueError(f"step_in_epoch must be in [0, {self.steps_per_epoch}]. Received: {step_in_epoch!r}")
-        self._set_order(epoch_orders(self.seed, epoch, self.size, self.members, self.copies))
+        self._prepare_order(epoch)
         self.epoch = epoch
         self.step_in_epoch = step_in_epoch
         self._logs = dict(logs or {})
         self.learning_rate = learning_rate
+        self.ended_epochs = list(ended_epochs)
+
+    def steps_allowed(self):
+        """The most steps the next `run` may take: K, or fewer where an execution must
+        end at the epoch's end (`spans_epochs` false)."""
+        if self.spans_epochs:
+            return self.steps_per_execution
+        return min(self.steps_per_execution, self.steps_left_in_epoch)
+
+    def take_ended_epochs(self):
+        """The `EpochEnd`s since the last call, oldest first (the loop's epoch ends)."""
+        ended, self.ended_epochs = self.ended_epochs, []
+        return ended
 
     def run(self, steps):
-        """Runs `steps` training steps (1 to K, within the epoch) as one execution and
-        waits for them.
+        """Runs `steps` training steps (1 to `steps_allowed()`) as one execution and
+        waits for them. With `spans_epochs`, an execution that starts at the end of
+        an epoch goes on with the next one, and one that passes an epoch's end goes
+        on into the next epochs (`ended_epochs` gets each).
 
         Returns:
-            float32 `(steps,)`: the epoch's running mean of the training loss after
-            each step (what Keras logs per batch). `epoch_metrics()` and
-            `learning_rate` are updated from the same execution.
+            float32 `(steps,)`: the running mean of the training loss since its
+            epoch's start after each step (what Keras logs per batch);
+            `step_epochs` and `step_positions` say which epoch each step was in and
+            where. `epoch_metrics()` and `learning_rate` are updated from the same
+            execution, and an epoch that ended in it is added to `ended_epochs`.
 
         Raises:
-            ValueError: `steps` outside [1, min(K, steps left in the epoch)].
+            ValueError: `steps` outside [1, steps_allowed()].
             RuntimeError: no epoch started.
         """
         if self.epoch is None:
             raise RuntimeError("Call start_epoch(epoch) before run(steps).")
-        limit = min(self.steps_per_execution, self.steps_left_in_epoch)
-        if not 1 <= steps <= limit:
+        if self.spans_epochs and self.step_in_epoch == self.steps_per_epoch:
+            self.start_epoch(self.epoch + 1)
+        limit = self.steps_allowed()
+        if not (isinstance(steps, (int, np.integer)) and 1 <= steps <= limit):
             raise ValueError(f"steps must be in [1, {limit}] (K={self.steps_per_execution}, "
-                             f"{self.steps_left_in_epoch} left in the epoch). Received: {steps!r}")
-        losses, logs = self._run(self.step_in_epoch * self.batch_size, steps)
-        self.step_in_epoch += steps
+                             f"{self.steps_left_in_epoch} left in the epoch"
+                             f"{', executions span epochs' if self.spans_epochs else ''}). Received: {steps!r}")
+        losses, logs, end_logs = self._run(int(steps))
+        spe = self.steps_per_epoch
+        counters = self.step_in_epoch + np.arange(int(steps))  # 0-based, from the epoch's start
+        epochs, positions = self.epoch + counters // spe, counters % spe + 1
+        ends = np.flatnonzero(positions == spe)
+        if len(ends) != len(end_logs):
+            raise AssertionError(f"{len(end_logs)} epoch-end logs for {len(ends)} epoch ends")
+        for index, values in zip(ends, end_logs):
+            values = dict(values)
+            rate = float(values.pop("learning_rate"))
+            self.ended_epochs.append(EpochEnd(int(epochs[index]), spe, {k: float(v) for k, v in values.items()},
+                                              rate, int(index) + 1))
+        self.epoch, self.step_in_epoch = int(epochs[-1]), int(positions[-1])
+        self.step_epochs, self.step_positions = epochs, positions
         self.learning_rate = float(logs.pop("learning_rate"))
         self._logs = {name: float(value) for name, value in logs.items()}
         return losses[:steps]
@@ -265,6 +342,7 @@ class Engine:
             variable.assign(value)
         self.reload()
         self.epoch = None
+        self.ended_epochs = []
 
     def variable_paths(self):
         """The paths of the variables a `snapshot()` holds, in its order."""
@@ -299,10 +377,14 @@ class Engine:
         self.model.reset_metrics()
         self.reload()
 
-    def _set_order(self, order):
+    def _prepare_order(self, epoch):
+        """Makes epoch `epoch`'s permutation available to the next execution."""
         raise NotImplementedError
 
-    def _run(self, start, steps):
+    def _run(self, steps):
+        """Runs `steps` steps from `(self.epoch, self.step_in_epoch)`; returns the
+        per-step losses, the last step's logs (with `learning_rate`) and the logs of
+        each epoch that ended in the execution (oldest first)."""
         raise NotImplementedError
 
     def sync(self):
@@ -319,6 +401,8 @@ class Engine:
 class _JaxEngine(Engine):
     """`jax.jit` of a `lax.fori_loop` over the model's stateless `train_step`."""
 
+    can_span_epochs = True
+
     def _setup(self, images, labels):
         import jax
 
@@ -333,9 +417,17 @@ class _JaxEngine(Engine):
             self._replicated = jax.sharding.SingleDeviceSharding(jax.devices()[0])
         self._images = jax.device_put(images, self._replicated)
         self._labels = jax.device_put(labels, self._replicated)
-        self._order = None
+        # The permutations on the device: one row per epoch from `_order_epoch` on, as
+        # many as an execution of K steps can reach (one without `spans_epochs`).
+        spe, k = self.steps_per_epoch, self.steps_per_execution
+        self._slots = (spe + k - 2) // spe + 1 if self.spans_epochs else 1
+        self._order, self._order_epoch, self._order_rows = None, None, {}
         self._state = None
         self._synced = True
+        # The metrics' initial values (what `reset_metrics` writes), for a new epoch's
+        # first step inside an execution and for `start_epoch`.
+        self.model.reset_metrics()
+        self._metric_initial = [np.asarray(v.value) for v in self.model.metrics_variables]
         self.reload()
         if distribution is not None:
             self._state_shardings = jax.tree.map(lambda a: a.sharding, self._state)
@@ -348,18 +440,24 @@ class _JaxEngine(Engine):
                 return batch
 
         model, batch_size, size, members = self.model, self.batch_size, self.size, self.members
-        one_hot, k = self.one_hot_classes, self.steps_per_execution
+        one_hot, slots, initial = self.one_hot_classes, self._slots, self._metric_initial
         optimizer = model.optimizer
 
-        def step(state, images, labels, order, position):
-            # `position`: where this step's batch starts in the epoch's order (on the device).
-            x, y = _batch(images, labels, order, position, batch_size, size, one_hot, members)
+        def step(state, images, labels, order, counter):
+            # `counter`: the step's place in the permutations on the device (its epoch's
+            # row, `counter // spe`, and the step in that epoch), held on the device.
+            row = counter // spe
+            within = counter - row * spe
+            # An epoch that starts inside an execution starts its metrics afresh.
+            metrics = [jax.numpy.where(within == 0, start, value) for start, value in zip(initial, state[3])]
+            x, y = _batch(images, labels, ops.take(order, row, axis=0), within * batch_size, batch_size, size,
+                          one_hot, members)
             logs, (trainable, non_trainable, optimizer_values, metrics) = model.train_step(
-                state[:4], (shard(x), shard(y)))
+                (state[0], state[1], state[2], metrics), (shard(x), shard(y)))
             trainable, non_trainable, averages = self._apply_averages(trainable, non_trainable, state[4],
                                                                       optimizer_values)
             state = (trainable, non_trainable, list(optimizer_values), list(metrics), averages)
-            return logs, state, position + batch_size
+            return logs, state, counter + 1
 
         def learning_rate(optimizer_values):
             # The rate the next step will use, from the optimizer's state (a schedule
@@ -367,22 +465,29 @@ class _JaxEngine(Engine):
             with keras.StatelessScope(state_mapping=list(zip(optimizer.variables, optimizer_values))):
                 return ops.cast(optimizer.learning_rate, "float32")
 
-        def fused(state, images, labels, order, position, steps):
+        def fused(state, images, labels, order, counter, steps):
             def body(i, carry):
-                state, position, losses, _ = carry
-                logs, state, position = step(state, images, labels, order, position)
-                return state, position, losses.at[i].set(logs["loss"].astype("float32")), logs
+                state, counter, losses, _, ends = carry
+                row = counter // spe
+                logs, state, counter = step(state, images, labels, order, counter)
+                # Each epoch's row of `ends` holds the logs after its latest step: after
+                # its last one once it has ended.
+                values = {**logs, "learning_rate": learning_rate(state[2])}
+                ends = {name: ends[name].at[row].set(values[name].astype(ends[name].dtype)) for name in ends}
+                return state, counter, losses.at[i].set(logs["loss"].astype("float32")), logs, ends
 
             # The structure of the logs, for the loop's carry.
-            logs = jax.tree.map(lambda a: jax.numpy.zeros(a.shape, a.dtype),
-                                jax.eval_shape(step, state, images, labels, order, position)[0])
-            state, _, losses, logs = jax.lax.fori_loop(
-                0, steps, body, (state, position, jax.numpy.zeros((k,), "float32"), logs))
-            return state, losses, {**logs, "learning_rate": learning_rate(state[2])}
+            shapes = jax.eval_shape(step, state, images, labels, order, counter)[0]
+            logs = jax.tree.map(lambda a: jax.numpy.zeros(a.shape, a.dtype), shapes)
+            ends = {name: jax.numpy.zeros((slots, *a.shape), a.dtype) for name, a in shapes.items()}
+            ends["learning_rate"] = jax.numpy.zeros((slots,), "float32")
+            state, _, losses, logs, ends = jax.lax.fori_loop(
+                0, steps, body, (state, counter, jax.numpy.zeros((k,), "float32"), logs, ends))
+            return state, losses, {**logs, "learning_rate": learning_rate(state[2])}, ends
 
         out = None if self._state_shardings is None else self._state_shardings
         self._fused = jax.jit(fused, donate_argnums=0, out_shardings=None if out is None else (
-            out, self._replicated, self._replicated))
+            out, self._replicated, self._replicated, self._replicated))
         self._step = jax.jit(step, donate_argnums=0,
                              out_shardings=None if out is None else (self._replicated, out, self._replicated))
         self._learning_rate = jax.jit(learning_rate)
@@ -404,47 +509,70 @@ class _JaxEngine(Engine):
         return self._group_lists
 
     def _reset_metrics(self):
-        # Without a round trip of the whole state through the model's variables: the
-        # metrics' initial values are taken once, from a `reset_metrics()`, into a
-        # compiled function that returns new arrays of them (the state's arrays are
-        # donated to each execution, so each epoch needs its own), in one dispatch;
-        # the metric variables take the same arrays, so a `reload()` keeps them.
+        # Without a round trip of the whole state through the model's variables: a
+        # compiled function returns new arrays of the metrics' initial values (the
+        # state's arrays are donated to each execution, so each epoch needs its own),
+        # in one dispatch; the metric variables take the same arrays, so a `reload()`
+        # keeps them.
         import jax
 
         metrics = self._state[3]
         if getattr(self, "_initial_metrics", None) is None:
-            self.sync()
-            self.model.reset_metrics()
-            initial = [np.asarray(v.value) for v in self._groups()[3]]
+            initial = self._metric_initial
             self._initial_metrics = jax.jit(lambda: [jax.numpy.asarray(v) for v in initial],
                                             out_shardings=[held.sharding for held in metrics])
         metrics[:] = self._initial_metrics()
         for variable, value in zip(self._groups()[3], metrics):
             variable.assign(value)
 
-    def _set_order(self, order):
+    def _prepare_order(self, epoch):
+        # The permutations go to the device when an execution needs them (`_run`).
+        pass
+
+    def _place_order(self, steps):
+        """Where the next execution's first step is in the permutations on the device
+        (copying them there first when they do not reach `steps` steps on)."""
         import jax
 
-        self._order = jax.device_put(order, self._replicated)
+        spe = self.steps_per_epoch
+        if self._order_epoch is not None and self._order_epoch <= self.epoch:
+            start = (self.epoch - self._order_epoch) * spe + self.step_in_epoch
+            if start + steps <= self._slots * spe:
+                return start
+        epochs = range(self.epoch, self.epoch + self._slots)
+        rows = {e: self._order_rows[e] if e in self._order_rows else
+                epoch_orders(self.seed, e, self.size, self.members, self.copies) for e in epochs}
+        self._order = jax.device_put(np.stack([rows[e] for e in epochs]), self._replicated)
+        self._order_epoch, self._order_rows = self.epoch, rows
+        return self.step_in_epoch
 
-    def _run(self, start, steps):
+    def _run(self, steps):
         import jax
 
+        spe = self.steps_per_epoch
+        start = self._place_order(steps)
+        # The rows of the epochs that end in this execution, in order.
+        ended_rows = [(start + j) // spe for j in range(steps) if (start + j + 1) % spe == 0]
         data = (self._images, self._labels, self._order)
+        counter = jax.device_put(np.int32(start), self._replicated)
         if self.fused:
-            position, count = jax.device_put((np.int32(start), np.int32(steps)), self._replicated)
-            self._state, losses, logs = self._fused(self._state, *data, position, count)
-        else:
-            # One dispatch a step, none waited for: the device runs them back to back.
-            position = jax.device_put(np.int32(start), self._replicated)
-            losses = []
-            for _ in range(steps):
-                logs, self._state, position = self._step(self._state, *data, position)
-                losses.append(logs["loss"])
-            logs = {**logs, "learning_rate": self._learning_rate(self._state[2])}
+            count = jax.device_put(np.int32(steps), self._replicated)
+            self._state, losses, logs, by_row = self._fused(self._state, *data, counter, count)
+            self._synced = False
+            losses, logs, by_row = jax.device_get((losses, logs, by_row))
+            ends = [{name: values[row] for name, values in by_row.items()} for row in ended_rows]
+            return np.asarray(losses, np.float32), logs, ends
+        # One dispatch a step, none waited for: the device runs them back to back.
+        losses, ends = [], []
+        for j in range(steps):
+            logs, self._state, counter = self._step(self._state, *data, counter)
+            losses.append(logs["loss"])
+            if (start + j + 1) % spe == 0:
+                ends.append({**logs, "learning_rate": self._learning_rate(self._state[2])})
+        logs = {**logs, "learning_rate": self._learning_rate(self._state[2])}
         self._synced = False
-        losses, logs = jax.device_get((losses, logs))
-        return np.asarray(losses, np.float32), logs
+        losses, logs, ends = jax.device_get((losses, logs, ends))
+        return np.asarray(losses, np.float32), logs, ends
 
     def sync(self):
         if self._synced:
@@ -478,7 +606,10 @@ class _JaxEngine(Engine):
         g, i = self._where[id(variable)]
         array = np.asarray(value, dtype=variable.dtype)
         self._state[g][i] = jax.device_put(array, self._state[g][i].sharding)
-        self._synced = False
+        if self._synced:
+            # The model's variables hold the state (a hook is between `sync` and
+            # `reload`): this one takes the new value too, so a `reload` keeps it.
+            variable.assign(self._state[g][i])
 
 
 class _TensorFlowEngine(Engine):
@@ -539,16 +670,18 @@ class _TensorFlowEngine(Engine):
         self._execution = execution
         self.loop_kind = "tf.function"
 
-    def _set_order(self, order):
-        self._order.assign(order)
+    def _prepare_order(self, epoch):
+        self._order.assign(epoch_orders(self.seed, epoch, self.size, self.members, self.copies))
 
-    def _run(self, start, steps):
+    def _run(self, steps):
         import tensorflow as tf
 
+        start = self.step_in_epoch * self.batch_size
         losses = self._execution(tf.constant(start, tf.int32), tf.constant(steps, tf.int32)).numpy()
         logs = {name: keras.ops.convert_to_numpy(value) for name, value in self.model.get_metrics_result().items()}
         logs["learning_rate"] = keras.ops.convert_to_numpy(self.model.optimizer.learning_rate)
-        return losses, logs
+        # Executions end at their epoch's end at the latest.
+        return losses, logs, [dict(logs)] if self.step_in_epoch + steps == self.steps_per_epoch else []
 
 
 def make_engine(model, images, labels, batch_size, **kwargs):

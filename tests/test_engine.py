@@ -8,7 +8,7 @@ from haet.augment import RandomCropFlipCutout
 from haet.engine import Predictor, _batch, current_weights, epoch_permutation, make_engine
 
 
-def _model(seed=1, ema=True):
+def _model(seed=1, ema=True, learning_rate=0.1):
     keras.utils.set_random_seed(seed)
     inputs = keras.Input((8, 8, 3), dtype="uint8")
     h = keras.layers.Rescaling(1 / 255)(inputs)
@@ -19,7 +19,7 @@ def _model(seed=1, ema=True):
     h = keras.layers.GlobalAveragePooling2D()(h)
     outputs = keras.layers.Dense(4, kernel_regularizer=keras.regularizers.L2(1e-3))(h)
     model = keras.Model(inputs, outputs)
-    optimizer = keras.optimizers.SGD(0.1, momentum=0.9, use_ema=ema, ema_momentum=0.5)
+    optimizer = keras.optimizers.SGD(learning_rate, momentum=0.9, use_ema=ema, ema_momentum=0.5)
     model.compile(optimizer, keras.losses.CategoricalCrossentropy(from_logits=True, label_smoothing=0.1),
                   metrics=["accuracy"], jit_compile=True)
     return model
@@ -67,6 +67,62 @@ def test_engine_steps_equal_keras_train_on_batch_on_the_same_batches(loop):
     np.testing.assert_allclose(running, expected, rtol=1e-5)
     assert engine.epoch_metrics()["loss"] == pytest.approx(expected[-1], rel=1e-5)
     assert 0.0 <= engine.epoch_metrics()["accuracy"] <= 1.0
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+def test_executions_across_epoch_ends_train_as_epoch_by_epoch(loop):
+    """JAX: executions of 7 steps over epochs of 5 (7, 7, 1 steps: epoch ends at the
+    5th step of the first execution, the 3rd of the second and the last step) give
+    the same weights, per-step running losses, per-epoch metrics and learning rates
+    (a decaying schedule) as executions cut at each epoch's end; one compilation."""
+    if keras.backend.backend() != "jax":
+        pytest.skip("executions span epochs under JAX only")
+    x, y = _data()
+
+    def model():
+        return _model(learning_rate=keras.optimizers.schedules.PolynomialDecay(0.1, 20, 0.01))
+
+    by_epoch = make_engine(model(), x, y, 4, seed=7, one_hot_classes=4, steps_per_execution=7,
+                           execution_loop=loop, span_epochs=False)
+    assert not by_epoch.spans_epochs
+    expected_losses, expected_ends = [], []
+    for epoch in range(3):
+        by_epoch.start_epoch(epoch)
+        while by_epoch.steps_left_in_epoch:
+            expected_losses += list(by_epoch.run(min(7, by_epoch.steps_left_in_epoch)))
+        expected_ends.append((by_epoch.epoch_metrics(), by_epoch.learning_rate))
+        assert [e.epoch for e in by_epoch.take_ended_epochs()] == [epoch]
+    by_epoch.sync()
+
+    spanning = make_engine(model(), x, y, 4, seed=7, one_hot_classes=4, steps_per_execution=7,
+                           execution_loop=loop)
+    assert spanning.spans_epochs and spanning.steps_allowed() == 7
+    spanning.start_epoch(0)
+    losses = list(spanning.run(7))
+    assert (spanning.epoch, spanning.step_in_epoch) == (1, 2)
+    losses += list(spanning.run(7))
+    np.testing.assert_array_equal(spanning.step_epochs, [1, 1, 1, 2, 2, 2, 2])
+    np.testing.assert_array_equal(spanning.step_positions, [3, 4, 5, 1, 2, 3, 4])
+    losses += list(spanning.run(1))
+    assert (spanning.epoch, spanning.step_in_epoch) == (2, 5)
+    ends = spanning.take_ended_epochs()
+    assert [(e.epoch, e.steps, e.after_steps) for e in ends] == [(0, 5, 5), (1, 5, 3), (2, 5, 1)]
+    assert spanning.take_ended_epochs() == []
+    np.testing.assert_allclose(losses, expected_losses, rtol=1e-6)
+    for end, (logs, learning_rate) in zip(ends, expected_ends):
+        assert end.logs.keys() == logs.keys()
+        for name in logs:
+            assert end.logs[name] == pytest.approx(logs[name], rel=1e-6), name
+        assert end.learning_rate == pytest.approx(learning_rate, rel=1e-6)
+    assert len({e.learning_rate for e in ends}) == 3  # the schedule moved
+    spanning.sync()
+    for a, b in zip([*spanning.model.weights, *spanning.model.optimizer.variables],
+                    [*by_epoch.model.weights, *by_epoch.model.optimizer.variables]):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6, err_msg=a.path)
+    # An execution from an epoch's end goes on with the next epoch.
+    spanning.run(2)
+    assert (spanning.epoch, spanning.step_in_epoch) == (3, 2)
+    assert (spanning._fused if loop == "fused" else spanning._step)._cache_size() == 1
 
 
 @pytest.mark.parametrize("loop", LOOPS)
@@ -201,15 +257,22 @@ def test_bad_engine_arguments_and_calls():
     uncompiled = keras.Sequential([keras.Input((8, 8, 3)), keras.layers.Flatten(), keras.layers.Dense(2)])
     with pytest.raises(ValueError, match="must be compiled"):
         make_engine(uncompiled, x, y, 4)
-    engine = make_engine(model, x, y, 4, one_hot_classes=4, steps_per_execution=2)
+    with pytest.raises(ValueError, match="span_epochs must be None, True or False. Received: 'yes'"):
+        make_engine(model, x, y, 4, span_epochs="yes")
+    if keras.backend.backend() == "tensorflow":
+        with pytest.raises(ValueError, match="span_epochs=True: executions across epoch ends need the JAX"):
+            make_engine(model, x, y, 4, span_epochs=True)
+    engine = make_engine(model, x, y, 4, one_hot_classes=4, steps_per_execution=2, span_epochs=False)
     with pytest.raises(RuntimeError, match="start_epoch"):
         engine.run(1)
     engine.start_epoch(0)
     with pytest.raises(ValueError, match=r"steps must be in \[1, 2\]"):
         engine.run(3)
+    with pytest.raises(ValueError, match=r"steps must be in \[1, 2\].*Received: 1.5"):
+        engine.run(1.5)
     engine.run(2)
     engine.run(2)
-    with pytest.raises(ValueError, match=r"steps must be in \[1, 1\] .*1 left in the epoch"):
+    with pytest.raises(ValueError, match=r"steps must be in \[1, 1\] .*1 left in the epoch\)"):
         engine.run(2)
 
 
