@@ -95,7 +95,11 @@ class WallClockBudget(Hook):
 
     After each epoch (the last possibly cut short) a row is appended to `history`
     and logged: epoch, steps, elapsed and remaining seconds, learning rate, strength,
-    fill mode, loss, accuracy, and any `val_*` / `health_*` logs.
+    fill mode, loss, accuracy, and any `val_*` / `health_*` logs. An epoch that ended
+    inside an execution (`haet.loop`: executions across epoch ends) has its elapsed
+    seconds interpolated by steps within that execution (the host sees the device
+    only at an execution's end). With more than one fill mode the executions end
+    with their epoch (a mode is drawn at each epoch start).
 
     Args:
         budget_seconds: positive float, seconds of training (`math.inf`: no budget).
@@ -252,6 +256,11 @@ class WallClockBudget(Hook):
         if self.strength_schedule is not None:
             self._targets.append(("strength", self.strength_schedule, self.augmentation.strength))
 
+    @property
+    def crosses_epochs(self):
+        # A fill mode drawn per epoch must be written before the epoch's first step.
+        return self.augmentation is None or len(self.fill_modes) == 1
+
     def on_epoch_begin(self, run, epoch):
         if self.augmentation is not None:
             mode = self.fill_modes[self.rng.integers(len(self.fill_modes))]
@@ -299,16 +308,27 @@ class WallClockBudget(Hook):
                          (engine.epoch or 0) + 1, engine.step_in_epoch, engine.steps_per_epoch, rate,
                          self._current.get("learning_rate", engine.learning_rate or 0.0), float(losses[-1]))
 
+    def _epoch_end_seconds(self, end):
+        """Seconds of the budget at the end of epoch `end` (a `haet.engine.EpochEnd`):
+        now, or for an epoch that ended inside the last execution, that execution's
+        end less the share of its seconds of the steps after the epoch's."""
+        last = self.executions[-1] if self.executions else None
+        if end is None or end.after_steps is None or last is None or end.after_steps >= last.steps:
+            return self.elapsed()
+        return self.end - self.start - last.seconds * (last.steps - end.after_steps) / last.steps
+
     def on_epoch_end(self, run, epoch, logs):
-        elapsed = self.elapsed()
+        end = run.ending
+        elapsed = self._epoch_end_seconds(end)
+        steps = end.steps if end is not None else run.engine.step_in_epoch
         row = {
             "epoch": epoch + 1,
-            "steps": run.engine.step_in_epoch,
-            "complete": run.engine.step_in_epoch == run.engine.steps_per_epoch,
+            "steps": steps,
+            "complete": steps == run.engine.steps_per_epoch,
             "elapsed_seconds": round(elapsed, 3),
             "remaining_seconds": round(max(0.0, self.budget_seconds - elapsed), 3),
             "learning_rate": (self._current["learning_rate"] if "learning_rate" in self._current
-                              else run.engine.learning_rate),
+                              else end.learning_rate if end is not None else run.engine.learning_rate),
             "augmentation_strength": self._current.get("strength"),
             "fill_mode": self._current.get("fill_mode"),
             "loss": logs.get("loss"),
@@ -463,8 +483,14 @@ class StepPlanner(StepLimit):
 
     def on_epoch_end(self, run, epoch, logs):
         # Runs after the other epoch-end hooks: the time since the last execution is the
-        # epoch's overhead outside the training steps.
+        # epoch's overhead outside the training steps. An epoch that ended inside an
+        # execution has none of its own (the epoch ending with the execution is
+        # charged the host's work since, all its epoch ends included).
         if self.budget.end is None:
+            return
+        end, last = run.ending, self.budget.executions[-1]
+        if end is not None and end.after_steps is not None and end.after_steps < last.steps:
+            self.epoch_overheads.append(0.0)
             return
         self.epoch_overheads.append(max(0.0, self.budget.clock() - self.budget.end))
         if self._planned_with_overhead:

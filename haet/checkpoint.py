@@ -152,6 +152,8 @@ class Checkpointer(Hook):
         bytes: size of the last one.
     """
 
+    crosses_epochs = True
+
     def __init__(self, folder, every_seconds, record_progress=None):
         self.folder = folder
         self.every_seconds = float(every_seconds)
@@ -213,6 +215,7 @@ class StopSignals(Hook):
     """
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
+    crosses_epochs = True
 
     def __init__(self, responsive_seconds=2.0):
         self.received = None

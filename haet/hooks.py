@@ -46,15 +46,18 @@ class DivergenceGuard(Hook):
     immediate=True)`), from the per-step losses each execution already returns (no
     extra wait for the device).
 
-    The losses are the epoch's running means, so the first non-finite one is the
-    first non-finite step; the last finite step's own loss is recovered from two
-    running means (`k m_k - (k - 1) m_(k-1)`).
+    The losses are running means since each step's epoch began (the engine's
+    `step_positions` say where), so the first non-finite one is the first
+    non-finite step; the last finite step's own loss is recovered from two running
+    means (`k m_k - (k - 1) m_(k-1)`).
 
     Attributes (set when it stops the run):
         step: the run's 1-based step whose loss was not finite.
         last_finite_loss: the training loss of the step before it (None if that is
             not known: the first step of the run).
     """
+
+    crosses_epochs = True
 
     def __init__(self):
         self.step = None
@@ -70,9 +73,10 @@ class DivergenceGuard(Hook):
     def after_execution(self, run, steps, losses):
         engine = run.engine
         means = np.asarray(losses, np.float64)
-        positions = np.arange(engine.step_in_epoch - steps + 1, engine.step_in_epoch + 1)  # 1-based, in the epoch
-        same_epoch = self._previous is not None and self._previous[0] == engine.epoch
+        positions = np.asarray(engine.step_positions)  # 1-based, in each step's epoch
+        same_epoch = self._previous is not None and self._previous[0] == int(engine.step_epochs[0])
         before = np.concatenate([[self._previous[1] if same_epoch and positions[0] > 1 else 0.0], means[:-1]])
+        before[positions == 1] = 0.0  # a step that begins an epoch: its running mean is its own loss
         with np.errstate(invalid="ignore", over="ignore"):
             step_losses = positions * means - (positions - 1) * before
         finite = np.isfinite(means)
@@ -103,6 +107,7 @@ class MovingAverage(Hook):
 
     raw_weights = None
     recompute_seconds = None
+    crosses_epochs = True
 
     def __init__(self, average, recompute=None, clock=None):
         self.average, self.recompute, self.clock = average, recompute, clock or time.perf_counter
@@ -145,6 +150,8 @@ class SnapshotKeeper(Hook):
     Raises:
         ValueError: fractions not increasing in (0, 1] or not ending at 1.
     """
+
+    crosses_epochs = True
 
     def state_dict(self):
         return {"snapshots": [[fraction, list(trainable), list(non_trainable)]
@@ -229,6 +236,8 @@ class TrainingHealth(Hook):
     Raises:
         ValueError: `every_steps` < 1.
     """
+
+    crosses_epochs = True  # the epoch logs carry the last sample, whenever it was
 
     def __init__(self, probe_x, probe_y, loss_fn, every_steps=50, summary_dir=None):
         if not (isinstance(every_steps, int) and every_steps >= 1):

@@ -8,17 +8,37 @@ budget (`haet.budget.WallClockBudget`) is one such hook and times every executio
 
 Keras callbacks work at epoch granularity through `KerasCallbacks`
 (`EarlyStopping`, `TensorBoard`...); nothing runs per step on the host.
+
+Where the engine can (`spans_epochs`, JAX) and every hook lets it
+(`Hook.crosses_epochs`), an execution runs on past epoch ends: the epochs that ended
+in it get their `on_epoch_end` (with their own logs) and the next one its
+`on_epoch_begin` after the execution, one after the other. A hook that must act at
+an epoch's very end or start (validation, Keras callbacks, a per-epoch draw) says
+`crosses_epochs = False`, or caps the executions where it needs to (`limit`).
 """
 
+import dataclasses
+
 import keras
+
+from haet.engine import EpochEnd
 
 
 class Hook:
     """Something a run does between compiled executions. Every method is optional.
 
-    `run` is the `Training`: `run.engine`, `run.budget`, `run.stop(reason)`.
-    Order within a step of the loop is the order of the hooks list.
+    `run` is the `Training`: `run.engine`, `run.budget`, `run.stop(reason)`, and
+    during `on_epoch_end` `run.ending` (a `haet.engine.EpochEnd`: the epoch's steps,
+    and where in the last execution it ended). Order within a step of the loop is
+    the order of the hooks list.
+
+    `crosses_epochs`: whether executions may run past epoch ends with this hook on
+    (its `on_epoch_end` and the next `on_epoch_begin` then come after the execution,
+    and the state it sees is the execution's end). False unless a hook says so: a
+    hook written for executions that end with their epoch keeps working.
     """
+
+    crosses_epochs = False
 
     def on_train_begin(self, run):
         """Before the first execution (the state is in the model's variables)."""
@@ -34,8 +54,10 @@ class Hook:
         return None
 
     def after_execution(self, run, steps, losses):
-        """After each execution of `steps` steps; `losses` is the epoch's running mean
-        of the training loss after each of them (float32 `(steps,)`)."""
+        """After each execution of `steps` steps; `losses` is the running mean of the
+        training loss since its epoch's start after each of them (float32
+        `(steps,)`; `run.engine.step_epochs` / `step_positions` say each step's epoch
+        and 1-based position in it)."""
 
     def on_epoch_end(self, run, epoch, logs):
         """At the end of an epoch (complete or cut short), the state synced into the
@@ -60,6 +82,7 @@ class StepLimit(Hook):
     goes (a planner sets it); None: no limit yet."""
 
     reason = "max_steps"
+    crosses_epochs = True
 
     def __init__(self, max_steps=None):
         self.max_steps = max_steps
@@ -95,6 +118,11 @@ class KerasCallbacks(Hook):
     def load_state_dict(self, state):
         self._resumed = state
 
+    @property
+    def crosses_epochs(self):
+        # Callbacks see the model at each epoch's end.
+        return not self.callbacks.callbacks
+
     def on_train_begin(self, run):
         self.model.stop_training = False
         self.callbacks.on_train_begin()
@@ -118,12 +146,13 @@ class KerasCallbacks(Hook):
 class Training:
     """Epochs of compiled executions on `engine`, timed and stopped by `budget`.
 
-    Each epoch: `engine.start_epoch`, then executions of
-    `min(K, steps left in the epoch, every hook's limit)` steps until the epoch ends
-    or a hook stops the run; then the epoch's metrics, the hooks' epoch ends (the
-    state synced into the model), and the next epoch unless stopped or `epochs`
-    are done. A run stopped inside an epoch still ends that epoch (its row says it
-    was cut short).
+    Each execution runs `min(K, what the engine allows, every hook's limit)` steps:
+    up to the epoch's end, or past it when the engine `spans_epochs` and every hook
+    `crosses_epochs`. After it, each epoch that ended in it ends on the host (the
+    state synced into the model, the hooks' `on_epoch_end` with the epoch's own
+    metrics) and the next begins (`on_epoch_begin`), until a hook stops the run or
+    `epochs` are done. A run stopped inside an epoch still ends that epoch (its row
+    says it was cut short).
 
     Args:
         engine: a `haet.engine.Engine`.
@@ -132,14 +161,16 @@ class Training:
         epochs: > 0: stop after this many epochs; 0: no limit.
 
     A hook may stop the run at once (`stop(reason, immediate=True)`: a signal,
-    divergence): the loop ends after the current execution without the epoch's end
-    or the hooks' `on_train_end`, the state synced into the model's variables.
+    divergence): the loop ends after the current execution without the epochs'
+    ends or the hooks' `on_train_end`, the state synced into the model's variables.
 
     Attributes:
         stopped_by: why training stopped: "budget", "planned", "epochs",
             "early_stopping", "interrupted", "diverged", or a hook's own reason.
         stopped_at_once: whether the run stopped without ending its epoch.
         epochs_run: epochs started.
+        ending: during the hooks' `on_epoch_end`, the `haet.engine.EpochEnd` of the
+            epoch; None otherwise.
     """
 
     def __init__(self, engine, budget, hooks, epochs=0):
@@ -152,6 +183,7 @@ class Training:
         self.stopped_by = None
         self.stopped_at_once = False
         self.epochs_run = 0
+        self.ending = None
 
     def stop(self, reason, immediate=False):
         """Ends training after the current execution (the first reason given is kept);
@@ -165,12 +197,26 @@ class Training:
 
     def state_dict(self):
         """The loop's state for a checkpoint, at an execution boundary: the engine's
-        position in its epoch and its last logs, and each hook's `state_dict()`.
-        The training state itself is `engine.snapshot()`."""
+        position in its epoch, its last logs and the epoch ends the loop has not
+        acted on yet, and each hook's `state_dict()`. The training state itself is
+        `engine.snapshot()`."""
         engine = self.engine
         return {"epoch": engine.epoch, "step_in_epoch": engine.step_in_epoch, "epochs_run": self.epochs_run,
                 "engine_logs": engine.epoch_metrics(), "learning_rate": engine.learning_rate,
+                "ended_epochs": [dataclasses.asdict(end) for end in engine.ended_epochs],
                 "hooks": {key: hook.state_dict() for key, hook in zip(self._hook_keys(), self.hooks)}}
+
+    def steps_allowed(self):
+        """The most steps the next execution may run before the hooks' limits: the
+        engine's (`steps_allowed`), to the epoch's end unless every hook
+        `crosses_epochs`, and not past the last of `epochs`."""
+        engine = self.engine
+        if not engine.spans_epochs or not all(hook.crosses_epochs for hook in self.hooks):
+            return min(engine.steps_per_execution, engine.steps_left_in_epoch)
+        steps = engine.steps_allowed()
+        if self.epochs:
+            steps = min(steps, (self.epochs - engine.epoch) * engine.steps_per_epoch - engine.step_in_epoch)
+        return steps
 
     def fit(self, resume=None):
         """Trains until a hook, the budget or `epochs` stops it; returns `self`.
@@ -184,46 +230,76 @@ class Training:
             ValueError: `resume` was saved by a run with other hooks.
         """
         engine, hooks = self.engine, self.hooks
-        epoch, inside_epoch = 0, False
         if resume is not None:
-            epoch = self._resume(*resume)
-            inside_epoch = True
+            self._resume(*resume)
         self.budget.begin()
         for hook in hooks:
             hook.on_train_begin(self)
+        if resume is None and self.stopped_by is None:
+            self._begin_epoch(0)
         while self.stopped_by is None:
-            if not inside_epoch:
-                if self.epochs and epoch >= self.epochs:
-                    self.stop("epochs")
-                    break
-                engine.start_epoch(epoch)
-                self.epochs_run = epoch + 1
-                for hook in hooks:
-                    hook.on_epoch_begin(self, epoch)
-            inside_epoch = False
-            while engine.steps_left_in_epoch and self.stopped_by is None:
-                for hook in hooks:
-                    hook.before_execution(self)
-                limits = [limit for limit in (hook.limit(self) for hook in hooks) if limit is not None]
-                steps = min(engine.steps_per_execution, engine.steps_left_in_epoch, *limits)
-                if steps < 1:
-                    raise RuntimeError(f"A hook limited the next execution to {steps} steps: {limits}.")
-                losses = self.budget.execute(engine, steps)
-                for hook in hooks:
-                    hook.after_execution(self, steps, losses)
-            if self.stopped_at_once:
+            self._end_epochs()  # of the last execution (or the checkpoint's), and the next one's start
+            if self.stopped_by is not None:
                 break
-            logs = engine.epoch_metrics()
-            engine.sync()
             for hook in hooks:
-                hook.on_epoch_end(self, epoch, logs)
-            engine.reload()  # a hook may have changed the model's variables
-            epoch += 1
+                hook.before_execution(self)
+            limits = [limit for limit in (hook.limit(self) for hook in hooks) if limit is not None]
+            steps = min(self.steps_allowed(), *limits)
+            if steps < 1:
+                raise RuntimeError(f"A hook limited the next execution to {steps} steps: {limits}.")
+            losses = self.budget.execute(engine, steps)
+            for hook in hooks:
+                hook.after_execution(self, steps, losses)
+        if not self.stopped_at_once:
+            cut_short = None
+            if engine.epoch is not None and 0 < engine.step_in_epoch < engine.steps_per_epoch:
+                # Stopped inside an epoch: it ends here, cut short.
+                cut_short = EpochEnd(engine.epoch, engine.step_in_epoch, engine.epoch_metrics(),
+                                     engine.learning_rate)
+            self._end_epochs(cut_short)
         engine.sync()
         if not self.stopped_at_once:
             for hook in hooks:
                 hook.on_train_end(self)
         return self
+
+    def _begin_epoch(self, epoch):
+        if self.epochs and epoch >= self.epochs:
+            self.stop("epochs")
+            return
+        self.engine.start_epoch(epoch)
+        self.epochs_run = epoch + 1
+        for hook in self.hooks:
+            hook.on_epoch_begin(self, epoch)
+
+    def _end_epochs(self, cut_short=None):
+        """The epoch ends the engine saw since the last call (and `cut_short`, an
+        epoch the loop ends itself): each epoch's end, then the next epoch's start
+        when it is already running on the device (the execution went past the end).
+        The state is synced into the model once before and read back once after
+        (hooks write variables with `engine.assign`, which keeps both the same). When
+        the last execution stopped at an epoch's end and the run goes on, the next
+        epoch starts."""
+        engine = self.engine
+        ended = engine.take_ended_epochs() + ([cut_short] if cut_short is not None else [])
+        if ended:
+            engine.sync()
+        for end in ended:
+            logs = dict(end.logs)
+            self.ending = end
+            try:
+                for hook in self.hooks:
+                    hook.on_epoch_end(self, end.epoch, logs)
+            finally:
+                self.ending = None
+            if end.epoch < engine.epoch:
+                self.epochs_run = max(self.epochs_run, end.epoch + 2)
+                for hook in self.hooks:
+                    hook.on_epoch_begin(self, end.epoch + 1)
+        if ended:
+            engine.reload()  # a hook may have changed the model's variables
+        if self.stopped_by is None and engine.epoch is not None and engine.steps_left_in_epoch == 0:
+            self._begin_epoch(engine.epoch + 1)
 
     def _resume(self, snapshot, state):
         keys = self._hook_keys()
@@ -234,7 +310,12 @@ class Training:
             if state["hooks"][key] is not None:
                 hook.load_state_dict(state["hooks"][key])
         self.engine.restore(snapshot)
+        ended = [EpochEnd(**end) for end in state.get("ended_epochs", ())]
+        if "ended_epochs" not in state and state["step_in_epoch"] == self.engine.steps_per_epoch:
+            # A checkpoint from before `ended_epochs` was kept: its epoch had ended.
+            ended = [EpochEnd(state["epoch"], state["step_in_epoch"], dict(state["engine_logs"]),
+                              state["learning_rate"])]
         self.engine.continue_epoch(state["epoch"], state["step_in_epoch"], state["engine_logs"],
-                                   state["learning_rate"])
+                                   state["learning_rate"], ended)
         self.epochs_run = state["epochs_run"]
         return state["epoch"]

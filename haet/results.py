@@ -399,7 +399,8 @@ def training_fields(config, data, run, timer):
     `checkpoint_seconds` (writing checkpoints: the budget's clock is paused),
     `precompute_seconds`, `eval_seconds`; `between_executions_seconds`: the part of
     `train_seconds` with no execution running (precomputed augmentation, epoch ends,
-    hooks, validation). Throughput: `images_per_second` (trained images / train seconds) and `images_per_second_after_compile` (the same without
+    hooks, validation); `executions_span_epochs`: whether executions ran on past epoch
+    ends (`haet.loop`). Throughput: `images_per_second` (trained images / train seconds) and `images_per_second_after_compile` (the same without
     compilation and probe), counting each ensemble member's images (`images_seen` and
     `epochs_equivalent` are each member's). `over_budget_seconds`: training past the budget;
     `over_budget`: past it by more than one typical execution.
@@ -424,6 +425,10 @@ def training_fields(config, data, run, timer):
         "stopped_by": run.training.stopped_by,
         "steps_per_execution": config.steps_per_execution,
         "execution_loop": run.engine.loop_kind,
+        # Whether executions ran on past epoch ends (--span_epochs, JAX, and no hook that needs
+        # to see each epoch's end: see haet.loop).
+        "executions_span_epochs": bool(run.engine.spans_epochs
+                                       and all(hook.crosses_epochs for hook in run.training.hooks)),
         "executions": sum(not e.probe for e in budget.executions),
         "step_seconds": budget.step_seconds(),
         "probe_steps": budget.probe_steps(),

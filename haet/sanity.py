@@ -75,6 +75,8 @@ def check_initial_loss(config, data, x, y, tolerance=0.25):
 class _StopAtAccuracy(StepLimit):
     """Stops when an epoch's training accuracy reaches `target`, or after `max_steps`."""
 
+    crosses_epochs = False  # it stops at the first epoch end with the accuracy
+
     def __init__(self, target, max_steps):
         super().__init__(max_steps)
         self.target, self.accuracy = target, 0.0

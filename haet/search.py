@@ -196,6 +196,8 @@ class ReportToTrial(Hook):
     elapsed second of the budget (the pruner's resource), and stops the run
     ("pruned") when the pruner says so. Place it after `haet.hooks.Validation`."""
 
+    crosses_epochs = True  # it acts on validation logs, and validation ends executions with their epoch
+
     def __init__(self, trial):
         self.trial = trial
         self.pruned = False

@@ -435,6 +435,8 @@ class HistoryWriter(Hook):
     """Appends each epoch's history row to the run folder's `history.csv` as the epoch
     ends (a resumed run first writes the rows its checkpoint kept)."""
 
+    crosses_epochs = True
+
     def __init__(self, folder, budget):
         self.folder, self.budget = folder, budget
 
@@ -454,15 +456,26 @@ def _whitening_layers(model):
 class FreezeWhiteningBias(Hook):
     """Stops the gradient of `PatchWhitening` biases from epoch `epochs` on (airbench
     trains it for the first 3 epochs), through their gate variables: nothing recompiles.
-    A fraction of an epoch takes effect at the next epoch start."""
+    A fraction of an epoch takes effect at the next epoch start (executions end there
+    once, so that the epoch's first step already has it)."""
+
+    crosses_epochs = True
 
     def __init__(self, layers, epochs):
         self.layers, self.epochs = list(layers), epochs
+        self._frozen = False
+
+    def limit(self, run):
+        engine, first = run.engine, math.ceil(self.epochs)  # the first epoch without the bias's gradient
+        if engine.epoch is None or engine.epoch >= first:
+            return None
+        return (first - engine.epoch) * engine.steps_per_epoch - engine.step_in_epoch
 
     def on_epoch_begin(self, run, epoch):
-        if epoch >= self.epochs:
+        if epoch >= self.epochs and not self._frozen:
             for layer in self.layers:
                 run.engine.assign(layer.bias_gate, 0.0)
+            self._frozen = True
 
 
 def build_run(config, model, augmentation, schedule, data, folder, clock=time.perf_counter, timer=None,
@@ -506,7 +519,8 @@ def build_run(config, model, augmentation, schedule, data, folder, clock=time.pe
     average = optimizers.make_moving_average(config)
     engine = make_engine(model, images, data.y_fit, config.batch_size, seed=config.seed, one_hot_classes=one_hot,
                          steps_per_execution=config.steps_per_execution, copies=copies,
-                         execution_loop=config.execution_loop, averages=[a for a in (lookahead, average) if a])
+                         execution_loop=config.execution_loop, averages=[a for a in (lookahead, average) if a],
+                         span_epochs=None if config.span_epochs else False)
     run = Run(engine, budget, training=None)
     hooks = [signals] if signals is not None else []
     run.divergence = DivergenceGuard()

@@ -55,7 +55,8 @@ class FakeEngine:
     """Stands in for `haet.engine.Engine` in tests of the host loop: no model runs; each
     step advances `clock` by `step_seconds(step)` (the first execution also by
     `compile_seconds`), and every step records the values written with `assign`
-    (by variable name) when it ran.
+    (by variable name) when it ran. With `spans_epochs`, executions run on past
+    epoch ends as the JAX engine's do (`ended_epochs`, `step_epochs`, `step_positions`).
 
     Attributes:
         steps: one dict per step run (kept or probe): the assigned values, "epoch",
@@ -63,7 +64,8 @@ class FakeEngine:
         executions: the steps of each `run` call.
     """
 
-    def __init__(self, clock, size=16, batch_size=4, step_seconds=1.0, steps_per_execution=16, compile_seconds=0.0):
+    def __init__(self, clock, size=16, batch_size=4, step_seconds=1.0, steps_per_execution=16, compile_seconds=0.0,
+                 spans_epochs=False):
         import keras
 
         self.clock = clock
@@ -71,30 +73,55 @@ class FakeEngine:
         self.steps_per_execution = steps_per_execution
         self.step_seconds = step_seconds if callable(step_seconds) else (lambda step: step_seconds)
         self.compile_seconds = compile_seconds
+        self.spans_epochs = spans_epochs
         self.model = keras.Model()  # an optimizer for the budget to find its learning-rate variable
         self.model.optimizer = keras.optimizers.SGD(0.1)
         self.epoch, self.step_in_epoch = None, 0
         self.values, self.steps, self.executions = {}, [], []
         self.restores, self.learning_rate = 0, 0.1
+        self.ended_epochs, self.step_epochs, self.step_positions = [], [], []
 
     @property
     def steps_left_in_epoch(self):
         return self.steps_per_epoch - self.step_in_epoch
 
+    def steps_allowed(self):
+        return self.steps_per_execution if self.spans_epochs else min(self.steps_per_execution,
+                                                                      self.steps_left_in_epoch)
+
+    def take_ended_epochs(self):
+        ended, self.ended_epochs = self.ended_epochs, []
+        return ended
+
     def start_epoch(self, epoch):
         self.epoch, self.step_in_epoch = epoch, 0
+
+    def continue_epoch(self, epoch, step_in_epoch, logs=None, learning_rate=None, ended_epochs=()):
+        self.epoch, self.step_in_epoch, self.ended_epochs = epoch, step_in_epoch, list(ended_epochs)
 
     def run(self, steps):
         import numpy as np
 
-        assert self.epoch is not None and 1 <= steps <= min(self.steps_per_execution, self.steps_left_in_epoch)
+        from haet.engine import EpochEnd
+
+        if self.spans_epochs and self.step_in_epoch == self.steps_per_epoch:
+            self.start_epoch(self.epoch + 1)
+        assert self.epoch is not None and 1 <= steps <= self.steps_allowed()
         if not self.executions:
             self.clock.t += self.compile_seconds
-        for _ in range(steps):
+        self.step_epochs, self.step_positions = [], []
+        for j in range(steps):
+            if self.step_in_epoch == self.steps_per_epoch:
+                self.epoch, self.step_in_epoch = self.epoch + 1, 0
             self.clock.t += self.step_seconds(len(self.steps))
             self.steps.append({**self.values, "epoch": self.epoch, "restored": self.restores})
+            self.step_in_epoch += 1
+            self.step_epochs.append(self.epoch)
+            self.step_positions.append(self.step_in_epoch)
+            if self.step_in_epoch == self.steps_per_epoch:
+                self.ended_epochs.append(EpochEnd(self.epoch, self.steps_per_epoch, self.epoch_metrics(),
+                                                  self.learning_rate, j + 1))
         self.executions.append(steps)
-        self.step_in_epoch += steps
         return np.full(steps, 1.0, np.float32)
 
     def epoch_metrics(self):
@@ -110,6 +137,7 @@ class FakeEngine:
         self.values = dict(snapshot)
         self.restores += 1
         self.epoch = None
+        self.ended_epochs = []
 
     def sync(self):
         pass

@@ -8,7 +8,7 @@ from conftest import FakeClock, FakeEngine
 from haet.augment import RandomAffine
 from haet.budget import PhaseTimer, Progress, StepPlanner, WallClockBudget
 from haet.hooks import SnapshotKeeper
-from haet.loop import Hook, KerasCallbacks, Training
+from haet.loop import Hook, KerasCallbacks, StepLimit, Training
 from haet.schedules import PiecewiseConstant
 
 
@@ -274,3 +274,107 @@ def test_step_time_median_is_kept_as_executions_come_and_after_a_resume():
     resumed = WallClockBudget(100.0, clock=clock)
     resumed.load_state_dict(budget.state_dict())
     assert resumed.steady_step_seconds() == pytest.approx(0.225)
+
+
+class _Events(Hook):
+    """Records the loop's epoch events with the engine's position at each."""
+
+    crosses_epochs = True
+
+    def __init__(self):
+        self.events = []
+
+    def on_epoch_begin(self, run, epoch):
+        self.events.append(("begin", epoch))
+
+    def on_epoch_end(self, run, epoch, logs):
+        self.events.append(("end", epoch, run.ending.steps, run.ending.after_steps))
+
+
+def test_executions_run_past_epoch_ends_when_every_hook_lets_them():
+    """Epochs of 4 steps of 1 s, K = 6, a 13 s budget: executions of 1 (compiling),
+    then 6 steps across epoch ends; each epoch still ends on the host, in order,
+    with its own steps, and its elapsed seconds are where its last step ended."""
+    clock = FakeClock()
+    engine = FakeEngine(clock, size=16, batch_size=4, steps_per_execution=6, spans_epochs=True)
+    budget, events = WallClockBudget(13.0, clock=clock), _Events()
+    run = _fit(engine, budget, events)
+    assert engine.executions == [1, 6, 6] and run.stopped_by == "budget" and run.epochs_run == 4
+    assert events.events == [("begin", 0), ("end", 0, 4, 3), ("begin", 1), ("end", 1, 4, 1), ("begin", 2),
+                             ("end", 2, 4, 5), ("begin", 3), ("end", 3, 1, None)]
+    assert [row["steps"] for row in budget.history] == [4, 4, 4, 1]
+    assert [row["complete"] for row in budget.history] == [True, True, True, False]
+    assert [row["elapsed_seconds"] for row in budget.history] == [4.0, 8.0, 12.0, 13.0]
+
+
+def test_a_hook_that_does_not_cross_epochs_ends_executions_with_their_epoch():
+    """A hook without `crosses_epochs` (the default), validation's case, more than one
+    fill mode or a Keras callback: executions end at each epoch's end, as before."""
+    clock = FakeClock()
+    for hooks, budget_kwargs in (([Hook()], {}), ([], {"augmentation": RandomAffine(seed=0),
+                                                       "fill_modes": ("wrap", "reflect")}),
+                                 ([KerasCallbacks([keras.callbacks.History()], keras.Model())], {})):
+        engine = FakeEngine(clock, size=16, batch_size=4, steps_per_execution=6, spans_epochs=True)
+        budget = WallClockBudget(13.0, clock=clock, **budget_kwargs)
+        _fit(engine, budget, *hooks)
+        assert engine.executions == [1, 3, 4, 4, 1], hooks
+    engine = FakeEngine(clock, size=16, batch_size=4, steps_per_execution=6, spans_epochs=True)
+    _fit(engine, WallClockBudget(13.0, clock=clock, augmentation=RandomAffine(seed=0), fill_modes=("wrap",)))
+    assert engine.executions == [1, 6, 6]
+
+
+def test_executions_across_epochs_stop_after_epochs_and_at_a_planned_step():
+    clock = FakeClock()
+    engine = FakeEngine(clock, size=16, batch_size=4, steps_per_execution=6, spans_epochs=True)
+    budget = WallClockBudget(1000.0, clock=clock)
+    run = _fit(engine, budget, epochs=3)
+    assert run.stopped_by == "epochs" and engine.executions == [1, 6, 5] and len(budget.history) == 3
+    assert all(row["complete"] for row in budget.history) and run.epochs_run == 3
+    engine = FakeEngine(clock, size=16, batch_size=4, steps_per_execution=6, spans_epochs=True)
+    budget = WallClockBudget(1000.0, clock=clock)
+    run = _fit(engine, budget, StepLimit(10))
+    assert run.stopped_by == "max_steps" and engine.executions == [1, 6, 3]
+    assert [row["steps"] for row in budget.history] == [4, 4, 2]
+
+
+def test_a_checkpoint_between_an_execution_and_its_epoch_ends_resumes_them_once():
+    """The loop's state after an execution that ended two epochs keeps them; a run
+    resumed from it ends each of them once, then goes on."""
+    clock = FakeClock()
+    engine = FakeEngine(clock, size=16, batch_size=4, steps_per_execution=6, spans_epochs=True)
+    budget = WallClockBudget(1000.0, clock=clock)
+    saved = {}
+
+    class SaveAfterSecondExecution(Hook):
+        crosses_epochs = True
+
+        def after_execution(self, run, steps, losses):
+            if len(engine.executions) == 3:
+                saved.update(state=run.state_dict(), snapshot=engine.snapshot())
+                run.stop("interrupted", immediate=True)
+
+    run = _fit(engine, budget, SaveAfterSecondExecution())
+    assert run.stopped_at_once and [row["epoch"] for row in budget.history] == [1]
+    assert [end["epoch"] for end in saved["state"]["ended_epochs"]] == [1, 2]  # 13 steps: epochs 2 and 3 ended
+    engine = FakeEngine(clock, size=16, batch_size=4, steps_per_execution=6, spans_epochs=True)
+    budget, events = WallClockBudget(1000.0, clock=clock), _Events()
+    budget.load_state_dict(saved["state"]["hooks"]["0:WallClockBudget"])
+    hooks = [budget, SaveAfterSecondExecution(), events]
+    saved["state"]["hooks"]["2:_Events"] = None
+    run = Training(engine, budget, hooks, epochs=5).fit(resume=(saved["snapshot"], saved["state"]))
+    assert [row["epoch"] for row in budget.history] == [1, 2, 3, 4, 5]
+    assert events.events[:4] == [("end", 1, 4, 1), ("begin", 2), ("end", 2, 4, 5), ("begin", 3)]
+    assert engine.executions[0] == 6 and run.stopped_by == "epochs"
+
+
+def test_the_whitening_bias_freezes_at_its_epoch_start_in_executions_across_epochs():
+    """airbench's bias freeze from epoch ceil(1.5) = 2: executions end once at that
+    epoch's start, so its first step (the 9th) already runs with the gate closed."""
+    from haet.training import FreezeWhiteningBias
+
+    clock = FakeClock()
+    engine = FakeEngine(clock, size=16, batch_size=4, steps_per_execution=6, spans_epochs=True)
+    layer = type("Whitening", (), {"bias_gate": keras.Variable(1.0, name="bias_gate")})()
+    _fit(engine, WallClockBudget(1000.0, clock=clock), FreezeWhiteningBias([layer], 1.5), epochs=4)
+    assert engine.executions == [1, 6, 1, 6, 2]
+    assert [step.get("bias_gate") for step in engine.steps] == [None] * 8 + [0.0] * 8

@@ -132,20 +132,28 @@ def test_divergence_stops_the_run_with_an_honest_record(tmp_path, cifar10_slice_
         train(config, resume=run_dir)
 
 
-def test_the_divergence_guard_recovers_the_last_finite_step_loss():
+@pytest.mark.parametrize("chunks,epoch_size", [((4, 2), 40), ((6,), 16), ((3, 3), 16)])
+def test_the_divergence_guard_recovers_the_last_finite_step_loss(chunks, epoch_size):
+    """Step losses 2, 4, 6, 1, 3, inf in executions of `chunks` steps: in one epoch (10
+    steps), or across an epoch end after the 4th step (executions that span epochs;
+    the running means start again there)."""
     clock = FakeClock()
-    engine = FakeEngine(clock, size=40, batch_size=4, steps_per_execution=4)
+    engine = FakeEngine(clock, size=epoch_size, batch_size=4, steps_per_execution=8, spans_epochs=True)
     budget = budget_lib.WallClockBudget(100.0, clock=clock)
     guard = DivergenceGuard()
     run = Training(engine, budget, [budget, guard])
-    step_losses = [2.0, 4.0, 6.0, 1.0, 3.0, np.inf]
+    step_losses = np.array([2.0, 4.0, 6.0, 1.0, 3.0, np.inf])
     engine.start_epoch(0)
-    means = np.cumsum(step_losses) / np.arange(1, 7)
-    for chunk in (slice(0, 4), slice(4, 6)):
-        steps = chunk.stop - chunk.start
+    spe = engine.steps_per_epoch
+    positions = np.arange(6) % spe + 1
+    means = np.array([step_losses[i - p + 1:i + 1].mean() for i, p in enumerate(positions)])
+    done = 0
+    for steps in chunks:
+        engine.run(steps)
+        np.testing.assert_array_equal(engine.step_positions, positions[done:done + steps])
         budget.steps += steps
-        engine.step_in_epoch += steps
-        guard.after_execution(run, steps, means[chunk].astype(np.float32))
+        guard.after_execution(run, steps, means[done:done + steps].astype(np.float32))
+        done += steps
     assert run.stopped_by == "diverged" and run.stopped_at_once
     assert guard.step == 6 and guard.last_finite_loss == pytest.approx(3.0)
 
