@@ -6,7 +6,9 @@ the device idle between steps. The engine instead
 
 - puts the training images and labels on the accelerator once (uint8, as given);
 - draws each epoch's permutation on the host (`np.random.default_rng((seed, epoch))`,
-  so the order is the same on every backend) and copies it there once per epoch;
+  so the order is the same on every backend) and copies it there (under JAX the
+  permutations of every epoch an execution can reach: executions may run on past
+  epoch ends, see `Engine`);
 - runs up to `steps_per_execution` (K) training steps as one execution: each step
   takes its batch of indices from the permutation at a position held on the device,
   gathers the images and labels there and calls the model's own Keras `train_step`
