@@ -386,9 +386,10 @@ class StepPlanner(StepLimit):
     probe and still stops training if it runs out first.
 
     Time spent between epochs (validation, epoch-end hooks) is measured at each epoch
-    end (`epoch_overheads`) and charged to every planned epoch but the last; at the
-    first epoch end the plan is made once more with it (`replanned_from` keeps the
-    first plan) when the overhead exceeds a step.
+    end (`epoch_overheads`; when an execution ran past epoch ends, the host time
+    after it is shared by the epochs that ended in it) and charged to every planned
+    epoch but the last; at the first epoch end the plan is made once more with it
+    (`replanned_from` keeps the first plan) when the overhead exceeds a step.
 
     Attributes set when planned: `planned_epochs`, `planned_steps_value`,
     `step_seconds` (the probe's mean), `replanned_from` (None if not re-planned).
@@ -417,6 +418,7 @@ class StepPlanner(StepLimit):
         self.epoch_overheads = []
         self.replanned_from = None
         self._planned_with_overhead = False
+        self._ending = 0  # epochs ended since the last execution, before the last of them
 
     _STATE = ("planned_epochs", "planned_steps_value", "step_seconds", "epoch_overheads", "replanned_from",
               "_planned_with_overhead")
@@ -483,16 +485,15 @@ class StepPlanner(StepLimit):
 
     def on_epoch_end(self, run, epoch, logs):
         # Runs after the other epoch-end hooks: the time since the last execution is the
-        # epoch's overhead outside the training steps. An epoch that ended inside an
-        # execution has none of its own (the epoch ending with the execution is
-        # charged the host's work since, all its epoch ends included).
+        # overhead outside the training steps of the epochs that ended after it (several
+        # when it ran past epoch ends: measured at the last of them, shared equally).
         if self.budget.end is None:
             return
-        end, last = run.ending, self.budget.executions[-1]
-        if end is not None and end.after_steps is not None and end.after_steps < last.steps:
-            self.epoch_overheads.append(0.0)
+        self._ending += 1
+        if not getattr(run, "ending_last", True):
             return
-        self.epoch_overheads.append(max(0.0, self.budget.clock() - self.budget.end))
+        epochs, self._ending = self._ending, 0
+        self.epoch_overheads += [max(0.0, self.budget.clock() - self.budget.end) / epochs] * epochs
         if self._planned_with_overhead:
             return
         self._planned_with_overhead = True

@@ -232,7 +232,8 @@ class Engine:
         return self.steps_per_epoch - self.step_in_epoch
 
     def start_epoch(self, epoch):
-        """Resets the metrics and copies epoch `epoch`'s permutation to the device."""
+        """Resets the metrics and makes epoch `epoch`'s permutation available (TensorFlow:
+        copied to the device here; JAX: by the next `run`, with the epochs after it)."""
         self._reset_metrics()
         self._prepare_order(epoch)
         self.epoch = epoch
@@ -241,7 +242,7 @@ class Engine:
 
     def continue_epoch(self, epoch, step_in_epoch, logs=None, learning_rate=None, ended_epochs=()):
         """Goes on inside epoch `epoch` after `step_in_epoch` of its steps (a resumed
-        run, after `restore`): the epoch's permutation is copied to the device again;
+        run, after `restore`): the epoch's permutation is made available again;
         the metrics keep their restored values; `logs` and `learning_rate` are the
         last execution's, `ended_epochs` the `EpochEnd`s the loop had not taken yet.
 

@@ -171,6 +171,8 @@ class Training:
         epochs_run: epochs started.
         ending: during the hooks' `on_epoch_end`, the `haet.engine.EpochEnd` of the
             epoch; None otherwise.
+        ending_last: during the hooks' `on_epoch_end`, whether this is the last of the
+            epochs ended after one execution (several when it ran past epoch ends).
     """
 
     def __init__(self, engine, budget, hooks, epochs=0):
@@ -184,6 +186,7 @@ class Training:
         self.stopped_at_once = False
         self.epochs_run = 0
         self.ending = None
+        self.ending_last = True
 
     def stop(self, reason, immediate=False):
         """Ends training after the current execution (the first reason given is kept);
@@ -286,7 +289,7 @@ class Training:
             engine.sync()
         for end in ended:
             logs = dict(end.logs)
-            self.ending = end
+            self.ending, self.ending_last = end, end is ended[-1]
             try:
                 for hook in self.hooks:
                     hook.on_epoch_end(self, end.epoch, logs)

@@ -378,3 +378,25 @@ def test_the_whitening_bias_freezes_at_its_epoch_start_in_executions_across_epoc
     _fit(engine, WallClockBudget(1000.0, clock=clock), FreezeWhiteningBias([layer], 1.5), epochs=4)
     assert engine.executions == [1, 6, 1, 6, 2]
     assert [step.get("bias_gate") for step in engine.steps] == [None] * 8 + [0.0] * 8
+
+
+def test_the_planner_shares_the_host_time_after_an_execution_among_its_epoch_ends():
+    """Executions of up to 64 steps over epochs of 9 (0.01 s a step), 0.05 s of host work
+    at each epoch end, a 10 s budget: the host time after each execution is shared by
+    the epochs that ended in it, the plan is re-made after the first execution, and the
+    planned steps end before the budget (the one-cycle schedule completes)."""
+    class HostWork(Hook):
+        crosses_epochs = True
+
+        def on_epoch_end(self, run, epoch, logs):
+            clock.t += 0.05
+
+    clock = FakeClock()
+    engine = FakeEngine(clock, size=36, batch_size=4, step_seconds=0.01, steps_per_execution=64, spans_epochs=True)
+    budget = WallClockBudget(10.0, clock=clock)
+    planner = StepPlanner(budget, keras.Variable(0.0, name="planned_steps"), engine.steps_per_epoch, probe_steps=20)
+    run = Training(engine, budget, [budget, HostWork(), planner]).fit()
+    assert max(engine.executions) == 64
+    assert planner.epoch_overheads == pytest.approx([0.05] * len(budget.history))
+    assert planner.replanned_from == 108 and planner.planned_epochs == 70
+    assert run.stopped_by == "planned" and budget.steps == 630 and budget.train_seconds() <= 10.0
