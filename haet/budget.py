@@ -490,7 +490,7 @@ class StepPlanner(StepLimit):
         if self.budget.end is None:
             return
         self._ending += 1
-        if not getattr(run, "ending_last", True):
+        if not run.ending_last:
             return
         epochs, self._ending = self._ending, 0
         self.epoch_overheads += [max(0.0, self.budget.clock() - self.budget.end) / epochs] * epochs

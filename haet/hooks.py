@@ -76,7 +76,6 @@ class DivergenceGuard(Hook):
         positions = np.asarray(engine.step_positions)  # 1-based, in each step's epoch
         same_epoch = self._previous is not None and self._previous[0] == int(engine.step_epochs[0])
         before = np.concatenate([[self._previous[1] if same_epoch and positions[0] > 1 else 0.0], means[:-1]])
-        before[positions == 1] = 0.0  # a step that begins an epoch: its running mean is its own loss
         with np.errstate(invalid="ignore", over="ignore"):
             step_losses = positions * means - (positions - 1) * before
         finite = np.isfinite(means)
