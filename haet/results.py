@@ -404,8 +404,18 @@ def training_fields(config, data, run, timer):
     compilation and probe), counting each ensemble member's images (`images_seen` and
     `epochs_equivalent` are each member's). `over_budget_seconds`: training past the budget;
     `over_budget`: past it by more than one typical execution.
+
+    Epochs: `epochs` (ended, complete or cut short where training stopped inside
+    one, and pending; not an epoch a run stopped at once inside: its steps are in
+    `steps`), `epochs_completed` (of all their steps), `epochs_pending`: of these,
+    the epochs that ended on the device in the last execution of a run stopped at
+    once (interrupted or diverged) before the host ended them; they have no history
+    row yet: the checkpoint keeps them and a resumed run ends them first.
     """
     budget, planner = run.budget, run.planner
+    # Epochs the device ended in the last execution that the host has not ended yet
+    # (only a run stopped at once leaves any: see haet.loop.Training).
+    pending = len(run.engine.ended_epochs)
     train_seconds = budget.train_seconds()
     compile_seconds = budget.compile_seconds()
     probe_seconds = sum(e.seconds for e in budget.executions if e.probe)
@@ -415,17 +425,18 @@ def training_fields(config, data, run, timer):
     over = max(0.0, train_seconds - budget.budget_seconds)
     typical = budget.typical_execution_seconds()
     return {
-        "epochs": len(budget.history),
+        "epochs": len(budget.history) + pending,
         "planned_epochs": planner.planned_epochs if planner else (config.epochs or None),
         "replanned_from_epochs": planner.replanned_from if planner else None,
-        "epochs_completed": sum(row["complete"] for row in budget.history),
+        "epochs_completed": sum(row["complete"] for row in budget.history) + pending,
+        "epochs_pending": pending,
         "epochs_equivalent": round(images / len(data.y_fit), 3),
         "steps": budget.steps,
         "images_seen": images,
         "stopped_by": run.training.stopped_by,
         "steps_per_execution": config.steps_per_execution,
         "execution_loop": run.engine.loop_kind,
-        # Whether executions ran on past epoch ends (--span_epochs, JAX, and no hook that needs
+        # Whether executions ran on past epoch ends (--span_epochs, and no hook that needs
         # to see each epoch's end: see haet.loop).
         "executions_span_epochs": bool(run.engine.spans_epochs
                                        and all(hook.crosses_epochs for hook in run.training.hooks)),

@@ -95,6 +95,34 @@ def test_sigterm_checkpoints_and_the_resumed_run_matches_an_uninterrupted_one(tm
         train(config, resume=run_dir)
 
 
+def test_an_interrupted_record_counts_the_epochs_the_device_ended_and_the_resume_writes_them(
+        tmp_path, cifar10_slice_dir, sigterm_after):
+    """Executions across epoch ends: SIGTERM after an execution that ended two epochs
+    on the device stops the run before the host ends them. The record counts them
+    (`epochs_pending`), the history has no row of them yet, and the resumed run
+    writes both rows and matches an uninterrupted run."""
+    if keras.backend.backend() != "jax":
+        pytest.skip("executions cross epoch ends under JAX")
+    # 5 steps an epoch; the first execution is 1 step, the second 12: steps 5 and 10 end epochs.
+    config = _tiny(cifar10_slice_dir, steps_per_execution=12)
+    reference, _ = train(config, results_dir=str(tmp_path / "whole"))
+    assert reference["executions_span_epochs"] and reference["epochs_pending"] == 0
+
+    sent = sigterm_after(13)
+    stopped, run_dir = train(config, results_dir=str(tmp_path / "parts"))
+    assert sent == [13] and stopped["status"] == "interrupted" and stopped["steps"] == 13
+    assert stopped["epochs"] == stopped["epochs_completed"] == stopped["epochs_pending"] == 2
+    assert not os.path.exists(os.path.join(run_dir, "history.csv")) or _history(run_dir) == []
+
+    resumed, _ = train(config, resume=run_dir)
+    assert resumed["status"] == "completed" and resumed["steps"] == 15
+    assert resumed["epochs"] == resumed["epochs_completed"] == 3 and resumed["epochs_pending"] == 0
+    rows, whole = _history(run_dir), _history(reference["run_dir"])
+    assert [r["epoch"] for r in rows] == ["1", "2", "3"]
+    assert [float(r["loss"]) for r in rows] == pytest.approx([float(r["loss"]) for r in whole], abs=1e-6)
+    assert resumed["test_accuracy"] == pytest.approx(reference["test_accuracy"], abs=1e-6)
+
+
 def test_a_resumed_run_spends_only_the_remaining_budget(tmp_path, cifar10_slice_dir, sigterm_after, monkeypatch):
     from haet import engine as engine_lib
 
