@@ -48,10 +48,10 @@ RUN_FIELDS = (
           "(one compiled step after another, not waited for) or auto (fused on accelerators, dispatch on CPUs, "
           "where XLA runs a loop body several times slower).", fields.one_of(engine.EXECUTION_LOOPS,
                                                                              "execution_loop")),
-    Field("span_epochs", True, "JAX: an execution runs on past epoch ends when no hook needs to see them "
+    Field("span_epochs", True, "An execution runs on past epoch ends when no hook needs to see them "
           "(validation, Keras callbacks and more than one fill mode end executions with their epoch): in the "
           "HAET setting (9 steps an epoch at batch 512) the host waits once every --steps_per_execution steps "
-          "instead of every epoch. TensorFlow: executions end with their epoch either way."),
+          "instead of every epoch. Both backends."),
     Field("early_stopping_patience", 0, "Stop after this many epochs without a better validation accuracy; "
           "0: off.", fields.at_least(0, integer=True)),
     Field("keep_best", False, "End with the weights of the epoch with the best validation accuracy."),

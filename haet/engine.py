@@ -6,9 +6,9 @@ the device idle between steps. The engine instead
 
 - puts the training images and labels on the accelerator once (uint8, as given);
 - draws each epoch's permutation on the host (`np.random.default_rng((seed, epoch))`,
-  so the order is the same on every backend) and copies it there (under JAX the
-  permutations of every epoch an execution can reach: executions may run on past
-  epoch ends, see `Engine`);
+  so the order is the same on every backend) and copies it there, with those of
+  the next epochs an execution can reach (executions may run on past epoch ends,
+  see `Engine`);
 - runs up to `steps_per_execution` (K) training steps as one execution: each step
   takes its batch of indices from the permutation at a position held on the device,
   gathers the images and labels there and calls the model's own Keras `train_step`
@@ -135,8 +135,7 @@ class Engine:
     metrics started afresh at its first step), and each ended epoch's metrics and
     learning rate are kept in `ended_epochs` (`EpochEnd`) for the host to read
     after the execution. In the HAET setting an epoch is 9 steps at batch 512, so an
-    execution of 64 steps replaces seven epoch-end waits with one. Under TensorFlow
-    an execution ends at its epoch's end at the latest.
+    execution of 64 steps replaces seven epoch-end waits with one.
 
     Args:
         model: a compiled `keras.Model` taking the images as they are stored.
@@ -154,8 +153,9 @@ class Engine:
             built here on the model; after every optimizer step, inside the
             execution, each one's `update` runs on the new weights, and their
             variables are part of the training state (snapshots, checkpoints).
-        span_epochs: whether executions may run past epoch ends (see above); None:
-            wherever the backend can (JAX). True under TensorFlow is an error.
+        span_epochs: whether executions may run past epoch ends (see above); None
+            or True: they may (both backends); False: an execution ends at its
+            epoch's end at the latest.
         execution_loop: JAX only: "fused" runs an execution as one compiled program
             (a `lax.fori_loop` over the steps); "dispatch" dispatches one compiled step
             after another without waiting for them (XLA on the CPU runs a loop's body
@@ -164,12 +164,9 @@ class Engine:
             `tf.function` over an XLA-compiled step either way.
 
     Raises:
-        ValueError: a batch size outside [1, N], K < 1, images and labels that do
-            not match, or `span_epochs=True` under TensorFlow; naming the values.
+        ValueError: a batch size outside [1, N], K < 1, or images and labels that
+            do not match; naming the values.
     """
-
-    # Whether this backend's executions can run past an epoch's end.
-    can_span_epochs = False
 
     def __init__(self, model, images, labels, batch_size, seed=0, one_hot_classes=None,
                  steps_per_execution=DEFAULT_STEPS_PER_EXECUTION, copies=1, execution_loop="auto", averages=(),
@@ -192,9 +189,6 @@ class Engine:
             raise ValueError("The model must be compiled (optimizer, loss, metrics) before training.")
         if span_epochs not in (None, True, False):
             raise ValueError(f"span_epochs must be None, True or False. Received: {span_epochs!r}")
-        if span_epochs and not self.can_span_epochs:
-            raise ValueError(f"span_epochs=True: executions across epoch ends need the JAX backend, not "
-                             f"{keras.backend.backend()!r}; leave it unset (None) or False.")
         self.model = model
         self.size = size
         self.batch_size = int(batch_size)
@@ -205,7 +199,7 @@ class Engine:
         self.members = int(getattr(model, "ensemble_members", 1))
         self.execution_loop = execution_loop
         self.steps_per_epoch = size // self.batch_size
-        self.spans_epochs = self.can_span_epochs if span_epochs is None else bool(span_epochs)
+        self.spans_epochs = span_epochs is not False
         self.epoch = None
         self.step_in_epoch = 0
         self.ended_epochs = []  # `EpochEnd`s of the executions since the loop last took them
@@ -215,6 +209,11 @@ class Engine:
         self.loop_kind = None  # how executions run: "fused", "dispatch" (JAX) or "tf.function"
         self.learning_rate = None  # the rate of the next step, after each execution
         self._logs = {}
+        # The permutations on the device: one row per epoch from `_order_epoch` on, as
+        # many as an execution of K steps can reach (one without `spans_epochs`).
+        spe, k = self.steps_per_epoch, self.steps_per_execution
+        self._slots = (spe + k - 2) // spe + 1 if self.spans_epochs else 1
+        self._order_epoch, self._order_rows = None, {}
         # Builds the model's metrics and optimizer variables (as `fit` does first).
         model._symbolic_build(data_batch=_batch(
             images[:self.batch_size], labels[:self.batch_size],
@@ -232,18 +231,16 @@ class Engine:
         return self.steps_per_epoch - self.step_in_epoch
 
     def start_epoch(self, epoch):
-        """Resets the metrics and makes epoch `epoch`'s permutation available (TensorFlow:
-        copied to the device here; JAX: by the next `run`, with the epochs after it)."""
+        """Resets the metrics and starts epoch `epoch` (its permutation goes to the
+        device with the next `run`, with those of the epochs after it)."""
         self._reset_metrics()
-        self._prepare_order(epoch)
         self.epoch = epoch
         self.step_in_epoch = 0
         self._logs = {}
 
     def continue_epoch(self, epoch, step_in_epoch, logs=None, learning_rate=None, ended_epochs=()):
         """Goes on inside epoch `epoch` after `step_in_epoch` of its steps (a resumed
-        run, after `restore`): the epoch's permutation is made available again;
-        the metrics keep their restored values; `logs` and `learning_rate` are the
+        run, after `restore`): the metrics keep their restored values; `logs` and `learning_rate` are the
         last execution's, `ended_epochs` the `EpochEnd`s the loop had not taken yet.
 
         Raises:
@@ -251,7 +248,6 @@ class Engine:
         """
         if not 0 <= step_in_epoch <= self.steps_per_epoch:
             raise ValueError(f"step_in_epoch must be in [0, {self.steps_per_epoch}]. Received: {step_in_epoch!r}")
-        self._prepare_order(epoch)
         self.epoch = epoch
         self.step_in_epoch = step_in_epoch
         self._logs = dict(logs or {})
@@ -380,8 +376,30 @@ class Engine:
         self.model.reset_metrics()
         self.reload()
 
-    def _prepare_order(self, epoch):
-        """Makes epoch `epoch`'s permutation available to the next execution."""
+    def _place_order(self, steps):
+        """Where the next execution's first step is in the permutations on the device,
+        counted in steps from the first row's start (copying the rows of the epoch
+        and the ones after it there first when they do not reach `steps` steps on)."""
+        spe = self.steps_per_epoch
+        if self._order_epoch is not None and self._order_epoch <= self.epoch:
+            start = (self.epoch - self._order_epoch) * spe + self.step_in_epoch
+            if start + steps <= self._slots * spe:
+                return start
+        epochs = range(self.epoch, self.epoch + self._slots)
+        rows = {e: self._order_rows[e] if e in self._order_rows else
+                epoch_orders(self.seed, e, self.size, self.members, self.copies) for e in epochs}
+        self._put_order(np.stack([rows[e] for e in epochs]))
+        self._order_epoch, self._order_rows = self.epoch, rows
+        return self.step_in_epoch
+
+    def _ended_rows(self, start, steps):
+        """The rows of the epochs that end in an execution of `steps` steps from
+        `start` (`_place_order`), in order."""
+        spe = self.steps_per_epoch
+        return [(start + j) // spe for j in range(steps) if (start + j + 1) % spe == 0]
+
+    def _put_order(self, rows):
+        """Copies the permutations `rows` (int32 `(slots, members * N)`) to the device."""
         raise NotImplementedError
 
     def _run(self, steps):
@@ -404,8 +422,6 @@ class Engine:
 class _JaxEngine(Engine):
     """`jax.jit` of a `lax.fori_loop` over the model's stateless `train_step`."""
 
-    can_span_epochs = True
-
     def _setup(self, images, labels):
         import jax
 
@@ -420,11 +436,8 @@ class _JaxEngine(Engine):
             self._replicated = jax.sharding.SingleDeviceSharding(jax.devices()[0])
         self._images = jax.device_put(images, self._replicated)
         self._labels = jax.device_put(labels, self._replicated)
-        # The permutations on the device: one row per epoch from `_order_epoch` on, as
-        # many as an execution of K steps can reach (one without `spans_epochs`).
         spe, k = self.steps_per_epoch, self.steps_per_execution
-        self._slots = (spe + k - 2) // spe + 1 if self.spans_epochs else 1
-        self._order, self._order_epoch, self._order_rows = None, None, {}
+        self._order = None
         self._state = None
         self._synced = True
         # The metrics' initial values (what `reset_metrics` writes), for a new epoch's
@@ -528,34 +541,17 @@ class _JaxEngine(Engine):
         for variable, value in zip(self._groups()[3], metrics):
             variable.assign(value)
 
-    def _prepare_order(self, epoch):
-        # The permutations go to the device when an execution needs them (`_run`).
-        pass
-
-    def _place_order(self, steps):
-        """Where the next execution's first step is in the permutations on the device
-        (copying them there first when they do not reach `steps` steps on)."""
+    def _put_order(self, rows):
         import jax
 
-        spe = self.steps_per_epoch
-        if self._order_epoch is not None and self._order_epoch <= self.epoch:
-            start = (self.epoch - self._order_epoch) * spe + self.step_in_epoch
-            if start + steps <= self._slots * spe:
-                return start
-        epochs = range(self.epoch, self.epoch + self._slots)
-        rows = {e: self._order_rows[e] if e in self._order_rows else
-                epoch_orders(self.seed, e, self.size, self.members, self.copies) for e in epochs}
-        self._order = jax.device_put(np.stack([rows[e] for e in epochs]), self._replicated)
-        self._order_epoch, self._order_rows = self.epoch, rows
-        return self.step_in_epoch
+        self._order = jax.device_put(rows, self._replicated)
 
     def _run(self, steps):
         import jax
 
         spe = self.steps_per_epoch
         start = self._place_order(steps)
-        # The rows of the epochs that end in this execution, in order.
-        ended_rows = [(start + j) // spe for j in range(steps) if (start + j + 1) % spe == 0]
+        ended_rows = self._ended_rows(start, steps)
         data = (self._images, self._labels, self._order)
         counter = jax.device_put(np.int32(start), self._replicated)
         if self.fused:
@@ -627,20 +623,35 @@ class _TensorFlowEngine(Engine):
         with strategy.scope():
             self._images = tf.Variable(images, trainable=False, name="train_images")
             self._labels = tf.Variable(labels, trainable=False, name="train_labels")
-            self._order = tf.Variable(np.zeros(self.members * self.size, np.int32), trainable=False,
-                                      name="epoch_order")
+            self._order = tf.Variable(np.zeros((self._slots, self.members * self.size), np.int32), trainable=False,
+                                      name="epoch_orders")
         batch_size, size, one_hot, members = self.batch_size, self.size, self.one_hot_classes, self.members
+        spe, slots = self.steps_per_epoch, self._slots
         replicas = strategy.num_replicas_in_sync
         if batch_size % replicas:
             raise ValueError(f"batch_size={batch_size} must be divisible by the {replicas} replicas.")
         share = batch_size // replicas
+        # The metrics' initial values (what `reset_metrics` writes; one replica's copy:
+        # under a strategy each replica keeps its own sums), for a new epoch's first
+        # step inside an execution.
+        model.reset_metrics()
+        metric_variables = list(model.metrics_variables)
+        initial = [np.asarray(strategy.experimental_local_results(v.value)[0]) for v in metric_variables]
 
-        def one_step(start):
+        def one_step(counter):
+            # `counter`: the step's place in the permutations on the device (its epoch's
+            # row and the step in that epoch).
+            row = counter // spe
+            within = counter - row * spe
+            # An epoch that starts inside an execution starts its metrics afresh (each
+            # replica its own share).
+            for variable, start in zip(metric_variables, initial):
+                variable.assign(tf.where(within == 0, tf.constant(start, variable.dtype), variable.value))
             # Each replica trains on its slice of the global batch (one slice without a strategy);
             # of an ensemble, on its slice of every member's batch.
             replica = tf.distribute.get_replica_context().replica_id_in_sync_group
-            x, y = _batch(self._images, self._labels, self._order, start + replica * share, share, size, one_hot,
-                          members)
+            x, y = _batch(self._images, self._labels, tf.gather(self._order, row), within * batch_size
+                          + replica * share, share, size, one_hot, members)
             return tf.cast(model.train_step((x, y))["loss"], tf.float32)
 
         one_step = tf.function(one_step, jit_compile=bool(model.jit_compile))
@@ -659,32 +670,47 @@ class _TensorFlowEngine(Engine):
                     if after is not before:
                         variable.assign(after)
 
+        def logs():
+            # The metrics so far (summed over replicas) and the rate of the next step.
+            values = {name: tf.cast(value, tf.float32) for name, value in model.get_metrics_result().items()}
+            values["learning_rate"] = tf.cast(model.optimizer.learning_rate, tf.float32)
+            return values
+
+        shapes = {name: tuple(np.shape(value)) for name, value in logs().items()}
+
         @tf.function
-        def execution(start, steps):
+        def execution(counter, steps):
             losses = tf.TensorArray(tf.float32, size=steps)
+            # Each epoch's row holds its logs after its last step, once it has ended.
+            ends = {name: tf.zeros((slots, *shape), tf.float32) for name, shape in shapes.items()}
             for i in tf.range(steps):
-                loss = strategy.run(one_step, args=(start + i * batch_size,))
+                loss = strategy.run(one_step, args=(counter + i,))
                 if averages:
                     average()
                 # Each replica's running mean covers its equal share: their mean is the batch's.
                 losses = losses.write(i, strategy.reduce("MEAN", loss, axis=None))
-            return losses.stack()
+                done = counter + i + 1
+                ends = tf.cond(done % spe == 0, lambda: {name: tf.tensor_scatter_nd_update(
+                    ends[name], [[done // spe - 1]], value[None]) for name, value in logs().items()},
+                    lambda: ends)
+            return losses.stack(), ends
 
         self._execution = execution
         self.loop_kind = "tf.function"
 
-    def _prepare_order(self, epoch):
-        self._order.assign(epoch_orders(self.seed, epoch, self.size, self.members, self.copies))
+    def _put_order(self, rows):
+        self._order.assign(rows)
 
     def _run(self, steps):
         import tensorflow as tf
 
-        start = self.step_in_epoch * self.batch_size
-        losses = self._execution(tf.constant(start, tf.int32), tf.constant(steps, tf.int32)).numpy()
+        start = self._place_order(steps)
+        losses, by_row = self._execution(tf.constant(start, tf.int32), tf.constant(steps, tf.int32))
+        by_row = {name: value.numpy() for name, value in by_row.items()}
         logs = {name: keras.ops.convert_to_numpy(value) for name, value in self.model.get_metrics_result().items()}
         logs["learning_rate"] = keras.ops.convert_to_numpy(self.model.optimizer.learning_rate)
-        # Executions end at their epoch's end at the latest.
-        return losses, logs, [dict(logs)] if self.step_in_epoch + steps == self.steps_per_epoch else []
+        ends = [{name: values[row] for name, values in by_row.items()} for row in self._ended_rows(start, steps)]
+        return losses.numpy(), logs, ends
 
 
 def make_engine(model, images, labels, batch_size, **kwargs):

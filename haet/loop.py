@@ -9,7 +9,7 @@ budget (`haet.budget.WallClockBudget`) is one such hook and times every executio
 Keras callbacks work at epoch granularity through `KerasCallbacks`
 (`EarlyStopping`, `TensorBoard`...); nothing runs per step on the host.
 
-Where the engine can (`spans_epochs`, JAX) and every hook lets it
+Where the engine may (`spans_epochs`) and every hook lets it
 (`Hook.crosses_epochs`), an execution runs on past epoch ends: the epochs that ended
 in it get their `on_epoch_end` (with their own logs) and the next one its
 `on_epoch_begin` after the execution, one after the other. A hook that must act at

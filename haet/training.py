@@ -520,7 +520,7 @@ def build_run(config, model, augmentation, schedule, data, folder, clock=time.pe
     engine = make_engine(model, images, data.y_fit, config.batch_size, seed=config.seed, one_hot_classes=one_hot,
                          steps_per_execution=config.steps_per_execution, copies=copies,
                          execution_loop=config.execution_loop, averages=[a for a in (lookahead, average) if a],
-                         span_epochs=None if config.span_epochs else False)
+                         span_epochs=config.span_epochs)
     run = Run(engine, budget, training=None)
     hooks = [signals] if signals is not None else []
     run.divergence = DivergenceGuard()

@@ -3,11 +3,13 @@ global batch, on 1 device or data-parallel on 2 logical CPU devices, with a movi
 average of the weights (and batch-norm statistics); saves the weights, the averages and
 the per-step losses.
 
-    python tests/data_parallel_step.py REPLICAS OUT.npz [batchnorm | ensemble]
+    python tests/data_parallel_step.py REPLICAS OUT.npz [batchnorm | ensemble] [nospan]
 
 With "batchnorm" the model has a batch-norm layer after its convolution; with
 "ensemble" it is an ensemble of two such networks (each member's batch of 16 split
-over the replicas).
+over the replicas). The epochs are one step each and run as one execution of two
+steps across the epoch end (the second epoch's metrics start afresh inside it), or
+with "nospan" one execution an epoch.
 """
 
 import os
@@ -16,8 +18,9 @@ import sys
 import numpy as np
 
 replicas, out = int(sys.argv[1]), sys.argv[2]
-batchnorm = sys.argv[3:] == ["batchnorm"]
-ensemble = sys.argv[3:] == ["ensemble"]
+batchnorm = "batchnorm" in sys.argv[3:]
+ensemble = "ensemble" in sys.argv[3:]
+span = "nospan" not in sys.argv[3:]
 if os.environ.get("KERAS_BACKEND", "tensorflow") == "tensorflow":
     import tensorflow as tf
 
@@ -55,11 +58,19 @@ with context as parallel:
     model.compile(optimizer=keras.optimizers.SGD(0.5, momentum=0.9),
                   loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True), jit_compile=parallel["xla"])
     average = ExponentialMovingAverage(0.5, warmup=False)
-    engine = make_engine(model, x, y, 16, steps_per_execution=2, averages=[average])
+    engine = make_engine(model, x, y, 16, steps_per_execution=2, averages=[average], span_epochs=span)
     losses = []
-    for epoch in range(2):  # one step an epoch: the whole batch of 16
-        engine.start_epoch(epoch)
-        losses.extend(engine.run(1))
+    if span:
+        engine.start_epoch(0)
+        losses.extend(engine.run(2))
+    else:
+        for epoch in range(2):  # one step an epoch: the whole batch of 16
+            engine.start_epoch(epoch)
+            losses.extend(engine.run(1))
+    ends = engine.take_ended_epochs()
+    assert [e.epoch for e in ends] == [0, 1], ends
+    # Each epoch's loss is its own step's (the metrics restart at each epoch).
+    np.testing.assert_allclose([e.logs["loss"] for e in ends], losses, rtol=1e-6)
     engine.sync()
     assert parallel["replicas"] == replicas, parallel
 np.savez(out, loss=np.array(losses), *[np.asarray(v) for v in [*model.trainable_variables, *average.averages]])

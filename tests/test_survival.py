@@ -101,8 +101,6 @@ def test_an_interrupted_record_counts_the_epochs_the_device_ended_and_the_resume
     on the device stops the run before the host ends them. The record counts them
     (`epochs_pending`), the history has no row of them yet, and the resumed run
     writes both rows and matches an uninterrupted run."""
-    if keras.backend.backend() != "jax":
-        pytest.skip("executions cross epoch ends under JAX")
     # 5 steps an epoch; the first execution is 1 step, the second 12: steps 5 and 10 end epochs.
     config = _tiny(cifar10_slice_dir, steps_per_execution=12)
     reference, _ = train(config, results_dir=str(tmp_path / "whole"))
