@@ -240,8 +240,9 @@ class Engine:
 
     def continue_epoch(self, epoch, step_in_epoch, logs=None, learning_rate=None, ended_epochs=()):
         """Goes on inside epoch `epoch` after `step_in_epoch` of its steps (a resumed
-        run, after `restore`): the metrics keep their restored values; `logs` and `learning_rate` are the
-        last execution's, `ended_epochs` the `EpochEnd`s the loop had not taken yet.
+        run, after `restore`): the metrics keep their restored values; `logs` and
+        `learning_rate` are the last execution's, `ended_epochs` the `EpochEnd`s the
+        loop had not taken yet.
 
         Raises:
             ValueError: `step_in_epoch` outside [0, steps per epoch].
