@@ -389,39 +389,63 @@ class StepPlanner(StepLimit):
     end (`epoch_overheads`; when an execution ran past epoch ends, the host time
     after it is shared by the epochs that ended in it) and charged to every planned
     epoch but the last; at the first epoch end the plan is made once more with it
-    (`replanned_from` keeps the first plan) when the overhead exceeds a step.
+    when the overhead exceeds a step.
+
+    Steps may slow down after the probe (a shared or throttled machine: on a 2-core
+    CPU 0.32 s an epoch at the start of a 30 s run and 0.40 s at its end); a plan from
+    the probe's pace is then cut by the budget before its schedule has decayed. At
+    each later epoch end (the last of those an execution ended) the planner projects
+    the plan's end from the recent pace: the median seconds per step of the latest
+    kept executions that did not compile, covering the last `pace_window` of the
+    kept steps (at least 3 of them), plus the measured time between epochs. When
+    the plan would end more than one epoch past the budget, it plans the epochs that
+    fit at that pace (at least those already ended). A slowdown lasting more than
+    half the window is taken as the new pace; a shorter one is not, but the time it
+    lost is counted (the seconds left). The plan only shrinks: a schedule already
+    decaying is not stretched again. Each re-plan is kept in `replans`.
 
     Attributes set when planned: `planned_epochs`, `planned_steps_value`,
-    `step_seconds` (the probe's mean), `replanned_from` (None if not re-planned).
+    `step_seconds` (the probe's mean), `replanned_from` (the first plan, None if
+    never re-planned), `replans` (one dict per re-plan: `epoch` (1-based, the epoch
+    after which it was made), `from_epochs`, `to_epochs`, `reason` ("overhead" or
+    "pace"), `step_seconds` and `overhead_seconds` it planned with, `remaining_seconds`).
 
     Args:
         budget: the run's `WallClockBudget`.
         planned_steps: the schedule's planned-steps variable (`attach`).
         steps_per_epoch: training steps per epoch.
         probe_steps: steps timed after the first one before planning (>= 1).
+        pace_window: fraction in [0, 1] of the kept steps whose executions give
+            the recent pace; 0: no re-plan for pace.
 
     Raises:
-        ValueError: `probe_steps < 1` or `steps_per_epoch < 1`.
+        ValueError: `probe_steps < 1`, `steps_per_epoch < 1` or `pace_window`
+            outside [0, 1].
     """
 
-    def __init__(self, budget, planned_steps, steps_per_epoch, probe_steps=20):
+    def __init__(self, budget, planned_steps, steps_per_epoch, probe_steps=20, pace_window=0.25):
         if probe_steps < 1 or steps_per_epoch < 1:
             raise ValueError(
                 f"probe_steps and steps_per_epoch must be >= 1. Received: {probe_steps}, {steps_per_epoch}")
+        if not 0 <= pace_window <= 1:
+            raise ValueError(f"pace_window must be in [0, 1] (a fraction of the steps done; 0: off). "
+                             f"Received: {pace_window!r}")
         self.budget = budget
         self.planned_steps = planned_steps
         self.steps_per_epoch = steps_per_epoch
         self.probe_steps = probe_steps
+        self.pace_window = pace_window
         super().__init__(None)
         self.planned_epochs = None
         self.step_seconds = None
         self.epoch_overheads = []
         self.replanned_from = None
+        self.replans = []
         self._planned_with_overhead = False
         self._ending = 0  # epochs ended since the last execution, before the last of them
 
     _STATE = ("planned_epochs", "planned_steps_value", "step_seconds", "epoch_overheads", "replanned_from",
-              "_planned_with_overhead")
+              "replans", "_planned_with_overhead")
 
     def state_dict(self):
         return {name: getattr(self, name) for name in self._STATE}
@@ -430,7 +454,8 @@ class StepPlanner(StepLimit):
         """A resumed run keeps its plan (the planned-steps variable is restored with
         the optimizer): no probe runs again."""
         for name in self._STATE:
-            setattr(self, name, state[name])
+            # A checkpoint from before re-plans were listed has no "replans".
+            setattr(self, name, state.get(name, []) if name == "replans" else state[name])
 
     def on_train_begin(self, run):
         engine, budget = run.engine, self.budget
@@ -457,15 +482,60 @@ class StepPlanner(StepLimit):
         logging.info("planned %d epochs (%d steps) from a mean step of %.4f s over %d probe steps and %.1f s "
                      "left", self.planned_epochs, self.planned_steps_value, self.step_seconds, timed_steps, remaining)
 
-    def _plan(self, done):
-        """Epochs that fit: each step costs the step time plus its share of the measured
-        per-epoch overhead (validation, epoch-end hooks); the last epoch's overhead
-        falls after the budget's end and is not counted."""
+    def _fitting_steps(self, done, step_seconds):
+        """Steps that fit in the budget (a float) after `done` steps, at `step_seconds`
+        a step plus its share of the measured per-epoch overhead (validation,
+        epoch-end hooks; the last epoch's falls after the budget's end and is not
+        counted). Returns (steps, overhead seconds an epoch, remaining seconds)."""
         overhead = statistics.fmean(self.epoch_overheads) if self.epoch_overheads else 0.0
         remaining = self.budget.budget_seconds - self.budget.elapsed()
-        per_step = self.step_seconds + overhead / self.steps_per_epoch
-        total = done + (remaining + overhead) / per_step
+        per_step = step_seconds + overhead / self.steps_per_epoch
+        return done + (remaining + overhead) / per_step, overhead, remaining
+
+    def _plan(self, done):
+        """Whole epochs that fit at the probe's step time (at least 1)."""
+        total, overhead, remaining = self._fitting_steps(done, self.step_seconds)
         return max(1, int(total // self.steps_per_epoch)), overhead, remaining
+
+    def _recent_step_seconds(self):
+        """The median seconds per step of the latest kept executions that did not
+        compile, covering the last `pace_window` of the kept steps (at least 3
+        executions, at most 256), or None with fewer than 3."""
+        window = self.pace_window * self.budget.steps
+        times, steps = [], 0
+        for execution in reversed(self.budget.executions):
+            if execution.probe or len(times) == 256 or (steps >= window and len(times) >= 3):
+                break
+            steps += execution.steps
+            if not execution.first:
+                times.append(execution.seconds / execution.steps)
+        return statistics.median(times) if len(times) >= 3 else None
+
+    def _replan(self, run, epoch, epochs, reason, step_seconds, overhead, remaining):
+        logging.info("re-planned %d -> %d epochs after epoch %d (%s: %.4f s a step, %.2f s between epochs, "
+                     "%.1f s left)", self.planned_epochs, epochs, epoch + 1, reason, step_seconds, overhead,
+                     remaining)
+        if self.replanned_from is None:
+            self.replanned_from = self.planned_epochs
+        self.replans.append({"epoch": epoch + 1, "from_epochs": self.planned_epochs, "to_epochs": epochs,
+                             "reason": reason, "step_seconds": step_seconds, "overhead_seconds": overhead,
+                             "remaining_seconds": remaining})
+        self._write(run, epochs)
+        if self.budget.steps >= self.planned_steps_value:
+            run.stop("planned")
+
+    def _follow_pace(self, run, epoch):
+        """Plans fewer epochs when, at the recent pace, the plan would end more than
+        one epoch past the budget."""
+        recent = self._recent_step_seconds() if self.pace_window else None
+        if recent is None:
+            return
+        fitting, overhead, remaining = self._fitting_steps(self.budget.steps, recent)
+        if self.planned_steps_value - fitting <= self.steps_per_epoch:
+            return
+        epochs = max(int(fitting // self.steps_per_epoch), epoch + 1)
+        if epochs < self.planned_epochs:
+            self._replan(run, epoch, epochs, "pace", recent, overhead, remaining)
 
     def _write(self, run, epochs):
         self.planned_epochs = epochs
@@ -495,16 +565,13 @@ class StepPlanner(StepLimit):
         epochs, self._ending = self._ending, 0
         self.epoch_overheads += [max(0.0, self.budget.clock() - self.budget.end) / epochs] * epochs
         if self._planned_with_overhead:
+            self._follow_pace(run, epoch)
             return
         self._planned_with_overhead = True
-        epochs, overhead, _ = self._plan(self.budget.steps)
+        epochs, overhead, remaining = self._plan(self.budget.steps)
         epochs = max(epochs, epoch + 1)
         if epochs != self.planned_epochs and overhead > self.step_seconds:
-            logging.info("re-planned %d -> %d epochs: %.2f s overhead an epoch", self.planned_epochs, epochs, overhead)
-            self.replanned_from = self.planned_epochs
-            self._write(run, epochs)
-            if self.budget.steps >= self.planned_steps_value:
-                run.stop("planned")
+            self._replan(run, epoch, epochs, "overhead", self.step_seconds, overhead, remaining)
 
 
 class Progress:

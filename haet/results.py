@@ -428,6 +428,7 @@ def training_fields(config, data, run, timer):
         "epochs": len(budget.history) + pending,
         "planned_epochs": planner.planned_epochs if planner else (config.epochs or None),
         "replanned_from_epochs": planner.replanned_from if planner else None,
+        "replans": planner.replans if planner else [],
         "epochs_completed": sum(row["complete"] for row in budget.history) + pending,
         "epochs_pending": pending,
         "epochs_equivalent": round(images / len(data.y_fit), 3),

@@ -558,7 +558,7 @@ def build_run(config, model, augmentation, schedule, data, folder, clock=time.pe
         hooks.append(KerasCallbacks(callbacks, model, epochs=math.ceil(config.epochs) or None))
     if schedule.unit == "steps" and not config.epochs and getattr(schedule, "needs_plan", True):
         run.planner = budget_lib.StepPlanner(budget, schedule.planned_steps, steps_per_epoch,
-                                             config.planner_probe_steps)
+                                             config.planner_probe_steps, config.planner_pace_window)
     if config.snapshot_ensemble:
         planned = None
         if run.planner:

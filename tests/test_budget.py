@@ -149,9 +149,68 @@ def test_planner_charges_the_measured_epoch_overhead_and_replans_once():
     # steps end at 40 s.
     engine, budget, planner, run = _planned(40.5, epoch_overhead=4.0)
     assert planner.replanned_from == 9 and planner.planned_epochs == 5
+    assert [(r["epoch"], r["from_epochs"], r["to_epochs"], r["reason"]) for r in planner.replans] == [
+        (1, 9, 5, "overhead")]
     assert planner.epoch_overheads == [4.0] * 5
     assert budget.steps == 20 and budget.end == 40.0 and run.stopped_by == "planned"
     assert [s["planned_steps"] for s in engine.steps[4:]] == [36.0] * 4 + [20.0] * 16
+
+
+def _paced(step_seconds, pace_window=0.25, budget_seconds=100.5):
+    """Epochs of 4 steps, one execution an epoch; the probe (1 + 3 steps) runs at 1 s a
+    step (a 100.5 s budget: 24 epochs planned, 96 steps ending at 100 s)."""
+    clock = FakeClock()
+    engine = FakeEngine(clock, size=16, batch_size=4, step_seconds=step_seconds, steps_per_execution=4)
+    budget = WallClockBudget(budget_seconds, clock=clock)
+    planner = StepPlanner(budget, _PlannedSteps(), steps_per_epoch=4, probe_steps=3, pace_window=pace_window)
+    run = Training(engine, budget, [budget, planner]).fit()
+    return engine, budget, planner, run
+
+
+def test_planner_plans_fewer_epochs_when_the_steps_slow_down_after_the_probe():
+    # Steps take 1.5 s from the 21st kept one (engine step 24; the probe's 4 come first).
+    slower = lambda step: 1.0 if step < 24 else 1.5  # noqa: E731
+    engine, budget, planner, run = _paced(slower)
+    # Epoch 6 ends at 30 s: of the last 3 executions one is slow, median 1 s: no change.
+    # Epoch 7 ends at 36 s: median 1.5 s, 64.5 s left, 28 + 64.5 / 1.5 = 71 steps fit,
+    # 25 fewer than planned (more than an epoch): 17 epochs, whose steps end at 96 s.
+    assert planner.replanned_from == 24 and planner.planned_epochs == 17
+    assert planner.replans == [{"epoch": 7, "from_epochs": 24, "to_epochs": 17, "reason": "pace",
+                                "step_seconds": 1.5, "overhead_seconds": 0.0, "remaining_seconds": 64.5}]
+    assert run.stopped_by == "planned" and budget.steps == 68 and budget.train_seconds() == 96.0
+    kept = engine.steps[4:]
+    assert [s["planned_steps"] for s in kept] == [96.0] * 28 + [68.0] * 40
+    # The plan kept: the budget stops the run after 71 of its 96 steps, the schedule undecayed.
+    engine, budget, planner, run = _paced(slower, pace_window=0.0)
+    assert planner.replans == [] and planner.planned_epochs == 24
+    assert run.stopped_by == "budget" and budget.steps == 71 and planner.planned_steps_value == 96
+
+
+def test_planner_counts_lost_time_and_keeps_a_plan_that_ends_within_an_epoch_of_the_budget():
+    # A 200.5 s budget: 49 epochs planned (196 steps) ending at 200 s. One slow epoch (2 s
+    # a step, kept steps 121-124): 4 s lost, the plan would end 3.5 s (less than an epoch)
+    # past the budget: kept, and the budget cuts its last epoch.
+    engine, budget, planner, run = _paced(lambda step: 2.0 if 124 <= step < 128 else 1.0, budget_seconds=200.5)
+    assert planner.replans == [] and run.stopped_by == "budget" and budget.steps == 193
+    # Two slow epochs: 8 s lost. After the second (epoch 32, 140 s) the median of the 8
+    # executions of the last quarter of the steps is 1 s, but the lost time is counted:
+    # 128 + 60.5 = 188.5 steps fit, 7.5 fewer than planned: 47 epochs, ending at 200 s.
+    engine, budget, planner, run = _paced(lambda step: 2.0 if 124 <= step < 132 else 1.0, budget_seconds=200.5)
+    assert [(r["epoch"], r["to_epochs"], r["step_seconds"]) for r in planner.replans] == [(32, 47, 1.0)]
+    assert run.stopped_by == "planned" and budget.steps == 188 and budget.train_seconds() == 200.0
+
+
+def test_planner_state_keeps_its_replans_and_reads_an_older_checkpoint():
+    engine, budget, planner, run = _paced(lambda step: 1.0 if step < 24 else 1.5)
+    state = planner.state_dict()
+    resumed = StepPlanner(WallClockBudget(100.5), _PlannedSteps(), steps_per_epoch=4, probe_steps=3)
+    resumed.load_state_dict(state)
+    assert resumed.replans == planner.replans and resumed.planned_epochs == 17
+    older = {k: v for k, v in state.items() if k != "replans"}
+    resumed.load_state_dict(older)
+    assert resumed.replans == [] and resumed.replanned_from == 24
+    with pytest.raises(ValueError, match="pace_window must be in"):
+        StepPlanner(budget, _PlannedSteps(), steps_per_epoch=4, pace_window=1.5)
 
 
 def test_planner_when_the_probe_exhausts_the_budget():
