@@ -396,13 +396,18 @@ class StepPlanner(StepLimit):
     the probe's pace is then cut by the budget before its schedule has decayed. At
     each later epoch end (the last of those an execution ended) the planner projects
     the plan's end from the recent pace: the median seconds per step of the latest
-    kept executions that did not compile, covering the last `pace_window` of the
-    kept steps (at least 3 of them), plus the measured time between epochs. When
-    the plan would end more than one epoch past the budget, it plans the epochs that
-    fit at that pace (at least those already ended). A slowdown lasting more than
-    half the window is taken as the new pace; a shorter one is not, but the time it
+    kept executions that did not compile (weighted by their steps), covering the
+    last `pace_window` of the kept steps (at least 8 executions, at most 256),
+    plus the measured time between epochs. When the plan would end past the budget
+    by more than an epoch and more than 5% of the seconds left, it plans the epochs
+    that fit at that pace (at least those already ended). The check starts at the
+    second epoch end, once 8 executions are timed, and runs at the last epoch end
+    of each execution until the run stops. A slowdown over more than half the
+    window's steps is taken as the new pace; a shorter one is not, but the time it
     lost is counted (the seconds left). The plan only shrinks: a schedule already
-    decaying is not stretched again. Each re-plan is kept in `replans`.
+    decaying is not stretched again, and a probe slower than the later steps is not
+    corrected. Each re-plan is kept in `replans` (reason "pace": the steps and the
+    time between epochs measured since the plan).
 
     Attributes set when planned: `planned_epochs`, `planned_steps_value`,
     `step_seconds` (the probe's mean), `replanned_from` (the first plan, None if
@@ -497,19 +502,32 @@ class StepPlanner(StepLimit):
         total, overhead, remaining = self._fitting_steps(done, self.step_seconds)
         return max(1, int(total // self.steps_per_epoch)), overhead, remaining
 
+    _PACE_EXECUTIONS = (8, 256)  # fewest and most executions the recent pace is taken from
+    _PACE_TOLERANCE = 0.05  # of the seconds left: how far past the budget a plan may end before it shrinks
+
     def _recent_step_seconds(self):
         """The median seconds per step of the latest kept executions that did not
-        compile, covering the last `pace_window` of the kept steps (at least 3
-        executions, at most 256), or None with fewer than 3."""
+        compile, each weighted by its steps (a 1-step execution, e.g. a training-health
+        sample, weighs 1/50 of a 50-step one: its fixed dispatch cost is not taken for
+        the pace), covering the last `pace_window` of the kept steps (at least 8
+        executions, at most 256), or None with fewer than 8."""
+        fewest, most = self._PACE_EXECUTIONS
         window = self.pace_window * self.budget.steps
-        times, steps = [], 0
+        timed, steps = [], 0
         for execution in reversed(self.budget.executions):
-            if execution.probe or len(times) == 256 or (steps >= window and len(times) >= 3):
+            if execution.probe or len(timed) == most or (steps >= window and len(timed) >= fewest):
                 break
             steps += execution.steps
             if not execution.first:
-                times.append(execution.seconds / execution.steps)
-        return statistics.median(times) if len(times) >= 3 else None
+                timed.append((execution.seconds / execution.steps, execution.steps))
+        if len(timed) < fewest:
+            return None
+        timed.sort()
+        half, weight = sum(n for _, n in timed) / 2, 0
+        for seconds, n in timed:
+            weight += n
+            if weight >= half:
+                return seconds
 
     def _replan(self, run, epoch, epochs, reason, step_seconds, overhead, remaining):
         logging.info("re-planned %d -> %d epochs after epoch %d (%s: %.4f s a step, %.2f s between epochs, "
@@ -525,13 +543,18 @@ class StepPlanner(StepLimit):
             run.stop("planned")
 
     def _follow_pace(self, run, epoch):
-        """Plans fewer epochs when, at the recent pace, the plan would end more than
-        one epoch past the budget."""
+        """Plans fewer epochs when, at the recent pace, the plan would end past the
+        budget by more than an epoch and more than 5% of the seconds left (the
+        median of a few noisy executions is a few percent off: a plan that fits is
+        not shrunk for that, and a lasting slowdown passes the bound as the window
+        fills or the seconds left shrink)."""
         recent = self._recent_step_seconds() if self.pace_window else None
         if recent is None:
             return
         fitting, overhead, remaining = self._fitting_steps(self.budget.steps, recent)
-        if self.planned_steps_value - fitting <= self.steps_per_epoch:
+        per_step = recent + overhead / self.steps_per_epoch
+        tolerance = max(self.steps_per_epoch * per_step, self._PACE_TOLERANCE * remaining)
+        if (self.planned_steps_value - fitting) * per_step <= tolerance:
             return
         epochs = max(int(fitting // self.steps_per_epoch), epoch + 1)
         if epochs < self.planned_epochs:
@@ -564,6 +587,8 @@ class StepPlanner(StepLimit):
             return
         epochs, self._ending = self._ending, 0
         self.epoch_overheads += [max(0.0, self.budget.clock() - self.budget.end) / epochs] * epochs
+        if run.stopped_by is not None:  # the run's last epoch end: nothing is left to plan
+            return
         if self._planned_with_overhead:
             self._follow_pace(run, epoch)
             return

@@ -41,11 +41,12 @@ RUN_FIELDS = (
           "decides (one_cycle and step-unit schedules: planned by timing steps first).", fields.at_least(0)),
     Field("planner_probe_steps", 20, "Step-planned schedules with --epochs=0: training steps timed (after the "
           "compiling one) before planning; their updates are discarded.", fields.positive(integer=True)),
-    Field("planner_pace_window", 0.25, "Step-planned schedules with --epochs=0: at each epoch end the "
-          "planner projects the plan's end from the median step time of the latest executions covering this "
-          "fraction of the steps done, and plans fewer epochs when the plan would pass the budget by more than "
-          "an epoch (steps that slowed down since the probe); never more. 0: the plan is kept (re-planned only "
-          "at the first epoch end, for the time between epochs).", fields.in_range(0, 1)),
+    Field("planner_pace_window", 0.25, "Step-planned schedules with --epochs=0: from the second epoch end "
+          "on, after each execution, the planner projects the plan's end from the median step time (weighted "
+          "by steps) of the latest executions covering this fraction of the steps done (8 to 256 executions), "
+          "and plans fewer epochs when the plan would pass the budget by more than an epoch and 5% of the "
+          "seconds left (steps that slowed down since the probe, time lost); never more. 0: off, the plan is "
+          "kept (re-planned only at the first epoch end, for the time between epochs).", fields.in_range(0, 1)),
     Field("steps_per_execution", engine.DEFAULT_STEPS_PER_EXECUTION, "Most training steps per execution "
           "(see --execution_loop): the host waits for the device, reads the clock and writes schedule values "
           "only between executions; the budget overshoots by at most one execution.", fields.positive(integer=True)),

@@ -171,15 +171,20 @@ def test_planner_plans_fewer_epochs_when_the_steps_slow_down_after_the_probe():
     # Steps take 1.5 s from the 21st kept one (engine step 24; the probe's 4 come first).
     slower = lambda step: 1.0 if step < 24 else 1.5  # noqa: E731
     engine, budget, planner, run = _paced(slower)
-    # Epoch 6 ends at 30 s: of the last 3 executions one is slow, median 1 s: no change.
-    # Epoch 7 ends at 36 s: median 1.5 s, 64.5 s left, 28 + 64.5 / 1.5 = 71 steps fit,
-    # 25 fewer than planned (more than an epoch): 17 epochs, whose steps end at 96 s.
+    # The pace is the median of the last 8 executions (epochs) until they are a quarter of
+    # the steps. Epoch 8 ends at 42 s: 3 of the 8 slow, median 1 s, but 6 s were lost:
+    # 32 + 58.5 = 90.5 steps fit, 5.5 s short (more than an epoch and 5% of the seconds
+    # left): 22 epochs. Epoch 10 ends at 54 s: 5 of 8 slow, median 1.5 s, 46.5 s left,
+    # 40 + 46.5 / 1.5 = 71 steps fit: 17 epochs, whose steps end at 96 s.
     assert planner.replanned_from == 24 and planner.planned_epochs == 17
-    assert planner.replans == [{"epoch": 7, "from_epochs": 24, "to_epochs": 17, "reason": "pace",
-                                "step_seconds": 1.5, "overhead_seconds": 0.0, "remaining_seconds": 64.5}]
+    assert planner.replans == [
+        {"epoch": 8, "from_epochs": 24, "to_epochs": 22, "reason": "pace", "step_seconds": 1.0,
+         "overhead_seconds": 0.0, "remaining_seconds": 58.5},
+        {"epoch": 10, "from_epochs": 22, "to_epochs": 17, "reason": "pace", "step_seconds": 1.5,
+         "overhead_seconds": 0.0, "remaining_seconds": 46.5}]
     assert run.stopped_by == "planned" and budget.steps == 68 and budget.train_seconds() == 96.0
     kept = engine.steps[4:]
-    assert [s["planned_steps"] for s in kept] == [96.0] * 28 + [68.0] * 40
+    assert [s["planned_steps"] for s in kept] == [96.0] * 32 + [88.0] * 8 + [68.0] * 28
     # The plan kept: the budget stops the run after 71 of its 96 steps, the schedule undecayed.
     engine, budget, planner, run = _paced(slower, pace_window=0.0)
     assert planner.replans == [] and planner.planned_epochs == 24
@@ -194,10 +199,54 @@ def test_planner_counts_lost_time_and_keeps_a_plan_that_ends_within_an_epoch_of_
     assert planner.replans == [] and run.stopped_by == "budget" and budget.steps == 193
     # Two slow epochs: 8 s lost. After the second (epoch 32, 140 s) the median of the 8
     # executions of the last quarter of the steps is 1 s, but the lost time is counted:
-    # 128 + 60.5 = 188.5 steps fit, 7.5 fewer than planned: 47 epochs, ending at 200 s.
+    # 128 + 60.5 = 188.5 steps fit, 7.5 fewer than planned (more than an epoch, 4 s, and
+    # 5% of the 60.5 s left): 47 epochs, ending at 200 s.
     engine, budget, planner, run = _paced(lambda step: 2.0 if 124 <= step < 132 else 1.0, budget_seconds=200.5)
     assert [(r["epoch"], r["to_epochs"], r["step_seconds"]) for r in planner.replans] == [(32, 47, 1.0)]
     assert run.stopped_by == "planned" and budget.steps == 188 and budget.train_seconds() == 200.0
+
+
+def test_planner_does_not_take_the_dispatch_cost_of_one_step_executions_for_the_pace():
+    """A training-health sample every 50 steps is its own 1-step execution; each execution
+    costs 10 ms more than its steps (dispatch): the pace is the step-weighted median, so
+    the plan (28 epochs of 98 steps at 0.01 s) is kept, as with pace_window=0."""
+    class HealthSamples(Hook):
+        crosses_epochs = True
+
+        def limit(self, run):
+            offset = run.budget.steps % 50
+            return 1 if offset == 0 else 50 - offset
+
+    for window in (0.25, 0.0):
+        clock = FakeClock()
+        engine = FakeEngine(clock, size=392, batch_size=4, step_seconds=0.01, steps_per_execution=64,
+                            spans_epochs=True)
+        run_steps = engine.run
+
+        def run(steps, run_steps=run_steps):
+            clock.t += 0.01
+            return run_steps(steps)
+
+        engine.run = run
+        budget = WallClockBudget(30.0, clock=clock)
+        planner = StepPlanner(budget, _PlannedSteps(), steps_per_epoch=98, probe_steps=20, pace_window=window)
+        run = Training(engine, budget, [budget, HealthSamples(), planner]).fit()
+        assert planner.replans == [] and planner.planned_epochs == 28
+        assert run.stopped_by == "planned" and budget.steps == 28 * 98
+
+
+def test_planner_plans_nothing_after_the_budget_stopped_the_run():
+    # Steps 10x slower from kept step 169, in executions of 2 over epochs of 8: the budget
+    # stops the run inside epoch 22 before the pace is seen; its last epoch end re-plans
+    # nothing (the record keeps the plan the run followed).
+    clock = FakeClock()
+    engine = FakeEngine(clock, size=32, batch_size=4, step_seconds=lambda step: 1.0 if step < 172 else 10.0,
+                        steps_per_execution=2)
+    budget = WallClockBudget(200.5, clock=clock)
+    planner = StepPlanner(budget, _PlannedSteps(), steps_per_epoch=8, probe_steps=3)
+    run = Training(engine, budget, [budget, planner]).fit()
+    assert run.stopped_by == "budget" and budget.steps == 172 and budget.train_seconds() == 212.0
+    assert planner.replans == [] and planner.planned_epochs == 24
 
 
 def test_planner_state_keeps_its_replans_and_reads_an_older_checkpoint():
