@@ -397,11 +397,11 @@ class StepPlanner(StepLimit):
     each later epoch end (the last of those an execution ended) the planner projects
     the plan's end from the recent pace: the median seconds per step of the latest
     kept executions that did not compile (weighted by their steps), covering the
-    last `pace_window` of the kept steps (at least 8 executions, at most 256),
+    last `pace_window` of the kept steps (at least 5 executions, at most 256),
     plus the measured time between epochs. When the plan would end past the budget
     by more than an epoch and more than 5% of the seconds left, it plans the epochs
     that fit at that pace (at least those already ended). The check starts at the
-    second epoch end, once 8 executions are timed, and runs at the last epoch end
+    second epoch end, once 5 executions are timed, and runs at the last epoch end
     of each execution until the run stops. A slowdown over more than half the
     window's steps is taken as the new pace; a shorter one is not, but the time it
     lost is counted (the seconds left). The plan only shrinks: a schedule already
@@ -502,15 +502,15 @@ class StepPlanner(StepLimit):
         total, overhead, remaining = self._fitting_steps(done, self.step_seconds)
         return max(1, int(total // self.steps_per_epoch)), overhead, remaining
 
-    _PACE_EXECUTIONS = (8, 256)  # fewest and most executions the recent pace is taken from
+    _PACE_EXECUTIONS = (5, 256)  # fewest and most executions the recent pace is taken from
     _PACE_TOLERANCE = 0.05  # of the seconds left: how far past the budget a plan may end before it shrinks
 
     def _recent_step_seconds(self):
         """The median seconds per step of the latest kept executions that did not
         compile, each weighted by its steps (a 1-step execution, e.g. a training-health
         sample, weighs 1/50 of a 50-step one: its fixed dispatch cost is not taken for
-        the pace), covering the last `pace_window` of the kept steps (at least 8
-        executions, at most 256), or None with fewer than 8."""
+        the pace), covering the last `pace_window` of the kept steps (at least 5
+        executions, at most 256), or None with fewer than 5."""
         fewest, most = self._PACE_EXECUTIONS
         window = self.pace_window * self.budget.steps
         timed, steps = [], 0

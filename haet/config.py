@@ -43,7 +43,7 @@ RUN_FIELDS = (
           "compiling one) before planning; their updates are discarded.", fields.positive(integer=True)),
     Field("planner_pace_window", 0.25, "Step-planned schedules with --epochs=0: from the second epoch end "
           "on, after each execution, the planner projects the plan's end from the median step time (weighted "
-          "by steps) of the latest executions covering this fraction of the steps done (8 to 256 executions), "
+          "by steps) of the latest executions covering this fraction of the steps done (5 to 256 executions), "
           "and plans fewer epochs when the plan would pass the budget by more than an epoch and 5% of the "
           "seconds left (steps that slowed down since the probe, time lost); never more. 0: off, the plan is "
           "kept (re-planned only at the first epoch end, for the time between epochs).", fields.in_range(0, 1)),
