@@ -79,7 +79,8 @@ class Hook:
 class StepLimit(Hook):
     """Stops the run (`reason`) once the budget counts `max_steps` kept steps, and caps
     each execution so that none runs past them. `max_steps` may change while the run
-    goes (a planner sets it); None: no limit yet."""
+    goes (a planner sets it); None: no limit yet. When the budget ran out after the
+    same execution, the run still stopped for `reason`: all its steps were done."""
 
     reason = "max_steps"
     crosses_epochs = True
@@ -92,7 +93,7 @@ class StepLimit(Hook):
 
     def after_execution(self, run, steps, losses):
         if self.max_steps is not None and run.budget.steps >= self.max_steps:
-            run.stop(self.reason)
+            run.stop(self.reason, completed=True)
 
 
 class KerasCallbacks(Hook):
@@ -188,10 +189,14 @@ class Training:
         self.ending = None
         self.ending_last = True
 
-    def stop(self, reason, immediate=False):
+    def stop(self, reason, immediate=False, completed=False):
         """Ends training after the current execution (the first reason given is kept);
-        `immediate`: without ending the epoch (see the class docstring)."""
-        if self.stopped_by is None:
+        `immediate`: without ending the epoch (see the class docstring). `completed`:
+        the run has done all the steps it planned (a `StepLimit`); this reason replaces
+        "budget" given after the same execution, so that `stopped_by` says the schedule
+        ended rather than was cut (the record's `over_budget_seconds` keeps the
+        overshoot)."""
+        if self.stopped_by is None or (completed and self.stopped_by == "budget" and not self.stopped_at_once):
             self.stopped_by = reason
             self.stopped_at_once = bool(immediate)
 

@@ -142,6 +142,13 @@ def test_planner_probes_on_a_copy_then_plans_before_any_kept_step():
     assert budget.train_seconds() == 40.0 and planner.replanned_from is None
 
 
+def test_a_plan_done_in_the_execution_that_ends_the_budget_stopped_as_planned():
+    # Probe 4 s, 36 s left: 9 epochs whose last step ends at 40 s, the budget's end too.
+    engine, budget, planner, run = _planned(40.0)
+    assert planner.planned_steps_value == 36 and budget.steps == 36 and budget.train_seconds() == 40.0
+    assert run.stopped_by == "planned"  # the budget ran out after that execution too: said by over_budget
+
+
 def test_planner_charges_the_measured_epoch_overhead_and_replans_once():
     # 4 s between epochs (a validation pass). Planned after the 4 s probe: 9 epochs.
     # At the first epoch end (12 s) 28.5 s remain and each further epoch costs 4 s of
