@@ -444,13 +444,12 @@ class StepPlanner(StepLimit):
         self.planned_epochs = None
         self.step_seconds = None
         self.epoch_overheads = []
-        self.replanned_from = None
         self.replans = []
         self._planned_with_overhead = False
         self._ending = 0  # epochs ended since the last execution, before the last of them
 
-    _STATE = ("planned_epochs", "planned_steps_value", "step_seconds", "epoch_overheads", "replanned_from",
-              "replans", "_planned_with_overhead")
+    _STATE = ("planned_epochs", "planned_steps_value", "step_seconds", "epoch_overheads", "replans",
+              "_planned_with_overhead")
 
     def state_dict(self):
         return {name: getattr(self, name) for name in self._STATE}
@@ -458,9 +457,17 @@ class StepPlanner(StepLimit):
     def load_state_dict(self, state):
         """A resumed run keeps its plan (the planned-steps variable is restored with
         the optimizer): no probe runs again."""
+        if "replans" not in state:  # a checkpoint from before re-plans were listed: at most the overhead one
+            first = state["replanned_from"]
+            state = dict(state, replans=[] if first is None else [
+                {"epoch": 1, "from_epochs": first, "to_epochs": state["planned_epochs"], "reason": "overhead"}])
         for name in self._STATE:
-            # A checkpoint from before re-plans were listed has no "replans".
-            setattr(self, name, state.get(name, []) if name == "replans" else state[name])
+            setattr(self, name, state[name])
+
+    @property
+    def replanned_from(self):
+        """The first plan's epochs, None if never re-planned."""
+        return self.replans[0]["from_epochs"] if self.replans else None
 
     def on_train_begin(self, run):
         engine, budget = run.engine, self.budget
@@ -491,15 +498,16 @@ class StepPlanner(StepLimit):
         """Steps that fit in the budget (a float) after `done` steps, at `step_seconds`
         a step plus its share of the measured per-epoch overhead (validation,
         epoch-end hooks; the last epoch's falls after the budget's end and is not
-        counted). Returns (steps, overhead seconds an epoch, remaining seconds)."""
+        counted). Returns (steps, seconds a step with its share of the overhead,
+        overhead seconds an epoch, remaining seconds)."""
         overhead = statistics.fmean(self.epoch_overheads) if self.epoch_overheads else 0.0
         remaining = self.budget.budget_seconds - self.budget.elapsed()
         per_step = step_seconds + overhead / self.steps_per_epoch
-        return done + (remaining + overhead) / per_step, overhead, remaining
+        return done + (remaining + overhead) / per_step, per_step, overhead, remaining
 
     def _plan(self, done):
         """Whole epochs that fit at the probe's step time (at least 1)."""
-        total, overhead, remaining = self._fitting_steps(done, self.step_seconds)
+        total, _, overhead, remaining = self._fitting_steps(done, self.step_seconds)
         return max(1, int(total // self.steps_per_epoch)), overhead, remaining
 
     _PACE_EXECUTIONS = (5, 256)  # fewest and most executions the recent pace is taken from
@@ -533,8 +541,6 @@ class StepPlanner(StepLimit):
         logging.info("re-planned %d -> %d epochs after epoch %d (%s: %.4f s a step, %.2f s between epochs, "
                      "%.1f s left)", self.planned_epochs, epochs, epoch + 1, reason, step_seconds, overhead,
                      remaining)
-        if self.replanned_from is None:
-            self.replanned_from = self.planned_epochs
         self.replans.append({"epoch": epoch + 1, "from_epochs": self.planned_epochs, "to_epochs": epochs,
                              "reason": reason, "step_seconds": step_seconds, "overhead_seconds": overhead,
                              "remaining_seconds": remaining})
@@ -551,8 +557,7 @@ class StepPlanner(StepLimit):
         recent = self._recent_step_seconds() if self.pace_window else None
         if recent is None:
             return
-        fitting, overhead, remaining = self._fitting_steps(self.budget.steps, recent)
-        per_step = recent + overhead / self.steps_per_epoch
+        fitting, per_step, overhead, remaining = self._fitting_steps(self.budget.steps, recent)
         tolerance = max(self.steps_per_epoch * per_step, self._PACE_TOLERANCE * remaining)
         if (self.planned_steps_value - fitting) * per_step <= tolerance:
             return

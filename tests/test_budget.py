@@ -260,9 +260,13 @@ def test_planner_state_keeps_its_replans_and_reads_an_older_checkpoint():
     resumed = StepPlanner(WallClockBudget(100.5), _PlannedSteps(), steps_per_epoch=4, probe_steps=3)
     resumed.load_state_dict(state)
     assert resumed.replans == planner.replans and resumed.planned_epochs == 17
-    older = {k: v for k, v in state.items() if k != "replans"}
+    # A checkpoint from before: the first plan is kept, as the overhead re-plan it was.
+    older = {k: v for k, v in state.items() if k != "replans"} | {"replanned_from": 24}
     resumed.load_state_dict(older)
-    assert resumed.replans == [] and resumed.replanned_from == 24
+    assert resumed.replanned_from == 24 and resumed.replans == [
+        {"epoch": 1, "from_epochs": 24, "to_epochs": 17, "reason": "overhead"}]
+    resumed.load_state_dict(older | {"replanned_from": None})
+    assert resumed.replans == [] and resumed.replanned_from is None
     with pytest.raises(ValueError, match="pace_window must be in"):
         StepPlanner(budget, _PlannedSteps(), steps_per_epoch=4, pace_window=1.5)
 
