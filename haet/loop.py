@@ -192,7 +192,7 @@ class Training:
     def stop(self, reason, immediate=False, completed=False):
         """Ends training after the current execution (the first reason given is kept);
         `immediate`: without ending the epoch (see the class docstring). `completed`:
-        the run has done all the steps it planned (a `StepLimit`); this reason replaces
+        the run has done all the steps it planned (a `StepLimit`, the last of `epochs`); this reason replaces
         "budget" given after the same execution, so that `stopped_by` says the schedule
         ended rather than was cut (the record's `over_budget_seconds` keeps the
         overshoot)."""
@@ -258,6 +258,10 @@ class Training:
             losses = self.budget.execute(engine, steps)
             for hook in hooks:
                 hook.after_execution(self, steps, losses)
+            if self.stopped_by == "budget" and self._ran_every_epoch():
+                # The last of `epochs` ended with the execution that used up the budget:
+                # the run is complete, not cut (the record's over_budget_seconds says by how much).
+                self.stop("epochs", completed=True)
         if not self.stopped_at_once:
             cut_short = None
             if engine.epoch is not None and 0 < engine.step_in_epoch < engine.steps_per_epoch:
@@ -270,6 +274,12 @@ class Training:
             for hook in hooks:
                 hook.on_train_end(self)
         return self
+
+    def _ran_every_epoch(self):
+        """Whether the engine has run every step of the `epochs` epochs (False without `epochs`)."""
+        engine = self.engine
+        return bool(self.epochs) and engine.epoch is not None and (
+            engine.epoch * engine.steps_per_epoch + engine.step_in_epoch >= self.epochs * engine.steps_per_epoch)
 
     def _begin_epoch(self, epoch):
         if self.epochs and epoch >= self.epochs:

@@ -361,6 +361,23 @@ def test_loop_stops_after_epochs_and_by_early_stopping():
     assert run.stopped_by == "early_stopping" and len(budget.history) == 2
 
 
+def test_the_last_epoch_ended_by_the_execution_that_used_up_the_budget_stops_by_epochs():
+    # 3 epochs of 4 steps, 1 s a step: the 12th step starts before the budget's end and ends after it.
+    for spans_epochs, budget_seconds in ((False, 11.5), (False, 12.0), (True, 11.5)):
+        clock = FakeClock()
+        engine = FakeEngine(clock, size=16, batch_size=4, steps_per_execution=6, spans_epochs=spans_epochs)
+        budget = WallClockBudget(budget_seconds, clock=clock)
+        run = _fit(engine, budget, epochs=3)
+        assert budget.steps == 12 and budget.train_seconds() == 12.0, spans_epochs
+        assert run.stopped_by == "epochs" and all(row["complete"] for row in budget.history), spans_epochs
+    # One step short of the last epoch: cut by the budget.
+    clock = FakeClock()
+    engine = FakeEngine(clock, size=16, batch_size=4)
+    budget = WallClockBudget(10.5, clock=clock)
+    run = _fit(engine, budget, epochs=3)
+    assert budget.steps == 11 and run.stopped_by == "budget" and not budget.history[-1]["complete"]
+
+
 def test_a_hook_limit_below_one_is_an_error():
     class Broken(Hook):
         def limit(self, run):
