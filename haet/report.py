@@ -251,7 +251,9 @@ def summarize(records):
         recipe's values, which rows holding them do not repeat), backend, precision, runs, accuracy_mean,
         accuracy_std (fractions), epochs_mean, images_per_second_mean, over_budget
         (runs trained past their budget by more than one execution), records
-        (paths), variants (evaluation name -> (mean accuracy, runs that have it),
+        (paths), commits (how many code versions the runs were trained with: their git
+        commits, a "-dirty" one counted with its commit; a row averages runs of the same
+        flags, not of the same code), variants (evaluation name -> (mean accuracy, runs that have it),
         e.g. raw and EMA weights, with and without TTA). Rows sorted by accuracy,
         best first.
     """
@@ -286,6 +288,7 @@ def summarize(records):
                 "epochs_mean": statistics.fmean(_epochs(r) for r in runs),
                 "images_per_second_mean": statistics.fmean(ips) if ips else None,
                 "records": [r["record_path"] for r in runs], "model": model, "usual": usual[model],
+                "commits": len({str(r.get("git_commit")).removesuffix("-dirty") for r in runs}),
             })
         table[setting] = sorted(rows, key=lambda row: -row["accuracy_mean"])
     return table
@@ -334,7 +337,8 @@ def render_markdown(table, published, base_dir, figures, title=True, skipped=())
                 for k, (mean, n) in row["variants"].items()) or "-"
             lines.append(
                 f"| {row['recipe']} | {row['backend']} | {row['precision']} | "
-                f"{100 * row['accuracy_mean']:.2f}% ± {100 * row['accuracy_std']:.2f} | {row['runs']} | "
+                f"{100 * row['accuracy_mean']:.2f}% ± {100 * row['accuracy_std']:.2f} | {row['runs']}"
+                + (f" ({row['commits']} commits)" if row.get("commits", 1) > 1 else "") + " | "
                 f"{row['epochs_mean']:.2f} | {ips} | {variants} | {links} |")
         usual = {row["model"]: row["usual"] for row in table[setting] if row["usual"]}
         if usual:
@@ -357,6 +361,9 @@ def render_markdown(table, published, base_dir, figures, title=True, skipped=())
                   f"{p['budget_seconds']:g} s | {p['device']} | {100 * p['test_accuracy']:.1f}% | "
                   f"{p['source']} | {p['protocol_notes']} |" for p in others]
         lines.append("")
+    if any(row.get("commits", 1) > 1 for rows in table.values() for row in rows):
+        lines += ["N commits: the row averages runs of the same flags trained by N versions of the code (their "
+                  "records' git_commit); follow its records to see what changed between them.", ""]
     if any(row["over_budget"] for rows in table.values() for row in rows):
         lines += ["OVER BUDGET: training ran past the budget by more than one execution (e.g. a compilation "
                   "longer than the budget); those runs are not averaged with the others.", ""]

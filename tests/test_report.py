@@ -64,6 +64,21 @@ def test_table_numbers_match_the_records(tmp_path):
     assert "Huawei (challenge winner) | haet2021_hidden" in others and "88.0%" in others
 
 
+def test_a_row_of_runs_trained_by_several_commits_says_how_many(tmp_path):
+    for name, accuracy, commit in (("a", 0.80, "abc"), ("b", 0.90, "abc-dirty"), ("c", 0.70, "def")):
+        path = _write_run(tmp_path, name, accuracy, budget=60.0 if name == "c" else 600.0)
+        record = json.loads((path / "record.json").read_text())
+        (path / "record.json").write_text(json.dumps({**record, "git_commit": commit}))
+    _write_run(tmp_path, "d", 0.60, budget=60.0)  # commit "abc"
+    table = report.summarize(report.load_records(str(tmp_path)))
+    (same,) = table[("cifar10", 5000, 600.0, "NVIDIA H100")]  # abc, and abc with uncommitted changes
+    (mixed,) = table[("cifar10", 5000, 60.0, "NVIDIA H100")]
+    assert (same["runs"], same["commits"]) == (2, 1) and (mixed["runs"], mixed["commits"]) == (2, 2)
+    page = report.render_markdown(table, [], str(tmp_path), {})
+    assert "| 85.00% ± 7.07 | 2 | 10.00 |" in page and "| 65.00% ± 7.07 | 2 (2 commits) | 10.00 |" in page
+    assert "N commits: the row averages runs of the same flags trained by N versions of the code" in page
+
+
 def test_report_cli_writes_page_and_figures(tmp_path):
     _write_run(tmp_path / "results", "run1", 0.7, budget=60.0)
     _write_run(tmp_path / "results", "run2", 0.8)
