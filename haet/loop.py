@@ -223,8 +223,13 @@ class Training:
             return min(engine.steps_per_execution, engine.steps_left_in_epoch)
         steps = engine.steps_allowed()
         if self.epochs:
-            steps = min(steps, (self.epochs - engine.epoch) * engine.steps_per_epoch - engine.step_in_epoch)
+            steps = min(steps, self._steps_left_in_epochs())
         return steps
+
+    def _steps_left_in_epochs(self):
+        """Steps the engine has left before the end of the last of `epochs` (0 once it ended; `epochs` set)."""
+        engine = self.engine
+        return (self.epochs - engine.epoch) * engine.steps_per_epoch - engine.step_in_epoch
 
     def fit(self, resume=None):
         """Trains until a hook, the budget or `epochs` stops it; returns `self`.
@@ -258,7 +263,7 @@ class Training:
             losses = self.budget.execute(engine, steps)
             for hook in hooks:
                 hook.after_execution(self, steps, losses)
-            if self.stopped_by == "budget" and self._ran_every_epoch():
+            if self.stopped_by == "budget" and self.epochs and self._steps_left_in_epochs() <= 0:
                 # The last of `epochs` ended with the execution that used up the budget:
                 # the run is complete, not cut (the record's over_budget_seconds says by how much).
                 self.stop("epochs", completed=True)
@@ -274,12 +279,6 @@ class Training:
             for hook in hooks:
                 hook.on_train_end(self)
         return self
-
-    def _ran_every_epoch(self):
-        """Whether the engine has run every step of the `epochs` epochs (False without `epochs`)."""
-        engine = self.engine
-        return bool(self.epochs) and engine.epoch is not None and (
-            engine.epoch * engine.steps_per_epoch + engine.step_in_epoch >= self.epochs * engine.steps_per_epoch)
 
     def _begin_epoch(self, epoch):
         if self.epochs and epoch >= self.epochs:

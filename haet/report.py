@@ -335,10 +335,10 @@ def render_markdown(table, published, base_dir, figures, title=True, skipped=())
             variants = ", ".join(
                 f"{k} {100 * mean:.2f}%" + (f" ({n} of {row['runs']} runs)" if n < row["runs"] else "")
                 for k, (mean, n) in row["variants"].items()) or "-"
+            runs = f"{row['runs']}" + (f" ({row['commits']} commits)" if row["commits"] > 1 else "")
             lines.append(
                 f"| {row['recipe']} | {row['backend']} | {row['precision']} | "
-                f"{100 * row['accuracy_mean']:.2f}% ± {100 * row['accuracy_std']:.2f} | {row['runs']}"
-                + (f" ({row['commits']} commits)" if row.get("commits", 1) > 1 else "") + " | "
+                f"{100 * row['accuracy_mean']:.2f}% ± {100 * row['accuracy_std']:.2f} | {runs} | "
                 f"{row['epochs_mean']:.2f} | {ips} | {variants} | {links} |")
         usual = {row["model"]: row["usual"] for row in table[setting] if row["usual"]}
         if usual:
@@ -361,7 +361,7 @@ def render_markdown(table, published, base_dir, figures, title=True, skipped=())
                   f"{p['budget_seconds']:g} s | {p['device']} | {100 * p['test_accuracy']:.1f}% | "
                   f"{p['source']} | {p['protocol_notes']} |" for p in others]
         lines.append("")
-    if any(row.get("commits", 1) > 1 for rows in table.values() for row in rows):
+    if any(row["commits"] > 1 for rows in table.values() for row in rows):
         lines += ["N commits: the row averages runs of the same flags trained by N versions of the code (their "
                   "records' git_commit); follow its records to see what changed between them.", ""]
     if any(row["over_budget"] for rows in table.values() for row in rows):

@@ -11,9 +11,10 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 # 2-core CPU it took the JAX fast tier from 257 s to 212 s cold and 114 s warm, and
 # the e2e tier after it from 355 s to 275 s. It changes no result: an entry is keyed
 # on the program, the compile options and the JAX version. Programs that compile in
-# under 50 ms are not kept: every kept entry makes each later write slower (JAX lists
-# the folder to keep it under its size limit), and caching every compile (4,000
-# entries) made the cold fast tier slower than no cache (394 s). The size limit turns
+# under 50 ms are not kept (that leaves about 450 entries after the fast tier): every
+# kept entry makes each later write slower (JAX reads every entry's access time to keep
+# the folder under its size limit), and caching every compile (about 2,000 entries)
+# made the cold fast tier slower than no cache (394 s). The size limit turns
 # on JAX's file lock around each read and write (the `filelock` package): processes
 # that compile the same program at once (Optuna's parallel workers) must not read a
 # half-written entry. TensorFlow ignores these variables; JAX_COMPILATION_CACHE_DIR=""
