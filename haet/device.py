@@ -3,6 +3,7 @@
 import contextlib
 import dataclasses
 import platform
+import time
 
 import keras
 
@@ -185,3 +186,117 @@ class RunSettings:
     precision: str
     parallel: dict | None
     deterministic: dict | None = None
+
+
+
+# Others' CPU use, as a share of the CPUs a run may use, from which the report keeps its
+# runs apart: a quarter of them (half a core of a 2-core machine, 4 cores of a 16-core one).
+LOADED_SHARE = 0.25
+
+
+def _psutil_cpu_times():
+    import psutil
+
+    return psutil.cpu_times(percpu=True)
+
+
+def _psutil_process_time():
+    import psutil
+
+    times = psutil.Process().cpu_times()
+    return times.user + times.system
+
+
+def _psutil_affinity():
+    import psutil
+
+    process = psutil.Process()
+    return process.cpu_affinity() if hasattr(process, "cpu_affinity") else range(psutil.cpu_count() or 1)
+
+
+class HostCpu:
+    """What the host's CPUs did while a run trained: this process's CPU time, the CPU
+    time of everything else on the CPUs it may run on, and the time a hypervisor gave
+    other machines (steal). Timings taken on a loaded host are not those of the
+    device alone: two busy loops beside a run on a 2-core machine halve its pace.
+
+    Read with psutil: per-CPU times (busy: user, nice, system, irq, softirq; steal)
+    summed over the CPUs of the process's affinity mask, and the process's own CPU
+    time (all its threads). Other processes' time is the busy time less this
+    process's, so in a container limited by a CPU quota rather than an affinity mask
+    it also counts work on CPUs the container may not get. Without psutil (the GPU
+    machine unless its wheel is carried: `scripts/gpu_campaign.py prepare`) nothing
+    is measured and `fields()` returns None.
+
+    Usage: `start()` where training starts, `stop()` where it ends, `fields()` for
+    the record (between `start` and `stop`, or up to now before `stop`).
+
+    Args:
+        clock: wall clock (seconds; tests pass a fake).
+        cpu_times: per-CPU times, a list of objects with `user`, `nice`, `system`,
+            `irq`, `softirq` and `steal` attributes in seconds (missing ones count 0);
+            default `psutil.cpu_times(percpu=True)`.
+        process_time: this process's CPU seconds (user + system, all threads).
+        cpus: CPU numbers to count (default: the process's affinity mask).
+    """
+
+    def __init__(self, clock=time.perf_counter, cpu_times=_psutil_cpu_times, process_time=_psutil_process_time,
+                 cpus=None):
+        self.clock, self.cpu_times, self.process_time = clock, cpu_times, process_time
+        self.cpus = None
+        try:
+            self.cpus = sorted(_psutil_affinity() if cpus is None else cpus)
+        except ImportError:
+            pass
+        self._start = self._stop = None
+
+    def _read(self):
+        """(wall seconds, own CPU seconds, busy CPU seconds, steal seconds) now, or None
+        when they cannot be read (no psutil, a CPU missing from the times)."""
+        if self.cpus is None:
+            return None
+        try:
+            per_cpu = self.cpu_times()
+            busy = steal = 0.0
+            for n in self.cpus:
+                t = per_cpu[n]
+                busy += sum(getattr(t, name, 0.0) for name in ("user", "nice", "system", "irq", "softirq"))
+                steal += getattr(t, "steal", 0.0)
+            return self.clock(), self.process_time(), busy, steal
+        except (ImportError, IndexError, OSError):
+            return None
+
+    def start(self):
+        self._start, self._stop = self._read(), None
+
+    def stop(self):
+        if self._start is not None and self._stop is None:
+            self._stop = self._read()
+
+    def fields(self, previous=None):
+        """The record's `host_cpu`: `cpus` (CPUs counted), `seconds` (wall seconds
+        measured), `own_cpu_seconds`, `other_cpu_seconds` (other processes, on those
+        CPUs), `steal_seconds`, `other_load` and `steal_load` (those per wall second,
+        in CPUs, like a load average), `loaded` (others and steal together took more
+        than `LOADED_SHARE` of the CPUs), `processes` (processes measured). None when
+        nothing was measured.
+
+        `previous`: the `host_cpu` of a resumed run's earlier processes, summed with
+        this one's when it counted as many CPUs (else this process's alone).
+        """
+        end = self._stop or (self._read() if self._start is not None else None)
+        if self._start is None or end is None:
+            return previous
+        wall, own, busy, steal = (b - a for a, b in zip(self._start, end))
+        totals = {"seconds": wall, "own_cpu_seconds": max(0.0, own), "other_cpu_seconds": max(0.0, busy - own),
+                  "steal_seconds": max(0.0, steal)}
+        processes = 1
+        if previous and previous.get("cpus") == len(self.cpus):
+            totals = {k: v + (previous.get(k) or 0.0) for k, v in totals.items()}
+            processes += previous.get("processes") or 1
+        seconds = totals["seconds"]
+        other_load = totals["other_cpu_seconds"] / seconds if seconds > 0 else 0.0
+        steal_load = totals["steal_seconds"] / seconds if seconds > 0 else 0.0
+        return {"cpus": len(self.cpus), **{k: round(v, 3) for k, v in totals.items()},
+                "other_load": round(other_load, 3), "steal_load": round(steal_load, 3),
+                "loaded": bool(other_load + steal_load > LOADED_SHARE * len(self.cpus)), "processes": processes}

@@ -172,11 +172,20 @@ def _canonical(value):
 def comparable_key(record):
     """What runs must share to be averaged: the dataset, the training subset (its
     sha256), the test set's size, the budget, the device, backend and precision,
-    whether training ran past its budget, and every flag but `NOT_COMPARED`."""
+    whether training ran past its budget, whether other processes loaded the host's
+    CPUs while it trained (`loaded`), and every flag but `NOT_COMPARED`."""
     flags = record.get("flags") or {}
     compared = tuple(sorted((k, _canonical(v)) for k, v in flags.items() if k not in NOT_COMPARED))
     return (setting_of(record), record.get("subset_sha256"), record.get("test_examples"),
-            record.get("backend", "?"), record.get("precision", "?"), bool(record.get("over_budget")), compared)
+            record.get("backend", "?"), record.get("precision", "?"), bool(record.get("over_budget")),
+            loaded(record), compared)
+
+
+def loaded(record):
+    """Whether other processes (or a hypervisor) took more than a quarter of the
+    CPUs the run could use while it trained (the record's `host_cpu`, see
+    `haet.device.HostCpu`); False for records written before it was measured."""
+    return bool((record.get("host_cpu") or {}).get("loaded"))
 
 
 def _differences(keys, models, shown):
@@ -197,7 +206,7 @@ def _differences(keys, models, shown):
         texts of its usual values (empty where no flag varies or none is usual).
     """
     def values(key):
-        _, sha, test, _, _, _, compared = key
+        _, sha, test, _, _, _, _, compared = key
         return {"subset_sha256": json.dumps(sha), "test_examples": json.dumps(test), **dict(compared)}
 
     def text(name, value):
@@ -250,7 +259,8 @@ def summarize(records):
         `_differences`), model (`_model_of`), usual (the texts of that usual
         recipe's values, which rows holding them do not repeat), backend, precision, runs, accuracy_mean,
         accuracy_std (fractions), epochs_mean, images_per_second_mean, over_budget
-        (runs trained past their budget by more than one execution), records
+        (runs trained past their budget by more than one execution), loaded (runs
+        trained while other processes loaded the host, `loaded`), records
         (paths), commits (how many code versions the runs were trained with: their git
         commits, a "-dirty" one counted with its commit; a row averages runs of the same
         flags, not of the same code), variants (evaluation name -> (mean accuracy, runs that have it),
@@ -278,12 +288,14 @@ def summarize(records):
                     variants[k] = (statistics.fmean(values), len(values))
             recipe = "; ".join([recipe_of(runs[0]), *differences[key]])
             model = models[key]
-            over = key[5]
+            over, busy_host = key[5], key[6]
             if over:
                 recipe += " (OVER BUDGET)"
+            if busy_host:
+                recipe += " (LOADED HOST)"
             rows.append({
                 "recipe": recipe, "backend": key[3], "precision": key[4], "runs": len(runs),
-                "variants": variants, "over_budget": over,
+                "variants": variants, "over_budget": over, "loaded": busy_host,
                 "accuracy_mean": mean, "accuracy_std": std,
                 "epochs_mean": statistics.fmean(_epochs(r) for r in runs),
                 "images_per_second_mean": statistics.fmean(ips) if ips else None,
@@ -367,6 +379,11 @@ def render_markdown(table, published, base_dir, figures, title=True, skipped=())
     if any(row["over_budget"] for rows in table.values() for row in rows):
         lines += ["OVER BUDGET: training ran past the budget by more than one execution (e.g. a compilation "
                   "longer than the budget); those runs are not averaged with the others.", ""]
+    if any(row["loaded"] for rows in table.values() for row in rows):
+        lines += ["LOADED HOST: while the run trained, other processes (and the hypervisor's steal) kept more "
+                  "than a quarter of the CPUs it could use busy (its record's host_cpu); its timings and what "
+                  "fitted in its budget are not those of an idle machine, so it is not averaged with the others.",
+                  ""]
     validation_only = [path for path, reason in skipped if reason.startswith("validation only")]
     listed = [(path, reason) for path, reason in skipped if not reason.startswith("validation only")]
     if skipped:

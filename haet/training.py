@@ -167,12 +167,17 @@ def _train_in(config, folder, data, settings, timer, clock, signals, previous, h
         model, augmentation, transfer = build_model(config, data)
         optimizer, schedule = build_optimizer(config, data.steps_per_epoch(config))
         compile_model(config, model, optimizer, settings)
+        # The host's CPUs from here to the end of training: precomputed augmentation,
+        # probe, compilation, steps and validation (record: host_cpu).
+        host_cpu = device_lib.HostCpu()
+        host_cpu.start()
         run = build_run(config, model, augmentation, schedule, data, folder, clock, timer, signals=signals,
                         extra_hooks=hooks)
     earlier_setup = (previous or {}).get("setup_seconds") or 0.0
 
     def progress(**fields):
-        record = {**folder.record, **results.training_fields(config, data, run, timer), **fields}
+        record = {**folder.record, **results.training_fields(config, data, run, timer), **fields,
+                  "host_cpu": host_cpu.fields((previous or {}).get("host_cpu"))}
         record["setup_seconds"] = round(earlier_setup + timer.seconds.get("setup", 0.0), 3)
         return record
 
@@ -183,6 +188,8 @@ def _train_in(config, folder, data, settings, timer, clock, signals, previous, h
     if previous is not None:
         resume_from = _load_checkpoint(run, folder.path)
     run.fit(resume_from)
+    host_cpu.stop()
+    _warn_if_loaded(host_cpu.fields())
     stopped_by = run.training.stopped_by
     if stopped_by == "interrupted":
         saved = run.engine.epoch is not None and run.checkpointer.save(run.training)
@@ -225,6 +232,13 @@ def _train_in(config, folder, data, settings, timer, clock, signals, previous, h
     if folder.artifact_errors:
         logging.error("files that could not be written: %s", folder.artifact_errors)
     return record
+
+
+def _warn_if_loaded(host_cpu):
+    if host_cpu and host_cpu["loaded"]:
+        logging.warning("other processes kept %.2f of the %d CPUs this run may use busy while it trained (and the "
+                        "hypervisor %.2f): its timings are not those of an idle machine; the report keeps it apart",
+                        host_cpu["other_load"], host_cpu["cpus"], host_cpu["steal_load"])
 
 
 def _unnumbered(path):

@@ -2,7 +2,7 @@
 
 On this machine, once per checkout (see ../shared/GPU.md):
 
-    python scripts/gpu_campaign.py prepare              # wheels and the 5,000-image subset into .device/
+    python scripts/gpu_campaign.py prepare              # wheels (psutil downloaded) and the 5,000-image subset into .device/
     python scripts/gpu_campaign.py command call1        # the command line to give the device tool (carry .device)
 
 On the GPU machine each call runs one stage and copies what it made to $OUT:
@@ -348,6 +348,22 @@ def collect600(stage, seed, recipe="default"):
     stage.pack(f"{recipe}_600s_seed{seed}")
 
 
+def fetch_psutil_wheel(folder):
+    """Downloads psutil's Linux x86-64 wheel (one abi3 build for every CPython 3) into
+    `folder`: the GPU machine has no psutil, and without it a run records no host_cpu
+    (`haet.device.HostCpu`). Returns whether a wheel is there; a failed download
+    (no package index) is printed and the campaign goes on without it."""
+    if glob.glob(os.path.join(folder, "psutil-*.whl")):
+        return True
+    done = subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--only-binary=:all:",
+                           "--platform=manylinux2014_x86_64", "--python-version=3.12", "-d", folder, "psutil>=5.9"],
+                          capture_output=True, text=True)
+    if done.returncode:
+        print(f"psutil's wheel could not be downloaded (runs on the device will record no host_cpu):\n"
+              f"{done.stderr.strip()[-500:]}", file=sys.stderr)
+    return not done.returncode
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("stage", choices=STAGES)
@@ -368,6 +384,7 @@ def main(argv=None):
         os.makedirs(os.path.join(REPO, ".device"), exist_ok=True)
         for wheel in glob.glob(os.path.join(REPO, "..", "shared", "wheels", "*.whl")):
             shutil.copy(wheel, os.path.join(REPO, ".device"))
+        fetch_psutil_wheel(os.path.join(REPO, ".device"))
         return subprocess.run([sys.executable, "-m", "haet.data", "--dataset=cifar10", "--train_size=5000",
                                f"--data_dir={os.path.join(REPO, '..', 'shared', 'data', 'cifar10')}",
                                "--export_dir=.device/cifar10_5k"], cwd=REPO).returncode

@@ -128,6 +128,9 @@ def test_only_comparable_runs_are_averaged_and_bad_records_are_listed(tmp_path):
     run("small_test", 0.20, test_examples=1000, subset_sha256="bbbb2222")
     run("ema_tta", 0.40, flags={"ema_decay": 0.99, "tta": "flip"})
     run("slow", 0.70, over_budget=True)
+    # Other processes busy on the host while it trained: apart; a quiet host's record averages as before.
+    run("busy_host", 0.60, host_cpu={"cpus": 2, "other_load": 1.9, "steal_load": 0.0, "loaded": True})
+    run("quiet_host", 0.85, flags={"seed": 2}, host_cpu={"cpus": 2, "other_load": 0.1, "loaded": False})
     run("stopped", 0.10, status="interrupted")
     run("no_budget", 0.50)
     broken = json.loads((tmp_path / "no_budget" / "record.json").read_text())
@@ -151,16 +154,18 @@ def test_only_comparable_runs_are_averaged_and_bad_records_are_listed(tmp_path):
     by_runs = {row["recipe"]: (row["runs"], round(row["accuracy_mean"], 4)) for row in rows}
     # An ablation table: each row names what differs from the usual values of its model's rows.
     assert by_runs == {
-        "resnet20x6, batch 32": (2, 0.85),
+        "resnet20x6, batch 32": (3, 0.85),
         "resnet20x6, batch 32; subset bbbb2222; 1000 test images": (1, 0.2),
         "resnet20x6, batch 32; ema_decay=0.99; tta=flip": (1, 0.4),
         "resnet20x6, batch 32 (OVER BUDGET)": (1, 0.7),
+        "resnet20x6, batch 32 (LOADED HOST)": (1, 0.6),
     }
     page = report.render_markdown(report.summarize(records), [], str(tmp_path), {}, skipped=skipped)
     assert ("Unless its row says otherwise, every --model=resnet20x6 row has: ema_decay=0, subset aaaa1111, 10000 test images, "
             "tta=none.") in page
     assert "| [stopped/record.json](stopped/record.json) | status interrupted |" in page
     assert "OVER BUDGET: training ran past the budget" in page
+    assert "LOADED HOST: while the run trained, other processes" in page
 
 
 def test_report_writes_into_the_results_folder_it_reads(tmp_path):

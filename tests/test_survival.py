@@ -83,6 +83,9 @@ def test_sigterm_checkpoints_and_the_resumed_run_matches_an_uninterrupted_one(tm
     assert same_dir == run_dir
     assert resumed["status"] == "completed" and resumed["resumes"] == 1 and resumed["checkpoint"] is None
     assert len(resumed["resume_history"]) == 1
+    # The host's CPUs: the interrupted process's measure and the resumed one's, added.
+    assert record["host_cpu"]["processes"] == 1 and resumed["host_cpu"]["processes"] == 2
+    assert resumed["host_cpu"]["seconds"] > record["host_cpu"]["seconds"]
     assert resumed["steps"] == reference["steps"] == 12 and resumed["epochs"] == 3
     for key in ("test_accuracy", "test_loss", "validation_accuracy"):
         assert resumed[key] == pytest.approx(reference[key], abs=1e-6), key
