@@ -135,8 +135,10 @@ class SnapshotKeeper(Hook):
 
     `progress` (a `haet.budget.Progress`) gives the fraction of the run done (of the
     planned steps, or of the budget); executions are cut where a fraction is reached,
-    and the weights (batch-norm statistics included) are copied to the host there. The last fraction is the run's end: its snapshot is taken when
-    training ends, whatever stopped it.
+    and the weights (batch-norm statistics included) are copied to the host there. A
+    cycle end that a shrinking plan moved behind the steps already done is kept before
+    the next execution, with the weights as they are. The last fraction is the run's
+    end: its snapshot is taken when training ends, whatever stopped it.
 
     Attributes:
         snapshots: list of `(fraction, weights)`; `weights` is `(trainable,
@@ -180,13 +182,23 @@ class SnapshotKeeper(Hook):
         self.snapshots.append((fraction, weights))
         logging.info("snapshot %d kept at %.3f of the run", len(self.snapshots), fraction)
 
+    def _take_due(self, run):
+        while self._pending() is not None and self.progress.fraction() >= self._pending():
+            self._take(run, self.progress.fraction())
+
+    def before_execution(self, run):
+        # A plan that shrank since the last execution (haet.budget.StepPlanner) can put
+        # a cycle end behind the steps done: keep the weights as the last steps left
+        # them, near the lowest learning rate of their cycle, not after one more step
+        # into the next cycle's high rate.
+        self._take_due(run)
+
     def limit(self, run):
         pending = self._pending()
         return None if pending is None else self.progress.steps_until(pending)
 
     def after_execution(self, run, steps, losses):
-        while self._pending() is not None and self.progress.fraction() >= self._pending():
-            self._take(run, self.progress.fraction())
+        self._take_due(run)
 
     def on_train_end(self, run):
         self._take(run, min(1.0, self.progress.fraction()))

@@ -336,6 +336,31 @@ def test_snapshots_are_taken_exactly_at_cycle_ends_of_the_planned_steps():
         SnapshotKeeper([0.5, 0.9], Progress(budget))
 
 
+def test_a_cycle_end_a_shrinking_plan_skipped_is_kept_before_the_next_step():
+    clock = FakeClock()
+    engine = FakeEngine(clock, size=16, batch_size=4)
+    budget = WallClockBudget(1000.0, clock=clock)
+    plan = {"steps": 10}
+    keeper = SnapshotKeeper([0.5, 1.0], Progress(budget, lambda: plan["steps"]))
+    keeper._take = lambda run, fraction: keeper.snapshots.append((fraction, budget.steps))
+
+    class ShrinkingPlan(Hook):
+        # As the planner does at an epoch end: after step 4 (0.4 of 10), 7 steps are planned
+        # (4 of 7 = 0.57): the cycle end at 0.5 is already behind.
+        def limit(self, run):
+            return (4 if budget.steps < 4 else plan["steps"]) - budget.steps
+
+        def after_execution(self, run, steps, losses):
+            if budget.steps == 4:
+                plan["steps"] = 7
+            if budget.steps >= plan["steps"]:
+                run.stop("planned")
+
+    _fit(engine, budget, keeper, ShrinkingPlan())
+    # Kept after step 4, as the plan shrank, not after step 5, one step into the next cycle.
+    assert keeper.snapshots == [(pytest.approx(4 / 7), 4), (1.0, 7)]
+
+
 def test_budget_progress_predicts_steps_to_a_fraction():
     clock = FakeClock()
     engine = FakeEngine(clock, size=400, batch_size=4, step_seconds=2.0)
