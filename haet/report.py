@@ -184,8 +184,11 @@ def comparable_key(record):
 def loaded(record):
     """Whether other processes (or a hypervisor) took more than a quarter of the
     CPUs the run could use while it trained (the record's `host_cpu`, see
-    `haet.device.HostCpu`); False for records written before it was measured."""
-    return bool((record.get("host_cpu") or {}).get("loaded"))
+    `haet.device.HostCpu`); None when it was not measured (records written before
+    2026-11-23, or without psutil): not known to be quiet, so not averaged with runs
+    measured quiet."""
+    host = record.get("host_cpu")
+    return bool(host.get("loaded")) if isinstance(host, dict) else None
 
 
 def _differences(keys, models, shown):
@@ -260,7 +263,9 @@ def summarize(records):
         recipe's values, which rows holding them do not repeat), backend, precision, runs, accuracy_mean,
         accuracy_std (fractions), epochs_mean, images_per_second_mean, over_budget
         (runs trained past their budget by more than one execution), loaded (runs
-        trained while other processes loaded the host, `loaded`), records
+        trained while other processes loaded the host, `loaded`: True, False or None
+        when not measured), unmeasured (not measured, beside a row of the same
+        settings that was), records
         (paths), commits (how many code versions the runs were trained with: their git
         commits, a "-dirty" one counted with its commit; a row averages runs of the same
         flags, not of the same code), variants (evaluation name -> (mean accuracy, runs that have it),
@@ -293,9 +298,14 @@ def summarize(records):
                 recipe += " (OVER BUDGET)"
             if busy_host:
                 recipe += " (LOADED HOST)"
+            # Said only beside rows of the same runs' settings whose host was measured.
+            unmeasured = busy_host is None and any(
+                other[:6] == key[:6] and other[7] == key[7] and other[6] is not None for other in by_key)
+            if unmeasured:
+                recipe += " (HOST LOAD NOT MEASURED)"
             rows.append({
                 "recipe": recipe, "backend": key[3], "precision": key[4], "runs": len(runs),
-                "variants": variants, "over_budget": over, "loaded": busy_host,
+                "variants": variants, "over_budget": over, "loaded": busy_host, "unmeasured": unmeasured,
                 "accuracy_mean": mean, "accuracy_std": std,
                 "epochs_mean": statistics.fmean(_epochs(r) for r in runs),
                 "images_per_second_mean": statistics.fmean(ips) if ips else None,
@@ -384,6 +394,10 @@ def render_markdown(table, published, base_dir, figures, title=True, skipped=())
                   "than a quarter of the CPUs it could use busy (its record's host_cpu); its timings and what "
                   "fitted in its budget are not those of an idle machine, so it is not averaged with the others.",
                   ""]
+    if any(row["unmeasured"] for rows in table.values() for row in rows):
+        lines += ["HOST LOAD NOT MEASURED: runs recorded before their host's CPU load was measured (host_cpu), "
+                  "beside runs of the same settings that have it: not averaged with them (some were run with an "
+                  "induced load: see a load.txt in their folders).", ""]
     validation_only = [path for path, reason in skipped if reason.startswith("validation only")]
     listed = [(path, reason) for path, reason in skipped if not reason.startswith("validation only")]
     if skipped:
