@@ -6,6 +6,7 @@ import platform
 import time
 
 import keras
+from absl import logging
 
 PRECISIONS = ("auto", "float32", "mixed_float16", "mixed_bfloat16")
 
@@ -214,6 +215,12 @@ def _psutil_affinity():
     return process.cpu_affinity() if hasattr(process, "cpu_affinity") else range(psutil.cpu_count() or 1)
 
 
+def _psutil_cpu_count():
+    import psutil
+
+    return psutil.cpu_count()
+
+
 class HostCpu:
     """What the host's CPUs did while a run trained: this process's CPU time, the CPU
     time of everything else on the CPUs it may run on, and the time a hypervisor gave
@@ -224,9 +231,12 @@ class HostCpu:
     summed over the CPUs of the process's affinity mask, and the process's own CPU
     time (all its threads). Other processes' time is the busy time less this
     process's, so in a container limited by a CPU quota rather than an affinity mask
-    it also counts work on CPUs the container may not get. Without psutil (the GPU
-    machine unless its wheel is carried: `scripts/gpu_campaign.py prepare`) nothing
-    is measured and `fields()` returns None.
+    it also counts work on CPUs the container may not get. psutil lists the online
+    CPUs in order, not by number: with some CPUs offline the mask can be read only
+    when it holds every listed CPU. Nothing is measured, and `fields()` returns None
+    (the run goes on), without psutil (the GPU machine unless its wheel is carried:
+    `scripts/gpu_campaign.py prepare`), when psutil refuses (a sandbox), or when the
+    mask cannot be matched to the listed CPUs.
 
     Usage: `start()` where training starts, `stop()` where it ends, `fields()` for
     the record (between `start` and `stop`, or up to now before `stop`).
@@ -241,29 +251,37 @@ class HostCpu:
     """
 
     def __init__(self, clock=time.perf_counter, cpu_times=_psutil_cpu_times, process_time=_psutil_process_time,
-                 cpus=None):
-        self.clock, self.cpu_times, self.process_time = clock, cpu_times, process_time
+                 cpus=None, cpu_count=_psutil_cpu_count):
+        self.clock, self.cpu_times, self.process_time, self.cpu_count = clock, cpu_times, process_time, cpu_count
         self.cpus = None
         try:
             self.cpus = sorted(_psutil_affinity() if cpus is None else cpus)
-        except ImportError:
-            pass
+        except Exception as e:  # noqa: BLE001 (no psutil, or psutil refused: measure nothing, never fail the run)
+            logging.info("the host's CPU load is not measured (%s: %s)", type(e).__name__, e)
         self._start = self._stop = None
+
+    def _rows(self, per_cpu):
+        """The entries of `per_cpu` (psutil's list of the online CPUs, in order) for the
+        CPUs counted, or None when they cannot be told apart."""
+        if len(self.cpus) == len(per_cpu):
+            return per_cpu  # the mask holds every listed CPU, whatever their numbers
+        if len(per_cpu) == self.cpu_count() and all(n < len(per_cpu) for n in self.cpus):
+            return [per_cpu[n] for n in self.cpus]  # every CPU online: position is number
+        return None
 
     def _read(self):
         """(wall seconds, own CPU seconds, busy CPU seconds, steal seconds) now, or None
-        when they cannot be read (no psutil, a CPU missing from the times)."""
+        when they cannot be read (no psutil, psutil refused, an unmatched mask)."""
         if self.cpus is None:
             return None
         try:
-            per_cpu = self.cpu_times()
-            busy = steal = 0.0
-            for n in self.cpus:
-                t = per_cpu[n]
-                busy += sum(getattr(t, name, 0.0) for name in ("user", "nice", "system", "irq", "softirq"))
-                steal += getattr(t, "steal", 0.0)
+            rows = self._rows(self.cpu_times())
+            if rows is None:
+                return None
+            busy = sum(getattr(t, name, 0.0) for t in rows for name in ("user", "nice", "system", "irq", "softirq"))
+            steal = sum(getattr(t, "steal", 0.0) for t in rows)
             return self.clock(), self.process_time(), busy, steal
-        except (ImportError, IndexError, OSError):
+        except Exception:  # noqa: BLE001 (psutil.Error, NotImplementedError...: measure nothing, never fail the run)
             return None
 
     def start(self):

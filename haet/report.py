@@ -185,8 +185,8 @@ def loaded(record):
     """Whether other processes (or a hypervisor) took more than a quarter of the
     CPUs the run could use while it trained (the record's `host_cpu`, see
     `haet.device.HostCpu`); None when it was not measured (records written before
-    2026-11-23, or without psutil): not known to be quiet, so not averaged with runs
-    measured quiet."""
+    2026-11-23; or without psutil, or where psutil refused): not known to be quiet,
+    so not averaged with runs measured quiet."""
     host = record.get("host_cpu")
     return bool(host.get("loaded")) if isinstance(host, dict) else None
 
@@ -395,9 +395,10 @@ def render_markdown(table, published, base_dir, figures, title=True, skipped=())
                   "fitted in its budget are not those of an idle machine, so it is not averaged with the others.",
                   ""]
     if any(row["unmeasured"] for rows in table.values() for row in rows):
-        lines += ["HOST LOAD NOT MEASURED: runs recorded before their host's CPU load was measured (host_cpu), "
-                  "beside runs of the same settings that have it: not averaged with them (some were run with an "
-                  "induced load: see a load.txt in their folders).", ""]
+        lines += ["HOST LOAD NOT MEASURED: runs whose records have no measure of their host's CPU load (host_cpu "
+                  "missing: recorded before it existed; or null: no psutil, or psutil refused), beside runs of the "
+                  "same settings that have one: not averaged with them (some older CPU runs had an induced load: "
+                  "see a load.txt in their folders).", ""]
     validation_only = [path for path, reason in skipped if reason.startswith("validation only")]
     listed = [(path, reason) for path, reason in skipped if not reason.startswith("validation only")]
     if skipped:

@@ -355,7 +355,8 @@ def fetch_psutil_wheel(folder):
     (no package index) is printed and the campaign goes on without it."""
     if glob.glob(os.path.join(folder, "psutil-*.whl")):
         return True
-    done = subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--only-binary=:all:",
+    done = subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--timeout=20", "--retries=1",
+                           "--no-deps", "--only-binary=:all:",
                            "--platform=manylinux2014_x86_64", "--python-version=3.12", "-d", folder, "psutil>=5.9"],
                           capture_output=True, text=True)
     if done.returncode:

@@ -13,6 +13,9 @@ OUT=results/cpu
 args=(--flagfile=flags/airbench94.flags --flagfile=flags/airbench94_haet.flags --width_multiplier=0.125
       --batch_size=32 --train_size=500 --budget=30 --data_dir=../shared/data/cifar10 "--results_dir=$OUT")
 tmp=$(mktemp -d)
+l1="" l2=""
+# The busy loops never outlive the script (an interrupt, an error).
+trap 'kill $l1 $l2 2> /dev/null || true' EXIT INT TERM
 for mode in quiet loaded; do
   log="$tmp/$mode.log"
   python -m haet.train "${args[@]}" > "$log" 2>&1 &
@@ -27,7 +30,8 @@ for mode in quiet loaded; do
   rc=0; wait "$pid" || rc=$?
   echo "rc=$rc" >> "$log"
   if [ "$mode" = loaded ]; then
-    kill "$l1" "$l2"; echo "load stopped $(date +%s.%N)" >> "$tmp/load.txt"
+    kill "$l1" "$l2" 2> /dev/null || true; l1="" l2=""
+    echo "load stopped $(date +%s.%N)" >> "$tmp/load.txt"
   fi
   folder=$(sed -n 's/.*-> \(results\/cpu\/[^ ]*\)$/\1/p' "$log" | tail -n 1)
   if [ -n "$folder" ]; then

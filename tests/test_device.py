@@ -36,8 +36,9 @@ class _Host:
     def cpu_times(self):
         return [SimpleNamespace(**times) for times in self.per_cpu]
 
-    def meter(self, cpus):
-        return HostCpu(clock=lambda: self.now, cpu_times=self.cpu_times, process_time=lambda: self.own, cpus=cpus)
+    def meter(self, cpus, cpu_count=None):
+        return HostCpu(clock=lambda: self.now, cpu_times=self.cpu_times, process_time=lambda: self.own, cpus=cpus,
+                       cpu_count=lambda: cpu_count or len(self.per_cpu))
 
 
 def test_host_cpu_counts_others_and_steal_on_the_cpus_the_run_may_use():
@@ -81,3 +82,26 @@ def test_host_cpu_of_a_resumed_run_adds_the_earlier_processes():
     unread = host.meter(cpus=[5])
     unread.start()
     assert unread.fields(earlier) == earlier and unread.fields() is None
+
+
+def test_host_cpu_measures_nothing_it_cannot_match_or_read_and_never_fails():
+    host = _Host(cpus=3)
+    # 4 CPUs, one offline (psutil lists 3): CPUs 0 and 2 cannot be found among the listed.
+    offline = host.meter(cpus=[0, 2], cpu_count=4)
+    offline.start()
+    assert offline.fields() is None
+    # The mask holds every listed CPU (numbers 0, 2, 3 with 1 offline): all of them are counted.
+    every = host.meter(cpus=[0, 2, 3], cpu_count=4)
+    every.start()
+    host.now, host.per_cpu[2]["user"] = 1.0, 0.5
+    assert every.fields()["other_cpu_seconds"] == 0.5
+
+    class AccessDenied(Exception):  # as psutil's: not an OSError
+        pass
+
+    def refused():
+        raise AccessDenied("pid 1")
+
+    sandboxed = HostCpu(cpu_times=refused, process_time=lambda: 0.0, cpus=[0])
+    sandboxed.start()
+    assert sandboxed.fields() is None

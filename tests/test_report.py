@@ -167,7 +167,7 @@ def test_only_comparable_runs_are_averaged_and_bad_records_are_listed(tmp_path):
     assert "| [stopped/record.json](stopped/record.json) | status interrupted |" in page
     assert "OVER BUDGET: training ran past the budget" in page
     assert "LOADED HOST: while the run trained, other processes" in page
-    assert "HOST LOAD NOT MEASURED: runs recorded before" in page
+    assert "HOST LOAD NOT MEASURED: runs whose records have no measure" in page
 
 
 def test_report_writes_into_the_results_folder_it_reads(tmp_path):
