@@ -21,6 +21,7 @@ import keras
 import numpy as np
 from keras import ops
 
+from haet import schedules
 from haet.layers import GhostBatchNormalization
 
 # Layers whose non-trainable variables are batch statistics (averaged with the weights).
@@ -185,12 +186,15 @@ class Lookahead(ExponentialMovingAverage):
     step of each epoch the weights take the average's values again (airbench copies
     back after each epoch). The run's length is `plan`, the planned-steps variable of a
     step-planned schedule (`haet.schedules`; set by the planner or from `--epochs`,
-    read inside the step), else `total_steps`.
+    read inside the step), else `total_steps`; with the schedule's `plan_offset` the
+    ramp reads the same fraction of the plan as the schedule
+    (`haet.schedules.plan_fraction`), so a re-plan does not move it at once.
 
     Args:
         steps_per_epoch: optimizer steps of an epoch (>= 1).
         total_steps: steps of the run without a plan (>= 1), or None.
         plan: the schedule's planned-steps variable (one of the optimizer's), or None.
+        plan_offset: the schedule's plan-offset variable (one of the optimizer's), or None.
         decay: per-step base momentum in [0, 1) (airbench: 0.95).
         every_steps: update every this many steps (airbench: 5).
         power: exponent of the `step / total_steps` ramp (airbench: 3).
@@ -204,7 +208,7 @@ class Lookahead(ExponentialMovingAverage):
     prefix = "lookahead"
 
     def __init__(self, steps_per_epoch, total_steps=None, decay=0.95, every_steps=5, power=3.0, start_step=0,
-                 statistics=True, plan=None):
+                 statistics=True, plan=None, plan_offset=None):
         super().__init__(decay, every_steps, warmup=False, statistics=statistics)
         if not (isinstance(steps_per_epoch, (int, np.integer)) and steps_per_epoch >= 1):
             raise ValueError(f"steps_per_epoch must be a positive integer. Received: {steps_per_epoch!r}")
@@ -217,25 +221,32 @@ class Lookahead(ExponentialMovingAverage):
         self.power = float(power)
         self.start_step = int(start_step)
         self.plan = plan
+        self.plan_offset = plan_offset
 
     def build(self, model):
         super().build(model)
         # Where the plan sits in the optimizer's state (the engine passes its values).
         self.plan_index = next((i for i, v in enumerate(model.optimizer.variables) if v is self.plan), None)
+        self.offset_index = next((i for i, v in enumerate(model.optimizer.variables) if v is self.plan_offset), None)
         if self.plan_index is None and self.total_steps is None:
             raise ValueError("Lookahead needs the run's length: a step-planned schedule's plan (one_cycle...) or "
                              "total_steps (--epochs > 0).")
         self.started = keras.Variable(0, dtype="int32", trainable=False, name=f"{self.prefix}_started")
         self.variables.append(self.started)
 
+    def done(self, steps, optimizer_values=None):
+        """The fraction of the run done after `steps` steps (float32, not clipped): of
+        the schedule's plan, read from `optimizer_values` (the optimizer's variables'
+        values, in order), else of `total_steps`."""
+        if self.plan_index is not None:
+            offset = 0.0 if self.offset_index is None else optimizer_values[self.offset_index]
+            return schedules.plan_fraction(steps, optimizer_values[self.plan_index], offset)
+        return ops.cast(steps, "float32") / self.total_steps
+
     def update(self, trainable, non_trainable, values, optimizer_values=None):
         steps, averages, started = values[0] + 1, values[1:-1], values[-1]
-        if self.plan_index is not None:
-            total = ops.maximum(ops.cast(optimizer_values[self.plan_index], "float32"), 1.0)
-        else:
-            total = self.total_steps
         update = ops.logical_and(ops.equal(ops.mod(steps, self.every_steps), 0), steps >= self.start_step)
-        ramp = ops.minimum(ops.cast(steps, "float32") / total, 1.0) ** self.power
+        ramp = ops.minimum(self.done(steps, optimizer_values), 1.0) ** self.power
         rho = ops.where(started > 0, self.decay ** self.every_steps * ramp, 0.0)
         rho = ops.where(update, rho, 1.0)
         current = [*trainable, *(non_trainable[i] for i in self.statistic_indices)]

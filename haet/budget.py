@@ -28,7 +28,7 @@ import time
 import numpy as np
 from absl import logging
 
-from haet import optimizers
+from haet import optimizers, schedules
 from haet.augment import FILL_MODES
 from haet.loop import Hook, StepLimit
 
@@ -409,11 +409,19 @@ class StepPlanner(StepLimit):
     corrected. Each re-plan is kept in `replans` (reason "pace": the steps and the
     time between epochs measured since the plan).
 
+    With `plan_offset` (the schedule's plan-offset variable, `haet.schedules`), a
+    re-plan also sets the offset so that the schedule's fraction of the plan done
+    stays where it was and reaches 1 at the new plan's end (the learning rate goes
+    on from where it is, over the steps left); without it the fraction jumps to the
+    new plan's position (`step / new planned steps`).
+
     Attributes set when planned: `planned_epochs`, `planned_steps_value`,
+    `plan_offset_value` (0 until a re-plan with `plan_offset`),
     `step_seconds` (the probe's mean), `replanned_from` (the first plan, None if
     never re-planned), `replans` (one dict per re-plan: `epoch` (1-based, the epoch
     after which it was made), `from_epochs`, `to_epochs`, `reason` ("overhead" or
-    "pace"), `step_seconds` and `overhead_seconds` it planned with, `remaining_seconds`).
+    "pace"), `step_seconds` and `overhead_seconds` it planned with, `remaining_seconds`,
+    and with `plan_offset` the offset it set).
 
     Args:
         budget: the run's `WallClockBudget`.
@@ -422,13 +430,14 @@ class StepPlanner(StepLimit):
         probe_steps: steps timed after the first one before planning (>= 1).
         pace_window: fraction in [0, 1] of the kept steps whose executions give
             the recent pace; 0: no re-plan for pace.
+        plan_offset: the schedule's plan-offset variable, or None.
 
     Raises:
         ValueError: `probe_steps < 1`, `steps_per_epoch < 1` or `pace_window`
             outside [0, 1].
     """
 
-    def __init__(self, budget, planned_steps, steps_per_epoch, probe_steps=20, pace_window=0.25):
+    def __init__(self, budget, planned_steps, steps_per_epoch, probe_steps=20, pace_window=0.25, plan_offset=None):
         if probe_steps < 1 or steps_per_epoch < 1:
             raise ValueError(
                 f"probe_steps and steps_per_epoch must be >= 1. Received: {probe_steps}, {steps_per_epoch}")
@@ -440,6 +449,8 @@ class StepPlanner(StepLimit):
         self.steps_per_epoch = steps_per_epoch
         self.probe_steps = probe_steps
         self.pace_window = pace_window
+        self.plan_offset = plan_offset
+        self.plan_offset_value = 0.0
         super().__init__(None)
         self.planned_epochs = None
         self.step_seconds = None
@@ -449,7 +460,7 @@ class StepPlanner(StepLimit):
         self._ending = 0  # epochs ended since the last execution, before the last of them
 
     _STATE = ("planned_epochs", "planned_steps_value", "step_seconds", "epoch_overheads", "replans",
-              "_planned_with_overhead")
+              "_planned_with_overhead", "plan_offset_value")
 
     def state_dict(self):
         return {name: getattr(self, name) for name in self._STATE}
@@ -461,6 +472,7 @@ class StepPlanner(StepLimit):
             first = state["replanned_from"]
             state = dict(state, replans=[] if first is None else [
                 {"epoch": 1, "from_epochs": first, "to_epochs": state["planned_epochs"], "reason": "overhead"}])
+        state = {"plan_offset_value": 0.0, **state}  # a checkpoint from before plans had an offset
         for name in self._STATE:
             setattr(self, name, state[name])
 
@@ -545,6 +557,8 @@ class StepPlanner(StepLimit):
                              "reason": reason, "step_seconds": step_seconds, "overhead_seconds": overhead,
                              "remaining_seconds": remaining})
         self._write(run, epochs)
+        if self.plan_offset is not None:
+            self.replans[-1]["plan_offset"] = self.plan_offset_value
         if self.budget.steps >= self.planned_steps_value:
             run.stop("planned")
 
@@ -566,9 +580,15 @@ class StepPlanner(StepLimit):
             self._replan(run, epoch, epochs, "pace", recent, overhead, remaining)
 
     def _write(self, run, epochs):
+        steps = epochs * self.steps_per_epoch
+        if self.plan_offset is not None:
+            # The first plan starts at 0; a re-plan keeps the fraction done where it is.
+            self.plan_offset_value = 0.0 if self.planned_steps_value is None else schedules.replanned_offset(
+                self.budget.steps, self.planned_steps_value, self.plan_offset_value, steps)
+            run.engine.assign(self.plan_offset, self.plan_offset_value)
         self.planned_epochs = epochs
-        self.planned_steps_value = epochs * self.steps_per_epoch
-        run.engine.assign(self.planned_steps, float(self.planned_steps_value))
+        self.planned_steps_value = steps
+        run.engine.assign(self.planned_steps, float(steps))
 
     reason = "planned"
 
@@ -612,17 +632,27 @@ class Progress:
         budget: the run's `WallClockBudget`.
         planned_steps: None (budget fraction), or a function returning the planned
             number of steps (None until planned).
+        plan_offset: None, or a function returning the plan's offset (the fraction
+            is `(steps + offset) / (planned + offset)`, as the schedule's: see
+            `haet.schedules.plan_fraction`).
     """
 
-    def __init__(self, budget, planned_steps=None):
+    def __init__(self, budget, planned_steps=None, plan_offset=None):
         self.budget = budget
         self.planned_steps = planned_steps
+        self.plan_offset = plan_offset
+
+    def _offset(self):
+        return self.plan_offset() if self.plan_offset is not None else 0.0
 
     def fraction(self):
         if self.planned_steps is None:
             return min(1.0, self.budget.elapsed() / self.budget.budget_seconds)
         planned = self.planned_steps()
-        return 0.0 if not planned else min(1.0, self.budget.steps / planned)
+        if not planned:
+            return 0.0
+        offset = self._offset()
+        return min(1.0, (self.budget.steps + offset) / max(planned + offset, 1.0))
 
     def steps_until(self, fraction):
         """Steps to run before the run reaches `fraction` (>= 1), or None if unknown."""
@@ -631,4 +661,5 @@ class Progress:
         planned = self.planned_steps()
         if not planned:
             return None
-        return max(1, math.ceil(fraction * planned - 1e-9) - self.budget.steps)
+        offset = self._offset()
+        return max(1, math.ceil(fraction * max(planned + offset, 1.0) - offset - 1e-9) - self.budget.steps)

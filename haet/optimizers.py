@@ -29,10 +29,12 @@ class _HaetOptimizer:
       batch-norm shifts 64x the learning rate, davidcpage/cifar10-fast
       bag_of_tricks.ipynb; airbench too);
     - a step-planned learning-rate schedule (`haet.schedules.PlannedSchedule`...)
-      gets its planned-steps variable back when a saved model is loaded: Keras builds
-      a loaded optimizer, then restores its variables only if their count matches
-      the saved one, and the plan is one of them. Keras optimizers have no hook for a
-      schedule's own variables.
+      gets its planned-steps and plan-offset variables back when a saved model is
+      loaded: Keras builds a loaded optimizer, then restores its variables only if
+      their count matches the saved one, and the plan is among them. Keras
+      optimizers have no hook for a schedule's own variables. A model saved before
+      the plan had an offset (one variable fewer) loads its whole state too, the
+      offset at 0, as it then was.
 
     Raises:
         ValueError: a multiplier that is not a positive number, or a pattern that is
@@ -70,9 +72,21 @@ class _HaetOptimizer:
     def build(self, variables):
         schedule = getattr(self, "_learning_rate", None)
         if getattr(schedule, "unit", None) == "steps" and getattr(schedule, "planned_steps", 1) is None:
-            schedule.attach(self, schedule.saved_planned_steps or 1.0)
+            schedule.attach(self, schedule.saved_planned_steps or 1.0, plan_offset=schedule.saved_plan_offset)
         super().build(variables)
         self._multipliers = [self.multiplier_of(v) for v in variables]
+
+    def load_own_variables(self, store):
+        schedule = getattr(self, "_learning_rate", None)
+        offset = getattr(schedule, "plan_offset", None)
+        if offset is not None and len(store.keys()) == len(self.variables) - 1:
+            # Saved before plans had an offset: every variable but it, in order.
+            kept = [v for v in self.variables if v is not offset]
+            if all(tuple(store[str(i)].shape) == tuple(v.shape) for i, v in enumerate(kept)):
+                for i, variable in enumerate(kept):
+                    variable.assign(store[str(i)])
+                return
+        super().load_own_variables(store)
 
     def get_config(self):
         return {**super().get_config(),
@@ -152,15 +166,17 @@ FIELDS = (
 )
 
 
-def make_lookahead(config, steps_per_epoch, total_steps, plan):
+def make_lookahead(config, steps_per_epoch, total_steps, plan, plan_offset=None):
     """The `haet.averaging.Lookahead` of `config` (None without `lookahead`); the run's
-    length is `plan` (a schedule's planned-steps variable) or else `total_steps`."""
+    length is `plan` (a schedule's planned-steps variable, with its `plan_offset`) or
+    else `total_steps`."""
     from haet.averaging import Lookahead
 
     if not config.lookahead:
         return None
     return Lookahead(steps_per_epoch, total_steps, config.lookahead_decay, config.lookahead_every_steps,
-                     config.lookahead_power, round(config.lookahead_start_epochs * steps_per_epoch), plan=plan)
+                     config.lookahead_power, round(config.lookahead_start_epochs * steps_per_epoch), plan=plan,
+                     plan_offset=plan_offset)
 
 
 def make_moving_average(config):

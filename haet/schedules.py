@@ -111,15 +111,27 @@ def _check_knots(knots, values, name, unit="fraction"):
 
 
 class _PlannedSteps(keras.optimizers.schedules.LearningRateSchedule):
-    """A schedule over the fraction `step / planned_steps`, where the planned number of
-    steps is a variable the compiled step reads (see `attach`)."""
+    """A schedule over the fraction of the planned steps done, where the plan is held
+    in variables the compiled step reads (see `attach`).
+
+    The fraction at optimizer step `s` is `(s + o) / (P + o)`: `P` the planned steps,
+    `o` the plan's offset, 0 until a plan changes during the run. A planner that
+    re-plans at step `s0` to `P'` steps sets `o` so that the fraction at `s0` stays
+    where it was and reaches 1 at `P'` (`plan_offset`): the schedule goes on from
+    where it is, over the steps left, instead of jumping to the new plan's position
+    (0.40 of a 10-step plan would be 0.57 of a 7-step one: a step down of the
+    learning rate in a decay, up in a warm-up). Keras schedules have no variables
+    of their own; these live among the optimizer's (`attach`)."""
 
     planned_steps = None
+    plan_offset = None
     saved_planned_steps = None  # the plan of a schedule loaded from a saved model
+    saved_plan_offset = 0.0
     unit = "steps"
 
-    def attach(self, optimizer, planned_steps):
-        """Creates the planned-steps variable in `optimizer`, set to `planned_steps`.
+    def attach(self, optimizer, planned_steps, plan_offset=0.0):
+        """Creates the planned-steps and plan-offset variables in `optimizer`, set to
+        `planned_steps` and `plan_offset`.
 
         A loaded model's optimizer (`haet.optimizers`' SGD and Adam) calls it when it
         builds, before Keras restores its variables, so the optimizer state loads
@@ -128,30 +140,61 @@ class _PlannedSteps(keras.optimizers.schedules.LearningRateSchedule):
             shape=(), initializer=keras.initializers.Constant(float(planned_steps)),
             dtype="float32", name="planned_steps",
         )
+        self.plan_offset = optimizer.add_variable(
+            shape=(), initializer=keras.initializers.Constant(float(plan_offset)),
+            dtype="float32", name="plan_offset",
+        )
         return self.planned_steps
 
     def _with_plan(self, config):
         """`config` with the current plan (saved with the model)."""
         if self.planned_steps is not None:
             config["planned_steps"] = float(keras.ops.convert_to_numpy(self.planned_steps))
+            config["plan_offset"] = float(keras.ops.convert_to_numpy(self.plan_offset))
         elif self.saved_planned_steps is not None:
             config["planned_steps"] = self.saved_planned_steps
+            config["plan_offset"] = self.saved_plan_offset
         return config
 
     @staticmethod
-    def _loaded(schedule, planned_steps):
-        schedule.saved_planned_steps = planned_steps
+    def _loaded(schedule, config):
+        schedule.saved_planned_steps = config.pop("planned_steps", None)
+        schedule.saved_plan_offset = float(config.pop("plan_offset", 0.0) or 0.0)  # 0: saved before offsets
         return schedule
 
     def fraction(self, step):
-        """`step / planned_steps` as a float32 tensor.
+        """`(step + plan_offset) / (planned_steps + plan_offset)` as a float32 tensor
+        (not clipped: past the plan it exceeds 1).
 
         Raises:
             ValueError: `attach` was not called.
         """
         if self.planned_steps is None:
             raise ValueError(f"{type(self).__name__}.attach(optimizer, planned_steps) was not called.")
-        return ops.cast(step, "float32") / ops.maximum(ops.cast(self.planned_steps, "float32"), 1.0)
+        return plan_fraction(step, self.planned_steps, self.plan_offset)
+
+
+def plan_fraction(step, planned_steps, plan_offset=0.0):
+    """The fraction of a plan done at `step`: `(step + plan_offset) / max(planned_steps
+    + plan_offset, 1)`, float32 (tensors or numbers; see `_PlannedSteps`); a None
+    offset is 0."""
+    offset = ops.cast(0.0 if plan_offset is None else plan_offset, "float32")
+    return (ops.cast(step, "float32") + offset) / ops.maximum(ops.cast(planned_steps, "float32") + offset, 1.0)
+
+
+def replanned_offset(step, planned_steps, plan_offset, new_planned_steps):
+    """The plan offset that keeps the fraction at `step` (`plan_fraction`) when the
+    plan changes from `planned_steps` to `new_planned_steps`, so that it reaches 1 at
+    `new_planned_steps`. A plan that ends at or before `step`, or one already done,
+    keeps `plan_offset` (the run stops there).
+
+    Solves `(step + o') / (new + o') = f`, f the fraction at `step`: `o' = (f new -
+    step) / (1 - f)`. Floats (steps) in, a float out."""
+    total = planned_steps + plan_offset
+    done = (step + plan_offset) / total if total > 0 else 1.0
+    if done >= 1.0 or new_planned_steps <= step:
+        return float(plan_offset)
+    return float((done * new_planned_steps - step) / (1.0 - done))
 
 
 KNOT_UNITS = ("fraction", "epochs")
@@ -200,10 +243,10 @@ class PlannedPiecewiseLinear(_PlannedSteps):
         """Whether the schedule depends on the planned number of steps."""
         return self.knot_unit == "fraction"
 
-    def attach(self, optimizer, planned_steps, steps_per_epoch=None):
+    def attach(self, optimizer, planned_steps, steps_per_epoch=None, plan_offset=0.0):
         if steps_per_epoch is not None:
             self.steps_per_epoch = float(steps_per_epoch)
-        return super().attach(optimizer, planned_steps)
+        return super().attach(optimizer, planned_steps, plan_offset)
 
     def __call__(self, step):
         if self.knot_unit == "fraction":
@@ -225,8 +268,8 @@ class PlannedPiecewiseLinear(_PlannedSteps):
     @classmethod
     def from_config(cls, config):
         config = dict(config)
-        planned = config.pop("planned_steps", None)
-        return cls._loaded(cls(**config), planned)
+        plan = {k: config.pop(k) for k in ("planned_steps", "plan_offset") if k in config}
+        return cls._loaded(cls(**config), plan)
 
 
 # Learning-rate schedules as shapes over the whole run.
@@ -392,7 +435,8 @@ def lr_shape(shape, learning_rate, warmup=0.0, final_learning_rate=0.0,
 @keras.saving.register_keras_serializable(package="haet")
 class PlannedSchedule(_PlannedSteps):
     """A shape of `lr_shape` evaluated per optimizer step: step `s` of `P` planned
-    steps reads the shape at `min(s / P, 1) * NOMINAL_STEPS`.
+    steps reads the shape at `min(s / P, 1) * NOMINAL_STEPS` (with a plan offset `o`
+    after a re-plan, `(s + o) / (P + o)` instead of `s / P`: see `_PlannedSteps`).
 
     Like `PlannedPiecewiseLinear`, `P` is an optimizer variable (`attach`), so a
     `haet.budget.StepPlanner` can set it after timing the first steps.
@@ -411,7 +455,7 @@ class PlannedSchedule(_PlannedSteps):
 
     @classmethod
     def from_config(cls, config):
-        return cls._loaded(cls(keras.optimizers.schedules.deserialize(config["shape"])), config.get("planned_steps"))
+        return cls._loaded(cls(keras.optimizers.schedules.deserialize(config["shape"])), dict(config))
 
 
 class BudgetSchedule:

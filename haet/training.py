@@ -250,6 +250,12 @@ def _load_checkpoint(run, run_dir):
     variables; the host's random generators are put back."""
     snapshot, paths, state = checkpoint_lib.load(os.path.join(run_dir, checkpoint_lib.CHECKPOINT))
     ours = run.engine.variable_paths()
+    offsets = [i for i, path in enumerate(ours) if path.endswith("/plan_offset")]
+    if len(paths) == len(ours) - 1 and len(offsets) == 1 and not any(p.endswith("/plan_offset") for p in paths):
+        # Written before plans had an offset: the plan went on from 0 (it had no other).
+        i = offsets[0]
+        snapshot = [*snapshot[:i], np.zeros((), np.float32), *snapshot[i:]]
+        paths = [*paths[:i], ours[i], *paths[i:]]
     # Keras numbers the names of objects made again in one process (adam_1/...): compare without.
     differ = [(a, b) for a, b in zip(paths, ours) if _unnumbered(a) != _unnumbered(b)]
     if len(paths) != len(ours) or differ:
@@ -528,8 +534,10 @@ def build_run(config, model, augmentation, schedule, data, folder, clock=time.pe
         images, copies = augment.alternating_flip_copies(data.x_fit, config.seed), 2
     one_hot = data.info.num_classes if config.label_smoothing else None
     # Lookahead first (it moves the weights), then the EMA of the weights it leaves.
+    planned_by_steps = schedule.unit == "steps"
     lookahead = optimizers.make_lookahead(config, steps_per_epoch, planned_steps(config, steps_per_epoch) or None,
-                                          schedule.planned_steps if schedule.unit == "steps" else None)
+                                          schedule.planned_steps if planned_by_steps else None,
+                                          schedule.plan_offset if planned_by_steps else None)
     average = optimizers.make_moving_average(config)
     engine = make_engine(model, images, data.y_fit, config.batch_size, seed=config.seed, one_hot_classes=one_hot,
                          steps_per_execution=config.steps_per_execution, copies=copies,
@@ -572,14 +580,16 @@ def build_run(config, model, augmentation, schedule, data, folder, clock=time.pe
         hooks.append(KerasCallbacks(callbacks, model, epochs=math.ceil(config.epochs) or None))
     if schedule.unit == "steps" and not config.epochs and getattr(schedule, "needs_plan", True):
         run.planner = budget_lib.StepPlanner(budget, schedule.planned_steps, steps_per_epoch,
-                                             config.planner_probe_steps, config.planner_pace_window)
+                                             config.planner_probe_steps, config.planner_pace_window,
+                                             plan_offset=schedule.plan_offset)
     if config.snapshot_ensemble:
-        planned = None
+        planned = offset = None
         if run.planner:
             planned = lambda: run.planner.planned_steps_value  # noqa: E731
+            offset = lambda: run.planner.plan_offset_value  # noqa: E731
         elif schedule.unit == "steps" and config.epochs:
             planned = lambda: planned_steps(config, steps_per_epoch)  # noqa: E731
-        run.snapshots = SnapshotKeeper(schedules.cycle_ends(config), budget_lib.Progress(budget, planned))
+        run.snapshots = SnapshotKeeper(schedules.cycle_ends(config), budget_lib.Progress(budget, planned, offset))
         hooks.append(run.snapshots)
     hooks += list(extra_hooks)
     if run.planner:

@@ -132,6 +132,24 @@ def test_lookahead_follows_airbench_step_by_step():
         np.testing.assert_allclose(np.asarray(a.value), b, rtol=1e-4, atol=1e-5)
 
 
+def test_lookahead_ramps_over_the_same_fraction_of_the_plan_as_the_schedule():
+    from haet.optimizers import SGD
+    from haet.schedules import PlannedSchedule, lr_shape
+
+    model = _model()
+    schedule = PlannedSchedule(lr_shape("linear", 0.1))
+    optimizer = SGD(learning_rate=schedule)
+    schedule.attach(optimizer, 100)
+    model.compile(optimizer, keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    model.optimizer.build(model.trainable_variables)
+    lookahead = Lookahead(5, plan=schedule.planned_steps, plan_offset=schedule.plan_offset)
+    lookahead.build(model)
+    schedule.plan_offset.assign(-20.0)  # re-planned: (50 - 20) / (100 - 20)
+    values = [v.value for v in model.optimizer.variables]
+    assert float(np.asarray(lookahead.done(50, values))) == pytest.approx(0.375)
+    assert float(np.asarray(lookahead.done(50, values))) == pytest.approx(float(np.asarray(schedule.fraction(50))))
+
+
 def test_lookahead_needs_the_run_length():
     with pytest.raises(ValueError, match="lookahead ramps its momentum"):
         TrainConfig(lookahead=True, epochs=0)  # wall-clock schedule, no plan

@@ -163,13 +163,18 @@ def test_planner_charges_the_measured_epoch_overhead_and_replans_once():
     assert [s["planned_steps"] for s in engine.steps[4:]] == [36.0] * 4 + [20.0] * 16
 
 
-def _paced(step_seconds, pace_window=0.25, budget_seconds=100.5):
+class _PlanOffset:
+    name = "plan_offset"
+
+
+def _paced(step_seconds, pace_window=0.25, budget_seconds=100.5, plan_offset=None):
     """Epochs of 4 steps, one execution an epoch; the probe (1 + 3 steps) runs at 1 s a
     step (a 100.5 s budget: 24 epochs planned, 96 steps ending at 100 s)."""
     clock = FakeClock()
     engine = FakeEngine(clock, size=16, batch_size=4, step_seconds=step_seconds, steps_per_execution=4)
     budget = WallClockBudget(budget_seconds, clock=clock)
-    planner = StepPlanner(budget, _PlannedSteps(), steps_per_epoch=4, probe_steps=3, pace_window=pace_window)
+    planner = StepPlanner(budget, _PlannedSteps(), steps_per_epoch=4, probe_steps=3, pace_window=pace_window,
+                          plan_offset=plan_offset)
     run = Training(engine, budget, [budget, planner]).fit()
     return engine, budget, planner, run
 
@@ -194,6 +199,34 @@ def test_planner_plans_fewer_epochs_when_the_steps_slow_down_after_the_probe():
     engine, budget, planner, run = _paced(slower, pace_window=0.0)
     assert planner.replans == [] and planner.planned_epochs == 24
     assert run.stopped_by == "budget" and budget.steps == 71 and planner.planned_steps_value == 96
+
+
+def test_a_replan_with_the_plan_offset_keeps_the_fraction_done_continuous():
+    # The slow-down above: after 32 of 96 steps (1/3 of the plan) the plan becomes 68 steps.
+    # With the schedule's plan offset the fraction stays 1/3 there and reaches 1 at 68:
+    # o = (68 / 3 - 32) / (2 / 3) = -14, (32 - 14) / (68 - 14) = 1/3.
+    engine, budget, planner, run = _paced(lambda step: 1.0 if step < 24 else 1.5, plan_offset=_PlanOffset())
+    assert planner.planned_epochs == 17 and planner.plan_offset_value == pytest.approx(-14.0)
+    assert planner.replans[0]["plan_offset"] == pytest.approx(-14.0)
+    assert run.stopped_by == "planned" and budget.steps == 68
+    kept = engine.steps[4:]
+    assert [s["plan_offset"] for s in kept] == [0.0] * 32 + [pytest.approx(-14.0)] * 36
+    done = [(k + s["plan_offset"]) / (s["planned_steps"] + s["plan_offset"]) for k, s in enumerate(kept)]
+    steps = [b - a for a, b in zip(done, done[1:])]
+    # Step 32 is at 1/3 of the new plan as of the old one: no jump, then steps of 1/54.
+    assert steps[:32] == pytest.approx([1 / 96] * 32) and steps[32:] == pytest.approx([1 / 54] * 35)
+    assert done[-1] + 1 / 54 == pytest.approx(1.0)  # after the last kept step
+    # The host's view of the run (snapshots) reads the same fraction.
+    progress = Progress(budget, lambda: planner.planned_steps_value, lambda: planner.plan_offset_value)
+    assert progress.fraction() == 1.0
+    budget.steps = 32
+    assert progress.fraction() == pytest.approx(1 / 3) and progress.steps_until(0.5) == 9  # (41 - 14) / 54
+    # Kept in checkpoints; one from before offsets existed had none: 0.
+    resumed = StepPlanner(WallClockBudget(100.5), _PlannedSteps(), 4, probe_steps=3, plan_offset=_PlanOffset())
+    resumed.load_state_dict(planner.state_dict())
+    assert resumed.plan_offset_value == pytest.approx(-14.0)
+    resumed.load_state_dict({k: v for k, v in planner.state_dict().items() if k != "plan_offset_value"})
+    assert resumed.plan_offset_value == 0.0
 
 
 def test_planner_counts_lost_time_and_keeps_a_plan_that_ends_within_an_epoch_of_the_budget():

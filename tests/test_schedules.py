@@ -71,6 +71,42 @@ def test_planned_piecewise_linear_values_on_host_and_device():
     assert float(np.asarray(schedule(50))) == pytest.approx(0.4, abs=1e-7)
 
 
+def test_a_replan_keeps_the_schedule_where_it_is_and_ends_it_at_the_new_plan():
+    import keras
+    import numpy as np
+
+    from haet.schedules import PlannedPiecewiseLinear, plan_fraction, replanned_offset
+
+    def lr(step):
+        return float(np.asarray(schedule(step)))
+
+    schedule = PlannedPiecewiseLinear([0.0, 0.25, 1.0], [0.0, 0.4, 0.0])
+    schedule.attach(keras.optimizers.SGD(learning_rate=schedule), planned_steps=100)
+    # In the decay: step 50 of 100 (0.5 of the plan), re-planned to 80 steps.
+    before = lr(50)
+    offset = replanned_offset(50, 100, 0.0, 80)
+    assert offset == pytest.approx(-20.0)
+    schedule.planned_steps.assign(80.0)
+    schedule.plan_offset.assign(offset)
+    assert lr(50) == pytest.approx(before, abs=1e-7)  # 0.5 of the plan still: no step down
+    assert lr(65) == pytest.approx(0.4 * 0.25 / 0.75, abs=1e-6) and lr(80) == pytest.approx(0.0, abs=1e-7)
+    # In the warm-up: step 10 of 100 (0.16), re-planned to 50; without the offset 0.32.
+    schedule.planned_steps.assign(100.0)
+    schedule.plan_offset.assign(0.0)
+    schedule.plan_offset.assign(replanned_offset(10, 100, 0.0, 50))
+    schedule.planned_steps.assign(50.0)
+    assert lr(10) == pytest.approx(0.16, abs=1e-6) and lr(50) == pytest.approx(0.0, abs=1e-7)
+    # A second re-plan goes on from the first one's fraction: (30 - 5/0.9) / (50 - 5/0.9) = 0.55.
+    offset = float(np.asarray(schedule.plan_offset))
+    assert offset == pytest.approx(-5 / 0.9, rel=1e-6)
+    assert float(np.asarray(plan_fraction(30, 50.0, offset))) == pytest.approx(0.55, abs=1e-6)
+    later = replanned_offset(30, 50, offset, 40)
+    assert float(np.asarray(plan_fraction(30, 40.0, later))) == pytest.approx(0.55, abs=1e-6)
+    assert float(np.asarray(plan_fraction(40, 40.0, later))) == pytest.approx(1.0, abs=1e-6)
+    # A plan that ends where the run is, or a plan already done, keeps the offset (the run stops).
+    assert replanned_offset(30, 50, offset, 30) == offset and replanned_offset(50, 50, 0.0, 40) == 0.0
+
+
 @pytest.mark.parametrize("knots, values, message", [
     ([0.0, 1.0], [0.1], "as many values as knots"),
     ([0.1, 1.0], [0.0, 0.1], "from 0 to 1"),
@@ -160,6 +196,7 @@ def test_planned_schedule_survives_saving(tmp_path):
     model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])
     optimizer = SGD(learning_rate=schedule, momentum=0.9)
     schedule.attach(optimizer, 100)
+    schedule.plan_offset.assign(-20.0)  # as after a re-plan
     model.compile(optimizer=optimizer, loss="mse")
     model.fit(np.zeros((4, 2)), np.ones((4, 1)), verbose=0)
     model.save(tmp_path / "m.keras")
@@ -169,6 +206,7 @@ def test_planned_schedule_survives_saving(tmp_path):
     restored = loaded.optimizer._learning_rate
     assert isinstance(restored, PlannedSchedule)
     assert restored.get_config() == schedule.get_config() and schedule.get_config()["planned_steps"] == 100.0
+    assert schedule.get_config()["plan_offset"] == -20.0
     # The whole optimizer state came back: the plan, the step count, the momentum.
     for a, b in zip(optimizer.variables, loaded.optimizer.variables):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
@@ -209,3 +247,44 @@ def test_config_schedules_and_linear_scaling_rule():
     assert isinstance(scaled, PlannedPiecewiseLinear) and scaled.values == pytest.approx([0.0, 1.6, 0.0])
     wall = learning_rate_schedule(TrainConfig(batch_size=64, lr_scaling_reference_batch=32))
     assert wall.values == pytest.approx([2e-3, 2e-4, 2e-5])
+
+
+def test_a_model_saved_before_plans_had_an_offset_loads_its_whole_optimizer_state(tmp_path, monkeypatch):
+    import warnings
+
+    import keras
+    import numpy as np
+
+    from haet import schedules
+    from haet.optimizers import SGD
+    from haet.schedules import PlannedSchedule, lr_shape
+
+    def attach_without_offset(self, optimizer, planned_steps, plan_offset=0.0):  # as the code was
+        self.planned_steps = optimizer.add_variable(
+            shape=(), initializer=keras.initializers.Constant(float(planned_steps)), dtype="float32",
+            name="planned_steps")
+        return self.planned_steps
+
+    with monkeypatch.context() as patch:
+        patch.setattr(schedules._PlannedSteps, "attach", attach_without_offset)
+        patch.setattr(PlannedSchedule, "get_config",
+                      lambda self: {"shape": keras.optimizers.schedules.serialize(self.shape),
+                                    "planned_steps": float(np.asarray(self.planned_steps))})
+        schedule = PlannedSchedule(lr_shape("cosine", 0.1))
+        model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])
+        optimizer = SGD(learning_rate=schedule, momentum=0.9)
+        schedule.attach(optimizer, 100)
+        model.compile(optimizer=optimizer, loss="mse")
+        model.fit(np.zeros((4, 2)), np.ones((4, 1)), verbose=0)
+        model.save(tmp_path / "old.keras")
+        saved = [np.asarray(v) for v in optimizer.variables]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # no "Skipping variable loading for optimizer"
+        loaded = keras.saving.load_model(tmp_path / "old.keras")
+    restored = loaded.optimizer._learning_rate
+    assert float(np.asarray(restored.plan_offset)) == 0.0 and float(np.asarray(restored.planned_steps)) == 100.0
+    others = [v for v in loaded.optimizer.variables if v is not restored.plan_offset]
+    assert len(others) == len(saved)
+    for a, b in zip(others, saved):
+        np.testing.assert_array_equal(np.asarray(a), b)
+    assert float(np.asarray(loaded.optimizer.iterations)) == 1.0

@@ -98,6 +98,21 @@ def test_sigterm_checkpoints_and_the_resumed_run_matches_an_uninterrupted_one(tm
         train(config, resume=run_dir)
 
 
+def test_a_checkpoint_written_before_plans_had_an_offset_resumes(tmp_path, cifar10_slice_dir, sigterm_after):
+    config = _tiny(cifar10_slice_dir, lr_schedule="one_cycle")
+    reference, _ = train(config, results_dir=str(tmp_path / "whole"))
+    sigterm_after(6)
+    _, run_dir = train(config, results_dir=str(tmp_path / "parts"))
+    # The checkpoint as the code before plan offsets wrote it: no plan_offset variable.
+    path = os.path.join(run_dir, "checkpoint.npz")
+    snapshot, paths, state = checkpoint.load(path)
+    (i,) = [i for i, p in enumerate(paths) if p.endswith("/plan_offset")]
+    checkpoint.save(path, snapshot[:i] + snapshot[i + 1:], paths[:i] + paths[i + 1:], state)
+    resumed, _ = train(config, resume=run_dir)
+    assert resumed["status"] == "completed" and resumed["steps"] == reference["steps"] == 15
+    assert resumed["test_loss"] == pytest.approx(reference["test_loss"], abs=1e-6)
+
+
 def test_an_interrupted_record_counts_the_epochs_the_device_ended_and_the_resume_writes_them(
         tmp_path, cifar10_slice_dir, sigterm_after):
     """Executions across epoch ends: SIGTERM after an execution that ended two epochs
