@@ -197,7 +197,7 @@ class Lookahead(ExponentialMovingAverage):
         plan_offset: the schedule's plan-offset variable (one of the optimizer's), or None.
         decay: per-step base momentum in [0, 1) (airbench: 0.95).
         every_steps: update every this many steps (airbench: 5).
-        power: exponent of the `step / total_steps` ramp (airbench: 3).
+        power: exponent of the ramp over the fraction of the run done (airbench: 3).
         start_step: first step that may update (airbench: 3 epochs).
         statistics: also average (and copy back) the batch-norm statistics.
 

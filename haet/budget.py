@@ -413,7 +413,10 @@ class StepPlanner(StepLimit):
     re-plan also sets the offset so that the schedule's fraction of the plan done
     stays where it was and reaches 1 at the new plan's end (the learning rate goes
     on from where it is, over the steps left); without it the fraction jumps to the
-    new plan's position (`step / new planned steps`).
+    new plan's position (`step / new planned steps`). The step the schedule is at is
+    read from `step` (the optimizer's iteration count) when given: under
+    mixed_float16 the loss-scale optimizer skips the steps whose gradients
+    overflowed, so it can lag the steps the budget counts.
 
     Attributes set when planned: `planned_epochs`, `planned_steps_value`,
     `plan_offset_value` (0 until a re-plan with `plan_offset`),
@@ -431,13 +434,16 @@ class StepPlanner(StepLimit):
         pace_window: fraction in [0, 1] of the kept steps whose executions give
             the recent pace; 0: no re-plan for pace.
         plan_offset: the schedule's plan-offset variable, or None.
+        step: the variable the schedule counts steps with (the optimizer's
+            `iterations`), or None (the budget's kept steps).
 
     Raises:
         ValueError: `probe_steps < 1`, `steps_per_epoch < 1` or `pace_window`
             outside [0, 1].
     """
 
-    def __init__(self, budget, planned_steps, steps_per_epoch, probe_steps=20, pace_window=0.25, plan_offset=None):
+    def __init__(self, budget, planned_steps, steps_per_epoch, probe_steps=20, pace_window=0.25, plan_offset=None,
+                 step=None):
         if probe_steps < 1 or steps_per_epoch < 1:
             raise ValueError(
                 f"probe_steps and steps_per_epoch must be >= 1. Received: {probe_steps}, {steps_per_epoch}")
@@ -451,6 +457,7 @@ class StepPlanner(StepLimit):
         self.pace_window = pace_window
         self.plan_offset = plan_offset
         self.plan_offset_value = 0.0
+        self.step = step
         super().__init__(None)
         self.planned_epochs = None
         self.step_seconds = None
@@ -583,8 +590,12 @@ class StepPlanner(StepLimit):
         steps = epochs * self.steps_per_epoch
         if self.plan_offset is not None:
             # The first plan starts at 0; a re-plan keeps the fraction done where it is.
-            self.plan_offset_value = 0.0 if self.planned_steps_value is None else schedules.replanned_offset(
-                self.budget.steps, self.planned_steps_value, self.plan_offset_value, steps)
+            if self.planned_steps_value is None:
+                self.plan_offset_value = 0.0
+            else:
+                now = self.budget.steps if self.step is None else float(run.engine.read(self.step))
+                self.plan_offset_value = schedules.replanned_offset(now, self.planned_steps_value,
+                                                                    self.plan_offset_value, steps)
             run.engine.assign(self.plan_offset, self.plan_offset_value)
         self.planned_epochs = epochs
         self.planned_steps_value = steps

@@ -2,8 +2,8 @@
 
 A checkpoint (`RUN_DIR/checkpoint.npz`, replaced atomically each time) holds the
 whole training state at an execution boundary: every variable of the model, its
-optimizer (moving average of the weights, iteration count, the planned steps of a
-step-based schedule) and its metrics, the augmentation's random-generator states;
+optimizer (moving average of the weights, iteration count, the planned steps and
+plan offset of a step-based schedule) and its metrics, the augmentation's random-generator states;
 and, as JSON, the loop's position in its epoch (the epoch's order is a function of
 the seed and the epoch), the budget's elapsed seconds, steps, executions and
 history, the schedules' current values, each hook's state (planner, snapshots,

@@ -419,6 +419,11 @@ class Engine:
         """Sets `variable` (of the model or its optimizer) to `value` for the next execution."""
         variable.assign(value)
 
+    def read(self, variable):
+        """The current value of `variable` (of the model or its optimizer) as a NumPy
+        array, without syncing the whole state (one device-to-host copy)."""
+        return np.asarray(keras.ops.convert_to_numpy(variable.value))
+
 
 class _JaxEngine(Engine):
     """`jax.jit` of a `lax.fori_loop` over the model's stateless `train_step`."""
@@ -610,6 +615,16 @@ class _JaxEngine(Engine):
             # The model's variables hold the state (a hook is between `sync` and
             # `reload`): this one takes the new value too, so a `reload` keeps it.
             variable.assign(self._state[g][i])
+
+    def read(self, variable):
+        self._groups()
+        if id(variable) not in self._where:
+            self.sync()  # not in the state's lists: its value is current once the state is written back
+            return super().read(variable)
+        if self._synced or self._state is None:
+            return super().read(variable)
+        g, i = self._where[id(variable)]
+        return np.asarray(self._state[g][i])
 
 
 class _TensorFlowEngine(Engine):

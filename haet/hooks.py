@@ -136,8 +136,9 @@ class SnapshotKeeper(Hook):
     `progress` (a `haet.budget.Progress`) gives the fraction of the run done (of the
     planned steps, or of the budget); executions are cut where a fraction is reached,
     and the weights (batch-norm statistics included) are copied to the host there. A
-    cycle end that a shrinking plan moved behind the steps already done is kept before
-    the next execution, with the weights as they are. The last fraction is the run's
+    cycle end already behind the steps done when an execution is about to start (a
+    plan changed without the schedule's plan offset, see `haet.budget.StepPlanner`)
+    is kept then, with the weights as they are. The last fraction is the run's
     end: its snapshot is taken when training ends, whatever stopped it.
 
     Attributes:
@@ -187,10 +188,10 @@ class SnapshotKeeper(Hook):
             self._take(run, self.progress.fraction())
 
     def before_execution(self, run):
-        # A plan that shrank since the last execution (haet.budget.StepPlanner) can put
-        # a cycle end behind the steps done: keep the weights as the last steps left
-        # them, near the lowest learning rate of their cycle, not after one more step
-        # into the next cycle's high rate.
+        # A plan changed since the last execution without the schedule's plan offset
+        # (haet.budget.StepPlanner) can put a cycle end behind the steps done: keep the
+        # weights as the last steps left them, near the lowest learning rate of their
+        # cycle, not after one more step into the next cycle's high rate.
         self._take_due(run)
 
     def limit(self, run):

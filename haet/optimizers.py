@@ -33,8 +33,10 @@ class _HaetOptimizer:
       loaded: Keras builds a loaded optimizer, then restores its variables only if
       their count matches the saved one, and the plan is among them. Keras
       optimizers have no hook for a schedule's own variables. A model saved before
-      the plan had an offset (one variable fewer) loads its whole state too, the
-      offset at 0, as it then was.
+      the plan had an offset (one variable fewer, its planned steps where the saved
+      config says) loads its whole state too, the offset at 0, as it then was
+      (under mixed_float16 the loss-scale optimizer's own state, its scale and
+      counter, starts afresh: Keras skips it on the count).
 
     Raises:
         ValueError: a multiplier that is not a positive number, or a pattern that is
@@ -82,7 +84,9 @@ class _HaetOptimizer:
         if offset is not None and len(store.keys()) == len(self.variables) - 1:
             # Saved before plans had an offset: every variable but it, in order.
             kept = [v for v in self.variables if v is not offset]
-            if all(tuple(store[str(i)].shape) == tuple(v.shape) for i, v in enumerate(kept)):
+            plan = next(i for i, v in enumerate(kept) if v is schedule.planned_steps)
+            if (all(tuple(store[str(i)].shape) == tuple(v.shape) for i, v in enumerate(kept))
+                    and float(store[str(plan)]) == float(schedule.saved_planned_steps or 1.0)):
                 for i, variable in enumerate(kept):
                     variable.assign(store[str(i)])
                 return
@@ -154,11 +158,11 @@ FIELDS = (
           "ResNet-9 and airbench: 64, with frozen scales).", fields.positive()),
     Field("lookahead", False, "airbench's lookahead: from --lookahead_start_epochs on, every "
           "--lookahead_every_steps steps the weights (and batch-norm statistics) move to a moving average of "
-          "themselves with momentum --lookahead_decay ** k * (step / planned steps) ** --lookahead_power; needs "
+          "themselves with momentum --lookahead_decay ** k * (fraction of the plan done) ** --lookahead_power; needs "
           "--epochs or a planned schedule."),
     Field("lookahead_decay", 0.95, "lookahead: base momentum per step, in [0, 1).", fields.in_range(0, 1, high_open=True)),
     Field("lookahead_every_steps", 5, "lookahead: steps between updates.", fields.positive(integer=True)),
-    Field("lookahead_power", 3.0, "lookahead: exponent of the (step / planned steps) ramp of the momentum.",
+    Field("lookahead_power", 3.0, "lookahead: exponent of the (fraction of the plan done) ramp of the momentum.",
           fields.at_least(0)),
     Field("lookahead_start_epochs", 3.0, "lookahead: epochs before the first update.", fields.at_least(0)),
     Field("label_smoothing", 0.0, "Label smoothing of the cross-entropy, in [0, 1).",

@@ -176,10 +176,11 @@ class _PlannedSteps(keras.optimizers.schedules.LearningRateSchedule):
 
 def plan_fraction(step, planned_steps, plan_offset=0.0):
     """The fraction of a plan done at `step`: `(step + plan_offset) / max(planned_steps
-    + plan_offset, 1)`, float32 (tensors or numbers; see `_PlannedSteps`); a None
-    offset is 0."""
+    + plan_offset, 1)`, at least 0, float32 (tensors or numbers; see `_PlannedSteps`);
+    a None offset is 0."""
     offset = ops.cast(0.0 if plan_offset is None else plan_offset, "float32")
-    return (ops.cast(step, "float32") + offset) / ops.maximum(ops.cast(planned_steps, "float32") + offset, 1.0)
+    done = (ops.cast(step, "float32") + offset) / ops.maximum(ops.cast(planned_steps, "float32") + offset, 1.0)
+    return ops.maximum(done, 0.0)
 
 
 def replanned_offset(step, planned_steps, plan_offset, new_planned_steps):

@@ -581,7 +581,8 @@ def build_run(config, model, augmentation, schedule, data, folder, clock=time.pe
     if schedule.unit == "steps" and not config.epochs and getattr(schedule, "needs_plan", True):
         run.planner = budget_lib.StepPlanner(budget, schedule.planned_steps, steps_per_epoch,
                                              config.planner_probe_steps, config.planner_pace_window,
-                                             plan_offset=schedule.plan_offset)
+                                             plan_offset=schedule.plan_offset,
+                                             step=getattr(model.optimizer, "inner_optimizer", model.optimizer).iterations)
     if config.snapshot_ensemble:
         planned = offset = None
         if run.planner:

@@ -221,6 +221,18 @@ def test_a_replan_with_the_plan_offset_keeps_the_fraction_done_continuous():
     assert progress.fraction() == 1.0
     budget.steps = 32
     assert progress.fraction() == pytest.approx(1 / 3) and progress.steps_until(0.5) == 9  # (41 - 14) / 54
+    # The schedule's step read from the optimizer (mixed_float16 skips overflowing steps:
+    # 3 behind the budget's 32): the fraction is kept at that step, 29 / 96.
+    clock = FakeClock()
+    lagging = FakeEngine(clock, size=16, batch_size=4, step_seconds=lambda step: 1.0 if step < 24 else 1.5,
+                         steps_per_execution=4)
+    lagging.read = lambda variable: lagging_budget.steps - 3
+    lagging_budget = WallClockBudget(100.5, clock=clock)
+    lagging_planner = StepPlanner(lagging_budget, _PlannedSteps(), steps_per_epoch=4, probe_steps=3,
+                                  plan_offset=_PlanOffset(), step=object())
+    Training(lagging, lagging_budget, [lagging_budget, lagging_planner]).fit()
+    offset = lagging_planner.plan_offset_value
+    assert (29 + offset) / (68 + offset) == pytest.approx(29 / 96) and offset != pytest.approx(-14.0)
     # Kept in checkpoints; one from before offsets existed had none: 0.
     resumed = StepPlanner(WallClockBudget(100.5), _PlannedSteps(), 4, probe_steps=3, plan_offset=_PlanOffset())
     resumed.load_state_dict(planner.state_dict())

@@ -166,6 +166,19 @@ def test_reload_keeps_the_arrays_nothing_replaced():
     assert engine.epoch_metrics()["loss"] > 0
 
 
+def test_read_gives_a_variable_as_the_state_holds_it():
+    x, y = _data()
+    model = _model(ema=False)
+    engine = make_engine(model, x, y, 4, one_hot_classes=4, steps_per_execution=3)
+    engine.start_epoch(0)
+    engine.run(3)
+    assert int(engine.read(model.optimizer.iterations)) == 3  # without a sync
+    engine.assign(model.optimizer.iterations, 7)
+    assert int(engine.read(model.optimizer.iterations)) == 7
+    engine.sync()
+    assert int(engine.read(model.optimizer.iterations)) == 7
+
+
 @pytest.mark.parametrize("loop", LOOPS)
 def test_a_new_epoch_starts_its_metrics_afresh_in_the_state_and_the_model(loop):
     """After `start_epoch` the model's metric variables hold their initial values too,

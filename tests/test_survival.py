@@ -163,6 +163,33 @@ def test_a_resumed_run_spends_only_the_remaining_budget(tmp_path, cifar10_slice_
     assert resumed["over_budget_seconds"] == 0 and not resumed["over_budget"]
 
 
+def test_a_run_that_slows_down_replans_without_a_step_in_its_learning_rate(tmp_path, cifar10_slice_dir,
+                                                                           monkeypatch):
+    from haet import engine as engine_lib
+
+    clock, ran = FakeClock(), []
+    original = engine_lib.Engine.run
+
+    def timed(self, steps):  # 1 s a step, 3 s from the 40th step on (the probe's 4 included)
+        for _ in range(steps):
+            clock.t += 1.0 if len(ran) < 40 else 3.0
+            ran.append(1)
+        return original(self, steps)
+
+    monkeypatch.setattr(engine_lib.Engine, "run", timed)
+    config = _tiny(cifar10_slice_dir, epochs=0, budget_seconds=104.5, lr_schedule="one_cycle", steps_per_execution=5,
+                   planner_probe_steps=3, checkpoint_every=0.0)
+    record, run_dir = train(config, results_dir=str(tmp_path), clock=clock)
+    assert record["status"] == "completed" and record["stopped_by"] == "planned"
+    assert record["replanned_from_epochs"] == 20 and record["replans"][0]["reason"] == "pace"
+    assert all(r["plan_offset"] < 0 for r in record["replans"])
+    rates = [float(r["learning_rate"]) for r in _history(run_dir)]
+    peak = rates.index(max(rates))
+    drops = [a - b for a, b in zip(rates[peak:], rates[peak + 1:])]
+    # The decay steepens at each re-plan but never steps down: no epoch falls more than the last.
+    assert all(d > 0 for d in drops) and max(drops) == pytest.approx(drops[-1], rel=1e-4)
+
+
 def test_divergence_stops_the_run_with_an_honest_record(tmp_path, cifar10_slice_dir):
     config = _tiny(cifar10_slice_dir, learning_rate=1e8, epochs=10, steps_per_execution=2)
     record, run_dir = train(config, results_dir=str(tmp_path))
