@@ -644,8 +644,8 @@ class Progress:
         planned_steps: None (budget fraction), or a function returning the planned
             number of steps (None until planned).
         plan_offset: None, or a function returning the plan's offset (the fraction
-            is `(steps + offset) / (planned + offset)`, as the schedule's: see
-            `haet.schedules.plan_fraction`).
+            is `(steps + offset) / (planned + offset)`, as the schedule's:
+            `haet.schedules.plan_fraction_value`).
     """
 
     def __init__(self, budget, planned_steps=None, plan_offset=None):
@@ -662,8 +662,7 @@ class Progress:
         planned = self.planned_steps()
         if not planned:
             return 0.0
-        offset = self._offset()
-        return min(1.0, (self.budget.steps + offset) / max(planned + offset, 1.0))
+        return min(1.0, schedules.plan_fraction_value(self.budget.steps, planned, self._offset()))
 
     def steps_until(self, fraction):
         """Steps to run before the run reaches `fraction` (>= 1), or None if unknown."""

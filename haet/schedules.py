@@ -183,6 +183,11 @@ def plan_fraction(step, planned_steps, plan_offset=0.0):
     return ops.maximum(done, 0.0)
 
 
+def plan_fraction_value(step, planned_steps, plan_offset=0.0):
+    """`plan_fraction` on the host, for Python numbers: a float, at least 0."""
+    return max(0.0, (step + plan_offset) / max(planned_steps + plan_offset, 1.0))
+
+
 def replanned_offset(step, planned_steps, plan_offset, new_planned_steps):
     """The plan offset that keeps the fraction at `step` (`plan_fraction`) when the
     plan changes from `planned_steps` to `new_planned_steps`, so that it reaches 1 at
@@ -191,8 +196,7 @@ def replanned_offset(step, planned_steps, plan_offset, new_planned_steps):
 
     Solves `(step + o') / (new + o') = f`, f the fraction at `step`: `o' = (f new -
     step) / (1 - f)`. Floats (steps) in, a float out."""
-    total = planned_steps + plan_offset
-    done = (step + plan_offset) / total if total > 0 else 1.0
+    done = plan_fraction_value(step, planned_steps, plan_offset)
     if done >= 1.0 or new_planned_steps <= step:
         return float(plan_offset)
     return float((done * new_planned_steps - step) / (1.0 - done))

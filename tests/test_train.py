@@ -43,10 +43,11 @@ def test_a_tiny_run_writes_a_complete_record(tmp_path, cifar10_slice_dir):
     assert record["flags"]["steps_per_execution"] == 3 and record["published"] is None
     assert set(record["test_accuracy_variants"]) == {"final"} and 0 <= record["test_accuracy"] <= 1
     assert record["validation_accuracy"] == record["validation_accuracy_variants"]["final"]
-    # The host's CPUs while it trained (real readings: only their consistency is asserted).
+    # The host's CPUs while it trained (real readings, computed in tests/test_device.py: here, that
+    # a run records them).
     host = record["host_cpu"]
     assert host["processes"] == 1 and host["cpus"] >= 1 and host["seconds"] > 0 and host["own_cpu_seconds"] > 0
-    assert host["loaded"] == (host["other_load"] + host["steal_load"] > 0.25 * host["cpus"])
+    assert isinstance(host["loaded"], bool) and host["other_load"] >= 0 and host["steal_load"] >= 0
     with open(os.path.join(run_dir, "history.csv")) as f:
         rows = list(csv.DictReader(f))
     assert [int(r["steps"]) for r in rows] == [4, 4] and all(r["val_accuracy"] for r in rows)
