@@ -297,7 +297,7 @@ class WallClockBudget(Hook):
                 "the first execution (tracing and XLA compilation) took %.1f s, more than a quarter of the %g s "
                 "budget%s", last.seconds, self.budget_seconds,
                 ": the run is over its budget and the report will keep it apart" if elapsed > self.budget_seconds
-                else "; a longer --budget buys more training per compiled second")
+                else "; a longer budget buys more training per compiled second")
         if self.progress_every and elapsed >= self._next_progress:
             self._next_progress = elapsed + self.progress_every
             engine = run.engine

@@ -257,7 +257,7 @@ class Training:
             for hook in hooks:
                 hook.before_execution(self)
             limits = [limit for limit in (hook.limit(self) for hook in hooks) if limit is not None]
-            steps = min(self.steps_allowed(), *limits)
+            steps = min([self.steps_allowed(), *limits])
             if steps < 1:
                 raise RuntimeError(f"A hook limited the next execution to {steps} steps: {limits}.")
             losses = self.budget.execute(engine, steps)

@@ -337,7 +337,7 @@ def test_cli_sigterm_then_a_resume_that_finishes(tmp_path, cifar10_slice_dir):
              "--save_model=false", "--steps_per_execution=2", "--deterministic", f"--results_dir={out}"]
     process = _cli(*flags)
     run_dir = None
-    for _ in range(3000):  # until two epochs have ended (a hang guard, not a timing assertion)
+    for _ in range(12000):  # until two epochs have ended (a hang guard of 10 minutes, not a timing assertion)
         runs = list(out.iterdir()) if out.exists() else []
         if runs and (runs[0] / "history.csv").exists() and len(_history(runs[0])) >= 2:
             run_dir = runs[0]

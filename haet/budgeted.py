@@ -1,0 +1,365 @@
+"""`haet.fit`: train your own compiled Keras model under a wall-clock budget.
+
+`python -m haet.train` trains haet's recipes; `haet.fit` gives any compiled Keras
+model the same training loop (`haet.engine` and `haet.loop`): the training arrays
+are copied to the accelerator once, each step gathers its batch there and calls the
+model's own `train_step`, and the host waits for the device only between executions
+of up to `steps_per_execution` steps, where it reads the clock. Training stops at the
+first execution boundary after `budget_seconds` (compilation included), after
+`epochs`, at an early stop by a Keras callback, or at the first non-finite loss.
+
+The learning rate can follow the optimizer's own value or Keras schedule, a
+wall-clock schedule (a function of the elapsed fraction of the budget, written by
+the host between executions), or a haet planned schedule whose length the planner
+fits to the budget after timing the first steps on the machine (the one-cycle of
+the HAET recipes: `haet.schedules.PlannedPiecewiseLinear`).
+
+Example::
+
+    import haet, keras
+    model = keras.Sequential([keras.Input((32, 32, 3), dtype="uint8"), keras.layers.Rescaling(1 / 255),
+                              keras.layers.Conv2D(32, 3, activation="relu"), keras.layers.GlobalAveragePooling2D(),
+                              keras.layers.Dense(10)])
+    model.compile(keras.optimizers.SGD(haet.schedules.PlannedPiecewiseLinear([0, 0.2, 1], [0, 0.4, 0]),
+                                       momentum=0.9, nesterov=True),
+                  keras.losses.SparseCategoricalCrossentropy(from_logits=True), metrics=["accuracy"])
+    result = haet.fit(model, x_train, y_train, budget_seconds=60, batch_size=512, validation_data=(x_val, y_val))
+    result.history["val_accuracy"][-1], result.stopped_by, result.steps
+"""
+
+import dataclasses
+import math
+import numbers
+import time
+
+import keras
+import numpy as np
+
+from haet import budget as budget_lib
+from haet import optimizers, schedules
+from haet.engine import DEFAULT_STEPS_PER_EXECUTION, make_engine
+from haet.hooks import DivergenceGuard
+from haet.loop import Hook, KerasCallbacks, Training
+
+
+@dataclasses.dataclass
+class FitResult:
+    """What `fit` did.
+
+    Attributes:
+        history: metric name -> one float per epoch (the last epoch possibly cut
+            short), as `keras.callbacks.History.history`: the compiled loss and
+            metrics on the training batches (running means over the epoch),
+            `learning_rate` (of the step after the epoch's last), and with
+            validation data `val_` + each of `model.evaluate`'s results.
+        epochs: one dict per epoch: `epoch` (1-based), `steps`, `complete`,
+            `elapsed_seconds` and `remaining_seconds` of the budget at its end,
+            `learning_rate`, `loss`, `accuracy` (None without that metric) and the
+            `val_*` values.
+        stopped_by: "budget", "epochs", "planned" (a planned schedule's steps are
+            done), "early_stopping" (a callback set `model.stop_training`) or
+            "diverged" (a non-finite training loss; the model holds the weights
+            after that step).
+        steps: optimizer steps run (the planner's probe steps excluded: they are
+            undone).
+        train_seconds: seconds from the budget's start to the last execution's end
+            (compilation, the planner's probe and validation included).
+        compile_seconds: the first execution's excess over its steps at the typical
+            step time (tracing and XLA compilation).
+        step_seconds: the median seconds of a step, or None when fewer than two
+            executions ran.
+        planned_steps: the steps a planned schedule was fitted to (its last plan),
+            or None.
+        diverged_at_step: the 1-based step whose loss was not finite, or None.
+    """
+
+    history: dict
+    epochs: list
+    stopped_by: str
+    steps: int
+    train_seconds: float
+    compile_seconds: float
+    step_seconds: float | None
+    planned_steps: int | None = None
+    diverged_at_step: int | None = None
+
+
+class _WallClockFunction:
+    """A plain function of the elapsed fraction of the budget as a wall-clock
+    schedule (`haet.budget.WallClockBudget` asks a schedule where its value next
+    changes; a function cannot say, so it is read before every execution, at most
+    `resolution` distinct fractions a run, each a host-to-device write)."""
+
+    unit = "budget"
+
+    def __init__(self, function, resolution=1000):
+        self.function = function
+        self.resolution = resolution
+        self._cache = {}
+
+    def next_change(self, fraction):
+        return None
+
+    def __call__(self, fraction):
+        tick = min(int(math.floor(max(fraction, 0.0) * self.resolution)), self.resolution)
+        if tick not in self._cache:
+            value = float(self.function(tick / self.resolution))
+            if not math.isfinite(value) or value < 0:
+                raise ValueError(f"learning_rate({tick / self.resolution:g}) returned {value!r}: a learning rate "
+                                 f"must be a finite number >= 0.")
+            self._cache[tick] = value
+        return self._cache[tick]
+
+
+class _KerasValidation(Hook):
+    """`model.evaluate` on the validation arrays at each epoch end: each of its
+    results goes into the epoch's logs as `val_<name>` (its own compiled loss and
+    metrics, so a model ending in a softmax is scored as it was compiled)."""
+
+    def __init__(self, x, y, batch_size):
+        self.x, self.y, self.batch_size = x, y, batch_size
+
+    def on_epoch_end(self, run, epoch, logs):
+        scores = run.engine.model.evaluate(self.x, self.y, batch_size=self.batch_size, verbose=0, return_dict=True)
+        logs.update({f"val_{name}": float(value) for name, value in scores.items()})
+
+
+class _Recorder(Hook):
+    """Keeps every epoch's logs (after the budget added the learning rate) and
+    prints one line an epoch when `verbose`."""
+
+    crosses_epochs = True
+
+    def __init__(self, budget, verbose):
+        self.budget, self.verbose = budget, verbose
+        self.history = {}
+
+    def on_epoch_end(self, run, epoch, logs):
+        values = {name: float(np.asarray(value)) for name, value in logs.items()
+                  if np.size(value) == 1 and np.issubdtype(np.asarray(value).dtype, np.number)}
+        for name, value in values.items():
+            self.history.setdefault(name, []).append(value)
+        if self.verbose:
+            row = self.budget.history[-1]
+            total = "" if math.isinf(self.budget.budget_seconds) else f" of {self.budget.budget_seconds:g}"
+            parts = [f"epoch {row['epoch']}{'' if row['complete'] else ' (cut short)'}: "
+                     f"{row['elapsed_seconds']:.1f} s{total}"]
+            parts += [f"{name} {value:.4g}" for name, value in values.items()]
+            print(" | ".join(parts), flush=True)
+
+
+def _planned_schedule(optimizer):
+    """The optimizer's haet planned schedule (`haet.schedules.PlannedPiecewiseLinear`,
+    `PlannedSchedule`), or None."""
+    inner = getattr(optimizer, "inner_optimizer", optimizer)  # LossScaleOptimizer (mixed_float16)
+    # Keras 3 optimizers keep the schedule they were given here; there is no public accessor.
+    schedule = getattr(inner, "_learning_rate", None)
+    return schedule if isinstance(schedule, schedules._PlannedSteps) else None
+
+
+def _labels(y, name, size=None, classes=None):
+    """`y` as int32 `(N,)` class labels (`(N, 1)` is taken, as `keras.datasets` gives),
+    each in [0, classes) when `classes` is known."""
+    y = np.asarray(y)
+    if y.ndim == 2 and y.shape[1] == 1:
+        y = y[:, 0]
+    if y.ndim != 1 or not np.issubdtype(y.dtype, np.integer):
+        raise ValueError(
+            f"{name} must be integer class labels of shape (N,) or (N, 1). Received dtype {y.dtype} and shape "
+            f"{y.shape}. One-hot rows: pass np.argmax({name}, axis=1) (and one_hot_classes=K for a categorical "
+            f"loss).")
+    if size is not None and len(y) != size:
+        raise ValueError(f"{name} has {len(y)} labels for {size} images.")
+    if len(y) and y.min() < 0:
+        raise ValueError(f"{name} holds the negative label {int(y.min())}: class labels are 0 to K - 1.")
+    if len(y) and classes is not None and y.max() >= classes:
+        # Out-of-range labels fail deep inside TensorFlow's step, and under JAX give a
+        # silently wrong loss.
+        raise ValueError(f"{name} holds the label {int(y.max())}, but the model has {classes} outputs: class labels "
+                         f"are 0 to {classes - 1}.")
+    return y.astype(np.int32)
+
+
+def _classes(model, one_hot_classes):
+    """K, the number of classes the labels index: `one_hot_classes`, or the last
+    dimension of a model with one known output (None when it is not known)."""
+    if one_hot_classes is not None:
+        return one_hot_classes
+    try:
+        outputs = model.outputs
+    except (AttributeError, ValueError):  # a subclassed model has no symbolic outputs
+        return None
+    if not outputs or len(outputs) != 1:
+        return None
+    classes = outputs[0].shape[-1]
+    return classes if isinstance(classes, int) and classes > 1 else None
+
+
+def fit(model, x, y, *, budget_seconds=None, epochs=None, batch_size=32, learning_rate=None, validation_data=None,
+        callbacks=(), one_hot_classes=None, seed=0, steps_per_execution=DEFAULT_STEPS_PER_EXECUTION,
+        probe_steps=20, verbose=1, clock=time.perf_counter):
+    """Trains a compiled Keras model for at most `budget_seconds` of wall-clock time
+    and/or `epochs` epochs, with haet's training loop (see the module docstring).
+
+    An epoch is `N // batch_size` steps of full batches in a permutation drawn from
+    `(seed, epoch)`; the `N % batch_size` images left at its end wait for the next
+    epoch's permutation (every step has one shape and compiles once). Keras
+    callbacks are called at epoch granularity (`on_train_begin`, `on_epoch_begin`,
+    `on_epoch_end`, `on_train_end`; never a batch hook). Validation, callbacks and
+    the planner's probe count toward the budget.
+
+    Args:
+        model: a compiled `keras.Model` (optimizer, loss, metrics) taking `x` as
+            stored; its `train_step` is the step.
+        x: `(N, ...)` training inputs, copied to the accelerator once as they are
+            (uint8 images take a quarter of float32's memory: normalize inside the
+            model, e.g. with `keras.layers.Rescaling`).
+        y: int class labels `(N,)` or `(N, 1)`.
+        budget_seconds: seconds of training (a positive number), from the first
+            step's start: compilation counts. None: no time limit (give `epochs`).
+        epochs: the most epochs (a positive integer), or None: until the budget.
+        batch_size: examples a step, in [1, N].
+        learning_rate: None (the optimizer's own learning rate or schedule), or a
+            wall-clock schedule: a function of the elapsed fraction of the budget in
+            [0, 1] returning the learning rate (e.g.
+            `lambda f: 1e-3 if f < 0.8 else 1e-4`), or a haet schedule of unit
+            "budget" (`haet.schedules.PiecewiseConstant`: its steps end executions on
+            time). The optimizer must then have a plain number as its learning rate.
+            A planned schedule (`haet.schedules.PlannedPiecewiseLinear` with
+            fraction knots, `PlannedSchedule`) goes in the optimizer instead: with
+            `epochs` it spans them, otherwise the planner times `probe_steps` steps,
+            undoes them and fits the schedule to the budget (re-planning if steps slow
+            down).
+        validation_data: None, or `(x_val, y_val)` scored with `model.evaluate` at
+            each epoch end (`val_` + each compiled metric in the history and the
+            callbacks' logs).
+        callbacks: `keras.callbacks.Callback`s (`EarlyStopping`, `TensorBoard`,
+            `ModelCheckpoint`...), called at epoch ends.
+        one_hot_classes: None, or K: the labels reach the loss as float32 one-hot
+            rows of length K (for `CategoricalCrossentropy`, e.g. with label
+            smoothing).
+        seed: seed of the epoch permutations.
+        steps_per_execution: the most steps one compiled execution runs (>= 1).
+        probe_steps: steps the planner times before fitting a planned schedule.
+        verbose: 0 silent, 1 one line an epoch.
+        clock: function returning seconds (`time.perf_counter`; tests pass a fake).
+
+    Returns:
+        `FitResult`. The model holds the trained weights.
+
+    Raises:
+        ValueError: before any training: an uncompiled model; no budget and no
+            epochs; a budget or epoch count that is not positive; inputs and labels
+            that do not match; labels that are not integer class labels, or
+            outside [0, K) where K is known (`one_hot_classes`, or the model's one
+            output's last dimension); a batch
+            size outside [1, N]; `learning_rate` that is not callable, or given to
+            an optimizer that follows a schedule of its own, or to one that
+            follows a planned schedule; a planned schedule in an optimizer that
+            already ran steps; validation data that do not match;
+            callbacks that are not Keras callbacks.
+    """
+    if not isinstance(model, keras.Model) or getattr(model, "optimizer", None) is None:
+        raise ValueError("model must be a compiled keras.Model: call model.compile(optimizer=..., loss=..., "
+                         "metrics=...) first.")
+    if budget_seconds is None and epochs is None:
+        raise ValueError("Give budget_seconds (seconds of training), epochs, or both.")
+    if budget_seconds is not None and not (isinstance(budget_seconds, numbers.Real) and budget_seconds > 0
+                                           and not math.isnan(budget_seconds)):
+        raise ValueError(f"budget_seconds must be a positive number of seconds. Received: {budget_seconds!r}")
+    if epochs is not None and not (isinstance(epochs, numbers.Integral) and epochs >= 1):
+        raise ValueError(f"epochs must be a positive integer (or None: until the budget). Received: {epochs!r}")
+    if one_hot_classes is not None and not (isinstance(one_hot_classes, numbers.Integral) and one_hot_classes >= 2):
+        raise ValueError(f"one_hot_classes must be None or the number of classes (an integer >= 2). Received: "
+                         f"{one_hot_classes!r}")
+    classes = _classes(model, one_hot_classes)
+    x = np.asarray(x)
+    if x.ndim < 2:
+        raise ValueError(f"x must be an array of N examples, (N, ...). Received shape {x.shape}.")
+    y = _labels(y, "y", len(x), classes)
+    if not (isinstance(batch_size, numbers.Integral) and 1 <= batch_size <= len(x)):
+        raise ValueError(f"batch_size={batch_size!r} must be an integer between 1 and the {len(x)} training "
+                         f"examples.")
+    if verbose not in (0, 1):
+        raise ValueError(f"verbose must be 0 or 1. Received: {verbose!r}")
+    callbacks = list(callbacks)
+    wrong = [c for c in callbacks if not isinstance(c, keras.callbacks.Callback)]
+    if wrong:
+        raise ValueError(f"callbacks must be keras.callbacks.Callback instances. Received: {wrong!r}")
+    if validation_data is not None:
+        if not (isinstance(validation_data, (tuple, list)) and len(validation_data) == 2):
+            raise ValueError("validation_data must be a pair (x_val, y_val).")
+        x_val = np.asarray(validation_data[0])
+        if x_val.shape[1:] != x.shape[1:]:
+            raise ValueError(f"x_val's examples have shape {x_val.shape[1:]}, x's {x.shape[1:]}.")
+        validation_data = (x_val, _labels(validation_data[1], "y_val", len(x_val), classes))
+    planned = _planned_schedule(model.optimizer)
+    wall_clock = None
+    if learning_rate is not None:
+        if planned is not None:
+            raise ValueError("learning_rate is a wall-clock schedule, but the optimizer follows a planned schedule: "
+                             "use one of them.")
+        optimizers.learning_rate_variable(model.optimizer)  # raises for an optimizer with a schedule
+        if getattr(learning_rate, "unit", None) == "budget" and hasattr(learning_rate, "next_change"):
+            wall_clock = learning_rate
+        elif callable(learning_rate):
+            wall_clock = _WallClockFunction(learning_rate)
+        else:
+            raise ValueError(f"learning_rate must be a function of the elapsed fraction of the budget, a haet "
+                             f"schedule of unit 'budget', or None. Received: {learning_rate!r}")
+        wall_clock(0.0)  # a function that fails, fails before any work
+    steps_per_epoch = len(x) // batch_size
+    # Without epochs the planner fits the schedule to the budget (there is one: checked above).
+    needs_plan = planned is not None and getattr(planned, "needs_plan", True) and epochs is None
+    if planned is not None:
+        steps = epochs * steps_per_epoch if epochs else steps_per_epoch  # the planner sets it before training
+        inner = getattr(model.optimizer, "inner_optimizer", model.optimizer)
+        done = int(keras.ops.convert_to_numpy(inner.iterations))
+        if done:
+            raise ValueError(f"The optimizer has already run {done} steps, and its planned schedule counts from step "
+                             f"0: compile the model with a new optimizer, or set model.optimizer.iterations to 0.")
+        if planned.planned_steps is None:
+            if inner.built:
+                raise ValueError("The optimizer was built before its planned schedule got its variables: compile "
+                                 "the model with a new optimizer.")
+            if isinstance(planned, schedules.PlannedPiecewiseLinear):
+                planned.attach(inner, steps, steps_per_epoch)
+            else:
+                planned.attach(inner, steps)
+        else:
+            if isinstance(planned, schedules.PlannedPiecewiseLinear) and planned.knot_unit == "epochs":
+                planned.steps_per_epoch = float(steps_per_epoch)
+            planned.planned_steps.assign(float(steps))
+            planned.plan_offset.assign(0.0)
+
+    budget = budget_lib.WallClockBudget(math.inf if budget_seconds is None else budget_seconds, wall_clock,
+                                        seed=seed, clock=clock)
+    if wall_clock is not None:
+        optimizers.learning_rate_variable(model.optimizer).assign(wall_clock(0.0))
+    engine = make_engine(model, x, y, batch_size, seed=seed, one_hot_classes=one_hot_classes,
+                         steps_per_execution=steps_per_execution)
+    divergence = DivergenceGuard()
+    hooks = [divergence]
+    if validation_data is not None:
+        hooks.append(_KerasValidation(*validation_data, batch_size=batch_size))
+    recorder = _Recorder(budget, verbose)
+    hooks += [budget, recorder]
+    if callbacks:
+        hooks.append(KerasCallbacks(callbacks, model, epochs=epochs))
+    planner = None
+    if needs_plan:
+        planner = budget_lib.StepPlanner(budget, planned.planned_steps, steps_per_epoch, probe_steps,
+                                         plan_offset=planned.plan_offset,
+                                         step=getattr(model.optimizer, "inner_optimizer", model.optimizer).iterations)
+        hooks.append(planner)  # last: its epoch end measures the time the other hooks took
+    training = Training(engine, budget, hooks, epochs=epochs or 0).fit()
+    if planner is not None:
+        planned_steps = planner.planned_steps_value
+    elif planned is not None:
+        planned_steps = epochs * steps_per_epoch
+    else:
+        planned_steps = None
+    return FitResult(
+        history=recorder.history, epochs=[dict(row) for row in budget.history], stopped_by=training.stopped_by,
+        steps=budget.steps, train_seconds=budget.train_seconds(), compile_seconds=budget.compile_seconds(),
+        step_seconds=budget.steady_step_seconds(), planned_steps=planned_steps, diverged_at_step=divergence.step)

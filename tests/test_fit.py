@@ -1,0 +1,221 @@
+"""`haet.fit`: a user's own compiled Keras model trained by haet's loop under a budget
+(fake clocks: each step costs 1 s unless a test says otherwise)."""
+
+import math
+
+import keras
+import numpy as np
+import pytest
+
+import haet
+from haet import engine as engine_lib
+from haet import optimizers, schedules
+from conftest import FakeClock
+
+
+@pytest.fixture
+def data(cifar10_arrays):
+    """64 real CIFAR-10 images cut to 8x8 (uint8) and their labels, (64, 1) as keras.datasets gives."""
+    x, y = cifar10_arrays[0][:64, :8, :8], cifar10_arrays[1][:64]
+    return x, y.reshape(-1, 1)
+
+
+def tiny_model(seed=0, dtype="uint8", activation="relu"):
+    keras.utils.set_random_seed(seed)
+    return keras.Sequential([keras.Input((8, 8, 3), dtype=dtype), keras.layers.Rescaling(1 / 255),
+                             keras.layers.Conv2D(4, 3, activation=activation), keras.layers.GlobalAveragePooling2D(),
+                             keras.layers.Dense(10)])
+
+
+def compiled(model, optimizer=None):
+    model.compile(optimizer or keras.optimizers.SGD(0.1), keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+                  metrics=["accuracy"])
+    return model
+
+
+@pytest.fixture
+def clock(monkeypatch):
+    """A fake clock that each training step moves by 1 s; `clock.runs` lists each
+    execution as (clock before it, steps, learning rate it ran with)."""
+    clock, original = FakeClock(), engine_lib.Engine.run
+    clock.runs = []
+
+    def timed(self, steps):
+        try:
+            rate = float(self.read(optimizers.learning_rate_variable(self.model.optimizer)))
+        except ValueError:  # a schedule of the optimizer's own
+            rate = None
+        clock.runs.append((clock.t, steps, rate))
+        clock.t += steps
+        return original(self, steps)
+
+    monkeypatch.setattr(engine_lib.Engine, "run", timed)
+    return clock
+
+
+def test_a_budget_stops_training_after_its_seconds(data, clock):
+    x, y = data
+    model = compiled(tiny_model())
+    before = [np.array(w) for w in model.get_weights()]
+    result = haet.fit(model, x, y, budget_seconds=10, batch_size=8, steps_per_execution=4, verbose=0, clock=clock)
+    # 8 steps an epoch: the first epoch whole, the second cut after 2 steps, at 10 s.
+    assert result.stopped_by == "budget" and result.steps == 10 and result.train_seconds == pytest.approx(10.0)
+    assert [row["steps"] for row in result.epochs] == [8, 2] and not result.epochs[-1]["complete"]
+    assert [row["elapsed_seconds"] for row in result.epochs] == [8.0, 10.0]
+    assert len(result.history["loss"]) == len(result.history["accuracy"]) == 2
+    assert all(math.isfinite(v) for v in result.history["loss"])
+    assert result.history["learning_rate"] == pytest.approx([0.1, 0.1])
+    assert int(keras.ops.convert_to_numpy(model.optimizer.iterations)) == 10  # the model holds the trained state
+    assert any(not np.allclose(a, b) for a, b in zip(before, model.get_weights()))
+
+
+def test_an_epoch_trains_as_keras_does_batch_by_batch(data):
+    # The same steps as `train_on_batch` on the epoch's permutation: haet's loop changes
+    # where the batches come from, not what a step does.
+    x, y = data
+    model, reference = compiled(tiny_model()), compiled(tiny_model())
+    reference.set_weights(model.get_weights())
+    result = haet.fit(model, x, y, epochs=2, batch_size=16, seed=3, verbose=0)
+    assert result.stopped_by == "epochs" and result.steps == 8
+    for epoch in range(2):
+        order = engine_lib.epoch_permutation(3, epoch, len(x))
+        for k in range(4):
+            batch = order[16 * k:16 * (k + 1)]
+            reference.train_on_batch(x[batch], y[batch])
+    for ours, theirs in zip(model.get_weights(), reference.get_weights()):
+        np.testing.assert_allclose(ours, theirs, rtol=1e-4, atol=1e-5)
+
+
+def test_a_wall_clock_learning_rate_changes_on_time(data, clock):
+    x, y = data
+    model = compiled(tiny_model())
+    # A piecewise-constant schedule says where it changes: the execution ends there.
+    result = haet.fit(model, x, y, budget_seconds=12, batch_size=16, steps_per_execution=16, verbose=0, clock=clock,
+                      learning_rate=schedules.PiecewiseConstant([0.5], [0.1, 0.01]))
+    assert result.steps == 12
+    assert [steps for _, steps, _ in clock.runs] == [1, 5, 6]
+    assert [rate for _, _, rate in clock.runs] == pytest.approx([0.1, 0.1, 0.01])
+    # Epochs of 4 steps: the first ended in the second execution, before the change.
+    assert result.history["learning_rate"] == pytest.approx([0.1, 0.01, 0.01])
+
+
+def test_a_function_of_the_budget_fraction_is_a_wall_clock_learning_rate(data, clock):
+    x, y = data
+    model = compiled(tiny_model())
+    result = haet.fit(model, x, y, budget_seconds=20, batch_size=8, steps_per_execution=4, verbose=0, clock=clock,
+                      learning_rate=lambda fraction: 0.1 * (1 - fraction))
+    # Read before each execution: at 0, 1, 5, 9, 13 and 17 s of 20.
+    assert [t for t, _, _ in clock.runs] == [0, 1, 5, 9, 13, 17]
+    assert [rate for _, _, rate in clock.runs] == pytest.approx([0.1 * (1 - t / 20) for t in (0, 1, 5, 9, 13, 17)])
+    assert result.steps == 20 and result.stopped_by == "budget"
+
+
+def test_a_planned_schedule_is_fitted_to_the_budget(data, clock):
+    x, y = data
+    model = compiled(tiny_model(), keras.optimizers.SGD(
+        schedules.PlannedPiecewiseLinear([0, 0.5, 1], [0, 0.2, 0]), momentum=0.9, nesterov=True))
+    result = haet.fit(model, x, y, budget_seconds=20, batch_size=16, probe_steps=2, verbose=0, clock=clock)
+    # The probe (1 + 2 steps, 3 s, undone) leaves 17 s: 4 epochs of 4 steps.
+    assert result.planned_steps == 16 and result.steps == 16 and result.stopped_by == "planned"
+    assert int(keras.ops.convert_to_numpy(model.optimizer.iterations)) == 16
+    rates = result.history["learning_rate"]
+    assert rates == pytest.approx([0.1, 0.2, 0.1, 0.0], abs=1e-6)
+
+
+def test_a_planned_schedule_with_epochs_spans_them(data):
+    x, y = data
+    model = compiled(tiny_model(), keras.optimizers.SGD(schedules.PlannedPiecewiseLinear([0, 0.5, 1], [0, 0.2, 0])))
+    result = haet.fit(model, x, y, epochs=2, batch_size=16, verbose=0)
+    assert result.planned_steps == 8 and result.stopped_by == "epochs"
+    assert result.history["learning_rate"] == pytest.approx([0.2, 0.0], abs=1e-6)
+
+
+def test_validation_and_callbacks_at_epoch_ends(data, cifar10_arrays):
+    x, y = data
+    x_val, y_val = cifar10_arrays[2][:40, :8, :8], cifar10_arrays[3][:40]
+    seen = []
+
+    class StopAfterTwo(keras.callbacks.Callback):
+        def on_epoch_begin(self, epoch, logs=None):
+            seen.append(("begin", epoch))
+
+        def on_epoch_end(self, epoch, logs=None):
+            seen.append(("end", epoch, sorted(logs)))
+            if epoch == 1:
+                self.model.stop_training = True
+
+    model = compiled(tiny_model())
+    result = haet.fit(model, x, y, epochs=5, batch_size=16, validation_data=(x_val, y_val),
+                      callbacks=[StopAfterTwo()], verbose=0)
+    assert result.stopped_by == "early_stopping" and result.steps == 8
+    keys = ["accuracy", "learning_rate", "loss", "val_accuracy", "val_loss"]
+    assert seen == [("begin", 0), ("end", 0, keys), ("begin", 1), ("end", 1, keys)]
+    scores = model.evaluate(x_val, y_val, batch_size=16, verbose=0, return_dict=True)
+    assert result.history["val_loss"][-1] == pytest.approx(scores["loss"], rel=1e-5)
+    assert result.history["val_accuracy"][-1] == pytest.approx(scores["accuracy"])
+    assert result.epochs[-1]["val_loss"] == pytest.approx(scores["loss"], rel=1e-5)
+
+
+def test_a_non_finite_loss_stops_training_at_its_step(data):
+    x, y = data
+    x = x.astype("float32")
+    x[37] = np.nan  # the batch that holds image 37 has a NaN loss
+    model = compiled(tiny_model(dtype="float32", activation=None))  # a ReLU would turn NaN into 0
+    result = haet.fit(model, x, y, epochs=3, batch_size=8, steps_per_execution=32, verbose=0)
+    position = int(np.flatnonzero(engine_lib.epoch_permutation(0, 0, 64) == 37)[0])
+    assert result.stopped_by == "diverged" and result.diverged_at_step == position // 8 + 1
+
+
+def test_one_line_an_epoch_when_verbose(data, capsys):
+    x, y = data
+    haet.fit(compiled(tiny_model()), x, y, epochs=2, batch_size=32)
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split(":")[0] for line in lines] == ["epoch 1", "epoch 2"]
+    assert all("| loss " in line and "learning_rate 0.1" in line for line in lines)
+
+
+@pytest.mark.parametrize("change, message", [
+    (dict(model="uncompiled"), "must be a compiled keras.Model"),
+    (dict(budget_seconds=None, epochs=None), "Give budget_seconds"),
+    (dict(budget_seconds=0), "budget_seconds must be a positive number"),
+    (dict(budget_seconds=float("nan")), "budget_seconds must be a positive number"),
+    (dict(epochs=1.5), "epochs must be a positive integer"),
+    (dict(y="float"), "must be integer class labels"),
+    (dict(y="short"), "y has 63 labels for 64 images"),
+    (dict(y="negative"), "negative label -1"),
+    (dict(y="too_large"), "label 10, but the model has 10 outputs"),
+    (dict(batch_size=65), "batch_size=65 must be an integer between 1 and the 64"),
+    (dict(learning_rate=0.1), "learning_rate must be a function"),
+    (dict(learning_rate=lambda f: -1.0), r"learning_rate\(0\) returned -1.0"),
+    (dict(optimizer="cosine", learning_rate=lambda f: 0.1), "it follows a schedule"),
+    (dict(optimizer="planned", learning_rate=lambda f: 0.1), "use one of them"),
+    (dict(optimizer="planned_used"), "already run 3 steps"),
+    (dict(validation_data="mismatch"), "x_val's examples have shape"),
+    (dict(callbacks=[print]), "keras.callbacks.Callback instances"),
+    (dict(verbose=2), "verbose must be 0 or 1"),
+])
+def test_bad_arguments_fail_before_any_training(data, change, message):
+    x, y = data
+    change = dict(change)
+    kind = change.pop("optimizer", None)
+    optimizer = {"cosine": lambda: keras.optimizers.SGD(keras.optimizers.schedules.CosineDecay(0.1, 100)),
+                 "planned": lambda: keras.optimizers.SGD(schedules.PlannedPiecewiseLinear([0, 1], [0.1, 0])),
+                 "planned_used": lambda: keras.optimizers.SGD(schedules.PlannedPiecewiseLinear([0, 1], [0.1, 0])),
+                 None: lambda: None}[kind]()
+    if kind == "planned_used":
+        optimizer.iterations.assign(3)  # as after an earlier fit
+    model = tiny_model()
+    if change.pop("model", None) != "uncompiled":
+        compiled(model, optimizer)
+    labels = {"float": y.astype("float32"), "short": y[:63], "negative": np.where(np.arange(64) == 5, -1, y[:, 0].astype(int)),
+              "too_large": np.where(np.arange(64) == 5, 10, y[:, 0].astype(int))}
+    if isinstance(change.get("y"), str):
+        y = labels[change.pop("y")]
+    if change.get("validation_data") == "mismatch":
+        change["validation_data"] = (np.zeros((4, 9, 9, 3), "uint8"), np.zeros(4, int))
+    kwargs = dict(budget_seconds=5, batch_size=8, verbose=0)
+    kwargs.update(change)
+    with pytest.raises(ValueError, match=message):
+        haet.fit(model, x, y, **kwargs)
+    if getattr(model, "optimizer", None) is not None:
+        assert not model.optimizer.built  # nothing trained, nothing built
