@@ -7,6 +7,9 @@ model's own `train_step`, and the host waits for the device only between executi
 of up to `steps_per_execution` steps, where it reads the clock. Training stops at the
 first execution boundary after `budget_seconds` (compilation included), after
 `epochs`, at an early stop by a Keras callback, or at the first non-finite loss.
+Ctrl-C (SIGINT) stops training at the next execution boundary (executions are cut to
+about 2 s once steps are timed) and raises `KeyboardInterrupt` with the model holding
+the weights of the steps done; a second Ctrl-C raises at once.
 
 The learning rate can follow the optimizer's own value or Keras schedule, a
 wall-clock schedule (a function of the elapsed fraction of the budget, written by
@@ -30,6 +33,7 @@ Example::
 import dataclasses
 import math
 import numbers
+import signal
 import time
 
 import keras
@@ -37,6 +41,7 @@ import numpy as np
 
 from haet import budget as budget_lib
 from haet import optimizers, schedules
+from haet.checkpoint import StopSignals
 from haet.engine import DEFAULT_STEPS_PER_EXECUTION, make_engine
 from haet.hooks import DivergenceGuard
 from haet.loop import Hook, KerasCallbacks, Training
@@ -250,14 +255,16 @@ def fit(model, x, y, *, budget_seconds=None, epochs=None, batch_size=32, learnin
     Raises:
         ValueError: before any training: an uncompiled model; no budget and no
             epochs; a budget or epoch count that is not positive; inputs and labels
-            that do not match; labels that are not integer class labels, or
-            outside [0, K) where K is known (`one_hot_classes`, or the model's one
-            output's last dimension); a batch
-            size outside [1, N]; `learning_rate` that is not callable, or given to
-            an optimizer that follows a schedule of its own, or to one that
-            follows a planned schedule; a planned schedule in an optimizer that
-            already ran steps; validation data that do not match;
-            callbacks that are not Keras callbacks.
+            that do not match; labels that are not integer class labels, or are
+            outside [0, K) where K is known (`one_hot_classes`, or the last
+            dimension of the model's one output); a batch size outside [1, N];
+            `learning_rate` that is not callable, or given to an optimizer that
+            follows a schedule of its own (planned or not); a planned schedule in
+            an optimizer that already ran steps; validation data that do not
+            match; callbacks that are not Keras callbacks.
+        KeyboardInterrupt: after a Ctrl-C (SIGINT, in the main thread), once the
+            current execution ended and the model holds the weights of the steps
+            done.
     """
     if not isinstance(model, keras.Model) or getattr(model, "optimizer", None) is None:
         raise ValueError("model must be a compiled keras.Model: call model.compile(optimizer=..., loss=..., "
@@ -338,8 +345,12 @@ def fit(model, x, y, *, budget_seconds=None, epochs=None, batch_size=32, learnin
         optimizers.learning_rate_variable(model.optimizer).assign(wall_clock(0.0))
     engine = make_engine(model, x, y, batch_size, seed=seed, one_hot_classes=one_hot_classes,
                          steps_per_execution=steps_per_execution)
+    # Ctrl-C: the first stops at the next execution boundary with the state synced into
+    # the model (under JAX it lives in the engine until then), and is raised from here.
+    signals = StopSignals(signals=(signal.SIGINT,), then="raising KeyboardInterrupt with the model's weights "
+                                                         "synced")
     divergence = DivergenceGuard()
-    hooks = [divergence]
+    hooks = [signals, divergence]
     if validation_data is not None:
         hooks.append(_KerasValidation(*validation_data, batch_size=batch_size))
     recorder = _Recorder(budget, verbose)
@@ -352,7 +363,11 @@ def fit(model, x, y, *, budget_seconds=None, epochs=None, batch_size=32, learnin
                                          plan_offset=planned.plan_offset,
                                          step=getattr(model.optimizer, "inner_optimizer", model.optimizer).iterations)
         hooks.append(planner)  # last: its epoch end measures the time the other hooks took
-    training = Training(engine, budget, hooks, epochs=epochs or 0).fit()
+    with signals:
+        training = Training(engine, budget, hooks, epochs=epochs or 0).fit()
+    if training.stopped_by == "interrupted":
+        raise KeyboardInterrupt(f"{signals.name} received: training stopped after {budget.steps} steps "
+                                f"({budget.train_seconds():.1f} s); the model holds their weights")
     if planner is not None:
         planned_steps = planner.planned_steps_value
     elif planned is not None:

@@ -210,6 +210,12 @@ class StopSignals(Hook):
     `KeyboardInterrupt` at once. Between `__enter__` and `__exit__` the handlers are
     installed (in the main thread only; elsewhere signals are left alone).
 
+    Args:
+        responsive_seconds: the most seconds of an execution once steps are timed.
+        signals: the signals handled (`haet.fit` takes SIGINT only: a library call
+            leaves SIGTERM to the program).
+        then: what the caller does after stopping, for the warning.
+
     Attributes:
         received: the first signal's number, or None.
     """
@@ -217,9 +223,11 @@ class StopSignals(Hook):
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
     crosses_epochs = True
 
-    def __init__(self, responsive_seconds=2.0):
+    def __init__(self, responsive_seconds=2.0, signals=SIGNALS, then="writing a checkpoint"):
         self.received = None
         self.responsive_seconds = responsive_seconds
+        self.signals = tuple(signals)
+        self.then = then
         self._previous = {}
 
     def limit(self, run):
@@ -237,7 +245,7 @@ class StopSignals(Hook):
 
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():
-            for sig in self.SIGNALS:
+            for sig in self.signals:
                 self._previous[sig] = signal.signal(sig, self._handle)
         return self
 
@@ -251,8 +259,8 @@ class StopSignals(Hook):
         if self.received is not None:
             raise KeyboardInterrupt(f"second stop signal ({signal.Signals(signum).name})")
         self.received = signum
-        logging.warning("%s received: stopping at the next execution boundary and writing a checkpoint "
-                        "(send it again to stop at once)", signal.Signals(signum).name)
+        logging.warning("%s received: stopping at the next execution boundary and %s (send it again to stop at "
+                        "once)", signal.Signals(signum).name, self.then)
 
     def on_train_begin(self, run):
         if self.received is not None:

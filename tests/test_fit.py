@@ -1,7 +1,9 @@
 """`haet.fit`: a user's own compiled Keras model trained by haet's loop under a budget
-(fake clocks: each step costs 1 s unless a test says otherwise)."""
+(fake clocks: each step costs STEP seconds)."""
 
 import math
+import os
+import signal
 
 import keras
 import numpy as np
@@ -11,6 +13,9 @@ import haet
 from haet import engine as engine_lib
 from haet import optimizers, schedules
 from conftest import FakeClock
+
+STEP = 0.125  # seconds a step on the fake clock: exact in binary, and short enough that
+# executions are not cut for a responsive Ctrl-C (about 2 s an execution)
 
 
 @pytest.fixture
@@ -35,8 +40,8 @@ def compiled(model, optimizer=None):
 
 @pytest.fixture
 def clock(monkeypatch):
-    """A fake clock that each training step moves by 1 s; `clock.runs` lists each
-    execution as (clock before it, steps, learning rate it ran with)."""
+    """A fake clock that each training step moves by STEP seconds; `clock.runs` lists
+    each execution as (steps done before it, steps, learning rate it ran with)."""
     clock, original = FakeClock(), engine_lib.Engine.run
     clock.runs = []
 
@@ -45,8 +50,8 @@ def clock(monkeypatch):
             rate = float(self.read(optimizers.learning_rate_variable(self.model.optimizer)))
         except ValueError:  # a schedule of the optimizer's own
             rate = None
-        clock.runs.append((clock.t, steps, rate))
-        clock.t += steps
+        clock.runs.append((round(clock.t / STEP), steps, rate))
+        clock.t += steps * STEP
         return original(self, steps)
 
     monkeypatch.setattr(engine_lib.Engine, "run", timed)
@@ -57,11 +62,12 @@ def test_a_budget_stops_training_after_its_seconds(data, clock):
     x, y = data
     model = compiled(tiny_model())
     before = [np.array(w) for w in model.get_weights()]
-    result = haet.fit(model, x, y, budget_seconds=10, batch_size=8, steps_per_execution=4, verbose=0, clock=clock)
-    # 8 steps an epoch: the first epoch whole, the second cut after 2 steps, at 10 s.
-    assert result.stopped_by == "budget" and result.steps == 10 and result.train_seconds == pytest.approx(10.0)
+    result = haet.fit(model, x, y, budget_seconds=10 * STEP, batch_size=8, steps_per_execution=4, verbose=0,
+                      clock=clock)
+    # 8 steps an epoch: the first epoch whole, the second cut after 2 steps, at the budget's end.
+    assert result.stopped_by == "budget" and result.steps == 10 and result.train_seconds == 10 * STEP
     assert [row["steps"] for row in result.epochs] == [8, 2] and not result.epochs[-1]["complete"]
-    assert [row["elapsed_seconds"] for row in result.epochs] == [8.0, 10.0]
+    assert [row["elapsed_seconds"] for row in result.epochs] == [8 * STEP, 10 * STEP]
     assert len(result.history["loss"]) == len(result.history["accuracy"]) == 2
     assert all(math.isfinite(v) for v in result.history["loss"])
     assert result.history["learning_rate"] == pytest.approx([0.1, 0.1])
@@ -90,7 +96,8 @@ def test_a_wall_clock_learning_rate_changes_on_time(data, clock):
     x, y = data
     model = compiled(tiny_model())
     # A piecewise-constant schedule says where it changes: the execution ends there.
-    result = haet.fit(model, x, y, budget_seconds=12, batch_size=16, steps_per_execution=16, verbose=0, clock=clock,
+    result = haet.fit(model, x, y, budget_seconds=12 * STEP, batch_size=16, steps_per_execution=16, verbose=0,
+                      clock=clock,
                       learning_rate=schedules.PiecewiseConstant([0.5], [0.1, 0.01]))
     assert result.steps == 12
     assert [steps for _, steps, _ in clock.runs] == [1, 5, 6]
@@ -102,9 +109,9 @@ def test_a_wall_clock_learning_rate_changes_on_time(data, clock):
 def test_a_function_of_the_budget_fraction_is_a_wall_clock_learning_rate(data, clock):
     x, y = data
     model = compiled(tiny_model())
-    result = haet.fit(model, x, y, budget_seconds=20, batch_size=8, steps_per_execution=4, verbose=0, clock=clock,
-                      learning_rate=lambda fraction: 0.1 * (1 - fraction))
-    # Read before each execution: at 0, 1, 5, 9, 13 and 17 s of 20.
+    result = haet.fit(model, x, y, budget_seconds=20 * STEP, batch_size=8, steps_per_execution=4, verbose=0,
+                      clock=clock, learning_rate=lambda fraction: 0.1 * (1 - fraction))
+    # Read before each execution: after 0, 1, 5, 9, 13 and 17 of the 20 steps that fit.
     assert [t for t, _, _ in clock.runs] == [0, 1, 5, 9, 13, 17]
     assert [rate for _, _, rate in clock.runs] == pytest.approx([0.1 * (1 - t / 20) for t in (0, 1, 5, 9, 13, 17)])
     assert result.steps == 20 and result.stopped_by == "budget"
@@ -114,8 +121,8 @@ def test_a_planned_schedule_is_fitted_to_the_budget(data, clock):
     x, y = data
     model = compiled(tiny_model(), keras.optimizers.SGD(
         schedules.PlannedPiecewiseLinear([0, 0.5, 1], [0, 0.2, 0]), momentum=0.9, nesterov=True))
-    result = haet.fit(model, x, y, budget_seconds=20, batch_size=16, probe_steps=2, verbose=0, clock=clock)
-    # The probe (1 + 2 steps, 3 s, undone) leaves 17 s: 4 epochs of 4 steps.
+    result = haet.fit(model, x, y, budget_seconds=20 * STEP, batch_size=16, probe_steps=2, verbose=0, clock=clock)
+    # The probe (1 + 2 steps, undone) leaves the time of 17 steps: 4 epochs of 4 steps.
     assert result.planned_steps == 16 and result.steps == 16 and result.stopped_by == "planned"
     assert int(keras.ops.convert_to_numpy(model.optimizer.iterations)) == 16
     rates = result.history["learning_rate"]
@@ -164,6 +171,26 @@ def test_a_non_finite_loss_stops_training_at_its_step(data):
     result = haet.fit(model, x, y, epochs=3, batch_size=8, steps_per_execution=32, verbose=0)
     position = int(np.flatnonzero(engine_lib.epoch_permutation(0, 0, 64) == 37)[0])
     assert result.stopped_by == "diverged" and result.diverged_at_step == position // 8 + 1
+
+
+def test_ctrl_c_stops_at_the_execution_boundary_with_the_weights_synced(data, clock, monkeypatch):
+    x, y = data
+    original = engine_lib.Engine.run
+
+    def interrupted(self, steps):  # Ctrl-C during the third execution
+        losses = original(self, steps)
+        if len(clock.runs) == 3:
+            os.kill(os.getpid(), signal.SIGINT)
+        return losses
+
+    monkeypatch.setattr(engine_lib.Engine, "run", interrupted)
+    model = compiled(tiny_model())
+    handler = signal.getsignal(signal.SIGINT)
+    with pytest.raises(KeyboardInterrupt, match="SIGINT received: training stopped after 9 steps"):
+        haet.fit(model, x, y, budget_seconds=100 * STEP, batch_size=8, steps_per_execution=4, verbose=0, clock=clock)
+    # Executions of 1, 4 and 4 steps ran: the model (not only the engine) holds their result.
+    assert int(keras.ops.convert_to_numpy(model.optimizer.iterations)) == 9
+    assert signal.getsignal(signal.SIGINT) is handler  # the caller's handler is back
 
 
 def test_one_line_an_epoch_when_verbose(data, capsys):
