@@ -255,7 +255,7 @@ class HostCpu:
         self.clock, self.cpu_times, self.process_time, self.cpu_count = clock, cpu_times, process_time, cpu_count
         self.cpus = None
         try:
-            self.cpus = sorted(_psutil_affinity() if cpus is None else cpus)
+            self.cpus = sorted(_psutil_affinity() if cpus is None else cpus) or None  # an empty mask: unknown
         except Exception as e:  # noqa: BLE001 (no psutil, or psutil refused: measure nothing, never fail the run)
             logging.info("the host's CPU load is not measured (%s: %s)", type(e).__name__, e)
         self._start = self._stop = None
@@ -291,7 +291,7 @@ class HostCpu:
         if self._start is not None and self._stop is None:
             self._stop = self._read()
 
-    def fields(self, previous=None):
+    def fields(self, previous=None, resumed=False):
         """The record's `host_cpu`: `cpus` (CPUs counted), `seconds` (wall seconds
         measured), `own_cpu_seconds`, `other_cpu_seconds` (other processes, on those
         CPUs), `steal_seconds`, `other_load` and `steal_load` (those per wall second,
@@ -300,16 +300,25 @@ class HostCpu:
         nothing was measured.
 
         `previous`: the `host_cpu` of a resumed run's earlier processes, summed with
-        this one's when it counted as many CPUs (else this process's alone).
+        this one's; `resumed`: whether there were earlier processes. The whole run's
+        load is not known (None) when any process measured nothing (`previous` None
+        with `resumed`), when counters went backwards, or when the processes counted
+        a different number of CPUs.
         """
+        if resumed and not previous:
+            return None
         end = self._stop or (self._read() if self._start is not None else None)
         if self._start is None or end is None:
-            return previous
+            return None
         wall, own, busy, steal = (b - a for a, b in zip(self._start, end))
-        totals = {"seconds": wall, "own_cpu_seconds": max(0.0, own), "other_cpu_seconds": max(0.0, busy - own),
-                  "steal_seconds": max(0.0, steal)}
+        if wall <= 0 or own < 0 or busy < 0 or steal < 0:
+            return None  # counters that went backwards (a reset, a migrated VM): nothing can be told
+        totals = {"seconds": wall, "own_cpu_seconds": own, "other_cpu_seconds": max(0.0, busy - own),
+                  "steal_seconds": steal}
         processes = 1
-        if previous and previous.get("cpus") == len(self.cpus):
+        if previous:
+            if previous.get("cpus") != len(self.cpus):
+                return None
             totals = {k: v + (previous.get(k) or 0.0) for k, v in totals.items()}
             processes += previous.get("processes") or 1
         seconds = totals["seconds"]

@@ -396,7 +396,8 @@ def render_markdown(table, published, base_dir, figures, title=True, skipped=())
                   ""]
     if any(row["unmeasured"] for rows in table.values() for row in rows):
         lines += ["HOST LOAD NOT MEASURED: runs whose records have no measure of their host's CPU load (host_cpu "
-                  "missing: recorded before it existed; or null: no psutil, or psutil refused), beside runs of the "
+                  "missing: recorded before it existed; or null: no psutil, psutil refused, or a resumed process not "
+                  "measured), beside runs of the "
                   "same settings that have one: not averaged with them (some older CPU runs had an induced load: "
                   "see a load.txt in their folders).", ""]
     validation_only = [path for path, reason in skipped if reason.startswith("validation only")]

@@ -76,12 +76,27 @@ def test_host_cpu_of_a_resumed_run_adds_the_earlier_processes():
     fields = meter.fields(earlier)
     assert (fields["seconds"], fields["other_cpu_seconds"], fields["processes"]) == (40.0, 20.0, 2)
     assert fields["other_load"] == 0.5 and fields["loaded"] is False
-    # Another machine (other CPUs counted): this process's figures alone.
-    assert meter.fields({**earlier, "cpus": 16})["processes"] == 1
-    # Nothing measured here (a CPU the times lack): the earlier figures stand.
+    # The whole run's load is not known when a process counted other CPUs (another
+    # machine), measured nothing here (a CPU the times lack) or before (no figures).
+    assert meter.fields({**earlier, "cpus": 16}, resumed=True) is None
     unread = host.meter(cpus=[5])
     unread.start()
-    assert unread.fields(earlier) == earlier and unread.fields() is None
+    assert unread.fields(earlier, resumed=True) is None and unread.fields() is None
+    assert meter.fields(None, resumed=True) is None and meter.fields(None)["processes"] == 1
+
+
+def test_host_cpu_is_not_known_from_counters_that_go_backwards_or_an_empty_mask():
+    host = _Host()
+    meter = host.meter(cpus=[0])
+    host.now, host.own, host.per_cpu[0]["user"] = 10.0, 5.0, 8.0
+    meter.start()
+    host.now, host.own, host.per_cpu[0]["user"] = 20.0, 6.0, 2.0  # busy time went down: not "quiet"
+    assert meter.fields() is None
+    host.per_cpu[0]["user"] = 18.0
+    assert meter.fields()["other_cpu_seconds"] == 9.0
+    empty = host.meter(cpus=[])
+    empty.start()
+    assert empty.fields() is None
 
 
 def test_host_cpu_measures_nothing_it_cannot_match_or_read_and_never_fails():
