@@ -24,6 +24,7 @@ import random
 import signal
 import socket
 import threading
+import zipfile
 
 import numpy as np
 from absl import logging
@@ -119,8 +120,8 @@ def load(path):
             files = dict(f.items())
     except FileNotFoundError:
         raise ValueError(f"{path} does not exist: the run has no checkpoint to resume from.") from None
-    except (OSError, ValueError) as e:
-        raise ValueError(f"{path} is not a readable checkpoint ({e}).") from None
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:  # a truncated or overwritten file
+        raise ValueError(f"{path} is not a readable checkpoint ({type(e).__name__}: {e}).") from None
     if _STATE_KEY not in files:
         raise ValueError(f"{path} is not a haet checkpoint (no state).")
     tree = json.loads(files.pop(_STATE_KEY).tobytes().decode())
@@ -291,7 +292,7 @@ def resumable(run_dir):
 
     A run can be resumed when its record says "interrupted" or "failed", or
     "running" while no process of this host with the record's pid is alive (the
-    process was killed), and its checkpoint exists.
+    process was killed), and its checkpoint exists and reads.
 
     Returns:
         The run's record.
@@ -320,6 +321,10 @@ def resumable(run_dir):
                          "--checkpoint_every=0): start the run again.")
     if not isinstance(record.get("flags"), dict):
         raise ValueError(f"{run_dir}/record.json has no flags to rebuild the run from.")
+    try:
+        load(os.path.join(run_dir, CHECKPOINT))  # read once now, before the record is touched
+    except ValueError as e:
+        raise ValueError(f"{e} The run cannot go on from it: start it again.") from None
     return record
 
 

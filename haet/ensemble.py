@@ -86,20 +86,34 @@ def main(argv):
         configs, records = zip(*(config_of_run(r) for r in f.runs))
     except ValueError as e:
         raise app.UsageError(str(e), exitcode=2) from None
-    data_keys = ("dataset", "classes")
-    first = {k: getattr(configs[0], k) for k in data_keys}
-    for run, config in zip(f.runs, configs):
-        theirs = {k: getattr(config, k) for k in data_keys}
-        if theirs != first:
-            raise ValueError(f"{run} was trained on {theirs}, {f.runs[0]} on {first}: members must share the data.")
-    config = dataclasses.replace(configs[0], data_dir=f.data_dir or configs[0].data_dir)
-    dataset = training.load_dataset_of(config)
-    models = []
-    for run in f.runs:
-        path = os.path.join(run, "model.keras")
-        if not os.path.exists(path):
-            raise FileNotFoundError(f"{path} does not exist: train the member with --save_model.")
-        models.append(keras.saving.load_model(path))
+    # Everything that can be refused is checked before the first member is scored.
+    try:
+        if f.eval_batch_size < 1:
+            raise ValueError(f"--eval_batch_size must be a positive integer. Received: {f.eval_batch_size}")
+        results.check_results_dir(f.results_dir)
+        data_keys = ("dataset", "classes")
+        first = {k: getattr(configs[0], k) for k in data_keys}
+        for run, config in zip(f.runs, configs):
+            theirs = {k: getattr(config, k) for k in data_keys}
+            if theirs != first:
+                raise ValueError(f"{run} was trained on {theirs}, {f.runs[0]} on {first}: members must share the "
+                                 f"data.")
+        config = dataclasses.replace(configs[0], data_dir=f.data_dir or configs[0].data_dir)
+        dataset = training.load_dataset_of(config)
+        if not len(dataset.y_test):
+            raise ValueError(f"The {dataset.info.name} test split from {dataset.source} holds no images.")
+        models = []
+        for run in f.runs:
+            path = os.path.join(run, "model.keras")
+            if not os.path.exists(path):
+                raise ValueError(f"{path} does not exist: train the member with --save_model.")
+            try:
+                models.append(keras.saving.load_model(path))
+            except Exception as e:  # Keras raises many kinds for a damaged file
+                raise ValueError(f"{path} cannot be loaded ({type(e).__name__}: {e}): train the member again.") \
+                    from None
+    except (ValueError, RuntimeError) as e:
+        raise app.UsageError(str(e), exitcode=2) from None
     members, ensemble_scores = evaluate_ensemble(
         models, dataset.x_test, dataset.y_test, dataset.info.num_classes, f.eval_batch_size, f.tta)
     accuracies = [m["accuracy"] for m in members]

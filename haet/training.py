@@ -107,6 +107,8 @@ def train(config, results_dir="results/runs", clock=time.perf_counter, resume=No
             if previous is None:
                 folder = results.RunFolder.create(results_dir, config.run_name(), start)
             else:
+                with _setup_errors():
+                    _check_same_data(start, previous, resume)
                 folder = _reopen(resume, previous, start)
         try:
             record = _train_in(config, folder, data, settings, timer, clock, signals, previous, hooks)
@@ -148,6 +150,19 @@ def _check_same_settings(config, record, run_dir):
                          "its own settings (python -m haet.train --resume=RUN_DIR reads them from its record).")
 
 
+# What a resumed run's data must share with the run's record: the training subset
+# (its sha256 covers the images and labels), the splits' sizes.
+_SAME_DATA = ("dataset", "subset_sha256", "train_examples", "validation_examples", "test_examples")
+
+
+def _check_same_data(start, record, run_dir):
+    changed = [f"{k} {record[k]!r} -> {start[k]!r}" for k in _SAME_DATA if k in record and record[k] != start[k]]
+    if changed:
+        raise ValueError(f"The data found now differ from those {run_dir} was trained on ({'; '.join(changed)}): "
+                         f"resume with --data_dir pointing at the same data (the run's was "
+                         f"{record.get('data_source')!r}).")
+
+
 def _reopen(run_dir, previous, start):
     """The run folder of a resumed run, its record marked running again."""
     folder = results.RunFolder(run_dir, previous)
@@ -177,7 +192,7 @@ def _train_in(config, folder, data, settings, timer, clock, signals, previous, h
 
     def progress(**fields):
         record = {**folder.record, **results.training_fields(config, data, run, timer), **fields,
-                  "host_cpu": host_cpu.fields((previous or {}).get("host_cpu"))}
+                  "host_cpu": host_cpu.fields((previous or {}).get("host_cpu"), resumed=previous is not None)}
         record["setup_seconds"] = round(earlier_setup + timer.seconds.get("setup", 0.0), 3)
         return record
 
@@ -313,6 +328,9 @@ def prepare_data(config):
     """
     dataset = load_dataset_of(config)
     info = dataset.info
+    if config.evaluate_test and not len(dataset.y_test):
+        raise ValueError(f"The {info.name} test split from {dataset.source} holds no images: a run is scored on "
+                         f"the test set (--noevaluate_test trains without scoring it).")
     indices = data_lib.stratified_subset(dataset.y_train, config.train_size, info.num_classes, config.subset_seed)
     x_train, y_train = dataset.x_train[indices], dataset.y_train[indices]
     sha = data_lib.subset_sha256(x_train, y_train)

@@ -5,6 +5,7 @@ import csv
 import errno
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -284,6 +285,12 @@ def test_setup_errors_come_before_any_run_folder(tmp_path, cifar10_slice_dir):
     (broken / "test.npz").write_bytes(b"")
     with pytest.raises(SetupError, match=r"broken/train.npz is not a readable npz file"):
         train(_tiny(str(broken)), results_dir=str(tmp_path / "runs"))
+    empty_test = tmp_path / "empty_test"
+    empty_test.mkdir()
+    shutil.copy(os.path.join(cifar10_slice_dir, "train.npz"), empty_test / "train.npz")
+    np.savez(empty_test / "test.npz", x=np.zeros((0, 32, 32, 3), np.uint8), y=np.zeros(0, np.int64))
+    with pytest.raises(SetupError, match="test split from .* holds no images"):
+        train(_tiny(str(empty_test)), results_dir=str(tmp_path / "runs"))
     assert not (tmp_path / "runs").exists()
     if os.geteuid() != 0:  # root writes anywhere
         locked = tmp_path / "locked"
@@ -303,8 +310,40 @@ def test_resume_refuses_what_it_cannot_continue(tmp_path, cifar10_slice_dir):
     with pytest.raises(SetupError, match="has no checkpoint.npz"):
         train(config, resume=str(run_dir))
     (run_dir / "checkpoint.npz").write_bytes(b"x")
+    with pytest.raises(SetupError, match="checkpoint.npz is not a readable checkpoint.*start it again"):
+        train(config, resume=str(run_dir))
+
+
+def test_resume_refuses_other_settings_other_data_and_a_corrupt_checkpoint_and_touches_nothing(
+        tmp_path, cifar10_slice_dir, sigterm_after):
+    config = _tiny(cifar10_slice_dir)
+    sigterm_after(6)
+    _, run_dir = train(config, results_dir=str(tmp_path / "runs"))
+    before = _record(run_dir)
+    assert before["status"] == "interrupted"
     with pytest.raises(SetupError, match="other settings \\(learning_rate\\)"):
-        train(_tiny(cifar10_slice_dir, learning_rate=0.1), resume=str(run_dir))
+        train(_tiny(cifar10_slice_dir, learning_rate=0.1), resume=run_dir)
+    # Other images at --data_dir: another training subset.
+    other = tmp_path / "other_data"
+    other.mkdir()
+    with np.load(os.path.join(cifar10_slice_dir, "train.npz")) as f:
+        np.savez(other / "train.npz", x=f["x"][::-1], y=f["y"][::-1])
+    shutil.copy(os.path.join(cifar10_slice_dir, "test.npz"), other / "test.npz")
+    with pytest.raises(SetupError, match="differ from those .* trained on \\(subset_sha256"):
+        train(_tiny(str(other)), resume=run_dir)
+    # A truncated checkpoint (a full disk, a copy cut short).
+    path = os.path.join(run_dir, "checkpoint.npz")
+    with open(path, "rb") as f:
+        whole = f.read()
+    with open(path, "wb") as f:
+        f.write(whole[:len(whole) // 2])
+    with pytest.raises(SetupError, match="not a readable checkpoint \\(BadZipFile"):
+        train(config, resume=run_dir)
+    assert _record(run_dir) == before  # nothing touched
+    with open(path, "wb") as f:
+        f.write(whole)
+    resumed, _ = train(config, resume=run_dir)
+    assert resumed["status"] == "completed" and resumed["resumes"] == 1
 
 
 def test_records_are_strict_json():

@@ -117,6 +117,20 @@ def test_ensemble_command_on_two_real_runs(tmp_path):
     bad = subprocess.run([sys.executable, "-m", "haet.ensemble", f"--runs={runs[0]}"], env=env,
                          capture_output=True, text=True, cwd=REPO)
     assert bad.returncode == 2 and "at least two run folders" in bad.stderr
+    # Refused before any member is scored, in one line: a results folder that is a file,
+    # a member whose model is damaged.
+    a_file = tmp_path / "a_file"
+    a_file.write_text("")
+    into_file = subprocess.run([sys.executable, "-m", "haet.ensemble", f"--runs={','.join(runs)}",
+                                f"--results_dir={a_file}"], env=env, capture_output=True, text=True, cwd=REPO)
+    assert into_file.returncode == 2 and "is a file, not a folder" in into_file.stderr
+    assert "Traceback" not in into_file.stderr
+    with open(os.path.join(runs[1], "model.keras"), "r+b") as f:
+        f.truncate(1000)
+    damaged = subprocess.run([sys.executable, "-m", "haet.ensemble", f"--runs={','.join(runs)}",
+                              f"--results_dir={tmp_path / 'ens2'}"], env=env, capture_output=True, text=True, cwd=REPO)
+    assert damaged.returncode == 2 and "model.keras cannot be loaded" in damaged.stderr
+    assert "Traceback" not in damaged.stderr and not (tmp_path / "ens2").exists()
 
 
 def test_an_ensemble_refuses_a_run_twice_and_runs_that_did_not_complete(tmp_path):
