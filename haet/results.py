@@ -21,6 +21,7 @@ import json
 import math
 import os
 import platform
+import shutil
 import socket
 import subprocess
 import sys
@@ -243,22 +244,44 @@ class RunFolder:
         self.artifact_errors[name] = f"{type(error).__name__}: {error}"
         logging.error("could not write %s in %s: %s", name, self.path, error)
 
-    def artifact(self, name, write):
-        """Runs `write(path)` for the file `name` of the folder; an OSError (a full
-        disk, a read-only folder) is logged and kept in `artifact_errors`. Returns
-        whether it was written."""
+    def artifact(self, name, write, whole=True):
+        """Runs `write(path)` for the file (or folder) `name` of the folder; an OSError
+        (a full disk, a read-only folder) is logged and kept in `artifact_errors`.
+        Returns whether it was written.
+
+        `whole`: `write` makes the file anew; it writes a temporary sibling with the
+        same suffix (Keras and matplotlib read the format from it), renamed to `name`
+        once complete, so that a failed or killed write leaves no truncated file
+        behind (the temporary is removed on failure, which also frees the space for
+        the record that lists it). An existing `name` is never replaced. False: `write`
+        appends to the file in place."""
+        path = os.path.join(self.path, name)
+        if not whole:
+            try:
+                write(path)
+                return True
+            except OSError as e:
+                self.report_failure(name, e)
+                return False
+        stem, suffix = os.path.splitext(name)
+        temporary = os.path.join(self.path, f".{stem}.tmp{os.getpid()}{suffix}")
         try:
-            write(os.path.join(self.path, name))
+            if os.path.exists(path):
+                raise FileExistsError(f"{path} exists; a run's files are never replaced")
+            write(temporary)
+            os.replace(temporary, path)
             return True
         except OSError as e:
             self.report_failure(name, e)
             return False
+        finally:
+            _remove(temporary)
 
     def start_history(self, rows=()):
         """(Re)writes `history.csv` with `rows` (a resumed run's rows so far)."""
         self._history_fields = None
         path = os.path.join(self.path, "history.csv")
-        self.artifact("history.csv", lambda p: write_rows(p, list(rows)))
+        self.artifact("history.csv", lambda p: write_rows(p, list(rows)), whole=False)  # replaced atomically
         if rows:
             self._history_fields = _fields_of(rows)
 
@@ -273,7 +296,16 @@ class RunFolder:
                 write_rows(path, rows)
                 self._history_fields = _fields_of(rows)
 
-        self.artifact("history.csv", write)
+        self.artifact("history.csv", write, whole=False)
+
+
+def _remove(path):
+    """Removes the file or folder `path` if it exists (errors ignored: cleaning up after a failure)."""
+    if os.path.isdir(path) and not os.path.islink(path):
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        with contextlib.suppress(OSError):
+            os.remove(path)
 
 
 def _fields_of(rows):
@@ -287,12 +319,15 @@ def write_rows(path, rows):
     """Writes dict `rows` as CSV to `path` (the union of their keys as columns) through a
     temporary file renamed over it: for files a run rewrites as it goes."""
     temporary = f"{path}.tmp{os.getpid()}"
-    with open(temporary, "w", newline="") as f:
-        if rows:
-            w = csv.DictWriter(f, fieldnames=_fields_of(rows), restval="")
-            w.writeheader()
-            w.writerows(json_safe(r) for r in rows)
-    os.replace(temporary, path)
+    try:
+        with open(temporary, "w", newline="") as f:
+            if rows:
+                w = csv.DictWriter(f, fieldnames=_fields_of(rows), restval="")
+                w.writeheader()
+                w.writerows(json_safe(r) for r in rows)
+        os.replace(temporary, path)
+    finally:
+        _remove(temporary)  # left only by a failed write
 
 
 def write_csv(run_dir, name, rows):
@@ -528,6 +563,6 @@ def write_artifacts(folder, model, run, evaluated, class_names, save_model=True,
                  f"{record['budget_seconds']:g} s budget, {record['backend']}: {score}")
         folder.artifact("learning_curves.png", lambda p: plots.plot_learning_curves(history, title, p))
     if save_model:
-        folder.artifact("model.keras", lambda p: model.save(p, overwrite=False))
+        folder.artifact("model.keras", lambda p: model.save(p))
     if export == "saved_model":
         folder.artifact("saved_model", lambda p: model.export(p, format="tf_saved_model", verbose=False))

@@ -256,13 +256,20 @@ def test_files_that_cannot_be_written_are_reported_and_the_accuracy_kept(tmp_pat
     def full_disk(*args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(keras.Model, "save", full_disk)
-    monkeypatch.setattr("haet.plots.plot_learning_curves", full_disk)
+    def cut_short(*args, **kwargs):  # writes part of the file, then the disk is full
+        path = [a for a in args if isinstance(a, str) and a.endswith((".keras", ".png"))][0]
+        with open(path, "wb") as f:
+            f.write(b"partial")
+        full_disk()
+
+    monkeypatch.setattr(keras.Model, "save", cut_short)
+    monkeypatch.setattr("haet.plots.plot_learning_curves", cut_short)
     record, run_dir = train(_tiny(cifar10_slice_dir, save_model=True), results_dir=str(tmp_path))
     on_disk = _record(run_dir)
     assert on_disk["status"] == "completed" and 0 <= on_disk["test_accuracy"] <= 1
     assert set(on_disk["artifact_errors"]) == {"model.keras", "learning_curves.png"}
     assert "No space left on device" in on_disk["artifact_errors"]["model.keras"]
+    # No truncated model.keras or figure is left (nor their temporaries).
     assert sorted(os.listdir(run_dir)) == ["confusion_matrix.csv", "history.csv", "record.json"]
     assert checkpoint.exit_code(on_disk) == 4
 
