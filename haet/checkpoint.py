@@ -18,6 +18,8 @@ weights, optimizer and `model.fit`'s counters only: not the wall-clock budget, t
 position inside an epoch of our engine, the hooks' state or the host's generators.
 """
 
+import contextlib
+import fcntl
 import json
 import os
 import random
@@ -285,6 +287,29 @@ def exit_code(record):
     if status == "diverged":
         return 3
     return 1
+
+
+@contextlib.contextmanager
+def run_lock(run_dir):
+    """Holds an exclusive lock on the run folder `run_dir` while the block runs (a
+    `flock` on the folder itself: no file is added, and the lock goes with the
+    process however it ends), so that two processes never train in one folder: a
+    run holds it from its folder's creation, a resume before it reads the record.
+
+    Raises:
+        ValueError: another process holds the lock (the run, or a resume of it, is
+            going on), naming the folder and what to do.
+    """
+    descriptor = os.open(run_dir, os.O_RDONLY)
+    try:
+        try:
+            fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise ValueError(f"{run_dir} is in use by another process (the run, or a resume of it, is going on): "
+                             "wait for it, or stop it (kill -TERM writes a checkpoint) and resume then.") from None
+        yield
+    finally:
+        os.close(descriptor)
 
 
 def resumable(run_dir):

@@ -90,13 +90,16 @@ def train(config, results_dir="results/runs", clock=time.perf_counter, resume=No
     timer = budget_lib.PhaseTimer(clock)
     commit = results.git_commit()  # the code this process runs, not the tree at the end
     previous = None
-    with _setup_errors():
-        if resume is not None:
-            previous = checkpoint_lib.resumable(resume)
-            _check_same_settings(config, previous, resume)
-        else:
-            results.check_results_dir(results_dir)
     with contextlib.ExitStack() as stack:
+        with _setup_errors():
+            if resume is not None:
+                if os.path.isdir(resume):  # (resumable names what else it is)
+                    # First: of two resumes of one run, the second stops here.
+                    stack.enter_context(checkpoint_lib.run_lock(resume))
+                previous = checkpoint_lib.resumable(resume)
+                _check_same_settings(config, previous, resume)
+            else:
+                results.check_results_dir(results_dir)
         with _setup_errors():
             settings = stack.enter_context(settings_of(config))
         signals = stack.enter_context(checkpoint_lib.StopSignals())
@@ -106,6 +109,7 @@ def train(config, results_dir="results/runs", clock=time.perf_counter, resume=No
             start = {**results.start_record(config, settings, commit), **results.data_fields(config, data)}
             if previous is None:
                 folder = results.RunFolder.create(results_dir, config.run_name(), start)
+                stack.enter_context(checkpoint_lib.run_lock(folder.path))
             else:
                 with _setup_errors():
                     _check_same_data(start, previous, resume)

@@ -346,9 +346,13 @@ def test_resume_refuses_other_settings_other_data_and_a_corrupt_checkpoint_and_t
         f.write(whole[:len(whole) // 2])
     with pytest.raises(SetupError, match="not a readable checkpoint \\(BadZipFile"):
         train(config, resume=run_dir)
-    assert _record(run_dir) == before  # nothing touched
     with open(path, "wb") as f:
         f.write(whole)
+    # Another process holds the folder (a resume of it going on): a second resume stops first.
+    with checkpoint.run_lock(run_dir):
+        with pytest.raises(SetupError, match="is in use by another process"):
+            train(config, resume=run_dir)
+    assert _record(run_dir) == before  # nothing touched
     resumed, _ = train(config, resume=run_dir)
     assert resumed["status"] == "completed" and resumed["resumes"] == 1
 
