@@ -112,14 +112,17 @@ def check_overfit(config, data, x, y, max_steps=500, target_accuracy=0.99):
 
 def main(argv):
     del argv
-    from absl import flags
+    from absl import app, flags
 
     from haet import train as entry
 
     f = flags.FLAGS
     config = entry.config_from_flags()
-    data = training.prepare_data(config)
-    x, y = sample(config, data.x_fit, data.y_fit, f.sanity_batches)
+    try:
+        data = training.prepare_data(config)
+        x, y = sample(config, data.x_fit, data.y_fit, f.sanity_batches)
+    except (ValueError, RuntimeError) as e:  # bad data, or a sample larger than the subset
+        raise app.UsageError(str(e), exitcode=2) from None
     initial = check_initial_loss(config, data, x, y, f.initial_loss_tolerance)
     print(f"{'PASS' if initial['passed'] else 'FAIL'} initial loss {initial['loss']:.4f}, "
           f"expected ln({data.info.num_classes}) = {initial['expected']:.4f} "
@@ -136,8 +139,10 @@ if __name__ == "__main__":
 
     import haet.train  # noqa: F401 -- defines the training flags (--flagfile recipes work)
 
-    flags.DEFINE_integer("sanity_batches", 5, "Batches of the training subset in the sample.")
-    flags.DEFINE_float("initial_loss_tolerance", 0.25, "Allowed |loss - ln K| as a fraction of ln K.")
-    flags.DEFINE_integer("max_steps", 500, "Training steps allowed to overfit the sample.")
-    flags.DEFINE_float("target_accuracy", 0.99, "Training accuracy the overfit check needs.")
+    flags.DEFINE_integer("sanity_batches", 5, "Batches of the training subset in the sample.", lower_bound=1)
+    flags.DEFINE_float("initial_loss_tolerance", 0.25, "Allowed |loss - ln K| as a fraction of ln K.",
+                       lower_bound=0.0)
+    flags.DEFINE_integer("max_steps", 500, "Training steps allowed to overfit the sample.", lower_bound=1)
+    flags.DEFINE_float("target_accuracy", 0.99, "Training accuracy the overfit check needs.", lower_bound=0.0,
+                       upper_bound=1.0)
     app.run(main)

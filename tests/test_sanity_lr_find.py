@@ -88,6 +88,11 @@ def test_sanity_and_lr_find_command_lines(tmp_path, cifar10_slice_dir):
     failing = subprocess.run([sys.executable, "-m", "haet.sanity", *common, "--logit_scale=200", "--max_steps=2"],
                              env=env, capture_output=True, text=True)
     assert failing.returncode == 1 and "FAIL initial loss" in failing.stdout and "FAIL overfit" in failing.stdout
+    # Impossible settings are refused by the flags, before any work (a negative count sliced the subset).
+    for bad in ("--sanity_batches=-2", "--target_accuracy=1.5"):
+        refused = subprocess.run([sys.executable, "-m", "haet.sanity", *common, bad], env=env, capture_output=True,
+                                 text=True, cwd=REPO)
+        assert refused.returncode != 0 and bad.split("=")[0][2:] in refused.stderr and "PASS" not in refused.stdout
     result = subprocess.run([sys.executable, "-m", "haet.lr_find", *common, "--optimizer=sgd", "--range_steps=30",
                              "--min_learning_rate=1e-3", "--max_learning_rate=10", f"--results_dir={tmp_path}"],
                             env=env, capture_output=True, text=True)
