@@ -307,6 +307,8 @@ def run_lock(run_dir):
         except BlockingIOError:
             raise ValueError(f"{run_dir} is in use by another process (the run, or a resume of it, is going on): "
                              "wait for it, or stop it (kill -TERM writes a checkpoint) and resume then.") from None
+        except OSError as e:  # a file system without locks (some network mounts): the run goes on unlocked
+            logging.warning("cannot lock %s (%s): nothing stops a second process from training in it", run_dir, e)
         yield
     finally:
         os.close(descriptor)
