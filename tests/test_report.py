@@ -96,6 +96,37 @@ def test_report_cli_writes_page_and_figures(tmp_path):
         report.featured_run(report.load_records(str(tmp_path / "results")), "nope")
 
 
+def test_the_report_refuses_what_it_would_overwrite_or_cannot_read_before_writing(tmp_path):
+    results_dir = tmp_path / "results"
+    _write_run(results_dir, "run1", 0.7)
+    page = results_dir / "README.md"
+    page.write_text("# Our own notes\n")  # hand-written: never replaced
+    with pytest.raises(ValueError, match="was not written by haet.report"):
+        report.check_outputs(str(results_dir), str(page))
+    with pytest.raises(ValueError, match="is not a folder"):
+        report.check_outputs(str(tmp_path / "nothing"), str(tmp_path / "out.md"))
+    no_markers = tmp_path / "README.md"
+    no_markers.write_text("# A project\n")
+    with pytest.raises(ValueError, match="lacks the lines"):
+        report.check_outputs(str(results_dir), str(tmp_path / "out.md"), readme=str(no_markers))
+    with pytest.raises(ValueError, match="is not a file"):
+        report.check_outputs(str(results_dir), str(tmp_path / "out.md"), published=str(tmp_path / "none.csv"))
+    record_csv = tmp_path / "record.csv"
+    record_csv.write_text('{"dataset": "cifar10"}\n')
+    with pytest.raises(ValueError, match="lacks the columns budget_seconds, dataset"):
+        report.load_published(str(record_csv))
+    report.check_outputs(str(results_dir), str(tmp_path / "out.md"), published=PUBLISHED)  # all fine
+    # The command line: a typo in --featured_run ends in one line, before any figure is drawn.
+    env = dict(os.environ, PYTHONPATH=REPO, MPLBACKEND="Agg")
+    result = subprocess.run([sys.executable, "-m", "haet.report", f"--results_dir={results_dir}",
+                             f"--out={tmp_path / 'out.md'}", "--featured_run=typo"], env=env, capture_output=True,
+                            text=True)
+    assert result.returncode == 2 and "No run folder named 'typo'" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (results_dir / "figures").exists() and not (tmp_path / "out.md").exists()
+    assert page.read_text() == "# Our own notes\n"
+
+
 def test_readme_section_is_replaced_between_markers(tmp_path):
     _write_run(tmp_path / "results", "run1", 0.75)
     readme = tmp_path / "README.md"
