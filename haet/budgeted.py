@@ -261,7 +261,8 @@ def fit(model, x, y, *, budget_seconds=None, epochs=None, batch_size=32, learnin
             `learning_rate` that is not callable, or given to an optimizer that
             follows a schedule of its own (planned or not); a planned schedule in
             an optimizer that already ran steps; validation data that do not
-            match; callbacks that are not Keras callbacks.
+            match; callbacks that are not Keras callbacks; `steps_per_execution`
+            or `probe_steps` below 1.
         KeyboardInterrupt: after a Ctrl-C (SIGINT, in the main thread), once the
             current execution ended and the model holds the weights of the steps
             done.
@@ -289,6 +290,9 @@ def fit(model, x, y, *, budget_seconds=None, epochs=None, batch_size=32, learnin
                          f"examples.")
     if verbose not in (0, 1):
         raise ValueError(f"verbose must be 0 or 1. Received: {verbose!r}")
+    for name, value in (("steps_per_execution", steps_per_execution), ("probe_steps", probe_steps)):
+        if not (isinstance(value, numbers.Integral) and value >= 1):
+            raise ValueError(f"{name} must be a positive integer. Received: {value!r}")
     callbacks = list(callbacks)
     wrong = [c for c in callbacks if not isinstance(c, keras.callbacks.Callback)]
     if wrong:

@@ -220,6 +220,7 @@ def test_one_line_an_epoch_when_verbose(data, capsys):
     (dict(validation_data="mismatch"), "x_val's examples have shape"),
     (dict(callbacks=[print]), "keras.callbacks.Callback instances"),
     (dict(verbose=2), "verbose must be 0 or 1"),
+    (dict(steps_per_execution=0), "steps_per_execution must be a positive integer"),
 ])
 def test_bad_arguments_fail_before_any_training(data, change, message):
     x, y = data
