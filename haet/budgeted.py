@@ -40,7 +40,7 @@ import keras
 import numpy as np
 
 from haet import budget as budget_lib
-from haet import optimizers, schedules
+from haet import data, optimizers, schedules
 from haet.checkpoint import StopSignals
 from haet.engine import DEFAULT_STEPS_PER_EXECUTION, make_engine
 from haet.hooks import DivergenceGuard
@@ -89,33 +89,6 @@ class FitResult:
     diverged_at_step: int | None = None
 
 
-class _WallClockFunction:
-    """A plain function of the elapsed fraction of the budget as a wall-clock
-    schedule (`haet.budget.WallClockBudget` asks a schedule where its value next
-    changes; a function cannot say, so it is read before every execution, at most
-    `resolution` distinct fractions a run, each a host-to-device write)."""
-
-    unit = "budget"
-
-    def __init__(self, function, resolution=1000):
-        self.function = function
-        self.resolution = resolution
-        self._cache = {}
-
-    def next_change(self, fraction):
-        return None
-
-    def __call__(self, fraction):
-        tick = min(int(math.floor(max(fraction, 0.0) * self.resolution)), self.resolution)
-        if tick not in self._cache:
-            value = float(self.function(tick / self.resolution))
-            if not math.isfinite(value) or value < 0:
-                raise ValueError(f"learning_rate({tick / self.resolution:g}) returned {value!r}: a learning rate "
-                                 f"must be a finite number >= 0.")
-            self._cache[tick] = value
-        return self._cache[tick]
-
-
 class _KerasValidation(Hook):
     """`model.evaluate` on the validation arrays at each epoch end: each of its
     results goes into the epoch's logs as `val_<name>` (its own compiled loss and
@@ -162,29 +135,6 @@ def _planned_schedule(optimizer):
     return schedule if isinstance(schedule, schedules._PlannedSteps) else None
 
 
-def _labels(y, name, size=None, classes=None):
-    """`y` as int32 `(N,)` class labels (`(N, 1)` is taken, as `keras.datasets` gives),
-    each in [0, classes) when `classes` is known."""
-    y = np.asarray(y)
-    if y.ndim == 2 and y.shape[1] == 1:
-        y = y[:, 0]
-    if y.ndim != 1 or not np.issubdtype(y.dtype, np.integer):
-        raise ValueError(
-            f"{name} must be integer class labels of shape (N,) or (N, 1). Received dtype {y.dtype} and shape "
-            f"{y.shape}. One-hot rows: pass np.argmax({name}, axis=1) (and one_hot_classes=K for a categorical "
-            f"loss).")
-    if size is not None and len(y) != size:
-        raise ValueError(f"{name} has {len(y)} labels for {size} images.")
-    if len(y) and y.min() < 0:
-        raise ValueError(f"{name} holds the negative label {int(y.min())}: class labels are 0 to K - 1.")
-    if len(y) and classes is not None and y.max() >= classes:
-        # Out-of-range labels fail deep inside TensorFlow's step, and under JAX give a
-        # silently wrong loss.
-        raise ValueError(f"{name} holds the label {int(y.max())}, but the model has {classes} outputs: class labels "
-                         f"are 0 to {classes - 1}.")
-    return y.astype(np.int32)
-
-
 def _classes(model, one_hot_classes):
     """K, the number of classes the labels index: `one_hot_classes`, or the last
     dimension of a model with one known output (None when it is not known)."""
@@ -226,7 +176,7 @@ def fit(model, x, y, *, budget_seconds=None, epochs=None, batch_size=32, learnin
         batch_size: examples a step, in [1, N].
         learning_rate: None (the optimizer's own learning rate or schedule), or a
             wall-clock schedule: a function of the elapsed fraction of the budget in
-            [0, 1] returning the learning rate (e.g.
+            [0, 1) returning the learning rate, read at most 1,000 times a run (e.g.
             `lambda f: 1e-3 if f < 0.8 else 1e-4`), or a haet schedule of unit
             "budget" (`haet.schedules.PiecewiseConstant`: its steps end executions on
             time). The optimizer must then have a plain number as its learning rate.
@@ -284,7 +234,8 @@ def fit(model, x, y, *, budget_seconds=None, epochs=None, batch_size=32, learnin
     x = np.asarray(x)
     if x.ndim < 2:
         raise ValueError(f"x must be an array of N examples, (N, ...). Received shape {x.shape}.")
-    y = _labels(y, "y", len(x), classes)
+    # Labels past the model's outputs fail deep in TensorFlow's step, and under JAX give a wrong loss.
+    y = data.class_labels(y, "y", len(x), classes)
     if not (isinstance(batch_size, numbers.Integral) and 1 <= batch_size <= len(x)):
         raise ValueError(f"batch_size={batch_size!r} must be an integer between 1 and the {len(x)} training "
                          f"examples.")
@@ -303,7 +254,7 @@ def fit(model, x, y, *, budget_seconds=None, epochs=None, batch_size=32, learnin
         x_val = np.asarray(validation_data[0])
         if x_val.shape[1:] != x.shape[1:]:
             raise ValueError(f"x_val's examples have shape {x_val.shape[1:]}, x's {x.shape[1:]}.")
-        validation_data = (x_val, _labels(validation_data[1], "y_val", len(x_val), classes))
+        validation_data = (x_val, data.class_labels(validation_data[1], "y_val", len(x_val), classes))
     planned = _planned_schedule(model.optimizer)
     wall_clock = None
     if learning_rate is not None:
@@ -314,7 +265,7 @@ def fit(model, x, y, *, budget_seconds=None, epochs=None, batch_size=32, learnin
         if getattr(learning_rate, "unit", None) == "budget" and hasattr(learning_rate, "next_change"):
             wall_clock = learning_rate
         elif callable(learning_rate):
-            wall_clock = _WallClockFunction(learning_rate)
+            wall_clock = schedules.BudgetSchedule.of_fraction(learning_rate)
         else:
             raise ValueError(f"learning_rate must be a function of the elapsed fraction of the budget, a haet "
                              f"schedule of unit 'budget', or None. Received: {learning_rate!r}")
@@ -345,8 +296,6 @@ def fit(model, x, y, *, budget_seconds=None, epochs=None, batch_size=32, learnin
 
     budget = budget_lib.WallClockBudget(math.inf if budget_seconds is None else budget_seconds, wall_clock,
                                         seed=seed, clock=clock)
-    if wall_clock is not None:
-        optimizers.learning_rate_variable(model.optimizer).assign(wall_clock(0.0))
     engine = make_engine(model, x, y, batch_size, seed=seed, one_hot_classes=one_hot_classes,
                          steps_per_execution=steps_per_execution)
     # Ctrl-C: the first stops at the next execution boundary with the state synced into

@@ -200,22 +200,38 @@ def validate_arrays(x, y, info, split):
             f"{where}: images must have shape (N, {', '.join(map(str, info.image_shape))}) "
             f"(NHWC). Received shape {x.shape}."
         )
+    return x, class_labels(y, where, len(x), info.num_classes)
+
+
+def class_labels(y, where, size, num_classes=None):
+    """`y` as int32 class labels `(N,)` (a trailing axis of 1 is dropped, as
+    `keras.datasets` gives them).
+
+    Args:
+        where: what the labels are, for the messages ("cifar10 train split", "y").
+        size: N, the number of images they label.
+        num_classes: K when known: every label must be in [0, K).
+
+    Raises:
+        ValueError: naming `where`: labels that are not integers of shape `(N,)` or
+            `(N, 1)`, not `size` of them, or outside [0, K) (below 0 when K is not known).
+    """
     y = np.asarray(y)
     if y.ndim == 2 and y.shape[1] == 1:
         y = y[:, 0]
     if y.ndim != 1 or not np.issubdtype(y.dtype, np.integer):
         raise ValueError(
-            f"{where}: labels must be integers of shape (N,). "
-            f"Received dtype {y.dtype}, shape {y.shape}."
+            f"{where}: labels must be integers of shape (N,) or (N, 1). Received dtype {y.dtype}, shape {y.shape} "
+            "(one-hot rows: np.argmax(y, axis=1))."
         )
-    if len(y) != len(x):
-        raise ValueError(f"{where}: {len(x)} images but {len(y)} labels.")
-    if len(y) and (y.min() < 0 or y.max() >= info.num_classes):
+    if len(y) != size:
+        raise ValueError(f"{where}: {size} images but {len(y)} labels.")
+    if len(y) and (y.min() < 0 or (num_classes is not None and y.max() >= num_classes)):
         raise ValueError(
-            f"{where}: labels must be in [0, {info.num_classes}). "
+            f"{where}: labels must be in [0, {num_classes if num_classes is not None else 'K'}). "
             f"Received min {y.min()}, max {y.max()}."
         )
-    return x, y.astype(np.int32)
+    return y.astype(np.int32)
 
 
 def _load_npz(directory):

@@ -472,7 +472,8 @@ class BudgetSchedule:
     is a host-to-device transfer, and on JAX a state sync).
 
     Raises:
-        ValueError: `resolution` < 1.
+        ValueError: `resolution` < 1; (when called) a value that is not a finite
+            number >= 0.
     """
 
     def __init__(self, shape, resolution=1000, name="learning rate"):
@@ -493,9 +494,18 @@ class BudgetSchedule:
         """The value at `fraction` (elapsed seconds / budget seconds, >= 0)."""
         tick = min(int(math.floor(max(fraction, 0.0) * self.resolution)), self.resolution)
         if tick not in self._cache:
-            value = self.shape(min(tick / self.resolution * NOMINAL_STEPS, _END))
-            self._cache[tick] = float(ops.convert_to_numpy(value))
+            value = float(ops.convert_to_numpy(self.shape(min(tick / self.resolution * NOMINAL_STEPS, _END))))
+            if not math.isfinite(value) or value < 0:
+                raise ValueError(f"The {self.name} at {tick / self.resolution:g} of the budget is {value!r}: it must "
+                                 f"be a finite number >= 0.")
+            self._cache[tick] = value
         return self._cache[tick]
+
+    @classmethod
+    def of_fraction(cls, function, resolution=1000, name="learning rate"):
+        """A plain function of the elapsed fraction of the budget (in [0, 1)) as a
+        `BudgetSchedule` (`haet.fit`'s `learning_rate=`)."""
+        return cls(lambda step: function(step / NOMINAL_STEPS), resolution, name)
 
     def __repr__(self):
         return f"BudgetSchedule({self.shape.__class__.__name__}, resolution={self.resolution})"
