@@ -280,12 +280,16 @@ def bench(config, batch_sizes, steps_per_executions, bench_steps=20, end_to_end_
 
     Raises:
         ValueError: a batch size or steps-per-execution value the config cannot take.
+        training.SetupError (a ValueError): data that cannot be loaded, before any work.
     """
     rows = []
     with tempfile.TemporaryDirectory() as folder:
         data_dir = os.path.join(folder, "data")
         os.makedirs(data_dir)
-        prepare_data_dir(config, data_dir, test_images)
+        try:
+            prepare_data_dir(config, data_dir, test_images)
+        except (ValueError, RuntimeError) as e:  # RuntimeError: no local copy of the data
+            raise training.SetupError(str(e)) from None
         base = dataclasses.replace(config, data_dir=data_dir, classes=(), save_model=False, evaluate_test=True,
                                    validation_size=0, budget_seconds=end_to_end_budget or config.budget_seconds)
         for batch_size in batch_sizes:
@@ -365,12 +369,18 @@ flags.DEFINE_string("json", None, "Write the rows here (a JSON list); an existin
 
 
 def check_command_line(argv):
-    """Refuses (`app.UsageError`) arguments other than flags and a `--json` file that
-    exists, before any work: for the benchmark command lines (this one and scripts/)."""
+    """Refuses (`app.UsageError`, exit status 2 under `haet.cli.run`) arguments other
+    than flags and a `--json` file that exists or cannot be made, before any work: for
+    the benchmark command lines (this one and scripts/)."""
+    from haet import results
+
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-    if flags.FLAGS.json and os.path.exists(flags.FLAGS.json):
-        raise app.UsageError(f"--json={flags.FLAGS.json} exists; choose a new file.")
+    if flags.FLAGS.json is not None:
+        try:
+            results.check_new_file(flags.FLAGS.json, "--json")
+        except ValueError as e:
+            raise app.UsageError(str(e)) from None
 
 
 def main(argv):
@@ -384,7 +394,10 @@ def main(argv):
             dataclasses.replace(config, batch_size=b)  # checked before any work
     except ValueError as e:
         raise app.UsageError(str(e)) from None
-    rows = bench(config, batch_sizes, ks, f.bench_steps, f.end_to_end_budget, f.keras_fit, f.bench_test_images)
+    try:
+        rows = bench(config, batch_sizes, ks, f.bench_steps, f.end_to_end_budget, f.keras_fit, f.bench_test_images)
+    except training.SetupError as e:
+        raise app.UsageError(str(e)) from None
     print(format_table(rows))
     if f.json:
         write_rows(f.json, rows)
@@ -399,7 +412,7 @@ def write_rows(path, rows):
     """
     from haet import results
 
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    results.make_parents(path)
     payload = [{**row, "git_commit": results.git_commit(), "versions": results.versions(), "command": sys.argv}
                for row in rows]
     with open(path, "x") as out:
@@ -408,4 +421,6 @@ def write_rows(path, rows):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    from haet import cli
+
+    cli.run(main)

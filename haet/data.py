@@ -31,7 +31,7 @@ import tarfile
 import keras
 import numpy as np
 
-from haet import fields
+from haet import fields, results
 from haet.fields import Field
 
 
@@ -551,14 +551,32 @@ def subset_sha256(x, y):
     return h.hexdigest()
 
 
+_EXPORTED = ("train.npz", "test.npz", "subset.json")
+
+
+def check_export_dir(export_dir):
+    """Checks that `export_subset` can write into `export_dir`: a folder (or a path
+    where one can be made) holding none of its three files.
+
+    Raises:
+        ValueError: naming the path and the fix.
+    """
+    if not export_dir:
+        raise ValueError("--export_dir is empty: pass --export_dir=FOLDER, an empty or new folder.")
+    results.check_results_dir(export_dir, "--export_dir")
+    existing = [n for n in _EXPORTED if os.path.lexists(os.path.join(export_dir, n))]
+    if existing:
+        raise ValueError(f"--export_dir={export_dir!r} already holds {', '.join(existing)}; choose an empty "
+                         "folder (nothing is overwritten).")
+
+
 def export_subset(dataset, indices, export_dir, subset_seed):
     """Writes the training subset, the test split and `subset.json` into `export_dir`.
 
     Raises:
         FileExistsError: if any of the three files already exists (nothing is written).
     """
-    names = ("train.npz", "test.npz", "subset.json")
-    existing = [n for n in names if os.path.exists(os.path.join(export_dir, n))]
+    existing = [n for n in _EXPORTED if os.path.exists(os.path.join(export_dir, n))]
     if existing:
         raise FileExistsError(
             f"{export_dir} already holds {', '.join(existing)}; choose an empty folder."
@@ -586,32 +604,44 @@ def export_subset(dataset, indices, export_dir, subset_seed):
 
 
 def main(argv):
-    del argv
-    from absl import flags, logging
+    """`python -m haet.data`: loads a dataset, draws the training subset, logs its
+    per-class counts and sha256, and with --export_dir writes it as npz files. Bad
+    flags, data or export folder: `app.UsageError` (exit status 2), nothing written."""
+    from absl import app, flags, logging
 
+    del argv  # (haet.cli.run refuses arguments other than flags)
     f = flags.FLAGS
-    dataset = load_dataset(f.dataset, f.data_dir)
-    train_size = f.train_size or len(dataset.y_train)
-    indices = stratified_subset(
-        dataset.y_train, train_size, dataset.info.num_classes, f.subset_seed
-    )
+    try:
+        if f.train_size < 0:
+            raise ValueError(f"--train_size must be >= 0 (0: all training images). Received: {f.train_size}")
+        if f.export_dir is not None:
+            check_export_dir(f.export_dir)
+        dataset = load_dataset(f.dataset, f.data_dir)
+        train_size = f.train_size or len(dataset.y_train)
+        indices = stratified_subset(
+            dataset.y_train, train_size, dataset.info.num_classes, f.subset_seed
+        )
+    except (ValueError, RuntimeError) as e:  # RuntimeError: no local copy of the data
+        raise app.UsageError(str(e)) from None
     x, y = dataset.x_train[indices], dataset.y_train[indices]
     logging.info(
         "%s from %s: subset of %d training images (seed %d), per class %s, sha256 %s",
         f.dataset, dataset.source, len(indices), f.subset_seed,
         np.bincount(y, minlength=dataset.info.num_classes).tolist(), subset_sha256(x, y),
     )
-    if f.export_dir:
+    if f.export_dir is not None:
         export_subset(dataset, indices, f.export_dir, f.subset_seed)
         logging.info("Wrote %s", f.export_dir)
 
 
 if __name__ == "__main__":
-    from absl import app, flags
+    from absl import flags
+
+    from haet import cli
 
     flags.DEFINE_enum("dataset", "cifar10", sorted(DATASETS) + ["folder"], "Dataset name.")
     flags.DEFINE_string("data_dir", None, "Folder with a local copy; default: tensorflow-datasets.")
     flags.DEFINE_integer("train_size", 5000, "Training images to keep, class-balanced; 0 = all.")
     flags.DEFINE_integer("subset_seed", 0, "Seed choosing the training subset.")
     flags.DEFINE_string("export_dir", None, "Write the subset and test split as npz here.")
-    app.run(main)
+    cli.run(main)

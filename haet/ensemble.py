@@ -146,11 +146,13 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    from absl import app, flags
+    from absl import flags
+
+    from haet import cli
 
     flags.DEFINE_list("runs", [], "Run folders (model.keras + record.json), comma-separated.")
     flags.DEFINE_string("data_dir", None, "Where the test data lives, if not where the runs read it.")
     flags.DEFINE_enum("tta", "none", list(evaluation.TTA_MODES), "Test-time augmentation of every member.")
     flags.DEFINE_integer("eval_batch_size", 500, "Test images per prediction step.")
     flags.DEFINE_string("results_dir", "results/ensembles", "A new folder is made under it.")
-    app.run(main)
+    cli.run(main)

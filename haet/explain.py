@@ -110,31 +110,52 @@ def grad_cam(model, images, class_index=None, layer_name=None, member=0):
 
 
 def main(argv):
-    del argv
-    from absl import flags, logging
+    """`python -m haet.explain`: checks the flags, the model file and the output
+    before loading anything (`app.UsageError`, exit status 2), then writes the PNG."""
+    del argv  # (haet.cli.run refuses arguments other than flags)
+    from absl import app, flags, logging
 
-    from haet import data, plots
+    from haet import data, plots, results
 
     f = flags.FLAGS
-    if os.path.exists(f.out):
-        raise FileExistsError(f"{f.out} exists; choose another --out (nothing is overwritten).")
-    dataset = data.load_dataset(f.dataset, f.data_dir)
-    pick = np.random.default_rng(f.seed).choice(len(dataset.y_test), f.num_images, replace=False)
-    images, labels = dataset.x_test[np.sort(pick)], dataset.y_test[np.sort(pick)]
-    model = keras.saving.load_model(f.model)
-    result = grad_cam(model, images, layer_name=f.layer, member=f.member)
+    try:
+        results.check_new_file(f.out, "--out")
+        plots.check_figure_path(f.out, "--out")
+        if not os.path.isfile(f.model):
+            raise ValueError(f"--model={f.model!r} is not a file: pass a saved .keras model "
+                             "(a run folder's model.keras).")
+        dataset = data.load_dataset(f.dataset, f.data_dir)
+        if not 1 <= f.num_images <= len(dataset.y_test):
+            raise ValueError(f"--num_images must be between 1 and the {len(dataset.y_test)} test images of "
+                             f"{f.dataset}. Received: {f.num_images}")
+        try:
+            model = keras.saving.load_model(f.model)
+        except Exception as e:  # a damaged or foreign file: Keras raises many kinds
+            raise ValueError(f"--model={f.model!r} cannot be loaded as a Keras model ({type(e).__name__}: "
+                             f"{(str(e).strip().splitlines() or [''])[0][:200]}).") from None
+        expected = tuple(model.input_shape[1:])
+        if any(a is not None and a != b for a, b in zip(expected, dataset.x_test.shape[1:])) \
+                or len(expected) != dataset.x_test.ndim - 1:
+            raise ValueError(f"--model takes images of shape {expected}; {f.dataset}'s are "
+                             f"{dataset.x_test.shape[1:]}: pass the --dataset the model was trained on.")
+        pick = np.sort(np.random.default_rng(f.seed).choice(len(dataset.y_test), f.num_images, replace=False))
+        images, labels = dataset.x_test[pick], dataset.y_test[pick]
+        result = grad_cam(model, images, layer_name=f.layer, member=f.member)
+    except (ValueError, RuntimeError) as e:  # RuntimeError: no local copy of the data
+        raise app.UsageError(str(e)) from None
     name = f"{model.name} member {f.member}" if isinstance(model, models.EnsembleModel) else model.name
     predicted = result["logits"].argmax(axis=1)
     plots.plot_grad_cam_grid(
-        images, result["heatmaps"], labels, predicted, dataset.info.class_names, f.out,
+        images, result["heatmaps"], labels, predicted, dataset.info.class_names, results.make_parents(f.out),
         title=f"Grad-CAM of {name} at {result['layer']} on {f.num_images} {f.dataset} test images",
     )
     logging.info("%d/%d correct; wrote %s", int((predicted == labels).sum()), len(labels), f.out)
 
 
 if __name__ == "__main__":
-    from absl import app, flags
+    from absl import flags
 
+    from haet import cli
     from haet.data import DATASETS
 
     flags.DEFINE_string("model", None, "A saved .keras classifier.", required=True)
@@ -145,4 +166,4 @@ if __name__ == "__main__":
     flags.DEFINE_integer("seed", 0, "Seed choosing the test images.")
     flags.DEFINE_string("layer", None, "Layer to explain; default the last 4-D layer.")
     flags.DEFINE_integer("member", 0, "Of an ensemble model (--ensemble_members): the member to explain.")
-    app.run(main)
+    cli.run(main)

@@ -104,6 +104,20 @@ def suggest(rows):
     return best["learning_rate"] / 10.0, best["learning_rate"], steepest
 
 
+def check_range(min_learning_rate, max_learning_rate, steps):
+    """Checks the range test's settings.
+
+    Raises:
+        ValueError: unless `0 < min_learning_rate < max_learning_rate` (both finite)
+            and `steps >= 2`; the message names the flags.
+    """
+    if not (math.isfinite(min_learning_rate) and math.isfinite(max_learning_rate)
+            and 0 < min_learning_rate < max_learning_rate) or steps < 2:
+        raise ValueError(
+            f"Need 0 < --min_learning_rate < --max_learning_rate (finite) and --range_steps >= 2. Received: "
+            f"{min_learning_rate}, {max_learning_rate}, {steps}")
+
+
 def range_test(config, data, min_learning_rate, max_learning_rate, steps):
     """Runs the range test on the training images of `data` (`haet.training.prepare_data`)
     with the model, loss, precision and engine of a run of `config`.
@@ -113,12 +127,9 @@ def range_test(config, data, min_learning_rate, max_learning_rate, steps):
         smoothed_loss) and the triple of `suggest`.
 
     Raises:
-        ValueError: `min_learning_rate` not below `max_learning_rate`, or `steps < 2`.
+        ValueError: the settings `check_range` refuses.
     """
-    if not 0 < min_learning_rate < max_learning_rate or steps < 2:
-        raise ValueError(
-            f"Need 0 < min_learning_rate < max_learning_rate and steps >= 2. Received: "
-            f"{min_learning_rate}, {max_learning_rate}, {steps}")
+    check_range(min_learning_rate, max_learning_rate, steps)
     rate = (max_learning_rate / min_learning_rate) ** (1 / (steps - 1))
     with training.settings_of(config) as settings:
         model, _, _ = training.build_model(config, data)
@@ -160,16 +171,26 @@ def plot(rows, suggestion, path, title):
 
 
 def main(argv):
-    del argv
-    from absl import flags
+    """`python -m haet.lr_find`: checks the flags, the results folder and the data
+    before any training (`app.UsageError`, exit status 2), then runs the test."""
+    from absl import app, flags
 
     from haet import train as entry
 
+    del argv  # (haet.cli.run refuses arguments other than flags)
     f = flags.FLAGS
     commit = results.git_commit()  # the code this process runs
     config = entry.config_from_flags()
-    data = training.prepare_data(config)
-    rows, suggestion = range_test(config, data, f.min_learning_rate, f.max_learning_rate, f.range_steps)
+    try:
+        check_range(f.min_learning_rate, f.max_learning_rate, f.range_steps)
+        results.check_results_dir(f.results_dir)
+        data = training.prepare_data(config)
+    except (ValueError, RuntimeError) as e:  # RuntimeError: no local copy of the data
+        raise app.UsageError(str(e)) from None
+    try:
+        rows, suggestion = range_test(config, data, f.min_learning_rate, f.max_learning_rate, f.range_steps)
+    except ValueError as e:  # settings were checked above: the loss was never finite
+        raise SystemExit(f"haet.lr_find: {e}") from None  # exit status 1, nothing written
     run_dir = results.make_run_dir(f.results_dir, f"{config.dataset}{config.train_size}_{config.model}_lr_find")
     results.write_csv(run_dir, "lr_find.csv", rows)
     plot(rows, suggestion, os.path.join(run_dir, "lr_find.png"),
@@ -191,12 +212,13 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    from absl import app, flags
+    from absl import flags
 
     import haet.train  # noqa: F401 -- defines the training flags (--flagfile recipes work)
+    from haet import cli
 
     flags.DEFINE_float("min_learning_rate", 1e-6, "Learning rate of the first step.")
     flags.DEFINE_float("max_learning_rate", 10.0, "Learning rate of the last step.")
     flags.DEFINE_integer("range_steps", 200, "Steps from the minimum to the maximum rate.")
     flags.FLAGS.set_default("results_dir", "results/lr_find")
-    app.run(main)
+    cli.run(main)

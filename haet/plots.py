@@ -6,6 +6,22 @@ import os
 import numpy as np
 
 
+def check_figure_path(path, flag):
+    """Checks that matplotlib can write a figure to `path` in the format its extension
+    names (none: PNG), before the work that makes the figure.
+
+    Raises:
+        ValueError: an extension matplotlib cannot write, naming those it can.
+    """
+    from matplotlib.backend_bases import FigureCanvasBase
+
+    extension = os.path.splitext(path)[1][1:].lower()
+    formats = FigureCanvasBase.get_supported_filetypes()
+    if extension and extension not in formats:
+        raise ValueError(f"{flag}={path!r}: matplotlib cannot write .{extension} files. Use one of "
+                         f"{', '.join('.' + e for e in sorted(formats))}.")
+
+
 def _pyplot():
     import matplotlib
 

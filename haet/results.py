@@ -81,26 +81,59 @@ def git_commit(path=None):
     return commit + ("-dirty" if dirty else "")
 
 
-def check_results_dir(results_dir):
+def _nearest_existing(path):
+    """The deepest part of the absolute `path` that exists (the path itself if it does)."""
+    probe = os.path.abspath(path)
+    while not os.path.exists(probe):
+        parent = os.path.dirname(probe)
+        if parent == probe:
+            break
+        probe = parent
+    return probe
+
+
+def check_results_dir(results_dir, flag="--results_dir"):
     """Checks, before any work, that run folders can be made under `results_dir`.
 
     Raises:
         ValueError: `results_dir` (or a parent of it) is a file, or the folder that
             would hold it cannot be written; the message names the path and the fix.
     """
-    path = os.path.abspath(results_dir)
-    probe = path
-    while not os.path.exists(probe):
-        parent = os.path.dirname(probe)
-        if parent == probe:
-            break
-        probe = parent
+    probe = _nearest_existing(results_dir)
     if not os.path.isdir(probe):
-        raise ValueError(f"results_dir {results_dir!r} cannot be made: {probe!r} is a file, not a folder. "
-                         "Pass --results_dir=FOLDER (a folder, or a path where one can be made).")
+        raise ValueError(f"{flag.lstrip('-')} {results_dir!r} cannot be made: {probe!r} is a file, not a folder. "
+                         f"Pass {flag}=FOLDER (a folder, or a path where one can be made).")
     if not os.access(probe, os.W_OK | os.X_OK):
-        raise ValueError(f"results_dir {results_dir!r} cannot be written: no write permission on {probe!r}. "
-                         "Pass --results_dir=FOLDER somewhere writable.")
+        raise ValueError(f"{flag.lstrip('-')} {results_dir!r} cannot be written: no write permission on "
+                         f"{probe!r}. Pass {flag}=FOLDER somewhere writable.")
+
+
+def check_new_file(path, flag):
+    """Checks, before any work, that the file `path` (given by the flag `flag`, e.g.
+    "--out") does not exist and can be made: its missing parent folders are made by
+    `make_parents` when the file is written.
+
+    Raises:
+        ValueError: `path` exists (nothing is overwritten), is empty, or a parent of it
+            is a file or cannot be written; the message names the path and the fix.
+    """
+    if not path:
+        raise ValueError(f"{flag} is empty: pass {flag}=FILE, a new file.")
+    if os.path.isdir(path) or path.endswith(os.sep):
+        raise ValueError(f"{flag}={path!r} is a folder: pass {flag}=FILE, a new file in it.")
+    if os.path.lexists(path):
+        raise ValueError(f"{flag}={path!r} exists and is not overwritten: choose a new file.")
+    probe = _nearest_existing(os.path.dirname(os.path.abspath(path)))
+    if not os.path.isdir(probe):
+        raise ValueError(f"{flag}={path!r} cannot be made: {probe!r} is a file, not a folder.")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise ValueError(f"{flag}={path!r} cannot be written: no write permission on {probe!r}.")
+
+
+def make_parents(path):
+    """Makes the missing parent folders of the file `path`; returns `path`."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    return path
 
 
 def make_run_dir(results_dir, name):
@@ -280,7 +313,6 @@ class RunFolder:
     def start_history(self, rows=()):
         """(Re)writes `history.csv` with `rows` (a resumed run's rows so far)."""
         self._history_fields = None
-        path = os.path.join(self.path, "history.csv")
         self.artifact("history.csv", lambda p: write_rows(p, list(rows)), whole=False)  # replaced atomically
         if rows:
             self._history_fields = _fields_of(rows)

@@ -135,9 +135,10 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    from absl import app, flags
+    from absl import flags
 
     import haet.train  # noqa: F401 -- defines the training flags (--flagfile recipes work)
+    from haet import cli
 
     flags.DEFINE_integer("sanity_batches", 5, "Batches of the training subset in the sample.", lower_bound=1)
     flags.DEFINE_float("initial_loss_tolerance", 0.25, "Allowed |loss - ln K| as a fraction of ln K.",
@@ -145,4 +146,4 @@ if __name__ == "__main__":
     flags.DEFINE_integer("max_steps", 500, "Training steps allowed to overfit the sample.", lower_bound=1)
     flags.DEFINE_float("target_accuracy", 0.99, "Training accuracy the overfit check needs.", lower_bound=0.0,
                        upper_bound=1.0)
-    app.run(main)
+    cli.run(main)

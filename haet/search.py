@@ -231,6 +231,21 @@ def _spec(base, space, sampler, pruner, seed, grid_points):
     return json.loads(json.dumps(spec))
 
 
+def check_search_dir(search_dir):
+    """Checks that `search_dir` can hold a search: a folder (or a path where one can be
+    made) that is not a training run's folder.
+
+    Raises:
+        ValueError: naming the path and the fix.
+    """
+    if not search_dir:
+        raise ValueError("--search_dir is empty: pass --search_dir=FOLDER, a new folder or one of the same search.")
+    results.check_results_dir(search_dir, "--search_dir")
+    if os.path.exists(os.path.join(search_dir, "record.json")):
+        raise ValueError(f"--search_dir={search_dir!r} is a training run's folder (it holds record.json): "
+                         "pass a new folder, or one that holds this search.")
+
+
 def _claim_folder(search_dir, spec):
     """Writes `search.json`, or checks that the folder holds this search."""
     os.makedirs(search_dir, exist_ok=True)
@@ -281,7 +296,7 @@ def open_study(search_dir, sampler, pruner, storage=None, study_name="haet"):
 
 
 def run_search(base, space, search_dir, trials, sampler="tpe", pruner="none", seed=0, grid_points=3,
-               storage=None, min_resource_seconds=None, train=training.train):
+               storage=None, min_resource_seconds=None, train=training.train, load_data=training.prepare_data):
     """Runs trials of one study until it has `trials` finished ones (or, with the grid
     sampler, the grid is done); returns the study. Several processes may run this
     at once on one search folder (or one `storage`); each finished trial counts.
@@ -293,10 +308,13 @@ def run_search(base, space, search_dir, trials, sampler="tpe", pruner="none", se
         trials: finished trials (complete, pruned or failed) the study should have.
         sampler, pruner: see `SAMPLERS`, `PRUNERS`.
         train: the training function (tests may pass a stand-in with its signature).
+        load_data: loads the data of a config, called once before anything is written
+            to check them (tests of a stand-in `train` may pass a stand-in).
 
     Raises:
-        ValueError: `validation_size` 0, a searched value the config refuses, or a
-            folder holding another search: before any trial runs.
+        ValueError: `validation_size` 0, a searched value the config refuses, data
+            that cannot be loaded, a `search_dir` that `check_search_dir` refuses or
+            that holds another search: before the folder or the study is written.
     """
     optuna = _optuna()
     if not base.validation_size:
@@ -311,6 +329,11 @@ def run_search(base, space, search_dir, trials, sampler="tpe", pruner="none", se
     spec = _spec(base, space, sampler, pruner, seed, grid_points)
     study_sampler = make_sampler(sampler, space, seed, grid_points)
     study_pruner = make_pruner(pruner, base.budget_seconds, min_resource_seconds)
+    check_search_dir(search_dir)
+    try:  # the data every trial trains on, before the folder or the study is written
+        load_data(base)
+    except RuntimeError as e:  # no local copy, and tensorflow-datasets cannot give one
+        raise ValueError(str(e)) from None
     _claim_folder(search_dir, spec)
     study = open_study(search_dir, study_sampler, study_pruner, storage)
     runs_dir = os.path.join(search_dir, "runs")
@@ -328,6 +351,9 @@ def run_search(base, space, search_dir, trials, sampler="tpe", pruner="none", se
             raise TrialFailed(f"the settings do not check: {e}") from None
         try:
             record, run_dir = train(config, results_dir=runs_dir, hooks=[reporter] if reporter else [])
+        except training.SetupError as e:  # e.g. a searched precision this machine cannot take
+            trial.set_user_attr("status", "could not start")
+            raise TrialFailed(f"the run could not start: {e}") from None
         except KeyboardInterrupt:
             trial.set_user_attr("interrupted", True)  # failed, but not counted as a finished trial
             raise
@@ -489,6 +515,7 @@ def main(argv):
 
 if __name__ == "__main__":
     import haet.train  # noqa: F401 -- defines the training flags (--flagfile recipes work)
+    from haet import cli
 
     flags.DEFINE_list("space", [], "Flags to search: name=loguniform:LOW:HIGH, name=uniform:LOW:HIGH, "
                       "name=int:LOW:HIGH or name=choice:A|B|C, comma-separated.")
@@ -504,4 +531,4 @@ if __name__ == "__main__":
     flags.DEFINE_string("search_dir", None, "The search folder; an existing one with the same search resumes.")
     flags.DEFINE_string("storage", None, "Optuna storage URL shared by workers (default: sqlite in --search_dir).")
     flags.mark_flag_as_required("search_dir")
-    app.run(main)
+    cli.run(main)

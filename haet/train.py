@@ -112,4 +112,6 @@ def summary(record, run_dir):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    from haet import cli
+
+    cli.run(main)

@@ -161,4 +161,6 @@ def main(argv):
         bench.write_rows(f.json, rows)
 
 if __name__ == "__main__":
-    app.run(main)
+    from haet import cli
+
+    cli.run(main)

@@ -2,7 +2,7 @@
 
 import pytest
 
-from haet import bench, models
+from haet import bench, models, training
 from haet.config import TrainConfig
 
 
@@ -37,6 +37,12 @@ def test_bench_rows_of_a_tiny_recipe():
         assert r["peak_fraction"] is None and r["keras_fit_images_per_second"] > 0
         assert r["execution_loop"] in ("dispatch", "fused", "tf.function") and r["end_to_end_steps"] >= 1
     assert "end_to_end_ratio" in bench.format_table(rows)
+
+
+def test_unusable_data_is_a_setup_error_before_any_work(tmp_path):
+    config = TrainConfig(model="tiny_cnn", train_size=200, data_dir=str(tmp_path / "missing"))
+    with pytest.raises(training.SetupError, match="is not a folder"):
+        bench.bench(config, [8], [1], bench_steps=3, end_to_end_budget=0)
 
 
 def test_the_epoch_boundary_benchmark_times_each_boundary_and_leaves_the_engine_going():

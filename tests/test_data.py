@@ -175,8 +175,14 @@ def test_export_cli_writes_subset_and_refuses_to_overwrite(tmp_path, cifar10_sli
         data.subset_sha256(original.x_train[idx], original.y_train[idx])
     before = (out / "train.npz").read_bytes()
     result = subprocess.run(cmd, env=env, capture_output=True, text=True)
-    assert result.returncode != 0 and "already holds train.npz, test.npz, subset.json" in result.stderr
+    assert result.returncode == 2 and "already holds train.npz, test.npz, subset.json" in result.stderr
+    assert "haet.data: error: " in result.stderr and "Traceback" not in result.stderr
     assert (out / "train.npz").read_bytes() == before
+    a_file = tmp_path / "a_file"
+    a_file.write_text("")
+    into_file = subprocess.run([*cmd[:-1], f"--export_dir={a_file}"], env=env, capture_output=True, text=True)
+    assert into_file.returncode == 2 and "is a file, not a folder" in into_file.stderr
+    assert "Traceback" not in into_file.stderr and a_file.read_text() == ""
 
 
 def test_cifar100_python_tarball(tmp_path):

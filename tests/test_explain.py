@@ -53,3 +53,48 @@ def test_haet_model_with_uint8_pipeline():
 def test_bad_layer_names_are_reported():
     with pytest.raises(ValueError, match="No layer 'conv9'.*4-D layers: \\['input_layer.*'conv'\\]"):
         grad_cam(_positive_conv_model(), np.zeros((1, 16, 16, 1), "float32"), layer_name="conv9")
+
+
+@pytest.mark.e2e
+def test_explain_command_line_writes_a_figure_and_refuses_bad_inputs_before_work(tmp_path, cifar10_slice_dir):
+    import os
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    inputs = keras.Input((32, 32, 3))
+    x = keras.layers.Conv2D(4, 3, padding="same", activation="relu", name="conv")(inputs)
+    outputs = keras.layers.Dense(10)(keras.layers.GlobalAveragePooling2D()(x))
+    model_path = tmp_path / "model.keras"
+    keras.Model(inputs, outputs, name="tiny").save(model_path)
+    mnist = tmp_path / "mnist"
+    mnist.mkdir()
+    rng = np.random.default_rng(0)
+    for split in ("train", "test"):
+        np.savez(mnist / f"{split}.npz", x=rng.integers(0, 256, (20, 28, 28, 1), dtype=np.uint8),
+                 y=np.arange(20, dtype=np.uint8) % 10)
+    damaged = tmp_path / "damaged.keras"
+    damaged.write_bytes(b"not a zip file")
+    env = dict(os.environ, PYTHONPATH=REPO, MPLBACKEND="Agg")
+
+    def explain(*args):
+        common = [f"--model={model_path}", f"--data_dir={cifar10_slice_dir}", "--num_images=4"]
+        return subprocess.run([sys.executable, "-m", "haet.explain", *common, *args], env=env, capture_output=True,
+                              text=True)
+
+    out = tmp_path / "new" / "gradcam.png"  # its folder is made
+    result = explain(f"--out={out}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    written = out.read_bytes()
+    assert written[:8] == b"\x89PNG\r\n\x1a\n"
+    for args, message in (([f"--out={out}"], "exists and is not overwritten"),
+                          ([f"--out={tmp_path / 'g.txt'}"], "matplotlib cannot write .txt files"),
+                          ([f"--out={tmp_path / 'g.png'}", f"--model={damaged}"], "cannot be loaded as a Keras model"),
+                          ([f"--out={tmp_path / 'g.png'}", "--dataset=mnist", f"--data_dir={mnist}"],
+                           "--model takes images of shape (32, 32, 3); mnist's are (28, 28, 1)")):
+        refused = explain(*args)
+        assert refused.returncode == 2 and "Traceback" not in refused.stderr, refused.stderr[-3000:]
+        assert "haet.explain: error: " in refused.stderr and message in refused.stderr, refused.stderr[-3000:]
+    assert out.read_bytes() == written and sorted(os.listdir(tmp_path / "new")) == ["gradcam.png"]
+    assert not (tmp_path / "g.png").exists() and not (tmp_path / "g.txt").exists()

@@ -122,7 +122,8 @@ def test_the_report_refuses_what_it_would_overwrite_or_cannot_read_before_writin
                              f"--out={tmp_path / 'out.md'}", "--featured_run=typo"], env=env, capture_output=True,
                             text=True)
     assert result.returncode == 2 and "No run folder named 'typo'" in result.stderr
-    assert "Traceback" not in result.stderr
+    assert "Traceback" not in result.stderr and "flags:" not in result.stderr  # one line, not the help
+    assert "haet.report: error: No run folder named" in result.stderr
     assert not (results_dir / "figures").exists() and not (tmp_path / "out.md").exists()
     assert page.read_text() == "# Our own notes\n"
 
@@ -211,7 +212,9 @@ def test_report_writes_into_the_results_folder_it_reads(tmp_path):
                             capture_output=True, text=True, cwd=REPO)
     assert result.returncode == 0, result.stderr[-2000:]
     assert (mine / "README.md").exists() and (mine / "figures" / "accuracy_vs_budget.png").exists()
-    assert "UMBC widened ResNet-20" in (mine / "README.md").read_text()  # the repository's published numbers
+    text = (mine / "README.md").read_text()
+    assert "UMBC widened ResNet-20" in text  # the repository's published numbers
+    assert f"from every `record.json` under `{mine}/` and `{REPO}/results/published.csv`" in text
     assert {p: os.path.getmtime(p) for p in before} == before  # the project's pages untouched
 
 

@@ -61,7 +61,7 @@ def test_range_test_loss_rises_at_large_learning_rates(cifar10_slice_dir):
     assert len(rows) < 60 or not math.isfinite(rows[-1]["loss"]) or smoothed[-1] > 2 * best
     assert 1e-4 <= at_minimum <= 100.0 and suggested == pytest.approx(at_minimum / 10)
     assert 1e-4 <= steepest <= at_minimum
-    with pytest.raises(ValueError, match="min_learning_rate < max_learning_rate"):
+    with pytest.raises(ValueError, match="min_learning_rate < --max_learning_rate"):
         lr_find.range_test(config, data, 1.0, 0.1, 10)
 
 
@@ -92,7 +92,7 @@ def test_sanity_and_lr_find_command_lines(tmp_path, cifar10_slice_dir):
     for bad in ("--sanity_batches=-2", "--target_accuracy=1.5"):
         refused = subprocess.run([sys.executable, "-m", "haet.sanity", *common, bad], env=env, capture_output=True,
                                  text=True, cwd=REPO)
-        assert refused.returncode != 0 and bad.split("=")[0][2:] in refused.stderr and "PASS" not in refused.stdout
+        assert refused.returncode == 2 and bad.split("=")[0][2:] in refused.stderr and "PASS" not in refused.stdout
     result = subprocess.run([sys.executable, "-m", "haet.lr_find", *common, "--optimizer=sgd", "--range_steps=30",
                              "--min_learning_rate=1e-3", "--max_learning_rate=10", f"--results_dir={tmp_path}"],
                             env=env, capture_output=True, text=True)
@@ -101,6 +101,16 @@ def test_sanity_and_lr_find_command_lines(tmp_path, cifar10_slice_dir):
     assert sorted(os.listdir(run_dir)) == ["lr_find.csv", "lr_find.png", "record.json"]
     record = json.loads((run_dir / "record.json").read_text())
     assert "suggested learning rate" in result.stdout and record["suggested_learning_rate"] > 0
+    # A results folder that cannot be made, or an empty range, is refused before the data are read.
+    a_file = tmp_path / "a_file"
+    a_file.write_text("")
+    for bad, message in ((f"--results_dir={a_file}", "is a file, not a folder"),
+                         ("--max_learning_rate=1e-4", "Need 0 < --min_learning_rate < --max_learning_rate")):
+        refused = subprocess.run([sys.executable, "-m", "haet.lr_find", *common, "--min_learning_rate=1e-3",
+                                  f"--results_dir={tmp_path}", bad], env=env, capture_output=True, text=True)
+        assert refused.returncode == 2 and "haet.lr_find: error: " in refused.stderr, refused.stderr[-2000:]
+        assert message in refused.stderr and "Traceback" not in refused.stderr
+    assert sorted(os.listdir(tmp_path)) == sorted([run_dir.name, "a_file"])  # no second run folder
 
 
 def test_per_step_loss_is_recovered_from_the_running_means():

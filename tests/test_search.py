@@ -39,6 +39,10 @@ def test_bad_space_entries(entry, message):
         search.parse_space([entry])
 
 
+def _no_data(config):
+    """Stands in for `prepare_data` beside a fake `train` (which reads no data)."""
+
+
 def _fake_train(calls, fail_at=None, curve=None, slow=0.0):
     """A stand-in for `haet.training.train`: scores peak at learning rate 0.1; with
     `curve`, it reports validation accuracies at epoch ends to the hooks first."""
@@ -82,9 +86,9 @@ def test_tpe_search_resumes_after_interruption_and_refuses_another_spec(tmp_path
     space = search.parse_space(["learning_rate=loguniform:0.01:1", "optimizer=choice:adam|sgd"])
     calls = []
     with pytest.raises(KeyboardInterrupt):
-        search.run_search(base, space, str(tmp_path), 6, train=_fake_train(calls, fail_at=3))
+        search.run_search(base, space, str(tmp_path), 6, load_data=_no_data, train=_fake_train(calls, fail_at=3))
     resumed = []
-    study = search.run_search(base, space, str(tmp_path), 6, train=_fake_train(resumed))
+    study = search.run_search(base, space, str(tmp_path), 6, load_data=_no_data, train=_fake_train(resumed))
     # Two finished before the interruption; the interrupted one failed; four more ran.
     assert _states(study) == ["COMPLETE", "COMPLETE", "FAIL", "COMPLETE", "COMPLETE", "COMPLETE", "COMPLETE"]
     assert len(resumed) == 4 and all(c.validation_size == 500 for c in resumed)
@@ -97,10 +101,10 @@ def test_tpe_search_resumes_after_interruption_and_refuses_another_spec(tmp_path
     assert spec["sampler"] == "tpe" and spec["git_commit"] == results.git_commit()
     assert {r["git_commit"] for r in rows if r["state"] == "complete"} == {results.git_commit()}
     with pytest.raises(ValueError, match="holds another search .*pruner"):
-        search.run_search(base, space, str(tmp_path), 6, pruner="hyperband", train=_fake_train([]))
+        search.run_search(base, space, str(tmp_path), 6, pruner="hyperband", load_data=_no_data, train=_fake_train([]))
     with pytest.raises(ValueError, match="set --validation_size"):
         search.run_search(dataclasses.replace(base, validation_size=0), space, str(tmp_path / "other"), 5,
-                          train=_fake_train([]))
+                          load_data=_no_data, train=_fake_train([]))
     table = search.format_table(rows, list(space)).splitlines()
     assert table[1].split()[0] == str(best["trial"])  # best first, numbered as Optuna numbers trials
     search.write_trials_csv(rows, str(tmp_path / "trials.csv"))
@@ -108,12 +112,46 @@ def test_tpe_search_resumes_after_interruption_and_refuses_another_spec(tmp_path
         assert [int(r["trial"]) for r in csv.DictReader(f)] == list(range(7))
 
 
+def test_a_search_that_cannot_run_writes_nothing_and_a_trial_that_cannot_start_fails_alone(tmp_path,
+                                                                                         cifar10_slice_dir):
+    space = search.parse_space(["learning_rate=loguniform:0.01:1"])
+    bad_data = tmp_path / "bad_data"
+    bad_data.mkdir()
+    (bad_data / "train.npz").write_bytes(b"not an npz file")
+    (bad_data / "test.npz").write_bytes(b"not an npz file")
+    base = TrainConfig(validation_size=500, budget_seconds=5, data_dir=str(bad_data))
+    calls = []
+    with pytest.raises(ValueError, match="train.npz"):  # the real loader, before anything is written
+        search.run_search(base, space, str(tmp_path / "s"), 2, train=_fake_train(calls))
+    assert calls == [] and not (tmp_path / "s").exists()
+    run_folder = tmp_path / "run"
+    run_folder.mkdir()
+    (run_folder / "record.json").write_text("{}")
+    a_file = tmp_path / "a_file"
+    a_file.write_text("")
+    good = dataclasses.replace(base, data_dir=cifar10_slice_dir, train_size=1000)
+    for folder, message in ((run_folder, "is a training run's folder"), (a_file, "is a file, not a folder"),
+                            (a_file / "s", "is a file, not a folder")):
+        with pytest.raises(ValueError, match=message):
+            search.run_search(good, space, str(folder), 2, train=_fake_train(calls))
+    assert calls == [] and sorted(os.listdir(run_folder)) == ["record.json"] and a_file.read_text() == ""
+
+    def cannot_start(config, results_dir, hooks=()):  # e.g. a searched precision the machine lacks
+        from haet.training import SetupError
+        calls.append(config)
+        raise SetupError("precision 'mixed_float16' needs a GPU")
+
+    study = search.run_search(good, space, str(tmp_path / "s"), 2, train=cannot_start)
+    assert len(calls) == 2 and _states(study) == ["FAIL", "FAIL"]
+    assert [r["status"] for r in search.trial_rows(study, space)] == ["could not start"] * 2
+
+
 def test_grid_sampler_visits_every_combination_once(tmp_path):
     base = TrainConfig(validation_size=500, budget_seconds=5)
     space = search.parse_space(["learning_rate=loguniform:0.01:1", "optimizer=choice:adam|sgd"])
     calls = []
     study = search.run_search(base, space, str(tmp_path), 100, sampler="grid", grid_points=3,
-                              train=_fake_train(calls))
+                              load_data=_no_data, train=_fake_train(calls))
     seen = sorted((round(c.learning_rate, 6), c.optimizer) for c in calls)
     assert seen == sorted((lr, o) for lr in (0.01, 0.1, 1.0) for o in ("adam", "sgd"))
     assert _states(study) == ["COMPLETE"] * 6
@@ -124,7 +162,7 @@ def test_pruning_stops_trailing_trials_on_budget_seconds(tmp_path):
     space = search.parse_space(["learning_rate=uniform:0.05:1"])
     calls = []
     study = search.run_search(base, space, str(tmp_path), 12, sampler="random", pruner="successive_halving",
-                              train=_fake_train(calls, curve=[0.3, 0.6, 0.8, 0.9, 1.0]))
+                              load_data=_no_data, train=_fake_train(calls, curve=[0.3, 0.6, 0.8, 0.9, 1.0]))
     states = _states(study)
     assert states.count("PRUNED") >= 3 and states.count("COMPLETE") >= 1 and len(states) == 12
     pruned = [t for t in study.trials if t.state.name == "PRUNED"]
@@ -136,14 +174,14 @@ def test_pruning_stops_trailing_trials_on_budget_seconds(tmp_path):
 def test_a_best_at_chance_level_is_flagged(tmp_path):
     base = TrainConfig(validation_size=500, budget_seconds=5)
     space = search.parse_space(["learning_rate=loguniform:10:100"])
-    study = search.run_search(base, space, str(tmp_path), 2, train=_fake_train([]))  # scores far below 0.15
+    study = search.run_search(base, space, str(tmp_path), 2, load_data=_no_data, train=_fake_train([]))  # scores far below 0.15
     assert "WARNING: the best validation accuracy is near chance (10%)" in search.best_summary(study, space, 10)
 
 
 _WORKER = """
 import os, sys, time
 sys.path.insert(0, {tests!r})
-from test_search import _fake_train
+from test_search import _fake_train, _no_data
 from haet import search
 from haet.training import TrainConfig
 space = search.parse_space(["learning_rate=loguniform:0.01:1"])
@@ -153,7 +191,7 @@ deadline = time.time() + 300
 while len([f for f in os.listdir({folder!r}) if f.startswith("ready_")]) < 2 and time.time() < deadline:
     time.sleep(0.05)
 search.run_search(TrainConfig(validation_size=500, budget_seconds=5), space, {folder!r}, 10,
-                  train=_fake_train([], slow=0.3))
+                  load_data=_no_data, train=_fake_train([], slow=0.3))
 """
 
 

@@ -1,0 +1,60 @@
+"""How haet's command lines start and refuse: `haet.cli.run(main)` in place of `absl.app.run(main)`.
+
+absl's `app.run` answers a flag it cannot parse with exit status 1, the status haet's
+tools keep for a run that failed, and a `UsageError` with the module's whole help
+(its docstring and every flag) printed above the one line that says what is wrong.
+`run` keeps absl (flag files, `--helpshort`, `--helpfull`, logging set-up) and changes
+only these two answers: bad flags and refused settings print one line, then a hint
+at the help, and exit with `USAGE_ERROR` (2), before any work.
+"""
+
+import os
+import sys
+
+from absl import app, flags
+
+USAGE_ERROR = 2
+_HINT = "Pass --helpshort or --helpfull to see help on flags."
+
+
+def program_name(argv=None):
+    """`python -m haet.X`'s name for itself (`haet.X`), or the script's file name."""
+    main = sys.modules.get("__main__")
+    spec = getattr(main, "__spec__", None)
+    if spec is not None and spec.name:
+        return spec.name
+    return os.path.basename((argv or sys.argv or ["haet"])[0])
+
+
+def refuse(message, argv=None):
+    """Prints `NAME: error: message` and the hint at the help to standard error, then
+    exits with status 2 (`SystemExit`)."""
+    sys.stderr.write(f"{program_name(argv)}: error: {message}\n{_HINT}\n")
+    sys.stderr.flush()
+    raise SystemExit(USAGE_ERROR)
+
+
+def parse_flags(argv):
+    """absl's flag parsing, with a parse error (unknown flag, bad value, a value out of
+    its bounds, a missing required flag) answered by `refuse`: exit status 2."""
+    try:
+        return flags.FLAGS(argv)
+    except flags.Error as e:
+        refuse(str(e), argv)
+
+
+def run(main, argv=None):
+    """Runs `main(argv)` as `absl.app.run` does, with `parse_flags` as the flag parser
+    and a `absl.app.UsageError` raised by `main` answered by `refuse` (exit status 2,
+    whatever the error's own `exitcode`). haet's tools take flags only: an argument
+    left after the flags is refused before `main` runs."""
+
+    def main_refusing(args):
+        if len(args) > 1:
+            refuse(f"Unexpected arguments: {args[1:]} (haet's tools take flags only, e.g. --flag=value)", args)
+        try:
+            return main(args)
+        except app.UsageError as e:
+            refuse(str(e), args)
+
+    app.run(main_refusing, argv=argv, flags_parser=parse_flags)

@@ -1,0 +1,97 @@
+"""haet.cli: how every haet command line refuses bad flags, arguments and settings."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from conftest import REPO
+
+_TOOL = '''
+"""A tool's docstring: absl prints it, with every flag, above a UsageError."""
+import importlib.util
+import sys
+
+from absl import app, flags
+
+# haet/cli.py by its path: the package's __init__ would import Keras (seconds a process).
+spec = importlib.util.spec_from_file_location("haet_cli", sys.argv.pop(1))
+cli = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(cli)
+
+flags.DEFINE_integer("count", 1, "A count.", lower_bound=1)
+flags.DEFINE_string("name", None, "A name.", required=True)
+
+
+def main(argv):
+    if flags.FLAGS.name == "refused":
+        raise app.UsageError("--name=refused is refused: pass another --name.")
+    print(f"ran with {flags.FLAGS.count} {flags.FLAGS.name}")
+
+
+if __name__ == "__main__":
+    cli.run(main)
+'''
+
+
+@pytest.fixture(scope="module")
+def tool(tmp_path_factory):
+    path = tmp_path_factory.mktemp("cli") / "tool.py"
+    path.write_text(_TOOL)
+    return str(path)
+
+
+def _run(tool, *args):
+    return subprocess.run([sys.executable, tool, os.path.join(REPO, "haet", "cli.py"), *args], capture_output=True,
+                          text=True)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--name=a", "--cuont=2"], "Unknown command line flag 'cuont'"),
+    (["--name=a", "--count=0"], "flag --count=0: 0 is not a positive integer"),
+    (["--name=a", "--count=two"], "flag --count=two: invalid literal for int()"),
+    ([], "flag --name=None: Flag --name must have a value other than None."),
+    (["--name=a", "stray"], "Unexpected arguments: ['stray']"),
+    (["--name=refused"], "--name=refused is refused: pass another --name."),
+])
+def test_every_refusal_is_one_line_and_exit_status_2(tool, args, message):
+    result = _run(tool, *args)
+    assert result.returncode == 2 and result.stdout == ""
+    lines = result.stderr.splitlines()
+    assert lines[0].startswith("tool.py: error: ") and message in lines[0], result.stderr
+    assert lines[1:] == ["Pass --helpshort or --helpfull to see help on flags."]
+
+
+def test_good_flags_run_main_and_help_still_works(tool):
+    result = _run(tool, "--name=a", "--count=3")
+    assert result.returncode == 0 and result.stdout == "ran with 3 a\n"
+    helped = _run(tool, "--helpshort")  # (absl's help exits with status 1; haet leaves it so)
+    assert "A tool's docstring" in helped.stdout and "--count" in helped.stdout and helped.returncode != 2
+
+
+def test_new_output_files_are_checked_before_any_work(tmp_path):
+    from haet import plots, results
+
+    existing = tmp_path / "page.png"
+    existing.write_text("mine")
+    a_file = tmp_path / "a_file"
+    a_file.write_text("")
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o555)
+    cases = [(str(existing), "exists and is not overwritten"), (str(tmp_path), "is a folder"),
+             (str(a_file / "out.json"), "is a file, not a folder"), ("", "--json is empty")]
+    if not os.access(locked, os.W_OK):  # (root may write anywhere)
+        cases.append((str(locked / "out.json"), "no write permission"))
+    for path, message in cases:
+        with pytest.raises(ValueError, match=message):
+            results.check_new_file(path, "--json")
+    new = tmp_path / "deep" / "er" / "out.json"
+    results.check_new_file(str(new), "--json")  # missing folders are fine: make_parents makes them
+    assert results.make_parents(str(new)) == str(new) and new.parent.is_dir() and not new.exists()
+    assert existing.read_text() == "mine"
+    plots.check_figure_path("figure.svg", "--out")
+    plots.check_figure_path("figure", "--out")  # (PNG)
+    with pytest.raises(ValueError, match=r"--out='figure.txt': matplotlib cannot write .txt files. Use one of .*\.png"):
+        plots.check_figure_path("figure.txt", "--out")
