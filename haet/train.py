@@ -52,13 +52,17 @@ def config_to_resume(run_dir):
     """The settings of the run in `run_dir`, for --resume (other training flags are refused).
 
     Raises:
-        app.UsageError: training flags given with --resume, or a folder that cannot be resumed.
+        app.UsageError: training flags or --results_dir given with --resume, or a folder that
+            cannot be resumed.
     """
     given = sorted(config_lib.flag_name(name) for name in config_lib.FIELDS
                    if FLAGS[config_lib.flag_name(name)].present and name != "data_dir")
     if given:
         raise app.UsageError(f"--resume continues a run with its own settings; do not pass "
                              f"{', '.join('--' + g for g in given)} with it.", exitcode=USAGE_ERROR)
+    if FLAGS["results_dir"].present:
+        raise app.UsageError(f"--resume goes on in the run's own folder ({run_dir}); do not pass --results_dir "
+                             "with it.", exitcode=USAGE_ERROR)
     try:
         record = checkpoint.resumable(run_dir)
         overrides = {"data_dir": FLAGS.data_dir} if FLAGS["data_dir"].present else {}

@@ -175,9 +175,35 @@ def _reopen(run_dir, previous, start):
                     "device": start["device"], "process": start["process"],
                     "budget_seconds_elapsed": previous.get("train_seconds")})
     folder.update(status="running", resumes=len(history), resume_history=history, process=start["process"],
-                  error=None, interrupted_by=None)
+                  error=None, interrupted_by=None, **_mixed_fields(previous, start))
     logging.info("resuming %s (resume %d)", run_dir, len(history))
     return folder
+
+
+def _joined(before, now, separator):
+    """`before` with `now` added as a part (`a+b`), unless it is one already."""
+    parts = str(before).split(separator) if before not in (None, "") else []
+    return separator.join(parts if now in parts else [*parts, now])
+
+
+def _mixed_fields(previous, start):
+    """Of a run resumed on another backend, device or precision: the record's fields
+    naming both (`tensorflow+jax`, device name `A + B`), so that the report neither
+    files nor averages its timings with runs made on one; each piece's own values
+    stay in `resume_history`."""
+    fields = {}
+    for key in ("backend", "precision"):
+        if previous.get(key) is not None and start[key] not in str(previous[key]).split("+"):
+            fields[key] = _joined(previous[key], start[key], "+")
+    before, now = previous.get("device"), start["device"]
+    if isinstance(before, dict) and isinstance(now, dict) and now.get("name") not in \
+            str(before.get("name")).split(" + "):
+        fields["device"] = {**now, "name": _joined(before.get("name"), now.get("name"), " + "),
+                            "platform": _joined(before.get("platform"), now.get("platform"), "+")}
+    if fields:
+        logging.warning("resumed on another %s: the record names both (%s)", " and ".join(fields),
+                        {k: v if k != "device" else v["name"] for k, v in fields.items()})
+    return fields
 
 
 def _train_in(config, folder, data, settings, timer, clock, signals, previous, hooks=()):

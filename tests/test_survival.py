@@ -158,10 +158,22 @@ def test_a_resumed_run_spends_only_the_remaining_budget(tmp_path, cifar10_slice_
     # A periodic checkpoint after 4 s, the signal's once 6 steps have run.
     assert record["status"] == "interrupted" and record["checkpoints"] == 2
     assert 6 <= record["steps"] < 10 and record["train_seconds"] == pytest.approx(record["steps"])
+    # As if it was interrupted on a GPU under the other backend: the record names both machines.
+    path = os.path.join(run_dir, "record.json")
+    with open(path) as f:
+        saved = json.load(f)
+    here, cpu = keras.backend.backend(), saved["device"]["name"]
+    other = "jax" if here == "tensorflow" else "tensorflow"
+    saved.update(backend=other, device={**saved["device"], "name": "NVIDIA H100 80GB HBM3", "platform": "gpu"})
+    with open(path, "w") as f:
+        json.dump(saved, f)
     resumed, _ = train(config, resume=run_dir, clock=clock)
     assert resumed["status"] == "completed" and resumed["stopped_by"] == "budget"
     assert resumed["steps"] == 10 and resumed["train_seconds"] == pytest.approx(10.0)
     assert resumed["over_budget_seconds"] == 0 and not resumed["over_budget"]
+    assert resumed["backend"] == f"{other}+{here}" and resumed["precision"] == record["precision"]
+    assert resumed["device"]["name"] == f"NVIDIA H100 80GB HBM3 + {cpu}" and resumed["device"]["platform"] == "gpu+cpu"
+    assert [(h["backend"], h["device"]["name"]) for h in resumed["resume_history"]] == [(here, cpu)]
 
 
 def test_a_run_that_slows_down_replans_without_a_step_in_its_learning_rate(tmp_path, cifar10_slice_dir,
@@ -403,10 +415,12 @@ def test_cli_sigterm_then_a_resume_that_finishes(tmp_path, cifar10_slice_dir):
     assert record["deterministic"] and record["steps"] < 600
     assert f"--resume={run_dir}" in stdout and os.path.exists(run_dir / "checkpoint.npz")
 
-    refused = _cli(f"--resume={run_dir}", "--learning_rate=1")
-    _, stderr = refused.communicate(timeout=300)
-    assert refused.returncode == 2 and "do not pass --learning_rate with it" in stderr
-    assert _record(run_dir) == record  # nothing touched
+    for bad, message in (("--learning_rate=1", "do not pass --learning_rate with it"),
+                         (f"--results_dir={tmp_path / 'elsewhere'}", "do not pass --results_dir with it")):
+        refused = _cli(f"--resume={run_dir}", bad)
+        _, stderr = refused.communicate(timeout=300)
+        assert refused.returncode == 2 and message in stderr, stderr[-3000:]
+        assert _record(run_dir) == record and not (tmp_path / "elsewhere").exists()  # nothing touched
 
     resumed = _cli(f"--resume={run_dir}")
     stdout, stderr = resumed.communicate(timeout=300)
