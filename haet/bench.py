@@ -388,6 +388,7 @@ def main(argv):
     f = flags.FLAGS
     try:
         config = config_lib.config_from_flags(f)
+        config_lib.warn_ignored_settings(config)
         batch_sizes = [int(b) for b in f.batch_sizes] or [config.batch_size]
         ks = [int(k) for k in f.steps_per_executions] or [config.steps_per_execution]
         for b in batch_sizes:

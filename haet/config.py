@@ -157,6 +157,14 @@ def flag_name(name):
     return FLAG_NAMES.get(name, name)
 
 
+# The component tables a config chooses from, with the field that chooses.
+COMPONENT_TABLES = ((models.MODELS, "model"), (augment.AUGMENTATIONS, "augmentation"),
+                    (schedules.LR_SCHEDULES, "lr_schedule"), (optimizers.OPTIMIZERS, "optimizer"))
+# Fields a table lists for some kinds that are also read outside the tables, for every
+# kind: the optimizer applies bn_shift_lr_multiplier to the batch-norm shifts of any model.
+READ_ELSEWHERE = frozenset({"bn_shift_lr_multiplier"})
+
+
 class _Base:
     """Methods of `TrainConfig` (the fields are generated from `FIELDS`)."""
 
@@ -175,12 +183,61 @@ class _Base:
         schedules.check_config(self)
         _check_run(self, info)
 
+    def ignored_settings(self):
+        """The settings that change nothing in this run: a value other than the default
+        in a field that only kinds this config does not choose read (`--momentum`
+        with `--optimizer=adam`, `--learning_rate` under `--lr_schedule=wall_clock`,
+        `--dropout_rate` with `--model=resnet9`...). A config may hold them (a record,
+        `haet.fit`); the command lines warn of them (`warn_ignored_settings`) and a run's
+        record lists them.
+
+        Returns:
+            dict flag name -> the flag whose choice does not read it (e.g.
+            {"momentum": "optimizer"}); empty when every setting counts.
+        """
+        defaults = {name: field.default for name, field in FIELDS.items()}
+        ignored = fields.ignored_settings(self, COMPONENT_TABLES, defaults, read_elsewhere=READ_ELSEWHERE)
+        return {flag_name(name): flag_name(selector) for name, selector in ignored.items()}
+
     def run_name(self):
         """The run folder's name: dataset, training size, model, width (and ensemble size),
         budget, backend, seed."""
         ensemble = f"_ensemble{self.ensemble_members}" if self.ensemble_members > 1 else ""
         return (f"{self.dataset}{self.train_size}_{self.model}x{self.width_multiplier:g}{ensemble}_"
                 f"{self.budget_seconds:g}s_{keras.backend.backend()}_seed{self.seed}")
+
+
+def ignored_settings_warning(config):
+    """The warning the command lines print about the settings of `config` that change
+    nothing (`TrainConfig.ignored_settings`), or None when every setting counts.
+
+    Such a setting is not refused: a recipe's flagfile sets values for its own kinds,
+    and a command line that changes a kind (`--lr_schedule=cosine` after Page's
+    one-cycle flagfile) leaves them behind. It is said once at the start, and the run's
+    record keeps it (`ignored_settings`).
+    """
+    ignored = config.ignored_settings()
+    if not ignored:
+        return None
+
+    def shown(flag):
+        value = getattr(config, ALIASES.get(flag, flag))
+        return ",".join(map(str, value)) if isinstance(value, tuple) else value
+
+    parts = [f"--{flag}={shown(flag)} (--{selector}={shown(selector)} does not use it)"
+             for flag, selector in ignored.items()]
+    return (f"{'; '.join(parts)}: {'this setting changes' if len(parts) == 1 else 'these settings change'} "
+            "nothing in this run (the flag's help names the kinds that read it).")
+
+
+def warn_ignored_settings(config):
+    """Logs `ignored_settings_warning(config)` (absl WARNING), if any; returns it."""
+    from absl import logging
+
+    text = ignored_settings_warning(config)
+    if text:
+        logging.warning("%s", text)
+    return text
 
 
 def _check_type(field, value):

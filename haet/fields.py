@@ -63,12 +63,20 @@ class Kind:
             use this kind as set (e.g. a width the model cannot take); an
             augmentation's check also takes the dataset's image shape.
         help: one line shown in the flag's help.
+        uses: the config fields this kind reads, where fewer than `args` (a builder
+            shared by several kinds takes fields only some of them read); None: `args`.
     """
 
     build: Callable
     args: tuple = ()
     check: Callable | None = None
     help: str = ""
+    uses: tuple | None = None
+
+    @property
+    def fields_used(self):
+        """The config fields this kind reads (`uses`, else `args`)."""
+        return self.args if self.uses is None else self.uses
 
 
 def choose(table, what, name):
@@ -86,6 +94,32 @@ def build(table, what, name, config, **extra):
     """Calls the builder of `table[name]` with the config fields it takes and `extra`."""
     kind = choose(table, what, name)
     return kind.build(**{arg: getattr(config, arg) for arg in kind.args}, **extra)
+
+
+def ignored_settings(config, tables, defaults, read_elsewhere=()):
+    """The settings of `config` that change nothing: a value other than its default
+    in a field that some kind of `tables` reads but none of the kinds `config`
+    chooses does (e.g. `momentum` with `optimizer=adam`).
+
+    Args:
+        config: the run's config.
+        tables: `(table, selector)` pairs, `selector` the config field naming the
+            kind (e.g. `(OPTIMIZERS, "optimizer")`).
+        defaults: field name -> default value.
+        read_elsewhere: fields read outside the tables whatever the kinds (never ignored).
+
+    Returns:
+        dict field name -> the selector whose choice does not read it (e.g.
+        "optimizer"), in the order of `defaults`.
+    """
+    chosen = {selector: table[getattr(config, selector)] for table, selector in tables}
+    read = set().union(*(kind.fields_used for kind in chosen.values()), read_elsewhere)
+    ignored = {}
+    for table, selector in tables:
+        for name in set().union(*(kind.fields_used for kind in table.values())) - read:
+            if getattr(config, name) != defaults[name]:
+                ignored.setdefault(name, selector)
+    return {name: ignored[name] for name in defaults if name in ignored}
 
 
 def table_help(table):

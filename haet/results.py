@@ -431,6 +431,8 @@ def start_record(config, settings, commit):
         "versions": versions(),
         "git_commit": commit,
         "flags": dataclasses.asdict(config),
+        # Set flags that change nothing here (flag -> the flag whose choice ignores it).
+        "ignored_settings": config.ignored_settings(),
         "command": sys.argv,
         "process": {"pid": os.getpid(), "host": socket.gethostname()},
     }

@@ -550,6 +550,16 @@ def _no_warmup(config):
 
 _SHAPE_ARGS = ("lr_schedule_unit", "learning_rate", "warmup", "final_learning_rate", "learning_rate_boundaries",
                "lr_decay_factor", "lr_cycles", "inverse_sqrt_timescale")
+# What each shape reads of `_SHAPE_ARGS` (a setting no chosen kind reads is reported:
+# `haet.config.TrainConfig.ignored_settings`).
+_SHAPE_USES = {
+    "constant": (),
+    "step": ("learning_rate_boundaries", "lr_decay_factor"),
+    "cosine": ("final_learning_rate",),
+    "cosine_restarts": ("final_learning_rate", "lr_cycles"),
+    "linear": ("final_learning_rate",),
+    "inverse_sqrt": ("inverse_sqrt_timescale",),
+}
 _SHAPE_HELP = {
     "constant": "--learning_rate throughout",
     "step": "x --lr_decay_factor at each of --learning_rate_boundaries",
@@ -568,7 +578,8 @@ LR_SCHEDULES = {
     "one_cycle": Kind(_one_cycle, ("one_cycle_knots", "one_cycle_learning_rates", "one_cycle_knot_unit"),
                       _no_warmup, "piecewise linear through --one_cycle_learning_rates at --one_cycle_knots (of the "
                       "planned steps, or epochs) (Page)"),
-    **{shape: Kind(_shape_builder(shape), _SHAPE_ARGS, None, _SHAPE_HELP[shape]) for shape in LR_SHAPES},
+    **{shape: Kind(_shape_builder(shape), _SHAPE_ARGS, None, _SHAPE_HELP[shape],
+                   uses=("lr_schedule_unit", "learning_rate", "warmup", *_SHAPE_USES[shape])) for shape in LR_SHAPES},
 }
 LR_SCHEDULE_UNITS = ("budget", "steps")
 

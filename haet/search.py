@@ -231,6 +231,28 @@ def _spec(base, space, sampler, pruner, seed, grid_points):
     return json.loads(json.dumps(spec))
 
 
+def check_space_counts(base, space):
+    """Checks that every end of each range of `space` (and each choice) is a valid
+    setting of `base`, and that every searched flag counts in the trials: one that
+    the model, augmentation, schedule or optimizer of `base` does not read (searching
+    `learning_rate` under `lr_schedule=wall_clock`, `momentum` with Adam) is refused,
+    unless the space also searches the flag that chooses that kind. (Settings of
+    `base` that change nothing are warned of by the command line, not refused.)
+
+    Raises:
+        ValueError: naming the flag, the choice that ignores it, and the fix.
+    """
+    for name, (kind, args) in space.items():
+        for value in args:
+            config = dataclasses.replace(base, **{name: value})
+            selector = config.ignored_settings().get(config_lib.flag_name(name))
+            if selector is not None and config_lib.ALIASES.get(selector, selector) not in space:
+                raise ValueError(
+                    f"--space searches {config_lib.flag_name(name)}, which changes nothing: --{selector}="
+                    f"{getattr(config, config_lib.ALIASES.get(selector, selector))} does not use it. Search a "
+                    f"flag the trials read, set --{selector} to a kind that reads it, or also search --{selector}.")
+
+
 def check_search_dir(search_dir):
     """Checks that `search_dir` can hold a search: a folder (or a path where one can be
     made) that is not a training run's folder.
@@ -312,7 +334,8 @@ def run_search(base, space, search_dir, trials, sampler="tpe", pruner="none", se
             to check them (tests of a stand-in `train` may pass a stand-in).
 
     Raises:
-        ValueError: `validation_size` 0, a searched value the config refuses, data
+        ValueError: `validation_size` 0, a searched value the config refuses or that
+            changes nothing (`check_space_counts`), data
             that cannot be loaded, a `search_dir` that `check_search_dir` refuses or
             that holds another search: before the folder or the study is written.
     """
@@ -323,9 +346,7 @@ def run_search(base, space, search_dir, trials, sampler="tpe", pruner="none", se
     if trials < 1:
         raise ValueError(f"trials must be >= 1. Received: {trials}")
     base = dataclasses.replace(base, evaluate_test=False, save_model=False)
-    for name, (kind, args) in space.items():  # each end of each range is a valid setting
-        for value in args:
-            dataclasses.replace(base, **{name: value})
+    check_space_counts(base, space)
     spec = _spec(base, space, sampler, pruner, seed, grid_points)
     study_sampler = make_sampler(sampler, space, seed, grid_points)
     study_pruner = make_pruner(pruner, base.budget_seconds, min_resource_seconds)
@@ -485,15 +506,14 @@ def best_summary(study, space, num_classes):
 
 
 def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"Unexpected arguments: {argv[1:]}", exitcode=2)
+    del argv  # (haet.cli.run refuses arguments other than flags)
     from haet import data as data_lib
-    from haet import train as entry
 
     f = flags.FLAGS
     try:
         space = parse_space(f.space)
-        base = entry.config_from_flags()
+        base = config_lib.config_from_flags(f)
+        config_lib.warn_ignored_settings(base)
         study = run_search(base, space, f.search_dir, f.trials, f.sampler, f.pruner, f.search_seed,
                            f.grid_points, f.storage, f.min_resource_seconds)
     except ValueError as e:

@@ -37,15 +37,19 @@ USAGE_ERROR = 2
 
 
 def config_from_flags(**overrides):
-    """The `TrainConfig` of the parsed command-line flags.
+    """The `TrainConfig` of the parsed command-line flags, for a new run.
 
     Raises:
         app.UsageError: a setting that does not check, with its message (exit status 2).
+            A setting that changes nothing is logged as a warning
+            (`haet.config.warn_ignored_settings`).
     """
     try:
-        return config_lib.config_from_flags(FLAGS, **overrides)
+        config = config_lib.config_from_flags(FLAGS, **overrides)
     except ValueError as e:
         raise app.UsageError(str(e), exitcode=USAGE_ERROR) from None
+    config_lib.warn_ignored_settings(config)
+    return config
 
 
 def config_to_resume(run_dir):

@@ -132,6 +132,7 @@ def main(argv):
         if not members or min(members) < 1:
             raise ValueError(f"--members takes positive integers. Received: {f.members}")
         config = config_lib.config_from_flags(f)
+        config_lib.warn_ignored_settings(config)
     except ValueError as e:
         raise app.UsageError(str(e)) from None
     import tempfile

@@ -61,6 +61,7 @@ def main(argv):
         raise app.UsageError(f"--boundaries must be at least 8. Received: {f.boundaries}")
     try:
         config = config_lib.config_from_flags(f)
+        config_lib.warn_ignored_settings(config)
     except ValueError as e:
         raise app.UsageError(str(e)) from None
     with tempfile.TemporaryDirectory() as folder:

@@ -148,6 +148,31 @@ def test_every_recipe_flagfile_parses_and_checks(flagfiles):
     values = absl_flags.FlagValues()
     config_lib.define_flags(values)
     values(["prog"] + [f"--flagfile={os.path.join(REPO, 'flags', f)}" for f in flagfiles])
-    config_lib.config_from_flags(values)
+    config = config_lib.config_from_flags(values)
+    assert config.ignored_settings() == {} and config_lib.ignored_settings_warning(config) is None  # all count
     first_line = open(os.path.join(REPO, "flags", flagfiles[-1])).readline()
     assert first_line.startswith("# python -m haet.train --flagfile=flags/")
+
+
+def test_settings_that_change_nothing_are_named_for_the_warning_of_the_command_lines():
+    assert TrainConfig().ignored_settings() == {}
+    config = TrainConfig(momentum=0.5, learning_rate=0.1, dropout_rate=0.1, model="resnet9", width_multiplier=0.25,
+                         augmentation="crop_flip_cutout", shift_range=0.1, lr_schedule="cosine", lr_cycles=3,
+                         final_learning_rate=0.01)
+    # momentum: Adam; dropout: not ResNet-9; shift: not crop_flip_cutout; cycles: not plain cosine.
+    assert config.ignored_settings() == {"dropout_rate": "model", "shift_range": "augmentation",
+                                         "lr_cycles": "lr_schedule", "momentum": "optimizer"}
+    assert config_lib.ignored_settings_warning(config) == (
+        "--dropout_rate=0.1 (--model=resnet9 does not use it); --shift_range=0.1 (--augmentation=crop_flip_cutout "
+        "does not use it); --lr_cycles=3 (--lr_schedule=cosine does not use it); --momentum=0.5 (--optimizer=adam "
+        "does not use it): these settings change nothing in this run (the flag's help names the kinds that read it).")
+    # The same values count where the chosen kinds read them; defaults never count as set.
+    assert dataclasses.replace(config, dropout_rate=0.25, shift_range=0.2, lr_schedule="cosine_restarts",
+                               optimizer="sgd").ignored_settings() == {}
+    assert TrainConfig(learning_rate=0.1, budget_seconds=5).ignored_settings() == {"learning_rate": "lr_schedule"}
+    assert TrainConfig(learning_rates=(0.1, 0.01, 0.001), lr_schedule="constant").ignored_settings() == {
+        "learning_rates": "lr_schedule"}
+    # The optimizer scales the batch-norm shifts of any model: never ignored.
+    assert TrainConfig(bn_shift_lr_multiplier=4.0).ignored_settings() == {}
+    assert TrainConfig(budget_seconds=30, lr_schedule="constant", final_learning_rate=1e-4).ignored_settings() == {
+        "final_learning_rate": "lr_schedule"}

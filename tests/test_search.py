@@ -82,7 +82,7 @@ def _states(study):
 
 
 def test_tpe_search_resumes_after_interruption_and_refuses_another_spec(tmp_path):
-    base = TrainConfig(validation_size=500, budget_seconds=5)
+    base = TrainConfig(validation_size=500, budget_seconds=5, lr_schedule="constant")
     space = search.parse_space(["learning_rate=loguniform:0.01:1", "optimizer=choice:adam|sgd"])
     calls = []
     with pytest.raises(KeyboardInterrupt):
@@ -119,7 +119,7 @@ def test_a_search_that_cannot_run_writes_nothing_and_a_trial_that_cannot_start_f
     bad_data.mkdir()
     (bad_data / "train.npz").write_bytes(b"not an npz file")
     (bad_data / "test.npz").write_bytes(b"not an npz file")
-    base = TrainConfig(validation_size=500, budget_seconds=5, data_dir=str(bad_data))
+    base = TrainConfig(validation_size=500, budget_seconds=5, lr_schedule="constant", data_dir=str(bad_data))
     calls = []
     with pytest.raises(ValueError, match="train.npz"):  # the real loader, before anything is written
         search.run_search(base, space, str(tmp_path / "s"), 2, train=_fake_train(calls))
@@ -146,8 +146,27 @@ def test_a_search_that_cannot_run_writes_nothing_and_a_trial_that_cannot_start_f
     assert [r["status"] for r in search.trial_rows(study, space)] == ["could not start"] * 2
 
 
+def test_a_search_of_settings_that_change_nothing_is_refused_before_any_trial(tmp_path):
+    wall_clock = TrainConfig(validation_size=500, budget_seconds=5)  # reads --learning_rates, not --learning_rate
+    calls = []
+    with pytest.raises(ValueError, match="--space searches learning_rate, which changes nothing: "
+                                         "--lr_schedule=wall_clock does not use it"):
+        search.run_search(wall_clock, search.parse_space(["learning_rate=loguniform:0.01:1"]), str(tmp_path / "a"),
+                          2, load_data=_no_data, train=_fake_train(calls))
+    with pytest.raises(ValueError, match="--space searches momentum, which changes nothing: --optimizer=adam"):
+        search.check_space_counts(wall_clock, search.parse_space(["momentum=uniform:0.5:0.95"]))
+    assert calls == [] and not (tmp_path / "a").exists()
+    # Searching the choice as well: the trials that choose a kind reading the setting use it.
+    search.check_space_counts(wall_clock, search.parse_space(["learning_rate=loguniform:0.01:1",
+                                                              "lr_schedule=choice:wall_clock|cosine"]))
+    search.check_space_counts(wall_clock, search.parse_space(["momentum=uniform:0.5:0.95", "optimizer=choice:adam|sgd"]))
+    # A base setting that changes nothing is the command line's warning, not a refusal.
+    search.check_space_counts(dataclasses.replace(wall_clock, momentum=0.5),
+                              search.parse_space(["weight_decay=loguniform:1e-5:1e-3"]))
+
+
 def test_grid_sampler_visits_every_combination_once(tmp_path):
-    base = TrainConfig(validation_size=500, budget_seconds=5)
+    base = TrainConfig(validation_size=500, budget_seconds=5, lr_schedule="constant")
     space = search.parse_space(["learning_rate=loguniform:0.01:1", "optimizer=choice:adam|sgd"])
     calls = []
     study = search.run_search(base, space, str(tmp_path), 100, sampler="grid", grid_points=3,
@@ -158,7 +177,7 @@ def test_grid_sampler_visits_every_combination_once(tmp_path):
 
 
 def test_pruning_stops_trailing_trials_on_budget_seconds(tmp_path):
-    base = TrainConfig(validation_size=500, budget_seconds=90)
+    base = TrainConfig(validation_size=500, budget_seconds=90, lr_schedule="constant")
     space = search.parse_space(["learning_rate=uniform:0.05:1"])
     calls = []
     study = search.run_search(base, space, str(tmp_path), 12, sampler="random", pruner="successive_halving",
@@ -172,7 +191,7 @@ def test_pruning_stops_trailing_trials_on_budget_seconds(tmp_path):
 
 
 def test_a_best_at_chance_level_is_flagged(tmp_path):
-    base = TrainConfig(validation_size=500, budget_seconds=5)
+    base = TrainConfig(validation_size=500, budget_seconds=5, lr_schedule="constant")
     space = search.parse_space(["learning_rate=loguniform:10:100"])
     study = search.run_search(base, space, str(tmp_path), 2, load_data=_no_data, train=_fake_train([]))  # scores far below 0.15
     assert "WARNING: the best validation accuracy is near chance (10%)" in search.best_summary(study, space, 10)
@@ -190,7 +209,7 @@ open(os.path.join({folder!r}, "ready_" + sys.argv[1]), "w").close()
 deadline = time.time() + 300
 while len([f for f in os.listdir({folder!r}) if f.startswith("ready_")]) < 2 and time.time() < deadline:
     time.sleep(0.05)
-search.run_search(TrainConfig(validation_size=500, budget_seconds=5), space, {folder!r}, 10,
+search.run_search(TrainConfig(validation_size=500, budget_seconds=5, lr_schedule="constant"), space, {folder!r}, 10,
                   load_data=_no_data, train=_fake_train([], slow=0.3))
 """
 

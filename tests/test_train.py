@@ -115,11 +115,14 @@ def _run_cli(*args, results_dir):
 @pytest.mark.e2e
 def test_the_default_recipe_end_to_end_on_real_cifar10(tmp_path, cifar10_slice_dir):
     out = tmp_path / "runs"
+    # (--momentum: Adam does not read it; the run is warned and goes on, its record says so.)
     result = _run_cli("--budget=4", f"--data_dir={cifar10_slice_dir}", "--train_size=200", "--width_multiplier=1",
-                      "--batch_size=20", "--eval_batch_size=250", results_dir=out)
+                      "--batch_size=20", "--eval_batch_size=250", "--momentum=0.5", results_dir=out)
     assert result.returncode == 0, result.stderr[-3000:]
     (run_dir,) = list(out.iterdir())
     record = json.loads((run_dir / "record.json").read_text())
+    assert "--momentum=0.5 (--optimizer=adam does not use it): this setting changes nothing" in result.stderr
+    assert record["ignored_settings"] == {"momentum": "optimizer"}
     assert REQUIRED_KEYS <= set(record) and record["model"] == "resnet20x1"
     assert record["test_examples"] == 500 and record["train_examples"] == 200
     assert 0.0 <= record["test_accuracy"] <= 1.0 and np.isfinite(record["test_loss"])
