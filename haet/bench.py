@@ -52,7 +52,7 @@ from absl import app, flags, logging
 
 from haet import config as config_lib
 from haet import data as data_lib
-from haet import training
+from haet import cli, training
 
 # Dense (no sparsity) bf16/fp16 tensor-core peaks in TFLOP/s, from NVIDIA's data
 # sheets; matched in this order against the device name.
@@ -361,10 +361,13 @@ flags.DEFINE_list("batch_sizes", [], "Batch sizes to measure (default: --batch_s
 flags.DEFINE_list("steps_per_executions", [], "Steps per execution of the end-to-end runs (default: "
                   "--steps_per_execution).")
 flags.DEFINE_integer("bench_steps", 20, "Training steps per timed loop of the pure step (and per epoch of the "
-                     "keras_fit baseline).")
-flags.DEFINE_float("end_to_end_budget", 30.0, "Seconds of each end-to-end training run; 0: skip them.")
+                     "keras_fit baseline).", lower_bound=1)
+flags.DEFINE_float("end_to_end_budget", 30.0, "Seconds of each end-to-end training run; 0: skip them.",
+                   lower_bound=0.0)
 flags.DEFINE_bool("keras_fit", False, "Also measure model.fit fed NumPy batches (haet's loop before its engine).")
-flags.DEFINE_integer("bench_test_images", 100, "Test images scored after each end-to-end run.")
+flags.DEFINE_integer("bench_test_images", 100, "Test images scored after each end-to-end run.", lower_bound=1)
+flags.register_validator("end_to_end_budget", math.isfinite, "--end_to_end_budget must be a finite number of "
+                         "seconds (0: skip the end-to-end runs).")
 flags.DEFINE_string("json", None, "Write the rows here (a JSON list); an existing file is not overwritten.")
 
 
@@ -383,25 +386,47 @@ def check_command_line(argv):
             raise app.UsageError(str(e)) from None
 
 
+def _integers(texts, flag):
+    """The positive integers of a list flag's `texts`.
+
+    Raises:
+        ValueError: naming the flag and the bad entry.
+    """
+    values = []
+    for text in texts:
+        try:
+            value = int(text)
+        except ValueError:
+            value = None
+        if value is None or value < 1:
+            raise ValueError(f"{flag} takes positive integers, comma-separated. Received: {text!r}")
+        values.append(value)
+    return values
+
+
 def main(argv):
     check_command_line(argv)
     f = flags.FLAGS
     try:
         config = config_lib.config_from_flags(f)
         config_lib.warn_ignored_settings(config)
-        batch_sizes = [int(b) for b in f.batch_sizes] or [config.batch_size]
-        ks = [int(k) for k in f.steps_per_executions] or [config.steps_per_execution]
-        for b in batch_sizes:
-            dataclasses.replace(config, batch_size=b)  # checked before any work
+        batch_sizes = _integers(f.batch_sizes, "--batch_sizes") or [config.batch_size]
+        ks = _integers(f.steps_per_executions, "--steps_per_executions") or [config.steps_per_execution]
+        for b in batch_sizes:  # each setting is checked before any work
+            for k in ks:
+                dataclasses.replace(config, batch_size=b, steps_per_execution=k)
     except ValueError as e:
         raise app.UsageError(str(e)) from None
     try:
         rows = bench(config, batch_sizes, ks, f.bench_steps, f.end_to_end_budget, f.keras_fit, f.bench_test_images)
     except training.SetupError as e:
         raise app.UsageError(str(e)) from None
-    print(format_table(rows))
+    print(format_table(rows), flush=True)
     if f.json:
-        write_rows(f.json, rows)
+        try:
+            write_rows(f.json, rows)
+        except OSError as e:
+            cli.not_written(f"--json={f.json}", e)
 
 
 def write_rows(path, rows):
@@ -410,18 +435,22 @@ def write_rows(path, rows):
 
     Raises:
         FileExistsError: `path` exists (nothing is overwritten).
+        OSError: it could not be written (nothing is left at `path`).
     """
     from haet import results
 
     results.make_parents(path)
     payload = [{**row, "git_commit": results.git_commit(), "versions": results.versions(), "command": sys.argv}
                for row in rows]
-    with open(path, "x") as out:
-        json.dump(payload, out, indent=2)
+    text = json.dumps(payload, indent=2)
+
+    def write(temporary):
+        with open(temporary, "x") as out:
+            out.write(text)
+
+    results.write_new_file(path, write)  # whole or not at all: no empty file refuses the rerun
     print(f"wrote {path}")
 
 
 if __name__ == "__main__":
-    from haet import cli
-
     cli.run(main)

@@ -5,7 +5,8 @@ tools keep for a run that failed, and a `UsageError` with the module's whole hel
 (its docstring and every flag) printed above the one line that says what is wrong.
 `run` keeps absl (flag files, `--helpshort`, `--helpfull`, logging set-up) and changes
 only these two answers: bad flags and refused settings print one line, then a hint
-at the help, and exit with `USAGE_ERROR` (2), before any work.
+at the help, and exit with `USAGE_ERROR` (2), before any work. A file that cannot be
+written after the work ends the tool with `not_written` (exit status 4).
 """
 
 import os
@@ -14,6 +15,8 @@ import sys
 from absl import app, flags
 
 USAGE_ERROR = 2
+# As `python -m haet.train`'s "completed, but a file could not be written".
+NOT_WRITTEN = 4
 _HINT = "Pass --helpshort or --helpfull to see help on flags."
 
 
@@ -32,6 +35,19 @@ def refuse(message, argv=None):
     sys.stderr.write(f"{program_name(argv)}: error: {message}\n{_HINT}\n")
     sys.stderr.flush()
     raise SystemExit(USAGE_ERROR)
+
+
+def not_written(what, error, argv=None):
+    """After the work, a file that could not be written (a full disk, a read-only
+    folder): prints `NAME: could not write what: error` to standard error and exits
+    with `NOT_WRITTEN` (4). The tools print their results before writing them, so a
+    failed write loses the file, not the numbers; `haet.results.write_new_file`
+    leaves no truncated file behind to refuse the rerun."""
+    detail = f"{type(error).__name__}: {error}" if not isinstance(error, OSError) or not error.strerror else (
+        f"{error.strerror}" + (f" ({error.filename})" if error.filename else ""))
+    sys.stderr.write(f"{program_name(argv)}: could not write {what}: {detail}\n")
+    sys.stderr.flush()
+    raise SystemExit(NOT_WRITTEN)
 
 
 def parse_flags(argv):

@@ -571,10 +571,12 @@ def check_export_dir(export_dir):
 
 
 def export_subset(dataset, indices, export_dir, subset_seed):
-    """Writes the training subset, the test split and `subset.json` into `export_dir`.
+    """Writes the training subset, the test split and `subset.json` into `export_dir`,
+    all three or none: a failed write (a full disk) removes those this call wrote.
 
     Raises:
         FileExistsError: if any of the three files already exists (nothing is written).
+        OSError: a file could not be written (none of the three is left).
     """
     existing = [n for n in _EXPORTED if os.path.exists(os.path.join(export_dir, n))]
     if existing:
@@ -583,24 +585,32 @@ def export_subset(dataset, indices, export_dir, subset_seed):
         )
     os.makedirs(export_dir, exist_ok=True)
     x, y = dataset.x_train[indices], dataset.y_train[indices]
-    np.savez(os.path.join(export_dir, "train.npz"), x=x, y=y.astype(np.uint8))
-    np.savez(
-        os.path.join(export_dir, "test.npz"),
-        x=dataset.x_test,
-        y=dataset.y_test.astype(np.uint8),
-    )
-    with open(os.path.join(export_dir, "subset.json"), "w") as f:
-        json.dump(
-            {
-                "dataset": dataset.info.name,
-                "source": dataset.source,
-                "subset_seed": subset_seed,
-                "train_size": len(indices),
-                "subset_sha256": subset_sha256(x, y),
-                "indices": [int(i) for i in indices],
-            },
-            f,
-        )
+    subset = {
+        "dataset": dataset.info.name,
+        "source": dataset.source,
+        "subset_seed": subset_seed,
+        "train_size": len(indices),
+        "subset_sha256": subset_sha256(x, y),
+        "indices": [int(i) for i in indices],
+    }
+
+    def write_json(path):
+        with open(path, "x") as f:
+            json.dump(subset, f)
+
+    writers = {
+        "train.npz": lambda path: np.savez(path, x=x, y=y.astype(np.uint8)),
+        "test.npz": lambda path: np.savez(path, x=dataset.x_test, y=dataset.y_test.astype(np.uint8)),
+        "subset.json": write_json,
+    }
+    written = []
+    try:
+        for name in _EXPORTED:
+            written.append(results.write_new_file(os.path.join(export_dir, name), writers[name]))
+    except OSError:
+        for path in written:
+            os.remove(path)
+        raise
 
 
 def main(argv):
@@ -630,7 +640,12 @@ def main(argv):
         np.bincount(y, minlength=dataset.info.num_classes).tolist(), subset_sha256(x, y),
     )
     if f.export_dir is not None:
-        export_subset(dataset, indices, f.export_dir, f.subset_seed)
+        try:
+            export_subset(dataset, indices, f.export_dir, f.subset_seed)
+        except OSError as e:  # none of the three files is left
+            from haet import cli
+
+            cli.not_written(f"--export_dir={f.export_dir}", e)
         logging.info("Wrote %s", f.export_dir)
 
 

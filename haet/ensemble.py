@@ -23,7 +23,7 @@ import numpy as np
 from absl import logging
 
 from haet import config as config_lib
-from haet import evaluation, results, training
+from haet import cli, evaluation, results, training
 
 
 def config_of_run(run_dir):
@@ -135,20 +135,26 @@ def main(argv):
         "versions": results.versions(),
         "git_commit": commit,
     }
-    run_dir = results.make_run_dir(f.results_dir, f"{dataset.info.name}_ensemble_of_{len(models)}")
-    results.write_record(run_dir, record)
-    results.write_confusion_matrix(run_dir, ensemble_scores["confusion_matrix"], dataset.info.class_names)
     for run, accuracy in zip(f.runs, accuracies):
         print(f"member {run}: test accuracy {accuracy:.2%}")
     print(f"ensemble of {len(models)}: test accuracy {ensemble_scores['accuracy']:.2%} "
-          f"(mean member {record['mean_member_test_accuracy']:.2%}); wrote {run_dir}")
+          f"(mean member {record['mean_member_test_accuracy']:.2%})", flush=True)
+    run_dir = None
+    try:
+        run_dir = results.make_run_dir(f.results_dir, f"{dataset.info.name}_ensemble_of_{len(models)}")
+        results.write_record(run_dir, record)
+        results.write_confusion_matrix(run_dir, ensemble_scores["confusion_matrix"], dataset.info.class_names)
+    except OSError as e:
+        if run_dir is not None and not os.listdir(run_dir):
+            os.rmdir(run_dir)  # no empty folder for the report to meet
+        cli.not_written(f"the ensemble's record in {run_dir or f.results_dir}", e)
+    print(f"wrote {run_dir}")
     logging.info("ensemble record %s", run_dir)
 
 
 if __name__ == "__main__":
     from absl import flags
 
-    from haet import cli
 
     flags.DEFINE_list("runs", [], "Run folders (model.keras + record.json), comma-separated.")
     flags.DEFINE_string("data_dir", None, "Where the test data lives, if not where the runs read it.")

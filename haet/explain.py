@@ -145,10 +145,14 @@ def main(argv):
         raise app.UsageError(str(e)) from None
     name = f"{model.name} member {f.member}" if isinstance(model, models.EnsembleModel) else model.name
     predicted = result["logits"].argmax(axis=1)
-    plots.plot_grad_cam_grid(
-        images, result["heatmaps"], labels, predicted, dataset.info.class_names, results.make_parents(f.out),
-        title=f"Grad-CAM of {name} at {result['layer']} on {f.num_images} {f.dataset} test images",
-    )
+    try:
+        results.write_new_file(results.make_parents(f.out), lambda path: plots.plot_grad_cam_grid(
+            images, result["heatmaps"], labels, predicted, dataset.info.class_names, path,
+            title=f"Grad-CAM of {name} at {result['layer']} on {f.num_images} {f.dataset} test images"))
+    except OSError as e:  # whole or not at all: no empty PNG refuses the rerun
+        from haet import cli
+
+        cli.not_written(f"--out={f.out}", e)
     logging.info("%d/%d correct; wrote %s", int((predicted == labels).sum()), len(labels), f.out)
 
 

@@ -11,19 +11,24 @@ finite. Suggested learning rate: a tenth of the one at the smoothed loss' minimu
 (the usual rule of thumb; the steepest-descent point is recorded too).
 
 Writes a new folder under `--results_dir` (default `results/lr_find`):
-`lr_find.csv` (step, learning rate, loss, smoothed loss), `lr_find.png` and
-`record.json` (suggestion, flags, versions, commit).
+`record.json` (status, suggestion, flags, versions, commit), `lr_find.csv` (step,
+learning rate, loss, smoothed loss) and `lr_find.png`. Ctrl-C stops the test and
+writes the steps measured so far, with no suggestion (status "interrupted"). Exit
+status: 0 a suggestion; 1 none (the loss never fell, or was never finite: lower
+--min_learning_rate); 2 bad flags or data (nothing written); 4 a file could not be
+written (the suggestion was printed first); 130 interrupted.
 """
 
 import dataclasses
 import math
 import os
+import sys
 
 import keras
 import numpy as np
 from absl import logging
 
-from haet import device, optimizers, results, training
+from haet import cli, device, optimizers, results, training
 from haet.budget import WallClockBudget
 from haet.engine import make_engine
 from haet.loop import Hook, Training
@@ -41,12 +46,14 @@ class _LossPerStep(Hook):
         steps: steps of the test.
         divergence: stop when the smoothed loss exceeds this times its minimum.
         smoothing: the exponential moving average's factor.
+        rows: the list the rows are appended to (the caller keeps them if the test is
+            interrupted); default a new one.
     """
 
-    def __init__(self, learning_rate, steps, divergence=4.0, smoothing=0.9):
+    def __init__(self, learning_rate, steps, divergence=4.0, smoothing=0.9, rows=None):
         self.learning_rate, self.steps = learning_rate, steps
         self.divergence, self.smoothing = divergence, smoothing
-        self.rows, self._smoothed, self._best = [], None, math.inf
+        self.rows, self._smoothed, self._best = [] if rows is None else rows, None, math.inf
         self._epoch_step, self._epoch_mean = 0, 0.0
 
     def on_epoch_begin(self, run, epoch):
@@ -88,12 +95,17 @@ def suggest(rows):
     """(suggested learning rate, learning rate at the smoothed minimum, steepest-descent rate).
 
     Raises:
-        ValueError: if no step produced a finite loss.
+        ValueError: if no step produced a finite loss, or the smoothed loss was lowest
+            at the first step (it never fell: the range starts too high).
     """
     finite = [r for r in rows if math.isfinite(r["smoothed_loss"])]
     if not finite:
         raise ValueError("No finite loss in the range test: lower --min_learning_rate.")
     best = min(finite, key=lambda r: r["smoothed_loss"])
+    if best is rows[0] and len(rows) > 1:
+        raise ValueError(f"The loss never fell: it was lowest at the first step (learning rate "
+                         f"{best['learning_rate']:.3g}), so the test says nothing of a good rate; lower "
+                         "--min_learning_rate.")
     upto = [r for r in finite if r["step"] <= best["step"]]
     if len(upto) >= 2:
         log_lr = np.log([r["learning_rate"] for r in upto])
@@ -118,16 +130,22 @@ def check_range(min_learning_rate, max_learning_rate, steps):
             f"{min_learning_rate}, {max_learning_rate}, {steps}")
 
 
-def range_test(config, data, min_learning_rate, max_learning_rate, steps):
+def range_test(config, data, min_learning_rate, max_learning_rate, steps, rows=None):
     """Runs the range test on the training images of `data` (`haet.training.prepare_data`)
     with the model, loss, precision and engine of a run of `config`.
+
+    Args:
+        rows: a list the per-step rows are appended to as they come (so that a caller
+            keeps them when the test is interrupted); default a new one.
 
     Returns:
         `(rows, suggestion)`: the per-step rows (dicts step, learning_rate, loss,
         smoothed_loss) and the triple of `suggest`.
 
     Raises:
-        ValueError: the settings `check_range` refuses.
+        ValueError: the settings `check_range` refuses (before any work), or no
+            suggestion (`suggest`) from the rows.
+        KeyboardInterrupt: Ctrl-C; `rows` holds the steps measured.
     """
     check_range(min_learning_rate, max_learning_rate, steps)
     rate = (max_learning_rate / min_learning_rate) ** (1 / (steps - 1))
@@ -139,14 +157,15 @@ def range_test(config, data, min_learning_rate, max_learning_rate, steps):
         engine = make_engine(model, data.x_fit, data.y_fit, config.batch_size, seed=config.seed,
                              one_hot_classes=data.info.num_classes if config.label_smoothing else None,
                              steps_per_execution=config.steps_per_execution)
-        recorder = _LossPerStep(lambda step: min_learning_rate * rate**step, steps)
+        recorder = _LossPerStep(lambda step: min_learning_rate * rate**step, steps, rows=rows)
         budget = WallClockBudget(math.inf)
         Training(engine, budget, [budget, recorder]).fit()
     return recorder.rows, suggest(recorder.rows)
 
 
 def plot(rows, suggestion, path, title):
-    """Loss and smoothed loss vs learning rate (log scale), the suggestion marked."""
+    """Loss and smoothed loss vs learning rate (log scale), the suggestion (None: none)
+    marked."""
     from haet.plots import _pyplot
 
     plt = _pyplot()
@@ -154,8 +173,9 @@ def plot(rows, suggestion, path, title):
     lrs = [r["learning_rate"] for r in rows]
     ax.plot(lrs, [r["loss"] for r in rows], color="C0", alpha=0.35, label="training loss per step")
     ax.plot(lrs, [r["smoothed_loss"] for r in rows], color="C0", label="smoothed loss")
-    ax.axvline(suggestion[0], color="C3", ls="--", label=f"suggested {suggestion[0]:.2e} (minimum / 10)")
-    ax.axvline(suggestion[1], color="gray", ls=":", label=f"smoothed minimum at {suggestion[1]:.2e}")
+    if suggestion is not None:
+        ax.axvline(suggestion[0], color="C3", ls="--", label=f"suggested {suggestion[0]:.2e} (minimum / 10)")
+        ax.axvline(suggestion[1], color="gray", ls=":", label=f"smoothed minimum at {suggestion[1]:.2e}")
     finite = [r["smoothed_loss"] for r in rows if math.isfinite(r["smoothed_loss"])]
     if finite:
         ax.set_ylim(min(finite) * 0.9, min(max(finite), 4 * min(finite)) * 1.1)
@@ -187,35 +207,56 @@ def main(argv):
         data = training.prepare_data(config)
     except (ValueError, RuntimeError) as e:  # RuntimeError: no local copy of the data
         raise app.UsageError(str(e)) from None
+    rows, status, error, suggestion = [], "completed", None, None
     try:
-        rows, suggestion = range_test(config, data, f.min_learning_rate, f.max_learning_rate, f.range_steps)
-    except ValueError as e:  # settings were checked above: the loss was never finite
-        raise SystemExit(f"haet.lr_find: {e}") from None  # exit status 1, nothing written
-    run_dir = results.make_run_dir(f.results_dir, f"{config.dataset}{config.train_size}_{config.model}_lr_find")
-    results.write_csv(run_dir, "lr_find.csv", rows)
-    plot(rows, suggestion, os.path.join(run_dir, "lr_find.png"),
-         f"LR range test: {config.model} on {config.dataset} ({config.train_size} images), "
-         f"{config.optimizer}, batch {config.batch_size}")
-    results.write_record(run_dir, {
-        "suggested_learning_rate": suggestion[0], "minimum_loss_learning_rate": suggestion[1],
-        "steepest_descent_learning_rate": suggestion[2], "steps": len(rows),
+        rows, suggestion = range_test(config, data, f.min_learning_rate, f.max_learning_rate, f.range_steps, rows)
+    except KeyboardInterrupt:  # what was measured is written, marked interrupted, with no suggestion
+        status = "interrupted"
+    except ValueError as e:  # settings were checked above: no suggestion from the rows
+        status, error = "no suggestion", str(e)
+    record = {
+        "status": status, "error": error,
+        "suggested_learning_rate": suggestion and suggestion[0],
+        "minimum_loss_learning_rate": suggestion and suggestion[1],
+        "steepest_descent_learning_rate": suggestion and suggestion[2], "steps": len(rows),
         "min_learning_rate": f.min_learning_rate, "max_learning_rate": f.max_learning_rate,
+        "range_steps": f.range_steps,
         "dataset": config.dataset, "train_examples": len(data.y_fit), "subset_sha256": data.subset_sha256,
         "backend": keras.backend.backend(), "device": device.describe_device(),
         "precision": device.resolve_precision(config.precision, device.describe_device()),
         "versions": results.versions(),
         "git_commit": commit, "flags": dataclasses.asdict(config),
-    })
-    print(f"suggested learning rate {suggestion[0]:.3g} (smoothed loss minimum at {suggestion[1]:.3g}, "
-          f"steepest descent at {suggestion[2]:.3g}); wrote {run_dir}")
+    }
+    if suggestion:
+        print(f"suggested learning rate {suggestion[0]:.3g} (smoothed loss minimum at {suggestion[1]:.3g}, "
+              f"steepest descent at {suggestion[2]:.3g})", flush=True)
+    run_dir = None
+    try:
+        run_dir = results.make_run_dir(f.results_dir, f"{config.dataset}{config.train_size}_{config.model}_lr_find")
+        results.write_record(run_dir, record)  # first: the suggestion, whatever else fits on the disk
+        results.write_csv(run_dir, "lr_find.csv", rows)
+        png = os.path.join(run_dir, "lr_find.png")
+        results.write_new_file(png, lambda p: plot(
+            rows, suggestion, p, f"LR range test: {config.model} on {config.dataset} ({config.train_size} images), "
+            f"{config.optimizer}, batch {config.batch_size}" + ("" if status == "completed" else f" ({status})")))
+    except OSError as e:
+        if run_dir is not None and not os.listdir(run_dir):
+            os.rmdir(run_dir)
+        cli.not_written(f"the range test's files in {run_dir or f.results_dir}", e)
     logging.info("%d steps", len(rows))
+    if status == "interrupted":
+        print(f"interrupted after {len(rows)} steps (no suggestion); wrote {run_dir}")
+        raise SystemExit(130)
+    if error:
+        print(f"no suggestion: {error} Wrote {run_dir}", file=sys.stderr)
+        raise SystemExit(1)
+    print(f"wrote {run_dir}")
 
 
 if __name__ == "__main__":
     from absl import flags
 
     import haet.train  # noqa: F401 -- defines the training flags (--flagfile recipes work)
-    from haet import cli
 
     flags.DEFINE_float("min_learning_rate", 1e-6, "Learning rate of the first step.")
     flags.DEFINE_float("max_learning_rate", 10.0, "Learning rate of the last step.")

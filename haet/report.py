@@ -27,7 +27,7 @@ import statistics
 
 from absl import logging
 
-from haet import plots
+from haet import cli, plots, results
 from haet.fields import is_number
 
 
@@ -510,19 +510,26 @@ def _readme_section(text, path):
     return start, end
 
 
-def check_outputs(results_dir, out, readme=None, published=None):
+def check_outputs(results_dir, out, readme=None, published=None, figures_dir=None):
     """Checks, before anything is written, what `main` reads and replaces.
 
     Raises:
         ValueError: `results_dir` is not a folder; `out` exists and is not a page
             this report wrote (a hand-written README is never replaced); `readme`
             is not a readable file with the results markers; `published` is not a
-            file. Each message names the path and the fix.
+            file; the folders of `out` and `figures_dir` (or `readme`) cannot be
+            written. Each message names the path and the fix.
     """
     if not os.path.isdir(results_dir):
         raise ValueError(f"--results_dir={results_dir!r} is not a folder: pass the folder that holds the runs.")
     if os.path.isdir(out):
         raise ValueError(f"--out={out!r} is a folder: pass the Markdown file to write.")
+    # Pages are replaced through a temporary sibling: their folders must be writable.
+    results.check_results_dir(os.path.dirname(os.path.abspath(out)), "--out's folder")
+    if figures_dir is not None:
+        results.check_results_dir(figures_dir, "--figures_dir")
+    if readme:
+        results.check_results_dir(os.path.dirname(os.path.abspath(readme)), "--readme's folder")
     if os.path.exists(out):
         with open(out, errors="replace") as f:
             if GENERATED not in f.read():
@@ -551,8 +558,7 @@ def update_readme(path, table, published, figures):
     start, end = _readme_section(text, path)
     base = os.path.dirname(os.path.abspath(path))
     body = render_markdown(table, published, base, figures, title=False)
-    with open(path, "w") as f:
-        f.write(text[:start + len(README_START)] + "\n" + body.strip() + "\n" + text[end:])
+    results.write_text_atomic(path, text[:start + len(README_START)] + "\n" + body.strip() + "\n" + text[end:])
 
 
 def main(argv):
@@ -564,7 +570,7 @@ def main(argv):
     figures_dir = f.figures_dir or os.path.join(f.results_dir, "figures")
     # Everything that can be refused is, before a figure or page is written.
     try:
-        check_outputs(f.results_dir, out, f.readme, f.published)
+        check_outputs(f.results_dir, out, f.readme, f.published, figures_dir)
         published_path = f.published or default_published(f.results_dir)
         try:
             published = load_published(published_path) if published_path else []
@@ -578,22 +584,22 @@ def main(argv):
         os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     except ValueError as e:
         raise app.UsageError(str(e), exitcode=2) from None
-    figures = make_figures(records, published, figures_dir, f.featured_run)
     table = summarize(records)
-    page = render_markdown(table, published, os.path.dirname(os.path.abspath(out)), figures, skipped=skipped,
-                           results_dir=f.results_dir, published_path=published_path)
-    with open(out, "w") as page_file:
-        page_file.write(page)
-    if f.readme:
-        update_readme(f.readme, table, published, figures)
+    try:
+        figures = make_figures(records, published, figures_dir, f.featured_run)
+        page = render_markdown(table, published, os.path.dirname(os.path.abspath(out)), figures, skipped=skipped,
+                               results_dir=f.results_dir, published_path=published_path)
+        results.write_text_atomic(out, page)  # the old page or the new one, never a part
+        if f.readme:
+            update_readme(f.readme, table, published, figures)
+    except OSError as e:
+        cli.not_written("the report", e)
     logging.info("%d records -> %s (%d figures in %s)", len(records), out, len(figures), figures_dir)
     print(f"{len(records)} records ({len(skipped)} left out) -> {out}, figures in {figures_dir}")
 
 
 if __name__ == "__main__":
     from absl import flags
-
-    from haet import cli
 
     flags.DEFINE_string("results_dir", "results", "Folder searched for record.json files.")
     flags.DEFINE_string("published", None, "Published numbers, one row each (default: published.csv in "

@@ -170,20 +170,65 @@ def json_safe(value):
     return value
 
 
+def write_new_file(path, write):
+    """Writes the new file `path` whole or not at all: `write(temporary)` fills a
+    temporary sibling with the same suffix (matplotlib, NumPy and Keras read the format
+    from it), which is then renamed to `path`. On any failure (a full disk, a
+    read-only folder, an exception in `write`) the temporary is removed and nothing is
+    left at `path`, so a rerun is not refused by a truncated file. Returns `path`.
+
+    Raises:
+        FileExistsError: `path` exists (checked before `write` and again before the
+            rename; nothing is replaced).
+        OSError: the write or the rename failed.
+    """
+    if os.path.lexists(path):
+        raise FileExistsError(f"{path} exists and is not overwritten")
+    folder, name = os.path.split(os.path.abspath(path))
+    stem, suffix = os.path.splitext(name)
+    temporary = os.path.join(folder, f".{stem}.tmp{os.getpid()}{suffix}")
+    try:
+        write(temporary)
+        try:
+            os.link(temporary, path)  # fails if `path` appeared meanwhile
+        except FileExistsError:
+            raise FileExistsError(f"{path} exists and is not overwritten") from None
+        except OSError:  # a file system without hard links
+            if os.path.lexists(path):
+                raise FileExistsError(f"{path} exists and is not overwritten") from None
+            os.replace(temporary, path)
+    finally:
+        _remove(temporary)
+    return path
+
+
 def _write_new(path, write):
-    """Writes a file that must not exist yet (mode 'x')."""
-    with open(path, "x", newline="") as f:
-        write(f)
+    """Writes a file that must not exist yet with `write(file object)` (text, newline
+    ''), whole or not at all (`write_new_file`)."""
+    def fill(temporary):
+        with open(temporary, "x", newline="") as f:
+            write(f)
+
+    write_new_file(path, fill)
 
 
 def write_json_atomic(path, data):
     """Writes `json_safe(data)` to `path` through a temporary file renamed over it, so
     a reader (or a crash) sees the old file or the new one, never a part."""
-    text = json.dumps(json_safe(data), indent=2, sort_keys=True, allow_nan=False)
+    write_text_atomic(path, json.dumps(json_safe(data), indent=2, sort_keys=True, allow_nan=False) + "\n")
+
+
+def write_text_atomic(path, text):
+    """(Re)writes the text file `path` through a temporary file renamed over it: a
+    reader (or a crash, or a full disk) sees the old file or the new one, never a part.
+
+    Raises:
+        OSError: the write failed; `path` is as it was, the temporary removed.
+    """
     temporary = f"{path}.tmp{os.getpid()}"
     try:
         with open(temporary, "w") as f:
-            f.write(text + "\n")
+            f.write(text)
             f.flush()
             os.fsync(f.fileno())
         os.replace(temporary, path)
@@ -382,11 +427,13 @@ def write_confusion_matrix(run_dir, matrix, class_names):
 
 
 def _write_confusion_matrix(path, matrix, class_names):
-    with open(path, "x", newline="") as f:
+    def write(f):
         w = csv.writer(f)
         w.writerow(["true \\ predicted", *class_names])
         for name, row in zip(class_names, matrix):
             w.writerow([name, *(int(v) for v in row)])
+
+    _write_new(path, write)
     return path
 
 

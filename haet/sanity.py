@@ -41,8 +41,16 @@ def unregularized(config):
 
 def sample(config, x_train, y_train, batches):
     """The first `batches * batch_size` images of the training subset (class-balanced
-    order is not needed: the subset is sorted by canonical index)."""
-    n = min(len(y_train), batches * config.batch_size)
+    order is not needed: the subset is sorted by canonical index).
+
+    Raises:
+        ValueError: the subset holds fewer images than that, naming the flags.
+    """
+    n = batches * config.batch_size
+    if n > len(y_train):
+        raise ValueError(f"--sanity_batches={batches} batches of --batch_size={config.batch_size} are {n} images, "
+                         f"more than the {len(y_train)} training images: use --sanity_batches="
+                         f"{max(1, len(y_train) // config.batch_size)} or fewer.")
     return x_train[:n], y_train[:n]
 
 
@@ -146,4 +154,6 @@ if __name__ == "__main__":
     flags.DEFINE_integer("max_steps", 500, "Training steps allowed to overfit the sample.", lower_bound=1)
     flags.DEFINE_float("target_accuracy", 0.99, "Training accuracy the overfit check needs.", lower_bound=0.0,
                        upper_bound=1.0)
+    for name in ("initial_loss_tolerance", "target_accuracy"):  # (absl's bounds let nan through)
+        flags.register_validator(name, math.isfinite, f"--{name} must be a finite number.")
     cli.run(main)

@@ -40,6 +40,7 @@ values, validation accuracy, the run folder), `runs/`, and Optuna's figures
 
 import dataclasses
 import json
+import math
 import os
 import socket
 import sys
@@ -177,9 +178,14 @@ def make_pruner(pruner, budget_seconds, min_resource_seconds=None):
     be pruned (default: a tenth of the budget, at least 1 s).
 
     Raises:
-        ValueError: an unknown name.
+        ValueError: an unknown name, or `min_resource_seconds` not a positive number
+            below the budget.
     """
     optuna = _optuna()
+    if min_resource_seconds is not None and not (
+            math.isfinite(min_resource_seconds) and 0 < min_resource_seconds < budget_seconds):
+        raise ValueError(f"--min_resource_seconds must be a positive number of seconds below --budget="
+                         f"{budget_seconds:g}. Received: {min_resource_seconds}")
     least = int(max(1, round(min_resource_seconds if min_resource_seconds else budget_seconds / 10)))
     if pruner == "none":
         return optuna.pruners.NopPruner()
@@ -254,8 +260,8 @@ def check_space_counts(base, space):
 
 
 def check_search_dir(search_dir):
-    """Checks that `search_dir` can hold a search: a folder (or a path where one can be
-    made) that is not a training run's folder.
+    """Checks that `search_dir` can hold a search: a new or empty folder (or a path where
+    one can be made), or the folder of a search (with its search.json).
 
     Raises:
         ValueError: naming the path and the fix.
@@ -266,6 +272,12 @@ def check_search_dir(search_dir):
     if os.path.exists(os.path.join(search_dir, "record.json")):
         raise ValueError(f"--search_dir={search_dir!r} is a training run's folder (it holds record.json): "
                          "pass a new folder, or one that holds this search.")
+    # (Another worker starting on the same new folder may be writing search.json.)
+    others = [n for n in os.listdir(search_dir) if not n.startswith(("search.json", ".study.lock"))] \
+        if os.path.isdir(search_dir) else []
+    if others and not os.path.exists(os.path.join(search_dir, "search.json")):
+        raise ValueError(f"--search_dir={search_dir!r} holds other files and no search (no search.json): pass a "
+                         "new or empty folder, or one that holds this search.")
 
 
 def _claim_folder(search_dir, spec):
@@ -351,6 +363,12 @@ def run_search(base, space, search_dir, trials, sampler="tpe", pruner="none", se
     study_sampler = make_sampler(sampler, space, seed, grid_points)
     study_pruner = make_pruner(pruner, base.budget_seconds, min_resource_seconds)
     check_search_dir(search_dir)
+    if isinstance(storage, str):  # opened before the folder is claimed: a bad URL writes nothing
+        try:
+            storage = optuna.storages.RDBStorage(storage)
+        except Exception as e:  # SQLAlchemy and Optuna raise many kinds for a bad URL
+            first = (str(e).strip().splitlines() or [""])[0][:200]
+            raise ValueError(f"--storage={storage!r} cannot be opened ({type(e).__name__}: {first}).") from None
     try:  # the data every trial trains on, before the folder or the study is written
         load_data(base)
     except RuntimeError as e:  # no local copy, and tensorflow-datasets cannot give one

@@ -95,3 +95,29 @@ def test_new_output_files_are_checked_before_any_work(tmp_path):
     plots.check_figure_path("figure", "--out")  # (PNG)
     with pytest.raises(ValueError, match=r"--out='figure.txt': matplotlib cannot write .txt files. Use one of .*\.png"):
         plots.check_figure_path("figure.txt", "--out")
+
+
+def test_a_new_file_is_written_whole_or_not_at_all(tmp_path, capsys):
+    import errno
+
+    from haet import cli, results
+
+    def disk_full(path):
+        with open(path, "w") as f:
+            f.write("half a file")
+        raise OSError(errno.ENOSPC, "No space left on device", path)
+
+    target = tmp_path / "rows.json"
+    with pytest.raises(OSError, match="No space left"):
+        results.write_new_file(str(target), disk_full)
+    assert os.listdir(tmp_path) == []  # no truncated file to refuse the rerun, no temporary
+    assert results.write_new_file(str(target), lambda p: open(p, "w").write("[]")) == str(target)
+    assert target.read_text() == "[]" and os.listdir(tmp_path) == ["rows.json"]
+    with pytest.raises(FileExistsError, match="exists and is not overwritten"):
+        results.write_new_file(str(target), lambda p: open(p, "w").write("{}"))
+    assert target.read_text() == "[]"
+    with pytest.raises(SystemExit) as exit_:
+        cli.not_written("--json=rows.json", OSError(errno.ENOSPC, "No space left on device", "rows.json"))
+    assert exit_.value.code == 4
+    assert capsys.readouterr().err.endswith(
+        ": could not write --json=rows.json: No space left on device (rows.json)\n")

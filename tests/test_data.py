@@ -272,3 +272,24 @@ def test_an_offline_error_is_one_short_line(monkeypatch, tmp_path):
     message = str(error.value)
     assert len(message.splitlines()) == 1 and "(ConnectionError: Failed to download)" in message
     assert "Offline? Pass --data_dir=DIR" in message and error.value.__cause__ is None
+
+
+def test_an_export_that_fails_leaves_none_of_its_files(tmp_path, cifar10_slice_dir, monkeypatch):
+    import errno
+
+    dataset = data.load_dataset("cifar10", cifar10_slice_dir)
+    indices = data.stratified_subset(dataset.y_train, 100, 10, seed=0)
+    savez = np.savez
+
+    def full_at_the_test_split(path, **arrays):
+        if "test" in os.path.basename(path):
+            raise OSError(errno.ENOSPC, "No space left on device", path)
+        savez(path, **arrays)
+
+    monkeypatch.setattr(np, "savez", full_at_the_test_split)
+    with pytest.raises(OSError, match="No space left"):
+        data.export_subset(dataset, indices, str(tmp_path / "export"), 0)
+    assert os.listdir(tmp_path / "export") == []  # train.npz, written first, is removed too
+    monkeypatch.setattr(np, "savez", savez)
+    data.export_subset(dataset, indices, str(tmp_path / "export"), 0)  # the rerun is not refused
+    assert sorted(os.listdir(tmp_path / "export")) == ["subset.json", "test.npz", "train.npz"]

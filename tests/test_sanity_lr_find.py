@@ -74,6 +74,26 @@ def test_suggest_on_a_known_curve():
     assert steepest == pytest.approx(1e-3)  # the largest drop per decade: 2.2 -> 1.5 -> 0.9
     with pytest.raises(ValueError, match="No finite loss"):
         lr_find.suggest([{"step": 1, "learning_rate": 1.0, "loss": math.nan, "smoothed_loss": math.nan}])
+    # A range that starts too high: lowest at the first step, then infinite (was "suggested 1e+29").
+    with pytest.raises(ValueError, match="The loss never fell: it was lowest at the first step"):
+        lr_find.suggest([{"step": 1, "learning_rate": 1e30, "loss": 2.3, "smoothed_loss": 2.3},
+                         {"step": 2, "learning_rate": 1e31, "loss": math.inf, "smoothed_loss": math.nan}])
+
+
+def test_an_interrupted_range_test_keeps_the_steps_it_measured(cifar10_slice_dir, monkeypatch):
+    config, data = _tiny(cifar10_slice_dir, optimizer="sgd")
+    record = lr_find._LossPerStep._record
+
+    def interrupted_after_five(self, mean):
+        if len(self.rows) == 5:
+            raise KeyboardInterrupt  # Ctrl-C
+        return record(self, mean)
+
+    monkeypatch.setattr(lr_find._LossPerStep, "_record", interrupted_after_five)
+    rows = []
+    with pytest.raises(KeyboardInterrupt):
+        lr_find.range_test(config, data, 1e-4, 1.0, 60, rows)
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5] and all(math.isfinite(r["loss"]) for r in rows)
 
 
 @pytest.mark.e2e
@@ -89,7 +109,7 @@ def test_sanity_and_lr_find_command_lines(tmp_path, cifar10_slice_dir):
                              env=env, capture_output=True, text=True)
     assert failing.returncode == 1 and "FAIL initial loss" in failing.stdout and "FAIL overfit" in failing.stdout
     # Impossible settings are refused by the flags, before any work (a negative count sliced the subset).
-    for bad in ("--sanity_batches=-2", "--target_accuracy=1.5"):
+    for bad in ("--sanity_batches=-2", "--target_accuracy=1.5", "--target_accuracy=nan", "--sanity_batches=11"):
         refused = subprocess.run([sys.executable, "-m", "haet.sanity", *common, bad], env=env, capture_output=True,
                                  text=True, cwd=REPO)
         assert refused.returncode == 2 and bad.split("=")[0][2:] in refused.stderr and "PASS" not in refused.stdout

@@ -130,10 +130,19 @@ def test_a_search_that_cannot_run_writes_nothing_and_a_trial_that_cannot_start_f
     a_file = tmp_path / "a_file"
     a_file.write_text("")
     good = dataclasses.replace(base, data_dir=cifar10_slice_dir, train_size=1000)
+    unrelated = tmp_path / "unrelated"
+    unrelated.mkdir()
+    (unrelated / "notes.txt").write_text("mine")
     for folder, message in ((run_folder, "is a training run's folder"), (a_file, "is a file, not a folder"),
-                            (a_file / "s", "is a file, not a folder")):
+                            (a_file / "s", "is a file, not a folder"), (unrelated, "holds other files and no search")):
         with pytest.raises(ValueError, match=message):
             search.run_search(good, space, str(folder), 2, train=_fake_train(calls))
+    with pytest.raises(ValueError, match="--storage='nosuchdb://x' cannot be opened"):
+        search.run_search(good, space, str(tmp_path / "s"), 2, storage="nosuchdb://x", train=_fake_train(calls))
+    with pytest.raises(ValueError, match="--min_resource_seconds must be a positive number of seconds below"):
+        search.run_search(good, space, str(tmp_path / "s"), 2, pruner="hyperband", min_resource_seconds=-1,
+                          train=_fake_train(calls))
+    assert not (tmp_path / "s").exists() and os.listdir(unrelated) == ["notes.txt"]
     assert calls == [] and sorted(os.listdir(run_folder)) == ["record.json"] and a_file.read_text() == ""
 
     def cannot_start(config, results_dir, hooks=()):  # e.g. a searched precision the machine lacks
@@ -209,8 +218,8 @@ open(os.path.join({folder!r}, "ready_" + sys.argv[1]), "w").close()
 deadline = time.time() + 300
 while len([f for f in os.listdir({folder!r}) if f.startswith("ready_")]) < 2 and time.time() < deadline:
     time.sleep(0.05)
-search.run_search(TrainConfig(validation_size=500, budget_seconds=5, lr_schedule="constant"), space, {folder!r}, 10,
-                  load_data=_no_data, train=_fake_train([], slow=0.3))
+search.run_search(TrainConfig(validation_size=500, budget_seconds=5, lr_schedule="constant"), space,
+                  os.path.join({folder!r}, "search"), 10, load_data=_no_data, train=_fake_train([], slow=0.3))
 """
 
 
@@ -222,12 +231,12 @@ def test_two_worker_processes_share_one_study(tmp_path):
     for w in workers:
         _, stderr = w.communicate(timeout=600)
         assert w.returncode == 0, stderr[-3000:]
-    study = search.open_study(str(tmp_path), None, None)
+    study = search.open_study(str(tmp_path / "search"), None, None)
     numbers = [t.number for t in study.trials]
     assert sorted(numbers) == list(range(len(numbers))) and 10 <= len(numbers) <= 11
     assert set(_states(study)) == {"COMPLETE"}
     run_dirs = [t.user_attrs["run_dir"] for t in study.trials]
-    assert len(set(run_dirs)) == len(run_dirs) == len(os.listdir(tmp_path / "runs"))  # each trial ran once
+    assert len(set(run_dirs)) == len(run_dirs) == len(os.listdir(tmp_path / "search" / "runs"))  # each ran once
     assert len({t.user_attrs["worker"] for t in study.trials}) == 2  # both workers took trials
 
 
