@@ -442,13 +442,7 @@ def write_rows(path, rows):
     results.make_parents(path)
     payload = [{**row, "git_commit": results.git_commit(), "versions": results.versions(), "command": sys.argv}
                for row in rows]
-    text = json.dumps(payload, indent=2)
-
-    def write(temporary):
-        with open(temporary, "x") as out:
-            out.write(text)
-
-    results.write_new_file(path, write)  # whole or not at all: no empty file refuses the rerun
+    results.write_new_text(path, json.dumps(payload, indent=2))  # whole or none: no empty file refuses the rerun
     print(f"wrote {path}")
 
 

@@ -31,7 +31,7 @@ import tarfile
 import keras
 import numpy as np
 
-from haet import fields, results
+from haet import cli, fields, results
 from haet.fields import Field
 
 
@@ -575,14 +575,10 @@ def export_subset(dataset, indices, export_dir, subset_seed):
     all three or none: a failed write (a full disk) removes those this call wrote.
 
     Raises:
-        FileExistsError: if any of the three files already exists (nothing is written).
+        FileExistsError: one of the three files already exists (`check_export_dir`
+            says which beforehand); none is written.
         OSError: a file could not be written (none of the three is left).
     """
-    existing = [n for n in _EXPORTED if os.path.exists(os.path.join(export_dir, n))]
-    if existing:
-        raise FileExistsError(
-            f"{export_dir} already holds {', '.join(existing)}; choose an empty folder."
-        )
     os.makedirs(export_dir, exist_ok=True)
     x, y = dataset.x_train[indices], dataset.y_train[indices]
     subset = {
@@ -593,24 +589,11 @@ def export_subset(dataset, indices, export_dir, subset_seed):
         "subset_sha256": subset_sha256(x, y),
         "indices": [int(i) for i in indices],
     }
-
-    def write_json(path):
-        with open(path, "x") as f:
-            json.dump(subset, f)
-
-    writers = {
+    results.write_new_files(export_dir, {
         "train.npz": lambda path: np.savez(path, x=x, y=y.astype(np.uint8)),
         "test.npz": lambda path: np.savez(path, x=dataset.x_test, y=dataset.y_test.astype(np.uint8)),
-        "subset.json": write_json,
-    }
-    written = []
-    try:
-        for name in _EXPORTED:
-            written.append(results.write_new_file(os.path.join(export_dir, name), writers[name]))
-    except OSError:
-        for path in written:
-            os.remove(path)
-        raise
+        "subset.json": json.dumps(subset),
+    })
 
 
 def main(argv):
@@ -643,16 +626,12 @@ def main(argv):
         try:
             export_subset(dataset, indices, f.export_dir, f.subset_seed)
         except OSError as e:  # none of the three files is left
-            from haet import cli
-
             cli.not_written(f"--export_dir={f.export_dir}", e)
         logging.info("Wrote %s", f.export_dir)
 
 
 if __name__ == "__main__":
     from absl import flags
-
-    from haet import cli
 
     flags.DEFINE_enum("dataset", "cifar10", sorted(DATASETS) + ["folder"], "Dataset name.")
     flags.DEFINE_string("data_dir", None, "Folder with a local copy; default: tensorflow-datasets.")

@@ -139,15 +139,13 @@ def main(argv):
         print(f"member {run}: test accuracy {accuracy:.2%}")
     print(f"ensemble of {len(models)}: test accuracy {ensemble_scores['accuracy']:.2%} "
           f"(mean member {record['mean_member_test_accuracy']:.2%})", flush=True)
-    run_dir = None
     try:
-        run_dir = results.make_run_dir(f.results_dir, f"{dataset.info.name}_ensemble_of_{len(models)}")
-        results.write_record(run_dir, record)
-        results.write_confusion_matrix(run_dir, ensemble_scores["confusion_matrix"], dataset.info.class_names)
-    except OSError as e:
-        if run_dir is not None and not os.listdir(run_dir):
-            os.rmdir(run_dir)  # no empty folder for the report to meet
-        cli.not_written(f"the ensemble's record in {run_dir or f.results_dir}", e)
+        run_dir = results.write_run_folder(f.results_dir, f"{dataset.info.name}_ensemble_of_{len(models)}", {
+            "record.json": results.record_text(record),
+            "confusion_matrix.csv": results.confusion_matrix_text(ensemble_scores["confusion_matrix"],
+                                                                  dataset.info.class_names)})
+    except OSError as e:  # all or nothing: no half-written folder for the report to meet
+        cli.not_written(f"the ensemble's record under {f.results_dir}", e)
     print(f"wrote {run_dir}")
     logging.info("ensemble record %s", run_dir)
 

@@ -18,7 +18,7 @@ import keras
 import numpy as np
 
 from haet import augment  # noqa: F401 -- registers RandomAffine for load_model
-from haet import autodiff, models
+from haet import autodiff, cli, models
 
 
 def _split(model, layer_name=None):
@@ -150,8 +150,6 @@ def main(argv):
             images, result["heatmaps"], labels, predicted, dataset.info.class_names, path,
             title=f"Grad-CAM of {name} at {result['layer']} on {f.num_images} {f.dataset} test images"))
     except OSError as e:  # whole or not at all: no empty PNG refuses the rerun
-        from haet import cli
-
         cli.not_written(f"--out={f.out}", e)
     logging.info("%d/%d correct; wrote %s", int((predicted == labels).sum()), len(labels), f.out)
 
@@ -159,7 +157,6 @@ def main(argv):
 if __name__ == "__main__":
     from absl import flags
 
-    from haet import cli
     from haet.data import DATASETS
 
     flags.DEFINE_string("model", None, "A saved .keras classifier.", required=True)

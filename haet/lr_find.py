@@ -21,7 +21,6 @@ written (the suggestion was printed first); 130 interrupted.
 
 import dataclasses
 import math
-import os
 import sys
 
 import keras
@@ -230,19 +229,15 @@ def main(argv):
     if suggestion:
         print(f"suggested learning rate {suggestion[0]:.3g} (smoothed loss minimum at {suggestion[1]:.3g}, "
               f"steepest descent at {suggestion[2]:.3g})", flush=True)
-    run_dir = None
+    title = (f"LR range test: {config.model} on {config.dataset} ({config.train_size} images), {config.optimizer}, "
+             f"batch {config.batch_size}" + ("" if status == "completed" else f" ({status})"))
     try:
-        run_dir = results.make_run_dir(f.results_dir, f"{config.dataset}{config.train_size}_{config.model}_lr_find")
-        results.write_record(run_dir, record)  # first: the suggestion, whatever else fits on the disk
-        results.write_csv(run_dir, "lr_find.csv", rows)
-        png = os.path.join(run_dir, "lr_find.png")
-        results.write_new_file(png, lambda p: plot(
-            rows, suggestion, p, f"LR range test: {config.model} on {config.dataset} ({config.train_size} images), "
-            f"{config.optimizer}, batch {config.batch_size}" + ("" if status == "completed" else f" ({status})")))
-    except OSError as e:
-        if run_dir is not None and not os.listdir(run_dir):
-            os.rmdir(run_dir)
-        cli.not_written(f"the range test's files in {run_dir or f.results_dir}", e)
+        run_dir = results.write_run_folder(
+            f.results_dir, f"{config.dataset}{config.train_size}_{config.model}_lr_find",
+            {"record.json": results.record_text(record), "lr_find.csv": results.csv_text(rows),
+             "lr_find.png": lambda path: plot(rows, suggestion, path, title)})
+    except OSError as e:  # all or nothing; the suggestion was printed
+        cli.not_written(f"the range test's files under {f.results_dir}", e)
     logging.info("%d steps", len(rows))
     if status == "interrupted":
         print(f"interrupted after {len(rows)} steps (no suggestion); wrote {run_dir}")

@@ -17,6 +17,7 @@ import csv
 import dataclasses
 import datetime
 import importlib.metadata
+import io
 import json
 import math
 import os
@@ -202,20 +203,58 @@ def write_new_file(path, write):
     return path
 
 
-def _write_new(path, write):
-    """Writes a file that must not exist yet with `write(file object)` (text, newline
-    ''), whole or not at all (`write_new_file`)."""
-    def fill(temporary):
-        with open(temporary, "x", newline="") as f:
-            write(f)
+def _write_text(path, text):
+    with open(path, "x", newline="") as f:
+        f.write(text)
 
-    write_new_file(path, fill)
+
+def write_new_text(path, text):
+    """Writes `text` to the new file `path`, whole or not at all (`write_new_file`)."""
+    return write_new_file(path, lambda temporary: _write_text(temporary, text))
+
+
+def write_new_files(folder, files):
+    """Writes the new files of `files` (name -> text, or a function filling the path
+    it is given) into `folder`, all of them or none: after a failure, those already
+    written are removed.
+
+    Raises:
+        FileExistsError, OSError: as `write_new_file`; none of the files is left.
+    """
+    written = []
+    try:
+        for name, content in files.items():
+            path = os.path.join(folder, name)
+            written.append(write_new_text(path, content) if isinstance(content, str)
+                           else write_new_file(path, content))
+    except BaseException:
+        for path in written:
+            _remove(path)
+        raise
+    return written
+
+
+def write_run_folder(results_dir, name, files):
+    """A new folder `results_dir/<UTC time>_<name>` (`make_run_dir`) holding `files`
+    (`write_new_files`), or none: after a failed write the folder is removed, so a
+    results scan meets no half-written folder. Returns its path.
+
+    Raises:
+        OSError: a file or the folder could not be written.
+    """
+    path = make_run_dir(results_dir, name)
+    try:
+        write_new_files(path, files)
+    except BaseException:
+        _remove(path)
+        raise
+    return path
 
 
 def write_json_atomic(path, data):
     """Writes `json_safe(data)` to `path` through a temporary file renamed over it, so
     a reader (or a crash) sees the old file or the new one, never a part."""
-    write_text_atomic(path, json.dumps(json_safe(data), indent=2, sort_keys=True, allow_nan=False) + "\n")
+    write_text_atomic(path, record_text(data))
 
 
 def write_text_atomic(path, text):
@@ -239,12 +278,14 @@ def write_text_atomic(path, text):
     return path
 
 
+def record_text(record):
+    """`record` as the text of a `record.json`: strict JSON (see `json_safe`), sorted keys."""
+    return json.dumps(json_safe(record), indent=2, sort_keys=True, allow_nan=False) + "\n"
+
+
 def write_record(run_dir, record):
     """Writes `record` to a new `run_dir/record.json` (strict JSON, see `json_safe`)."""
-    path = os.path.join(run_dir, "record.json")
-    text = json.dumps(json_safe(record), indent=2, sort_keys=True, allow_nan=False)
-    _write_new(path, lambda f: f.write(text + "\n"))
-    return path
+    return write_new_text(os.path.join(run_dir, "record.json"), record_text(record))
 
 
 def read_record(run_dir):
@@ -327,12 +368,10 @@ class RunFolder:
         (a full disk, a read-only folder) is logged and kept in `artifact_errors`.
         Returns whether it was written.
 
-        `whole`: `write` makes the file anew; it writes a temporary sibling with the
-        same suffix (Keras and matplotlib read the format from it), renamed to `name`
-        once complete, so that a failed or killed write leaves no truncated file
-        behind (the temporary is removed on failure, which also frees the space for
-        the record that lists it). An existing `name` is never replaced. False: `write`
-        appends to the file in place."""
+        `whole`: `write` makes the file anew, through `write_new_file` (whole or not
+        at all: a failed or killed write leaves no truncated file behind, and the
+        removed temporary frees the space for the record that lists it). An existing
+        `name` is never replaced. False: `write` appends to the file in place."""
         path = os.path.join(self.path, name)
         if not whole:
             try:
@@ -341,19 +380,12 @@ class RunFolder:
             except OSError as e:
                 self.report_failure(name, e)
                 return False
-        stem, suffix = os.path.splitext(name)
-        temporary = os.path.join(self.path, f".{stem}.tmp{os.getpid()}{suffix}")
         try:
-            if os.path.exists(path):
-                raise FileExistsError(f"{path} exists; a run's files are never replaced")
-            write(temporary)
-            os.replace(temporary, path)
+            write_new_file(path, write)
             return True
         except OSError as e:
             self.report_failure(name, e)
             return False
-        finally:
-            _remove(temporary)
 
     def start_history(self, rows=()):
         """(Re)writes `history.csv` with `rows` (a resumed run's rows so far)."""
@@ -407,34 +439,24 @@ def write_rows(path, rows):
         _remove(temporary)  # left only by a failed write
 
 
-def write_csv(run_dir, name, rows):
-    """Writes rows (dicts with the same keys, e.g. the per-epoch history) to a new `run_dir/name`."""
-    path = os.path.join(run_dir, name)
-
-    def write(f):
-        if rows:
-            w = csv.DictWriter(f, fieldnames=list(rows[0]))
-            w.writeheader()
-            w.writerows(rows)
-
-    _write_new(path, write)
-    return path
+def csv_text(rows):
+    """Dict `rows` with the same keys as CSV text (empty without rows)."""
+    out = io.StringIO(newline="")
+    if rows:
+        w = csv.DictWriter(out, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    return out.getvalue()
 
 
-def write_confusion_matrix(run_dir, matrix, class_names):
-    """Writes `matrix` (rows: true class, columns: predicted) to a new `run_dir/confusion_matrix.csv`."""
-    return _write_confusion_matrix(os.path.join(run_dir, "confusion_matrix.csv"), matrix, class_names)
-
-
-def _write_confusion_matrix(path, matrix, class_names):
-    def write(f):
-        w = csv.writer(f)
-        w.writerow(["true \\ predicted", *class_names])
-        for name, row in zip(class_names, matrix):
-            w.writerow([name, *(int(v) for v in row)])
-
-    _write_new(path, write)
-    return path
+def confusion_matrix_text(matrix, class_names):
+    """`matrix` (rows: true class, columns: predicted) as CSV text, classes named."""
+    out = io.StringIO(newline="")
+    w = csv.writer(out)
+    w.writerow(["true \\ predicted", *class_names])
+    for name, row in zip(class_names, matrix):
+        w.writerow([name, *(int(v) for v in row)])
+    return out.getvalue()
 
 
 def published_comparison(config, test_accuracy):
@@ -634,8 +656,8 @@ def write_artifacts(folder, model, run, evaluated, class_names, save_model=True,
         folder.artifact("health.csv", lambda p: write_rows(p, run.health.rows))
     test = evaluated.get("test")
     if test:
-        folder.artifact("confusion_matrix.csv", lambda p: _write_confusion_matrix(
-            p, test.scores[test.headline]["confusion_matrix"], class_names))
+        text = confusion_matrix_text(test.scores[test.headline]["confusion_matrix"], class_names)
+        folder.artifact("confusion_matrix.csv", lambda p: _write_text(p, text))
     history = run.budget.history
     if history:
         score = (f"test accuracy {record['test_accuracy']:.2%}" if test else

@@ -23,7 +23,7 @@ import sys
 
 from absl import app, flags
 
-from haet import checkpoint, config as config_lib, device
+from haet import checkpoint, cli, config as config_lib, device
 from haet.training import SetupError, train
 
 config_lib.define_flags()
@@ -33,7 +33,7 @@ flags.DEFINE_string("resume", None, "Folder of an interrupted run: go on from it
 
 FLAGS = flags.FLAGS
 
-USAGE_ERROR = 2
+USAGE_ERROR = cli.USAGE_ERROR
 
 
 def config_from_flags(**overrides):
@@ -76,8 +76,7 @@ def config_to_resume(run_dir):
 
 
 def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"Unexpected arguments: {argv[1:]}", exitcode=USAGE_ERROR)
+    del argv  # (haet.cli.run refuses arguments other than flags)
     config = config_to_resume(FLAGS.resume) if FLAGS.resume else config_from_flags()
     if config.deterministic:
         try:
@@ -120,6 +119,4 @@ def summary(record, run_dir):
 
 
 if __name__ == "__main__":
-    from haet import cli
-
     cli.run(main)

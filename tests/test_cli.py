@@ -116,6 +116,14 @@ def test_a_new_file_is_written_whole_or_not_at_all(tmp_path, capsys):
     with pytest.raises(FileExistsError, match="exists and is not overwritten"):
         results.write_new_file(str(target), lambda p: open(p, "w").write("{}"))
     assert target.read_text() == "[]"
+    # A run folder of several files: all of them, or no folder (the report meets no half-written one).
+    runs = tmp_path / "runs"
+    with pytest.raises(OSError, match="No space left"):
+        results.write_run_folder(str(runs), "x", {"record.json": "{}\n", "figure.png": disk_full})
+    assert os.listdir(runs) == []
+    (folder,) = [results.write_run_folder(str(runs), "x", {"record.json": "{}\n", "rows.csv": "a\n1\n"})]
+    assert os.listdir(runs) == [os.path.basename(folder)] and sorted(os.listdir(folder)) == ["record.json",
+                                                                                           "rows.csv"]
     with pytest.raises(SystemExit) as exit_:
         cli.not_written("--json=rows.json", OSError(errno.ENOSPC, "No space left on device", "rows.json"))
     assert exit_.value.code == 4
