@@ -97,6 +97,13 @@ class _KerasValidation(Hook):
     def __init__(self, x, y, batch_size):
         self.x, self.y, self.batch_size = x, y, batch_size
 
+    def on_train_begin(self, run):
+        # As `haet.hooks.Validation`: compile evaluation now (the budget counts it), for a
+        # full batch and the last, partial one, so that the first epoch's end costs what
+        # every epoch's end costs (the planner charges it to each).
+        n = self.batch_size + len(self.y) % self.batch_size
+        run.engine.model.evaluate(self.x[:n], self.y[:n], batch_size=self.batch_size, verbose=0)
+
     def on_epoch_end(self, run, epoch, logs):
         scores = run.engine.model.evaluate(self.x, self.y, batch_size=self.batch_size, verbose=0, return_dict=True)
         logs.update({f"val_{name}": float(value) for name, value in scores.items()})
@@ -129,9 +136,8 @@ class _Recorder(Hook):
 def _planned_schedule(optimizer):
     """The optimizer's haet planned schedule (`haet.schedules.PlannedPiecewiseLinear`,
     `PlannedSchedule`), or None."""
-    inner = getattr(optimizer, "inner_optimizer", optimizer)  # LossScaleOptimizer (mixed_float16)
     # Keras 3 optimizers keep the schedule they were given here; there is no public accessor.
-    schedule = getattr(inner, "_learning_rate", None)
+    schedule = getattr(optimizers.inner(optimizer), "_learning_rate", None)
     return schedule if isinstance(schedule, schedules._PlannedSteps) else None
 
 
@@ -275,7 +281,7 @@ def fit(model, x, y, *, budget_seconds=None, epochs=None, batch_size=32, learnin
     needs_plan = planned is not None and getattr(planned, "needs_plan", True) and epochs is None
     if planned is not None:
         steps = epochs * steps_per_epoch if epochs else steps_per_epoch  # the planner sets it before training
-        inner = getattr(model.optimizer, "inner_optimizer", model.optimizer)
+        inner = optimizers.inner(model.optimizer)
         done = int(keras.ops.convert_to_numpy(inner.iterations))
         if done:
             raise ValueError(f"The optimizer has already run {done} steps, and its planned schedule counts from step "
@@ -284,10 +290,7 @@ def fit(model, x, y, *, budget_seconds=None, epochs=None, batch_size=32, learnin
             if inner.built:
                 raise ValueError("The optimizer was built before its planned schedule got its variables: compile "
                                  "the model with a new optimizer.")
-            if isinstance(planned, schedules.PlannedPiecewiseLinear):
-                planned.attach(inner, steps, steps_per_epoch)
-            else:
-                planned.attach(inner, steps)
+            planned.attach(inner, steps, steps_per_epoch)
         else:
             if isinstance(planned, schedules.PlannedPiecewiseLinear) and planned.knot_unit == "epochs":
                 planned.steps_per_epoch = float(steps_per_epoch)
@@ -314,7 +317,7 @@ def fit(model, x, y, *, budget_seconds=None, epochs=None, batch_size=32, learnin
     if needs_plan:
         planner = budget_lib.StepPlanner(budget, planned.planned_steps, steps_per_epoch, probe_steps,
                                          plan_offset=planned.plan_offset,
-                                         step=getattr(model.optimizer, "inner_optimizer", model.optimizer).iterations)
+                                         step=optimizers.inner(model.optimizer).iterations)
         hooks.append(planner)  # last: its epoch end measures the time the other hooks took
     with signals:
         training = Training(engine, budget, hooks, epochs=epochs or 0).fit()
@@ -323,10 +326,8 @@ def fit(model, x, y, *, budget_seconds=None, epochs=None, batch_size=32, learnin
                                 f"({budget.train_seconds():.1f} s); the model holds their weights")
     if planner is not None:
         planned_steps = planner.planned_steps_value
-    elif planned is not None:
-        planned_steps = epochs * steps_per_epoch
-    else:
-        planned_steps = None
+    else:  # fixed by `epochs`; None for a schedule that needs no plan (epoch knots) run on a budget
+        planned_steps = steps if planned is not None and epochs else None
     return FitResult(
         history=recorder.history, epochs=[dict(row) for row in budget.history], stopped_by=training.stopped_by,
         steps=budget.steps, train_seconds=budget.train_seconds(), compile_seconds=budget.compile_seconds(),

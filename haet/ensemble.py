@@ -88,8 +88,6 @@ def main(argv):
         raise app.UsageError(str(e), exitcode=2) from None
     # Everything that can be refused is checked before the first member is scored.
     try:
-        if f.eval_batch_size < 1:
-            raise ValueError(f"--eval_batch_size must be a positive integer. Received: {f.eval_batch_size}")
         results.check_results_dir(f.results_dir)
         data_keys = ("dataset", "classes")
         first = {k: getattr(configs[0], k) for k in data_keys}
@@ -157,6 +155,6 @@ if __name__ == "__main__":
     flags.DEFINE_list("runs", [], "Run folders (model.keras + record.json), comma-separated.")
     flags.DEFINE_string("data_dir", None, "Where the test data lives, if not where the runs read it.")
     flags.DEFINE_enum("tta", "none", list(evaluation.TTA_MODES), "Test-time augmentation of every member.")
-    flags.DEFINE_integer("eval_batch_size", 500, "Test images per prediction step.")
+    flags.DEFINE_integer("eval_batch_size", 500, "Test images per prediction step.", lower_bound=1)
     flags.DEFINE_string("results_dir", "results/ensembles", "A new folder is made under it.")
     cli.run(main)

@@ -207,6 +207,12 @@ def make_loss(config):
     return keras.losses.SparseCategoricalCrossentropy(from_logits=True)
 
 
+def inner(optimizer):
+    """The optimizer that holds the variables: the one a `LossScaleOptimizer`
+    (mixed_float16) wraps, else `optimizer` itself."""
+    return getattr(optimizer, "inner_optimizer", optimizer)
+
+
 def learning_rate_variable(optimizer):
     """The variable holding `optimizer`'s learning rate when it is a number (not a
     schedule): the one a host-driven schedule writes.
@@ -214,8 +220,8 @@ def learning_rate_variable(optimizer):
     Raises:
         ValueError: the optimizer follows a schedule of its own.
     """
-    inner = getattr(optimizer, "inner_optimizer", optimizer)  # LossScaleOptimizer (mixed_float16)
-    for variable in inner.variables:
+    holder = inner(optimizer)
+    for variable in holder.variables:
         if variable.name == "learning_rate":
             return variable
-    raise ValueError(f"{type(inner).__name__} has no learning-rate variable: it follows a schedule.")
+    raise ValueError(f"{type(holder).__name__} has no learning-rate variable: it follows a schedule.")

@@ -129,9 +129,11 @@ class _PlannedSteps(keras.optimizers.schedules.LearningRateSchedule):
     saved_plan_offset = 0.0
     unit = "steps"
 
-    def attach(self, optimizer, planned_steps, plan_offset=0.0):
+    def attach(self, optimizer, planned_steps, steps_per_epoch=None, plan_offset=0.0):
         """Creates the planned-steps and plan-offset variables in `optimizer`, set to
-        `planned_steps` and `plan_offset`.
+        `planned_steps` and `plan_offset`. `steps_per_epoch` is read by schedules whose
+        knots are epochs (`PlannedPiecewiseLinear`); the others take it and ignore it,
+        so that every caller attaches any planned schedule the same way.
 
         A loaded model's optimizer (`haet.optimizers`' SGD and Adam) calls it when it
         builds, before Keras restores its variables, so the optimizer state loads
@@ -251,7 +253,7 @@ class PlannedPiecewiseLinear(_PlannedSteps):
     def attach(self, optimizer, planned_steps, steps_per_epoch=None, plan_offset=0.0):
         if steps_per_epoch is not None:
             self.steps_per_epoch = float(steps_per_epoch)
-        return super().attach(optimizer, planned_steps, plan_offset)
+        return super().attach(optimizer, planned_steps, plan_offset=plan_offset)
 
     def __call__(self, step):
         if self.knot_unit == "fraction":

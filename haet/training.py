@@ -460,10 +460,7 @@ def build_optimizer(config, steps_per_epoch):
     if schedule.unit == "steps":
         optimizer = optimizers.make_optimizer(config, schedule)
         planned = max(steps_per_epoch, planned_steps(config, steps_per_epoch))
-        if isinstance(schedule, schedules.PlannedPiecewiseLinear):
-            schedule.attach(optimizer, planned, steps_per_epoch)
-        else:
-            schedule.attach(optimizer, planned)
+        schedule.attach(optimizer, planned, steps_per_epoch)
     else:
         optimizer = optimizers.make_optimizer(config, schedule(0.0))
     return optimizer, schedule
@@ -630,7 +627,7 @@ def build_run(config, model, augmentation, schedule, data, folder, clock=time.pe
         run.planner = budget_lib.StepPlanner(budget, schedule.planned_steps, steps_per_epoch,
                                              config.planner_probe_steps, config.planner_pace_window,
                                              plan_offset=schedule.plan_offset,
-                                             step=getattr(model.optimizer, "inner_optimizer", model.optimizer).iterations)
+                                             step=optimizers.inner(model.optimizer).iterations)
     if config.snapshot_ensemble:
         planned = offset = None
         if run.planner:

@@ -137,6 +137,16 @@ def test_a_planned_schedule_with_epochs_spans_them(data):
     assert result.history["learning_rate"] == pytest.approx([0.2, 0.0], abs=1e-6)
 
 
+def test_a_schedule_in_epochs_runs_on_a_budget_without_a_plan(data, clock):
+    x, y = data
+    model = compiled(tiny_model(), keras.optimizers.SGD(
+        schedules.PlannedPiecewiseLinear([0, 1, 2], [0.2, 0.1, 0.0], knot_unit="epochs")))
+    result = haet.fit(model, x, y, budget_seconds=12 * STEP, batch_size=16, verbose=0, clock=clock)
+    # (It used to train, then fail computing planned_steps from epochs=None.)
+    assert result.planned_steps is None and result.steps == 12 and result.stopped_by == "budget"
+    assert result.history["learning_rate"] == pytest.approx([0.1, 0.0, 0.0], abs=1e-6)  # at 1, 2 and 3 epochs
+
+
 def test_validation_and_callbacks_at_epoch_ends(data, cifar10_arrays):
     x, y = data
     x_val, y_val = cifar10_arrays[2][:40, :8, :8], cifar10_arrays[3][:40]
