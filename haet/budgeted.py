@@ -101,8 +101,12 @@ class _KerasValidation(Hook):
         # As `haet.hooks.Validation`: compile evaluation now (the budget counts it), for a
         # full batch and the last, partial one, so that the first epoch's end costs what
         # every epoch's end costs (the planner charges it to each).
+        # (Under JAX the engine holds the state: as at every epoch's end, it is written
+        # into the model first and read back after, since Keras' evaluation donates it.)
         n = self.batch_size + len(self.y) % self.batch_size
+        run.engine.sync()
         run.engine.model.evaluate(self.x[:n], self.y[:n], batch_size=self.batch_size, verbose=0)
+        run.engine.reload()
 
     def on_epoch_end(self, run, epoch, logs):
         scores = run.engine.model.evaluate(self.x, self.y, batch_size=self.batch_size, verbose=0, return_dict=True)
