@@ -24,6 +24,7 @@ from absl import logging
 
 from haet import config as config_lib
 from haet import cli, evaluation, results, training
+from haet import models as models_lib
 
 
 def config_of_run(run_dir):
@@ -105,11 +106,8 @@ def main(argv):
             path = os.path.join(run, "model.keras")
             if not os.path.exists(path):
                 raise ValueError(f"{path} does not exist: train the member with --save_model.")
-            try:
-                models.append(keras.saving.load_model(path))
-            except Exception as e:  # Keras raises many kinds for a damaged file
-                raise ValueError(f"{path} cannot be loaded ({type(e).__name__}: {e}): train the member again.") \
-                    from None
+            models.append(models_lib.load_saved_model(path, path, "Train the member again (with "
+                                                      "--save_model).", compile=True))
     except (ValueError, RuntimeError) as e:
         raise app.UsageError(str(e), exitcode=2) from None
     members, ensemble_scores = evaluate_ensemble(

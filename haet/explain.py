@@ -12,7 +12,6 @@ its maximum.
 Works under the TensorFlow and JAX backends (`_logits_and_gradients` hides which).
 """
 
-import os
 
 import keras
 import numpy as np
@@ -121,18 +120,12 @@ def main(argv):
     try:
         results.check_new_file(f.out, "--out")
         plots.check_figure_path(f.out, "--out")
-        if not os.path.isfile(f.model):
-            raise ValueError(f"--model={f.model!r} is not a file: pass a saved .keras model "
-                             "(a run folder's model.keras).")
+        model = models.load_saved_model(f.model, f"--model={f.model!r}",
+                                        "Pass a saved .keras model (a run folder's model.keras).", compile=True)
         dataset = data.load_dataset(f.dataset, f.data_dir)
         if not 1 <= f.num_images <= len(dataset.y_test):
             raise ValueError(f"--num_images must be between 1 and the {len(dataset.y_test)} test images of "
                              f"{f.dataset}. Received: {f.num_images}")
-        try:
-            model = keras.saving.load_model(f.model)
-        except Exception as e:  # a damaged or foreign file: Keras raises many kinds
-            raise ValueError(f"--model={f.model!r} cannot be loaded as a Keras model ({type(e).__name__}: "
-                             f"{(str(e).strip().splitlines() or [''])[0][:200]}).") from None
         expected = tuple(model.input_shape[1:])
         if any(a is not None and a != b for a, b in zip(expected, dataset.x_test.shape[1:])) \
                 or len(expected) != dataset.x_test.ndim - 1:

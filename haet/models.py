@@ -4,6 +4,7 @@ Every model returns float32 logits whatever the mixed-precision policy.
 """
 
 import os
+import zipfile
 
 import keras
 import numpy as np
@@ -459,12 +460,15 @@ def transfer_weights(source, target, model_name, freeze_stages=0):
         freeze_stages: number of leading stages to freeze, 0 to `len(STAGES[model_name])`.
 
     Returns:
-        dict: `layers_transferred`, `parameters_transferred`, `layers_frozen`,
+        dict: `layers_transferred`, `parameters_transferred`, `layers_not_transferred`
+        (names of the backbone's layers with weights, head excluded, that found no
+        layer of the same name and shapes and keep their fresh initialization: e.g.
+        the first conv when the channel count changes), `layers_frozen`,
         `parameters_frozen`.
 
     Raises:
-        ValueError: unknown model, `freeze_stages` out of range, or no layer in common
-            (different architectures).
+        ValueError: unknown model, `freeze_stages` out of range, no layer in common
+            (different architectures), or a layer to freeze that got no weights.
     """
     if model_name not in STAGES:
         raise ValueError(f"Unknown model {model_name!r} for transfer. Allowed: {', '.join(sorted(STAGES))}.")
@@ -474,11 +478,13 @@ def transfer_weights(source, target, model_name, freeze_stages=0):
                          f"(stages {', '.join(stages)}). Received: {freeze_stages}")
     src = {layer.name: layer for layer in backbone_of(source).layers}
     moved = params = 0
+    kept = []
     for layer in backbone_of(target).layers:
-        if layer.name in HEADS[model_name] or not layer.weights or layer.name not in src:
+        if layer.name in HEADS[model_name] or not layer.weights:
             continue
-        theirs = src[layer.name].get_weights()
-        if [w.shape for w in theirs] != [tuple(w.shape) for w in layer.weights]:
+        theirs = src[layer.name].get_weights() if layer.name in src else None
+        if theirs is None or [w.shape for w in theirs] != [tuple(w.shape) for w in layer.weights]:
+            kept.append(layer.name)
             continue
         layer.set_weights(theirs)
         moved += 1
@@ -494,13 +500,19 @@ def transfer_weights(source, target, model_name, freeze_stages=0):
             norm_dst[0].set_weights(norm_src[0].get_weights())
     frozen = frozen_params = 0
     prefixes = stages[:freeze_stages]
+    random_frozen = [name for name in kept if prefixes and name.startswith(prefixes)]
+    if random_frozen:
+        raise ValueError(
+            f"freeze_stages={freeze_stages} would freeze {', '.join(random_frozen)} of {target.name} at their random "
+            f"initialization: {source.name} has no layer of that name and shapes (another input shape or "
+            "width). Freeze fewer stages, or fine-tune from a model of the same input shape and width.")
     for layer in backbone_of(target).layers:
         if prefixes and layer.name.startswith(prefixes):
             frozen_params += sum(int(np.prod(w.shape)) for w in layer.trainable_weights)
             layer.trainable = False
             frozen += 1
     return {"layers_transferred": moved, "parameters_transferred": params,
-            "layers_frozen": frozen, "parameters_frozen": frozen_params}
+            "layers_not_transferred": kept, "layers_frozen": frozen, "parameters_frozen": frozen_params}
 
 
 def tiny_cnn(num_classes=10, input_shape=(32, 32, 3), width_multiplier=1.0, weight_decay=0.0, name=None):
@@ -644,11 +656,45 @@ def _application(name, builder):
     return constructor
 
 
+def load_saved_model(path, what, fix, compile=False):
+    """Loads a saved Keras model (a run folder's `model.keras`), with an error that says what is wrong.
+
+    Keras reports a damaged `.keras` file as "File not found" and a file of another
+    format with a paragraph about SavedModels; the message here names the flag and
+    the file, says what the file is, and how to fix it.
+
+    Args:
+        path: the file (str).
+        what: the file as the message names it (e.g. "--init_from='m.keras'").
+        fix: the last sentence of the message: what to do instead.
+        compile: as `keras.saving.load_model` (False: no optimizer state restored).
+
+    Returns:
+        The `keras.Model`.
+
+    Raises:
+        ValueError: not a file, or a file Keras cannot load (damaged, another format,
+            a model of custom layers this process has not registered).
+    """
+    if not os.path.isfile(path):
+        raise ValueError(f"{what} is not a file. {fix}")
+    try:
+        return keras.saving.load_model(path, compile=compile)
+    except Exception as e:  # Keras raises many kinds for a damaged or foreign file
+        if path.endswith(".keras") and not zipfile.is_zipfile(path):
+            reason = ("not a zip archive, as a .keras file is: truncated, overwritten, or not a saved Keras "
+                      "model")
+        else:
+            reason = f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:200]}"
+        raise ValueError(f"{what} cannot be loaded as a Keras model ({reason}). {fix}") from None
+
+
 def _load_weights(model, path, include_top):
     if not path.endswith(".keras"):
         model.load_weights(path)
         return
-    source = backbone_of(keras.saving.load_model(path, compile=False))
+    source = backbone_of(load_saved_model(path, f"weights={path!r}",
+                                          "Pass a haet model.keras or a .weights.h5 of this network."))
     copied, head = 0, {"logits", "dense"}
     for layer in model.layers:
         if not layer.weights:

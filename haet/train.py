@@ -24,7 +24,7 @@ import sys
 from absl import app, flags
 
 from haet import checkpoint, cli, config as config_lib, device
-from haet.training import SetupError, train
+from haet.training import SetupError, SetupInterrupted, train
 
 config_lib.define_flags()
 flags.DEFINE_string("results_dir", "results/runs", "A new run folder is made under it.")
@@ -87,6 +87,9 @@ def main(argv):
         record, run_dir = train(config, results_dir=FLAGS.results_dir, resume=FLAGS.resume)
     except SetupError as e:
         raise app.UsageError(str(e), exitcode=USAGE_ERROR) from None
+    except SetupInterrupted as e:
+        print(f"interrupted {e}", file=sys.stderr)
+        sys.exit(130)
     except KeyboardInterrupt as e:
         print(f"interrupted ({e or 'KeyboardInterrupt'}); the run's record says so", file=sys.stderr)
         sys.exit(130)

@@ -41,16 +41,17 @@ from haet.layers import PatchWhitening
 from haet.hooks import DivergenceGuard, MovingAverage, SnapshotKeeper, TrainingHealth, Validation
 from haet.loop import Hook, KerasCallbacks, StepLimit, Training
 
-__all__ = ["TrainConfig", "SetupError", "train", "prepare_data", "build_model", "build_optimizer", "compile_model",
-           "build_run", "evaluate"]
+__all__ = ["TrainConfig", "SetupError", "SetupInterrupted", "train", "prepare_data", "build_model", "load_init_from",
+           "build_optimizer", "compile_model", "build_run", "evaluate"]
 
 
 def train(config, results_dir="results/runs", clock=time.perf_counter, resume=None, hooks=()):
     """Trains `config` within its budget, evaluates it, and writes the run folder
     (see `haet.results`) while it goes.
 
-    The data are loaded first; then the run folder is made and its record written
-    (`status: "running"`), before the model is built. History rows are appended as
+    The data are loaded and the model built first (a model to fine-tune from,
+    `init_from`, is loaded before the data); then the run folder is made and its
+    record written (`status: "running"`). History rows are appended as
     epochs end; checkpoints are written every `config.checkpoint_every` seconds of
     budget (`haet.checkpoint`). The run ends as one of:
 
@@ -82,10 +83,12 @@ def train(config, results_dir="results/runs", clock=time.perf_counter, resume=No
     Raises:
         SetupError (a ValueError): bad data (the file named), no data found, an
             unusable results folder, a precision or device setting the machine
-            cannot take, or a run that cannot be resumed: before the run folder
-            is made or touched.
+            cannot take, an `init_from` model that cannot be loaded or does not
+            fit, or a run that cannot be resumed: before the run folder is made or
+            touched.
         KeyboardInterrupt: a second stop signal (or one outside training); the record
-            says "interrupted".
+            says "interrupted". `SetupInterrupted` (a KeyboardInterrupt) when no folder
+            was written yet.
     """
     timer = budget_lib.PhaseTimer(clock)
     commit = results.git_commit()  # the code this process runs, not the tree at the end
@@ -104,18 +107,27 @@ def train(config, results_dir="results/runs", clock=time.perf_counter, resume=No
             settings = stack.enter_context(settings_of(config))
         signals = stack.enter_context(checkpoint_lib.StopSignals())
         with timer.phase("setup"):
-            with _setup_errors():
-                data = prepare_data(config)
-            start = {**results.start_record(config, settings, commit), **results.data_fields(config, data)}
+            try:
+                with _setup_errors():
+                    source = load_init_from(config)  # a damaged file is refused before the data are read
+                    data = prepare_data(config)
+                start = {**results.start_record(config, settings, commit), **results.data_fields(config, data)}
+                if previous is not None:
+                    with _setup_errors():
+                        _check_same_data(start, previous, resume)
+                # Before the folder: a model to fine-tune from that does not fit is refused with nothing written.
+                built = build_model(config, data, source)
+                del source
+            except KeyboardInterrupt:
+                raise SetupInterrupted("during setup, before anything was written" if previous is None else
+                                       f"during setup; {resume} was left as it was") from None
             if previous is None:
                 folder = results.RunFolder.create(results_dir, config.run_name(), start)
                 stack.enter_context(checkpoint_lib.run_lock(folder.path))
             else:
-                with _setup_errors():
-                    _check_same_data(start, previous, resume)
                 folder = _reopen(resume, previous, start)
         try:
-            record = _train_in(config, folder, data, settings, timer, clock, signals, previous, hooks)
+            record = _train_in(config, folder, data, built, settings, timer, clock, signals, previous, hooks)
         except BaseException as e:
             interrupted = isinstance(e, KeyboardInterrupt)
             folder.update(status="interrupted" if interrupted else "failed",
@@ -128,6 +140,11 @@ def train(config, results_dir="results/runs", clock=time.perf_counter, resume=No
                 logging.exception("run %s failed", folder.path)
             raise
     return record, folder.path
+
+
+class SetupInterrupted(KeyboardInterrupt):
+    """A second stop signal while a run was setting up, before its folder was made
+    or reopened: no record says so."""
 
 
 class SetupError(ValueError):
@@ -206,10 +223,11 @@ def _mixed_fields(previous, start):
     return fields
 
 
-def _train_in(config, folder, data, settings, timer, clock, signals, previous, hooks=()):
-    """Builds, trains and evaluates `config` in `folder` (see `train`); returns the record."""
+def _train_in(config, folder, data, built, settings, timer, clock, signals, previous, hooks=()):
+    """Trains and evaluates `config` in `folder` (see `train`), `built` by `build_model`;
+    returns the record."""
+    model, augmentation, transfer = built
     with timer.phase("setup"):
-        model, augmentation, transfer = build_model(config, data)
         optimizer, schedule = build_optimizer(config, data.steps_per_epoch(config))
         compile_model(config, model, optimizer, settings)
         # The host's CPUs from here to the end of training: precomputed augmentation,
@@ -401,19 +419,23 @@ def input_statistics(config, x_train):
     return scaled.mean(axis=(0, 1, 2)), scaled.var(axis=(0, 1, 2))
 
 
-def build_model(config, data):
+def build_model(config, data, source=None):
     """The uint8-input model of `config`, its augmentation layer and the fine-tuning summary.
 
     The model normalizes with the statistics of `data.x_fit` and augments inside
     (in training only), except with precomputed augmentation, where the layer is
-    returned but left out. With `init_from`, the saved model's weights are copied
-    in (new head) and the first `freeze_stages` stages frozen
-    (`haet.models.transfer_weights`). With `ensemble_members` > 1 the model is a
+    returned but left out. With `init_from`, the saved model's weights (`source`, or
+    the file loaded here) are copied in (new head) and the first `freeze_stages`
+    stages frozen (`haet.models.transfer_weights`). With `ensemble_members` > 1 the model is a
     `haet.models.EnsembleModel` of that many networks.
 
     Returns:
         `(model, augmentation, transfer)`: a `keras.Model` from uint8 images to
         float32 logits, the layer or None, and a dict (or None without `init_from`).
+
+    Raises:
+        SetupError: an `init_from` model that cannot be loaded or has no layer in
+            common with this one, or stages to freeze that it cannot fill.
     """
     info = data.info
     mean, variance = input_statistics(config, data.x_fit)
@@ -433,11 +455,31 @@ def build_model(config, data):
         model = models.with_input_pipeline(backbones[0], mean, in_model, variance)
     transfer = None
     if config.init_from:
-        source = keras.saving.load_model(config.init_from, compile=False)
-        transfer = {"init_from": config.init_from, "source_model": source.name,
-                    **models.transfer_weights(source, model, config.model, config.freeze_stages)}
+        source = source if source is not None else load_init_from(config)
+        try:
+            moved = models.transfer_weights(source, model, config.model, config.freeze_stages)
+        except ValueError as e:
+            raise SetupError(f"--init_from={config.init_from!r}: {e}") from None
+        transfer = {"init_from": config.init_from, "source_model": source.name, **moved}
         logging.info("fine-tuning from %s: %s", config.init_from, transfer)
+        if moved["layers_not_transferred"]:
+            logging.warning("fine-tuning from %s: %d layers keep their random initialization (no layer of the "
+                            "same name and shapes in %s): %s", config.init_from,
+                            len(moved["layers_not_transferred"]), source.name,
+                            ", ".join(moved["layers_not_transferred"]))
     return model, augmentation, transfer
+
+
+def load_init_from(config):
+    """The saved model `config.init_from` names, or None without it.
+
+    Raises:
+        ValueError: a file Keras cannot load (`haet.models.load_saved_model`).
+    """
+    if not config.init_from:
+        return None
+    return models.load_saved_model(config.init_from, f"--init_from={config.init_from!r}",
+                                   "Pass the model.keras of a completed run folder (a run trained with --save_model).")
 
 
 def planned_steps(config, steps_per_epoch):

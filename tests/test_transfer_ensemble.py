@@ -60,13 +60,64 @@ def test_fine_tuning_copies_the_backbone_replaces_the_head_and_freezes_stages(tm
     assert dst.get_layer("dense").get_weights()[0].shape[-1] == 6  # a new head for 6 classes
     assert record["test_examples"] == int(np.isin(data.load_dataset("mnist", shared_dataset_dir("mnist")).y_test,
                                                   [5, 6, 7, 8, 9, 0]).sum())
+    assert transfer["layers_not_transferred"] == []
     with pytest.raises(ValueError, match="No layer of .* matches"):
         train(_tiny(model="resnet20", width_multiplier=1, init_from=os.path.join(source_dir, "model.keras")),
               results_dir=str(tmp_path / "bad"))
+    assert not (tmp_path / "bad").exists()  # refused before the run folder was made
     with pytest.raises(ValueError, match="freeze_stages needs --init_from"):
         _tiny(freeze_stages=1)
     with pytest.raises(ValueError, match=r"freeze_stages must be in \[0, 4\]"):
         _tiny(freeze_stages=5, init_from=os.path.join(source_dir, "model.keras"))
+
+
+def _saved_tiny_cnn(path, input_shape):
+    backbone = models.tiny_cnn(num_classes=5, input_shape=input_shape, width_multiplier=0.5)
+    model = models.with_input_pipeline(backbone, np.zeros(input_shape, np.float32))
+    model.save(path)
+    return model
+
+
+def test_a_model_to_fine_tune_from_that_cannot_load_or_fit_is_refused_before_anything_is_written(
+        tmp_path, monkeypatch):
+    from haet import training
+    from haet.training import SetupError, SetupInterrupted
+
+    results_dir = tmp_path / "runs"
+    tiny = dict(model="tiny_cnn", width_multiplier=0.5, lr_schedule="constant", epochs=1)
+    junk = tmp_path / "junk.keras"
+    junk.write_text("not a model")
+    truncated = tmp_path / "truncated.keras"
+    _saved_tiny_cnn(tmp_path / "whole.keras", (28, 28, 1))
+    truncated.write_bytes((tmp_path / "whole.keras").read_bytes()[:1000])
+    read = []
+    real_prepare_data = training.prepare_data
+    monkeypatch.setattr(training, "prepare_data", lambda config: read.append(config) or real_prepare_data(config))
+    for bad in (junk, truncated):
+        with pytest.raises(SetupError, match=rf"--init_from='{bad}' cannot be loaded as a Keras model \(not a zip "
+                                             r"archive, as a \.keras file is.*Pass the model\.keras of a completed"):
+            train(_tiny(init_from=str(bad), **tiny), results_dir=str(results_dir))
+    assert not read  # refused before the data were read
+    # Loads, but fits nothing of the network to train (Keras' "File not found" was the message before).
+    with pytest.raises(SetupError, match=r"--init_from=.*whole\.keras.*No layer of .* matches .* same --model"):
+        train(_tiny(init_from=str(tmp_path / "whole.keras")), results_dir=str(results_dir))
+    # Trained on RGB images: block1's conv cannot be copied into a model of MNIST's one channel,
+    # so freezing block1 would freeze random weights.
+    _saved_tiny_cnn(tmp_path / "rgb.keras", (28, 28, 3))
+    with pytest.raises(SetupError, match=r"freeze_stages=1 would freeze block1_conv of .* at their random "
+                                         r"initialization"):
+        train(_tiny(init_from=str(tmp_path / "rgb.keras"), freeze_stages=1, **tiny), results_dir=str(results_dir))
+    assert not results_dir.exists()  # no failed run folder for any of them
+    # Without freezing, it trains, and the record names what kept its initialization.
+    record, _ = train(_tiny(init_from=str(tmp_path / "rgb.keras"), **tiny), results_dir=str(results_dir))
+    assert record["status"] == "completed"
+    assert record["transfer"]["layers_not_transferred"] == ["block1_conv"]
+    assert record["transfer"]["layers_transferred"] == 3  # block1_bn, block2_conv, block2_bn
+    # A second stop signal while setting up: nothing was written, and the error says so.
+    monkeypatch.setattr(training, "prepare_data", lambda config: (_ for _ in ()).throw(KeyboardInterrupt()))
+    with pytest.raises(SetupInterrupted, match="during setup, before anything was written"):
+        train(_tiny(**tiny), results_dir=str(tmp_path / "interrupted"))
+    assert not (tmp_path / "interrupted").exists()
 
 
 def test_ensemble_of_two_different_models_averages_their_probabilities():
