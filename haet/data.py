@@ -10,7 +10,10 @@ Sources, tried in this order:
 2. for CIFAR-10/100, the original Python version: `data_dir/cifar-10-batches-py/` or
    `data_dir/cifar-10-python.tar.gz` (`cifar-100-python[.tar.gz]`), read in place;
 3. tensorflow-datasets (downloads into `data_dir`, or its default directory), with
-   the canonical order restored from the example ids where the dataset has them.
+   the canonical order restored from the example ids where the dataset has them; a
+   warning says when it is about to download, and a failed download leaves the folder
+   as it was. A `data_dir` that holds test.npz alone, or whose subfolder named after
+   the dataset holds the copy, is refused instead.
 
 Export a subset (e.g. to carry it to a GPU machine)::
 
@@ -26,6 +29,7 @@ import hashlib
 import json
 import os
 import pickle
+import shutil
 import tarfile
 
 import keras
@@ -376,7 +380,24 @@ def _canonical_order(ids):
     return np.argsort([int(i.rsplit("_", 1)[-1]) for i in ids], kind="stable")
 
 
+def _tfds_root(data_dir):
+    """The folder tensorflow-datasets reads and downloads into: `data_dir`, else its default."""
+    return data_dir or os.environ.get("TFDS_DATA_DIR") or os.path.join(os.path.expanduser("~"), "tensorflow_datasets")
+
+
+def _listing(folder):
+    return set(os.listdir(folder)) if os.path.isdir(folder) else None
+
+
 def _load_tfds(info, data_dir):
+    """`_tfds_splits`, leaving tensorflow-datasets' folder as it was when it fails.
+
+    Offline, tensorflow-datasets retries its downloads for minutes, then leaves
+    partial downloads and an `incomplete.*` dataset folder behind; what this call
+    added to the folder, its `downloads/` (and `downloads/extracted/`) and the
+    dataset's folder is removed. tensorflow-datasets has no option to clean up
+    after a failed download, hence this.
+    """
     try:
         import tensorflow_datasets as tfds
     except ImportError as e:
@@ -385,6 +406,35 @@ def _load_tfds(info, data_dir):
             "Pass --data_dir=DIR with DIR/train.npz and DIR/test.npz "
             "(e.g. from `python -m haet.data --export_dir=DIR` on another machine)."
         ) from e
+    root = _tfds_root(data_dir)
+    watched = [root, os.path.join(root, "downloads"), os.path.join(root, "downloads", "extracted"),
+               os.path.join(root, info.tfds_name)]
+    before = {folder: _listing(folder) for folder in watched}
+    if before[watched[-1]] is None:
+        from absl import logging
+
+        logging.warning("No local copy of %s%s: tensorflow-datasets will download it into %s (offline, it "
+                        "retries for minutes before it fails).", info.name,
+                        f" in {data_dir} (train.npz and test.npz)" if data_dir else "", root)
+    try:
+        return _tfds_splits(tfds, info, data_dir)
+    except BaseException:
+        if before[root] is None:
+            shutil.rmtree(root, ignore_errors=True)
+        else:
+            for folder, names in before.items():
+                if names is None:  # new, so inside a folder whose new entries are removed
+                    continue
+                for name in (_listing(folder) or set()) - names:
+                    path = os.path.join(folder, name)
+                    if os.path.isdir(path) and not os.path.islink(path):
+                        shutil.rmtree(path, ignore_errors=True)
+                    else:
+                        os.remove(path)
+        raise
+
+
+def _tfds_splits(tfds, info, data_dir):
     splits = {}
     for split in ("train", "test"):
         try:
@@ -410,6 +460,19 @@ def _load_tfds(info, data_dir):
     return splits
 
 
+def _check_no_local_copy(info, data_dir):
+    """Refuses the two ways a local copy is missed before tensorflow-datasets is asked
+    for one (a download into `data_dir`): a test.npz without its train.npz, and the
+    copy one folder down (`--data_dir=../shared/data` for `../shared/data/cifar10`)."""
+    if os.path.exists(os.path.join(data_dir, "test.npz")):
+        raise ValueError(f"{data_dir} holds test.npz but no train.npz: --data_dir needs both (python -m haet.data "
+                         "--export_dir=DIR writes them).")
+    below = os.path.join(data_dir, info.name)
+    if os.path.exists(os.path.join(below, "train.npz")) or _cifar_python_path(info, below):
+        raise ValueError(f"{data_dir} holds no copy of {info.name}, the folder {below} in it does: pass "
+                         f"--data_dir={below}.")
+
+
 def load_dataset(name, data_dir=None):
     """Loads dataset `name` as uint8 NHWC arrays in canonical order.
 
@@ -423,8 +486,11 @@ def load_dataset(name, data_dir=None):
         A `Dataset`; `source` says which copy was read.
 
     Raises:
-        ValueError: unknown dataset, a missing `data_dir`, or malformed arrays.
-        RuntimeError: no local copy and tensorflow-datasets cannot provide one.
+        ValueError: unknown dataset, a missing `data_dir`, a `data_dir` holding a
+            test.npz alone or the copy in its subfolder named after the dataset, or
+            malformed arrays.
+        RuntimeError: no local copy and tensorflow-datasets cannot provide one (what
+            it added to its folder is removed).
     """
     if data_dir is not None and not os.path.isdir(data_dir):
         raise ValueError(
@@ -434,6 +500,8 @@ def load_dataset(name, data_dir=None):
     info = dataset_info(name, data_dir)
     npz_dir = data_dir and os.path.join(data_dir, "train.npz")
     cifar_py = _cifar_python_path(info, data_dir)
+    if data_dir is not None and info.name != "folder" and not os.path.exists(npz_dir) and not cifar_py:
+        _check_no_local_copy(info, data_dir)
     if info.name == "folder":
         splits, source = _load_folder(info, data_dir), f"folder:{os.path.abspath(data_dir)}"
     elif npz_dir and os.path.exists(npz_dir):

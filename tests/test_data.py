@@ -1,7 +1,9 @@
 import os
+import pathlib
 import pickle
 import subprocess
 import sys
+import shutil
 import tarfile
 import types
 
@@ -117,13 +119,47 @@ def test_tfds_order_is_restored_from_ids(monkeypatch, cifar10_arrays):
     np.testing.assert_array_equal(ds.y_test, y)
 
 
-def test_offline_without_local_copy_says_how_to_provide_data(monkeypatch, tmp_path):
-    def load(*args, **kwargs):
+def test_offline_without_local_copy_says_how_to_provide_data_and_leaves_the_folder_as_it_was(monkeypatch, tmp_path):
+    (tmp_path / "notes.txt").write_text("mine")
+    (tmp_path / "downloads").mkdir()
+    (tmp_path / "downloads" / "other.tar.gz").write_text("an earlier download")
+
+    def load(name, split, data_dir, batch_size):
+        # What tensorflow-datasets leaves behind offline: partial downloads, an incomplete dataset folder.
+        root = pathlib.Path(data_dir or os.environ["TFDS_DATA_DIR"])
+        (root / "downloads" / "cifar10").mkdir(parents=True)
+        (root / "downloads" / "cifar10" / "cifar-10-binary.tar.gz.tmp.1").write_text("")
+        (root / "downloads" / "extracted").mkdir()
+        (root / "cifar10" / "incomplete.XYZ").mkdir(parents=True, exist_ok=True)
         raise ConnectionError("no route to host")
 
     _fake_tfds(monkeypatch, load)
     with pytest.raises(RuntimeError, match=r"Offline\? Pass --data_dir=DIR.*cifar-10-python.tar.gz"):
         data.load_dataset("cifar10", str(tmp_path))
+    assert sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*")) == [
+        "downloads", "downloads/other.tar.gz", "notes.txt"]
+    # Its default folder, made by it, is removed whole; a dataset folder that was there stays.
+    monkeypatch.setenv("TFDS_DATA_DIR", str(tmp_path / "default"))
+    with pytest.raises(RuntimeError, match="Offline"):
+        data.load_dataset("cifar10")
+    assert not (tmp_path / "default").exists()
+    (tmp_path / "cifar10").mkdir()
+    with pytest.raises(RuntimeError, match="Offline"):
+        data.load_dataset("cifar10", str(tmp_path))
+    assert sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*")) == [
+        "cifar10", "downloads", "downloads/other.tar.gz", "notes.txt"]
+
+
+def test_a_copy_missed_by_one_folder_or_file_is_refused_before_tensorflow_datasets_downloads(
+        monkeypatch, tmp_path, cifar10_slice_dir):
+    _fake_tfds(monkeypatch, lambda *args, **kwargs: pytest.fail("tensorflow-datasets was asked"))
+    shutil.copytree(cifar10_slice_dir, tmp_path / "cifar10")
+    with pytest.raises(ValueError, match=rf"{tmp_path} holds no copy of cifar10, the folder {tmp_path}/cifar10 in "
+                                         rf"it does: pass --data_dir={tmp_path}/cifar10\."):
+        data.load_dataset("cifar10", str(tmp_path))
+    os.remove(tmp_path / "cifar10" / "train.npz")
+    with pytest.raises(ValueError, match="holds test.npz but no train.npz: --data_dir needs both"):
+        data.load_dataset("cifar10", str(tmp_path / "cifar10"))
 
 
 @pytest.mark.parametrize(
