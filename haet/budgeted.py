@@ -40,7 +40,7 @@ import keras
 import numpy as np
 
 from haet import budget as budget_lib
-from haet import data, optimizers, schedules
+from haet import optimizers, schedules
 from haet.checkpoint import StopSignals
 from haet.engine import DEFAULT_STEPS_PER_EXECUTION, make_engine
 from haet.hooks import DivergenceGuard
@@ -244,6 +244,10 @@ def fit(model, x, y, *, budget_seconds=None, epochs=None, batch_size=32, learnin
     x = np.asarray(x)
     if x.ndim < 2:
         raise ValueError(f"x must be an array of N examples, (N, ...). Received shape {x.shape}.")
+    # Imported here, not with the others: `import haet` imports this module, and runpy
+    # warns when `python -m haet.data` finds haet.data already imported.
+    from haet import data
+
     # Labels past the model's outputs fail deep in TensorFlow's step, and under JAX give a wrong loss.
     y = data.class_labels(y, "y", len(x), classes)
     if not (isinstance(batch_size, numbers.Integral) and 1 <= batch_size <= len(x)):

@@ -364,5 +364,14 @@ def describe():
     return "\n".join(lines)
 
 
-if __name__ == "__main__":
+def main(argv):
+    """`python -m haet.config`: prints `describe()`; it takes no flags or arguments
+    of its own (`haet.cli.run` refuses them: exit status 2)."""
+    del argv
     print(describe())
+
+
+if __name__ == "__main__":
+    from haet import cli
+
+    cli.run(main)

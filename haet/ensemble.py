@@ -86,7 +86,7 @@ def main(argv):
         check_members(f.runs)
         configs, records = zip(*(config_of_run(r) for r in f.runs))
     except ValueError as e:
-        raise app.UsageError(str(e), exitcode=2) from None
+        raise app.UsageError(str(e), exitcode=cli.USAGE_ERROR) from None
     # Everything that can be refused is checked before the first member is scored.
     try:
         results.check_results_dir(f.results_dir)
@@ -109,7 +109,7 @@ def main(argv):
             models.append(models_lib.load_saved_model(path, path, "Train the member again (with "
                                                       "--save_model).", compile=True))
     except (ValueError, RuntimeError) as e:
-        raise app.UsageError(str(e), exitcode=2) from None
+        raise app.UsageError(str(e), exitcode=cli.USAGE_ERROR) from None
     members, ensemble_scores = evaluate_ensemble(
         models, dataset.x_test, dataset.y_test, dataset.info.num_classes, f.eval_batch_size, f.tta)
     accuracies = [m["accuracy"] for m in members]

@@ -157,7 +157,8 @@ if __name__ == "__main__":
     flags.DEFINE_string("data_dir", None, "Folder with train.npz/test.npz; unset: tensorflow-datasets.")
     flags.DEFINE_string("out", "gradcam.png", "PNG to write (must not exist).")
     flags.DEFINE_integer("num_images", 24, "Test images to show, drawn with --seed.")
-    flags.DEFINE_integer("seed", 0, "Seed choosing the test images.")
+    flags.DEFINE_integer("seed", 0, "Seed choosing the test images.", lower_bound=0)
     flags.DEFINE_string("layer", None, "Layer to explain; default the last 4-D layer.")
-    flags.DEFINE_integer("member", 0, "Of an ensemble model (--ensemble_members): the member to explain.")
+    flags.DEFINE_integer("member", 0, "Of an ensemble model (--ensemble_members): the member to explain.",
+                         lower_bound=0)
     cli.run(main)

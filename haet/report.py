@@ -583,7 +583,7 @@ def main(argv):
         featured_run(records, f.featured_run)
         os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     except ValueError as e:
-        raise app.UsageError(str(e), exitcode=2) from None
+        raise app.UsageError(str(e), exitcode=cli.USAGE_ERROR) from None
     table = summarize(records)
     try:
         figures = make_figures(records, published, figures_dir, f.featured_run)

@@ -27,7 +27,7 @@ import keras
 import numpy as np
 from absl import logging
 
-from haet import evaluation, models, training
+from haet import cli, evaluation, models, training
 from haet.budget import WallClockBudget
 from haet.engine import make_engine
 from haet.loop import StepLimit, Training
@@ -130,7 +130,7 @@ def main(argv):
         data = training.prepare_data(config)
         x, y = sample(config, data.x_fit, data.y_fit, f.sanity_batches)
     except (ValueError, RuntimeError) as e:  # bad data, or a sample larger than the subset
-        raise app.UsageError(str(e), exitcode=2) from None
+        raise app.UsageError(str(e), exitcode=cli.USAGE_ERROR) from None
     initial = check_initial_loss(config, data, x, y, f.initial_loss_tolerance)
     print(f"{'PASS' if initial['passed'] else 'FAIL'} initial loss {initial['loss']:.4f}, "
           f"expected ln({data.info.num_classes}) = {initial['expected']:.4f} "
@@ -146,7 +146,6 @@ if __name__ == "__main__":
     from absl import flags
 
     import haet.train  # noqa: F401 -- defines the training flags (--flagfile recipes work)
-    from haet import cli
 
     flags.DEFINE_integer("sanity_batches", 5, "Batches of the training subset in the sample.", lower_bound=1)
     flags.DEFINE_float("initial_loss_tolerance", 0.25, "Allowed |loss - ln K| as a fraction of ln K.",

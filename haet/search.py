@@ -51,7 +51,7 @@ import numpy as np
 from absl import app, flags, logging
 
 from haet import config as config_lib
-from haet import results, training
+from haet import cli, results, training
 from haet.device import describe_device
 from haet.loop import Hook
 
@@ -535,7 +535,7 @@ def main(argv):
         study = run_search(base, space, f.search_dir, f.trials, f.sampler, f.pruner, f.search_seed,
                            f.grid_points, f.storage, f.min_resource_seconds)
     except ValueError as e:
-        raise app.UsageError(str(e), exitcode=2) from None
+        raise app.UsageError(str(e), exitcode=cli.USAGE_ERROR) from None
     names = list(space)
     rows = trial_rows(study, space)
     write_trials_csv(rows, os.path.join(f.search_dir, "trials.csv"))
@@ -553,7 +553,6 @@ def main(argv):
 
 if __name__ == "__main__":
     import haet.train  # noqa: F401 -- defines the training flags (--flagfile recipes work)
-    from haet import cli
 
     flags.DEFINE_list("space", [], "Flags to search: name=loguniform:LOW:HIGH, name=uniform:LOW:HIGH, "
                       "name=int:LOW:HIGH or name=choice:A|B|C, comma-separated.")

@@ -129,3 +129,17 @@ def test_a_new_file_is_written_whole_or_not_at_all(tmp_path, capsys):
     assert exit_.value.code == 4
     assert capsys.readouterr().err.endswith(
         ": could not write --json=rows.json: No space left on device (rows.json)\n")
+
+
+def test_the_listing_of_settings_refuses_flags_and_the_data_tool_starts_clean():
+    """`python -m haet.config` used to print its listing whatever followed it; `python -m
+    haet.data` warned that runpy found haet.data imported by the package (haet.fit's module)."""
+    refused = subprocess.run([sys.executable, "-m", "haet.config", "--budget=3"], capture_output=True, text=True,
+                             cwd=REPO)
+    assert refused.returncode == 2 and refused.stdout == ""
+    assert "haet.config: error: Unknown command line flag 'budget'" in refused.stderr
+    listing = subprocess.run([sys.executable, "-m", "haet.config"], capture_output=True, text=True, cwd=REPO)
+    assert listing.returncode == 0 and "  --budget=600.0  Training budget in seconds" in listing.stdout
+    data_help = subprocess.run([sys.executable, "-m", "haet.data", "--helpshort"], capture_output=True, text=True,
+                               cwd=REPO)
+    assert "--export_dir" in data_help.stdout and "RuntimeWarning" not in data_help.stderr, data_help.stderr
