@@ -12,7 +12,6 @@ its maximum.
 Works under the TensorFlow and JAX backends (`_logits_and_gradients` hides which).
 """
 
-
 import keras
 import numpy as np
 
