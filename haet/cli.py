@@ -52,11 +52,25 @@ def not_written(what, error, argv=None):
 
 def parse_flags(argv):
     """absl's flag parsing, with a parse error (unknown flag, bad value, a value out of
-    its bounds, a missing required flag) answered by `refuse`: exit status 2."""
+    its bounds, a missing required flag) answered by `refuse`: exit status 2.
+
+    A value (or list item) starting with `~` is expanded as the shell expands a word
+    (`os.path.expanduser`): bash expands `--data_dir ~/data` but not
+    `--data_dir=~/data`, which made a run read, or a results folder be made under, a
+    folder literally named `~` in the working directory."""
     try:
-        return flags.FLAGS(argv)
+        remaining = flags.FLAGS(argv)
     except flags.Error as e:
         refuse(str(e), argv)
+    for name in flags.FLAGS:
+        flag = flags.FLAGS[name]
+        if not flag.present:
+            continue
+        if isinstance(flag.value, str) and flag.value.startswith("~"):
+            flag.value = os.path.expanduser(flag.value)
+        elif isinstance(flag.value, list) and any(isinstance(v, str) and v.startswith("~") for v in flag.value):
+            flag.value = [os.path.expanduser(v) if isinstance(v, str) else v for v in flag.value]
+    return remaining
 
 
 def run(main, argv=None):

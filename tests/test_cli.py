@@ -22,12 +22,13 @@ spec.loader.exec_module(cli)
 
 flags.DEFINE_integer("count", 1, "A count.", lower_bound=1)
 flags.DEFINE_string("name", None, "A name.", required=True)
+flags.DEFINE_list("paths", [], "Paths.")
 
 
 def main(argv):
     if flags.FLAGS.name == "refused":
         raise app.UsageError("--name=refused is refused: pass another --name.")
-    print(f"ran with {flags.FLAGS.count} {flags.FLAGS.name}")
+    print(f"ran with {flags.FLAGS.count} {flags.FLAGS.name}" + "".join(f" {p}" for p in flags.FLAGS.paths))
 
 
 if __name__ == "__main__":
@@ -66,6 +67,11 @@ def test_every_refusal_is_one_line_and_exit_status_2(tool, args, message):
 def test_good_flags_run_main_and_help_still_works(tool):
     result = _run(tool, "--name=a", "--count=3")
     assert result.returncode == 0 and result.stdout == "ran with 3 a\n"
+    # A leading ~ is the home folder, as the shell makes it of `--name ~/runs` but not of `--name=~/runs`.
+    home = subprocess.run([sys.executable, tool, os.path.join(REPO, "haet", "cli.py"), "--name=~/runs",
+                           "--paths=~/a,b/~,~"], capture_output=True, text=True,
+                          env={**os.environ, "HOME": "/home/someone"})
+    assert home.returncode == 0 and home.stdout == "ran with 1 /home/someone/runs /home/someone/a b/~ /home/someone\n"
     helped = _run(tool, "--helpshort")  # (absl's help exits with status 1; haet leaves it so)
     assert "A tool's docstring" in helped.stdout and "--count" in helped.stdout and helped.returncode != 2
 
