@@ -200,9 +200,12 @@ def validate_arrays(x, y, info, split):
             "convert with np.clip(x, 0, 255).astype(np.uint8) if they are pixel values."
         )
     if x.ndim != 4 or tuple(x.shape[1:]) != tuple(info.image_shape):
+        others = [name for name, other in DATASETS.items() if tuple(other.image_shape) == tuple(x.shape[1:])]
         raise ValueError(
             f"{where}: images must have shape (N, {', '.join(map(str, info.image_shape))}) "
             f"(NHWC). Received shape {x.shape}."
+            + (f" Those are the images of {' or '.join(others)}: pass the --dataset they are, or the "
+               f"--data_dir of {info.name}." if others else "")
         )
     return x, class_labels(y, where, len(x), info.num_classes)
 
@@ -510,9 +513,12 @@ def load_dataset(name, data_dir=None):
         splits, source = _load_cifar_python(info, cifar_py), f"cifar-python:{cifar_py}"
     else:
         splits, source = _load_tfds(info, data_dir), f"tfds:{info.tfds_name}"
-    (x_train, y_train), (x_test, y_test) = (
-        validate_arrays(*splits[s], info, s) for s in ("train", "test")
-    )
+    try:
+        (x_train, y_train), (x_test, y_test) = (
+            validate_arrays(*splits[s], info, s) for s in ("train", "test")
+        )
+    except ValueError as e:
+        raise ValueError(f"{e} (Read from {source}.)") from None
     return Dataset(info, x_train, y_train, x_test, y_test, source)
 
 

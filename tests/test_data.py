@@ -167,7 +167,10 @@ def test_a_copy_missed_by_one_folder_or_file_is_refused_before_tensorflow_datase
     [
         (np.zeros((4, 32, 32, 3), np.float32), np.zeros(4, int), "must be uint8"),
         (np.zeros((4, 32, 32), np.uint8), np.zeros(4, int), r"shape \(N, 32, 32, 3\)"),
-        (np.zeros((4, 28, 28, 3), np.uint8), np.zeros(4, int), r"Received shape \(4, 28, 28, 3\)"),
+        (np.zeros((4, 28, 28, 3), np.uint8), np.zeros(4, int), r"Received shape \(4, 28, 28, 3\)\. \(Read from npz:"),
+        (np.zeros((4, 28, 28, 1), np.uint8), np.zeros(4, int),
+         r"Those are the images of fashion_mnist or mnist: pass the --dataset they are, or the --data_dir of "
+         r"cifar10\. \(Read from npz:/"),
         (np.zeros((4, 32, 32, 3), np.uint8), np.zeros(3, int), "4 images but 3 labels"),
         (np.zeros((4, 32, 32, 3), np.uint8), np.array([0, 1, 2, 10]), r"labels must be in \[0, 10\)"),
         (np.zeros((4, 32, 32, 3), np.uint8), np.zeros(4, float), "labels must be integers"),
