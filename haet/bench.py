@@ -415,6 +415,7 @@ def main(argv):
         for b in batch_sizes:  # each setting is checked before any work
             for k in ks:
                 dataclasses.replace(config, batch_size=b, steps_per_execution=k)
+        training.load_init_from(config)  # a damaged --init_from
     except ValueError as e:
         raise app.UsageError(str(e)) from None
     try:

@@ -11,9 +11,9 @@ Sources, tried in this order:
    `data_dir/cifar-10-python.tar.gz` (`cifar-100-python[.tar.gz]`), read in place;
 3. tensorflow-datasets (downloads into `data_dir`, or its default directory), with
    the canonical order restored from the example ids where the dataset has them; a
-   warning says when it is about to download, and a failed download leaves the folder
-   as it was. A `data_dir` that holds test.npz alone, or whose subfolder named after
-   the dataset holds the copy, is refused instead.
+   warning says when it is about to download, and a failed download leaves no partial
+   files behind. A `data_dir` that holds test.npz alone, or whose subfolder named
+   after the dataset holds the copy, is refused instead.
 
 Export a subset (e.g. to carry it to a GPU machine)::
 
@@ -24,6 +24,7 @@ writes `DIR/train.npz` (the subset), `DIR/test.npz` (the whole test split) and
 refuses to write into a folder that already holds any of them.
 """
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -31,6 +32,7 @@ import os
 import pickle
 import shutil
 import tarfile
+import tempfile
 
 import keras
 import numpy as np
@@ -383,24 +385,62 @@ def _canonical_order(ids):
     return np.argsort([int(i.rsplit("_", 1)[-1]) for i in ids], kind="stable")
 
 
-def _tfds_root(data_dir):
-    """The folder tensorflow-datasets reads and downloads into: `data_dir`, else its default."""
-    return data_dir or os.environ.get("TFDS_DATA_DIR") or os.path.join(os.path.expanduser("~"), "tensorflow_datasets")
+def _offline_error(info, e):
+    # tensorflow-datasets' messages run to hundreds of lines: the first line says enough.
+    first = (str(e).strip().splitlines() or [""])[0][:200]
+    return RuntimeError(
+        f"Could not load {info.name} with tensorflow-datasets ({type(e).__name__}: "
+        f"{first}). Offline? Pass --data_dir=DIR with DIR/train.npz and DIR/test.npz "
+        "(arrays x uint8 NHWC, y labels)"
+        + (f", or the original {_CIFAR_PYTHON[info.name][1]}"
+           if info.name in _CIFAR_PYTHON else "")
+        + "."
+    )
 
 
 def _listing(folder):
-    return set(os.listdir(folder)) if os.path.isdir(folder) else None
+    try:
+        return set(os.listdir(folder))
+    except OSError:
+        return None
+
+
+def _download_and_prepare(builder, info, root):
+    """`builder.download_and_prepare()`, downloading into a folder of this call's own
+    (removed afterwards: the prepared dataset no longer needs the archives) and, when
+    it fails, removing what it left: its `incomplete.*` folders, and the dataset's
+    folder and `root` if it made them and they are empty. Nothing another process
+    writes there meanwhile is touched. tensorflow-datasets has no option to clean up
+    after a failed download (offline it retries for minutes, then leaves partial
+    downloads and an incomplete dataset behind), hence this.
+    """
+    from absl import logging
+
+    logging.warning("No prepared copy of %s in %s: tensorflow-datasets will download it (offline, it retries "
+                    "for minutes before it fails).", info.name, root)
+    made_root = not os.path.isdir(root)
+    dataset_folder = os.path.join(root, info.tfds_name)
+    before = _listing(dataset_folder)
+    os.makedirs(root, exist_ok=True)
+    downloads = tempfile.mkdtemp(prefix=f"haet-downloads-{info.tfds_name}-", dir=root)
+    try:
+        builder.download_and_prepare(download_dir=downloads)
+    except BaseException:
+        for name in (_listing(dataset_folder) or set()) - (before or set()):
+            if name.startswith("incomplete."):
+                shutil.rmtree(os.path.join(dataset_folder, name), ignore_errors=True)
+        raise
+    finally:
+        shutil.rmtree(downloads, ignore_errors=True)
+        for folder, made in ((dataset_folder, before is None), (root, made_root)):
+            if made:
+                with contextlib.suppress(OSError):
+                    os.rmdir(folder)  # only if empty: what another process put there stays
 
 
 def _load_tfds(info, data_dir):
-    """`_tfds_splits`, leaving tensorflow-datasets' folder as it was when it fails.
-
-    Offline, tensorflow-datasets retries its downloads for minutes, then leaves
-    partial downloads and an `incomplete.*` dataset folder behind; what this call
-    added to the folder, its `downloads/` (and `downloads/extracted/`) and the
-    dataset's folder is removed. tensorflow-datasets has no option to clean up
-    after a failed download, hence this.
-    """
+    """The train and test splits from tensorflow-datasets, downloaded into `data_dir`
+    (else its default folder) if it has no prepared copy (`_download_and_prepare`)."""
     try:
         import tensorflow_datasets as tfds
     except ImportError as e:
@@ -409,52 +449,18 @@ def _load_tfds(info, data_dir):
             "Pass --data_dir=DIR with DIR/train.npz and DIR/test.npz "
             "(e.g. from `python -m haet.data --export_dir=DIR` on another machine)."
         ) from e
-    root = _tfds_root(data_dir)
-    watched = [root, os.path.join(root, "downloads"), os.path.join(root, "downloads", "extracted"),
-               os.path.join(root, info.tfds_name)]
-    before = {folder: _listing(folder) for folder in watched}
-    if before[watched[-1]] is None:
-        from absl import logging
-
-        logging.warning("No local copy of %s%s: tensorflow-datasets will download it into %s (offline, it "
-                        "retries for minutes before it fails).", info.name,
-                        f" in {data_dir} (train.npz and test.npz)" if data_dir else "", root)
     try:
-        return _tfds_splits(tfds, info, data_dir)
-    except BaseException:
-        if before[root] is None:
-            shutil.rmtree(root, ignore_errors=True)
-        else:
-            for folder, names in before.items():
-                if names is None:  # new, so inside a folder whose new entries are removed
-                    continue
-                for name in (_listing(folder) or set()) - names:
-                    path = os.path.join(folder, name)
-                    if os.path.isdir(path) and not os.path.islink(path):
-                        shutil.rmtree(path, ignore_errors=True)
-                    else:
-                        os.remove(path)
-        raise
-
-
-def _tfds_splits(tfds, info, data_dir):
+        builder = tfds.builder(info.tfds_name, data_dir=data_dir)
+        if not builder.is_prepared():
+            _download_and_prepare(builder, info, data_dir or tfds.core.constants.DATA_DIR)
+    except Exception as e:  # tfds raises many kinds of errors when offline.
+        raise _offline_error(info, e) from None
     splits = {}
     for split in ("train", "test"):
         try:
-            arrays = tfds.as_numpy(
-                tfds.load(info.tfds_name, split=split, data_dir=data_dir, batch_size=-1)
-            )
-        except Exception as e:  # tfds raises many kinds of errors when offline.
-            # Its messages run to hundreds of lines: the first line says enough.
-            first = (str(e).strip().splitlines() or [""])[0][:200]
-            raise RuntimeError(
-                f"Could not load {info.name} with tensorflow-datasets ({type(e).__name__}: "
-                f"{first}). Offline? Pass --data_dir=DIR with DIR/train.npz and DIR/test.npz "
-                "(arrays x uint8 NHWC, y labels)"
-                + (f", or the original {_CIFAR_PYTHON[info.name][1]}"
-                   if info.name in _CIFAR_PYTHON else "")
-                + "."
-            ) from None
+            arrays = tfds.as_numpy(builder.as_dataset(split=split, batch_size=-1))
+        except Exception as e:
+            raise _offline_error(info, e) from None
         x, y = arrays["image"], arrays["label"]
         if "id" in arrays:
             order = _canonical_order(arrays["id"])
@@ -492,8 +498,8 @@ def load_dataset(name, data_dir=None):
         ValueError: unknown dataset, a missing `data_dir`, a `data_dir` holding a
             test.npz alone or the copy in its subfolder named after the dataset, or
             malformed arrays.
-        RuntimeError: no local copy and tensorflow-datasets cannot provide one (what
-            it added to its folder is removed).
+        RuntimeError: no local copy and tensorflow-datasets cannot provide one (its
+            partial download is removed).
     """
     if data_dir is not None and not os.path.isdir(data_dir):
         raise ValueError(

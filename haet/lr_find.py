@@ -203,12 +203,15 @@ def main(argv):
     try:
         check_range(f.min_learning_rate, f.max_learning_rate, f.range_steps)
         results.check_results_dir(f.results_dir)
+        training.load_init_from(config)  # a damaged --init_from, before the data are read
         data = training.prepare_data(config)
     except (ValueError, RuntimeError) as e:  # RuntimeError: no local copy of the data
         raise app.UsageError(str(e)) from None
     rows, status, error, suggestion = [], "completed", None, None
     try:
         rows, suggestion = range_test(config, data, f.min_learning_rate, f.max_learning_rate, f.range_steps, rows)
+    except training.SetupError as e:  # an --init_from model that does not fit: nothing was measured
+        raise app.UsageError(str(e)) from None
     except KeyboardInterrupt:  # what was measured is written, marked interrupted, with no suggestion
         status = "interrupted"
     except ValueError as e:  # settings were checked above: no suggestion from the rows

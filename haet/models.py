@@ -446,8 +446,8 @@ def transfer_weights(source, target, model_name, freeze_stages=0):
     Every backbone layer of `target` with a layer of the same name and weight
     shapes in `source`'s backbone gets its weights, except the classification head
     (`HEADS[model_name]`: a new head for the new classes, freshly initialized). The
-    input normalization statistics are copied too (the features were learned on
-    inputs normalized that way). Then the layers of the first `freeze_stages` stages
+    input normalization is a constant of the model, not a weight: build the target
+    with the source's statistics (`input_statistics_of`) to keep it. Then the layers of the first `freeze_stages` stages
     (`STAGES[model_name]`) are frozen: not trained, and their batch norm runs in
     inference mode (Keras' fine-tuning convention). Recipe: Yosinski et al. 2014,
     "How transferable are features in deep neural networks?"; Keras' transfer
@@ -493,11 +493,6 @@ def transfer_weights(source, target, model_name, freeze_stages=0):
         raise ValueError(
             f"No layer of {source.name} matches {target.name} by name and shape: fine-tune with the "
             "same --model and --width_multiplier as the saved model.")
-    norm_src = [layer for layer in source.layers if isinstance(layer, layers.Normalization)]
-    norm_dst = [layer for layer in target.layers if isinstance(layer, layers.Normalization)]
-    if norm_src and norm_dst:
-        if [w.shape for w in norm_src[0].weights] == [w.shape for w in norm_dst[0].weights]:
-            norm_dst[0].set_weights(norm_src[0].get_weights())
     frozen = frozen_params = 0
     prefixes = stages[:freeze_stages]
     random_frozen = [name for name in kept if prefixes and name.startswith(prefixes)]
@@ -854,6 +849,19 @@ def with_input_pipeline(backbone, mean, augmentation=None, variance=None, name=N
         x = augmentation(x)
     outputs = backbone(x)
     return keras.Model(inputs, outputs, name=name or backbone.name)
+
+
+def input_statistics_of(model):
+    """The `(mean, variance)` a `with_input_pipeline` model (or `EnsembleModel`)
+    normalizes its [0, 1]-scaled images with: float32 arrays of shape `(H, W, C)`
+    (per pixel) or `(C,)` (per channel); None for a model without that pipeline."""
+    try:
+        layer = model.get_layer("normalize")
+    except ValueError:
+        return None
+    if not isinstance(layer, layers.Normalization) or layer.input_mean is None:
+        return None
+    return np.asarray(layer.input_mean, np.float32), np.asarray(layer.input_variance, np.float32)
 
 
 def _normalized_input(image_shape, mean, variance):

@@ -127,11 +127,15 @@ def main(argv):
     f = flags.FLAGS
     config = entry.config_from_flags()
     try:
+        training.load_init_from(config)  # a damaged --init_from, before the data are read
         data = training.prepare_data(config)
         x, y = sample(config, data.x_fit, data.y_fit, f.sanity_batches)
     except (ValueError, RuntimeError) as e:  # bad data, or a sample larger than the subset
         raise app.UsageError(str(e), exitcode=cli.USAGE_ERROR) from None
-    initial = check_initial_loss(config, data, x, y, f.initial_loss_tolerance)
+    try:
+        initial = check_initial_loss(config, data, x, y, f.initial_loss_tolerance)
+    except training.SetupError as e:  # an --init_from model that does not fit this one
+        raise app.UsageError(str(e), exitcode=cli.USAGE_ERROR) from None
     print(f"{'PASS' if initial['passed'] else 'FAIL'} initial loss {initial['loss']:.4f}, "
           f"expected ln({data.info.num_classes}) = {initial['expected']:.4f} "
           f"(tolerance {f.initial_loss_tolerance:.0%})")

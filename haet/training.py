@@ -25,6 +25,7 @@ import contextlib
 import dataclasses
 import math
 import os
+import random
 import re
 import sys
 import time
@@ -94,20 +95,20 @@ def train(config, results_dir="results/runs", clock=time.perf_counter, resume=No
     commit = results.git_commit()  # the code this process runs, not the tree at the end
     previous = None
     with contextlib.ExitStack() as stack:
-        with _setup_errors():
-            if resume is not None:
-                if os.path.isdir(resume):  # (resumable names what else it is)
-                    # First: of two resumes of one run, the second stops here.
-                    stack.enter_context(checkpoint_lib.run_lock(resume))
-                previous = checkpoint_lib.resumable(resume)
-                _check_same_settings(config, previous, resume)
-            else:
-                results.check_results_dir(results_dir)
-        with _setup_errors():
-            settings = stack.enter_context(settings_of(config))
-        signals = stack.enter_context(checkpoint_lib.StopSignals())
-        with timer.phase("setup"):
-            try:
+        try:  # Everything before the run folder is made or reopened: nothing is written.
+            with _setup_errors():
+                if resume is not None:
+                    if os.path.isdir(resume):  # (resumable names what else it is)
+                        # First: of two resumes of one run, the second stops here.
+                        stack.enter_context(checkpoint_lib.run_lock(resume))
+                    previous = checkpoint_lib.resumable(resume)
+                    _check_same_settings(config, previous, resume)
+                else:
+                    results.check_results_dir(results_dir)
+            with _setup_errors():
+                settings = stack.enter_context(settings_of(config))
+            signals = stack.enter_context(checkpoint_lib.StopSignals())
+            with timer.phase("setup"):
                 with _setup_errors():
                     source = load_init_from(config)  # a damaged file is refused before the data are read
                     data = prepare_data(config)
@@ -118,9 +119,10 @@ def train(config, results_dir="results/runs", clock=time.perf_counter, resume=No
                 # Before the folder: a model to fine-tune from that does not fit is refused with nothing written.
                 built = build_model(config, data, source)
                 del source
-            except KeyboardInterrupt:
-                raise SetupInterrupted("during setup, before anything was written" if previous is None else
-                                       f"during setup; {resume} was left as it was") from None
+        except KeyboardInterrupt:
+            raise SetupInterrupted("during setup, before anything was written" if resume is None else
+                                   f"during setup; {resume} was left as it was") from None
+        with timer.phase("setup"):
             if previous is None:
                 folder = results.RunFolder.create(results_dir, config.run_name(), start)
                 stack.enter_context(checkpoint_lib.run_lock(folder.path))
@@ -424,9 +426,10 @@ def build_model(config, data, source=None):
 
     The model normalizes with the statistics of `data.x_fit` and augments inside
     (in training only), except with precomputed augmentation, where the layer is
-    returned but left out. With `init_from`, the saved model's weights (`source`, or
-    the file loaded here) are copied in (new head) and the first `freeze_stages`
-    stages frozen (`haet.models.transfer_weights`). With `ensemble_members` > 1 the model is a
+    returned but left out. With `init_from`, the saved model (`source`, or the file
+    loaded here) gives its input normalization where its statistics have the shape
+    of this model's, and its weights (new head; `haet.models.transfer_weights`); the
+    first `freeze_stages` stages are frozen. With `ensemble_members` > 1 the model is a
     `haet.models.EnsembleModel` of that many networks.
 
     Returns:
@@ -438,7 +441,22 @@ def build_model(config, data, source=None):
             common with this one, or stages to freeze that it cannot fill.
     """
     info = data.info
+    if config.init_from and source is None:
+        source = load_init_from(config)
     mean, variance = input_statistics(config, data.x_fit)
+    from_source = None
+    if source is not None:
+        # The source's features were learned on images normalized its way: keep it where the
+        # statistics fit these images (not from RGB to grayscale, nor per pixel to per channel).
+        theirs = models.input_statistics_of(source)
+        if theirs is not None and theirs[0].shape == mean.shape:
+            mean, variance = theirs
+            from_source = True
+        else:
+            from_source = False
+            logging.warning("fine-tuning from %s: its input normalization (%s) does not fit this model's (%s); "
+                            "the statistics of this run's training images are used", config.init_from,
+                            "none" if theirs is None else f"shape {theirs[0].shape}", f"shape {mean.shape}")
     whitening = None
     if models.needs_whitening(config.model, config.prep):
         # The images as the backbone sees them: scaled and normalized, unaugmented (at most
@@ -454,13 +472,13 @@ def build_model(config, data, source=None):
     else:
         model = models.with_input_pipeline(backbones[0], mean, in_model, variance)
     transfer = None
-    if config.init_from:
-        source = source if source is not None else load_init_from(config)
+    if source is not None:
         try:
             moved = models.transfer_weights(source, model, config.model, config.freeze_stages)
         except ValueError as e:
             raise SetupError(f"--init_from={config.init_from!r}: {e}") from None
-        transfer = {"init_from": config.init_from, "source_model": source.name, **moved}
+        transfer = {"init_from": config.init_from, "source_model": source.name, **moved,
+                    "input_normalization_transferred": from_source}
         logging.info("fine-tuning from %s: %s", config.init_from, transfer)
         if moved["layers_not_transferred"]:
             logging.warning("fine-tuning from %s: %d layers keep their random initialization (no layer of the "
@@ -473,13 +491,25 @@ def build_model(config, data, source=None):
 def load_init_from(config):
     """The saved model `config.init_from` names, or None without it.
 
+    Loading leaves Python's random generator as it was: Keras draws the seeds of
+    initializers it makes while loading from it, and the model built after the load
+    must start from the same weights as one built before it (the order `train` used
+    before it loaded the source first).
+
     Raises:
-        ValueError: a file Keras cannot load (`haet.models.load_saved_model`).
+        SetupError: a file Keras cannot load (`haet.models.load_saved_model`).
     """
     if not config.init_from:
         return None
-    return models.load_saved_model(config.init_from, f"--init_from={config.init_from!r}",
-                                   "Pass the model.keras of a completed run folder (a run trained with --save_model).")
+    state = random.getstate()
+    try:
+        return models.load_saved_model(config.init_from, f"--init_from={config.init_from!r}",
+                                       "Pass the model.keras of a completed run folder (a run trained with "
+                                       "--save_model).")
+    except ValueError as e:
+        raise SetupError(str(e)) from None
+    finally:
+        random.setstate(state)
 
 
 def planned_steps(config, steps_per_epoch):

@@ -98,8 +98,27 @@ def test_cifar10_python_folder_and_tarball_match_npz(tmp_path, cifar10_arrays):
     np.testing.assert_array_equal(ds_tar.y_test, y[50:])
 
 
-def _fake_tfds(monkeypatch, load):
-    module = types.SimpleNamespace(load=load, as_numpy=lambda d: d)
+def _fake_tfds(monkeypatch, load, prepare=None, default_dir="/nonexistent/tensorflow_datasets"):
+    """tensorflow-datasets as haet calls it: `builder(name, data_dir=)` with `is_prepared`,
+    `download_and_prepare(download_dir=)` (`prepare(data_dir, download_dir)`, if given) and
+    `as_dataset(split=, batch_size=)` (`load(name, split, data_dir, batch_size)`)."""
+
+    class Builder:
+        def __init__(self, name, data_dir=None):
+            self.name, self.data_dir = name, data_dir
+
+        def is_prepared(self):
+            return prepare is None
+
+        def download_and_prepare(self, download_dir):
+            prepare(self.data_dir, download_dir)
+
+        def as_dataset(self, split, batch_size):
+            return load(self.name, split=split, data_dir=self.data_dir, batch_size=batch_size)
+
+    constants = types.SimpleNamespace(DATA_DIR=default_dir)
+    module = types.SimpleNamespace(builder=Builder, as_numpy=lambda d: d,
+                                   core=types.SimpleNamespace(constants=constants))
     monkeypatch.setitem(sys.modules, "tensorflow_datasets", module)
 
 
@@ -119,35 +138,61 @@ def test_tfds_order_is_restored_from_ids(monkeypatch, cifar10_arrays):
     np.testing.assert_array_equal(ds.y_test, y)
 
 
-def test_offline_without_local_copy_says_how_to_provide_data_and_leaves_the_folder_as_it_was(monkeypatch, tmp_path):
+def test_offline_without_local_copy_says_how_to_provide_data_and_leaves_no_partial_download(monkeypatch, tmp_path):
     (tmp_path / "notes.txt").write_text("mine")
     (tmp_path / "downloads").mkdir()
     (tmp_path / "downloads" / "other.tar.gz").write_text("an earlier download")
+    seen = []
 
-    def load(name, split, data_dir, batch_size):
-        # What tensorflow-datasets leaves behind offline: partial downloads, an incomplete dataset folder.
-        root = pathlib.Path(data_dir or os.environ["TFDS_DATA_DIR"])
-        (root / "downloads" / "cifar10").mkdir(parents=True)
-        (root / "downloads" / "cifar10" / "cifar-10-binary.tar.gz.tmp.1").write_text("")
-        (root / "downloads" / "extracted").mkdir()
-        (root / "cifar10" / "incomplete.XYZ").mkdir(parents=True, exist_ok=True)
+    def prepare(data_dir, download_dir):
+        # What tensorflow-datasets leaves behind offline: partial downloads, an incomplete dataset folder;
+        # meanwhile another process prepares another version in the same folder.
+        root = pathlib.Path(data_dir or "/nonexistent")
+        seen.append(download_dir)
+        assert pathlib.Path(download_dir).parent == root and os.listdir(download_dir) == []
+        (pathlib.Path(download_dir) / "cifar10" / "cifar-10-binary.tar.gz.tmp.1").mkdir(parents=True)
+        (pathlib.Path(download_dir) / "extracted").mkdir()
+        (root / "cifar10" / f"incomplete.{len(seen)}_3.0.2").mkdir(parents=True, exist_ok=True)
+        (root / "cifar10" / "3.0.1").mkdir(exist_ok=True)  # another process's
         raise ConnectionError("no route to host")
 
-    _fake_tfds(monkeypatch, load)
+    def load(*args, **kwargs):
+        pytest.fail("read after a failed download")
+
+    _fake_tfds(monkeypatch, load, prepare)
     with pytest.raises(RuntimeError, match=r"Offline\? Pass --data_dir=DIR.*cifar-10-python.tar.gz"):
         data.load_dataset("cifar10", str(tmp_path))
     assert sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*")) == [
-        "downloads", "downloads/other.tar.gz", "notes.txt"]
-    # Its default folder, made by it, is removed whole; a dataset folder that was there stays.
-    monkeypatch.setenv("TFDS_DATA_DIR", str(tmp_path / "default"))
-    with pytest.raises(RuntimeError, match="Offline"):
-        data.load_dataset("cifar10")
-    assert not (tmp_path / "default").exists()
-    (tmp_path / "cifar10").mkdir()
+        "cifar10", "cifar10/3.0.1", "downloads", "downloads/other.tar.gz", "notes.txt"]
+    # The dataset's folder that was there before stays whole, and so does another process's version.
     with pytest.raises(RuntimeError, match="Offline"):
         data.load_dataset("cifar10", str(tmp_path))
     assert sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*")) == [
-        "cifar10", "downloads", "downloads/other.tar.gz", "notes.txt"]
+        "cifar10", "cifar10/3.0.1", "downloads", "downloads/other.tar.gz", "notes.txt"]
+    # A default folder it made, left empty, is removed; an interrupted download cleans up too.
+    default = tmp_path / "default"
+
+    def interrupted(data_dir, download_dir):
+        assert data_dir is None and pathlib.Path(download_dir).parent == default
+        (default / "cifar10" / "incomplete.9_3.0.2").mkdir(parents=True)
+        raise KeyboardInterrupt
+
+    _fake_tfds(monkeypatch, load, interrupted, default_dir=str(default))
+    with pytest.raises(KeyboardInterrupt):
+        data.load_dataset("cifar10")
+    assert not default.exists()
+
+
+def test_a_prepared_download_is_read_and_its_archives_removed(monkeypatch, tmp_path, cifar10_arrays):
+    x, y = cifar10_arrays[0][:10], cifar10_arrays[1][:10]
+
+    def prepare(data_dir, download_dir):
+        (pathlib.Path(download_dir) / "cifar-10-binary.tar.gz").write_text("archive")
+        (pathlib.Path(data_dir) / "cifar10" / "3.0.2").mkdir(parents=True)
+
+    _fake_tfds(monkeypatch, lambda name, split, data_dir, batch_size: {"image": x, "label": y}, prepare)
+    assert data.load_dataset("cifar10", str(tmp_path)).source == "tfds:cifar10"
+    assert sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*")) == ["cifar10", "cifar10/3.0.2"]
 
 
 def test_a_copy_missed_by_one_folder_or_file_is_refused_before_tensorflow_datasets_downloads(

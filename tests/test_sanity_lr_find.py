@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from conftest import REPO
-from haet import lr_find, sanity, training
+from haet import lr_find, models, sanity, training
 from haet.training import TrainConfig
 
 
@@ -108,8 +108,12 @@ def test_sanity_and_lr_find_command_lines(tmp_path, cifar10_slice_dir):
     failing = subprocess.run([sys.executable, "-m", "haet.sanity", *common, "--logit_scale=200", "--max_steps=2"],
                              env=env, capture_output=True, text=True)
     assert failing.returncode == 1 and "FAIL initial loss" in failing.stdout and "FAIL overfit" in failing.stdout
-    # Impossible settings are refused by the flags, before any work (a negative count sliced the subset).
-    for bad in ("--sanity_batches=-2", "--target_accuracy=1.5", "--target_accuracy=nan", "--sanity_batches=11"):
+    # Impossible settings are refused by the flags, before any work (a negative count sliced the subset),
+    # as is a damaged model to fine-tune from (a traceback before).
+    junk = tmp_path.parent / f"{tmp_path.name}_junk.keras"
+    junk.write_text("not a model")
+    for bad in ("--sanity_batches=-2", "--target_accuracy=1.5", "--target_accuracy=nan", "--sanity_batches=11",
+                f"--init_from={junk}"):
         refused = subprocess.run([sys.executable, "-m", "haet.sanity", *common, bad], env=env, capture_output=True,
                                  text=True, cwd=REPO)
         assert refused.returncode == 2 and bad.split("=")[0][2:] in refused.stderr and "PASS" not in refused.stdout
@@ -121,11 +125,17 @@ def test_sanity_and_lr_find_command_lines(tmp_path, cifar10_slice_dir):
     assert sorted(os.listdir(run_dir)) == ["lr_find.csv", "lr_find.png", "record.json"]
     record = json.loads((run_dir / "record.json").read_text())
     assert "suggested learning rate" in result.stdout and record["suggested_learning_rate"] > 0
-    # A results folder that cannot be made, or an empty range, is refused before the data are read.
+    # A results folder that cannot be made, an empty range, a damaged model to fine-tune from, or one
+    # that fits nothing of the network, is refused before any result is written (the last two wrote a
+    # folder with status "no suggestion").
     a_file = tmp_path / "a_file"
     a_file.write_text("")
+    other = tmp_path.parent / f"{tmp_path.name}_tiny_cnn.keras"
+    models.with_input_pipeline(models.tiny_cnn(input_shape=(32, 32, 3)), np.zeros((32, 32, 3), np.float32)).save(other)
     for bad, message in ((f"--results_dir={a_file}", "is a file, not a folder"),
-                         ("--max_learning_rate=1e-4", "Need 0 < --min_learning_rate < --max_learning_rate")):
+                         ("--max_learning_rate=1e-4", "Need 0 < --min_learning_rate < --max_learning_rate"),
+                         (f"--init_from={junk}", "cannot be loaded as a Keras model (not a zip archive"),
+                         (f"--init_from={other}", "No layer of tiny_cnn matches")):
         refused = subprocess.run([sys.executable, "-m", "haet.lr_find", *common, "--min_learning_rate=1e-3",
                                   f"--results_dir={tmp_path}", bad], env=env, capture_output=True, text=True)
         assert refused.returncode == 2 and "haet.lr_find: error: " in refused.stderr, refused.stderr[-2000:]

@@ -1,5 +1,6 @@
 """Transfer learning (class subsets, --init_from, frozen stages) and ensembles of runs."""
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -10,7 +11,7 @@ import numpy as np
 import pytest
 
 from conftest import REPO, shared_dataset_dir
-from haet import data, evaluation, models
+from haet import data, evaluation, models, training
 from haet.training import TrainConfig, train
 
 
@@ -60,7 +61,13 @@ def test_fine_tuning_copies_the_backbone_replaces_the_head_and_freezes_stages(tm
     assert dst.get_layer("dense").get_weights()[0].shape[-1] == 6  # a new head for 6 classes
     assert record["test_examples"] == int(np.isin(data.load_dataset("mnist", shared_dataset_dir("mnist")).y_test,
                                                   [5, 6, 7, 8, 9, 0]).sum())
-    assert transfer["layers_not_transferred"] == []
+    assert transfer["layers_not_transferred"] == [] and transfer["input_normalization_transferred"] is True
+    # The source's per-channel statistics (of digits 0-4), not those of the new images (5-9, 0).
+    for a, b in zip(models.input_statistics_of(source), models.input_statistics_of(tuned)):
+        np.testing.assert_array_equal(a, b)
+    scratch, _, _ = training.build_model(dataclasses.replace(config, init_from=None, freeze_stages=0),
+                                         training.prepare_data(config))
+    assert not np.array_equal(models.input_statistics_of(scratch)[0], models.input_statistics_of(tuned)[0])
     with pytest.raises(ValueError, match="No layer of .* matches"):
         train(_tiny(model="resnet20", width_multiplier=1, init_from=os.path.join(source_dir, "model.keras")),
               results_dir=str(tmp_path / "bad"))
@@ -80,7 +87,6 @@ def _saved_tiny_cnn(path, input_shape):
 
 def test_a_model_to_fine_tune_from_that_cannot_load_or_fit_is_refused_before_anything_is_written(
         tmp_path, monkeypatch):
-    from haet import training
     from haet.training import SetupError, SetupInterrupted
 
     results_dir = tmp_path / "runs"
@@ -113,6 +119,21 @@ def test_a_model_to_fine_tune_from_that_cannot_load_or_fit_is_refused_before_any
     assert record["status"] == "completed"
     assert record["transfer"]["layers_not_transferred"] == ["block1_conv"]
     assert record["transfer"]["layers_transferred"] == 3  # block1_bn, block2_conv, block2_bn
+    assert record["transfer"]["input_normalization_transferred"] is False  # RGB statistics, grayscale images
+    # Loading the source first (to refuse it before the data) leaves the fresh layers' initialization as a
+    # model built without a source has it: Keras seeds the initializers it makes while loading from
+    # Python's random generator.
+    config = _tiny(init_from=str(tmp_path / "rgb.keras"), **tiny)
+    data = real_prepare_data(config)
+
+    def fresh_layers(config):
+        keras.utils.set_random_seed(0)
+        model, _, _ = training.build_model(config, data)
+        backbone = models.backbone_of(model)
+        return [w for name in ("block1_conv", "logits") for w in backbone.get_layer(name).get_weights()]
+
+    for a, b in zip(fresh_layers(config), fresh_layers(dataclasses.replace(config, init_from=None))):
+        np.testing.assert_array_equal(a, b)
     # A second stop signal while setting up: nothing was written, and the error says so.
     monkeypatch.setattr(training, "prepare_data", lambda config: (_ for _ in ()).throw(KeyboardInterrupt()))
     with pytest.raises(SetupInterrupted, match="during setup, before anything was written"):
