@@ -52,18 +52,8 @@ LR10=$(python -c "print(10 * $LR)")
 run health_10x python -m haet.train $R9 --learning_rate=$LR10 --weight_decay=$WD --budget=60 \
   --health_every_steps=10 --tensorboard --results_dir=results/cpu
 
-# 6. Transfer: MNIST digits 0-4 (5,000 images, 60 s) -> digits 5-9 with 500 images in 30 s,
-#    from scratch vs fine-tuned (all stages trained / first two stages frozen) at a 10x lower rate.
-M9="--flagfile=flags/page_resnet9.flags --flagfile=flags/resnet9_mnist.flags --data_dir=$DATA/mnist
-    --width_multiplier=0.25 --batch_size=128 --ghost_batch_splits=4 --ema_decay=0 --epochs=0
-    --lr_schedule=cosine --lr_schedule_unit=steps --warmup=0.2 --results_dir=results/cpu"
-run mnist04_source python -m haet.train $M9 --classes=0,1,2,3,4 --train_size=5000 --budget=60 --learning_rate=0.4
-SOURCE=$(ls -d results/cpu/*_mnist5000_resnet9x0.25_60s_tensorflow_seed0 | tail -n 1)/model.keras
-run mnist59_scratch python -m haet.train $M9 --classes=5,6,7,8,9 --train_size=500 --budget=30 --learning_rate=0.4
-run mnist59_finetune python -m haet.train $M9 --classes=5,6,7,8,9 --train_size=500 --budget=30 --learning_rate=0.04 \
-  --init_from=$SOURCE
-run mnist59_finetune_freeze2 python -m haet.train $M9 --classes=5,6,7,8,9 --train_size=500 --budget=30 \
-  --learning_rate=0.04 --init_from=$SOURCE --freeze_stages=2
+# 6. Transfer: MNIST digits 0-4 -> digits 5-9, from scratch vs fine-tuned (scripts/transfer_cpu_runs.sh).
+bash scripts/transfer_cpu_runs.sh
 
 # 7. Data-parallel on 2 logical CPU devices (JAX) vs 1 device, same global batch and budget.
 run jax_1device env KERAS_BACKEND=jax python -m haet.train $R9 --learning_rate=$LR --weight_decay=$WD --budget=60 \
