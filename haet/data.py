@@ -409,8 +409,10 @@ def _download_and_prepare(builder, info, root):
     """`builder.download_and_prepare()`, downloading into a folder of this call's own
     (removed afterwards: the prepared dataset no longer needs the archives) and, when
     it fails, removing what it left: its `incomplete.*` folders, and the dataset's
-    folder and `root` if it made them and they are empty. Nothing another process
-    writes there meanwhile is touched. tensorflow-datasets has no option to clean up
+    folder and `root` if it made them and they are empty. What another process writes
+    there meanwhile stays, except the `incomplete.*` folder of a simultaneous download
+    of the same dataset into the same folder (which tensorflow-datasets does not
+    support either). tensorflow-datasets has no option to clean up
     after a failed download (offline it retries for minutes, then leaves partial
     downloads and an incomplete dataset behind), hence this.
     """
