@@ -98,11 +98,12 @@ def forward_flops(model):
     return int(total)
 
 
-def compiled_model(config, data, settings):
+def compiled_model(config, data, settings, source=None):
     """The model of `config` built and compiled as `haet.train` does, on `data`
-    (`haet.training.prepare_data`) under `settings` (`haet.training.settings_of`):
+    (`haet.training.prepare_data`) under `settings` (`haet.training.settings_of`;
+    `source`: the `--init_from` model, already loaded, or None):
     `(model, augmentation layer or None, learning-rate schedule)`."""
-    model, augmentation, _ = training.build_model(config, data)
+    model, augmentation, _ = training.build_model(config, data, source)
     optimizer, schedule = training.build_optimizer(config, data.steps_per_epoch(config))
     training.compile_model(config, model, optimizer, settings)
     return model, augmentation, schedule
@@ -274,9 +275,10 @@ def _small_test_split(config, folder, test_images):
 
 
 def bench(config, batch_sizes, steps_per_executions, bench_steps=20, end_to_end_budget=30.0, keras_fit=False,
-          test_images=100):
+          test_images=100, source=None):
     """Benchmark rows (dicts, see the module docstring) of `config` at each batch size
-    and steps per execution.
+    and steps per execution (`source`: the `--init_from` model, already loaded, for
+    the measured steps; the end-to-end runs load it as a run does).
 
     Raises:
         ValueError: a batch size or steps-per-execution value the config cannot take.
@@ -296,7 +298,7 @@ def bench(config, batch_sizes, steps_per_executions, bench_steps=20, end_to_end_
             sized = dataclasses.replace(base, batch_size=batch_size)
             with training.settings_of(sized) as settings:
                 data = training.prepare_data(sized)
-                model, _, _ = compiled_model(sized, data, settings)
+                model, _, _ = compiled_model(sized, data, settings, source)
                 x, y = first_batch(data, sized)
                 step_seconds, compile_seconds, variants = pure_step(model, x, y, bench_steps)
                 flops = forward_flops(model)
@@ -305,7 +307,7 @@ def bench(config, batch_sizes, steps_per_executions, bench_steps=20, end_to_end_
                     logging.warning("--keras_fit skipped: a step of %d images (all members) exceeds the %d training "
                                     "images", len(x), len(data.y_fit))
                 elif keras_fit:
-                    fit_model, _, _ = compiled_model(sized, data, settings)
+                    fit_model, _, _ = compiled_model(sized, data, settings, source)
                     labels = (data_lib.one_hot(data.y_fit, data.info.num_classes) if sized.label_smoothing
                               else data.y_fit)
                     fit_rate = keras_fit_images_per_second(fit_model, data.x_fit, labels, len(x), bench_steps)
@@ -371,14 +373,12 @@ flags.register_validator("end_to_end_budget", math.isfinite, "--end_to_end_budge
 flags.DEFINE_string("json", None, "Write the rows here (a JSON list); an existing file is not overwritten.")
 
 
-def check_command_line(argv):
-    """Refuses (`app.UsageError`, exit status 2 under `haet.cli.run`) arguments other
-    than flags and a `--json` file that exists or cannot be made, before any work: for
-    the benchmark command lines (this one and scripts/)."""
+def check_json_flag():
+    """Refuses (`app.UsageError`, exit status 2 under `haet.cli.run`, which refuses
+    arguments other than flags) a `--json` file that exists or cannot be made, before
+    any work: for the benchmark command lines (this one and scripts/)."""
     from haet import results
 
-    if len(argv) > 1:
-        raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     if flags.FLAGS.json is not None:
         try:
             results.check_new_file(flags.FLAGS.json, "--json")
@@ -386,7 +386,7 @@ def check_command_line(argv):
             raise app.UsageError(str(e)) from None
 
 
-def _integers(texts, flag):
+def positive_integers(texts, flag):
     """The positive integers of a list flag's `texts`.
 
     Raises:
@@ -405,21 +405,23 @@ def _integers(texts, flag):
 
 
 def main(argv):
-    check_command_line(argv)
+    del argv  # (haet.cli.run refuses arguments other than flags)
+    check_json_flag()
     f = flags.FLAGS
     try:
         config = config_lib.config_from_flags(f)
         config_lib.warn_ignored_settings(config)
-        batch_sizes = _integers(f.batch_sizes, "--batch_sizes") or [config.batch_size]
-        ks = _integers(f.steps_per_executions, "--steps_per_executions") or [config.steps_per_execution]
+        batch_sizes = positive_integers(f.batch_sizes, "--batch_sizes") or [config.batch_size]
+        ks = positive_integers(f.steps_per_executions, "--steps_per_executions") or [config.steps_per_execution]
         for b in batch_sizes:  # each setting is checked before any work
             for k in ks:
                 dataclasses.replace(config, batch_size=b, steps_per_execution=k)
-        training.load_init_from(config)  # a damaged --init_from
+        source = training.load_init_from(config)  # a damaged --init_from
     except ValueError as e:
         raise app.UsageError(str(e)) from None
     try:
-        rows = bench(config, batch_sizes, ks, f.bench_steps, f.end_to_end_budget, f.keras_fit, f.bench_test_images)
+        rows = bench(config, batch_sizes, ks, f.bench_steps, f.end_to_end_budget, f.keras_fit, f.bench_test_images,
+                     source)
     except training.SetupError as e:
         raise app.UsageError(str(e)) from None
     print(format_table(rows), flush=True)

@@ -149,7 +149,6 @@ def main(argv):
 if __name__ == "__main__":
     from absl import flags
 
-
     flags.DEFINE_list("runs", [], "Run folders (model.keras + record.json), comma-separated.")
     flags.DEFINE_string("data_dir", None, "Where the test data lives, if not where the runs read it.")
     flags.DEFINE_enum("tta", "none", list(evaluation.TTA_MODES), "Test-time augmentation of every member.")

@@ -129,13 +129,15 @@ def check_range(min_learning_rate, max_learning_rate, steps):
             f"{min_learning_rate}, {max_learning_rate}, {steps}")
 
 
-def range_test(config, data, min_learning_rate, max_learning_rate, steps, rows=None):
+def range_test(config, data, min_learning_rate, max_learning_rate, steps, rows=None, source=None):
     """Runs the range test on the training images of `data` (`haet.training.prepare_data`)
     with the model, loss, precision and engine of a run of `config`.
 
     Args:
         rows: a list the per-step rows are appended to as they come (so that a caller
             keeps them when the test is interrupted); default a new one.
+        source: the `--init_from` model, already loaded (`haet.training.load_init_from`);
+            None: `build_model` loads it.
 
     Returns:
         `(rows, suggestion)`: the per-step rows (dicts step, learning_rate, loss,
@@ -149,7 +151,7 @@ def range_test(config, data, min_learning_rate, max_learning_rate, steps, rows=N
     check_range(min_learning_rate, max_learning_rate, steps)
     rate = (max_learning_rate / min_learning_rate) ** (1 / (steps - 1))
     with training.settings_of(config) as settings:
-        model, _, _ = training.build_model(config, data)
+        model, _, _ = training.build_model(config, data, source)
         schedule = keras.optimizers.schedules.ExponentialDecay(min_learning_rate, decay_steps=1, decay_rate=rate)
         optimizer = optimizers.make_optimizer(config, schedule)
         training.compile_model(config, model, optimizer, settings)
@@ -203,13 +205,14 @@ def main(argv):
     try:
         check_range(f.min_learning_rate, f.max_learning_rate, f.range_steps)
         results.check_results_dir(f.results_dir)
-        training.load_init_from(config)  # a damaged --init_from, before the data are read
+        source = training.load_init_from(config)  # a damaged --init_from, before the data are read
         data = training.prepare_data(config)
     except (ValueError, RuntimeError) as e:  # RuntimeError: no local copy of the data
         raise app.UsageError(str(e)) from None
     rows, status, error, suggestion = [], "completed", None, None
     try:
-        rows, suggestion = range_test(config, data, f.min_learning_rate, f.max_learning_rate, f.range_steps, rows)
+        rows, suggestion = range_test(config, data, f.min_learning_rate, f.max_learning_rate, f.range_steps, rows,
+                                      source)
     except training.SetupError as e:  # an --init_from model that does not fit: nothing was measured
         raise app.UsageError(str(e)) from None
     except KeyboardInterrupt:  # what was measured is written, marked interrupted, with no suggestion

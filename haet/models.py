@@ -447,8 +447,8 @@ def transfer_weights(source, target, model_name, freeze_stages=0):
     shapes in `source`'s backbone gets its weights, except the classification head
     (`HEADS[model_name]`: a new head for the new classes, freshly initialized). The
     input normalization is a constant of the model, not a weight: build the target
-    with the source's statistics (`input_statistics_of`) to keep it. Then the layers of the first `freeze_stages` stages
-    (`STAGES[model_name]`) are frozen: not trained, and their batch norm runs in
+    with the source's statistics (`input_statistics_of`) to keep it. Then the layers
+    of the first `freeze_stages` stages (`STAGES[model_name]`) are frozen: not trained, and their batch norm runs in
     inference mode (Keras' fine-tuning convention). Recipe: Yosinski et al. 2014,
     "How transferable are features in deep neural networks?"; Keras' transfer
     learning guide.

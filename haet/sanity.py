@@ -54,18 +54,19 @@ def sample(config, x_train, y_train, batches):
     return x_train[:n], y_train[:n]
 
 
-def check_initial_loss(config, data, x, y, tolerance=0.25):
+def check_initial_loss(config, data, x, y, tolerance=0.25, source=None):
     """Mean cross-entropy of the untrained, unregularized model of `config` (built as a
     run builds it from `data`, under its precision policy) on `(x, y)`, from
     training-mode forward passes of `config.batch_size` images (of an ensemble, the
-    mean over its members).
+    mean over its members). `source`: the `--init_from` model, already loaded
+    (`haet.training.load_init_from`); None: `build_model` loads it.
 
     Returns:
         dict: `passed` (|loss - ln K| <= tolerance * ln K), `loss`, `expected` (ln K).
     """
     config = unregularized(config)
     with training.settings_of(config):
-        model, _, _ = training.build_model(config, data)
+        model, _, _ = training.build_model(config, data, source)
         # Training-mode forward passes (batch statistics in batch norm, as the first
         # steps see them; the untrained moving statistics would say nothing), with
         # dropout and augmentation already off.
@@ -95,19 +96,20 @@ class _StopAtAccuracy(StepLimit):
             run.stop("target_accuracy")
 
 
-def check_overfit(config, data, x, y, max_steps=500, target_accuracy=0.99):
+def check_overfit(config, data, x, y, max_steps=500, target_accuracy=0.99, source=None):
     """Trains the unregularized model on `(x, y)` (Adam 1e-3, the
     recipe's precision policy) with haet's engine.
 
     An epoch is one pass over the sample; the check passes when an epoch's training
-    accuracy reaches `target_accuracy` within `max_steps` steps.
+    accuracy reaches `target_accuracy` within `max_steps` steps. `source`: as
+    `check_initial_loss`.
 
     Returns:
         dict: `passed`, `accuracy` (the last epoch's), `steps`.
     """
     config = unregularized(config)
     with training.settings_of(config) as settings:
-        model, _, _ = training.build_model(config, data)
+        model, _, _ = training.build_model(config, data, source)
         model.compile(keras.optimizers.Adam(1e-3), keras.losses.SparseCategoricalCrossentropy(from_logits=True),
                       metrics=["accuracy"], jit_compile=settings.parallel["xla"] if settings.parallel else True)
         engine = make_engine(model, x, y, min(config.batch_size, len(y)), seed=config.seed,
@@ -127,19 +129,19 @@ def main(argv):
     f = flags.FLAGS
     config = entry.config_from_flags()
     try:
-        training.load_init_from(config)  # a damaged --init_from, before the data are read
+        source = training.load_init_from(config)  # a damaged --init_from, before the data are read
         data = training.prepare_data(config)
         x, y = sample(config, data.x_fit, data.y_fit, f.sanity_batches)
     except (ValueError, RuntimeError) as e:  # bad data, or a sample larger than the subset
         raise app.UsageError(str(e), exitcode=cli.USAGE_ERROR) from None
     try:
-        initial = check_initial_loss(config, data, x, y, f.initial_loss_tolerance)
+        initial = check_initial_loss(config, data, x, y, f.initial_loss_tolerance, source)
     except training.SetupError as e:  # an --init_from model that does not fit this one
         raise app.UsageError(str(e), exitcode=cli.USAGE_ERROR) from None
     print(f"{'PASS' if initial['passed'] else 'FAIL'} initial loss {initial['loss']:.4f}, "
           f"expected ln({data.info.num_classes}) = {initial['expected']:.4f} "
           f"(tolerance {f.initial_loss_tolerance:.0%})")
-    overfit = check_overfit(config, data, x, y, f.max_steps, f.target_accuracy)
+    overfit = check_overfit(config, data, x, y, f.max_steps, f.target_accuracy, source)
     print(f"{'PASS' if overfit['passed'] else 'FAIL'} overfit {len(y)} images: training accuracy "
           f"{overfit['accuracy']:.4f} after {overfit['steps']} steps (target {f.target_accuracy})")
     logging.info("sanity checks on %s, model %s", data.info.name, config.model)

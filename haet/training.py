@@ -491,10 +491,10 @@ def build_model(config, data, source=None):
 def load_init_from(config):
     """The saved model `config.init_from` names, or None without it.
 
-    Loading leaves Python's random generator as it was: Keras draws the seeds of
-    initializers it makes while loading from it, and the model built after the load
-    must start from the same weights as one built before it (the order `train` used
-    before it loaded the source first).
+    Loading leaves Python's random generator as it was: Keras draws the seeds of the
+    initializers it makes while loading from it, so the layers a fine-tuned model
+    does not take from the source (its new head) start from the weights they would
+    have without the load.
 
     Raises:
         SetupError: a file Keras cannot load (`haet.models.load_saved_model`).

@@ -125,12 +125,13 @@ flags.DEFINE_list("members", ["1", "2", "4"], "Ensemble sizes N to measure.")
 
 
 def main(argv):
-    bench.check_command_line(argv)
+    del argv  # (haet.cli.run refuses arguments other than flags)
+    bench.check_json_flag()
     f = flags.FLAGS
     try:
-        members = [int(n) for n in f.members]
-        if not members or min(members) < 1:
-            raise ValueError(f"--members takes positive integers. Received: {f.members}")
+        members = bench.positive_integers(f.members, "--members")
+        if not members:
+            raise ValueError("--members takes positive integers, comma-separated. Received none.")
         config = config_lib.config_from_flags(f)
         config_lib.warn_ignored_settings(config)
     except ValueError as e:

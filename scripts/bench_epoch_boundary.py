@@ -55,7 +55,8 @@ def epoch_boundary_milliseconds(engine, boundaries):
 
 
 def main(argv):
-    bench.check_command_line(argv)
+    del argv  # (haet.cli.run refuses arguments other than flags)
+    bench.check_json_flag()
     f = flags.FLAGS
     if f.boundaries < 8:
         raise app.UsageError(f"--boundaries must be at least 8. Received: {f.boundaries}")

@@ -42,6 +42,23 @@ def test_overfit_check_memorizes_a_small_sample(cifar10_slice_dir):
     assert not too_few["passed"] and too_few["steps"] == 2
 
 
+def test_the_checks_build_from_a_source_model_loaded_once(cifar10_slice_dir, tmp_path, monkeypatch):
+    """The command lines load --init_from once, before the data, and hand it on: the
+    checks and the range test build from that model and do not load the file again."""
+    config, data = _tiny(cifar10_slice_dir, model="tiny_cnn", augmentation="none")
+    path = tmp_path / "source.keras"
+    models.with_input_pipeline(models.tiny_cnn(width_multiplier=0.125), np.zeros((3,), np.float32)).save(path)
+    config = dataclasses.replace(config, init_from=str(path))
+    source = training.load_init_from(config)
+    loads = []
+    monkeypatch.setattr(models, "load_saved_model", lambda *args, **kwargs: loads.append(args))
+    x, y = sanity.sample(config, data.x_fit, data.y_fit, batches=1)
+    assert sanity.check_initial_loss(config, data, x, y, source=source)["loss"] > 0
+    assert sanity.check_overfit(config, data, x, y, max_steps=1, source=source)["steps"] == 1
+    rows, _ = lr_find.range_test(config, data, 1e-4, 1.0, 3, source=source)
+    assert len(rows) == 3 and not loads
+
+
 def test_unregularized_turns_every_regularizer_off():
     config = sanity.unregularized(TrainConfig(label_smoothing=0.2, augmentation="crop_flip_cutout",
                                               precomputed_augmentation_epochs=3))
