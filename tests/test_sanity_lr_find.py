@@ -55,7 +55,13 @@ def test_the_checks_build_from_a_source_model_loaded_once(cifar10_slice_dir, tmp
     x, y = sanity.sample(config, data.x_fit, data.y_fit, batches=1)
     assert sanity.check_initial_loss(config, data, x, y, source=source)["loss"] > 0
     assert sanity.check_overfit(config, data, x, y, max_steps=1, source=source)["steps"] == 1
-    rows, _ = lr_find.range_test(config, data, 1e-4, 1.0, 3, source=source)
+    rows = []
+    try:
+        lr_find.range_test(config, data, 1e-4, 1.0, 3, rows, source=source)
+    except training.SetupError:
+        raise
+    except ValueError:  # three steps may give no suggestion (the loss lowest at the first): the rows count
+        pass
     assert len(rows) == 3 and not loads
 
 
