@@ -165,3 +165,23 @@ class FakeEngine:
 
     def reload(self):
         pass
+
+
+def run_tool_cases(module, cases, env=None, cwd=None):
+    """Runs `python -m module *args` for each argument list in `cases`, all in one fresh
+    process (`tests/tool_cases.py`: Keras is imported once, not once per case); returns
+    one `types.SimpleNamespace(args, returncode, stdout, stderr)` per case. For cases
+    that end before a model trains (refusals): see tool_cases.py for what one process
+    shares across its cases."""
+    import json
+    import subprocess
+    import sys
+    import types
+
+    env = dict(os.environ if env is None else env)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (REPO, env.get("PYTHONPATH")) if p)
+    result = subprocess.run([sys.executable, os.path.join(REPO, "tests", "tool_cases.py"), module,
+                             json.dumps([[str(a) for a in args] for args in cases])],
+                            env=env, cwd=cwd, capture_output=True, text=True)
+    assert result.returncode == 0 and result.stdout.strip(), result.stderr[-3000:]
+    return [types.SimpleNamespace(**case) for case in json.loads(result.stdout.strip().splitlines()[-1])]

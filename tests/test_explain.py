@@ -61,7 +61,7 @@ def test_explain_command_line_writes_a_figure_and_refuses_bad_inputs_before_work
     import subprocess
     import sys
 
-    from conftest import REPO
+    from conftest import REPO, run_tool_cases
 
     inputs = keras.Input((32, 32, 3))
     x = keras.layers.Conv2D(4, 3, padding="same", activation="relu", name="conv")(inputs)
@@ -88,12 +88,13 @@ def test_explain_command_line_writes_a_figure_and_refuses_bad_inputs_before_work
     assert result.returncode == 0, result.stderr[-3000:]
     written = out.read_bytes()
     assert written[:8] == b"\x89PNG\r\n\x1a\n"
-    for args, message in (([f"--out={out}"], "exists and is not overwritten"),
-                          ([f"--out={tmp_path / 'g.txt'}"], "matplotlib cannot write .txt files"),
-                          ([f"--out={tmp_path / 'g.png'}", f"--model={damaged}"], "cannot be loaded as a Keras model"),
-                          ([f"--out={tmp_path / 'g.png'}", "--dataset=mnist", f"--data_dir={mnist}"],
-                           "--model takes images of shape (32, 32, 3); mnist's are (28, 28, 1)")):
-        refused = explain(*args)
+    bads = (([f"--out={out}"], "exists and is not overwritten"),
+            ([f"--out={tmp_path / 'g.txt'}"], "matplotlib cannot write .txt files"),
+            ([f"--out={tmp_path / 'g.png'}", f"--model={damaged}"], "cannot be loaded as a Keras model"),
+            ([f"--out={tmp_path / 'g.png'}", "--dataset=mnist", f"--data_dir={mnist}"],
+             "--model takes images of shape (32, 32, 3); mnist's are (28, 28, 1)"))
+    cases = [[f"--model={model_path}", f"--data_dir={cifar10_slice_dir}", "--num_images=4", *args] for args, _ in bads]
+    for (args, message), refused in zip(bads, run_tool_cases("haet.explain", cases, env=env)):
         assert refused.returncode == 2 and "Traceback" not in refused.stderr, refused.stderr[-3000:]
         assert "haet.explain: error: " in refused.stderr and message in refused.stderr, refused.stderr[-3000:]
     assert out.read_bytes() == written and sorted(os.listdir(tmp_path / "new")) == ["gradcam.png"]

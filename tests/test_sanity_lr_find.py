@@ -8,7 +8,7 @@ import sys
 import numpy as np
 import pytest
 
-from conftest import REPO
+from conftest import REPO, run_tool_cases
 from haet import lr_find, models, sanity, training
 from haet.training import TrainConfig
 
@@ -135,11 +135,11 @@ def test_sanity_and_lr_find_command_lines(tmp_path, cifar10_slice_dir):
     # as is a damaged model to fine-tune from (a traceback before).
     junk = tmp_path.parent / f"{tmp_path.name}_junk.keras"
     junk.write_text("not a model")
-    for bad in ("--sanity_batches=-2", "--target_accuracy=1.5", "--target_accuracy=nan", "--sanity_batches=11",
-                f"--init_from={junk}"):
-        refused = subprocess.run([sys.executable, "-m", "haet.sanity", *common, bad], env=env, capture_output=True,
-                                 text=True, cwd=REPO)
-        assert refused.returncode == 2 and bad.split("=")[0][2:] in refused.stderr and "PASS" not in refused.stdout
+    bads = ("--sanity_batches=-2", "--target_accuracy=1.5", "--target_accuracy=nan", "--sanity_batches=11",
+            f"--init_from={junk}")
+    for bad, refused in zip(bads, run_tool_cases("haet.sanity", [[*common, bad] for bad in bads], cwd=REPO)):
+        assert refused.returncode == 2 and bad.split("=")[0][2:] in refused.stderr, refused.stderr[-2000:]
+        assert "haet.sanity: error: " in refused.stderr and "PASS" not in refused.stdout
     result = subprocess.run([sys.executable, "-m", "haet.lr_find", *common, "--optimizer=sgd", "--range_steps=30",
                              "--min_learning_rate=1e-3", "--max_learning_rate=10", f"--results_dir={tmp_path}"],
                             env=env, capture_output=True, text=True)
@@ -155,12 +155,12 @@ def test_sanity_and_lr_find_command_lines(tmp_path, cifar10_slice_dir):
     a_file.write_text("")
     other = tmp_path.parent / f"{tmp_path.name}_tiny_cnn.keras"
     models.with_input_pipeline(models.tiny_cnn(input_shape=(32, 32, 3)), np.zeros((32, 32, 3), np.float32)).save(other)
-    for bad, message in ((f"--results_dir={a_file}", "is a file, not a folder"),
-                         ("--max_learning_rate=1e-4", "Need 0 < --min_learning_rate < --max_learning_rate"),
-                         (f"--init_from={junk}", "cannot be loaded as a Keras model (not a zip archive"),
-                         (f"--init_from={other}", "No layer of tiny_cnn matches")):
-        refused = subprocess.run([sys.executable, "-m", "haet.lr_find", *common, "--min_learning_rate=1e-3",
-                                  f"--results_dir={tmp_path}", bad], env=env, capture_output=True, text=True)
+    bads = ((f"--results_dir={a_file}", "is a file, not a folder"),
+            ("--max_learning_rate=1e-4", "Need 0 < --min_learning_rate < --max_learning_rate"),
+            (f"--init_from={junk}", "cannot be loaded as a Keras model (not a zip archive"),
+            (f"--init_from={other}", "No layer of tiny_cnn matches"))
+    cases = [[*common, "--min_learning_rate=1e-3", f"--results_dir={tmp_path}", bad] for bad, _ in bads]
+    for (bad, message), refused in zip(bads, run_tool_cases("haet.lr_find", cases)):
         assert refused.returncode == 2 and "haet.lr_find: error: " in refused.stderr, refused.stderr[-2000:]
         assert message in refused.stderr and "Traceback" not in refused.stderr
     assert sorted(os.listdir(tmp_path)) == sorted([run_dir.name, "a_file"])  # no second run folder

@@ -8,7 +8,7 @@ import keras
 import numpy as np
 import pytest
 
-from conftest import REPO
+from conftest import REPO, run_tool_cases
 from haet import results
 from haet.training import TrainConfig, train
 
@@ -142,15 +142,15 @@ def test_the_default_recipe_end_to_end_on_real_cifar10(tmp_path, cifar10_slice_d
 
 @pytest.mark.e2e
 def test_cli_reports_bad_input_and_writes_nothing(tmp_path):
-    result = _run_cli("--budget=-1", results_dir=tmp_path / "runs")
-    assert result.returncode == 2 and "Traceback" not in result.stderr
-    assert "budget must be a positive number of seconds. Received: budget=-1.0" in result.stderr
-    assert not (tmp_path / "runs").exists()
-    result = _run_cli("--ghost_batch_splits=3", "--model=resnet9", "--batch_size=64", results_dir=tmp_path / "runs")
-    assert result.returncode == 2 and "ghost_batch_splits" in result.stderr and "Traceback" not in result.stderr
-    result = _run_cli("--data_dir=/no/such/folder", results_dir=tmp_path / "runs")
-    assert result.returncode == 2 and "data_dir '/no/such/folder' is not a folder" in result.stderr
-    assert "Traceback" not in result.stderr and not (tmp_path / "runs").exists()
+    cases = [["--budget=-1"], ["--ghost_batch_splits=3", "--model=resnet9", "--batch_size=64"],
+             ["--data_dir=/no/such/folder"]]
+    budget, ghost, data_dir = run_tool_cases("haet.train", [[f"--results_dir={tmp_path / 'runs'}", *args]
+                                                            for args in cases], cwd=REPO)
+    assert budget.returncode == 2 and "Traceback" not in budget.stderr
+    assert "budget must be a positive number of seconds. Received: budget=-1.0" in budget.stderr
+    assert ghost.returncode == 2 and "ghost_batch_splits" in ghost.stderr and "Traceback" not in ghost.stderr
+    assert data_dir.returncode == 2 and "data_dir '/no/such/folder' is not a folder" in data_dir.stderr
+    assert "Traceback" not in data_dir.stderr and not (tmp_path / "runs").exists()
 
 
 @pytest.mark.e2e

@@ -3,6 +3,7 @@
 import dataclasses
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -10,7 +11,7 @@ import keras
 import numpy as np
 import pytest
 
-from conftest import REPO, shared_dataset_dir
+from conftest import REPO, run_tool_cases, shared_dataset_dir
 from haet import data, evaluation, models, training
 from haet.training import TrainConfig, train
 
@@ -186,21 +187,19 @@ def test_ensemble_command_on_two_real_runs(tmp_path):
     singles = [json.loads(open(os.path.join(r, "record.json")).read())["test_accuracy"] for r in runs]
     assert record["member_test_accuracies"] == pytest.approx(singles)
     assert record["test_examples"] == 10000 and 0 <= record["ensemble_test_accuracy"] <= 1
-    bad = subprocess.run([sys.executable, "-m", "haet.ensemble", f"--runs={runs[0]}"], env=env,
-                         capture_output=True, text=True, cwd=REPO)
-    assert bad.returncode == 2 and "at least two run folders" in bad.stderr
-    # Refused before any member is scored, in one line: a results folder that is a file,
-    # a member whose model is damaged.
+    # Refused before any member is scored, in one line: one run, a results folder that is a
+    # file, a member whose model is damaged.
     a_file = tmp_path / "a_file"
     a_file.write_text("")
-    into_file = subprocess.run([sys.executable, "-m", "haet.ensemble", f"--runs={','.join(runs)}",
-                                f"--results_dir={a_file}"], env=env, capture_output=True, text=True, cwd=REPO)
+    shutil.copytree(runs[1], tmp_path / "damaged_run")
+    with open(tmp_path / "damaged_run" / "model.keras", "r+b") as f:
+        f.truncate(1000)
+    bad, into_file, damaged = run_tool_cases("haet.ensemble", [
+        [f"--runs={runs[0]}"], [f"--runs={','.join(runs)}", f"--results_dir={a_file}"],
+        [f"--runs={runs[0]},{tmp_path / 'damaged_run'}", f"--results_dir={tmp_path / 'ens2'}"]], cwd=REPO)
+    assert bad.returncode == 2 and "at least two run folders" in bad.stderr
     assert into_file.returncode == 2 and "is a file, not a folder" in into_file.stderr
     assert "Traceback" not in into_file.stderr
-    with open(os.path.join(runs[1], "model.keras"), "r+b") as f:
-        f.truncate(1000)
-    damaged = subprocess.run([sys.executable, "-m", "haet.ensemble", f"--runs={','.join(runs)}",
-                              f"--results_dir={tmp_path / 'ens2'}"], env=env, capture_output=True, text=True, cwd=REPO)
     assert damaged.returncode == 2 and "model.keras cannot be loaded" in damaged.stderr
     assert "Traceback" not in damaged.stderr and not (tmp_path / "ens2").exists()
 
