@@ -251,7 +251,7 @@ def _train_in(config, folder, data, built, settings, timer, clock, signals, prev
     run.checkpointer.record_progress = lambda: folder.write_record(progress(checkpoint=checkpoint_lib.CHECKPOINT))
     resume_from = None
     if previous is not None:
-        resume_from = _load_checkpoint(run, folder.path)
+        resume_from = _load_checkpoint(run, folder.path, previous, folder.record["resume_history"][-1]["git_commit"])
     run.fit(resume_from)
     host_cpu.stop()
     _warn_if_loaded(host_cpu.fields())
@@ -310,9 +310,15 @@ def _unnumbered(path):
     return "/".join(re.sub(r"_\d+$", "", part) for part in path.split("/"))
 
 
-def _load_checkpoint(run, run_dir):
+def _load_checkpoint(run, run_dir, previous, commit):
     """`(snapshot, state)` of `run_dir`'s checkpoint, checked against `run`'s
-    variables; the host's random generators are put back."""
+    variables; the host's random generators are put back.
+
+    Raises:
+        ValueError: the checkpoint holds other variables (the code changed since it
+            was written): naming the commit that wrote it (from `previous`, the
+            record before this resume) and this one (`commit`).
+    """
     snapshot, paths, state = checkpoint_lib.load(os.path.join(run_dir, checkpoint_lib.CHECKPOINT))
     ours = run.engine.variable_paths()
     offsets = [i for i, path in enumerate(ours) if path.endswith("/plan_offset")]
@@ -325,9 +331,24 @@ def _load_checkpoint(run, run_dir):
     differ = [(a, b) for a, b in zip(paths, ours) if _unnumbered(a) != _unnumbered(b)]
     if len(paths) != len(ours) or differ:
         raise ValueError(f"The checkpoint in {run_dir} holds other variables than this model: {len(paths)} vs "
-                         f"{len(ours)} variables{', first difference ' + str(differ[0]) if differ else ''}.")
+                         f"{len(ours)} variables{', first difference ' + str(differ[0]) if differ else ''}. "
+                         + _written_by(previous, commit))
     checkpoint_lib.set_host_random_state(state.pop("host_random"))
     return snapshot, state
+
+
+def _written_by(previous, commit):
+    """What to do about a checkpoint this code cannot continue: the commit that wrote it
+    (the last resume's, or the run's) against this process's `commit`."""
+    history = previous.get("resume_history") or []
+    written = (history[-1] if history else previous).get("git_commit")
+    if written is None or commit is None:
+        return ("The code that wrote it is not known (not a git checkout): resume with that code, or start the "
+                "run again.")
+    if written == commit and not commit.endswith("-dirty"):
+        return f"It was written by this code (commit {commit}): this is a bug of haet's; please report it."
+    return (f"It was written by haet at commit {written}, and this is {commit}: resume with the code that "
+            f"wrote it (git checkout {written.removesuffix('-dirty')}), or start the run again.")
 
 
 def settings_of(config):

@@ -109,9 +109,35 @@ def test_a_checkpoint_written_before_plans_had_an_offset_resumes(tmp_path, cifar
     snapshot, paths, state = checkpoint.load(path)
     (i,) = [i for i, p in enumerate(paths) if p.endswith("/plan_offset")]
     checkpoint.save(path, snapshot[:i] + snapshot[i + 1:], paths[:i] + paths[i + 1:], state)
+    # A checkpoint of other variables (code changed since) is refused naming the commit that wrote it,
+    # and stays, to resume with that code.
+    written = checkpoint.load(path)
+    checkpoint.save(path, snapshot[1:], paths[1:], state)
+    record = json.loads(open(os.path.join(run_dir, "record.json")).read())
+    record["git_commit"] = "0123abc"
+    open(os.path.join(run_dir, "record.json"), "w").write(json.dumps(record))
+    with pytest.raises(ValueError, match="holds other variables than this model") as refused:
+        train(config, resume=run_dir)
+    assert "written by haet at commit 0123abc, and this is " in str(refused.value)
+    assert "(git checkout 0123abc), or start the run again" in str(refused.value)
+    failed = _record(run_dir)
+    assert failed["status"] == "failed" and failed["checkpoint"] == "checkpoint.npz"
+    checkpoint.save(path, *written)
     resumed, _ = train(config, resume=run_dir)
     assert resumed["status"] == "completed" and resumed["steps"] == reference["steps"] == 15
     assert resumed["test_loss"] == pytest.approx(reference["test_loss"], abs=1e-6)
+    assert resumed["resumes"] == len(resumed["resume_history"]) == 2
+
+
+def test_a_checkpoint_of_other_variables_names_the_code_that_wrote_it():
+    from haet.training import _written_by
+
+    resumed_once = {"git_commit": "aaa", "resume_history": [{"git_commit": "bbb-dirty"}]}
+    assert "at commit bbb-dirty, and this is ccc" in _written_by(resumed_once, "ccc")
+    assert "(git checkout bbb)" in _written_by(resumed_once, "ccc")
+    assert "this is a bug of haet's" in _written_by({"git_commit": "ccc"}, "ccc")
+    assert "at commit ccc-dirty, and this is ccc-dirty" in _written_by({"git_commit": "ccc-dirty"}, "ccc-dirty")
+    assert "not known" in _written_by({"git_commit": None}, "ccc") and "not known" in _written_by({}, None)
 
 
 def test_an_interrupted_record_counts_the_epochs_the_device_ended_and_the_resume_writes_them(
