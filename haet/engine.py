@@ -40,6 +40,37 @@ from keras import ops
 # measurements behind it.
 DEFAULT_STEPS_PER_EXECUTION = 64
 EXECUTION_LOOPS = ("auto", "fused", "dispatch")
+# The most epochs one execution may reach: an execution that runs on past epoch ends
+# keeps each epoch's permutation of the training indices on the device.
+MAX_EPOCHS_PER_EXECUTION = 1024
+
+
+def order_slots(steps_per_execution, steps_per_epoch, spans_epochs=True):
+    """How many epochs' permutations an execution of up to `steps_per_execution`
+    steps can reach (1 when executions end with their epoch)."""
+    if not spans_epochs:
+        return 1
+    return (steps_per_epoch + steps_per_execution - 2) // steps_per_epoch + 1
+
+
+def check_steps_per_execution(steps_per_execution, steps_per_epoch, size, spans_epochs=True):
+    """Refuses `steps_per_execution` (a positive integer) so large that one execution
+    would reach more than `MAX_EPOCHS_PER_EXECUTION` epochs: the engine keeps a
+    permutation of the `size` training indices (int32) on the device for each (a
+    billion steps asked for 60 GB of host memory, or hung under JAX).
+
+    Raises:
+        ValueError: naming the value and the largest one allowed.
+    """
+    if steps_per_epoch < 1:  # a batch larger than the set: refused with its own message
+        return
+    slots = order_slots(steps_per_execution, steps_per_epoch, spans_epochs)
+    if slots > MAX_EPOCHS_PER_EXECUTION:
+        most = (MAX_EPOCHS_PER_EXECUTION - 1) * steps_per_epoch + 1
+        raise ValueError(f"steps_per_execution={steps_per_execution} would let one execution reach {slots} epochs "
+                         f"of {steps_per_epoch} steps, and the device keeps a permutation of the {size} training "
+                         f"examples for each ({slots * size * 4 / 1e6:.0f} MB): pass steps_per_execution <= {most} "
+                         f"({MAX_EPOCHS_PER_EXECUTION} epochs).")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -211,8 +242,8 @@ class Engine:
         self._logs = {}
         # The permutations on the device: one row per epoch from `_order_epoch` on, as
         # many as an execution of K steps can reach (one without `spans_epochs`).
-        spe, k = self.steps_per_epoch, self.steps_per_execution
-        self._slots = (spe + k - 2) // spe + 1 if self.spans_epochs else 1
+        check_steps_per_execution(self.steps_per_execution, self.steps_per_epoch, size, self.spans_epochs)
+        self._slots = order_slots(self.steps_per_execution, self.steps_per_epoch, self.spans_epochs)
         self._order_epoch, self._order_rows = None, {}
         # Builds the model's metrics and optimizer variables (as `fit` does first).
         model._symbolic_build(data_batch=_batch(

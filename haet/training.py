@@ -37,7 +37,7 @@ from absl import logging
 from haet import augment, budget as budget_lib, checkpoint as checkpoint_lib, data as data_lib
 from haet import device as device_lib, evaluation, models, optimizers, results, schedules
 from haet.config import TrainConfig
-from haet.engine import current_weights, make_engine
+from haet.engine import check_steps_per_execution, current_weights, make_engine
 from haet.layers import PatchWhitening
 from haet.hooks import DivergenceGuard, MovingAverage, SnapshotKeeper, TrainingHealth, Validation
 from haet.loop import Hook, KerasCallbacks, StepLimit, Training
@@ -112,6 +112,8 @@ def train(config, results_dir="results/runs", clock=time.perf_counter, resume=No
                 with _setup_errors():
                     source = load_init_from(config)  # a damaged file is refused before the data are read
                     data = prepare_data(config)
+                    check_steps_per_execution(config.steps_per_execution, data.steps_per_epoch(config),
+                                              len(data.y_fit), config.span_epochs)
                 start = {**results.start_record(config, settings, commit), **results.data_fields(config, data)}
                 if previous is not None:
                     with _setup_errors():

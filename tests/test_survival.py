@@ -336,6 +336,10 @@ def test_setup_errors_come_before_any_run_folder(tmp_path, cifar10_slice_dir):
     np.savez(empty_test / "test.npz", x=np.zeros((0, 32, 32, 3), np.uint8), y=np.zeros(0, np.int64))
     with pytest.raises(SetupError, match="test split from .* holds no images"):
         train(_tiny(str(empty_test)), results_dir=str(tmp_path / "runs"))
+    # An execution that would reach more epochs than the device keeps permutations for (a billion steps
+    # asked for 60 GB of memory under TensorFlow, and hung under JAX).
+    with pytest.raises(SetupError, match=r"steps_per_execution=1000000000 would let one execution reach"):
+        train(_tiny(cifar10_slice_dir, steps_per_execution=10**9), results_dir=str(tmp_path / "runs"))
     assert not (tmp_path / "runs").exists()
     if os.geteuid() != 0:  # root writes anywhere
         locked = tmp_path / "locked"
