@@ -42,7 +42,7 @@ import numpy as np
 from haet import budget as budget_lib
 from haet import optimizers, schedules
 from haet.checkpoint import StopSignals
-from haet.engine import DEFAULT_STEPS_PER_EXECUTION, make_engine
+from haet.engine import DEFAULT_STEPS_PER_EXECUTION, check_steps_per_execution, make_engine
 from haet.hooks import DivergenceGuard
 from haet.loop import Hook, KerasCallbacks, Training
 
@@ -145,19 +145,104 @@ def _planned_schedule(optimizer):
     return schedule if isinstance(schedule, schedules._PlannedSteps) else None
 
 
-def _classes(model, one_hot_classes):
-    """K, the number of classes the labels index: `one_hot_classes`, or the last
-    dimension of a model with one known output (None when it is not known)."""
-    if one_hot_classes is not None:
-        return one_hot_classes
+def _is_integer(value):
+    """An integer that is not a bool (`True` is not a count)."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _examples(x, name):
+    """`x` as an array of N >= 1 numeric examples `(N, ...)`, with no nan or inf.
+
+    Raises:
+        ValueError: naming `name`: ragged, not numbers, of rank below 2, empty, or
+            non-finite (the first such example).
+    """
     try:
-        outputs = model.outputs
-    except (AttributeError, ValueError):  # a subclassed model has no symbolic outputs
-        return None
-    if not outputs or len(outputs) != 1:
-        return None
-    classes = outputs[0].shape[-1]
-    return classes if isinstance(classes, int) and classes > 1 else None
+        x = np.asarray(x)
+    except ValueError as e:  # ragged nested lists
+        raise ValueError(f"{name} must be an array of N examples of one shape, (N, ...). Received: {e}") from None
+    if x.ndim < 2:
+        raise ValueError(f"{name} must be an array of N examples, (N, ...). Received shape {x.shape}.")
+    floating = np.issubdtype(x.dtype, np.floating) or x.dtype.name == "bfloat16"  # (ml_dtypes' is not np.floating)
+    if not (np.issubdtype(x.dtype, np.integer) or floating or x.dtype == bool):
+        raise ValueError(f"{name} must hold integers or floats (uint8 images, or float32). Received dtype {x.dtype}.")
+    if x.size == 0:
+        raise ValueError(f"{name} holds no examples (shape {x.shape}).")
+    if floating:
+        chunk = max(1, (1 << 22) // max(1, x[0].size))  # about 4M values a pass: no copy of x in memory
+        for start in range(0, len(x), chunk):
+            finite = np.isfinite(x[start:start + chunk]).reshape(min(chunk, len(x) - start), -1).all(axis=1)
+            if not finite.all():
+                raise ValueError(f"{name}[{start + int(np.argmin(finite))}] holds nan or inf: the loss of any batch "
+                                 f"with it would not be finite. Fix or drop those examples first.")
+    return x
+
+
+def _output_shapes(model, x):
+    """The shapes of `model`'s outputs for `x`'s examples: its symbolic outputs, or
+    (a subclassed model, a Sequential without an `Input`) those of a symbolic call
+    on an input of x's shape and dtype, which builds the model as its first call
+    would and computes nothing.
+
+    Raises:
+        ValueError: the model has other than one input, its input does not take x's
+            examples (shape, or float images into an integer input), or the
+            symbolic call fails (Keras' message, naming x's shape).
+    """
+    try:
+        inputs, outputs = model.inputs, model.outputs
+    except (AttributeError, ValueError):  # a subclassed model, a Sequential without an Input
+        inputs = outputs = None
+    if inputs:
+        if len(inputs) != 1:
+            raise ValueError(f"haet.fit trains models of one input; this one has {len(inputs)}.")
+        expected = tuple(inputs[0].shape[1:])
+        if len(expected) != x.ndim - 1 or any(e is not None and e != s for e, s in zip(expected, x.shape[1:])):
+            raise ValueError(f"x's examples have shape {x.shape[1:]}, but the model takes {expected} (its Input).")
+        dtype = np.dtype(keras.backend.standardize_dtype(inputs[0].dtype))
+        if np.issubdtype(dtype, np.integer) and np.issubdtype(x.dtype, np.floating):
+            raise ValueError(f"x is {x.dtype}, but the model's Input is {dtype}: the values would be cut to integers "
+                             f"(images scaled to [0, 1] would become 0). Pass the {dtype} images, or give the Input "
+                             f"dtype={x.dtype.name}.")
+    if outputs is None:
+        try:
+            outputs = keras.tree.flatten(model(keras.Input(x.shape[1:], dtype=x.dtype.name)))
+        except Exception as e:  # whatever the model's own layers raise for this input
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise ValueError(f"The model cannot take x's examples of shape {x.shape[1:]} and dtype {x.dtype}: "
+                             f"{first}") from None
+    return [tuple(output.shape) for output in outputs]
+
+
+def _classes(model, x, one_hot_classes):
+    """`(K, name)`: K, the number of classes the labels index, and the labels' name
+    for the messages. K is `one_hot_classes` (checked against
+    the model's output size), the size of the model's one output, or 2 for an
+    output of one unit (a binary classifier: labels 0 and 1); None when the output
+    size is not known.
+
+    Raises:
+        ValueError: more than one output, `one_hot_classes` other than the output's
+            size, or an input that does not take `x` (`_output_shapes`).
+    """
+    shapes = _output_shapes(model, x)
+    if len(shapes) != 1:
+        raise ValueError(f"haet.fit trains models of one output (class scores); this one has {len(shapes)}.")
+    size = shapes[0][-1] if shapes[0] else None
+    if one_hot_classes is not None:
+        if _is_integer(size) and size != one_hot_classes:
+            raise ValueError(f"one_hot_classes={one_hot_classes}, but the model outputs {size} scores an example: "
+                             f"they must match.")
+        return one_hot_classes, "y"
+    if size == 1:
+        return 2, "y (the model has one output unit: binary labels)"
+    return size if _is_integer(size) and size > 1 else None, "y"
+
+
+def _has_no_loss(model):
+    """A model compiled without a loss whose class does not compute one itself."""
+    return (getattr(model, "loss", None) is None and type(model).compute_loss is keras.Model.compute_loss
+            and type(model).train_step is keras.Model.train_step)
 
 
 def fit(model, x, y, *, budget_seconds=None, epochs=None, batch_size=32, learning_rate=None, validation_data=None,
@@ -176,7 +261,8 @@ def fit(model, x, y, *, budget_seconds=None, epochs=None, batch_size=32, learnin
     Args:
         model: a compiled `keras.Model` (optimizer, loss, metrics) taking `x` as
             stored; its `train_step` is the step.
-        x: `(N, ...)` training inputs, copied to the accelerator once as they are
+        x: `(N, ...)` training inputs (integers or finite floats, of the shape and
+            kind the model's input takes), copied to the accelerator once as they are
             (uint8 images take a quarter of float32's memory: normalize inside the
             model, e.g. with `keras.layers.Rescaling`).
         y: int class labels `(N,)` or `(N, 1)`.
@@ -198,12 +284,12 @@ def fit(model, x, y, *, budget_seconds=None, epochs=None, batch_size=32, learnin
         validation_data: None, or `(x_val, y_val)` scored with `model.evaluate` at
             each epoch end (`val_` + each compiled metric in the history and the
             callbacks' logs).
-        callbacks: `keras.callbacks.Callback`s (`EarlyStopping`, `TensorBoard`,
-            `ModelCheckpoint`...), called at epoch ends.
+        callbacks: a list of `keras.callbacks.Callback`s (`EarlyStopping`,
+            `TensorBoard`, `ModelCheckpoint`...), called at epoch ends; None: none.
         one_hot_classes: None, or K: the labels reach the loss as float32 one-hot
             rows of length K (for `CategoricalCrossentropy`, e.g. with label
             smoothing).
-        seed: seed of the epoch permutations.
+        seed: seed of the epoch permutations (an integer >= 0).
         steps_per_execution: the most steps one compiled execution runs (>= 1).
         probe_steps: steps the planner times before fitting a planned schedule.
         verbose: 0 silent, 1 one line an epoch.
@@ -213,16 +299,24 @@ def fit(model, x, y, *, budget_seconds=None, epochs=None, batch_size=32, learnin
         `FitResult`. The model holds the trained weights.
 
     Raises:
-        ValueError: before any training: an uncompiled model; no budget and no
-            epochs; a budget or epoch count that is not positive; inputs and labels
-            that do not match; labels that are not integer class labels, or are
-            outside [0, K) where K is known (`one_hot_classes`, or the last
-            dimension of the model's one output); a batch size outside [1, N];
-            `learning_rate` that is not callable, or given to an optimizer that
-            follows a schedule of its own (planned or not); a planned schedule in
-            an optimizer that already ran steps; validation data that do not
-            match; callbacks that are not Keras callbacks; `steps_per_execution`
-            or `probe_steps` below 1.
+        ValueError: before any training: an uncompiled model, or one compiled
+            without a loss (whose class computes none itself); a model of other
+            than one input and one output; no budget and no epochs; a budget or
+            epoch count that is not positive, or an infinite budget without
+            epochs; inputs that are empty, ragged, not numbers, hold nan or inf,
+            or that the model's input does not take (shape; float into an integer
+            `Input`); inputs and labels that do not match; labels that are not
+            integer class labels, or are outside [0, K) where K is known
+            (`one_hot_classes`, the size of the model's one output, read by a
+            symbolic call when the model has no symbolic outputs; 2 for an output
+            of one unit); `one_hot_classes` other than that size; a batch size
+            outside [1, N]; `learning_rate` that is not callable, fails at 0, or is
+            given to an optimizer that follows a schedule of its own (planned or
+            not); a planned schedule in an optimizer that already ran steps;
+            validation data that do not match, or are empty; callbacks that are
+            not a list of Keras callbacks; `steps_per_execution` or `probe_steps`
+            below 1, or a `steps_per_execution` reaching more than
+            `haet.engine.MAX_EPOCHS_PER_EXECUTION` epochs; a seed below 0.
         KeyboardInterrupt: after a Ctrl-C (SIGINT, in the main thread), once the
             current execution ended and the model holds the weights of the steps
             done.
@@ -230,45 +324,58 @@ def fit(model, x, y, *, budget_seconds=None, epochs=None, batch_size=32, learnin
     if not isinstance(model, keras.Model) or getattr(model, "optimizer", None) is None:
         raise ValueError("model must be a compiled keras.Model: call model.compile(optimizer=..., loss=..., "
                          "metrics=...) first.")
+    if _has_no_loss(model):
+        # (Under JAX its step would run with a loss of 0 and change nothing; under TensorFlow it fails in the step.)
+        raise ValueError("model was compiled without a loss: pass one, e.g. model.compile(optimizer, "
+                         "loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True), metrics=[...]).")
     if budget_seconds is None and epochs is None:
         raise ValueError("Give budget_seconds (seconds of training), epochs, or both.")
     if budget_seconds is not None and not (isinstance(budget_seconds, numbers.Real) and budget_seconds > 0
-                                           and not math.isnan(budget_seconds)):
+                                           and not math.isnan(budget_seconds) and not isinstance(budget_seconds, bool)):
         raise ValueError(f"budget_seconds must be a positive number of seconds. Received: {budget_seconds!r}")
-    if epochs is not None and not (isinstance(epochs, numbers.Integral) and epochs >= 1):
+    if epochs is not None and not (_is_integer(epochs) and epochs >= 1):
         raise ValueError(f"epochs must be a positive integer (or None: until the budget). Received: {epochs!r}")
-    if one_hot_classes is not None and not (isinstance(one_hot_classes, numbers.Integral) and one_hot_classes >= 2):
+    if epochs is None and math.isinf(budget_seconds):
+        raise ValueError("budget_seconds=inf with epochs=None would never stop: give epochs, or a finite budget.")
+    if one_hot_classes is not None and not (_is_integer(one_hot_classes) and one_hot_classes >= 2):
         raise ValueError(f"one_hot_classes must be None or the number of classes (an integer >= 2). Received: "
                          f"{one_hot_classes!r}")
-    classes = _classes(model, one_hot_classes)
-    x = np.asarray(x)
-    if x.ndim < 2:
-        raise ValueError(f"x must be an array of N examples, (N, ...). Received shape {x.shape}.")
+    x = _examples(x, "x")
+    classes, labels_name = _classes(model, x, one_hot_classes)
     # Imported here, not with the others: `import haet` imports this module, and runpy
     # warns when `python -m haet.data` finds haet.data already imported.
     from haet import data
 
     # Labels past the model's outputs fail deep in TensorFlow's step, and under JAX give a wrong loss.
-    y = data.class_labels(y, "y", len(x), classes)
-    if not (isinstance(batch_size, numbers.Integral) and 1 <= batch_size <= len(x)):
+    y = data.class_labels(y, labels_name, len(x), classes)
+    if not (_is_integer(batch_size) and 1 <= batch_size <= len(x)):
         raise ValueError(f"batch_size={batch_size!r} must be an integer between 1 and the {len(x)} training "
                          f"examples.")
-    if verbose not in (0, 1):
+    if verbose not in (0, 1) or isinstance(verbose, bool):
         raise ValueError(f"verbose must be 0 or 1. Received: {verbose!r}")
     for name, value in (("steps_per_execution", steps_per_execution), ("probe_steps", probe_steps)):
-        if not (isinstance(value, numbers.Integral) and value >= 1):
+        if not (_is_integer(value) and value >= 1):
             raise ValueError(f"{name} must be a positive integer. Received: {value!r}")
-    callbacks = list(callbacks)
+    steps_per_epoch = len(x) // batch_size
+    check_steps_per_execution(steps_per_execution, steps_per_epoch, len(x))
+    if not (_is_integer(seed) and seed >= 0):
+        raise ValueError(f"seed must be an integer >= 0 (it draws the epochs' permutations). Received: {seed!r}")
+    if isinstance(callbacks, keras.callbacks.Callback):
+        raise ValueError(f"callbacks must be a list of keras.callbacks.Callback instances: pass [{callbacks!r}].")
+    callbacks = list(callbacks or ())
     wrong = [c for c in callbacks if not isinstance(c, keras.callbacks.Callback)]
     if wrong:
         raise ValueError(f"callbacks must be keras.callbacks.Callback instances. Received: {wrong!r}")
     if validation_data is not None:
         if not (isinstance(validation_data, (tuple, list)) and len(validation_data) == 2):
             raise ValueError("validation_data must be a pair (x_val, y_val).")
-        x_val = np.asarray(validation_data[0])
+        x_val = _examples(validation_data[0], "x_val")
         if x_val.shape[1:] != x.shape[1:]:
             raise ValueError(f"x_val's examples have shape {x_val.shape[1:]}, x's {x.shape[1:]}.")
-        validation_data = (x_val, data.class_labels(validation_data[1], "y_val", len(x_val), classes))
+        y_val = data.class_labels(validation_data[1], "y_val", len(x_val), classes)
+        # `model.evaluate` feeds the labels to the loss as given: as one-hot rows when training does.
+        validation_data = (x_val, y_val if one_hot_classes is None else
+                           np.eye(one_hot_classes, dtype="float32")[y_val])
     planned = _planned_schedule(model.optimizer)
     wall_clock = None
     if learning_rate is not None:
@@ -283,8 +390,10 @@ def fit(model, x, y, *, budget_seconds=None, epochs=None, batch_size=32, learnin
         else:
             raise ValueError(f"learning_rate must be a function of the elapsed fraction of the budget, a haet "
                              f"schedule of unit 'budget', or None. Received: {learning_rate!r}")
-        wall_clock(0.0)  # a function that fails, fails before any work
-    steps_per_epoch = len(x) // batch_size
+        try:
+            wall_clock(0.0)  # a function that fails, fails before any work
+        except (TypeError, ValueError, ArithmeticError) as e:
+            raise ValueError(f"learning_rate failed at 0 of the budget: {type(e).__name__}: {e}") from None
     # Without epochs the planner fits the schedule to the budget (there is one: checked above).
     needs_plan = planned is not None and getattr(planned, "needs_plan", True) and epochs is None
     if planned is not None:

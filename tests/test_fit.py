@@ -175,9 +175,12 @@ def test_validation_and_callbacks_at_epoch_ends(data, cifar10_arrays):
 
 def test_a_non_finite_loss_stops_training_at_its_step(data):
     x, y = data
-    x = x.astype("float32")
-    x[37] = np.nan  # the batch that holds image 37 has a NaN loss
-    model = compiled(tiny_model(dtype="float32", activation=None))  # a ReLU would turn NaN into 0
+    x = x.astype("float32") + 1.0
+    x[37] = -1.0  # the batch that holds image 37 has a NaN loss: the model takes the square root
+    keras.utils.set_random_seed(0)
+    model = compiled(keras.Sequential([keras.Input((8, 8, 3)), keras.layers.Lambda(keras.ops.sqrt),
+                                       keras.layers.Conv2D(4, 3), keras.layers.GlobalAveragePooling2D(),
+                                       keras.layers.Dense(10)]))  # (no ReLU: it would turn NaN into 0)
     result = haet.fit(model, x, y, epochs=3, batch_size=8, steps_per_execution=32, verbose=0)
     position = int(np.flatnonzero(engine_lib.epoch_permutation(0, 0, 64) == 37)[0])
     assert result.stopped_by == "diverged" and result.diverged_at_step == position // 8 + 1
@@ -257,3 +260,125 @@ def test_bad_arguments_fail_before_any_training(data, change, message):
         haet.fit(model, x, y, **kwargs)
     if getattr(model, "optimizer", None) is not None:
         assert not model.optimizer.built  # nothing trained, nothing built
+
+
+class ThreeClasses(keras.Model):
+    """A subclassed model of 3 classes: no symbolic outputs to read the class count from."""
+
+    def __init__(self):
+        super().__init__()
+        self.flatten, self.dense = keras.layers.Flatten(), keras.layers.Dense(3)
+
+    def call(self, x):
+        return self.dense(self.flatten(keras.ops.cast(x, "float32") / 255.0))
+
+
+def _two_outputs():
+    inputs = keras.Input((8, 8, 3), dtype="uint8")
+    features = keras.layers.GlobalAveragePooling2D()(keras.layers.Rescaling(1 / 255)(inputs))
+    return keras.Model(inputs, [keras.layers.Dense(10)(features), keras.layers.Dense(2)(features)])
+
+
+def _units(units, with_input=True):
+    layers = [keras.layers.Rescaling(1 / 255), keras.layers.Flatten(), keras.layers.Dense(units)]
+    return keras.Sequential(([keras.Input((8, 8, 3), dtype="uint8")] if with_input else []) + layers)
+
+
+@pytest.mark.parametrize("case, message", [
+    ("no_loss", "model was compiled without a loss"),
+    ("inf_budget", "budget_seconds=inf with epochs=None would never stop"),
+    ("nan_image", r"x\[5\] holds nan or inf"),
+    ("no_images", r"x holds no examples \(shape \(0, 8, 8, 3\)\)"),
+    ("strings", "x must hold integers or floats"),
+    ("ragged", "x must be an array of N examples of one shape"),
+    ("other_shape", r"x's examples have shape \(8, 8, 1\), but the model takes \(8, 8, 3\)"),
+    ("float_into_uint8", "x is float32, but the model's Input is uint8: the values would be cut"),
+    ("one_hot_other_size", "one_hot_classes=3, but the model outputs 10 scores"),
+    ("two_outputs", "haet.fit trains models of one output"),
+    ("one_unit", r"y \(the model has one output unit: binary labels\): labels must be in \[0, 2\)"),
+    ("subclassed", r"y: labels must be in \[0, 3\). Received min 0, max 9"),
+    ("no_input", r"y: labels must be in \[0, 3\). Received min 0, max 9"),
+    ("no_input_other_shape", r"The model cannot take x's examples of shape \(8, 8, 3\)"),
+    ("huge_execution", r"steps_per_execution=1000000000 would let one execution reach .* pass steps_per_execution "
+                       r"<= 8185 \(1024 epochs\)"),
+    ("negative_seed", "seed must be an integer >= 0"),
+    ("no_seed", "seed must be an integer >= 0"),
+    ("one_callback", r"callbacks must be a list of keras.callbacks.Callback instances: pass \[<"),
+    ("no_validation_images", "x_val holds no examples"),
+    ("rate_of_a_string", "learning_rate failed at 0 of the budget: ValueError: could not convert"),
+    ("rate_of_nothing", "learning_rate failed at 0 of the budget: TypeError"),
+    ("epochs_true", "epochs must be a positive integer"),
+    ("batch_true", "batch_size=True must be an integer"),
+])
+def test_bad_models_and_inputs_fail_before_any_training(data, case, message):
+    """Each of these trained silently to a meaningless result under JAX, failed after
+    training started, hung, or failed inside Keras or NumPy without naming the argument."""
+    x, y = data
+    kwargs = dict(budget_seconds=5, batch_size=8, verbose=0)
+    model = {"two_outputs": _two_outputs, "one_unit": lambda: _units(1), "subclassed": ThreeClasses,
+             "no_input": lambda: _units(3, with_input=False),
+             "no_input_other_shape": lambda: keras.Sequential([keras.layers.Reshape((8, 8)), keras.layers.Flatten(),
+                                                               keras.layers.Dense(10)]),
+             }.get(case, tiny_model)()
+    if case == "no_loss":
+        model.compile(keras.optimizers.SGD(0.1), metrics=["accuracy"])
+    else:
+        compiled(model, keras.optimizers.SGD(0.1))
+    if case == "inf_budget":
+        kwargs["budget_seconds"] = math.inf
+    elif case == "nan_image":
+        model = compiled(tiny_model(dtype="float32"))
+        x = x.astype("float32")
+        x[5, 1, 2, 0] = np.nan
+    elif case == "no_images":
+        x, y = x[:0], y[:0]
+    elif case == "strings":
+        x = x.astype(str)
+    elif case == "ragged":
+        x = [x[0], x[1, :4]]
+    elif case == "other_shape":
+        x = x[..., :1]
+    elif case == "float_into_uint8":
+        x = x.astype("float32") / 255
+    elif case == "one_hot_other_size":
+        kwargs["one_hot_classes"] = 3
+    elif case == "huge_execution":
+        kwargs["steps_per_execution"] = 10**9
+    elif case in ("negative_seed", "no_seed"):
+        kwargs["seed"] = -1 if case == "negative_seed" else None
+    elif case == "one_callback":
+        kwargs["callbacks"] = keras.callbacks.EarlyStopping()
+    elif case == "no_validation_images":
+        kwargs["validation_data"] = (x[:0], y[:0])
+    elif case == "rate_of_a_string":
+        kwargs["learning_rate"] = lambda fraction: "x"
+    elif case == "rate_of_nothing":
+        kwargs["learning_rate"] = lambda: 0.1
+    elif case == "epochs_true":
+        kwargs["epochs"] = True
+    elif case == "batch_true":
+        kwargs["batch_size"] = True
+    with pytest.raises(ValueError, match=message):
+        haet.fit(model, x, y, **kwargs)
+    assert not model.optimizer.built  # nothing trained, nothing built
+
+
+def test_models_without_symbolic_outputs_one_hot_validation_and_no_callbacks_train(data, cifar10_arrays):
+    x, y = data
+    y3 = y % 3
+    for model in (ThreeClasses(), _units(3, with_input=False)):
+        result = haet.fit(compiled(model), x, y3, epochs=1, batch_size=16, callbacks=None, verbose=0)
+        assert result.stopped_by == "epochs" and result.steps == 4 and np.isfinite(result.history["loss"][0])
+    # Labels as one-hot rows (label smoothing) with validation: the validation labels go to the loss as one-hot
+    # rows too (it failed with "target.shape=(None,), output.shape=(None, 10)").
+    model = tiny_model()
+    model.compile(keras.optimizers.SGD(0.1), keras.losses.CategoricalCrossentropy(from_logits=True,
+                                                                                  label_smoothing=0.1),
+                  metrics=["categorical_accuracy"])
+    x_val, y_val = cifar10_arrays[2][:40, :8, :8], cifar10_arrays[3][:40]
+    result = haet.fit(model, x, y, epochs=1, batch_size=16, one_hot_classes=10, validation_data=(x_val, y_val),
+                      verbose=0)
+    one_hot = keras.ops.one_hot(y_val, 10)
+    scores = model.evaluate(x_val, one_hot, batch_size=16, verbose=0, return_dict=True)
+    assert result.history["val_loss"][-1] == pytest.approx(scores["loss"], rel=1e-5)
+    assert result.history["val_categorical_accuracy"][-1] == pytest.approx(scores["categorical_accuracy"])
