@@ -185,7 +185,9 @@ class Checkpointer(Hook):
         engine = run.engine
         with run.budget.pause():
             self.saved += 1
-            state = {**run.state_dict(), "host_random": host_random_state()}
+            # The code that wrote it: a resume with other code names it when the variables differ.
+            state = {**run.state_dict(), "host_random": host_random_state(),
+                     "git_commit": process_commit(self.folder.record)}
             try:
                 self.bytes = save(self.path, engine.snapshot(), engine.variable_paths(), state)
             except OSError as e:
@@ -272,6 +274,13 @@ class StopSignals(Hook):
     def after_execution(self, run, steps, losses):
         if self.received is not None:
             run.stop("interrupted", immediate=True)
+
+
+def process_commit(record):
+    """The commit of the code the run's latest process runs (its last resume's, or the
+    run's own), from its record; None when not known."""
+    history = record.get("resume_history") or []
+    return (history[-1] if history else record).get("git_commit")
 
 
 def exit_code(record):
@@ -367,5 +376,5 @@ def _alive(pid):
     return True
 
 
-__all__ = ["CHECKPOINT", "Checkpointer", "StopSignals", "save", "load", "exit_code", "resumable",
+__all__ = ["CHECKPOINT", "Checkpointer", "StopSignals", "save", "load", "exit_code", "process_commit", "resumable",
            "host_random_state", "set_host_random_state"]

@@ -253,7 +253,7 @@ def _train_in(config, folder, data, built, settings, timer, clock, signals, prev
     run.checkpointer.record_progress = lambda: folder.write_record(progress(checkpoint=checkpoint_lib.CHECKPOINT))
     resume_from = None
     if previous is not None:
-        resume_from = _load_checkpoint(run, folder.path, previous, folder.record["resume_history"][-1]["git_commit"])
+        resume_from = _load_checkpoint(run, folder.path, previous, checkpoint_lib.process_commit(folder.record))
     run.fit(resume_from)
     host_cpu.stop()
     _warn_if_loaded(host_cpu.fields())
@@ -318,10 +318,12 @@ def _load_checkpoint(run, run_dir, previous, commit):
 
     Raises:
         ValueError: the checkpoint holds other variables (the code changed since it
-            was written): naming the commit that wrote it (from `previous`, the
-            record before this resume) and this one (`commit`).
+            was written): naming the commit that wrote it (kept in the checkpoint;
+            of one written before it was, the commits in `previous`, the record
+            before this resume) and this one (`commit`).
     """
     snapshot, paths, state = checkpoint_lib.load(os.path.join(run_dir, checkpoint_lib.CHECKPOINT))
+    written = state.pop("git_commit", _UNKNOWN)
     ours = run.engine.variable_paths()
     offsets = [i for i, path in enumerate(ours) if path.endswith("/plan_offset")]
     if len(paths) == len(ours) - 1 and len(offsets) == 1 and not any(p.endswith("/plan_offset") for p in paths):
@@ -334,16 +336,24 @@ def _load_checkpoint(run, run_dir, previous, commit):
     if len(paths) != len(ours) or differ:
         raise ValueError(f"The checkpoint in {run_dir} holds other variables than this model: {len(paths)} vs "
                          f"{len(ours)} variables{', first difference ' + str(differ[0]) if differ else ''}. "
-                         + _written_by(previous, commit))
+                         + _written_by(written, previous, commit))
     checkpoint_lib.set_host_random_state(state.pop("host_random"))
     return snapshot, state
 
 
-def _written_by(previous, commit):
-    """What to do about a checkpoint this code cannot continue: the commit that wrote it
-    (the last resume's, or the run's) against this process's `commit`."""
-    history = previous.get("resume_history") or []
-    written = (history[-1] if history else previous).get("git_commit")
+_UNKNOWN = object()  # a checkpoint written before checkpoints named their commit
+
+
+def _written_by(written, previous, commit):
+    """What to do about a checkpoint this code (`commit`) cannot continue: `written`,
+    the commit the checkpoint names (`_UNKNOWN` for one that names none: then the
+    commits of `previous`, the run's record)."""
+    if written is _UNKNOWN:
+        commits = [previous.get("git_commit")] + [h.get("git_commit") for h in previous.get("resume_history") or []]
+        known = list(dict.fromkeys(c for c in commits if c))
+        ran = ", ".join(known) or "no known commit"
+        return (f"It does not name the code that wrote it (the run's processes ran {ran}; this is {commit}): "
+                f"resume with that code, or start the run again.")
     if written is None or commit is None:
         return ("The code that wrote it is not known (not a git checkout): resume with that code, or start the "
                 "run again.")

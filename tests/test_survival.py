@@ -112,10 +112,8 @@ def test_a_checkpoint_written_before_plans_had_an_offset_resumes(tmp_path, cifar
     # A checkpoint of other variables (code changed since) is refused naming the commit that wrote it,
     # and stays, to resume with that code.
     written = checkpoint.load(path)
-    checkpoint.save(path, snapshot[1:], paths[1:], state)
-    record = json.loads(open(os.path.join(run_dir, "record.json")).read())
-    record["git_commit"] = "0123abc"
-    open(os.path.join(run_dir, "record.json"), "w").write(json.dumps(record))
+    assert state["git_commit"] == _record(run_dir)["git_commit"]  # the checkpoint names the code that wrote it
+    checkpoint.save(path, snapshot[1:], paths[1:], {**state, "git_commit": "0123abc"})
     with pytest.raises(ValueError, match="holds other variables than this model") as refused:
         train(config, resume=run_dir)
     assert "written by haet at commit 0123abc, and this is " in str(refused.value)
@@ -130,14 +128,17 @@ def test_a_checkpoint_written_before_plans_had_an_offset_resumes(tmp_path, cifar
 
 
 def test_a_checkpoint_of_other_variables_names_the_code_that_wrote_it():
-    from haet.training import _written_by
+    from haet.training import _UNKNOWN, _written_by
 
-    resumed_once = {"git_commit": "aaa", "resume_history": [{"git_commit": "bbb-dirty"}]}
-    assert "at commit bbb-dirty, and this is ccc" in _written_by(resumed_once, "ccc")
-    assert "(git checkout bbb)" in _written_by(resumed_once, "ccc")
-    assert "this is a bug of haet's" in _written_by({"git_commit": "ccc"}, "ccc")
-    assert "at commit ccc-dirty, and this is ccc-dirty" in _written_by({"git_commit": "ccc-dirty"}, "ccc-dirty")
-    assert "not known" in _written_by({"git_commit": None}, "ccc") and "not known" in _written_by({}, None)
+    resumed_twice = {"git_commit": "aaa", "resume_history": [{"git_commit": "bbb"}, {"git_commit": "bbb"}]}
+    assert "at commit aaa, and this is bbb" in _written_by("aaa", resumed_twice, "bbb")
+    assert "(git checkout aaa)" in _written_by("aaa-dirty", resumed_twice, "bbb")
+    assert "this is a bug of haet's" in _written_by("bbb", resumed_twice, "bbb")
+    assert "at commit bbb-dirty, and this is bbb-dirty" in _written_by("bbb-dirty", resumed_twice, "bbb-dirty")
+    assert "not known" in _written_by(None, resumed_twice, "bbb") and "not known" in _written_by("aaa", {}, None)
+    # A checkpoint written before checkpoints named their commit: the run's commits, each once.
+    assert "the run's processes ran aaa, bbb; this is ccc" in _written_by(_UNKNOWN, resumed_twice, "ccc")
+    assert checkpoint.process_commit(resumed_twice) == "bbb" and checkpoint.process_commit({"git_commit": "a"}) == "a"
 
 
 def test_an_interrupted_record_counts_the_epochs_the_device_ended_and_the_resume_writes_them(
