@@ -505,6 +505,11 @@ class StepPlanner(StepLimit):
             timed_steps += steps
             timed_seconds += budget.executions[-1].seconds
         engine.restore(snapshot)
+        if timed_seconds > 0.25 * budget.budget_seconds:
+            # Its steps are undone: time the budget does not train in (a slow machine, or a large probe).
+            logging.warning("the planner's probe timed %d steps in %.1f s, more than a quarter of the %g s budget, "
+                            "and undid them: fewer probe steps leave more of the budget to training (haet.fit's "
+                            "probe_steps, --planner_probe_steps)", timed_steps, timed_seconds, budget.budget_seconds)
         # Past the budget already (a compilation longer than it): one epoch, which
         # the budget cuts.
         self.step_seconds = timed_seconds / timed_steps if timed_steps else budget.executions[0].seconds

@@ -316,10 +316,20 @@ def test_planner_state_keeps_its_replans_and_reads_an_older_checkpoint():
         StepPlanner(budget, _PlannedSteps(), steps_per_epoch=4, pace_window=1.5)
 
 
-def test_planner_when_the_probe_exhausts_the_budget():
-    engine, budget, planner, run = _planned(3.0)
+def test_planner_when_the_probe_exhausts_the_budget(caplog):
+    import logging
+
+    with caplog.at_level(logging.WARNING):
+        engine, budget, planner, run = _planned(3.0)
     # The budget ran out during the probe: one epoch is planned and the budget cuts it.
     assert planner.planned_epochs == 1 and budget.steps == 1 and run.stopped_by == "budget"
+    # The probe's undone steps took most of the budget: a warning says so (none for the 40.5 s budget's 3 s).
+    (warning,) = [r.getMessage() for r in caplog.records if "planner's probe" in r.getMessage()]
+    assert "timed 3 steps in 3.0 s, more than a quarter of the 3 s budget" in warning
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        _planned(40.5)
+    assert not [r for r in caplog.records if "planner's probe" in r.getMessage()]
 
 
 def test_planner_with_a_real_schedule_and_engine_hits_the_peak_mid_run():
