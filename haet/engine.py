@@ -57,7 +57,7 @@ def check_steps_per_execution(steps_per_execution, steps_per_epoch, size, spans_
     """Refuses `steps_per_execution` (a positive integer) so large that one execution
     would reach more than `MAX_EPOCHS_PER_EXECUTION` epochs: the engine keeps a
     permutation of the `size` training indices (int32) on the device for each (a
-    billion steps asked for 60 GB of host memory, or hung under JAX).
+    billion steps asked for 59.6 GiB of host memory, or hung under JAX).
 
     Raises:
         ValueError: naming the value and the largest one allowed.

@@ -112,8 +112,6 @@ def train(config, results_dir="results/runs", clock=time.perf_counter, resume=No
                 with _setup_errors():
                     source = load_init_from(config)  # a damaged file is refused before the data are read
                     data = prepare_data(config)
-                    check_steps_per_execution(config.steps_per_execution, data.steps_per_epoch(config),
-                                              len(data.y_fit), config.span_epochs)
                 start = {**results.start_record(config, settings, commit), **results.data_fields(config, data)}
                 if previous is not None:
                     with _setup_errors():
@@ -407,7 +405,10 @@ def prepare_data(config):
         `TrainingData`.
 
     Raises:
-        ValueError: malformed data. RuntimeError: no data found.
+        ValueError: malformed data, or a `steps_per_execution` that would let one
+            execution reach more epochs than the engine keeps permutations for
+            (`haet.engine.check_steps_per_execution`: every tool that trains reads
+            its data here first). RuntimeError: no data found.
     """
     dataset = load_dataset_of(config)
     info = dataset.info
@@ -421,6 +422,8 @@ def prepare_data(config):
                  info.name, dataset.source, len(y_train), config.subset_seed, sha, len(dataset.y_test))
     x_fit, y_fit, x_val, y_val = split_validation(x_train, y_train, config.validation_size, info.num_classes,
                                                   config.subset_seed + 1)
+    check_steps_per_execution(config.steps_per_execution, len(y_fit) // config.batch_size, len(y_fit),
+                              config.span_epochs)
     return TrainingData(dataset, x_fit, y_fit, x_val, y_val, sha)
 
 
