@@ -52,7 +52,7 @@ from absl import app, flags, logging
 
 from haet import config as config_lib
 from haet import data as data_lib
-from haet import cli, training
+from haet import cli, engine, training
 
 # Dense (no sparsity) bf16/fp16 tensor-core peaks in TFLOP/s, from NVIDIA's data
 # sheets; matched in this order against the device name.
@@ -282,7 +282,9 @@ def bench(config, batch_sizes, steps_per_executions, bench_steps=20, end_to_end_
 
     Raises:
         ValueError: a batch size or steps-per-execution value the config cannot take.
-        training.SetupError (a ValueError): data that cannot be loaded, before any work.
+        training.SetupError (a ValueError): data that cannot be loaded, or a
+            steps-per-execution value too large for a batch size's end-to-end run
+            (`haet.engine.check_steps_per_execution`), before any work.
     """
     rows = []
     with tempfile.TemporaryDirectory() as folder:
@@ -294,10 +296,21 @@ def bench(config, batch_sizes, steps_per_executions, bench_steps=20, end_to_end_
             raise training.SetupError(str(e)) from None
         base = dataclasses.replace(config, data_dir=data_dir, classes=(), save_model=False, evaluate_test=True,
                                    validation_size=0, budget_seconds=end_to_end_budget or config.budget_seconds)
+        # Loaded once: the batch size and steps per execution change neither the subset
+        # nor the split. Every end-to-end setting is checked here, before the first
+        # measurement (a steps_per_execution too large for a batch size was refused
+        # only by its end-to-end run, after the measurements before it).
+        try:
+            data = training.prepare_data(dataclasses.replace(base, steps_per_execution=1))
+            for batch_size in batch_sizes if end_to_end_budget else ():
+                for k in steps_per_executions:
+                    engine.check_steps_per_execution(k, len(data.y_fit) // batch_size, len(data.y_fit),
+                                                     base.span_epochs)
+        except (ValueError, RuntimeError) as e:
+            raise training.SetupError(str(e)) from None
         for batch_size in batch_sizes:
             sized = dataclasses.replace(base, batch_size=batch_size)
             with training.settings_of(sized) as settings:
-                data = training.prepare_data(sized)
                 model, _, _ = compiled_model(sized, data, settings, source)
                 x, y = first_batch(data, sized)
                 step_seconds, compile_seconds, variants = pure_step(model, x, y, bench_steps)

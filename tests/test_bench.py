@@ -45,6 +45,20 @@ def test_unusable_data_is_a_setup_error_before_any_work(tmp_path):
         bench.bench(config, [8], [1], bench_steps=3, end_to_end_budget=0)
 
 
+def test_a_steps_per_execution_too_large_for_a_batch_size_is_refused_before_any_measurement(monkeypatch):
+    """200 images are 25 steps an epoch at batch 8 and 12 at batch 16: 20,000 steps an
+    execution stay within the engine's 1024 epochs at batch 8, not at batch 16. Before,
+    batch 8 was measured first and batch 16's end-to-end run refused it."""
+    def measured(*args, **kwargs):
+        raise AssertionError("a model was compiled before the settings were checked")
+
+    monkeypatch.setattr(bench, "compiled_model", measured)
+    config = TrainConfig(model="tiny_cnn", train_size=200)
+    with pytest.raises(training.SetupError, match=r"steps_per_execution=20000 would let one execution reach "
+                                                  r"\d+ epochs of 12 steps.*steps_per_execution <= 12277"):
+        bench.bench(config, [8, 16], [1, 20000], bench_steps=3, end_to_end_budget=3.0, test_images=20)
+
+
 def test_the_epoch_boundary_benchmark_times_each_boundary_and_leaves_the_engine_going():
     """scripts/bench_epoch_boundary.py on a tiny engine: one time per boundary after the
     first eighth, each positive; the engine went through every epoch, with the metrics
