@@ -42,8 +42,8 @@ from haet.layers import PatchWhitening
 from haet.hooks import DivergenceGuard, MovingAverage, SnapshotKeeper, TrainingHealth, Validation
 from haet.loop import Hook, KerasCallbacks, StepLimit, Training
 
-__all__ = ["TrainConfig", "SetupError", "SetupInterrupted", "train", "prepare_data", "build_model", "load_init_from",
-           "build_optimizer", "compile_model", "build_run", "evaluate"]
+__all__ = ["TrainConfig", "SetupError", "CheckpointMismatch", "SetupInterrupted", "train", "prepare_data",
+           "build_model", "load_init_from", "build_optimizer", "compile_model", "build_run", "evaluate"]
 
 
 def train(config, results_dir="results/runs", clock=time.perf_counter, resume=None, hooks=()):
@@ -131,6 +131,11 @@ def train(config, results_dir="results/runs", clock=time.perf_counter, resume=No
         try:
             record = _train_in(config, folder, data, built, settings, timer, clock, signals, previous, hooks)
         except BaseException as e:
+            if isinstance(e, CheckpointMismatch):
+                # Refused once the run was built, before any step: the record goes back
+                # to what it said before this resume (its status, signal and resumes).
+                folder.write_record(previous)
+                raise
             interrupted = isinstance(e, KeyboardInterrupt)
             folder.update(status="interrupted" if interrupted else "failed",
                           error=f"{type(e).__name__}: {e}",
@@ -152,6 +157,12 @@ class SetupInterrupted(KeyboardInterrupt):
 class SetupError(ValueError):
     """A run that cannot start: a setting, data file, results folder or run to resume
     that is not usable; raised before the run folder is made (or touched)."""
+
+
+class CheckpointMismatch(SetupError):
+    """The checkpoint of a run to resume holds other variables than the run built by
+    this code; found once the run is built, before any step (its record is left as
+    it was before the resume)."""
 
 
 @contextlib.contextmanager
@@ -315,10 +326,10 @@ def _load_checkpoint(run, run_dir, previous, commit):
     variables; the host's random generators are put back.
 
     Raises:
-        ValueError: the checkpoint holds other variables (the code changed since it
-            was written): naming the commit that wrote it (kept in the checkpoint;
-            of one written before it was, the commits in `previous`, the record
-            before this resume) and this one (`commit`).
+        CheckpointMismatch (a SetupError): the checkpoint holds other variables (the
+            code changed since it was written): naming the commit that wrote it
+            (kept in the checkpoint; of one written before it was, the commits in
+            `previous`, the record before this resume) and this one (`commit`).
     """
     snapshot, paths, state = checkpoint_lib.load(os.path.join(run_dir, checkpoint_lib.CHECKPOINT))
     written = state.pop("git_commit", _UNKNOWN)
@@ -332,9 +343,10 @@ def _load_checkpoint(run, run_dir, previous, commit):
     # Keras numbers the names of objects made again in one process (adam_1/...): compare without.
     differ = [(a, b) for a, b in zip(paths, ours) if _unnumbered(a) != _unnumbered(b)]
     if len(paths) != len(ours) or differ:
-        raise ValueError(f"The checkpoint in {run_dir} holds other variables than this model: {len(paths)} vs "
-                         f"{len(ours)} variables{', first difference ' + str(differ[0]) if differ else ''}. "
-                         + _written_by(written, previous, commit))
+        raise CheckpointMismatch(f"The checkpoint in {run_dir} holds other variables than this model: "
+                                 f"{len(paths)} vs {len(ours)} variables"
+                                 f"{', first difference ' + str(differ[0]) if differ else ''}. "
+                                 + _written_by(written, previous, commit))
     checkpoint_lib.set_host_random_state(state.pop("host_random"))
     return snapshot, state
 

@@ -114,17 +114,20 @@ def test_a_checkpoint_written_before_plans_had_an_offset_resumes(tmp_path, cifar
     written = checkpoint.load(path)
     assert state["git_commit"] == _record(run_dir)["git_commit"]  # the checkpoint names the code that wrote it
     checkpoint.save(path, snapshot[1:], paths[1:], {**state, "git_commit": "0123abc"})
-    with pytest.raises(ValueError, match="holds other variables than this model") as refused:
+    interrupted = _record(run_dir)
+    with pytest.raises(SetupError, match="holds other variables than this model") as refused:
         train(config, resume=run_dir)
     assert "written by haet at commit 0123abc, and this is " in str(refused.value)
     assert "(git checkout 0123abc), or start the run again" in str(refused.value)
-    failed = _record(run_dir)
-    assert failed["status"] == "failed" and failed["checkpoint"] == "checkpoint.npz"
+    # Nothing was trained: the record is as the interrupted run left it (not "failed",
+    # its signal kept, no resume counted), and the checkpoint stays.
+    assert _record(run_dir) == interrupted and interrupted["status"] == "interrupted"
+    assert interrupted["interrupted_by"] == "SIGTERM" and "resumes" not in interrupted
     checkpoint.save(path, *written)
     resumed, _ = train(config, resume=run_dir)
     assert resumed["status"] == "completed" and resumed["steps"] == reference["steps"] == 15
     assert resumed["test_loss"] == pytest.approx(reference["test_loss"], abs=1e-6)
-    assert resumed["resumes"] == len(resumed["resume_history"]) == 2
+    assert resumed["resumes"] == len(resumed["resume_history"]) == 1
 
 
 def test_a_checkpoint_of_other_variables_names_the_code_that_wrote_it():
