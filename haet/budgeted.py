@@ -235,8 +235,25 @@ def _classes(model, x, one_hot_classes):
                              f"they must match.")
         return one_hot_classes, "y"
     if size == 1:
+        if _is_categorical_crossentropy(getattr(model, "loss", None)):
+            # A softmax over one score is 1 whatever it is: a loss of 0 and no learning.
+            raise ValueError("The model outputs one score an example, and its loss is a categorical "
+                             "cross-entropy, which is 0 for one score (nothing would be learned): for binary "
+                             "labels use keras.losses.BinaryCrossentropy, or give the model one output unit a "
+                             "class.")
         return 2, "y (the model has one output unit: binary labels)"
     return size if _is_integer(size) and size > 1 else None, "y"
+
+
+def _is_categorical_crossentropy(loss):
+    """A loss (as `model.compile` keeps it: a name, a `keras.losses.Loss`, a function)
+    that is Keras' sparse or one-hot categorical cross-entropy."""
+    losses = keras.losses
+    if isinstance(loss, str):
+        return loss in ("sparse_categorical_crossentropy", "SparseCategoricalCrossentropy",
+                        "categorical_crossentropy", "CategoricalCrossentropy")
+    return (isinstance(loss, (losses.SparseCategoricalCrossentropy, losses.CategoricalCrossentropy))
+            or loss in (losses.sparse_categorical_crossentropy, losses.categorical_crossentropy))
 
 
 def _has_no_loss(model):
@@ -309,7 +326,8 @@ def fit(model, x, y, *, budget_seconds=None, epochs=None, batch_size=32, learnin
             integer class labels, or are outside [0, K) where K is known
             (`one_hot_classes`, the size of the model's one output, read by a
             symbolic call when the model has no symbolic outputs; 2 for an output
-            of one unit); `one_hot_classes` other than that size; a batch size
+            of one unit, whose loss may not be a categorical cross-entropy: 0 for
+            one score); `one_hot_classes` other than that size; a batch size
             outside [1, N]; `learning_rate` that is not callable, fails at 0, or is
             given to an optimizer that follows a schedule of its own (planned or
             not); a planned schedule in an optimizer that already ran steps;

@@ -296,6 +296,8 @@ def _units(units, with_input=True):
     ("one_hot_other_size", "one_hot_classes=3, but the model outputs 10 scores"),
     ("two_outputs", "haet.fit trains models of one output"),
     ("one_unit", r"y \(the model has one output unit: binary labels\): labels must be in \[0, 2\)"),
+    ("one_unit_softmax", "outputs one score an example, and its loss is a categorical cross-entropy, which is 0"),
+    ("one_unit_by_name", "outputs one score an example, and its loss is a categorical cross-entropy, which is 0"),
     ("subclassed", r"y: labels must be in \[0, 3\). Received min 0, max 9"),
     ("no_input", r"y: labels must be in \[0, 3\). Received min 0, max 9"),
     ("no_input_other_shape", r"The model cannot take x's examples of shape \(8, 8, 3\)"),
@@ -315,13 +317,18 @@ def test_bad_models_and_inputs_fail_before_any_training(data, case, message):
     training started, hung, or failed inside Keras or NumPy without naming the argument."""
     x, y = data
     kwargs = dict(budget_seconds=5, batch_size=8, verbose=0)
-    model = {"two_outputs": _two_outputs, "one_unit": lambda: _units(1), "subclassed": ThreeClasses,
+    model = {"two_outputs": _two_outputs, "one_unit": lambda: _units(1), "one_unit_softmax": lambda: _units(1),
+             "one_unit_by_name": lambda: _units(1), "subclassed": ThreeClasses,
              "no_input": lambda: _units(3, with_input=False),
              "no_input_other_shape": lambda: keras.Sequential([keras.layers.Reshape((8, 8)), keras.layers.Flatten(),
                                                                keras.layers.Dense(10)]),
              }.get(case, tiny_model)()
     if case == "no_loss":
         model.compile(keras.optimizers.SGD(0.1), metrics=["accuracy"])
+    elif case == "one_unit":  # binary labels: labels 2..9 are refused
+        model.compile(keras.optimizers.SGD(0.1), keras.losses.BinaryCrossentropy(from_logits=True))
+    elif case == "one_unit_by_name":
+        model.compile(keras.optimizers.SGD(0.1), "categorical_crossentropy")
     else:
         compiled(model, keras.optimizers.SGD(0.1))
     if case == "inf_budget":
