@@ -11,6 +11,7 @@ The loss is the softmax cross-entropy on logits, with label smoothing when set.
 import re
 
 import keras
+from absl import logging
 from keras import ops
 
 from haet import fields
@@ -27,7 +28,11 @@ class _HaetOptimizer:
       `pattern` (`re.search`; the first match wins) inside `update_step`, exactly
       as a PyTorch parameter group with that learning rate (Page's ResNet-9 gives
       batch-norm shifts 64x the learning rate, davidcpage/cifar10-fast
-      bag_of_tricks.ipynb; airbench too);
+      bag_of_tricks.ipynb; airbench too), L2 regularization in the loss included
+      (haet's models' `kernel_regularizer`s, PyTorch's coupled `weight_decay`).
+      Not Keras' decoupled `weight_decay=`: Keras applies it at the base learning
+      rate to every variable before `update_step` (a PyTorch group would scale it
+      too), so a warning is logged when both are given;
     - a step-planned learning-rate schedule (`haet.schedules.PlannedSchedule`...)
       gets its planned-steps and plan-offset variables back when a saved model is
       loaded: Keras builds a loaded optimizer, then restores its variables only if
@@ -56,6 +61,11 @@ class _HaetOptimizer:
                 raise ValueError(f"{pattern!r} is not a regular expression ({e}).") from None
             pairs.append((str(pattern), float(multiplier)))
         self.learning_rate_multipliers = tuple(pairs)
+        if self.weight_decay and any(m != 1.0 for _, m in pairs):
+            logging.warning("%s(weight_decay=%g): Keras decays every variable at the base learning rate, not "
+                            "scaled by learning_rate_multipliers; for a decay the multipliers scale (as a PyTorch "
+                            "parameter group), use an L2 kernel_regularizer instead", type(self).__name__,
+                            self.weight_decay)
 
     def multiplier_of(self, variable):
         """The learning-rate multiplier of `variable` (1.0 when no pattern matches its path)."""
@@ -73,8 +83,11 @@ class _HaetOptimizer:
 
     def build(self, variables):
         schedule = getattr(self, "_learning_rate", None)
-        if getattr(schedule, "unit", None) == "steps" and getattr(schedule, "planned_steps", 1) is None:
-            schedule.attach(self, schedule.saved_planned_steps or 1.0, plan_offset=schedule.saved_plan_offset)
+        # Only a schedule loaded with its plan: a new one left unattached must fail at
+        # its first step (`fraction`), not plan one step and train at its end value.
+        if (getattr(schedule, "unit", None) == "steps" and getattr(schedule, "planned_steps", 1) is None
+                and schedule.saved_planned_steps is not None):
+            schedule.attach(self, schedule.saved_planned_steps, plan_offset=schedule.saved_plan_offset)
         super().build(variables)
         self._multipliers = [self.multiplier_of(v) for v in variables]
 
@@ -86,7 +99,8 @@ class _HaetOptimizer:
             kept = [v for v in self.variables if v is not offset]
             plan = next(i for i, v in enumerate(kept) if v is schedule.planned_steps)
             if (all(tuple(store[str(i)].shape) == tuple(v.shape) for i, v in enumerate(kept))
-                    and float(store[str(plan)]) == float(schedule.saved_planned_steps or 1.0)):
+                    and schedule.saved_planned_steps is not None
+                    and float(store[str(plan)]) == float(schedule.saved_planned_steps)):
                 for i, variable in enumerate(kept):
                     variable.assign(store[str(i)])
                 return

@@ -172,7 +172,10 @@ class _PlannedSteps(keras.optimizers.schedules.LearningRateSchedule):
             ValueError: `attach` was not called.
         """
         if self.planned_steps is None:
-            raise ValueError(f"{type(self).__name__}.attach(optimizer, planned_steps) was not called.")
+            raise ValueError(f"{type(self).__name__}.attach(optimizer, planned_steps) was not called: a schedule "
+                             f"over the planned steps needs the plan (haet.fit and python -m haet.train attach it; "
+                             f"before Keras' model.fit, call schedule.attach(model.optimizer, epochs * "
+                             f"steps_per_epoch, steps_per_epoch) after compile).")
         return plan_fraction(step, self.planned_steps, self.plan_offset)
 
 
@@ -262,11 +265,12 @@ class PlannedPiecewiseLinear(_PlannedSteps):
             if not self.steps_per_epoch:
                 raise ValueError("PlannedPiecewiseLinear with epoch knots needs steps_per_epoch (attach(...)).")
             position = ops.cast(step, "float32") / self.steps_per_epoch
-        # v0 + sum of each segment's slope times the part of it already covered.
+        # v0 + sum of each segment's slope times the part of it already covered; at
+        # least 0 (the values are): float32 sums ended a 0 -> 0.4 -> 0 plan at -3e-8.
         lr = ops.convert_to_tensor(self.values[0], "float32")
         for k0, k1, v0, v1 in zip(self.knots, self.knots[1:], self.values, self.values[1:]):
             lr = lr + (v1 - v0) / (k1 - k0) * ops.clip(position - k0, 0.0, k1 - k0)
-        return lr
+        return ops.maximum(lr, 0.0)
 
     def get_config(self):
         return self._with_plan({"knots": list(self.knots), "values": list(self.values), "knot_unit": self.knot_unit,

@@ -50,7 +50,16 @@ def test_a_step_moves_batch_norm_shifts_64_times_as_far(ghost, name):
         assert np.abs(delta).max() > 1e-6, path  # the step moved it (learning rate 1e-3)
 
 
-def test_multipliers_are_saved_with_the_optimizer_and_checked():
+def test_multipliers_are_saved_with_the_optimizer_and_checked(caplog):
+    import logging
+
+    with caplog.at_level(logging.WARNING):
+        optimizers.SGD(0.1, weight_decay=1e-4)  # no multiplier: nothing to say
+        optimizers.SGD(0.1, learning_rate_multipliers=[("beta$", 64)])
+        assert not caplog.records
+        # Keras' decoupled decay goes at the base rate: the multiplier does not scale it.
+        optimizers.Adam(0.1, weight_decay=1e-4, learning_rate_multipliers=[("beta$", 64)])
+    assert [r.getMessage().split(":")[0] for r in caplog.records] == ["Adam(weight_decay=0.0001)"]
     optimizer = optimizers.SGD(0.1, learning_rate_multipliers=[("beta$", 64)])
     again = optimizers.SGD.from_config(optimizer.get_config())
     assert again.learning_rate_multipliers == (("beta$", 64.0),)

@@ -69,6 +69,38 @@ def test_planned_piecewise_linear_values_on_host_and_device():
         assert float(np.asarray(schedule(step))) == pytest.approx(expected, abs=1e-7)
     schedule.planned_steps.assign(200.0)
     assert float(np.asarray(schedule(50))) == pytest.approx(0.4, abs=1e-7)
+    # The end of the plan and past it: 0 exactly, never below (float32 sums gave -3e-8 at 12 steps).
+    for planned in (12.0, 100.0, 200.0):
+        schedule.planned_steps.assign(planned)
+        assert [float(np.asarray(schedule(planned * k))) for k in (1, 1.5)] == [0.0, 0.0]
+
+
+def test_a_planned_schedule_never_attached_fails_at_the_first_step_with_haet_optimizers_too():
+    """haet's SGD attached a plan of 1 step to any unattached planned schedule when it
+    built (meant for loaded models only): Keras' fit trained 12 steps at the
+    schedule's end value (weights moved 5e-8) without a word."""
+    import keras
+    import numpy as np
+
+    from haet import models, optimizers
+    from haet.schedules import PlannedPiecewiseLinear
+
+    rng = np.random.default_rng(0)
+    x, y = rng.integers(0, 256, (16, 8, 8, 3)).astype("uint8"), rng.integers(0, 10, 16)
+    for optimizer_class in (optimizers.SGD, optimizers.Adam, keras.optimizers.SGD):
+        model = models.tiny_cnn(width_multiplier=0.25, input_shape=(8, 8, 3))
+        schedule = PlannedPiecewiseLinear([0.0, 0.25, 1.0], [0.0, 0.4, 0.0])
+        model.compile(optimizer_class(schedule), keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+        with pytest.raises(ValueError, match=r"attach\(optimizer, planned_steps\) was not called: .* call "
+                                             r"schedule.attach\(model.optimizer, epochs \* steps_per_epoch"):
+            model.fit(x, y, batch_size=4, epochs=3, verbose=0)
+        assert schedule.planned_steps is None
+    # As the message says: attached after compile, Keras' fit follows the plan.
+    model = models.tiny_cnn(width_multiplier=0.25, input_shape=(8, 8, 3))
+    model.compile(optimizers.SGD(schedule), keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    schedule.attach(model.optimizer, 3 * 4, 4)
+    model.fit(x, y, batch_size=4, epochs=3, verbose=0)
+    assert int(model.optimizer.iterations) == 12 and float(np.asarray(schedule(3))) == pytest.approx(0.4)
 
 
 def test_a_replan_keeps_the_schedule_where_it_is_and_ends_it_at_the_new_plan():
