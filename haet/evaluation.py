@@ -38,8 +38,8 @@ def tta_views(images, tta):
 
     "none": the images; "flip": and their left-right mirror images (Page's ResNet-9);
     "flip_translate": both, each also shifted by (2, 2) and (-2, -2) pixels (6
-    views); "airbench": both, unshifted and shifted by (-1, -1) and (1, 1) pixels
-    (6 views, airbench94's `tta_level=2`).
+    views); "airbench": the image unshifted and shifted by (-1, -1) and (1, 1)
+    pixels, each with its mirror image (6 views, airbench94's `tta_level=2`).
 
     Returns:
         `(views, weights, space)`: uint8 arrays shaped like `images`, one weight per
@@ -58,7 +58,10 @@ def tta_views(images, tta):
     if tta == "flip_translate":
         views = [_shift(v, r, c) for v in (images, flipped) for r, c in TTA_SHIFTS]
         return views, [1.0 / len(views)] * len(views), "probabilities"
-    views = [_shift(v, r, c) for r, c in AIRBENCH_SHIFTS for v in (images, flipped)]
+    # Each shift, then its mirror image (airbench: infer_mirror of each translate): the
+    # mirror of a shift by (r, c) is the mirror image shifted by (r, -c), not (r, c).
+    views = [view for shifted in (_shift(images, r, c) for r, c in AIRBENCH_SHIFTS)
+             for view in (shifted, shifted[:, :, ::-1])]
     return views, [w / 2 for w in AIRBENCH_WEIGHTS for _ in range(2)], "logits"
 
 

@@ -51,6 +51,10 @@ def test_tta_views():
     np.testing.assert_array_equal(views[1], x[:, :, ::-1])
     assert views[2][0, 1, 1, 0] == x[0, 0, 0, 0] and views[2][0, 0, 0, 0] == x[0, 1, 1, 0]  # reflect: row -1 = row 1
     assert views[4][0, 0, 0, 0] == x[0, 1, 1, 0] and views[4][0, 3, 3, 0] == x[0, 2, 2, 0]
+    # The mirror image of each shift, as airbench's infer_mirror of each translate (it was the
+    # mirror image shifted by the same pixels: a shift the other way along the columns).
+    np.testing.assert_array_equal(views[3], views[2][:, :, ::-1])
+    np.testing.assert_array_equal(views[5], views[4][:, :, ::-1])
     with pytest.raises(ValueError, match="Unknown test-time augmentation 'rotate'"):
         evaluation.tta_views(x, "rotate")
 
