@@ -78,12 +78,32 @@ def predict_logits(model, images, batch_size, weights=None):
     return predictor_of(model)(images, batch_size, weights)
 
 
+def _checked(values, labels, what):
+    """`values` as float64 `(N, K)` and `labels` as int32 `(N,)` (`haet.data.class_labels`:
+    `(N, 1)` taken, as `keras.datasets` gives them).
+
+    Raises:
+        ValueError: `values` not of rank 2, labels not integers, not N of them, or
+            outside [0, K).
+    """
+    from haet.data import class_labels  # (lazily: see haet.budgeted)
+
+    values = np.asarray(values, dtype=np.float64)
+    if values.ndim != 2:
+        raise ValueError(f"{what} must be (N, K). Received shape {values.shape}.")
+    return values, class_labels(labels, f"labels for {len(values)} rows of {what}", len(values), values.shape[1])
+
+
 def cross_entropy(logits, labels):
-    """Mean softmax cross-entropy (nats) of float `(N, K)` logits against int `(N,)` labels.
+    """Mean softmax cross-entropy (nats) of float `(N, K)` logits against int `(N,)`
+    (or `(N, 1)`) labels.
 
     Unlike `model.evaluate`'s loss, it holds no weight-decay penalty.
+
+    Raises:
+        ValueError: as `scores`' labels.
     """
-    logits = np.asarray(logits, dtype=np.float64)
+    logits, labels = _checked(logits, labels, "logits")
     shifted = logits - logits.max(axis=1, keepdims=True)
     log_probs = shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
     return float(-log_probs[np.arange(len(labels)), labels].mean())
@@ -169,19 +189,26 @@ def predict_ensemble_probabilities(model, images, batch_size, tta="none", weight
 
 def scores(probabilities, labels, num_classes):
     """Accuracy (fraction), cross-entropy (nats) and confusion matrix of predicted class
-    probabilities float `(N, K)` against int labels `(N,)`.
+    probabilities float `(N, K)` against int labels `(N,)` (or `(N, 1)`, as
+    `keras.datasets` gives them: before, they broadcast against the predictions, the
+    confusion matrix counting N**2 pairs).
 
     Returns:
         dict with `accuracy` (float), `loss` (float) and `confusion_matrix` (int64 `(K, K)`).
 
     Raises:
-        ValueError: probabilities and labels of different lengths.
+        ValueError: probabilities not `(N, num_classes)` rows of probabilities (>= 0,
+            summing to 1 within 1e-3: logits are refused), or labels that are not N
+            integers in [0, K).
     """
-    probabilities = np.asarray(probabilities, dtype=np.float64)
-    labels = np.asarray(labels)
-    if probabilities.ndim != 2 or len(probabilities) != len(labels):
-        raise ValueError(
-            f"probabilities must be (N, K) for N={len(labels)} labels. Received shape {probabilities.shape}.")
+    probabilities, labels = _checked(probabilities, labels, "probabilities")
+    if probabilities.shape[1] != num_classes:
+        raise ValueError(f"probabilities have {probabilities.shape[1]} columns for num_classes={num_classes}.")
+    sums = probabilities.sum(axis=1)
+    if len(probabilities) and (probabilities.min() < 0 or np.abs(sums - 1).max() > 1e-3):
+        raise ValueError(f"probabilities must be rows of class probabilities (>= 0, summing to 1): received rows "
+                         f"summing to {sums.min():.4g}..{sums.max():.4g}, min {probabilities.min():.4g} (logits? "
+                         f"pass their softmax).")
     predictions = probabilities.argmax(axis=1)
     return {
         "accuracy": float((predictions == labels).mean()),
@@ -199,7 +226,14 @@ def evaluate(model, images, labels, num_classes, batch_size, tta="none"):
     Returns:
         dict with `accuracy` (float), `loss` (float, nats, of the averaged
         probabilities) and `confusion_matrix` (int64 `(num_classes, num_classes)`).
+
+    Raises:
+        ValueError: labels that are not `len(images)` integers in [0, num_classes)
+            (before any prediction), or as `scores`.
     """
+    from haet.data import class_labels
+
+    labels = class_labels(labels, "evaluate's labels", len(images), num_classes)
     return scores(predict_probabilities(model, images, batch_size, tta), labels, num_classes)
 
 
@@ -209,8 +243,9 @@ def ensemble(probabilities, labels, num_classes):
     ensembles).
 
     Args:
-        probabilities: list of float `(N, K)` arrays, one per member (>= 1).
-        labels: int `(N,)`.
+        probabilities: float `(N, K)` arrays, one per member (>= 1): a list, or
+            an `(M, N, K)` array.
+        labels: int `(N,)` (or `(N, 1)`).
         num_classes: K.
 
     Returns:
@@ -219,6 +254,7 @@ def ensemble(probabilities, labels, num_classes):
     Raises:
         ValueError: no members, or members of different shapes.
     """
+    probabilities = list(probabilities)  # (a stacked array too: one member a row)
     if not probabilities:
         raise ValueError("An ensemble needs at least one member.")
     shapes = {np.shape(p) for p in probabilities}

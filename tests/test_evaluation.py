@@ -33,6 +33,37 @@ def test_evaluate_matches_keras_on_a_fixed_model():
     assert math.isclose(result["loss"], float(loss), rel_tol=1e-5)
 
 
+def test_labels_as_keras_datasets_gives_them_score_the_same_and_bad_ones_are_refused(monkeypatch):
+    """(N, 1) labels (keras.datasets) broadcast against the predictions: accuracy over
+    N**2 pairs, a confusion matrix counting N**2. Label -1 counted as the last class,
+    logits passed as probabilities gave a loss of hundreds."""
+    rng = np.random.default_rng(0)
+    logits = rng.normal(size=(64, 10))
+    probabilities = np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True)
+    y = rng.integers(0, 10, 64)
+    flat = evaluation.scores(probabilities, y, 10)
+    column = evaluation.scores(probabilities, y[:, None], 10)
+    assert column["accuracy"] == flat["accuracy"] == np.mean(probabilities.argmax(1) == y)
+    assert column["loss"] == flat["loss"] and column["confusion_matrix"].sum() == 64
+    np.testing.assert_array_equal(column["confusion_matrix"], flat["confusion_matrix"])
+    assert evaluation.cross_entropy(logits, y[:, None]) == pytest.approx(flat["loss"], rel=1e-12)
+    _, whole = evaluation.ensemble(np.stack([probabilities, probabilities]), y[:, None], 10)
+    assert whole["accuracy"] == flat["accuracy"]
+    for bad_probabilities, labels, message in [
+            (probabilities, np.where(y == 3, -1, y), r"labels must be in \[0, 10\). Received min -1"),
+            (probabilities, y.astype("float32"), "labels must be integers of shape"),
+            (probabilities, y[:60], "64 images but 60 labels"),
+            (logits, y, r"rows of class probabilities .* \(logits\? pass their softmax\)"),
+            (probabilities[:, :9] / probabilities[:, :9].sum(1, keepdims=True), y % 9, "9 columns for num_classes=10"),
+            (probabilities[0], y[:1], r"must be \(N, K\)")]:
+        with pytest.raises(ValueError, match=message):
+            evaluation.scores(bad_probabilities, labels, 10)
+    # evaluate refuses bad labels before it predicts anything.
+    monkeypatch.setattr(evaluation, "predict_probabilities", lambda *a, **k: pytest.fail("predicted"))
+    with pytest.raises(ValueError, match=r"evaluate's labels: labels must be in \[0, 10\)"):
+        evaluation.evaluate(None, np.zeros((64, 4, 4, 3), "uint8"), y + 1, 10, 32)
+
+
 def test_tta_views():
     x = np.arange(2 * 4 * 4 * 1, dtype=np.uint8).reshape(2, 4, 4, 1)
     assert len(evaluation.tta_views(x, "none")[0]) == 1
