@@ -119,6 +119,11 @@ def sample(images, rows, cols, fill_mode):
         `(B, H, W, C)` tensor, the dtype of `images`.
     """
     height, width, channels = images.shape[1], images.shape[2], images.shape[3]
+    if fill_mode == "reflect":
+        # Keras' TensorFlow map_coordinates reflects negative coordinates about 0, not
+        # -0.5 (at -1 it read pixel 1, JAX and scipy pixel 0; Keras 3.15): the
+        # coordinates are folded here, the same under every backend.
+        rows, cols, fill_mode = _reflect(rows, height), _reflect(cols, width), "nearest"
     channel = ops.broadcast_to(
         ops.arange(channels, dtype="float32")[None, None, :], (height, width, channels)
     )
@@ -278,6 +283,17 @@ class RandomAffine(keras.layers.Layer):
             seed=self.seed,
         )
         return config
+
+
+def _reflect(coordinates, size):
+    """Float coordinates folded into [-0.5, size - 0.5] by reflection about the image's
+    edges (scipy's and NumPy's "reflect" of the interpolated neighbours: d c b a | a
+    b c d | d c b a). A reflection about -0.5 maps the pixel grid onto itself, so
+    bilinear sampling of the folded coordinates, with the neighbours past the edge
+    taken as the nearest pixel, is that of the reflected image."""
+    period = 2.0 * size
+    folded = ops.mod(coordinates + 0.5, period)
+    return ops.where(folded > size, period - folded, folded) - 0.5
 
 
 def _mirror(coordinates, size):

@@ -95,6 +95,38 @@ def test_fill_modes_differ_on_the_same_draw():
             assert not np.allclose(outputs[i], outputs[j])
 
 
+@pytest.mark.parametrize("fill_mode", ["reflect", "nearest", "wrap", "constant"])
+def test_fill_modes_sample_as_numpy_pads(fill_mode):
+    """Bilinear samples at coordinates up to two image sizes outside, against NumPy: each
+    interpolated neighbour read from the image padded by np.pad's mode of the same name
+    (constant: 0). Keras' TensorFlow map_coordinates reflected negative coordinates
+    about 0 (at -1 it read pixel 1): the top and left edges were filled unlike the
+    bottom and right ones and unlike JAX."""
+    from haet.augment import sample
+
+    rng = np.random.default_rng(0)
+    height, width = 5, 4
+    images = rng.uniform(0, 255, (2, height, width, 3)).astype("float32")
+    rows = rng.uniform(-2 * height, 3 * height, (2, height, width)).astype("float32")
+    cols = rng.uniform(-2 * width, 3 * width, (2, height, width)).astype("float32")
+    rows[0, 0, :3], cols[0, 0, :3] = [-1.0, -1.0, height], [-1.0, width, -1.0]  # whole pixels past each edge
+    pad = 4 * max(height, width)
+    numpy_mode = {"nearest": "edge", "wrap": "wrap", "reflect": "symmetric", "constant": "constant"}[fill_mode]
+    padded = np.pad(images, ((0, 0), (pad, pad), (pad, pad), (0, 0)), mode=numpy_mode)
+    r0, c0 = np.floor(rows).astype(int), np.floor(cols).astype(int)
+    fr, fc = (rows - r0)[..., None], (cols - c0)[..., None]
+    b = np.arange(2)[:, None, None]
+
+    def at(r, c):
+        return padded[b, r + pad, c + pad]
+
+    expected = ((1 - fr) * (1 - fc) * at(r0, c0) + (1 - fr) * fc * at(r0, c0 + 1)
+                + fr * (1 - fc) * at(r0 + 1, c0) + fr * fc * at(r0 + 1, c0 + 1))
+    got = np.asarray(sample(ops.convert_to_tensor(images), ops.convert_to_tensor(rows),
+                            ops.convert_to_tensor(cols), fill_mode))
+    np.testing.assert_allclose(got, expected, atol=2e-3)
+
+
 def test_strength_scales_the_ranges():
     x = _images(batch=32)
     deltas = []
