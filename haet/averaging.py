@@ -61,15 +61,26 @@ def recompute_batch_norm_statistics(model, images, batch_size, max_images=2048, 
         images: training images as the model takes them, `(N, H, W, C)`.
         batch_size: images per forward pass (the training batch size: ghost batch
             norm needs a multiple of its splits).
-        max_images: at most this many images, drawn without replacement with `seed`
-            (whole batches).
+        max_images: at most this many images (whole batches; at least one batch,
+            or all N images when they are fewer than a batch), drawn without
+            replacement with `seed`.
         seed: int seed of the draw.
 
     Returns:
         The number of images used.
+
+    Raises:
+        ValueError: no images (the statistics would be NaN), or a `batch_size` or
+            `max_images` that is not a positive integer; before any layer is changed.
     """
+    for name, value in (("batch_size", batch_size), ("max_images", max_images)):
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+            raise ValueError(f"{name} must be a positive integer. Received: {value!r}")
+    if not len(images):
+        raise ValueError("recompute_batch_norm_statistics needs training images: received none (the statistics "
+                         "would be NaN).")
     layers = [layer for layer in _layers(model) if isinstance(layer, NORMALIZATION_LAYERS)]
-    count = max(1, min(len(images), max_images) // batch_size) * batch_size
+    count = min(len(images), max(1, min(len(images), max_images) // batch_size) * batch_size)
     chosen = np.random.default_rng(seed).permutation(len(images))[:count]
     momenta = [layer.momentum for layer in layers]
     from haet.models import for_every_member

@@ -155,3 +155,14 @@ def test_recomputed_statistics_are_the_mean_of_the_batch_statistics():
     variance = np.mean([b.var(axis=(0, 1, 2)) for b in batches], axis=0)
     np.testing.assert_allclose(np.asarray(bn.moving_mean.value), mean, rtol=1e-4, atol=1e-6)
     np.testing.assert_allclose(np.asarray(bn.moving_variance.value), variance, rtol=1e-4, atol=1e-6)
+    # Fewer images than a batch: all of them, and the count says so (it said 32 for 10).
+    assert recompute_batch_norm_statistics(model, x[:10], batch_size=32) == 10
+    assert recompute_batch_norm_statistics(model, x, batch_size=4, max_images=2) == 4  # one whole batch
+    before = np.asarray(bn.moving_mean.value).copy()
+    for images, kwargs, message in [(x[:0], {}, "received none"),  # the statistics became NaN
+                                    (x, dict(batch_size=0), "batch_size must be a positive integer"),
+                                    (x, dict(batch_size=-2), "batch_size must be a positive integer"),
+                                    (x, dict(max_images=0), "max_images must be a positive integer")]:
+        with pytest.raises(ValueError, match=message):
+            recompute_batch_norm_statistics(model, images, **{"batch_size": 4, **kwargs})
+    np.testing.assert_array_equal(np.asarray(bn.moving_mean.value), before)
