@@ -148,10 +148,10 @@ class PatchWhitening(keras.layers.Layer):
     def __init__(self, patch_size=3, epsilon=1e-2, padding="same", both_signs=False, use_bias=False, **kwargs):
         kwargs.setdefault("dtype", "float32")
         super().__init__(**kwargs)
-        if not (isinstance(patch_size, int) and patch_size >= 1):
+        if not (isinstance(patch_size, int) and not isinstance(patch_size, bool) and patch_size >= 1):
             raise ValueError(f"patch_size must be a positive integer (pixels). Received: {patch_size!r}")
-        if not epsilon > 0:
-            raise ValueError(f"epsilon must be positive. Received: {epsilon!r}")
+        if not (isinstance(epsilon, (int, float)) and 0 < epsilon < float("inf")):
+            raise ValueError(f"epsilon must be a positive finite number. Received: {epsilon!r}")
         if padding not in ("same", "valid"):
             raise ValueError(f"padding must be 'same' or 'valid'. Received: {padding!r}")
         self.patch_size, self.epsilon, self.padding = patch_size, float(epsilon), padding
@@ -167,21 +167,30 @@ class PatchWhitening(keras.layers.Layer):
         # 1.0: the bias learns; 0.0: its gradient is stopped (its value stays).
         self.bias_gate = self.add_weight(shape=(), name="bias_gate", initializer="ones", trainable=False) \
             if self.use_bias else None
+        # Inputs of another channel count are refused: the convolution would take them
+        # as a grouped one (4 channels into filters of 2: 8 outputs, not the 16 declared).
+        self.input_spec = keras.InputSpec(ndim=4, axes={-1: channels})
 
     def set_bias_trainable(self, trainable):
         """Lets the bias learn (True) or stops its gradient (False), without recompiling.
 
         Raises:
-            ValueError: the layer has no bias.
+            ValueError: the layer has no bias, or is not built yet (`adapt` builds it).
         """
-        if self.bias_gate is None:
+        if not self.use_bias:
             raise ValueError("This PatchWhitening has no bias (use_bias=False).")
+        if not self.built:
+            raise ValueError("This PatchWhitening is not built yet: adapt it (or call it) first.")
         self.bias_gate.assign(1.0 if trainable else 0.0)
 
     @staticmethod
     def whitening_kernel(images, patch_size, epsilon, chunk_size=256):
         """The `(k, k, C, k * k * C)` float32 whitening filters of float `(N, H, W, C)` images
-        (every `k x k` patch inside the images, no padding), computed in float64 chunks."""
+        (every `k x k` patch inside the images, no padding), computed in float64 chunks.
+
+        Raises:
+            ValueError: images smaller than a patch, or holding nan or inf.
+        """
         images = np.asarray(images)
         k = patch_size
         n, height, width, channels = images.shape
@@ -196,6 +205,8 @@ class PatchWhitening(keras.layers.Layer):
             patches = windows.transpose(0, 1, 2, 4, 5, 3).reshape(-1, dims)
             covariance += patches.T @ patches
             count += len(patches)
+        if not np.isfinite(covariance).all():  # (here, not on the images: no copy of them)
+            raise ValueError("The whitening images hold nan or inf.")
         covariance /= max(count - 1, 1)
         eigenvalues, eigenvectors = np.linalg.eigh(covariance)
         order = np.argsort(eigenvalues)[::-1]
@@ -205,13 +216,22 @@ class PatchWhitening(keras.layers.Layer):
 
     def adapt(self, images):
         """Computes the filters from float `(N, H, W, C)` images (normalized as this layer's
-        input will be: Page and airbench use the training images, unaugmented)."""
+        input will be: Page and airbench use the training images, unaugmented).
+
+        Raises:
+            ValueError: before the layer is built or changed: images that are not a
+                non-empty `(N, H, W, C)` array of finite numbers (C the channels the
+                layer was built for, if it was), or smaller than a patch.
+        """
         images = np.asarray(images)
+        channels = self.kernel.shape[2] if self.built else "C"
+        if images.ndim != 4 or not len(images) or (self.built and images.shape[-1] != channels):
+            raise ValueError(f"adapt takes (N, H, W, {channels}) images, N >= 1. Received shape {images.shape}")
+        if not np.issubdtype(images.dtype, np.number):
+            raise ValueError(f"adapt takes images of numbers. Received dtype {images.dtype}")
+        kernel = self.whitening_kernel(images, self.patch_size, self.epsilon)
         if not self.built:
             self.build(images.shape)
-        if images.ndim != 4 or images.shape[-1] != self.kernel.shape[2]:
-            raise ValueError(f"adapt takes (N, H, W, {self.kernel.shape[2]}) images. Received shape {images.shape}")
-        kernel = self.whitening_kernel(images, self.patch_size, self.epsilon)
         if self.both_signs:
             kernel = np.concatenate([kernel, -kernel], axis=-1)
         self.kernel.assign(kernel)

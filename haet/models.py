@@ -201,6 +201,15 @@ def _conv_bn_act(x, filters, weight_decay, activation, celu_alpha, ghost_batch_s
     return x
 
 
+def _check_whitening_images(images, input_shape):
+    """Refuses whitening images (`PatchWhitening.adapt`) of another channel count than
+    the model's input: the filters would not fit the images the model takes."""
+    shape = np.shape(images)
+    if len(shape) != 4 or shape[-1] != input_shape[-1]:
+        raise ValueError(f"whitening_images must be (N, H, W, {input_shape[-1]}) images, as the model's input "
+                         f"{tuple(input_shape)}. Received shape {shape}.")
+
+
 # Models whose builder takes `whitening_images` (`build_backbone`).
 WHITENED_MODELS = ("resnet9", "airbench")
 
@@ -285,6 +294,8 @@ def resnet9(
     if prep == "whitening" and whitening_images is None:
         raise ValueError("prep='whitening' computes its filters from training images: pass whitening_images, "
                          "float (N, H, W, C) images normalized as the model's input.")
+    if prep == "whitening":
+        _check_whitening_images(whitening_images, input_shape)
     widths = [max(1, round(w * width_multiplier)) for w in RESNET9_WIDTHS]
     block = dict(weight_decay=weight_decay, activation=activation, celu_alpha=celu_alpha,
                  ghost_batch_splits=ghost_batch_splits, frozen_bn_scale=frozen_bn_scale,
@@ -399,6 +410,7 @@ def airbench(
     if whitening_images is None:
         raise ValueError("airbench computes its whitening filters from training images: pass whitening_images, "
                          "float (N, H, W, C) images normalized as the model's input.")
+    _check_whitening_images(whitening_images, input_shape)
     regularizer = keras.regularizers.L2(weight_decay) if weight_decay else None
     inputs = keras.Input(shape=input_shape, name="images")
     whitening = PatchWhitening(both_signs=True, use_bias=True, padding="valid", name="whitening",

@@ -102,6 +102,35 @@ def test_patch_whitening_whitens_the_patches_it_was_adapted_on():
         layer.adapt(images[..., :2])
 
 
+def test_patch_whitening_refuses_what_it_cannot_whiten_and_stays_usable():
+    """Adapted first on images without their channel axis, the layer was built for 10
+    channels and refused the right images for good; called on other channels it ran a
+    grouped convolution (8 outputs where 16 were declared)."""
+    images = np.random.default_rng(0).normal(size=(8, 6, 6, 3)).astype("float32")
+    layer = PatchWhitening(2, padding="valid", use_bias=True)
+    with pytest.raises(ValueError, match="not built yet"):
+        layer.set_bias_trainable(False)  # (AttributeError before)
+    for bad, message in [(images[..., 0], r"adapt takes \(N, H, W, C\) images"),
+                         (images[:0], "N >= 1"),
+                         (np.where(images > 2, np.nan, images), "hold nan or inf"),
+                         (images.astype(str), "images of numbers")]:
+        with pytest.raises(ValueError, match=message):
+            layer.adapt(bad)
+        assert not layer.built
+    layer.adapt(images)  # the right images after the wrong ones
+    assert tuple(layer.kernel.shape) == (2, 2, 3, 12)
+    with pytest.raises(ValueError, match="expected axis -1 of input shape to have value 3"):
+        layer(np.zeros((1, 6, 6, 2), "float32"))
+    for kwargs in (dict(patch_size=True), dict(epsilon=float("inf")), dict(epsilon=0)):
+        with pytest.raises(ValueError, match="patch_size must be|epsilon must be"):
+            PatchWhitening(**kwargs)
+    # The builders compare the whitening images with their input.
+    with pytest.raises(ValueError, match=r"whitening_images must be \(N, H, W, 3\) images, as the model's input"):
+        models.resnet9(prep="whitening", whitening_images=images[..., :1].repeat(6, 1).repeat(6, 2))
+    with pytest.raises(ValueError, match=r"whitening_images must be \(N, H, W, 3\) images"):
+        models.airbench(whitening_images=np.zeros((2, 32, 32, 1), "float32"))
+
+
 def test_resnet9_with_whitening_and_pool_before_bn(tmp_path):
     rng = np.random.default_rng(0)
     images = rng.normal(size=(20, 32, 32, 3)).astype("float32")
