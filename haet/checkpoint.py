@@ -347,7 +347,7 @@ def resumable(run_dir):
                          "again: start a new run with other settings (a lower --learning_rate).")
     if status == "running":
         process = record.get("process") or {}
-        if process.get("host") == socket.gethostname() and _alive(process.get("pid")):
+        if process.get("host") == socket.gethostname() and alive(process.get("pid")):
             raise ValueError(f"{run_dir} is still running (pid {process.get('pid')}): stop it first "
                              "(kill -TERM writes a checkpoint).")
     elif status not in ("interrupted", "failed"):
@@ -364,7 +364,8 @@ def resumable(run_dir):
     return record
 
 
-def _alive(pid):
+def alive(pid):
+    """Whether a process of this host has the int `pid` (not this process's own)."""
     if not isinstance(pid, int) or pid <= 0 or pid == os.getpid():
         return False
     try:

@@ -39,6 +39,7 @@ values, validation accuracy, the run folder), `runs/`, and Optuna's figures
 """
 
 import dataclasses
+import hashlib
 import json
 import math
 import os
@@ -51,6 +52,7 @@ import numpy as np
 from absl import app, flags, logging
 
 from haet import config as config_lib
+from haet import checkpoint as checkpoint_lib
 from haet import cli, results, training
 from haet.device import describe_device
 from haet.loop import Hook
@@ -61,7 +63,10 @@ PRUNERS = ("none", "successive_halving", "hyperband")
 _NOT_SEARCHABLE = {"validation_size", "evaluate_test", "save_model", "data_dir", "dataset"}
 # The keys of search.json that define the search (compared on resume); the others
 # (git_commit, versions, backend, device, command, created_utc) say where it began.
-SPEC_KEYS = ("space", "sampler", "pruner", "seed", "grid_points", "base_flags")
+SPEC_KEYS = ("space", "sampler", "pruner", "seed", "grid_points", "base_flags", "storage")
+# Optuna's heartbeat: a worker beats every HEARTBEAT_SECONDS; a running trial without a
+# beat for GRACE_SECONDS is marked failed (its worker died).
+HEARTBEAT_SECONDS, GRACE_SECONDS = 30, 120
 
 
 def _optuna():
@@ -103,8 +108,20 @@ def parse_space(entries):
             raise ValueError(f"--space cannot search {name!r}: the search fixes it for every trial.")
         if kind not in KINDS:
             raise ValueError(f"--space entry {entry!r}: unknown kind {kind!r}. Allowed: {', '.join(KINDS)}.")
+        if name in space:
+            raise ValueError(f"--space names {config_lib.flag_name(name)} twice: give each flag one entry.")
+        flag_type = config_lib.FIELDS[name].type
+        # A range of another type than the flag's failed every trial but its ends
+        # (batch_size=uniform:16:64 tried 42.34), or searched integer learning rates.
+        allowed = {int: ("int", "choice"), float: ("uniform", "loguniform", "choice")}.get(flag_type, ("choice",))
+        if kind not in allowed:
+            raise ValueError(f"--space entry {entry!r}: --{config_lib.flag_name(name)} takes "
+                             f"{ {int: 'integers', float: 'numbers'}.get(flag_type, 'values, not a range') }"
+                             f": use {' or '.join(k + ':LOW:HIGH' if k != 'choice' else 'choice:A|B' for k in allowed)}.")
         if kind == "choice":
             values = tuple(_cast(name, v) for v in args.split("|"))
+            if len(set(map(_choice_key, values))) != len(values):
+                raise ValueError(f"--space entry {entry!r}: a choice is listed twice.")
         else:
             try:
                 low, high = (float(v) for v in args.split(":"))
@@ -113,6 +130,9 @@ def parse_space(entries):
             if not low < high or (kind == "loguniform" and low <= 0):
                 raise ValueError(f"--space entry {entry!r}: needs LOW < HIGH"
                                  f"{' and LOW > 0' if kind == 'loguniform' else ''}.")
+            if kind == "int" and not (low.is_integer() and high.is_integer()):
+                raise ValueError(f"--space entry {entry!r}: int takes whole LOW:HIGH (they were cut to "
+                                 f"{int(low)}:{int(high)}).")
             values = (int(low), int(high)) if kind == "int" else (low, high)
         space[name] = (kind, values)
     if not space:
@@ -231,10 +251,28 @@ class TrialFailed(Exception):
     """A trial's run ended without a score (diverged or failed); Optuna marks it failed."""
 
 
-def _spec(base, space, sampler, pruner, seed, grid_points):
+def _spec(base, space, sampler, pruner, seed, grid_points, storage=None):
+    """What defines the search (`SPEC_KEYS`); `storage`: the database URL, its
+    password hidden, or None for the search folder's own."""
     spec = {"space": {k: [kind, list(v)] for k, (kind, v) in space.items()}, "sampler": sampler, "pruner": pruner,
-            "seed": seed, "grid_points": grid_points, "base_flags": dataclasses.asdict(base)}
+            "seed": seed, "grid_points": grid_points, "base_flags": dataclasses.asdict(base), "storage": storage}
     return json.loads(json.dumps(spec))
+
+
+def study_name_of(spec):
+    """The study's name: "haet" in the search folder's own database (one search a
+    folder); in a shared `--storage`, "haet-" and a hash of the search, so that
+    other searches in that database keep their own trials (every search was "haet":
+    a second one counted the first one's trials and mixed its own with them)."""
+    if spec.get("storage") is None:
+        return "haet"
+    return "haet-" + hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _hidden_password(url):
+    from sqlalchemy.engine import make_url
+
+    return make_url(url).render_as_string(hide_password=True)
 
 
 def check_space_counts(base, space):
@@ -285,8 +323,13 @@ def _claim_folder(search_dir, spec):
     os.makedirs(search_dir, exist_ok=True)
     path = os.path.join(search_dir, "search.json")
     if os.path.exists(path):
-        with open(path) as f:
-            saved = {k: v for k, v in json.load(f).items() if k in SPEC_KEYS}
+        try:
+            with open(path) as f:
+                saved = json.load(f)
+            saved = {"storage": None, **{k: v for k, v in saved.items() if k in SPEC_KEYS}}  # (older: no storage)
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError) as e:
+            raise ValueError(f"{path} is not a search's description ({type(e).__name__}: {e}): pass a new "
+                             "--search_dir.") from None
         if saved != spec:
             changed = sorted(k for k in set(saved) | set(spec) if saved.get(k) != spec.get(k))
             raise ValueError(f"{search_dir} holds another search (different {', '.join(changed)}); "
@@ -311,7 +354,7 @@ def open_study(search_dir, sampler, pruner, storage=None, study_name="haet"):
     """The search's Optuna study (created, or loaded to resume or to join).
 
     Args:
-        storage: a database URL; None: `sqlite:///SEARCH_DIR/study.db`, with a
+        storage: an Optuna storage; None: `sqlite:///SEARCH_DIR/study.db`, with a
             heartbeat so that a dead worker's trial is marked failed.
     """
     import fcntl
@@ -323,7 +366,8 @@ def open_study(search_dir, sampler, pruner, storage=None, study_name="haet"):
         fcntl.flock(lock, fcntl.LOCK_EX)
         if storage is None:
             url = f"sqlite:///{os.path.abspath(os.path.join(search_dir, 'study.db'))}"
-            storage = optuna.storages.RDBStorage(url, heartbeat_interval=30, grace_period=120,
+            storage = optuna.storages.RDBStorage(url, heartbeat_interval=HEARTBEAT_SECONDS,
+                                                 grace_period=GRACE_SECONDS,
                                                  engine_kwargs={"connect_args": {"timeout": 60}})
         return optuna.create_study(storage=storage, study_name=study_name, sampler=sampler, pruner=pruner,
                                    direction="maximize", load_if_exists=True)
@@ -359,26 +403,52 @@ def run_search(base, space, search_dir, trials, sampler="tpe", pruner="none", se
         raise ValueError(f"trials must be >= 1. Received: {trials}")
     base = dataclasses.replace(base, evaluate_test=False, save_model=False)
     check_space_counts(base, space)
-    spec = _spec(base, space, sampler, pruner, seed, grid_points)
     study_sampler = make_sampler(sampler, space, seed, grid_points)
     study_pruner = make_pruner(pruner, base.budget_seconds, min_resource_seconds)
     check_search_dir(search_dir)
+    url = None
     if isinstance(storage, str):  # opened before the folder is claimed: a bad URL writes nothing
+        url = storage
+        if ":memory:" in url or url.rstrip("/") == "sqlite:":
+            raise ValueError(f"--storage={url!r} keeps the study in memory: it would be lost with this process "
+                             "and shared with no worker; leave --storage out for the search folder's study.db.")
         try:
-            storage = optuna.storages.RDBStorage(storage)
+            # With the heartbeat: a dead worker's trial is marked failed (without it, never).
+            storage = optuna.storages.RDBStorage(url, heartbeat_interval=HEARTBEAT_SECONDS,
+                                                 grace_period=GRACE_SECONDS)
         except Exception as e:  # SQLAlchemy and Optuna raise many kinds for a bad URL
             first = (str(e).strip().splitlines() or [""])[0][:200]
-            raise ValueError(f"--storage={storage!r} cannot be opened ({type(e).__name__}: {first}).") from None
+            hint = "; a file is sqlite:////absolute/path.db" if "://" not in url else ""
+            raise ValueError(f"--storage={url!r} cannot be opened ({type(e).__name__}: {first}){hint}.") from None
+    spec = _spec(base, space, sampler, pruner, seed, grid_points, None if url is None else _hidden_password(url))
     try:  # the data every trial trains on, before the folder or the study is written
         load_data(base)
     except RuntimeError as e:  # no local copy, and tensorflow-datasets cannot give one
         raise ValueError(str(e)) from None
     _claim_folder(search_dir, spec)
-    study = open_study(search_dir, study_sampler, study_pruner, storage)
+    try:
+        study = open_study(search_dir, study_sampler, study_pruner, storage, study_name_of(spec))
+    except Exception as e:  # a damaged study.db: SQLAlchemy's errors, of many kinds
+        if not type(e).__module__.startswith(("sqlalchemy", "optuna")):
+            raise
+        first = (str(e).strip().splitlines() or [""])[0][:200]
+        raise ValueError(f"The search's study cannot be opened ({type(e).__name__}: {first}): its database "
+                         f"({_hidden_password(url) if url else os.path.join(search_dir, 'study.db')}) is damaged; "
+                         "pass a new --search_dir.") from None
     runs_dir = os.path.join(search_dir, "runs")
     commit = results.git_commit()
 
     def objective(trial):
+        # False until the trial's outcome is known: a worker that dies (SIGKILL, a lost
+        # machine) leaves it so, and once Optuna's heartbeat marks its trial failed the
+        # trial is not counted (`finished_trials`): the same command replaces it.
+        trial.set_user_attr("ended", False)
+        try:
+            return run_trial(trial)
+        finally:
+            trial.set_user_attr("ended", True)
+
+    def run_trial(trial):
         values = suggest(trial, space)
         logging.info("trial %d: %s", trial.number, {k: _short(v) for k, v in values.items()})
         reporter = ReportToTrial(trial) if pruner != "none" else None
@@ -401,7 +471,7 @@ def run_search(base, space, search_dir, trials, sampler="tpe", pruner="none", se
             trial.set_user_attr(key, record.get(key))
         if record["status"] == "interrupted":
             trial.set_user_attr("interrupted", True)
-            raise KeyboardInterrupt(f"trial {trial.number} interrupted by {record.get('interrupted_by')}")
+            raise TrialInterrupted(trial.number, record.get("interrupted_by"))
         if record["status"] != "completed":
             raise TrialFailed(f"the run {record['status']}: {record.get('error') or record.get('diverged_at_step')}")
         if reporter is not None and reporter.pruned:
@@ -412,19 +482,82 @@ def run_search(base, space, search_dir, trials, sampler="tpe", pruner="none", se
         if finished_trials(study) >= trials:
             study.stop()
 
+    _fail_stale_trials(study)
     if finished_trials(study) < trials:
-        study.optimize(objective, callbacks=[stop_when_done], catch=(TrialFailed,))
+        try:
+            study.optimize(objective, callbacks=[stop_when_done], catch=(TrialFailed,))
+        except KeyboardInterrupt as e:
+            raise SearchInterrupted(study, e) from None
+    elif finished_trials(study, running=False) < trials:
+        _say_running(study)
     return study
+
+
+def _fail_stale_trials(study):
+    """Marks failed the running trials whose worker stopped beating (Optuna's
+    heartbeat). Optuna does it inside `optimize` only, which a search whose count a
+    dead worker's trial fills never reached: the rerun of a killed search did nothing."""
+    import warnings
+
+    optuna = _optuna()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        optuna.storages.fail_stale_trials(study)
+
+
+def _say_running(study):
+    """Logs the running trials that fill the study's count (other workers', or a dead
+    worker's not yet marked failed)."""
+    for t in study.get_trials(deepcopy=False):
+        if t.state.name != "RUNNING":
+            continue
+        worker = str(t.user_attrs.get("worker") or "?")
+        host, _, pid = worker.rpartition(":")
+        dead = host == socket.gethostname() and pid.isdigit() and not checkpoint_lib.alive(int(pid))
+        logging.warning("trial %d is running (worker %s%s) and counts toward --trials: %s", t.number, worker,
+                        ", no longer alive" if dead else "",
+                        f"Optuna marks a dead worker's trial failed {GRACE_SECONDS} s after its last heartbeat; "
+                        "run this command again then to replace it" if dead else
+                        "this worker has nothing left to run")
+
+
+class TrialInterrupted(KeyboardInterrupt):
+    """A trial's run stopped by a signal (`signal_name`, e.g. "SIGTERM"; its record
+    says "interrupted")."""
+
+    def __init__(self, number, signal_name):
+        super().__init__(f"trial {number} interrupted by {signal_name}")
+        self.number, self.signal_name = number, signal_name
+
+
+def interruption_exit_code(interruption):
+    """128 + the signal's number (130 for SIGINT, 143 for SIGTERM), as a shell reports
+    a process its signal ended; 130 when no signal is named (a KeyboardInterrupt)."""
+    import signal
+
+    name = getattr(interruption, "signal_name", None)
+    number = getattr(signal.Signals, name, signal.SIGINT) if isinstance(name, str) else signal.SIGINT
+    return 128 + int(number)
+
+
+class SearchInterrupted(KeyboardInterrupt):
+    """A search stopped by a signal (Ctrl-C, SIGTERM): the study as it stands and the
+    interruption (a trial's names its signal)."""
+
+    def __init__(self, study, interruption):
+        super().__init__(str(interruption))
+        self.study, self.interruption = study, interruption
 
 
 def finished_trials(study, running=True):
     """Trials that count toward `--trials`: complete, pruned, failed (not those an
-    interruption ended) and, with `running`, those other workers are running."""
+    interruption ended, nor those of a worker that died) and, with `running`, those
+    other workers are running."""
     counted = 0
     for t in study.get_trials(deepcopy=False):
         state = t.state.name
         if state in ("COMPLETE", "PRUNED") or (state == "RUNNING" and running) or (
-                state == "FAIL" and not t.user_attrs.get("interrupted")):
+                state == "FAIL" and not t.user_attrs.get("interrupted") and t.user_attrs.get("ended", True)):
             counted += 1
     return counted
 
@@ -445,6 +578,8 @@ def trial_rows(study, space):
         row["last_reported_accuracy"] = last
         for key in ("epochs", "train_seconds", "stopped_by", "status", "run_dir", "git_commit"):
             row[key] = t.user_attrs.get(key)
+        if t.state.name == "FAIL" and t.user_attrs.get("ended") is False:
+            row["status"] = "worker died"
         rows.append(row)
     return rows
 
@@ -528,6 +663,7 @@ def main(argv):
     from haet import data as data_lib
 
     f = flags.FLAGS
+    interrupted = None
     try:
         space = parse_space(f.space)
         base = config_lib.config_from_flags(f)
@@ -536,18 +672,29 @@ def main(argv):
                            f.grid_points, f.storage, f.min_resource_seconds)
     except ValueError as e:
         raise app.UsageError(str(e), exitcode=cli.USAGE_ERROR) from None
+    except SearchInterrupted as e:  # the study so far is printed and written, then the signal's exit status
+        study, interrupted = e.study, e.interruption
     names = list(space)
     rows = trial_rows(study, space)
-    write_trials_csv(rows, os.path.join(f.search_dir, "trials.csv"))
-    write_figures(study, space, f.search_dir,
-                  f"{base.model} on {base.dataset} ({base.train_size - base.validation_size} train / "
-                  f"{base.validation_size} validation images), {base.budget_seconds:g} s per trial, "
-                  f"{f.sampler}, pruner {f.pruner}")
+    # Printed before the files are written: a full disk loses the files, not the results.
     print(format_table(rows, names))
     summary = best_summary(study, space, data_lib.check_config(base).num_classes)
     if summary:
         print(summary)
+    sys.stdout.flush()
+    try:
+        write_trials_csv(rows, os.path.join(f.search_dir, "trials.csv"))
+        write_figures(study, space, f.search_dir,
+                      f"{base.model} on {base.dataset} ({base.train_size - base.validation_size} train / "
+                      f"{base.validation_size} validation images), {base.budget_seconds:g} s per trial, "
+                      f"{f.sampler}, pruner {f.pruner}")
+    except OSError as e:
+        cli.not_written(f"the search's trials.csv or figures in {f.search_dir}", e)
     print(f"wrote {f.search_dir}")
+    if interrupted is not None:
+        print(f"interrupted ({interrupted or 'KeyboardInterrupt'}); the interrupted trial is not counted: run the "
+              "same command again to go on", file=sys.stderr)
+        sys.exit(interruption_exit_code(interrupted))
     sys.stdout.flush()
 
 

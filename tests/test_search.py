@@ -33,10 +33,21 @@ def test_parse_space_casts_to_the_flag_types():
     ("learning_rate=loguniform:0:1", "LOW > 0"),
     ("learning_rate=uniform:1:0", "LOW < HIGH"),
     ("horizontal_flip=choice:maybe", "--horizontal_flip takes true or false"),
+    # A range of another type than the flag's: every trial but the ends failed (batch size 42.34).
+    ("batch_size=uniform:16:64", "--batch_size takes integers: use int:LOW:HIGH or choice"),
+    ("learning_rate=int:1:3", "--learning_rate takes numbers: use uniform:LOW:HIGH or loguniform"),
+    ("optimizer=int:1:2", "--optimizer takes values, not a range: use choice:A|B"),
+    ("batch_size=int:1.5:3.7", r"int takes whole LOW:HIGH \(they were cut to 1:3\)"),
+    ("optimizer=choice:adam|adam", "a choice is listed twice"),
 ])
 def test_bad_space_entries(entry, message):
     with pytest.raises(ValueError, match=message):
         search.parse_space([entry])
+
+
+def test_a_flag_named_twice_is_refused():
+    with pytest.raises(ValueError, match="--space names learning_rate twice"):  # (the last one was kept)
+        search.parse_space(["learning_rate=uniform:0.01:0.1", "learning_rate=uniform:0.2:0.3"])
 
 
 def _no_data(config):
@@ -85,8 +96,9 @@ def test_tpe_search_resumes_after_interruption_and_refuses_another_spec(tmp_path
     base = TrainConfig(validation_size=500, budget_seconds=5, lr_schedule="constant")
     space = search.parse_space(["learning_rate=loguniform:0.01:1", "optimizer=choice:adam|sgd"])
     calls = []
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(search.SearchInterrupted) as interrupted:
         search.run_search(base, space, str(tmp_path), 6, load_data=_no_data, train=_fake_train(calls, fail_at=3))
+    assert _states(interrupted.value.study) == ["COMPLETE", "COMPLETE", "FAIL"]  # for the table and trials.csv
     resumed = []
     study = search.run_search(base, space, str(tmp_path), 6, load_data=_no_data, train=_fake_train(resumed))
     # Two finished before the interruption; the interrupted one failed; four more ran.
@@ -204,6 +216,83 @@ def test_a_best_at_chance_level_is_flagged(tmp_path):
     space = search.parse_space(["learning_rate=loguniform:10:100"])
     study = search.run_search(base, space, str(tmp_path), 2, load_data=_no_data, train=_fake_train([]))  # scores far below 0.15
     assert "WARNING: the best validation accuracy is near chance (10%)" in search.best_summary(study, space, 10)
+
+
+def test_a_dead_workers_trial_is_failed_and_replaced_when_the_search_runs_again(tmp_path, monkeypatch):
+    """A worker killed mid-trial leaves it "running": it filled the count, so the same
+    command again exited at once, forever (Optuna fails stale trials inside optimize,
+    which was never reached)."""
+    import socket
+
+    monkeypatch.setattr(search, "HEARTBEAT_SECONDS", 1)
+    monkeypatch.setattr(search, "GRACE_SECONDS", 1)
+    base = TrainConfig(validation_size=500, budget_seconds=5, lr_schedule="constant")
+    space = search.parse_space(["learning_rate=loguniform:0.01:1"])
+    search.run_search(base, space, str(tmp_path), 1, load_data=_no_data, train=_fake_train([]))
+    study = search.open_study(str(tmp_path), None, None)
+    orphan = study.ask()  # as the killed worker left it: running, its last heartbeat now
+    orphan.set_user_attr("worker", f"{socket.gethostname()}:999999999")
+    orphan.set_user_attr("ended", False)
+    study._storage.record_heartbeat(orphan._trial_id)
+    calls = []
+    search.run_search(base, space, str(tmp_path), 2, load_data=_no_data, train=_fake_train(calls))
+    assert calls == [] and _states(study) == ["COMPLETE", "RUNNING"]  # within the grace period: it may be alive
+    time.sleep(2.1)  # past the grace period (1 s here; SQLite keeps whole seconds)
+    search.run_search(base, space, str(tmp_path), 2, load_data=_no_data, train=_fake_train(calls))
+    assert len(calls) == 1 and _states(study) == ["COMPLETE", "FAIL", "COMPLETE"]
+    assert [r["status"] for r in search.trial_rows(study, space)] == ["completed", "worker died", "completed"]
+    assert search.finished_trials(study) == 2  # the dead worker's trial is not counted
+
+
+def test_searches_sharing_a_storage_keep_their_own_studies(tmp_path):
+    """Every study was named "haet": a second search in a shared database counted the
+    first one's trials as its own and ended in a KeyError (its flag in none of them)."""
+    url = f"sqlite:///{tmp_path / 'shared.db'}"
+    base = TrainConfig(validation_size=500, budget_seconds=5, lr_schedule="constant")
+    rates, decays = (search.parse_space([entry]) for entry in ("learning_rate=loguniform:0.01:1",
+                                                               "weight_decay=loguniform:1e-5:1e-3"))
+    first = search.run_search(base, rates, str(tmp_path / "a"), 2, storage=url, load_data=_no_data,
+                              train=_fake_train([]))
+    calls = []
+    second = search.run_search(base, decays, str(tmp_path / "b"), 2, storage=url, load_data=_no_data,
+                               train=_fake_train(calls))
+    assert len(calls) == 2 and first.study_name != second.study_name
+    assert all("weight_decay" in t.params for t in second.trials) and len(first.trials) == 2
+    assert search.best_summary(second, decays, 10).startswith("best: trial ")
+    # The same folder with another database (or none) is another search: refused, not a new study.
+    with pytest.raises(ValueError, match=r"holds another search \(different storage\)"):
+        search.run_search(base, rates, str(tmp_path / "a"), 3, load_data=_no_data, train=_fake_train(calls))
+    assert json.loads((tmp_path / "a" / "search.json").read_text())["storage"] == url
+    with pytest.raises(ValueError, match="keeps the study in memory"):
+        search.run_search(base, rates, str(tmp_path / "c"), 2, storage="sqlite:///:memory:", load_data=_no_data,
+                          train=_fake_train(calls))
+    with pytest.raises(ValueError, match="a file is sqlite:////absolute/path.db"):
+        search.run_search(base, rates, str(tmp_path / "c"), 2, storage=str(tmp_path / "x.db"), load_data=_no_data,
+                          train=_fake_train(calls))
+    assert len(calls) == 2 and not (tmp_path / "c").exists()
+
+
+def test_a_damaged_search_folder_is_refused_in_one_message(tmp_path):
+    base = TrainConfig(validation_size=500, budget_seconds=5, lr_schedule="constant")
+    space = search.parse_space(["learning_rate=loguniform:0.01:1"])
+    for text in ("garbage", "[1, 2]"):
+        folder = tmp_path / text[:3]
+        folder.mkdir()
+        (folder / "search.json").write_text(text)
+        with pytest.raises(ValueError, match=r"search.json is not a search's description"):
+            search.run_search(base, space, str(folder), 1, load_data=_no_data, train=_fake_train([]))
+    search.run_search(base, space, str(tmp_path / "s"), 1, load_data=_no_data, train=_fake_train([]))
+    (tmp_path / "s" / "study.db").write_bytes(b"not a database" * 100)
+    with pytest.raises(ValueError, match="The search's study cannot be opened .*is damaged"):
+        search.run_search(base, space, str(tmp_path / "s"), 2, load_data=_no_data, train=_fake_train([]))
+
+
+def test_an_interrupted_search_carries_its_study_and_the_signal_status():
+    import signal
+
+    assert search.interruption_exit_code(search.TrialInterrupted(3, "SIGTERM")) == 128 + signal.SIGTERM == 143
+    assert search.interruption_exit_code(search.TrialInterrupted(3, "SIGINT")) == 130
+    assert search.interruption_exit_code(KeyboardInterrupt()) == 130
 
 
 _WORKER = """
