@@ -31,15 +31,21 @@ class GhostBatchNormalization(keras.layers.Layer):
     Input: `(batch, ..., channels)`; output: same shape and dtype.
 
     Raises:
-        ValueError: `num_splits < 1` at construction.
+        ValueError: at construction, `num_splits` not a positive integer, `momentum`
+            outside [0, 1] or `epsilon` not a finite number >= 0; when called in
+            training, a batch (of known size) that is not a multiple of `num_splits`.
     """
 
     def __init__(self, num_splits=1, momentum=0.9, epsilon=1e-5, center=True, scale=True, beta_regularizer=None,
                  **kwargs):
         super().__init__(**kwargs)
         self.beta_regularizer = keras.regularizers.get(beta_regularizer)
-        if not isinstance(num_splits, int) or num_splits < 1:
+        if not isinstance(num_splits, int) or isinstance(num_splits, bool) or num_splits < 1:
             raise ValueError(f"num_splits must be a positive integer. Received: num_splits={num_splits!r}")
+        if not 0 <= momentum <= 1:  # (nan too)
+            raise ValueError(f"momentum must be in [0, 1]. Received: momentum={momentum!r}")
+        if not 0 <= epsilon < float("inf"):  # (-1 gave nan)
+            raise ValueError(f"epsilon must be a finite number >= 0. Received: epsilon={epsilon!r}")
         self.num_splits = num_splits
         self.momentum = float(momentum)
         self.epsilon = float(epsilon)
@@ -61,6 +67,9 @@ class GhostBatchNormalization(keras.layers.Layer):
         x = ops.cast(inputs, "float32")
         if training:
             shape = ops.shape(x)
+            if isinstance(shape[0], int) and shape[0] % self.num_splits:
+                raise ValueError(f"{self.name}: a training batch of {shape[0]} is not a multiple of num_splits="
+                                 f"{self.num_splits} (ghost batches of equal size): use a batch size that is.")
             groups = ops.reshape(x, (self.num_splits, -1, *shape[1:]))
             axes = tuple(range(1, len(groups.shape) - 1))
             mean = ops.mean(groups, axis=axes, keepdims=True)

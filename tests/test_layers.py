@@ -37,6 +37,14 @@ def test_frozen_scale_is_not_trained_and_bad_splits_rejected():
     assert [w.name for w in layer.trainable_weights] == ["beta"]
     with pytest.raises(ValueError, match="num_splits must be a positive integer. Received: num_splits=0"):
         GhostBatchNormalization(0)
+    for kwargs, message in [(dict(num_splits=True), "num_splits must be"), (dict(momentum=1.5), "momentum must be"),
+                            (dict(momentum=float("nan")), "momentum must be"),
+                            (dict(epsilon=-1.0), "epsilon must be")]:  # epsilon -1 normalized to nan
+        with pytest.raises(ValueError, match=message):
+            GhostBatchNormalization(**kwargs)
+    # A batch that does not split into equal ghost batches: named, not a reshape error.
+    with pytest.raises(ValueError, match="a training batch of 6 is not a multiple of num_splits=4"):
+        GhostBatchNormalization(4)(np.zeros((6, 4), "float32"), training=True)
 
 
 def test_celu_known_values():
