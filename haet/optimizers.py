@@ -11,6 +11,7 @@ The loss is the softmax cross-entropy on logits, with label smoothing when set.
 import re
 
 import keras
+import numpy as np
 from absl import logging
 from keras import ops
 
@@ -44,17 +45,27 @@ class _HaetOptimizer:
       counter, starts afresh: Keras skips it on the count).
 
     Raises:
-        ValueError: a multiplier that is not a positive number, or a pattern that is
-            not a regular expression.
+        ValueError: multipliers not given as a list of `(pattern, multiplier)` pairs,
+            a multiplier that is not a positive finite number, or a pattern that is
+            not a regular expression (a str).
     """
 
     def __init__(self, *args, learning_rate_multipliers=(), **kwargs):
         super().__init__(*args, **kwargs)
         pairs = []
-        for pattern, multiplier in learning_rate_multipliers or ():
-            if isinstance(multiplier, bool) or not isinstance(multiplier, (int, float)) or not multiplier > 0:
-                raise ValueError(f"A learning-rate multiplier must be a positive number. Received: {multiplier!r} "
-                                 f"for {pattern!r}")
+        given = learning_rate_multipliers or ()
+        if len(given) == 2 and isinstance(given[0], str):  # one pair, not a list of pairs
+            raise ValueError(f"learning_rate_multipliers takes a list of (pattern, multiplier) pairs. Received "
+                             f"{given!r}: pass [{given!r}].")
+        for pair in given:
+            if not (isinstance(pair, (tuple, list)) and len(pair) == 2 and isinstance(pair[0], str)):
+                raise ValueError(f"learning_rate_multipliers takes (pattern, multiplier) pairs, the pattern a str. "
+                                 f"Received: {pair!r}")
+            pattern, multiplier = pair
+            if (isinstance(multiplier, bool) or not isinstance(multiplier, (int, float, np.floating, np.integer))
+                    or not 0 < multiplier < float("inf")):
+                raise ValueError(f"A learning-rate multiplier must be a positive finite number. Received: "
+                                 f"{multiplier!r} for {pattern!r}")
             try:
                 re.compile(pattern)
             except re.error as e:

@@ -63,10 +63,18 @@ def test_multipliers_are_saved_with_the_optimizer_and_checked(caplog):
     optimizer = optimizers.SGD(0.1, learning_rate_multipliers=[("beta$", 64)])
     again = optimizers.SGD.from_config(optimizer.get_config())
     assert again.learning_rate_multipliers == (("beta$", 64.0),)
-    with pytest.raises(ValueError, match="positive number"):
+    with pytest.raises(ValueError, match="positive finite number"):
         optimizers.SGD(0.1, learning_rate_multipliers=[("beta$", 0)])
     with pytest.raises(ValueError, match="not a regular expression"):
         optimizers.SGD(0.1, learning_rate_multipliers=[("(beta", 2)])
+    for given, message in [(("beta$", 64.0), r"a list of \(pattern, multiplier\) pairs. Received \('beta\$', 64.0\): "
+                                             r"pass \[\('beta\$', 64.0\)\]"),  # ("too many values to unpack")
+                           ([(b"beta$", 64.0)], "the pattern a str"),  # (stored as "b'beta$'", matching nothing)
+                           ([("beta$", float("inf"))], "positive finite number")]:
+        with pytest.raises(ValueError, match=message):
+            optimizers.SGD(0.1, learning_rate_multipliers=given)
+    assert optimizers.SGD(0.1, learning_rate_multipliers=[("beta$", np.float32(2))]).learning_rate_multipliers == (
+        ("beta$", 2.0),)
 
 
 def test_bn_shift_weight_decay_is_weight_decay_over_the_multiplier():
