@@ -137,7 +137,16 @@ class _PlannedSteps(keras.optimizers.schedules.LearningRateSchedule):
 
         A loaded model's optimizer (`haet.optimizers`' SGD and Adam) calls it when it
         builds, before Keras restores its variables, so the optimizer state loads
-        whole."""
+        whole.
+
+        Raises:
+            ValueError: `planned_steps` not a positive finite number of steps (nan,
+                0, -5 and "100" were taken), or `plan_offset` not finite.
+        """
+        if isinstance(planned_steps, (bool, str)) or not 0 < planned_steps < math.inf:
+            raise ValueError(f"planned_steps must be a positive finite number of steps. Received: {planned_steps!r}")
+        if isinstance(plan_offset, (bool, str)) or not math.isfinite(plan_offset):
+            raise ValueError(f"plan_offset must be a finite number of steps. Received: {plan_offset!r}")
         self.planned_steps = optimizer.add_variable(
             shape=(), initializer=keras.initializers.Constant(float(planned_steps)),
             dtype="float32", name="planned_steps",
@@ -210,6 +219,14 @@ def replanned_offset(step, planned_steps, plan_offset, new_planned_steps):
 KNOT_UNITS = ("fraction", "epochs")
 
 
+def _steps_per_epoch(value):
+    """`value` as a float, refused unless a positive finite number (0 or -5 held the
+    first knot's rate forever; nan gave a nan learning rate)."""
+    if isinstance(value, (bool, str)) or not 0 < value < math.inf:
+        raise ValueError(f"steps_per_epoch must be a positive finite number. Received: {value!r}")
+    return float(value)
+
+
 @keras.saving.register_keras_serializable(package="haet")
 class PlannedPiecewiseLinear(_PlannedSteps):
     """Learning rate linear between knots placed at fractions of the planned steps, or
@@ -237,7 +254,8 @@ class PlannedPiecewiseLinear(_PlannedSteps):
         steps_per_epoch: with epochs, the optimizer steps of an epoch (else set by `attach`).
 
     Raises:
-        ValueError: malformed knots or values, or an unknown unit.
+        ValueError: malformed knots or values, an unknown unit, or a
+            `steps_per_epoch` that is not a positive finite number.
     """
 
     def __init__(self, knots, values, knot_unit="fraction", steps_per_epoch=None):
@@ -245,7 +263,7 @@ class PlannedPiecewiseLinear(_PlannedSteps):
             raise ValueError(f"Unknown knot unit {knot_unit!r}. Allowed: {', '.join(KNOT_UNITS)}.")
         self.knots, self.values = _check_knots(knots, values, "learning rate", knot_unit)
         self.knot_unit = knot_unit
-        self.steps_per_epoch = None if steps_per_epoch is None else float(steps_per_epoch)
+        self.steps_per_epoch = None if steps_per_epoch is None else _steps_per_epoch(steps_per_epoch)
         self.planned_steps = None
 
     @property
@@ -255,7 +273,7 @@ class PlannedPiecewiseLinear(_PlannedSteps):
 
     def attach(self, optimizer, planned_steps, steps_per_epoch=None, plan_offset=0.0):
         if steps_per_epoch is not None:
-            self.steps_per_epoch = float(steps_per_epoch)
+            self.steps_per_epoch = _steps_per_epoch(steps_per_epoch)
         return super().attach(optimizer, planned_steps, plan_offset=plan_offset)
 
     def __call__(self, step):
@@ -301,9 +319,15 @@ LR_SHAPES = ("constant", "step", "cosine", "cosine_restarts", "linear", "inverse
 
 @keras.saving.register_keras_serializable(package="haet")
 class Constant(keras.optimizers.schedules.LearningRateSchedule):
-    """A constant learning rate (Keras has no constant schedule class)."""
+    """A constant learning rate (Keras has no constant schedule class).
+
+    Raises:
+        ValueError: a learning rate that is not a finite number >= 0.
+    """
 
     def __init__(self, learning_rate):
+        if isinstance(learning_rate, bool) or not 0 <= float(learning_rate) < math.inf:  # (nan too)
+            raise ValueError(f"learning_rate must be a finite number >= 0. Received: {learning_rate!r}")
         self.learning_rate = float(learning_rate)
 
     def __call__(self, step):
@@ -361,7 +385,8 @@ class LinearWarmup(keras.optimizers.schedules.LearningRateSchedule):
         after = ops.cast(self.schedule(ops.maximum(step - self.warmup_steps, 0.0)), "float32")
         if not self.warmup_steps:
             return after
-        ramp = ops.cast(self.schedule(0.0), "float32") * step / self.warmup_steps
+        # From 0 at step 0 (a step before it, too: -5 of 10 gave half the rate, negated).
+        ramp = ops.cast(self.schedule(0.0), "float32") * ops.maximum(step, 0.0) / self.warmup_steps
         return ops.where(step < self.warmup_steps, ramp, after)
 
     def get_config(self):

@@ -75,6 +75,29 @@ def test_planned_piecewise_linear_values_on_host_and_device():
         assert [float(np.asarray(schedule(planned * k))) for k in (1, 1.5)] == [0.0, 0.0]
 
 
+def test_plans_and_rates_that_are_not_positive_finite_numbers_are_refused():
+    import keras
+    import numpy as np
+
+    from haet.schedules import Constant, LinearWarmup, PlannedPiecewiseLinear
+
+    for value in (0, -5, float("nan"), True):
+        with pytest.raises(ValueError, match="steps_per_epoch must be a positive finite number"):
+            PlannedPiecewiseLinear([0, 2, 8], [0, 1, 0.1], knot_unit="epochs", steps_per_epoch=value)
+    schedule = PlannedPiecewiseLinear([0, 0.5, 1], [0, 1, 0])
+    for value in (float("nan"), 0, -5, "100", float("inf")):
+        with pytest.raises(ValueError, match="planned_steps must be a positive finite number of steps"):
+            schedule.attach(keras.optimizers.SGD(0.1), value)
+    with pytest.raises(ValueError, match="plan_offset must be a finite number"):
+        schedule.attach(keras.optimizers.SGD(0.1), 10, plan_offset=float("nan"))
+    assert schedule.planned_steps is None  # nothing attached by a refused call
+    for value in (float("nan"), -1, float("inf")):
+        with pytest.raises(ValueError, match="learning_rate must be a finite number >= 0"):
+            Constant(value)
+    # Before its first step a warm-up is at 0, not below (-5 of 10 steps gave -0.05 of 0.1).
+    assert float(np.asarray(LinearWarmup(Constant(0.1), 10)(-5))) == 0.0
+
+
 def test_a_planned_schedule_never_attached_fails_at_the_first_step_with_haet_optimizers_too():
     """haet's SGD attached a plan of 1 step to any unattached planned schedule when it
     built (meant for loaded models only): Keras' fit trained 12 steps at the
