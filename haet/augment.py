@@ -200,7 +200,7 @@ class RandomAffine(keras.layers.Layer):
         self.zoom_range = float(zoom_range)
         self.rotation_range = float(rotation_range)
         self.shear_range = float(shear_range)
-        self.horizontal_flip = bool(horizontal_flip)
+        self.horizontal_flip = _flag(horizontal_flip, "horizontal_flip")
         self.seed = seed
         self.seed_generator = keras.random.SeedGenerator(seed)
         self.strength = self.add_weight(
@@ -296,6 +296,13 @@ def _reflect(coordinates, size):
     return ops.where(folded > size, period - folded, folded) - 0.5
 
 
+def _flag(value, name):
+    """`value` as a bool: True, False (or NumPy's); a string ("no" was True) is refused."""
+    if not isinstance(value, (bool, np.bool_)):
+        raise ValueError(f"{name} must be True or False. Received: {value!r}")
+    return bool(value)
+
+
 def _mirror(coordinates, size):
     """Mirror padding of whole-pixel coordinates (NumPy's "reflect": d c b | a b c d | c b a).
 
@@ -334,10 +341,10 @@ class RandomCropFlipCutout(keras.layers.Layer):
         kwargs.setdefault("dtype", "float32")
         super().__init__(**kwargs)
         for name, value in (("pad", pad), ("cutout_size", cutout_size)):
-            if not isinstance(value, int) or value < 0:
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
                 raise ValueError(f"{name} must be a non-negative integer (pixels). Received: {name}={value!r}")
         self.pad = pad
-        self.horizontal_flip = bool(horizontal_flip)
+        self.horizontal_flip = _flag(horizontal_flip, "horizontal_flip")
         self.cutout_size = cutout_size
         self.seed = seed
         self.seed_generator = keras.random.SeedGenerator(seed)

@@ -229,6 +229,8 @@ class Lookahead(ExponentialMovingAverage):
             raise ValueError(f"start_step must be a non-negative integer. Received: {start_step!r}")
         self.steps_per_epoch = int(steps_per_epoch)
         self.total_steps = None if total_steps is None else float(total_steps)
+        if isinstance(power, bool) or not 0 <= power < float("inf"):  # (-1: the weights grew from 0.4 to 10)
+            raise ValueError(f"power must be a finite number >= 0. Received: {power!r}")
         self.power = float(power)
         self.start_step = int(start_step)
         self.plan = plan

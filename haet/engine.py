@@ -828,7 +828,12 @@ class Predictor:
             batch_size: examples per compiled call.
             weights: `(trainable, non_trainable)` value lists (`current_weights`), or
                 None for the model's current variables.
+
+        Raises:
+            ValueError: `batch_size` not a positive integer (-1 gave no rows).
         """
+        if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
+            raise ValueError(f"batch_size must be a positive integer. Received: {batch_size!r}")
         trainable, non_trainable = weights if weights is not None else current_weights(self.model)
         if keras.backend.backend() == "tensorflow":
             trainable = [ops.convert_to_tensor(v) for v in trainable]

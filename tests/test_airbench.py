@@ -88,6 +88,12 @@ def _model():
     return model
 
 
+def test_bad_lookahead_settings_are_refused():
+    for power in (-1.0, float("nan"), float("inf")):  # -1: the weights grew from 0.4 to 10 in 4 steps
+        with pytest.raises(ValueError, match="power must be a finite number >= 0"):
+            Lookahead(5, total_steps=100, power=power)
+
+
 def test_lookahead_follows_airbench_step_by_step():
     """The engine's lookahead (updates every 2 steps from step 4, momentum 0.9**2 *
     (step / 12)**1, copied back, and at each epoch end) against Keras' own step with the

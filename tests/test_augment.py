@@ -153,6 +153,13 @@ def test_bad_arguments_name_the_value():
         RandomAffine(rotation_range=200)
     with pytest.raises(ValueError, match="strength=1.5"):
         RandomAffine().set_strength(1.5)
+    from haet.augment import RandomCropFlipCutout
+
+    for layer in (RandomAffine, RandomCropFlipCutout):  # bool("no") was True: flips on
+        with pytest.raises(ValueError, match="horizontal_flip must be True or False. Received: 'no'"):
+            layer(horizontal_flip="no")
+    with pytest.raises(ValueError, match="pad must be a non-negative integer"):
+        RandomCropFlipCutout(pad=True)
 
 
 def test_config_round_trip():

@@ -64,6 +64,15 @@ def test_labels_as_keras_datasets_gives_them_score_the_same_and_bad_ones_are_ref
         evaluation.evaluate(None, np.zeros((64, 4, 4, 3), "uint8"), y + 1, 10, 32)
 
 
+def test_predicting_in_batches_of_no_images_is_refused():
+    inputs = keras.Input((2,))
+    model = keras.Model(inputs, keras.layers.Dense(3)(inputs))
+    for batch_size in (-1, 0, True):  # -1 returned no rows; 0 a range() error
+        with pytest.raises(ValueError, match="batch_size must be a positive integer"):
+            evaluation.predict_logits(model, np.zeros((4, 2), "float32"), batch_size)
+    assert evaluation.predict_logits(model, np.zeros((4, 2), "float32"), 3).shape == (4, 3)
+
+
 def test_tta_views():
     x = np.arange(2 * 4 * 4 * 1, dtype=np.uint8).reshape(2, 4, 4, 1)
     assert len(evaluation.tta_views(x, "none")[0]) == 1

@@ -49,6 +49,18 @@ def test_bad_model_arguments(kwargs, message):
         models.resnet20(**kwargs)
 
 
+@pytest.mark.parametrize("builder, kwargs, message", [
+    ("resnet9", {"ghost_batch_splits": 0}, "ghost_batch_splits must be a positive integer"),  # (plain batch norm)
+    ("resnet9", {"ghost_batch_splits": -3}, "ghost_batch_splits must be a positive integer"),
+    ("resnet9", {"logit_scale": 0.0}, "logit_scale must be a positive finite number"),
+    ("airbench", {"logit_scale": -1 / 9, "whitening_images": np.zeros((2, 32, 32, 3), "float32")},
+     "logit_scale must be a positive finite number"),
+])
+def test_bad_recipe_model_arguments(builder, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        getattr(models, builder)(**kwargs)
+
+
 def test_unknown_model_name():
     with pytest.raises(ValueError, match="Unknown model 'resnet50'. Allowed: resnet20, resnet9, airbench, tiny_cnn."):
         models.build_model("resnet50")
