@@ -35,7 +35,7 @@ def _floats(rows, key):
     return [float(r[key]) if r.get(key) not in (None, "") else np.nan for r in rows]
 
 
-def plot_learning_curves(history, title, path):
+def plot_learning_curves(history, title, path, metadata=None):
     """Loss and accuracy vs epoch and vs elapsed seconds, in a 2x2 grid: training
     (blue) and, when the history has them, validation (orange) curves.
 
@@ -50,6 +50,8 @@ def plot_learning_curves(history, title, path):
             val_accuracy; values may be strings).
         title: figure title.
         path: PNG file to write.
+        metadata: text to store in the PNG (matplotlib's `savefig` metadata), e.g.
+            the mark by which `haet.report` knows its own figures.
     """
     plt = _pyplot()
     epochs = _floats(history, "epoch")
@@ -88,12 +90,12 @@ def plot_learning_curves(history, title, path):
     fig.legend(list(handles.values()), list(handles), loc="outside lower center", ncol=min(len(handles), 4),
                fontsize=9, frameon=False)
     fig.suptitle(title)
-    fig.savefig(path, dpi=90)
+    fig.savefig(path, dpi=90, metadata=metadata)
     plt.close(fig)
     return path
 
 
-def plot_accuracy_vs_budget(runs, published, path, title="Test accuracy vs wall-clock budget"):
+def plot_accuracy_vs_budget(runs, published, path, title="Test accuracy vs wall-clock budget", metadata=None):
     """Test accuracy of runs against their budget, with published points.
 
     Args:
@@ -101,6 +103,7 @@ def plot_accuracy_vs_budget(runs, published, path, title="Test accuracy vs wall-
             (one series per label, e.g. "resnet20x6, H100, jax").
         published: dicts with `budget_seconds`, `test_accuracy`, `entry`, `device`.
         path: PNG file to write.
+        metadata: text to store in the PNG (see `plot_learning_curves`).
     """
     plt = _pyplot()
     labels = sorted({r["label"] for r in runs})
@@ -131,14 +134,15 @@ def plot_accuracy_vs_budget(runs, published, path, title="Test accuracy vs wall-
     # Below the axes: with many series an inside legend hides the points.
     ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=1, frameon=False)
     ax.set_title(title)
-    fig.savefig(path, dpi=100)
+    fig.savefig(path, dpi=100, metadata=metadata)
     plt.close(fig)
     return path
 
 
-def plot_confusion_matrix(matrix, class_names, path, title="Confusion matrix"):
+def plot_confusion_matrix(matrix, class_names, path, title="Confusion matrix", metadata=None):
     """Row-normalized confusion matrix (true class rows, predicted class columns),
-    with the counts written in each cell."""
+    with the counts written in each cell; `metadata`: text to store in the PNG (see
+    `plot_learning_curves`)."""
     plt = _pyplot()
     matrix = np.asarray(matrix, dtype=np.int64)
     rates = matrix / np.maximum(matrix.sum(axis=1, keepdims=True), 1)
@@ -155,7 +159,7 @@ def plot_confusion_matrix(matrix, class_names, path, title="Confusion matrix"):
     ax.set_ylabel("true class")
     fig.colorbar(im, ax=ax, label="fraction of the true class")
     ax.set_title(title, fontsize=9)
-    fig.savefig(path, dpi=100)
+    fig.savefig(path, dpi=100, metadata=metadata)
     plt.close(fig)
     return path
 

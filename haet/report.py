@@ -37,7 +37,8 @@ def scan_records(results_dir):
 
     Usable: a JSON object with status "completed" (records written before statuses
     existed count as completed), a numeric `test_accuracy`, a numeric
-    `budget_seconds` and a `flags` object. The others are returned with the reason
+    `budget_seconds`, a `flags` object, and the other fields the report reads of the
+    types it reads them as (`_wrong_field`). The others are returned with the reason
     (malformed, not completed, validation only) and logged as warnings; none is
     dropped silently and none stops the report.
 
@@ -76,10 +77,56 @@ def scan_records(results_dir):
             skip(path, f"budget_seconds {record.get('budget_seconds')!r} is not a number")
         elif not isinstance(record.get("flags"), dict):
             skip(path, f"flags {record.get('flags')!r} is not an object")
+        elif wrong := _wrong_field(record):
+            skip(path, wrong)
         else:
             record["record_path"] = path
             records.append(record)
     return records, skipped
+
+
+def _wrong_field(record):
+    """What keeps a record with a usable status, accuracy, budget and flags out of the
+    tables: a field that the tables, labels and figures read with another type than
+    `haet.training` writes (a record edited by hand or written by another tool), as
+    "NAME VALUE is not TYPE"; None when there is none. One such record broke the
+    sorting, grouping or labels of every record (a traceback, after some figures).
+    """
+    flags = record["flags"]
+
+    def text(value):
+        return isinstance(value, str)
+
+    def count(value):  # None: not recorded
+        return value is None or (isinstance(value, int) and not isinstance(value, bool))
+
+    def accuracies(value):
+        return value is None or (isinstance(value, dict) and all(v is None or is_number(v) for v in value.values()))
+
+    checks = [("dataset", record.get("dataset", "?"), text, "a string"),
+              ("train_examples", record.get("train_examples"), count, "an integer"),
+              ("test_examples", record.get("test_examples"), count, "an integer"),
+              ("subset_sha256", record.get("subset_sha256"), lambda v: v is None or text(v), "a string"),
+              *((key, record.get(key, "?"), text, "a string") for key in ("backend", "precision", "model")),
+              ("device name", device_name(record), text, "a string"),
+              ("test_accuracy_variants", record.get("test_accuracy_variants"), accuracies,
+               "an object of evaluation names and accuracies"),
+              ("flags.model", flags.get("model", "?"), text, "a string"),
+              ("flags.width_multiplier", flags.get("width_multiplier", 1), is_number, "a number"),
+              ("flags.ensemble_members", flags.get("ensemble_members"), count, "an integer")]
+    if flags.get("lr_schedule") not in (None, "wall_clock", "one_cycle"):  # the label shows the rate
+        checks.append(("flags.learning_rate", flags.get("learning_rate", 0), is_number, "a number"))
+    for name, value, check, expected in checks:
+        if not check(value):
+            return f"{name} {value!r} is not {expected}"
+    # What the checks above miss: the report's own reading of the record, tried alone.
+    try:
+        hash(comparable_key(record))
+        recipe_of(record)
+        _label_flags(record)
+    except (TypeError, ValueError, AttributeError, KeyError) as e:
+        return f"cannot be shown ({type(e).__name__}: {e})"
+    return None
 
 
 def load_records(results_dir):
@@ -90,11 +137,18 @@ def load_records(results_dir):
 PUBLISHED_COLUMNS = {"dataset", "train_examples", "budget_seconds", "test_accuracy", "test_examples"}
 
 
+# Cells every published row fills: the figure places it by both, the tables print both.
+# The training-set and test-set sizes may be unknown (a hidden test set): empty -> None.
+PUBLISHED_REQUIRED = ("budget_seconds", "test_accuracy")
+
+
 def load_published(path):
     """Rows of the published-numbers CSV, with numbers parsed (empty cells -> None).
 
     Raises:
-        ValueError: a column of `PUBLISHED_COLUMNS` is missing, or a number does not parse.
+        ValueError: a column of `PUBLISHED_COLUMNS` is missing, a number does not
+            parse (or is not finite), or a cell of `PUBLISHED_REQUIRED` is empty;
+            the message names the line and column.
     """
     rows = []
     with open(path) as f:
@@ -105,7 +159,17 @@ def load_published(path):
         for row in reader:
             for key, cast in (("train_examples", int), ("budget_seconds", float),
                               ("test_accuracy", float), ("test_examples", int)):
-                row[key] = cast(row[key]) if row.get(key) else None
+                cell = row.get(key)
+                if not cell and key in PUBLISHED_REQUIRED:
+                    raise ValueError(f"{path} line {reader.line_num}: {key} is empty; every published row "
+                                     f"needs its {key}.")
+                try:
+                    row[key] = cast(cell) if cell else None
+                    if cell and not is_number(row[key]):
+                        raise ValueError
+                except ValueError:
+                    raise ValueError(f"{path} line {reader.line_num}: {key} {cell!r} is not "
+                                     f"{'an integer' if cast is int else 'a finite number'}.") from None
             rows.append(row)
     return rows
 
@@ -343,8 +407,16 @@ def _link(path, base):
     return os.path.relpath(path, base)
 
 
-# The first words of every page the report writes: a page without them is not replaced.
+# The opening of every page the report writes: its title, then these words. A page that
+# opens otherwise is not replaced, even if it quotes them further down.
 GENERATED = "Generated by `python -m haet.report`"
+PAGE_START = "# Results\n\n" + GENERATED
+
+# The figures `make_figures` writes, and the PNG text (matplotlib's "Software" key) that
+# marks them as the report's: a file of one of these names without it (a run folder's
+# learning curves, a figure of the user's) is never replaced.
+FIGURES = ("accuracy_vs_budget.png", "learning_curves.png", "confusion_matrix.png")
+FIGURE_MARK = {"Software": "python -m haet.report"}
 
 
 def render_markdown(table, published, base_dir, figures, title=True, skipped=(), results_dir="results",
@@ -433,19 +505,117 @@ def render_markdown(table, published, base_dir, figures, title=True, skipped=(),
     return "\n".join(lines)
 
 
-def featured_run(records, name=None):
-    """The record whose run folder is named `name`, else the latest of the largest budget."""
-    if name:
-        matches = [r for r in records if os.path.basename(os.path.dirname(r["record_path"])) == name]
-        if not matches:
-            raise ValueError(f"No run folder named {name!r} under the results directory.")
-        return matches[0]
-    return max(records, key=lambda r: (r.get("budget_seconds", 0),
-                                       os.path.basename(os.path.dirname(r["record_path"]))))
+def _names_run(record_path, name):
+    """Whether `name` (`--featured_run`) names the run folder of `record_path`: by its
+    folder name, its path below the results folder (`cpu/RUN`), or a path to it."""
+    run_dir = os.path.dirname(record_path)
+    below = os.path.normpath(name)
+    return (os.path.realpath(run_dir) == os.path.realpath(name)
+            or not os.path.isabs(name) and (run_dir == below or run_dir.endswith(os.sep + below)))
+
+
+def featured_run(records, name=None, skipped=()):
+    """The record of the run folder that `name` names (`_names_run`), else the latest
+    of the largest budget.
+
+    Raises:
+        ValueError: `name` names no run folder, or two or more (a folder name found
+            under two parents), or one whose record is not in the report (one of
+            `skipped`, the `(path, reason)` pairs of `scan_records`: it says why).
+    """
+    if not name:
+        return max(records, key=lambda r: (r.get("budget_seconds", 0),
+                                           os.path.basename(os.path.dirname(r["record_path"]))))
+    matches = [r for r in records if _names_run(r["record_path"], name)]
+    left_out = [(path, reason) for path, reason in skipped if _names_run(path, name)]
+    if len(matches) + len(left_out) > 1:
+        folders = [os.path.dirname(r["record_path"]) for r in matches] + [
+            f"{os.path.dirname(path)} (not in the report: {reason})" for path, reason in left_out]
+        raise ValueError(f"--featured_run={name!r} names {len(folders)} run folders: {'; '.join(folders)}. "
+                         "Pass the path of one.")
+    if left_out:
+        (path, reason), = left_out
+        raise ValueError(f"--featured_run={name!r}: the run {os.path.dirname(path)} is not in the report: "
+                         f"{reason}. Pass --featured_run=ANOTHER, a run in its tables.")
+    if not matches:
+        raise ValueError(f"No run folder named {name!r} under the results directory: pass a run folder's name "
+                         "or its path (cpu/RUN below the results folder, or any path to it).")
+    return matches[0]
+
+
+# What the learning curves plot against: each row's must be a finite number (the
+# figure's axis limits); the other columns plotted may be empty or any number (a
+# diverged run's loss is nan).
+HISTORY_AXES = ("epoch", "elapsed_seconds")
+HISTORY_PLOTTED = ("learning_rate", "augmentation_strength", "loss", "accuracy", "val_loss", "val_accuracy")
+
+
+def featured_files(run):
+    """What the featured run's figures show, read from its folder: the rows of its
+    `history.csv` (dicts of text) and its `confusion_matrix.csv` as `(class names,
+    rows of counts)`; each None where the folder has no such file.
+
+    Raises:
+        ValueError: a file that is there cannot be read or is not what the run
+            writes (a history with non-numbers in the plotted columns; a matrix
+            that is not a square table of counts below a header of class names);
+            the message names the file and the fix.
+    """
+    run_dir = os.path.dirname(run["record_path"])
+    history = matrix = None
+    path = os.path.join(run_dir, "history.csv")  # the file being read, which `broken` names
+
+    def broken(why):
+        return ValueError(f"{path} {why}: the featured run's figures cannot be drawn. Pass "
+                          "--featured_run=OTHER (another run folder), or repair or remove the file.")
+    try:
+        if os.path.exists(path):
+            with open(path, newline="") as f:
+                reader = csv.DictReader(f)
+                if not set(HISTORY_AXES) <= set(reader.fieldnames or ()):
+                    raise broken(f"lacks the columns {', '.join(HISTORY_AXES)}")
+                history = []
+                for row in reader:
+                    for key in HISTORY_AXES + HISTORY_PLOTTED:
+                        axis, value = key in HISTORY_AXES, row.get(key)
+                        if not axis and value in (None, ""):
+                            continue
+                        try:
+                            number = float(value)
+                        except (TypeError, ValueError):
+                            number = None
+                        if number is None or axis and not is_number(number):
+                            raise broken(f"line {reader.line_num}: {key} {value!r} is not "
+                                         f"{'a finite number' if axis else 'a number'}")
+                    history.append(row)
+        path = os.path.join(run_dir, "confusion_matrix.csv")
+        if os.path.exists(path):
+            with open(path, newline="") as f:
+                rows = list(csv.reader(f))
+            names = rows[0][1:] if rows else []
+            if not names or len(rows) != len(names) + 1 or any(len(row) != len(names) + 1 for row in rows):
+                raise broken(f"is not a table of {len(names) or 'N'} classes: a header of class names, then a "
+                             "row of counts for each")
+            try:
+                matrix = (names, [[int(v) for v in row[1:]] for row in rows[1:]])
+            except ValueError as e:
+                raise broken(f"holds a cell that is not a count ({e})") from None
+            if any(v < 0 for row in matrix[1] for v in row):
+                raise broken("holds a negative count")
+    except (OSError, UnicodeDecodeError, csv.Error) as e:
+        raise broken(f"cannot be read ({type(e).__name__}: {e})") from None
+    return history, matrix
 
 
 def make_figures(records, published, figures_dir, featured=None):
-    """Writes the report's figures; returns {caption: path}."""
+    """Writes the report's figures; returns {caption: path}.
+
+    Raises:
+        ValueError: `featured` names no usable run (`featured_run`), or the featured
+            run's files cannot be drawn (`featured_files`); before any figure is written.
+    """
+    run = featured_run(records, featured)
+    history, matrix = featured_files(run)
     os.makedirs(figures_dir, exist_ok=True)
     figures = {}
     # The HAET setting only (CIFAR-10, 5,000 images) when it has runs: other datasets and
@@ -460,25 +630,18 @@ def make_figures(records, published, figures_dir, featured=None):
     figures["Test accuracy vs budget"] = plots.plot_accuracy_vs_budget(
         runs, pub, os.path.join(figures_dir, "accuracy_vs_budget.png"),
         title="CIFAR-10, 5,000 training images: test accuracy vs wall-clock budget" if haet else
-        "Test accuracy vs wall-clock budget")
-    run = featured_run(records, featured)
-    run_dir = os.path.dirname(run["record_path"])
+        "Test accuracy vs wall-clock budget", metadata=FIGURE_MARK)
     title = (f"{run.get('model')} on {run.get('dataset')} ({run.get('train_examples')} images), "
              f"{run['budget_seconds']:g} s, {device_name(run)}, {run.get('backend')}: "
              f"test accuracy {100 * run['test_accuracy']:.2f}%")
-    history_path = os.path.join(run_dir, "history.csv")
-    if os.path.exists(history_path):
-        with open(history_path) as f:
-            history = list(csv.DictReader(f))
+    if history is not None:
         figures["Learning curves"] = plots.plot_learning_curves(
-            history, title, os.path.join(figures_dir, "learning_curves.png"))
-    matrix_path = os.path.join(run_dir, "confusion_matrix.csv")
-    if os.path.exists(matrix_path):
-        with open(matrix_path) as f:
-            rows = list(csv.reader(f))
-        names, matrix = rows[0][1:], [[int(v) for v in row[1:]] for row in rows[1:]]
+            history, title, os.path.join(figures_dir, "learning_curves.png"), metadata=FIGURE_MARK)
+    if matrix is not None:
+        names, counts = matrix
         figures["Confusion matrix"] = plots.plot_confusion_matrix(
-            matrix, names, os.path.join(figures_dir, "confusion_matrix.png"), title="Confusion matrix (test set)\n" + title)
+            counts, names, os.path.join(figures_dir, "confusion_matrix.png"),
+            title="Confusion matrix (test set)\n" + title, metadata=FIGURE_MARK)
     return figures
 
 
@@ -510,6 +673,42 @@ def _readme_section(text, path):
     return start, end
 
 
+def _is_report_figure(path):
+    """Whether the file `path` is a PNG that carries `FIGURE_MARK`."""
+    from PIL import Image  # matplotlib's own dependency
+
+    try:
+        with Image.open(path) as image:
+            return image.info.get("Software") == FIGURE_MARK["Software"]
+    except (OSError, ValueError, SyntaxError):
+        return False
+
+
+def _check_figures_dir(figures_dir, out):
+    """Checks that writing `FIGURES` into `figures_dir` replaces only figures the report
+    wrote: ones that carry `FIGURE_MARK`, or that its page `out` links (figures
+    written before the mark existed; `out` is known to be the report's page).
+
+    Raises:
+        ValueError: `figures_dir` is a run folder (it holds a record.json), or it
+            holds a file of one of those names that the report did not write.
+    """
+    if os.path.exists(os.path.join(figures_dir, "record.json")):
+        raise ValueError(f"--figures_dir={figures_dir!r} is a run folder (it holds a record.json): the report's "
+                         "figures would replace the run's. Pass --figures_dir=ANOTHER (default: RESULTS_DIR/figures).")
+    page = ""
+    if os.path.isfile(out):
+        with open(out, errors="replace") as f:
+            page = f.read()
+    base = os.path.dirname(os.path.abspath(out))
+    foreign = [name for name in FIGURES if os.path.lexists(os.path.join(figures_dir, name))
+               and not _is_report_figure(os.path.join(figures_dir, name))
+               and f"]({_link(os.path.join(figures_dir, name), base)})" not in page]
+    if foreign:
+        raise ValueError(f"--figures_dir={figures_dir!r} holds {', '.join(foreign)}, not written by haet.report: "
+                         "nothing there is replaced. Pass --figures_dir=ANOTHER, or move those files away.")
+
+
 def check_outputs(results_dir, out, readme=None, published=None, figures_dir=None):
     """Checks, before anything is written, what `main` reads and replaces.
 
@@ -518,7 +717,9 @@ def check_outputs(results_dir, out, readme=None, published=None, figures_dir=Non
             this report wrote (a hand-written README is never replaced); `readme`
             is not a readable file with the results markers; `published` is not a
             file; the folders of `out` and `figures_dir` (or `readme`) cannot be
-            written. Each message names the path and the fix.
+            written; `figures_dir` holds files of the figures' names that the
+            report did not write (`_check_figures_dir`). Each message names the
+            path and the fix.
     """
     if not os.path.isdir(results_dir):
         raise ValueError(f"--results_dir={results_dir!r} is not a folder: pass the folder that holds the runs.")
@@ -532,9 +733,11 @@ def check_outputs(results_dir, out, readme=None, published=None, figures_dir=Non
         results.check_results_dir(os.path.dirname(os.path.abspath(readme)), "--readme's folder")
     if os.path.exists(out):
         with open(out, errors="replace") as f:
-            if GENERATED not in f.read():
+            if f.read(len(PAGE_START)) != PAGE_START:
                 raise ValueError(f"{out} exists and was not written by haet.report: it is not replaced. Pass "
                                  f"--out=ANOTHER.md.")
+    if figures_dir is not None:
+        _check_figures_dir(figures_dir, out)
     if readme:
         try:
             with open(readme) as f:
@@ -570,17 +773,28 @@ def main(argv):
     figures_dir = f.figures_dir or os.path.join(f.results_dir, "figures")
     # Everything that can be refused is, before a figure or page is written.
     try:
+        # An empty value is a mistake (an unset shell variable), not a request for the default.
+        for name, default in (("out", "RESULTS_DIR/README.md"), ("figures_dir", "RESULTS_DIR/figures"),
+                              ("published", "RESULTS_DIR/published.csv, else the repository's"),
+                              ("featured_run", "the latest run of the largest budget"),
+                              ("readme", "no README rewritten")):
+            if getattr(f, name) == "":
+                raise ValueError(f"--{name} is empty: pass --{name}=VALUE, or leave the flag out ({default}).")
         check_outputs(f.results_dir, out, f.readme, f.published, figures_dir)
         published_path = f.published or default_published(f.results_dir)
         try:
             published = load_published(published_path) if published_path else []
-        except (KeyError, ValueError, OSError, csv.Error) as e:
+        except (UnicodeDecodeError, KeyError, OSError, csv.Error) as e:
             raise ValueError(f"{published_path} is not a CSV of published numbers ({type(e).__name__}: {e}).") \
                 from None
         records, skipped = scan_records(f.results_dir)
         if not records:
             raise ValueError(f"No usable record.json under {f.results_dir!r} ({len(skipped)} skipped).")
-        featured_run(records, f.featured_run)
+        # A history or confusion matrix of the featured run that cannot be drawn refuses the
+        # report, rather than leaving its figure out: the page would lack it with no word
+        # why (last report's figure of that name left beside it), and --featured_run was
+        # either asked for (that run's figures were wanted) or can pick another run.
+        featured_files(featured_run(records, f.featured_run, skipped))
         os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     except ValueError as e:
         raise app.UsageError(str(e), exitcode=cli.USAGE_ERROR) from None
@@ -606,7 +820,8 @@ if __name__ == "__main__":
                         "--results_dir, else the repository's results/published.csv).")
     flags.DEFINE_string("out", None, "Markdown page to (re)write (default: --results_dir/README.md).")
     flags.DEFINE_string("figures_dir", None, "Folder for the report's PNG figures (default: --results_dir/figures).")
-    flags.DEFINE_string("featured_run", None, "Run folder name whose curves and confusion matrix are shown.")
+    flags.DEFINE_string("featured_run", None, "Run folder whose curves and confusion matrix are shown: its name, "
+                        "or its path (below --results_dir, e.g. cpu/RUN, or any path to it).")
     flags.DEFINE_string("readme", None, "Maintainers: also rewrite this file's results section (the project's "
                         "README.md).")
     cli.run(main)

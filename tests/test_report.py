@@ -300,3 +300,182 @@ def test_a_schedule_the_label_does_not_name_is_shown_where_it_differs(tmp_path):
     # The usual values of what rows name; not those every label carries (batch size, model).
     assert ("Unless its row says otherwise, every --model=resnet9 row has: cutout_size=12, learning_rate=0.4, "
             "lr_schedule=wall_clock.") in page
+
+
+def _edit_record(run, **changes):
+    record = json.loads((run / "record.json").read_text())
+    (run / "record.json").write_text(json.dumps({**record, **changes}))
+
+
+def test_a_record_with_a_field_of_the_wrong_type_is_listed_and_the_report_goes_on(tmp_path):
+    """Each of these once ended the report in a traceback (a sort, a label, a set of
+    the records' settings), some after figures were rewritten."""
+    _write_run(tmp_path, "good", 0.7)
+    wrong = {"train_examples": {"train_examples": "abc"}, "dataset_null": {"dataset": None},
+             "dataset_number": {"dataset": 5}, "variants_list": {"test_accuracy_variants": [1, 2]},
+             "variants_text": {"test_accuracy_variants": "x"},
+             "variant_value": {"test_accuracy_variants": {"raw": "0.5"}},
+             "members": {"flags": {"batch_size": 32, "ensemble_members": "3"}},
+             "width": {"flags": {"batch_size": 32, "width_multiplier": "x"}},
+             "model": {"model": {"name": "resnet9"}},
+             "rate": {"flags": {"batch_size": 32, "lr_schedule": "cosine", "learning_rate": "x"}},
+             "device": {"device": {"name": ["a"]}}, "sha": {"subset_sha256": 5}, "backend": {"backend": ["jax"]}}
+    for name, changes in wrong.items():
+        _edit_record(_write_run(tmp_path, name, 0.6, budget=60.0), **changes)
+    # A rate the label does not show may be anything (here: recorded as text by another tool).
+    _edit_record(_write_run(tmp_path, "rate_not_shown", 0.5, budget=60.0),
+                 flags={"batch_size": 32, "lr_schedule": "wall_clock", "learning_rate": "auto"})
+    records, skipped = report.scan_records(str(tmp_path))
+    assert sorted(os.path.basename(os.path.dirname(r["record_path"])) for r in records) == ["good", "rate_not_shown"]
+    reasons = {os.path.basename(os.path.dirname(p)): why for p, why in skipped}
+    assert reasons == {
+        "train_examples": "train_examples 'abc' is not an integer",
+        "dataset_null": "dataset None is not a string", "dataset_number": "dataset 5 is not a string",
+        "variants_list": "test_accuracy_variants [1, 2] is not an object of evaluation names and accuracies",
+        "variants_text": "test_accuracy_variants 'x' is not an object of evaluation names and accuracies",
+        "variant_value": "test_accuracy_variants {'raw': '0.5'} is not an object of evaluation names and accuracies",
+        "members": "flags.ensemble_members '3' is not an integer",
+        "width": "flags.width_multiplier 'x' is not a number",
+        "model": "model {'name': 'resnet9'} is not a string",
+        "rate": "flags.learning_rate 'x' is not a number",
+        "device": "device name ['a'] is not a string", "sha": "subset_sha256 5 is not a string",
+        "backend": "backend ['jax'] is not a string"}
+    page = report.render_markdown(report.summarize(records), [], str(tmp_path), {}, skipped=skipped)
+    assert "| [dataset_number/record.json](dataset_number/record.json) | dataset 5 is not a string |" in page
+
+
+def test_a_record_the_labels_cannot_read_is_listed_with_the_error(tmp_path, monkeypatch):
+    """The last check tries the report's own reading of each record: a field a label
+    reads that the type checks do not know yet leaves out that record, not the report."""
+    _write_run(tmp_path, "good", 0.7)
+    _edit_record(_write_run(tmp_path, "odd", 0.6), flags={"batch_size": 32, "model": "odd"})
+    recipe_of = report.recipe_of
+
+    def strict_recipe_of(record):
+        if record["flags"].get("model") == "odd":
+            raise KeyError("new_flag")
+        return recipe_of(record)
+
+    monkeypatch.setattr(report, "recipe_of", strict_recipe_of)
+    records, skipped = report.scan_records(str(tmp_path))
+    assert len(records) == 1 and [why for _, why in skipped] == ["cannot be shown (KeyError: 'new_flag')"]
+
+
+def test_published_rows_need_a_budget_and_an_accuracy_and_say_which_cell_is_wrong(tmp_path):
+    header = "entry,dataset,train_examples,budget_seconds,device,test_accuracy,test_examples,source,protocol_notes\n"
+    good = "A,cifar10,5000,600,GPU,0.85,1000,s,p\n"
+    path = tmp_path / "published.csv"
+    # Sizes may be unknown (a hidden test set): empty -> None.
+    path.write_text(header + good + "B,hidden,,600,V100,0.88,,s,p\n")
+    assert [(r["train_examples"], r["test_examples"]) for r in report.load_published(str(path))] == [
+        (5000, 1000), (None, None)]
+    for row, message in (("C,cifar10,5000,600,GPU,,,s,p\n", "line 3: test_accuracy is empty"),
+                         ("C,cifar10,5000,,GPU,0.8,,s,p\n", "line 3: budget_seconds is empty"),
+                         ("C,cifar10,5k,600,GPU,0.8,,s,p\n", "line 3: train_examples '5k' is not an integer"),
+                         ("C,cifar10,5000,600,GPU,nan,,s,p\n", "line 3: test_accuracy 'nan' is not a finite number")):
+        path.write_text(header + good + row)
+        with pytest.raises(ValueError, match=f"{path} {message}"):
+            report.load_published(str(path))
+
+
+def test_a_featured_run_whose_files_cannot_be_drawn_is_refused_before_any_figure(tmp_path):
+    _write_run(tmp_path, "run", 0.7)
+    run = tmp_path / "run"
+    (good,) = report.load_records(str(tmp_path))
+    history, (names, counts) = report.featured_files(good)
+    assert len(history) == 2 and names == ["c0", "c1", "c2"] and counts == [[5, 1, 0], [0, 6, 0], [1, 0, 4]]
+    header = "epoch,elapsed_seconds,learning_rate,loss,accuracy\n"
+    for case, (name, content, message) in enumerate((
+            ("confusion_matrix.csv", "", "is not a table of N classes"),
+            ("confusion_matrix.csv", "t,a,b\na,1,2\n", "is not a table of 2 classes"),
+            ("confusion_matrix.csv", "t,a,b\na,1,2\nb,x,3\n", "holds a cell that is not a count"),
+            ("confusion_matrix.csv", "t,a,b\na,1,2\nb,-1,3\n", "holds a negative count"),
+            ("history.csv", "loss\n1.0\n", "lacks the columns epoch, elapsed_seconds"),
+            ("history.csv", header + "1,5.0,0.1,one,0.3\n", "line 2: loss 'one' is not a number"),
+            ("history.csv", header + "1,5.0,0.1,2.0,0.3\nnan,9.0,0.1,2.0,0.3\n",
+             "line 3: epoch 'nan' is not a finite number"),
+            ("history.csv", b"\x00\xff\xfe", "cannot be read \\(UnicodeDecodeError"))):
+        broken = _write_run(tmp_path / f"case{case}", "run", 0.7)
+        (broken / name).write_bytes(content if isinstance(content, bytes) else content.encode())
+        (record,) = report.load_records(str(broken.parent))
+        with pytest.raises(ValueError, match=f"{broken / name} {message}.*Pass --featured_run=OTHER"):
+            report.make_figures([record], [], str(broken.parent / "figures"))
+        assert not (broken.parent / "figures").exists()  # not one figure written
+    # A diverged loss is drawn (nan), and a history of no epochs.
+    (run / "history.csv").write_text(header + "1,5.0,0.1,nan,0.1\n")
+    assert report.featured_files(good)[0][0]["loss"] == "nan"
+    (run / "history.csv").write_text(header)
+    assert report.featured_files(good)[0] == []
+
+
+def test_the_command_line_refuses_a_broken_featured_run_and_empty_paths_before_writing(tmp_path):
+    results_dir = tmp_path / "results"
+    _write_run(results_dir, "run", 0.7)
+    (results_dir / "run" / "confusion_matrix.csv").write_text("garbage\n")
+    env = dict(os.environ, PYTHONPATH=REPO, MPLBACKEND="Agg")
+    for flag, message in (("--out=", "--out is empty: pass --out=VALUE, or leave the flag out"),
+                          ("--featured_run=run", f"{results_dir / 'run' / 'confusion_matrix.csv'} is not a table")):
+        result = subprocess.run([sys.executable, "-m", "haet.report", f"--results_dir={results_dir}", flag],
+                                env=env, capture_output=True, text=True)
+        assert result.returncode == 2 and f"haet.report: error: {message}" in result.stderr
+        assert "Traceback" not in result.stderr
+        assert sorted(os.listdir(results_dir)) == ["run"]  # no page, no figures
+
+
+def test_figures_are_written_only_over_figures_the_report_wrote(tmp_path):
+    results_dir = tmp_path / "results"
+    _write_run(results_dir, "run", 0.7)
+    out = str(tmp_path / "page.md")
+    run_dir = results_dir / "run"
+    (run_dir / "learning_curves.png").write_text("the run's own")
+    with pytest.raises(ValueError, match=f"--figures_dir='{run_dir}' is a run folder"):
+        report.check_outputs(str(results_dir), out, figures_dir=str(run_dir))
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "confusion_matrix.png").write_text("a figure of mine")
+    with pytest.raises(ValueError, match="holds confusion_matrix.png, not written by haet.report"):
+        report.check_outputs(str(results_dir), out, figures_dir=str(mine))
+    # The report's own figures carry its mark: a second report replaces them.
+    figures = tmp_path / "figures"
+    records = report.load_records(str(results_dir))
+    assert sorted(os.path.basename(p) for p in report.make_figures(records, [], str(figures)).values()) == [
+        "accuracy_vs_budget.png", "confusion_matrix.png", "learning_curves.png"]
+    report.check_outputs(str(results_dir), out, figures_dir=str(figures))
+    # Figures written before the mark existed: the report's if its own page links them.
+    from PIL import Image
+    Image.new("RGB", (4, 4)).save(figures / "learning_curves.png")
+    with pytest.raises(ValueError, match="holds learning_curves.png, not written"):
+        report.check_outputs(str(results_dir), out, figures_dir=str(figures))
+    page = report.render_markdown({}, [], str(tmp_path), {"Learning curves": str(figures / "learning_curves.png")})
+    (tmp_path / "page.md").write_text(page)
+    report.check_outputs(str(results_dir), out, figures_dir=str(figures))
+
+
+def test_only_a_page_that_opens_with_the_reports_words_is_replaced(tmp_path):
+    _write_run(tmp_path / "results", "run", 0.7)
+    out = tmp_path / "page.md"
+    out.write_text(f"# Notes\n\nWe ran {report.GENERATED} and kept what it wrote here.\n")
+    with pytest.raises(ValueError, match="was not written by haet.report"):
+        report.check_outputs(str(tmp_path / "results"), str(out))
+    out.write_text(report.render_markdown({}, [], str(tmp_path), {}))
+    report.check_outputs(str(tmp_path / "results"), str(out))
+
+
+def test_featured_run_takes_a_folder_name_or_a_path_and_says_what_it_cannot_show(tmp_path):
+    _write_run(tmp_path / "cpu", "RUN", 0.7)
+    _write_run(tmp_path / "gpu", "other", 0.8)
+    records, skipped = report.scan_records(str(tmp_path))
+    for name in ("RUN", "cpu/RUN", "cpu/RUN/", str(tmp_path / "cpu" / "RUN")):
+        assert report.featured_run(records, name)["record_path"] == str(tmp_path / "cpu" / "RUN" / "record.json")
+    with pytest.raises(ValueError, match="No run folder named 'gpu/RUN'.*its path"):
+        report.featured_run(records, "gpu/RUN")
+    _write_run(tmp_path / "gpu", "RUN", 0.6)
+    _edit_record(_write_run(tmp_path / "search", "trial", 0.6), test_accuracy=None)
+    records, skipped = report.scan_records(str(tmp_path))
+    with pytest.raises(ValueError, match=f"--featured_run='RUN' names 2 run folders: {tmp_path / 'cpu' / 'RUN'}; "
+                                         f"{tmp_path / 'gpu' / 'RUN'}. Pass the path of one."):
+        report.featured_run(records, "RUN", skipped)
+    assert report.featured_run(records, "gpu/RUN", skipped)["test_accuracy"] == 0.6
+    with pytest.raises(ValueError, match=f"the run {tmp_path / 'search' / 'trial'} is not in the report: "
+                                         "validation only"):
+        report.featured_run(records, "trial", skipped)
