@@ -309,6 +309,8 @@ def _mirror(coordinates, size):
     Done here because Keras' TensorFlow `map_coordinates` maps some coordinates past
     the last pixel out of range in its "mirror" mode (Keras 3.15).
     """
+    if size == 1:  # one pixel mirrors onto itself (a period of 0: nan)
+        return ops.zeros_like(coordinates)
     period = 2.0 * (size - 1)
     folded = ops.mod(ops.abs(coordinates), period)
     return ops.where(folded > size - 1, period - folded, folded)

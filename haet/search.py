@@ -43,6 +43,7 @@ import hashlib
 import json
 import math
 import os
+import shlex
 import socket
 import sys
 import time
@@ -648,9 +649,17 @@ def best_summary(study, space, num_classes):
     if not completed:
         return None
     best = max(completed, key=lambda t: t.value)
-    text = ("best: trial %d: " % best.number + " ".join(
-        f"--{config_lib.flag_name(n)}={best.params[n]}" for n in space)
-        + f"  (validation accuracy {100 * best.value:.2f}%)")
+
+    def flag(name):
+        """`--name=value` as a shell takes it: a list value comma-separated, as the
+        flag parses it (Optuna keeps it joined by ";", which ended the command)."""
+        value = best.params[name]
+        if space[name][0] == "choice" and isinstance(value, str) and config_lib.FIELDS[name].type is tuple:
+            value = value.replace(";", ",")
+        return shlex.quote(f"--{config_lib.flag_name(name)}={value}")
+
+    text = ("best: trial %d: " % best.number + " ".join(flag(n) for n in space)
+            + f"  (validation accuracy {100 * best.value:.2f}%)")
     chance = 1.0 / num_classes
     if best.value <= 1.5 * chance:
         text += (f"\nWARNING: the best validation accuracy is near chance ({100 * chance:.0f}%): no trial "

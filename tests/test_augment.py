@@ -220,6 +220,15 @@ def test_crop_is_a_crop_of_the_mirror_padded_image():
     np.testing.assert_array_equal(np.asarray(layer(x, training=False)), x)
 
 
+def test_crops_of_one_pixel_images_are_the_pixel():
+    """The mirror padding of a 1-pixel side has a period of 0: every crop was nan."""
+    from haet.augment import RandomCropFlipCutout
+
+    images = np.full((4, 1, 1, 3), 7.0, "float32")
+    out = np.asarray(RandomCropFlipCutout(pad=4, cutout_size=0, seed=0)(images, training=True))
+    np.testing.assert_array_equal(out, images)
+
+
 def test_flip_and_cutout():
     from haet.augment import RandomCropFlipCutout
 

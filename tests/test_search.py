@@ -211,6 +211,20 @@ def test_pruning_stops_trailing_trials_on_budget_seconds(tmp_path):
     assert all(t.user_attrs["stopped_by"] == "pruned" and t.user_attrs["train_seconds"] < 90 for t in pruned)
 
 
+def test_the_best_flags_of_a_list_choice_paste_into_a_shell(tmp_path):
+    """A list value was printed joined by ";" (as Optuna keeps it): a shell ended the
+    command there."""
+    import shlex
+
+    base = TrainConfig(validation_size=500, budget_seconds=5)
+    space = search.parse_space(["learning_rates=choice:0.2;0.02;0.002|0.1;0.01;0.001"])
+    study = search.run_search(base, space, str(tmp_path), 2, sampler="grid", load_data=_no_data,
+                              train=_fake_train([]))
+    line = search.best_summary(study, space, 10).splitlines()[0]
+    flags_part = line.split(": ", 2)[2].split("  (")[0]  # best: trial N: FLAGS  (validation ...
+    assert shlex.split(flags_part)[0] in ("--learning_rates=0.2,0.02,0.002", "--learning_rates=0.1,0.01,0.001")
+
+
 def test_a_best_at_chance_level_is_flagged(tmp_path):
     base = TrainConfig(validation_size=500, budget_seconds=5, lr_schedule="constant")
     space = search.parse_space(["learning_rate=loguniform:10:100"])
