@@ -257,7 +257,16 @@ def _spec(base, space, sampler, pruner, seed, grid_points, storage=None):
     password hidden, or None for the search folder's own."""
     spec = {"space": {k: [kind, list(v)] for k, (kind, v) in space.items()}, "sampler": sampler, "pruner": pruner,
             "seed": seed, "grid_points": grid_points, "base_flags": dataclasses.asdict(base), "storage": storage}
-    return json.loads(json.dumps(spec))
+    return _normalized(json.loads(json.dumps(spec)))
+
+
+def _normalized(spec):
+    """`spec` with its data folder written one way (a trailing "/" made the same
+    command another search)."""
+    flags_ = spec.get("base_flags")
+    if isinstance(flags_, dict) and isinstance(flags_.get("data_dir"), str) and flags_["data_dir"]:
+        spec = {**spec, "base_flags": {**flags_, "data_dir": os.path.normpath(flags_["data_dir"])}}
+    return spec
 
 
 def study_name_of(spec):
@@ -327,12 +336,17 @@ def _claim_folder(search_dir, spec):
         try:
             with open(path) as f:
                 saved = json.load(f)
-            saved = {"storage": None, **{k: v for k, v in saved.items() if k in SPEC_KEYS}}  # (older: no storage)
+            saved = _normalized({"storage": None,  # (older searches: no storage)
+                                 **{k: v for k, v in saved.items() if k in SPEC_KEYS}})
         except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError) as e:
             raise ValueError(f"{path} is not a search's description ({type(e).__name__}: {e}): pass a new "
                              "--search_dir.") from None
         if saved != spec:
             changed = sorted(k for k in set(saved) | set(spec) if saved.get(k) != spec.get(k))
+            if "base_flags" in changed and isinstance(saved.get("base_flags"), dict):
+                ours, theirs = spec["base_flags"], saved["base_flags"]
+                names = sorted(k for k in set(ours) | set(theirs) if ours.get(k) != theirs.get(k))
+                changed[changed.index("base_flags")] = f"base flags: {', '.join(map(config_lib.flag_name, names))}"
             raise ValueError(f"{search_dir} holds another search (different {', '.join(changed)}); "
                              "use a new --search_dir.")
         return

@@ -114,6 +114,15 @@ def test_tpe_search_resumes_after_interruption_and_refuses_another_spec(tmp_path
     assert {r["git_commit"] for r in rows if r["state"] == "complete"} == {results.git_commit()}
     with pytest.raises(ValueError, match="holds another search .*pruner"):
         search.run_search(base, space, str(tmp_path), 6, pruner="hyperband", load_data=_no_data, train=_fake_train([]))
+    with pytest.raises(ValueError, match=r"holds another search \(different base flags: budget\)"):
+        search.run_search(dataclasses.replace(base, budget_seconds=9), space, str(tmp_path), 6, load_data=_no_data,
+                          train=_fake_train([]))
+    # The same data folder written with a trailing "/" is the same search (it was refused).
+    again = search.run_search(dataclasses.replace(base, data_dir=str(tmp_path / "data") + "/"), space,
+                              str(tmp_path / "d"), 1, load_data=_no_data, train=_fake_train([]))
+    search.run_search(dataclasses.replace(base, data_dir=str(tmp_path / "data")), space, str(tmp_path / "d"), 1,
+                      load_data=_no_data, train=_fake_train([]))
+    assert len(again.trials) == 1
     with pytest.raises(ValueError, match="set --validation_size"):
         search.run_search(dataclasses.replace(base, validation_size=0), space, str(tmp_path / "other"), 5,
                           load_data=_no_data, train=_fake_train([]))
