@@ -21,7 +21,7 @@ import keras
 import numpy as np
 from keras import ops
 
-from haet import schedules
+from haet import fields, schedules
 from haet.layers import GhostBatchNormalization
 
 # Layers whose non-trainable variables are batch statistics (averaged with the weights).
@@ -229,8 +229,7 @@ class Lookahead(ExponentialMovingAverage):
             raise ValueError(f"start_step must be a non-negative integer. Received: {start_step!r}")
         self.steps_per_epoch = int(steps_per_epoch)
         self.total_steps = None if total_steps is None else float(total_steps)
-        if isinstance(power, bool) or not 0 <= power < float("inf"):  # (-1: the weights grew from 0.4 to 10)
-            raise ValueError(f"power must be a finite number >= 0. Received: {power!r}")
+        fields.at_least(0)(power, "power")  # (-1: the weights grew from 0.4 to 10)
         self.power = float(power)
         self.start_step = int(start_step)
         self.plan = plan

@@ -392,8 +392,7 @@ def fit(model, x, y, *, budget_seconds=None, epochs=None, batch_size=32, learnin
             raise ValueError(f"x_val's examples have shape {x_val.shape[1:]}, x's {x.shape[1:]}.")
         y_val = data.class_labels(validation_data[1], "y_val", len(x_val), classes)
         # `model.evaluate` feeds the labels to the loss as given: as one-hot rows when training does.
-        validation_data = (x_val, y_val if one_hot_classes is None else
-                           np.eye(one_hot_classes, dtype="float32")[y_val])
+        validation_data = (x_val, y_val if one_hot_classes is None else data.one_hot(y_val, one_hot_classes))
     planned = _planned_schedule(model.optimizer)
     wall_clock = None
     if learning_rate is not None:

@@ -4,6 +4,8 @@ import keras
 import numpy as np
 from keras import ops
 
+from haet import fields
+
 
 @keras.saving.register_keras_serializable(package="haet")
 class GhostBatchNormalization(keras.layers.Layer):
@@ -40,12 +42,9 @@ class GhostBatchNormalization(keras.layers.Layer):
                  **kwargs):
         super().__init__(**kwargs)
         self.beta_regularizer = keras.regularizers.get(beta_regularizer)
-        if not isinstance(num_splits, int) or isinstance(num_splits, bool) or num_splits < 1:
-            raise ValueError(f"num_splits must be a positive integer. Received: num_splits={num_splits!r}")
-        if not 0 <= momentum <= 1:  # (nan too)
-            raise ValueError(f"momentum must be in [0, 1]. Received: momentum={momentum!r}")
-        if not 0 <= epsilon < float("inf"):  # (-1 gave nan)
-            raise ValueError(f"epsilon must be a finite number >= 0. Received: epsilon={epsilon!r}")
+        fields.positive(integer=True)(num_splits, "num_splits")
+        fields.in_range(0, 1)(momentum, "momentum")
+        fields.at_least(0)(epsilon, "epsilon")  # (-1 normalized to nan)
         self.num_splits = num_splits
         self.momentum = float(momentum)
         self.epsilon = float(epsilon)
@@ -157,10 +156,8 @@ class PatchWhitening(keras.layers.Layer):
     def __init__(self, patch_size=3, epsilon=1e-2, padding="same", both_signs=False, use_bias=False, **kwargs):
         kwargs.setdefault("dtype", "float32")
         super().__init__(**kwargs)
-        if not (isinstance(patch_size, int) and not isinstance(patch_size, bool) and patch_size >= 1):
-            raise ValueError(f"patch_size must be a positive integer (pixels). Received: {patch_size!r}")
-        if not (isinstance(epsilon, (int, float)) and 0 < epsilon < float("inf")):
-            raise ValueError(f"epsilon must be a positive finite number. Received: {epsilon!r}")
+        fields.positive(integer=True, unit=" (pixels)")(patch_size, "patch_size")
+        fields.positive()(epsilon, "epsilon")
         if padding not in ("same", "valid"):
             raise ValueError(f"padding must be 'same' or 'valid'. Received: {padding!r}")
         self.patch_size, self.epsilon, self.padding = patch_size, float(epsilon), padding

@@ -3,7 +3,6 @@
 Every model returns float32 logits whatever the mixed-precision policy.
 """
 
-import math
 import os
 import zipfile
 
@@ -202,11 +201,6 @@ def _conv_bn_act(x, filters, weight_decay, activation, celu_alpha, ghost_batch_s
     return x
 
 
-def _check_logit_scale(logit_scale):
-    if isinstance(logit_scale, bool) or not isinstance(logit_scale, (int, float)) or not 0 < logit_scale < math.inf:
-        raise ValueError(f"logit_scale must be a positive finite number. Received: {logit_scale!r}")
-
-
 def _check_whitening_images(images, input_shape):
     """Refuses whitening images (`PatchWhitening.adapt`) of another channel count than
     the model's input: the filters would not fit the images the model takes."""
@@ -295,10 +289,8 @@ def resnet9(
             classes, an unknown prep, or whitening without images.
     """
     _check_sizes(width_multiplier, num_classes, input_shape, 8, "resnet9 pools by 8: height and width must be >= 8")
-    if isinstance(ghost_batch_splits, bool) or not isinstance(ghost_batch_splits, int) or ghost_batch_splits < 1:
-        raise ValueError(f"ghost_batch_splits must be a positive integer (1: plain batch norm). Received: "
-                         f"{ghost_batch_splits!r}")  # (0 and -3 built plain batch norm without a word)
-    _check_logit_scale(logit_scale)
+    fields.positive(integer=True)(ghost_batch_splits, "ghost_batch_splits")  # (0 and -3: plain batch norm)
+    fields.positive()(logit_scale, "logit_scale")
     if prep not in RESNET9_PREPS:
         raise ValueError(f"Unknown prep {prep!r}. Allowed: {', '.join(RESNET9_PREPS)}.")
     if prep == "whitening" and whitening_images is None:
@@ -417,7 +409,7 @@ def airbench(
             whitening images.
     """
     _check_sizes(width_multiplier, num_classes, input_shape, 25, "airbench needs images of at least 25x25 pixels")
-    _check_logit_scale(logit_scale)
+    fields.positive()(logit_scale, "logit_scale")
     if whitening_images is None:
         raise ValueError("airbench computes its whitening filters from training images: pass whitening_images, "
                          "float (N, H, W, C) images normalized as the model's input.")

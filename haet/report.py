@@ -607,15 +607,19 @@ def featured_files(run):
     return history, matrix
 
 
-def make_figures(records, published, figures_dir, featured=None):
-    """Writes the report's figures; returns {caption: path}.
+def make_figures(records, published, figures_dir, featured=None, featured_read=None):
+    """Writes the report's figures; returns {caption: path}. `featured_read`: the
+    featured run's record and files, `(run, featured_files(run))`, when the caller has
+    read them already (else read here from `featured`).
 
     Raises:
         ValueError: `featured` names no usable run (`featured_run`), or the featured
             run's files cannot be drawn (`featured_files`); before any figure is written.
     """
-    run = featured_run(records, featured)
-    history, matrix = featured_files(run)
+    if featured_read is None:
+        run = featured_run(records, featured)
+        featured_read = (run, featured_files(run))
+    run, (history, matrix) = featured_read
     os.makedirs(figures_dir, exist_ok=True)
     figures = {}
     # The HAET setting only (CIFAR-10, 5,000 images) when it has runs: other datasets and
@@ -794,13 +798,14 @@ def main(argv):
         # report, rather than leaving its figure out: the page would lack it with no word
         # why (last report's figure of that name left beside it), and --featured_run was
         # either asked for (that run's figures were wanted) or can pick another run.
-        featured_files(featured_run(records, f.featured_run, skipped))
+        featured = featured_run(records, f.featured_run, skipped)
+        featured = (featured, featured_files(featured))
         os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     except ValueError as e:
         raise app.UsageError(str(e), exitcode=cli.USAGE_ERROR) from None
     table = summarize(records)
     try:
-        figures = make_figures(records, published, figures_dir, f.featured_run)
+        figures = make_figures(records, published, figures_dir, featured_read=featured)
         page = render_markdown(table, published, os.path.dirname(os.path.abspath(out)), figures, skipped=skipped,
                                results_dir=f.results_dir, published_path=published_path)
         results.write_text_atomic(out, page)  # the old page or the new one, never a part

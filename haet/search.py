@@ -547,12 +547,10 @@ class TrialInterrupted(KeyboardInterrupt):
 
 def interruption_exit_code(interruption):
     """128 + the signal's number (130 for SIGINT, 143 for SIGTERM), as a shell reports
-    a process its signal ended; 130 when no signal is named (a KeyboardInterrupt)."""
-    import signal
-
-    name = getattr(interruption, "signal_name", None)
-    number = getattr(signal.Signals, name, signal.SIGINT) if isinstance(name, str) else signal.SIGINT
-    return 128 + int(number)
+    a process its signal ended and `haet.train` exits (`haet.checkpoint.exit_code`);
+    130 when no signal is named (a KeyboardInterrupt)."""
+    return checkpoint_lib.exit_code({"status": "interrupted",
+                                     "interrupted_by": getattr(interruption, "signal_name", None)})
 
 
 class SearchInterrupted(KeyboardInterrupt):
