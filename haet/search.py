@@ -64,7 +64,10 @@ PRUNERS = ("none", "successive_halving", "hyperband")
 _NOT_SEARCHABLE = {"validation_size", "evaluate_test", "save_model", "data_dir", "dataset"}
 # The keys of search.json that define the search (compared on resume); the others
 # (git_commit, versions, backend, device, command, created_utc) say where it began.
-SPEC_KEYS = ("space", "sampler", "pruner", "seed", "grid_points", "base_flags", "storage")
+# `grid_points` counts only for the grid sampler and `min_resource_seconds` only with a
+# pruner: otherwise they are None (a resume with another value of a setting that
+# changes nothing is the same search; one that prunes another way is not).
+SPEC_KEYS = ("space", "sampler", "pruner", "seed", "grid_points", "base_flags", "storage", "min_resource_seconds")
 # Optuna's heartbeat: a worker beats every HEARTBEAT_SECONDS; a running trial without a
 # beat for GRACE_SECONDS is marked failed (its worker died).
 HEARTBEAT_SECONDS, GRACE_SECONDS = 30, 120
@@ -199,14 +202,17 @@ def make_pruner(pruner, budget_seconds, min_resource_seconds=None):
     be pruned (default: a tenth of the budget, at least 1 s).
 
     Raises:
-        ValueError: an unknown name, or `min_resource_seconds` not a positive number
-            below the budget.
+        ValueError: an unknown name, `min_resource_seconds` not a positive number
+            below the budget, or given with "none".
     """
     optuna = _optuna()
     if min_resource_seconds is not None and not (
             math.isfinite(min_resource_seconds) and 0 < min_resource_seconds < budget_seconds):
         raise ValueError(f"--min_resource_seconds must be a positive number of seconds below --budget="
                          f"{budget_seconds:g}. Received: {min_resource_seconds}")
+    if min_resource_seconds is not None and pruner == "none":
+        raise ValueError(f"--min_resource_seconds={min_resource_seconds:g} changes nothing with --pruner=none (no "
+                         f"trial is pruned): pass --pruner={PRUNERS[1]} or {PRUNERS[2]}, or leave it out.")
     least = int(max(1, round(min_resource_seconds if min_resource_seconds else budget_seconds / 10)))
     if pruner == "none":
         return optuna.pruners.NopPruner()
@@ -252,20 +258,27 @@ class TrialFailed(Exception):
     """A trial's run ended without a score (diverged or failed); Optuna marks it failed."""
 
 
-def _spec(base, space, sampler, pruner, seed, grid_points, storage=None):
+def _spec(base, space, sampler, pruner, seed, grid_points, storage=None, min_resource_seconds=None):
     """What defines the search (`SPEC_KEYS`); `storage`: the database URL, its
     password hidden, or None for the search folder's own."""
     spec = {"space": {k: [kind, list(v)] for k, (kind, v) in space.items()}, "sampler": sampler, "pruner": pruner,
-            "seed": seed, "grid_points": grid_points, "base_flags": dataclasses.asdict(base), "storage": storage}
+            "seed": seed, "grid_points": grid_points, "base_flags": dataclasses.asdict(base), "storage": storage,
+            "min_resource_seconds": None if min_resource_seconds is None else float(min_resource_seconds)}
     return _normalized(json.loads(json.dumps(spec)))
 
 
 def _normalized(spec):
-    """`spec` with its data folder written one way (a trailing "/" made the same
-    command another search)."""
+    """`spec` written one way: its data folder without a trailing "/" (which made
+    the same command another search), `grid_points` None unless the sampler is the
+    grid and `min_resource_seconds` None without a pruner (they change nothing
+    there; a search.json from before kept `grid_points` for every sampler)."""
     flags_ = spec.get("base_flags")
     if isinstance(flags_, dict) and isinstance(flags_.get("data_dir"), str) and flags_["data_dir"]:
         spec = {**spec, "base_flags": {**flags_, "data_dir": os.path.normpath(flags_["data_dir"])}}
+    if spec.get("sampler") != "grid":
+        spec = {**spec, "grid_points": None}
+    if spec.get("pruner") == "none":
+        spec = {**spec, "min_resource_seconds": None}
     return spec
 
 
@@ -336,7 +349,7 @@ def _claim_folder(search_dir, spec):
         try:
             with open(path) as f:
                 saved = json.load(f)
-            saved = _normalized({"storage": None,  # (older searches: no storage)
+            saved = _normalized({"storage": None, "min_resource_seconds": None,  # (older searches: neither)
                                  **{k: v for k, v in saved.items() if k in SPEC_KEYS}})
         except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError) as e:
             raise ValueError(f"{path} is not a search's description ({type(e).__name__}: {e}): pass a new "
@@ -435,7 +448,8 @@ def run_search(base, space, search_dir, trials, sampler="tpe", pruner="none", se
             first = (str(e).strip().splitlines() or [""])[0][:200]
             hint = "; a file is sqlite:////absolute/path.db" if "://" not in url else ""
             raise ValueError(f"--storage={url!r} cannot be opened ({type(e).__name__}: {first}){hint}.") from None
-    spec = _spec(base, space, sampler, pruner, seed, grid_points, None if url is None else _hidden_password(url))
+    spec = _spec(base, space, sampler, pruner, seed, grid_points, None if url is None else _hidden_password(url),
+                 min_resource_seconds)
     try:  # the data every trial trains on, before the folder or the study is written
         load_data(base)
     except RuntimeError as e:  # no local copy, and tensorflow-datasets cannot give one
@@ -686,6 +700,9 @@ def main(argv):
     f = flags.FLAGS
     interrupted = None
     try:
+        if f["grid_points"].present and f.sampler != "grid":
+            raise ValueError(f"--grid_points={f.grid_points} changes nothing with --sampler={f.sampler} (it sets "
+                             "the grid sampler's values per flag): pass --sampler=grid, or leave it out.")
         space = parse_space(f.space)
         base = config_lib.config_from_flags(f)
         config_lib.warn_ignored_settings(base)

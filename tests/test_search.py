@@ -10,7 +10,7 @@ import types
 
 import pytest
 
-from conftest import REPO
+from conftest import REPO, run_tool_cases
 from haet import results, search
 from haet.training import TrainConfig
 
@@ -220,6 +220,42 @@ def test_pruning_stops_trailing_trials_on_budget_seconds(tmp_path):
     assert all(t.user_attrs["stopped_by"] == "pruned" and t.user_attrs["train_seconds"] < 90 for t in pruned)
 
 
+def test_the_settings_of_the_sampler_and_pruner_count_in_the_search_only_where_they_act(tmp_path):
+    """`grid_points` was part of every search (a TPE search run again with another
+    value was refused, though it changes nothing) and `min_resource_seconds` of none
+    (a pruned search run again with another value pruned its new trials another way)."""
+    base = TrainConfig(validation_size=500, budget_seconds=90, lr_schedule="constant")
+    space = search.parse_space(["learning_rate=uniform:0.05:1"])
+    calls = []
+    search.run_search(base, space, str(tmp_path / "tpe"), 1, grid_points=3, load_data=_no_data,
+                      train=_fake_train(calls))
+    again = search.run_search(base, space, str(tmp_path / "tpe"), 2, grid_points=5, load_data=_no_data,
+                              train=_fake_train(calls))
+    assert len(again.trials) == 2 and len(calls) == 2
+    # A search.json written before (grid_points kept for every sampler, no min_resource_seconds) is the same search.
+    saved = json.loads((tmp_path / "tpe" / "search.json").read_text())
+    assert saved["grid_points"] is None and saved["min_resource_seconds"] is None
+    del saved["min_resource_seconds"]
+    (tmp_path / "tpe" / "search.json").write_text(json.dumps({**saved, "grid_points": 3}))
+    assert len(search.run_search(base, space, str(tmp_path / "tpe"), 3, load_data=_no_data,
+                                 train=_fake_train(calls)).trials) == 3
+    search.run_search(base, space, str(tmp_path / "grid"), 1, sampler="grid", grid_points=3, load_data=_no_data,
+                      train=_fake_train(calls))
+    with pytest.raises(ValueError, match=r"holds another search \(different grid_points\)"):
+        search.run_search(base, space, str(tmp_path / "grid"), 2, sampler="grid", grid_points=4, load_data=_no_data,
+                          train=_fake_train(calls))
+    pruned = dict(sampler="random", pruner="successive_halving", load_data=_no_data, train=_fake_train(calls))
+    search.run_search(base, space, str(tmp_path / "sh"), 1, min_resource_seconds=10, **pruned)
+    search.run_search(base, space, str(tmp_path / "sh"), 2, min_resource_seconds=10.0, **pruned)  # (the same)
+    for other in (20, None):
+        with pytest.raises(ValueError, match=r"holds another search \(different min_resource_seconds\)"):
+            search.run_search(base, space, str(tmp_path / "sh"), 3, min_resource_seconds=other, **pruned)
+    with pytest.raises(ValueError, match="--min_resource_seconds=10 changes nothing with --pruner=none"):
+        search.run_search(base, space, str(tmp_path / "none"), 1, min_resource_seconds=10, load_data=_no_data,
+                          train=_fake_train(calls))
+    assert len(calls) == 6 and not (tmp_path / "none").exists()
+
+
 def test_the_best_flags_of_a_list_choice_paste_into_a_shell(tmp_path):
     """A list value was printed joined by ";" (as Optuna keeps it): a shell ended the
     command there."""
@@ -373,3 +409,12 @@ def test_search_command_on_real_data(tmp_path, cifar10_slice_dir):
     assert all(r["test_accuracy"] is None and r["validation_examples"] == 50 for r in records)
     assert "--learning_rate=" in result.stdout
     assert (tmp_path / "s" / "optimization_history.png").stat().st_size > 5000
+    # A sampler's or pruner's setting that the chosen one does not read is refused before any work.
+    common = [f"--data_dir={cifar10_slice_dir}", "--train_size=200", "--validation_size=50", "--model=tiny_cnn",
+              "--lr_schedule=cosine", "--space=learning_rate=choice:0.01|0.1", f"--search_dir={tmp_path / 'refused'}"]
+    bads = (("--grid_points=5", "--grid_points=5 changes nothing with --sampler=tpe"),
+            ("--min_resource_seconds=5", "--min_resource_seconds=5 changes nothing with --pruner=none"))
+    for (bad, message), refused in zip(bads, run_tool_cases("haet.search", [[*common, b] for b, _ in bads],
+                                                            env=env, cwd=REPO)):
+        assert refused.returncode == 2 and "haet.search: error: " + message in refused.stderr, refused.stderr[-2000:]
+    assert not (tmp_path / "refused").exists()
