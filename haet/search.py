@@ -63,7 +63,8 @@ SAMPLERS = ("tpe", "random", "grid")
 PRUNERS = ("none", "successive_halving", "hyperband")
 _NOT_SEARCHABLE = {"validation_size", "evaluate_test", "save_model", "data_dir", "dataset"}
 # The keys of search.json that define the search (compared on resume); the others
-# (git_commit, versions, backend, device, command, created_utc) say where it began.
+# (git_commit, versions, backend, device, command, created_utc) say where it began, and
+# study_name names its study.
 # `grid_points` counts only for the grid sampler and `min_resource_seconds` only with a
 # pruner: otherwise they are None (a resume with another value of a setting that
 # changes nothing is the same search; one that prunes another way is not).
@@ -286,10 +287,26 @@ def study_name_of(spec):
     """The study's name: "haet" in the search folder's own database (one search a
     folder); in a shared `--storage`, "haet-" and a hash of the search, so that
     other searches in that database keep their own trials (every search was "haet":
-    a second one counted the first one's trials and mixed its own with them)."""
+    a second one counted the first one's trials and mixed its own with them).
+    search.json keeps the name it was given (`_claim_folder`): a search that runs
+    again opens that study, whatever the code's spec has become since."""
     if spec.get("storage") is None:
         return "haet"
     return "haet-" + hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
+
+
+# The keys of the first searches in a shared storage, whose search.json has no
+# study_name: their study is named from these.
+_FIRST_SPEC_KEYS = ("space", "sampler", "pruner", "seed", "grid_points", "base_flags", "storage")
+
+
+def _saved_study_name(saved):
+    """The name of the study of a search.json's search (`saved`, as written)."""
+    if isinstance(saved.get("study_name"), str):
+        return saved["study_name"]
+    if saved.get("storage") is None:
+        return "haet"
+    return study_name_of({k: saved.get(k) for k in _FIRST_SPEC_KEYS})
 
 
 def _hidden_password(url):
@@ -342,15 +359,17 @@ def check_search_dir(search_dir):
 
 
 def _claim_folder(search_dir, spec):
-    """Writes `search.json`, or checks that the folder holds this search."""
+    """Writes `search.json`, or checks that the folder holds this search; returns the
+    name of its study (`study_name_of`)."""
     os.makedirs(search_dir, exist_ok=True)
     path = os.path.join(search_dir, "search.json")
     if os.path.exists(path):
         try:
             with open(path) as f:
-                saved = json.load(f)
+                written = json.load(f)
             saved = _normalized({"storage": None, "min_resource_seconds": None,  # (older searches: neither)
-                                 **{k: v for k, v in saved.items() if k in SPEC_KEYS}})
+                                 **{k: v for k, v in written.items() if k in SPEC_KEYS}})
+            study_name = _saved_study_name(written)
         except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError) as e:
             raise ValueError(f"{path} is not a search's description ({type(e).__name__}: {e}): pass a new "
                              "--search_dir.") from None
@@ -362,20 +381,20 @@ def _claim_folder(search_dir, spec):
                 changed[changed.index("base_flags")] = f"base flags: {', '.join(map(config_lib.flag_name, names))}"
             raise ValueError(f"{search_dir} holds another search (different {', '.join(changed)}); "
                              "use a new --search_dir.")
-        return
+        return study_name
     provenance = {"git_commit": results.git_commit(), "versions": results.versions(),
                   "backend": keras.backend.backend(), "device": describe_device(), "command": sys.argv,
                   "created_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     temporary = f"{path}.tmp{os.getpid()}"
     with open(temporary, "w") as f:
-        json.dump({**spec, **provenance}, f, indent=2, sort_keys=True)
+        json.dump({**spec, "study_name": study_name_of(spec), **provenance}, f, indent=2, sort_keys=True)
     try:
         os.link(temporary, path)  # whole, and only if no other worker wrote it first
     except FileExistsError:
         os.remove(temporary)
-        _claim_folder(search_dir, spec)
-    else:
-        os.remove(temporary)
+        return _claim_folder(search_dir, spec)
+    os.remove(temporary)
+    return study_name_of(spec)
 
 
 def open_study(search_dir, sampler, pruner, storage=None, study_name="haet"):
@@ -454,9 +473,9 @@ def run_search(base, space, search_dir, trials, sampler="tpe", pruner="none", se
         load_data(base)
     except RuntimeError as e:  # no local copy, and tensorflow-datasets cannot give one
         raise ValueError(str(e)) from None
-    _claim_folder(search_dir, spec)
+    study_name = _claim_folder(search_dir, spec)
     try:
-        study = open_study(search_dir, study_sampler, study_pruner, storage, study_name_of(spec))
+        study = open_study(search_dir, study_sampler, study_pruner, storage, study_name)
     except Exception as e:  # a damaged study.db: SQLAlchemy's errors, of many kinds
         if not type(e).__module__.startswith(("sqlalchemy", "optuna")):
             raise

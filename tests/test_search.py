@@ -332,6 +332,41 @@ def test_searches_sharing_a_storage_keep_their_own_studies(tmp_path):
     assert len(calls) == 2 and not (tmp_path / "c").exists()
 
 
+def test_a_search_runs_again_on_its_own_study_in_a_shared_storage_after_its_spec_changed(tmp_path):
+    """The study of a search in a shared `--storage` is named from a hash of its spec:
+    when a new version of haet adds to the spec (min_resource_seconds), the hash of
+    the same search changes, and it started a new, empty study. search.json now keeps
+    the name; one written before is named as the code that wrote it named it."""
+    import hashlib
+
+    import optuna
+
+    url = f"sqlite:///{tmp_path / 'shared.db'}"
+    base = TrainConfig(validation_size=500, budget_seconds=5, lr_schedule="constant")
+    space = search.parse_space(["learning_rate=loguniform:0.01:1"])
+    first = search.run_search(base, space, str(tmp_path / "a"), 1, storage=url, load_data=_no_data,
+                              train=_fake_train([]))
+    written = json.loads((tmp_path / "a" / "search.json").read_text())
+    assert written["study_name"] == first.study_name != "haet"
+    (tmp_path / "a" / "search.json").write_text(json.dumps({**written, "study_name": "haet-renamed"}))
+    with pytest.raises(KeyError):  # (no such study: the name written is the one used)
+        optuna.load_study(study_name="haet-renamed", storage=url)
+    assert search.run_search(base, space, str(tmp_path / "a"), 1, storage=url, load_data=_no_data,
+                             train=_fake_train([])).study_name == "haet-renamed"
+    # A search.json from before: no study_name nor min_resource_seconds, grid_points for every sampler;
+    # its study was named from the hash of these seven keys.
+    legacy = {k: written[k] for k in ("space", "sampler", "pruner", "seed", "base_flags", "storage")}
+    legacy["grid_points"] = 3
+    name = "haet-" + hashlib.sha256(json.dumps(legacy, sort_keys=True).encode()).hexdigest()[:16]
+    optuna.copy_study(from_study_name=first.study_name, from_storage=url, to_storage=url, to_study_name=name)
+    (tmp_path / "b").mkdir()
+    (tmp_path / "b" / "search.json").write_text(json.dumps({**legacy, "git_commit": "f5b0213"}))
+    calls = []
+    study = search.run_search(base, space, str(tmp_path / "b"), 2, storage=url, load_data=_no_data,
+                              train=_fake_train(calls))
+    assert study.study_name == name and len(study.trials) == 2 and len(calls) == 1
+
+
 def test_a_damaged_search_folder_is_refused_in_one_message(tmp_path):
     base = TrainConfig(validation_size=500, budget_seconds=5, lr_schedule="constant")
     space = search.parse_space(["learning_rate=loguniform:0.01:1"])
