@@ -3,7 +3,9 @@
 A checkpoint (`RUN_DIR/checkpoint.npz`, replaced atomically each time) holds the
 whole training state at an execution boundary: every variable of the model, its
 optimizer (moving average of the weights, iteration count, the planned steps and
-plan offset of a step-based schedule) and its metrics, the augmentation's random-generator states;
+plan offset of a step-based schedule) and its metrics, the augmentation's random-generator states,
+the model's input normalization (a constant of the model, not a variable: a resumed fine-tuning
+run takes it from here, not from the model it fine-tunes, which may have moved or changed);
 and, as JSON, the loop's position in its epoch (the epoch's order is a function of
 the seed and the epoch), the budget's elapsed seconds, steps, executions and
 history, the schedules' current values, each hook's state (planner, snapshots,
@@ -161,6 +163,8 @@ class Checkpointer(Hook):
         self.folder = folder
         self.every_seconds = float(every_seconds)
         self.record_progress = record_progress
+        # Data of the run that stay the same to its end, saved in every checkpoint's state.
+        self.constants = {}
         self.saved = 0
         self.bytes = None
         self.next_due = self.every_seconds
@@ -186,7 +190,7 @@ class Checkpointer(Hook):
         with run.budget.pause():
             self.saved += 1
             # The code that wrote it: a resume with other code names it when the variables differ.
-            state = {**run.state_dict(), "host_random": host_random_state(),
+            state = {**run.state_dict(), **self.constants, "host_random": host_random_state(),
                      "git_commit": process_commit(self.folder.record)}
             try:
                 self.bytes = save(self.path, engine.snapshot(), engine.variable_paths(), state)

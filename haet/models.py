@@ -508,7 +508,6 @@ def transfer_weights(source, target, model_name, freeze_stages=0):
         raise ValueError(
             f"No layer of {source.name} matches {target.name} by name and shape: fine-tune with the "
             "same --model and --width_multiplier as the saved model.")
-    frozen = frozen_params = 0
     prefixes = stages[:freeze_stages]
     random_frozen = [name for name in kept if prefixes and name.startswith(prefixes)]
     if random_frozen:
@@ -516,13 +515,35 @@ def transfer_weights(source, target, model_name, freeze_stages=0):
             f"freeze_stages={freeze_stages} would freeze {', '.join(random_frozen)} of {target.name} at their random "
             f"initialization: {source.name} has no layer of that name and shapes (another input shape or "
             "width). Freeze fewer stages, or fine-tune from a model of the same input shape and width.")
-    for layer in backbone_of(target).layers:
+    frozen, frozen_params = freeze_leading_stages(target, model_name, freeze_stages)
+    return {"layers_transferred": moved, "parameters_transferred": params,
+            "layers_not_transferred": kept, "layers_frozen": frozen, "parameters_frozen": frozen_params}
+
+
+def freeze_leading_stages(model, model_name, stages):
+    """Freezes the layers of the first `stages` stages (`STAGES[model_name]`) of
+    `model`'s backbone (`transfer_weights` does, after copying the weights; a resumed
+    fine-tuning run does it to the model its checkpoint fills).
+
+    Returns:
+        `(layers_frozen, parameters_frozen)`: ints.
+
+    Raises:
+        ValueError: unknown model, or `stages` out of range.
+    """
+    if model_name not in STAGES:
+        raise ValueError(f"Unknown model {model_name!r} for transfer. Allowed: {', '.join(sorted(STAGES))}.")
+    if not 0 <= stages <= len(STAGES[model_name]):
+        raise ValueError(f"freeze_stages must be in [0, {len(STAGES[model_name])}] for {model_name} "
+                         f"(stages {', '.join(STAGES[model_name])}). Received: {stages}")
+    prefixes = STAGES[model_name][:stages]
+    frozen = frozen_params = 0
+    for layer in backbone_of(model).layers:
         if prefixes and layer.name.startswith(prefixes):
             frozen_params += sum(int(np.prod(w.shape)) for w in layer.trainable_weights)
             layer.trainable = False
             frozen += 1
-    return {"layers_transferred": moved, "parameters_transferred": params,
-            "layers_not_transferred": kept, "layers_frozen": frozen, "parameters_frozen": frozen_params}
+    return frozen, frozen_params
 
 
 def tiny_cnn(num_classes=10, input_shape=(32, 32, 3), width_multiplier=1.0, weight_decay=0.0, name=None):
@@ -791,8 +812,6 @@ def check_config(config):
         raise ValueError(f"--init_from would start all {config.ensemble_members} ensemble members from the same "
                          "weights: fine-tune one network (--ensemble_members=1), or train the ensemble from "
                          "random initializations.")
-    if config.init_from is not None and not os.path.isfile(config.init_from):
-        raise ValueError(f"init_from={config.init_from!r} is not a file: pass a model.keras of a run folder.")
     if config.freeze_stages and not config.init_from:
         raise ValueError("freeze_stages needs --init_from (a trained model to fine-tune).")
     stages = STAGES.get(config.model, ())

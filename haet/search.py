@@ -439,7 +439,7 @@ def run_search(base, space, search_dir, trials, sampler="tpe", pruner="none", se
     Raises:
         ValueError: `validation_size` 0, a searched value the config refuses or that
             changes nothing (`check_space_counts`), data
-            that cannot be loaded, a `search_dir` that `check_search_dir` refuses or
+            or an `init_from` model that cannot be loaded, a `search_dir` that `check_search_dir` refuses or
             that holds another search: before the folder or the study is written.
     """
     optuna = _optuna()
@@ -469,8 +469,9 @@ def run_search(base, space, search_dir, trials, sampler="tpe", pruner="none", se
             raise ValueError(f"--storage={url!r} cannot be opened ({type(e).__name__}: {first}){hint}.") from None
     spec = _spec(base, space, sampler, pruner, seed, grid_points, None if url is None else _hidden_password(url),
                  min_resource_seconds)
-    try:  # the data every trial trains on, before the folder or the study is written
+    try:  # the data every trial trains on, and a model to fine-tune from, before the folder or the study is written
         load_data(base)
+        training.load_init_from(base)
     except RuntimeError as e:  # no local copy, and tensorflow-datasets cannot give one
         raise ValueError(str(e)) from None
     study_name = _claim_folder(search_dir, spec)

@@ -110,14 +110,18 @@ def train(config, results_dir="results/runs", clock=time.perf_counter, resume=No
             signals = stack.enter_context(checkpoint_lib.StopSignals())
             with timer.phase("setup"):
                 with _setup_errors():
-                    source = load_init_from(config)  # a damaged file is refused before the data are read
+                    # A resumed fine-tuning run takes what it took from its source model from its
+                    # checkpoint: the file may have moved, or changed, since.
+                    fine_tuned = _fine_tuned_state(config, resume, previous)
+                    # A damaged file is refused before the data are read.
+                    source = load_init_from(config) if fine_tuned is None else None
                     data = prepare_data(config)
                 start = {**results.start_record(config, settings, commit), **results.data_fields(config, data)}
                 if previous is not None:
                     with _setup_errors():
                         _check_same_data(start, previous, resume)
                 # Before the folder: a model to fine-tune from that does not fit is refused with nothing written.
-                built = build_model(config, data, source)
+                built = build_model(config, data, source, fine_tuned)
                 del source
         except KeyboardInterrupt:
             raise SetupInterrupted("during setup, before anything was written" if resume is None else
@@ -260,6 +264,10 @@ def _train_in(config, folder, data, built, settings, timer, clock, signals, prev
     folder.update(**results.model_fields(model, transfer),
                   setup_seconds=round(earlier_setup + timer.seconds["setup"], 3))
     run.checkpointer.record_progress = lambda: folder.write_record(progress(checkpoint=checkpoint_lib.CHECKPOINT))
+    # The input normalization is a constant of the model, not a variable: kept beside them for a
+    # resume that cannot take it from the model it fine-tunes (`_fine_tuned_state`).
+    statistics = models.input_statistics_of(model)
+    run.checkpointer.constants = {"input_statistics": None if statistics is None else list(statistics)}
     resume_from = None
     if previous is not None:
         resume_from = _load_checkpoint(run, folder.path, previous, checkpoint_lib.process_commit(folder.record))
@@ -348,6 +356,7 @@ def _load_checkpoint(run, run_dir, previous, commit):
                                  f"{', first difference ' + str(differ[0]) if differ else ''}. "
                                  + _written_by(written, previous, commit))
     checkpoint_lib.set_host_random_state(state.pop("host_random"))
+    state.pop("input_statistics", None)  # (read before the model was built)
     return snapshot, state
 
 
@@ -469,7 +478,7 @@ def input_statistics(config, x_train):
     return scaled.mean(axis=(0, 1, 2)), scaled.var(axis=(0, 1, 2))
 
 
-def build_model(config, data, source=None):
+def build_model(config, data, source=None, fine_tuned=None):
     """The uint8-input model of `config`, its augmentation layer and the fine-tuning summary.
 
     The model normalizes with the statistics of `data.x_fit` and augments inside
@@ -480,6 +489,11 @@ def build_model(config, data, source=None):
     first `freeze_stages` stages are frozen. With `ensemble_members` > 1 the model is a
     `haet.models.EnsembleModel` of that many networks.
 
+    `fine_tuned`: for a fine-tuning run that resumes, `(mean, variance, transfer)`
+    from its checkpoint and record: the model normalizes with those, its first
+    `freeze_stages` stages are frozen, and no source is read (the checkpoint
+    holds every weight).
+
     Returns:
         `(model, augmentation, transfer)`: a `keras.Model` from uint8 images to
         float32 logits, the layer or None, and a dict (or None without `init_from`).
@@ -489,9 +503,11 @@ def build_model(config, data, source=None):
             common with this one, or stages to freeze that it cannot fill.
     """
     info = data.info
-    if config.init_from and source is None:
+    if config.init_from and source is None and fine_tuned is None:
         source = load_init_from(config)
     mean, variance = input_statistics(config, data.x_fit)
+    if fine_tuned is not None:
+        mean, variance = fine_tuned[0], fine_tuned[1]
     from_source = None
     if source is not None:
         # The source's features were learned on images normalized its way: keep it where the
@@ -520,7 +536,10 @@ def build_model(config, data, source=None):
     else:
         model = models.with_input_pipeline(backbones[0], mean, in_model, variance)
     transfer = None
-    if source is not None:
+    if fine_tuned is not None:
+        transfer = fine_tuned[2]
+        models.freeze_leading_stages(model, config.model, config.freeze_stages)
+    elif source is not None:
         try:
             moved = models.transfer_weights(source, model, config.model, config.freeze_stages)
         except ValueError as e:
@@ -534,6 +553,21 @@ def build_model(config, data, source=None):
                             len(moved["layers_not_transferred"]), source.name,
                             ", ".join(moved["layers_not_transferred"]))
     return model, augmentation, transfer
+
+
+def _fine_tuned_state(config, resume, previous):
+    """`(mean, variance, transfer)` of a fine-tuning run to resume (`build_model`'s
+    `fine_tuned`), from its checkpoint and its record `previous`; None for another
+    run, or for a checkpoint written before checkpoints kept the input statistics
+    (then the `init_from` file is read again, as it was)."""
+    if resume is None or not config.init_from:
+        return None
+    _, _, state = checkpoint_lib.load(os.path.join(resume, checkpoint_lib.CHECKPOINT))
+    statistics = state.get("input_statistics")
+    if statistics is None:
+        return None
+    mean, variance = statistics
+    return np.asarray(mean, np.float32), np.asarray(variance, np.float32), previous.get("transfer")
 
 
 def load_init_from(config):

@@ -45,7 +45,6 @@ from haet.config import TrainConfig
         ({"validation_size": 55}, "validation_size=55 is not a multiple of the 10 classes"),
         ({"batch_size": "many"}, "--batch_size takes an integer. Received: 'many'"),
         ({"horizontal_flip": "sometimes"}, "--horizontal_flip takes true or false"),
-        ({"init_from": "/nonexistent/model.keras"}, "is not a file"),
     ],
 )
 def test_bad_settings_fail_at_construction_naming_the_value(changes, message):

@@ -163,6 +163,10 @@ def test_a_search_that_cannot_run_writes_nothing_and_a_trial_that_cannot_start_f
     with pytest.raises(ValueError, match="--min_resource_seconds must be a positive number of seconds below"):
         search.run_search(good, space, str(tmp_path / "s"), 2, pruner="hyperband", min_resource_seconds=-1,
                           train=_fake_train(calls))
+    # (Every trial would have failed on it.)
+    with pytest.raises(ValueError, match=r"--init_from='.*missing\.keras' is not a file"):
+        search.run_search(dataclasses.replace(good, init_from=str(tmp_path / "missing.keras")), space,
+                          str(tmp_path / "s"), 2, train=_fake_train(calls))
     assert not (tmp_path / "s").exists() and os.listdir(unrelated) == ["notes.txt"]
     assert calls == [] and sorted(os.listdir(run_folder)) == ["record.json"] and a_file.read_text() == ""
 

@@ -99,6 +99,46 @@ def test_sigterm_checkpoints_and_the_resumed_run_matches_an_uninterrupted_one(tm
         train(config, resume=run_dir)
 
 
+def test_a_fine_tuning_run_resumes_from_its_checkpoint_alone(tmp_path, cifar10_slice_dir, sigterm_after):
+    """A resumed fine-tuning run read its `init_from` file again, for the input
+    normalization (a constant of the model, in no checkpoint): a file replaced by
+    another model gave the resumed run that model's statistics, and a file moved away
+    refused the resume (`--resume` takes no `--init_from`)."""
+    from haet import config as config_lib, models
+
+    source_record, source_dir = train(_tiny(cifar10_slice_dir, input_normalization="channel_standardize", epochs=1,
+                                            save_model=True), results_dir=str(tmp_path / "source"))
+    source = tmp_path / "source.keras"
+    shutil.copy(os.path.join(source_dir, "model.keras"), source)
+    config = _tiny(cifar10_slice_dir, input_normalization="channel_standardize", init_from=str(source),
+                   freeze_stages=1, learning_rate=0.02)
+    reference, _ = train(config, results_dir=str(tmp_path / "whole"))
+    assert reference["transfer"]["input_normalization_transferred"] is True
+    assert reference["transfer"]["layers_frozen"] == 4  # block1: conv, batch norm, activation, pooling
+
+    sigterm_after(6)
+    stopped, run_dir = train(config, results_dir=str(tmp_path / "parts"))
+    assert stopped["status"] == "interrupted"
+    # Another model at the same path, normalizing with other statistics (zero mean, unit variance).
+    models.with_input_pipeline(models.tiny_cnn(input_shape=(32, 32, 3)), np.zeros(3, np.float32),
+                               variance=np.ones(3, np.float32)).save(source)
+    sent = sigterm_after(9)
+    again, _ = train(config, resume=run_dir)
+    assert sent and again["status"] == "interrupted" and again["resumes"] == 1
+    os.remove(source)  # then the file is gone
+    flags = _record(run_dir)["flags"]
+    assert config_lib.config_from_record(flags) == config  # (it was refused: "is not a file")
+    resumed, _ = train(config_lib.config_from_record(flags), resume=run_dir)
+    assert resumed["status"] == "completed" and resumed["resumes"] == 2 and resumed["steps"] == reference["steps"]
+    assert resumed["transfer"] == reference["transfer"]
+    for key in ("test_accuracy", "test_loss"):
+        assert resumed[key] == pytest.approx(reference[key], abs=1e-6), key
+    # A fresh run from the missing file is still refused before anything is written.
+    with pytest.raises(SetupError, match=r"--init_from='.*source\.keras' is not a file"):
+        train(config, results_dir=str(tmp_path / "refused"))
+    assert not (tmp_path / "refused").exists()
+
+
 def test_a_checkpoint_written_before_plans_had_an_offset_resumes(tmp_path, cifar10_slice_dir, sigterm_after):
     config = _tiny(cifar10_slice_dir, lr_schedule="one_cycle")
     reference, _ = train(config, results_dir=str(tmp_path / "whole"))
