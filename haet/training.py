@@ -559,12 +559,20 @@ def _fine_tuned_state(config, resume, previous):
     """`(mean, variance, transfer)` of a fine-tuning run to resume (`build_model`'s
     `fine_tuned`), from its checkpoint and its record `previous`; None for another
     run, or for a checkpoint written before checkpoints kept the input statistics
-    (then the `init_from` file is read again, as it was)."""
+    (then the `init_from` file is read again, as it was).
+
+    Raises:
+        SetupError: such an older checkpoint, and no `init_from` file.
+    """
     if resume is None or not config.init_from:
         return None
     _, _, state = checkpoint_lib.load(os.path.join(resume, checkpoint_lib.CHECKPOINT))
     statistics = state.get("input_statistics")
     if statistics is None:
+        if not os.path.isfile(config.init_from):  # (--resume takes no --init_from: say what can be done)
+            raise SetupError(f"{resume}'s checkpoint was written before checkpoints kept the input normalization: "
+                             f"the resume takes it from --init_from={config.init_from!r}, which is not a file. Put "
+                             "the model the run fine-tunes back at that path, or start the run again.")
         return None
     mean, variance = statistics
     return np.asarray(mean, np.float32), np.asarray(variance, np.float32), previous.get("transfer")

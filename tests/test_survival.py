@@ -125,6 +125,17 @@ def test_a_fine_tuning_run_resumes_from_its_checkpoint_alone(tmp_path, cifar10_s
     again, _ = train(config, resume=run_dir)
     assert sent and again["status"] == "interrupted" and again["resumes"] == 1
     os.remove(source)  # then the file is gone
+    # A checkpoint written before checkpoints kept the statistics needs the file: the message says so.
+    older = tmp_path / "older"
+    shutil.copytree(run_dir, older)
+    snapshot, paths, state = checkpoint.load(str(older / "checkpoint.npz"))
+    del state["input_statistics"]
+    checkpoint.save(str(older / "checkpoint.npz"), snapshot, paths, state)
+    kept = sorted((p.name, p.read_bytes()) for p in older.iterdir())
+    with pytest.raises(SetupError, match=r"written before checkpoints kept the input normalization: the resume "
+                                         r"takes it from --init_from='.*source\.keras', which is not a file"):
+        train(config, resume=str(older))
+    assert sorted((p.name, p.read_bytes()) for p in older.iterdir()) == kept
     flags = _record(run_dir)["flags"]
     assert config_lib.config_from_record(flags) == config  # (it was refused: "is not a file")
     resumed, _ = train(config_lib.config_from_record(flags), resume=run_dir)
