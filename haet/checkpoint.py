@@ -340,6 +340,12 @@ def resumable(run_dir):
     Raises:
         ValueError: naming the folder, its status and what can be done.
     """
+    return resumable_with_checkpoint(run_dir)[0]
+
+
+def resumable_with_checkpoint(run_dir):
+    """`resumable`, returning `(record, checkpoint)`: the checkpoint as `load`
+    returns it, read once for the checks and the resume."""
     if not os.path.isdir(run_dir):
         raise ValueError(f"--resume={run_dir!r} is not a folder: pass the folder of an interrupted run.")
     record = results.read_record(run_dir)
@@ -362,10 +368,10 @@ def resumable(run_dir):
     if not isinstance(record.get("flags"), dict):
         raise ValueError(f"{run_dir}/record.json has no flags to rebuild the run from.")
     try:
-        load(os.path.join(run_dir, CHECKPOINT))  # read once now, before the record is touched
+        saved = load(os.path.join(run_dir, CHECKPOINT))  # read now, before the record is touched
     except ValueError as e:
         raise ValueError(f"{e} The run cannot go on from it: start it again.") from None
-    return record
+    return record, saved
 
 
 def alive(pid):

@@ -93,7 +93,7 @@ def train(config, results_dir="results/runs", clock=time.perf_counter, resume=No
     """
     timer = budget_lib.PhaseTimer(clock)
     commit = results.git_commit()  # the code this process runs, not the tree at the end
-    previous = None
+    previous = saved = None
     with contextlib.ExitStack() as stack:
         try:  # Everything before the run folder is made or reopened: nothing is written.
             with _setup_errors():
@@ -101,7 +101,7 @@ def train(config, results_dir="results/runs", clock=time.perf_counter, resume=No
                     if os.path.isdir(resume):  # (resumable names what else it is)
                         # First: of two resumes of one run, the second stops here.
                         stack.enter_context(checkpoint_lib.run_lock(resume))
-                    previous = checkpoint_lib.resumable(resume)
+                    previous, saved = checkpoint_lib.resumable_with_checkpoint(resume)
                     _check_same_settings(config, previous, resume)
                 else:
                     results.check_results_dir(results_dir)
@@ -112,7 +112,7 @@ def train(config, results_dir="results/runs", clock=time.perf_counter, resume=No
                 with _setup_errors():
                     # A resumed fine-tuning run takes what it took from its source model from its
                     # checkpoint: the file may have moved, or changed, since.
-                    fine_tuned = _fine_tuned_state(config, resume, previous)
+                    fine_tuned = _fine_tuned_state(config, saved, previous)
                     # A damaged file is refused before the data are read.
                     source = load_init_from(config) if fine_tuned is None else None
                     data = prepare_data(config)
@@ -133,7 +133,7 @@ def train(config, results_dir="results/runs", clock=time.perf_counter, resume=No
             else:
                 folder = _reopen(resume, previous, start)
         try:
-            record = _train_in(config, folder, data, built, settings, timer, clock, signals, previous, hooks)
+            record = _train_in(config, folder, data, built, settings, timer, clock, signals, previous, saved, hooks)
         except BaseException as e:
             if isinstance(e, CheckpointMismatch):
                 # Refused once the run was built, before any step: the record goes back
@@ -240,8 +240,9 @@ def _mixed_fields(previous, start):
     return fields
 
 
-def _train_in(config, folder, data, built, settings, timer, clock, signals, previous, hooks=()):
-    """Trains and evaluates `config` in `folder` (see `train`), `built` by `build_model`;
+def _train_in(config, folder, data, built, settings, timer, clock, signals, previous, saved, hooks=()):
+    """Trains and evaluates `config` in `folder` (see `train`), `built` by `build_model`,
+    from the checkpoint `saved` (`haet.checkpoint.load`'s triple) when it resumes;
     returns the record."""
     model, augmentation, transfer = built
     with timer.phase("setup"):
@@ -270,7 +271,8 @@ def _train_in(config, folder, data, built, settings, timer, clock, signals, prev
     run.checkpointer.constants = {"input_statistics": None if statistics is None else list(statistics)}
     resume_from = None
     if previous is not None:
-        resume_from = _load_checkpoint(run, folder.path, previous, checkpoint_lib.process_commit(folder.record))
+        resume_from = _load_checkpoint(run, saved, folder.path, previous,
+                                       checkpoint_lib.process_commit(folder.record))
     run.fit(resume_from)
     host_cpu.stop()
     _warn_if_loaded(host_cpu.fields())
@@ -329,9 +331,9 @@ def _unnumbered(path):
     return "/".join(re.sub(r"_\d+$", "", part) for part in path.split("/"))
 
 
-def _load_checkpoint(run, run_dir, previous, commit):
-    """`(snapshot, state)` of `run_dir`'s checkpoint, checked against `run`'s
-    variables; the host's random generators are put back.
+def _load_checkpoint(run, saved, run_dir, previous, commit):
+    """`(snapshot, state)` of `run_dir`'s checkpoint (`saved`: as `haet.checkpoint.load`
+    read it), checked against `run`'s variables; the host's random generators are put back.
 
     Raises:
         CheckpointMismatch (a SetupError): the checkpoint holds other variables (the
@@ -339,7 +341,7 @@ def _load_checkpoint(run, run_dir, previous, commit):
             (kept in the checkpoint; of one written before it was, the commits in
             `previous`, the record before this resume) and this one (`commit`).
     """
-    snapshot, paths, state = checkpoint_lib.load(os.path.join(run_dir, checkpoint_lib.CHECKPOINT))
+    snapshot, paths, state = saved
     written = state.pop("git_commit", _UNKNOWN)
     ours = run.engine.variable_paths()
     offsets = [i for i, path in enumerate(ours) if path.endswith("/plan_offset")]
@@ -505,9 +507,7 @@ def build_model(config, data, source=None, fine_tuned=None):
     info = data.info
     if config.init_from and source is None and fine_tuned is None:
         source = load_init_from(config)
-    mean, variance = input_statistics(config, data.x_fit)
-    if fine_tuned is not None:
-        mean, variance = fine_tuned[0], fine_tuned[1]
+    mean, variance = input_statistics(config, data.x_fit) if fine_tuned is None else fine_tuned[:2]
     from_source = None
     if source is not None:
         # The source's features were learned on images normalized its way: keep it where the
@@ -555,22 +555,22 @@ def build_model(config, data, source=None, fine_tuned=None):
     return model, augmentation, transfer
 
 
-def _fine_tuned_state(config, resume, previous):
+def _fine_tuned_state(config, saved, previous):
     """`(mean, variance, transfer)` of a fine-tuning run to resume (`build_model`'s
-    `fine_tuned`), from its checkpoint and its record `previous`; None for another
-    run, or for a checkpoint written before checkpoints kept the input statistics
-    (then the `init_from` file is read again, as it was).
+    `fine_tuned`), from its checkpoint `saved` (`haet.checkpoint.load`'s triple) and
+    its record `previous`; None for another run (or no resume), or for a checkpoint
+    written before checkpoints kept the input statistics (then the `init_from` file
+    is read again, as it was).
 
     Raises:
         SetupError: such an older checkpoint, and no `init_from` file.
     """
-    if resume is None or not config.init_from:
+    if saved is None or not config.init_from:
         return None
-    _, _, state = checkpoint_lib.load(os.path.join(resume, checkpoint_lib.CHECKPOINT))
-    statistics = state.get("input_statistics")
+    statistics = saved[2].get("input_statistics")
     if statistics is None:
         if not os.path.isfile(config.init_from):  # (--resume takes no --init_from: say what can be done)
-            raise SetupError(f"{resume}'s checkpoint was written before checkpoints kept the input normalization: "
+            raise SetupError(f"The run's checkpoint was written before checkpoints kept the input normalization: "
                              f"the resume takes it from --init_from={config.init_from!r}, which is not a file. Put "
                              "the model the run fine-tunes back at that path, or start the run again.")
         return None
