@@ -15,6 +15,7 @@ any new fields) in its module, plus a flagfile: nothing else changes.
 
 import dataclasses
 import math
+import numbers
 from collections.abc import Callable
 
 
@@ -129,8 +130,9 @@ def table_help(table):
 
 # Value checks for `Field.check`: each returns `check(value, name)`.
 def is_number(value):
-    """Whether `value` is a finite int or float (not a bool)."""
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    """Whether `value` is a finite real number (not a bool): an int or float, or a
+    NumPy integer or floating scalar (what arrays and NumPy arithmetic give)."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def at_least(low, integer=False, unit=""):
@@ -138,7 +140,7 @@ def at_least(low, integer=False, unit=""):
     what = "an integer" if integer else "a number"
 
     def check(value, name):
-        if not (is_number(value) and value >= low and (not integer or isinstance(value, int))):
+        if not (is_number(value) and value >= low and (not integer or isinstance(value, numbers.Integral))):
             raise ValueError(f"{name} must be {what} >= {low:g}{unit}. Received: {name}={value!r}")
 
     return check
@@ -149,7 +151,7 @@ def positive(integer=False, unit=""):
     what = "a positive integer" if integer else "a positive number"
 
     def check(value, name):
-        if not (is_number(value) and value > 0 and (not integer or isinstance(value, int))):
+        if not (is_number(value) and value > 0 and (not integer or isinstance(value, numbers.Integral))):
             raise ValueError(f"{name} must be {what}{unit}. Received: {name}={value!r}")
 
     return check

@@ -750,8 +750,8 @@ def main(argv):
         cli.not_written(f"the search's trials.csv or figures in {f.search_dir}", e)
     print(f"wrote {f.search_dir}")
     if interrupted is not None:
-        print(f"interrupted ({interrupted or 'KeyboardInterrupt'}); the interrupted trial is not counted: run the "
-              "same command again to go on", file=sys.stderr)
+        print(f"interrupted ({str(interrupted) or type(interrupted).__name__}); the interrupted trial is not counted: "
+              "run the same command again to go on", file=sys.stderr)
         sys.exit(interruption_exit_code(interrupted))
     sys.stdout.flush()
 

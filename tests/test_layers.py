@@ -42,6 +42,17 @@ def test_frozen_scale_is_not_trained_and_bad_splits_rejected():
                             (dict(epsilon=-1.0), "epsilon must be")]:  # epsilon -1 normalized to nan
         with pytest.raises(ValueError, match=message):
             GhostBatchNormalization(**kwargs)
+    # NumPy scalars (what arrays give) are numbers like Python's; a bool is not (they were refused once the
+    # checks moved to haet.fields, which took only int and float).
+    GhostBatchNormalization(np.int64(2), momentum=np.float32(0.9), epsilon=np.float64(1e-5))
+    with pytest.raises(ValueError, match="num_splits must be a positive integer"):
+        GhostBatchNormalization(np.float32(2.0))
+    from haet import averaging, fields, models
+
+    averaging.Lookahead(5, total_steps=100, power=np.float32(1))
+    models.resnet9(width_multiplier=0.125, logit_scale=np.float32(0.125))
+    assert fields.is_number(np.float32(0.5)) and fields.is_number(np.int8(3)) and not fields.is_number(True)
+    assert not fields.is_number(np.float32("nan")) and not fields.is_number("1")
     # A batch that does not split into equal ghost batches: named, not a reshape error.
     with pytest.raises(ValueError, match="a training batch of 6 is not a multiple of num_splits=4"):
         GhostBatchNormalization(4)(np.zeros((6, 4), "float32"), training=True)
