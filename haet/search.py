@@ -24,6 +24,11 @@ and the printed flags.
   toward `--trials`), and several processes, or machines sharing one database
   URL (e.g. `postgresql://...`), run one study together; a worker that dies is
   noticed by the storage's heartbeat and its trial marked failed.
+- An interrupted trial (Ctrl-C, SIGTERM, a worker that died) is not counted; the
+  same command again takes up its values first: its run goes on from its
+  checkpoint on the rest of its budget (trials whose run a worker on another
+  machine wrote, or with no checkpoint, train afresh), and the new trial's
+  `retry_of` names it.
 
 `--space` entries, `name=kind:...` with `name` a training flag:
 - `loguniform:LOW:HIGH`, `uniform:LOW:HIGH` (floats);
@@ -232,10 +237,20 @@ class ReportToTrial(Hook):
 
     crosses_epochs = True  # it acts on validation logs, and validation ends executions with their epoch
 
-    def __init__(self, trial):
+    def __init__(self, trial, earlier=None):
+        """`earlier`: of a trial that resumes an interrupted trial's run, that trial's
+        reported values ({step: accuracy}); those up to the checkpoint's last reported
+        step are reported again before the resumed run goes on, so that the pruner
+        judges the whole run (the ones after it the resumed run reports anew)."""
         self.trial = trial
+        self.earlier = dict(earlier or {})
         self.pruned = False
         self._last_step = -1
+
+    def on_train_begin(self, run):
+        for step, value in sorted(self.earlier.items()):
+            if step <= self._last_step:
+                self.trial.report(value, step)
 
     def on_epoch_end(self, run, epoch, logs):
         value = logs.get("val_accuracy")
@@ -425,6 +440,8 @@ def run_search(base, space, search_dir, trials, sampler="tpe", pruner="none", se
     """Runs trials of one study until it has `trials` finished ones (or, with the grid
     sampler, the grid is done); returns the study. Several processes may run this
     at once on one search folder (or one `storage`); each finished trial counts.
+    Interrupted trials are taken up again first (`_take_up_interrupted`). Trial N's
+    run is in `search_dir/runs/trial_N/`.
 
     Args:
         base: `TrainConfig` every trial starts from; needs `validation_size` > 0.
@@ -432,7 +449,8 @@ def run_search(base, space, search_dir, trials, sampler="tpe", pruner="none", se
         search_dir: the search folder (created, or resumed if it holds the same search).
         trials: finished trials (complete, pruned or failed) the study should have.
         sampler, pruner: see `SAMPLERS`, `PRUNERS`.
-        train: the training function (tests may pass a stand-in with its signature).
+        train: the training function (tests may pass a stand-in with its signature;
+            it is passed `resume` only when a trial resumes a run).
         load_data: loads the data of a config, called once before anything is written
             to check them (tests of a stand-in `train` may pass a stand-in).
 
@@ -498,17 +516,35 @@ def run_search(base, space, search_dir, trials, sampler="tpe", pruner="none", se
             trial.set_user_attr("ended", True)
 
     def run_trial(trial):
-        values = suggest(trial, space)
-        logging.info("trial %d: %s", trial.number, {k: _short(v) for k, v in values.items()})
-        reporter = ReportToTrial(trial) if pruner != "none" else None
+        values = suggest(trial, space)  # (a trial that takes up an interrupted one has its values already)
+        retry_of, resume_dir = trial.user_attrs.get("retry_of"), trial.user_attrs.get("resume_dir")
+        logging.info("trial %d: %s%s", trial.number, {k: _short(v) for k, v in values.items()},
+                     "" if retry_of is None else f" (interrupted trial {retry_of} again" +
+                     (f", resumed from {resume_dir})" if resume_dir else ", afresh)"))
         trial.set_user_attr("git_commit", commit)
         trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
         try:
             config = dataclasses.replace(base, **values)
         except ValueError as e:
             raise TrialFailed(f"the settings do not check: {e}") from None
+        # Each trial's run in a folder of its own, so that a trial whose worker died can be
+        # resumed from its run's checkpoint (`_trial_run_folder`).
+        trial_runs = os.path.join(runs_dir, f"trial_{trial.number}")
         try:
-            record, run_dir = train(config, results_dir=runs_dir, hooks=[reporter] if reporter else [])
+            record = run_dir = None
+            if resume_dir:
+                trial.set_user_attr("run_dir", resume_dir)  # (known at once: a killed worker's is found)
+                earlier = next(t for t in study.get_trials(deepcopy=False) if t.number == retry_of)
+                reporter = ReportToTrial(trial, earlier.intermediate_values) if pruner != "none" else None
+                try:
+                    record, run_dir = train(config, results_dir=trial_runs, hooks=[reporter] if reporter else [],
+                                            resume=os.path.join(search_dir, resume_dir))
+                except training.SetupError as e:  # e.g. a checkpoint of code that built another model
+                    logging.warning("trial %d cannot resume %s (%s): it trains afresh", trial.number, resume_dir, e)
+                    trial.set_user_attr("run_dir", None)
+            if record is None:
+                reporter = ReportToTrial(trial) if pruner != "none" else None
+                record, run_dir = train(config, results_dir=trial_runs, hooks=[reporter] if reporter else [])
         except training.SetupError as e:  # e.g. a searched precision this machine cannot take
             trial.set_user_attr("status", "could not start")
             raise TrialFailed(f"the run could not start: {e}") from None
@@ -532,6 +568,7 @@ def run_search(base, space, search_dir, trials, sampler="tpe", pruner="none", se
             study.stop()
 
     _fail_stale_trials(study)
+    _take_up_interrupted(study, search_dir, trials)
     if finished_trials(study) < trials:
         try:
             study.optimize(objective, callbacks=[stop_when_done], catch=(TrialFailed,))
@@ -540,6 +577,62 @@ def run_search(base, space, search_dir, trials, sampler="tpe", pruner="none", se
     elif finished_trials(study, running=False) < trials:
         _say_running(study)
     return study
+
+
+def _trial_run_folder(search_dir, trial):
+    """The run folder of `trial` (an Optuna FrozenTrial) in `search_dir`, or None:
+    the one its attributes name, or the one in its own `runs/trial_N` (the trial of
+    a worker that died before its run ended named none)."""
+    if trial.user_attrs.get("run_dir"):
+        return os.path.join(search_dir, trial.user_attrs["run_dir"])
+    parent = os.path.join(search_dir, "runs", f"trial_{trial.number}")
+    folders = [os.path.join(parent, n) for n in sorted(os.listdir(parent))] if os.path.isdir(parent) else []
+    folders = [f for f in folders if os.path.exists(os.path.join(f, "record.json"))]
+    return folders[0] if len(folders) == 1 else None
+
+
+def _take_up_interrupted(study, search_dir, trials):
+    """Queues each interrupted trial (a signal, or a worker that died) again, up to the
+    trials the study still needs: the same values, resumed from its run's checkpoint
+    when it has one (on the rest of its budget), trained afresh otherwise.
+
+    Why: such a trial is not counted (`finished_trials`), and a new one was sampled
+    instead: its values were never scored, and under the grid sampler, which counts
+    every ended trial's point as visited, its point was lost from the grid. Each is
+    added once, as Optuna's `RetryHeartbeatStaleTrialCallback` adds a dead worker's
+    trial (a waiting trial with its values and system attributes: its grid point),
+    with `retry_of` naming it; under the search folder's lock, so that workers
+    starting together add it once."""
+    import fcntl
+
+    optuna = _optuna()
+    with open(os.path.join(search_dir, ".study.lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        every = study.get_trials(deepcopy=False)
+        taken = {t.user_attrs.get("retry_of") for t in every}
+        needed = trials - finished_trials(study) - sum(t.state.name == "WAITING" for t in every)
+        for t in sorted(every, key=lambda t: t.number):
+            if needed <= 0:
+                break
+            interrupted = t.state.name == "FAIL" and (t.user_attrs.get("interrupted") or
+                                                      t.user_attrs.get("ended") is False)
+            if not interrupted or t.number in taken or not t.params:
+                continue
+            folder, resume_dir = _trial_run_folder(search_dir, t), None
+            if folder is not None:
+                try:
+                    checkpoint_lib.resumable(folder)
+                    resume_dir = os.path.relpath(folder, search_dir)
+                except ValueError as e:
+                    logging.info("trial %d's run cannot be resumed (%s)", t.number, e)
+            study.add_trial(optuna.trial.create_trial(
+                state=optuna.trial.TrialState.WAITING, params=t.params, distributions=t.distributions,
+                user_attrs={"retry_of": t.number, "resume_dir": resume_dir},
+                system_attrs={**t.system_attrs, "failed_trial": t.system_attrs.get("failed_trial", t.number),
+                              "retry_history": [*t.system_attrs.get("retry_history", []), t.number]}))
+            logging.info("trial %d was interrupted: its values go again, %s", t.number,
+                         f"resumed from {resume_dir}" if resume_dir else "afresh (no checkpoint to resume)")
+            needed -= 1
 
 
 def _fail_stale_trials(study):
@@ -615,7 +708,8 @@ def _short(value):
 
 def trial_rows(study, space):
     """One dict per trial of `study`, by trial number: trial, state, each flag's
-    value, validation_accuracy, epochs, train_seconds, stopped_by, run_dir, git_commit."""
+    value, validation_accuracy, epochs, train_seconds, stopped_by, run_dir, git_commit, and
+    retry_of (the interrupted trial a trial took up again, or None)."""
     rows = []
     for t in sorted(study.trials, key=lambda t: t.number):
         row = {"trial": t.number, "state": t.state.name.lower()}
@@ -623,7 +717,7 @@ def trial_rows(study, space):
         row["validation_accuracy"] = t.value if t.state.name == "COMPLETE" else None
         last = max(t.intermediate_values.items())[1] if t.intermediate_values else None
         row["last_reported_accuracy"] = last
-        for key in ("epochs", "train_seconds", "stopped_by", "status", "run_dir", "git_commit"):
+        for key in ("epochs", "train_seconds", "stopped_by", "status", "run_dir", "git_commit", "retry_of"):
             row[key] = t.user_attrs.get(key)
         if t.state.name == "FAIL" and t.user_attrs.get("ended") is False:
             row["status"] = "worker died"
@@ -751,7 +845,8 @@ def main(argv):
     print(f"wrote {f.search_dir}")
     if interrupted is not None:
         print(f"interrupted ({str(interrupted) or type(interrupted).__name__}); the interrupted trial is not counted: "
-              "run the same command again to go on", file=sys.stderr)
+              "run the same command again to go on (it takes up that trial's values again, resumed from its "
+              "run's checkpoint when it has one)", file=sys.stderr)
         sys.exit(interruption_exit_code(interrupted))
     sys.stdout.flush()
 

@@ -62,6 +62,32 @@ def cifar10_slice_dir(tmp_path_factory, cifar10_arrays):
     return str(path)
 
 
+@pytest.fixture
+def sigterm_after(monkeypatch):
+    """`sigterm_after(steps)` arms this process to be sent SIGTERM once, after the
+    execution in which a run's budget reaches `steps` kept steps; returns the list
+    that will hold the steps counted when it was sent."""
+    import signal
+
+    from haet import budget as budget_lib
+
+    def arm(steps):
+        original = budget_lib.WallClockBudget.execute
+        sent = []
+
+        def execute(self, engine, n, probe=False):
+            losses = original(self, engine, n, probe)
+            if self.steps >= steps and not sent:
+                sent.append(self.steps)
+                os.kill(os.getpid(), signal.SIGTERM)
+            return losses
+
+        monkeypatch.setattr(budget_lib.WallClockBudget, "execute", execute)
+        return sent
+
+    return arm
+
+
 class FakeClock:
     """A clock the test moves: `clock.t` seconds."""
 

@@ -101,10 +101,15 @@ def test_tpe_search_resumes_after_interruption_and_refuses_another_spec(tmp_path
     assert _states(interrupted.value.study) == ["COMPLETE", "COMPLETE", "FAIL"]  # for the table and trials.csv
     resumed = []
     study = search.run_search(base, space, str(tmp_path), 6, load_data=_no_data, train=_fake_train(resumed))
-    # Two finished before the interruption; the interrupted one failed; four more ran.
+    # Two finished before the interruption; the interrupted one failed; four more ran, the first
+    # with the interrupted one's values (afresh: the stand-in wrote no run folder before it stopped).
     assert _states(study) == ["COMPLETE", "COMPLETE", "FAIL", "COMPLETE", "COMPLETE", "COMPLETE", "COMPLETE"]
     assert len(resumed) == 4 and all(c.validation_size == 500 for c in resumed)
+    assert study.trials[3].params == study.trials[2].params
+    assert (resumed[0].learning_rate, resumed[0].optimizer) == (study.trials[2].params["learning_rate"],
+                                                                study.trials[2].params["optimizer"])
     rows = search.trial_rows(study, space)
+    assert [r["retry_of"] for r in rows] == [None, None, None, 2, None, None, None]
     assert [r["trial"] for r in rows] == list(range(7))
     assert all(0.01 <= r["learning_rate"] <= 1 and r["optimizer"] in ("adam", "sgd") for r in rows)
     best = max((r for r in rows if r["validation_accuracy"] is not None), key=lambda r: r["validation_accuracy"])
@@ -281,6 +286,77 @@ def test_a_best_at_chance_level_is_flagged(tmp_path):
     assert "WARNING: the best validation accuracy is near chance (10%)" in search.best_summary(study, space, 10)
 
 
+def test_an_interrupted_grid_point_is_trained_again(tmp_path):
+    """The grid sampler counts every ended trial's point as visited: an interrupted
+    trial's point was never trained again, and the search ended without it."""
+    base = TrainConfig(validation_size=500, budget_seconds=5, lr_schedule="constant")
+    space = search.parse_space(["learning_rate=choice:0.01|0.1|0.5"])
+    with pytest.raises(search.SearchInterrupted) as interrupted:
+        search.run_search(base, space, str(tmp_path), 3, sampler="grid", load_data=_no_data,
+                          train=_fake_train([], fail_at=2))
+    (lost,) = [t for t in interrupted.value.study.trials if t.state.name == "FAIL"]
+    calls = []
+    study = search.run_search(base, space, str(tmp_path), 3, sampler="grid", load_data=_no_data,
+                              train=_fake_train(calls))
+    assert [c.learning_rate for c in calls][:1] == [lost.params["learning_rate"]]  # taken up first
+    assert {t.params["learning_rate"] for t in study.trials if t.state.name == "COMPLETE"} == {0.01, 0.1, 0.5}
+    assert search.finished_trials(study) == 3 and len(calls) == 2
+    # Once taken up, it is not taken up again.
+    search.run_search(base, space, str(tmp_path), 3, sampler="grid", load_data=_no_data, train=_fake_train(calls))
+    assert len(calls) == 2 and [r["retry_of"] for r in search.trial_rows(study, space)] == [None, None, 1, None]
+
+
+def test_the_run_folder_of_a_trial_whose_worker_died(tmp_path):
+    """A worker that died named no run folder in its trial: it is the one folder with a
+    record in the trial's own runs/trial_N."""
+    import optuna
+
+    trial = optuna.trial.create_trial(state=optuna.trial.TrialState.FAIL, user_attrs={"ended": False})
+    trial.number = 4
+    assert search._trial_run_folder(str(tmp_path), trial) is None
+    run = tmp_path / "runs" / "trial_4" / "20261124T000000Z_run"
+    run.mkdir(parents=True)
+    (tmp_path / "runs" / "trial_4" / "stray").mkdir()  # (no record: not a run folder)
+    assert search._trial_run_folder(str(tmp_path), trial) is None
+    (run / "record.json").write_text("{}")
+    assert search._trial_run_folder(str(tmp_path), trial) == str(run)
+    named = optuna.trial.create_trial(state=optuna.trial.TrialState.FAIL, user_attrs={"run_dir": "runs/x"})
+    assert search._trial_run_folder(str(tmp_path), named) == str(tmp_path / "runs" / "x")
+
+
+@pytest.mark.e2e
+def test_an_interrupted_trial_resumes_its_run_when_the_search_runs_again(tmp_path, cifar10_slice_dir,
+                                                                         sigterm_after):
+    """An interrupted trial's run has a checkpoint: the same command again goes on from it
+    (it trained a new trial from the start), and scores what an uninterrupted trial
+    scores; the pruner sees the values reported before the interruption."""
+    base = TrainConfig(data_dir=cifar10_slice_dir, train_size=200, validation_size=50, model="tiny_cnn",
+                       width_multiplier=1, batch_size=25, optimizer="sgd", lr_schedule="constant",
+                       lr_schedule_unit="steps", epochs=3, augmentation="none", eval_batch_size=250,
+                       steps_per_execution=2, budget_seconds=600.0)
+    space = search.parse_space(["learning_rate=choice:0.05|0.1"])
+    kwargs = dict(pruner="successive_halving", trials=1)
+    whole = search.run_search(base, space, str(tmp_path / "whole"), **kwargs)
+    sent = sigterm_after(8)  # in the second epoch (6 steps an epoch)
+    with pytest.raises(search.SearchInterrupted) as interrupted:
+        search.run_search(base, space, str(tmp_path / "parts"), **kwargs)
+    assert interrupted.value.interruption.signal_name == "SIGTERM" and sent == [8]
+    study = search.run_search(base, space, str(tmp_path / "parts"), **kwargs)
+    assert _states(study) == ["FAIL", "COMPLETE"]
+    stopped, resumed = study.trials
+    reference = whole.trials[0]
+    assert resumed.params == stopped.params == reference.params and resumed.user_attrs["retry_of"] == 0
+    assert resumed.user_attrs["run_dir"] == stopped.user_attrs["run_dir"] == resumed.user_attrs["resume_dir"]
+    record = results.read_record(str(tmp_path / "parts" / resumed.user_attrs["run_dir"]))
+    assert record["resumes"] == 1 and record["steps"] == 18 and record["status"] == "completed"
+    assert resumed.value == pytest.approx(reference.value, abs=1e-6)
+    # Every epoch's value, the first from before the interruption.
+    assert len(stopped.intermediate_values) == 1
+    assert list(resumed.intermediate_values.values()) == pytest.approx(
+        list(reference.intermediate_values.values()), abs=1e-6)
+    assert min(resumed.intermediate_values) == min(stopped.intermediate_values)
+
+
 def test_a_dead_workers_trial_is_failed_and_replaced_when_the_search_runs_again(tmp_path, monkeypatch):
     """A worker killed mid-trial leaves it "running": it filled the count, so the same
     command again exited at once, forever (Optuna fails stale trials inside optimize,
@@ -294,6 +370,7 @@ def test_a_dead_workers_trial_is_failed_and_replaced_when_the_search_runs_again(
     search.run_search(base, space, str(tmp_path), 1, load_data=_no_data, train=_fake_train([]))
     study = search.open_study(str(tmp_path), None, None)
     orphan = study.ask()  # as the killed worker left it: running, its last heartbeat now
+    lost = orphan.suggest_float("learning_rate", 0.01, 1, log=True)
     orphan.set_user_attr("worker", f"{socket.gethostname()}:999999999")
     orphan.set_user_attr("ended", False)
     study._storage.record_heartbeat(orphan._trial_id)
@@ -304,6 +381,7 @@ def test_a_dead_workers_trial_is_failed_and_replaced_when_the_search_runs_again(
     time.sleep(2.1)  # past that grace period, however slow the machine (SQLite keeps whole seconds)
     search.run_search(base, space, str(tmp_path), 2, load_data=_no_data, train=_fake_train(calls))
     assert len(calls) == 1 and _states(study) == ["COMPLETE", "FAIL", "COMPLETE"]
+    assert calls[0].learning_rate == lost  # its values again (afresh: it left no run folder)
     assert [r["status"] for r in search.trial_rows(study, space)] == ["completed", "worker died", "completed"]
     assert search.finished_trials(study) == 2  # the dead worker's trial is not counted
 

@@ -41,26 +41,6 @@ def _history(run_dir):
         return list(csv.DictReader(f))
 
 
-@pytest.fixture
-def sigterm_after(monkeypatch):
-    """Sends this process SIGTERM once the budget has run `steps` kept steps."""
-    def arm(steps):
-        original = budget_lib.WallClockBudget.execute
-        sent = []
-
-        def execute(self, engine, n, probe=False):
-            losses = original(self, engine, n, probe)
-            if self.steps >= steps and not sent:
-                sent.append(self.steps)
-                os.kill(os.getpid(), signal.SIGTERM)
-            return losses
-
-        monkeypatch.setattr(budget_lib.WallClockBudget, "execute", execute)
-        return sent
-
-    return arm
-
-
 def test_sigterm_checkpoints_and_the_resumed_run_matches_an_uninterrupted_one(tmp_path, cifar10_slice_dir,
                                                                                sigterm_after):
     # Augmentation, EMA and a step-based schedule: their random and optimizer state must come back.
