@@ -721,6 +721,8 @@ def trial_rows(study, space):
             row[key] = t.user_attrs.get(key)
         if t.state.name == "FAIL" and t.user_attrs.get("ended") is False:
             row["status"] = "worker died"
+        elif t.state.name == "FAIL" and t.user_attrs.get("interrupted"):
+            row["status"] = "interrupted"  # (a Ctrl-C between the run's steps leaves no record to say so)
         rows.append(row)
     return rows
 
@@ -765,6 +767,18 @@ def write_figures(study, space, search_dir, title):
     return written
 
 
+def _state(row):
+    """A `trial_rows` row's state as the table shows it: why a trial failed (its run's
+    status: interrupted, diverged..., or its worker died), and the interrupted trial it
+    took up again."""
+    state = row["state"]
+    if state == "fail" and row["status"] and row["status"] != "completed":
+        state += f" ({row['status']})"
+    if row["retry_of"] is not None:
+        state += f", trial {row['retry_of']} again"
+    return state
+
+
 def format_table(rows, names):
     """The trials as a fixed-width text table, best first (values to 4 significant digits)."""
     header = ["trial", *names, "val acc", "epochs", "seconds", "state"]
@@ -777,7 +791,7 @@ def format_table(rows, names):
         acc = f"{100 * r['validation_accuracy']:.2f}%" if r["validation_accuracy"] is not None else (
             f"({100 * r['last_reported_accuracy']:.2f}%)" if r["last_reported_accuracy"] is not None else "-")
         seconds = f"{r['train_seconds']:.1f}" if r["train_seconds"] is not None else "-"
-        lines.append([r["trial"], *[str(_short(r[n])) for n in names], acc, r["epochs"] or "-", seconds, r["state"]])
+        lines.append([r["trial"], *[str(_short(r[n])) for n in names], acc, r["epochs"] or "-", seconds, _state(r)])
     widths = [max(len(str(line[i])) for line in lines) for i in range(len(header))]
     return "\n".join("  ".join(str(c).rjust(w) for c, w in zip(line, widths)) for line in lines)
 

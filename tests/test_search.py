@@ -110,6 +110,8 @@ def test_tpe_search_resumes_after_interruption_and_refuses_another_spec(tmp_path
                                                                 study.trials[2].params["optimizer"])
     rows = search.trial_rows(study, space)
     assert [r["retry_of"] for r in rows] == [None, None, None, 2, None, None, None]
+    states = {line.split()[0]: line.split(None, 4)[-1] for line in search.format_table(rows, []).splitlines()[1:]}
+    assert states["2"] == "fail (interrupted)" and states["3"] == "complete, trial 2 again"
     assert [r["trial"] for r in rows] == list(range(7))
     assert all(0.01 <= r["learning_rate"] <= 1 and r["optimizer"] in ("adam", "sgd") for r in rows)
     best = max((r for r in rows if r["validation_accuracy"] is not None), key=lambda r: r["validation_accuracy"])
@@ -382,7 +384,9 @@ def test_a_dead_workers_trial_is_failed_and_replaced_when_the_search_runs_again(
     search.run_search(base, space, str(tmp_path), 2, load_data=_no_data, train=_fake_train(calls))
     assert len(calls) == 1 and _states(study) == ["COMPLETE", "FAIL", "COMPLETE"]
     assert calls[0].learning_rate == lost  # its values again (afresh: it left no run folder)
-    assert [r["status"] for r in search.trial_rows(study, space)] == ["completed", "worker died", "completed"]
+    rows = search.trial_rows(study, space)
+    assert [r["status"] for r in rows] == ["completed", "worker died", "completed"]
+    assert search.format_table(rows, []).splitlines()[-1].split(None, 4)[-1] == "fail (worker died)"
     assert search.finished_trials(study) == 2  # the dead worker's trial is not counted
 
 
