@@ -45,6 +45,7 @@ values, validation accuracy, the run folder), `runs/`, and Optuna's figures
 
 import dataclasses
 import hashlib
+import logging as stdlib_logging
 import json
 import math
 import os
@@ -272,6 +273,19 @@ class ReportToTrial(Hook):
 
 class TrialFailed(Exception):
     """A trial's run ended without a score (diverged or failed); Optuna marks it failed."""
+
+
+class _NoTracebackForTrialEnds(stdlib_logging.Filter):
+    """Optuna logs a trial that raised with the exception's traceback. For a trial that
+    failed for the reason its message gives (`TrialFailed`), or was interrupted (a
+    KeyboardInterrupt, `TrialInterrupted`), the traceback holds only haet's own frames
+    and buries that message; Optuna's one-line message stays (the search prints what
+    to do next). A filter on Optuna's logger, as Optuna has no setting for it."""
+
+    def filter(self, record):
+        if record.exc_info and isinstance(record.exc_info[1], (TrialFailed, KeyboardInterrupt)):
+            record.exc_info, record.exc_text = None, None
+        return True
 
 
 def _spec(base, space, sampler, pruner, seed, grid_points, storage=None, min_resource_seconds=None):
@@ -570,10 +584,14 @@ def run_search(base, space, search_dir, trials, sampler="tpe", pruner="none", se
     _fail_stale_trials(study)
     _take_up_interrupted(study, search_dir, trials)
     if finished_trials(study) < trials:
+        quiet, optuna_logger = _NoTracebackForTrialEnds(), stdlib_logging.getLogger("optuna.study._optimize")
+        optuna_logger.addFilter(quiet)  # (the logger of Optuna's "Trial N failed" lines)
         try:
             study.optimize(objective, callbacks=[stop_when_done], catch=(TrialFailed,))
         except KeyboardInterrupt as e:
             raise SearchInterrupted(study, e) from None
+        finally:
+            optuna_logger.removeFilter(quiet)
     elif finished_trials(study, running=False) < trials:
         _say_running(study)
     return study
@@ -735,7 +753,8 @@ def write_trials_csv(rows, path):
 
 def write_figures(study, space, search_dir, title):
     """Optuna's figures of the study, as PNG files in `search_dir`; returns their paths.
-    A figure Optuna cannot draw yet (too few trials) is skipped with a log line."""
+    A figure Optuna cannot draw yet (too few trials) is skipped with a log line; before a
+    trial completes, only the intermediate values (of a pruned search) are drawn."""
     import warnings
 
     import optuna.visualization.matplotlib as plots
@@ -743,10 +762,12 @@ def write_figures(study, space, search_dir, title):
     from haet.plots import _pyplot
 
     plt = _pyplot()
-    figures = {"optimization_history": plots.plot_optimization_history, "slice": plots.plot_slice}
+    figures = {}
+    if any(t.state.name == "COMPLETE" for t in study.trials):  # (without, Optuna draws empty axes, and warns)
+        figures = {"optimization_history": plots.plot_optimization_history, "slice": plots.plot_slice}
     if any(t.intermediate_values for t in study.trials):
         figures["intermediate_values"] = plots.plot_intermediate_values
-    if len(space) >= 2:
+    if len(space) >= 2 and "slice" in figures:
         figures["param_importances"] = plots.plot_param_importances
     written = []
     for name, plot in figures.items():

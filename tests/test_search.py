@@ -308,6 +308,44 @@ def test_an_interrupted_grid_point_is_trained_again(tmp_path):
     assert len(calls) == 2 and [r["retry_of"] for r in search.trial_rows(study, space)] == [None, None, 1, None]
 
 
+def test_a_failed_or_interrupted_trial_is_logged_without_a_traceback_and_a_bug_with_one(tmp_path):
+    """Optuna logged each failed trial with a traceback of haet's own frames, burying the
+    one line that says why (a diverged run; a signal); a bug's traceback stays."""
+    import logging
+
+    lines = []
+    handler = logging.Handler()
+    handler.emit = lambda record: lines.append(logging.Formatter().format(record))
+    logging.getLogger("optuna").addHandler(handler)  # (Optuna's loggers do not propagate to the root)
+    base = TrainConfig(validation_size=500, budget_seconds=5, lr_schedule="constant")
+    space = search.parse_space(["learning_rate=loguniform:0.01:1"])
+
+    def diverges(config, results_dir, hooks=()):
+        return {"status": "diverged", "diverged_at_step": 3}, tempfile.mkdtemp(dir=tmp_path)
+
+    def bug(config, results_dir, hooks=()):
+        raise ZeroDivisionError("a bug")
+
+    try:
+        search.run_search(base, space, str(tmp_path / "a"), 1, load_data=_no_data, train=diverges)
+        with pytest.raises(search.SearchInterrupted):
+            search.run_search(base, space, str(tmp_path / "b"), 1, load_data=_no_data,
+                              train=_fake_train([], fail_at=1))
+        with pytest.raises(ZeroDivisionError):
+            search.run_search(base, space, str(tmp_path / "c"), 1, load_data=_no_data, train=bug)
+    finally:
+        logging.getLogger("optuna").removeHandler(handler)
+    failed = [line for line in lines if " failed with parameters" in line]
+    assert len(failed) == 3 and "TrialFailed('the run diverged: 3')" in failed[0] and "KeyboardInterrupt" in failed[1]
+    assert ["Traceback" in line for line in failed] == [False, False, True]
+    assert "ZeroDivisionError: a bug" in failed[2]
+    assert logging.getLogger("optuna.study._optimize").filters == []  # (the filter is the search's alone)
+    # No figure of nothing: no trial completed.
+    assert search.write_figures(search.open_study(str(tmp_path / "a"), None, None), space, str(tmp_path / "a"),
+                                "t") == []
+    assert not list((tmp_path / "a").glob("*.png"))
+
+
 def test_the_run_folder_of_a_trial_whose_worker_died(tmp_path):
     """A worker that died named no run folder in its trial: it is the one folder with a
     record in the trial's own runs/trial_N."""
