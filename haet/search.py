@@ -25,10 +25,13 @@ and the printed flags.
   URL (e.g. `postgresql://...`), run one study together; a worker that dies is
   noticed by the storage's heartbeat and its trial marked failed.
 - An interrupted trial (Ctrl-C, SIGTERM, a worker that died) is not counted; the
-  same command again takes up its values first: its run goes on from its
-  checkpoint on the rest of its budget (trials whose run a worker on another
-  machine wrote, or with no checkpoint, train afresh), and the new trial's
-  `retry_of` names it.
+  same command again, or a worker of the study still running once its trial ends,
+  takes up its values first: its run goes on from its checkpoint on the rest of its
+  budget (trials whose run a worker on another machine wrote, or with no
+  checkpoint, train afresh), and the new trial's `retry_of` names it.
+- TPE and random sampling draw trial N's values from `(--search_seed, N)`: one
+  process's search is reproducible, and workers, and later runs of the command,
+  draw new values (seeded once per process, each drew the first one's again).
 
 `--space` entries, `name=kind:...` with `name` a training flag:
 - `loguniform:LOW:HIGH`, `uniform:LOW:HIGH` (floats);
@@ -45,9 +48,10 @@ values, validation accuracy, the run folder), `runs/`, and Optuna's figures
 
 import dataclasses
 import hashlib
-import logging as stdlib_logging
 import json
+import logging as stdlib_logging
 import math
+import numbers
 import os
 import shlex
 import socket
@@ -187,20 +191,69 @@ def suggest(trial, space):
 def make_sampler(sampler, space, seed, grid_points=3):
     """The Optuna sampler named `sampler` (see `SAMPLERS`), seeded.
 
+    TPE and random draw trial N's values from the seed `(seed, N)` (`_seeded_per_trial`), so
+    that a search is reproducible and yet each worker, and each later run of the same
+    command, draws new values; the grid's order of points is `seed`'s alone, as every
+    worker must number the points alike.
+
     Raises:
-        ValueError: an unknown name or `grid_points` < 2.
+        ValueError: an unknown name, `grid_points` < 2, or a seed that is not an
+            integer in [0, 2**32 - 1] (NumPy's range).
     """
     optuna = _optuna()
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or not 0 <= seed < 2**32:
+        raise ValueError(f"The search's seed must be an integer in [0, 2**32 - 1]. Received: {seed!r}")
+    seed = int(seed)
     if sampler == "tpe":
-        return optuna.samplers.TPESampler(seed=seed)
+        return _seeded_per_trial(lambda s: optuna.samplers.TPESampler(seed=s), seed)
     if sampler == "random":
-        return optuna.samplers.RandomSampler(seed=seed)
+        return _seeded_per_trial(lambda s: optuna.samplers.RandomSampler(seed=s), seed)
     if sampler == "grid":
         if grid_points < 2:
             raise ValueError(f"grid_points must be >= 2. Received: {grid_points}")
         return optuna.samplers.GridSampler(
             {name: grid_values(kind, args, grid_points) for name, (kind, args) in space.items()}, seed=seed)
     raise ValueError(f"Unknown sampler {sampler!r}. Allowed: {', '.join(SAMPLERS)}.")
+
+
+def _seeded_per_trial(make, seed):
+    """An Optuna sampler that samples trial N with `make(seed of (seed, N))`.
+
+    Why: Optuna seeds a sampler once per process, so a sampler given the same seed in
+    every process (each worker of a shared study, each run of the same command that
+    goes on with a study) drew the values that the first process drew, in the same
+    order: TPE's first ten trials and every random trial were trained twice. A
+    sampler's state is its random numbers alone (TPE reads the history from the study
+    each time), so a fresh one per trial, seeded by the trial's number (unique in a
+    study), keeps one process's search reproducible and makes the workers' differ.
+    Built here as Optuna is imported lazily (`_optuna`).
+    """
+    optuna = _optuna()
+
+    class PerTrialSeed(optuna.samplers.BaseSampler):
+        def __init__(self):
+            self._inner = make(seed)
+
+        def before_trial(self, study, trial):
+            self._inner = make(int(np.random.SeedSequence([seed, trial.number]).generate_state(1)[0]))
+            self._inner.before_trial(study, trial)
+
+        def infer_relative_search_space(self, study, trial):
+            return self._inner.infer_relative_search_space(study, trial)
+
+        def sample_relative(self, study, trial, search_space):
+            return self._inner.sample_relative(study, trial, search_space)
+
+        def sample_independent(self, study, trial, param_name, param_distribution):
+            return self._inner.sample_independent(study, trial, param_name, param_distribution)
+
+        def after_trial(self, study, trial, state, values):
+            self._inner.after_trial(study, trial, state, values)
+
+        def reseed_rng(self):
+            self._inner.reseed_rng()
+
+    return PerTrialSeed()
 
 
 def make_pruner(pruner, budget_seconds, min_resource_seconds=None):
@@ -455,7 +508,8 @@ def run_search(base, space, search_dir, trials, sampler="tpe", pruner="none", se
     sampler, the grid is done); returns the study. Several processes may run this
     at once on one search folder (or one `storage`); each finished trial counts.
     Interrupted trials are taken up again first (`_take_up_interrupted`). Trial N's
-    run is in `search_dir/runs/trial_N/`.
+    run is in `search_dir/runs/trial_N/` (a trial that resumes an interrupted trial's
+    run: that run's folder).
 
     Args:
         base: `TrainConfig` every trial starts from; needs `validation_size` > 0.
@@ -537,6 +591,15 @@ def run_search(base, space, search_dir, trials, sampler="tpe", pruner="none", se
                      (f", resumed from {resume_dir})" if resume_dir else ", afresh)"))
         trial.set_user_attr("git_commit", commit)
         trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
+        every = study.get_trials(deepcopy=False)
+        if retry_of is not None:
+            # Workers in other folders of a shared storage hold other locks: two may have
+            # queued the same interrupted trial. The first queued runs; the others end at
+            # once, not counted (`finished_trials`).
+            first = min(t.number for t in every if t.user_attrs.get("retry_of") == retry_of)
+            if first != trial.number:
+                trial.set_user_attr("duplicate_of", first)
+                raise TrialFailed(f"trial {first} already takes up interrupted trial {retry_of}")
         try:
             config = dataclasses.replace(base, **values)
         except ValueError as e:
@@ -548,8 +611,7 @@ def run_search(base, space, search_dir, trials, sampler="tpe", pruner="none", se
             record = run_dir = None
             if resume_dir:
                 trial.set_user_attr("run_dir", resume_dir)  # (known at once: a killed worker's is found)
-                earlier = next(t for t in study.get_trials(deepcopy=False) if t.number == retry_of)
-                reporter = ReportToTrial(trial, earlier.intermediate_values) if pruner != "none" else None
+                reporter = ReportToTrial(trial, _reported_before(every, retry_of)) if pruner != "none" else None
                 try:
                     record, run_dir = train(config, results_dir=trial_runs, hooks=[reporter] if reporter else [],
                                             resume=os.path.join(search_dir, resume_dir))
@@ -580,6 +642,8 @@ def run_search(base, space, search_dir, trials, sampler="tpe", pruner="none", se
     def stop_when_done(study, trial=None):
         if finished_trials(study) >= trials:
             study.stop()
+        else:  # another worker's trial interrupted meanwhile (Optuna fails a dead worker's before each trial)
+            _take_up_interrupted(study, search_dir, trials)
 
     _fail_stale_trials(study)
     _take_up_interrupted(study, search_dir, trials)
@@ -595,6 +659,21 @@ def run_search(base, space, search_dir, trials, sampler="tpe", pruner="none", se
     elif finished_trials(study, running=False) < trials:
         _say_running(study)
     return study
+
+
+def _reported_before(trials, number):
+    """The values ({step: accuracy}) that trial `number` and the interrupted trials it
+    took up in turn (`retry_of`) reported, the latest report of a step kept: a trial
+    interrupted before its resumed run reported again holds none of them."""
+    by_number = {t.number: t for t in trials}
+    chain = []
+    while number is not None and number in by_number and number not in chain:
+        chain.append(number)
+        number = by_number[number].user_attrs.get("retry_of")
+    values = {}
+    for n in reversed(chain):  # the oldest first
+        values.update(by_number[n].intermediate_values)
+    return values
 
 
 def _trial_run_folder(search_dir, trial):
@@ -620,7 +699,9 @@ def _take_up_interrupted(study, search_dir, trials):
     added once, as Optuna's `RetryHeartbeatStaleTrialCallback` adds a dead worker's
     trial (a waiting trial with its values and system attributes: its grid point),
     with `retry_of` naming it; under the search folder's lock, so that workers
-    starting together add it once."""
+    starting together add it once (workers in other folders of a shared storage
+    may add it twice: the later copy ends at once, uncounted, in `run_search`).
+    Called as a worker starts and after each of its trials."""
     import fcntl
 
     optuna = _optuna()
@@ -643,10 +724,14 @@ def _take_up_interrupted(study, search_dir, trials):
                     resume_dir = os.path.relpath(folder, search_dir)
                 except ValueError as e:
                     logging.info("trial %d's run cannot be resumed (%s)", t.number, e)
+            # Of the system attributes, the sampler's (the grid's point); not the pruner's
+            # (`completed_rung_*`), which would count the interrupted trial's values twice in
+            # a rung, or, under Hyperband, put them in another bracket's.
+            kept = {k: v for k, v in t.system_attrs.items() if k in ("grid_id", "search_space", "fixed_params")}
             study.add_trial(optuna.trial.create_trial(
                 state=optuna.trial.TrialState.WAITING, params=t.params, distributions=t.distributions,
                 user_attrs={"retry_of": t.number, "resume_dir": resume_dir},
-                system_attrs={**t.system_attrs, "failed_trial": t.system_attrs.get("failed_trial", t.number),
+                system_attrs={**kept, "failed_trial": t.system_attrs.get("failed_trial", t.number),
                               "retry_history": [*t.system_attrs.get("retry_history", []), t.number]}))
             logging.info("trial %d was interrupted: its values go again, %s", t.number,
                          f"resumed from {resume_dir}" if resume_dir else "afresh (no checkpoint to resume)")
@@ -709,13 +794,14 @@ class SearchInterrupted(KeyboardInterrupt):
 
 def finished_trials(study, running=True):
     """Trials that count toward `--trials`: complete, pruned, failed (not those an
-    interruption ended, nor those of a worker that died) and, with `running`, those
-    other workers are running."""
+    interruption ended, nor those of a worker that died, nor a second take-up of the
+    same interrupted trial) and, with `running`, those other workers are running."""
     counted = 0
     for t in study.get_trials(deepcopy=False):
         state = t.state.name
         if state in ("COMPLETE", "PRUNED") or (state == "RUNNING" and running) or (
-                state == "FAIL" and not t.user_attrs.get("interrupted") and t.user_attrs.get("ended", True)):
+                state == "FAIL" and not t.user_attrs.get("interrupted") and t.user_attrs.get("ended", True)
+                and t.user_attrs.get("duplicate_of") is None):
             counted += 1
     return counted
 
@@ -741,6 +827,8 @@ def trial_rows(study, space):
             row["status"] = "worker died"
         elif t.state.name == "FAIL" and t.user_attrs.get("interrupted"):
             row["status"] = "interrupted"  # (a Ctrl-C between the run's steps leaves no record to say so)
+        elif t.user_attrs.get("duplicate_of") is not None:
+            row["status"] = f"trial {t.user_attrs['duplicate_of']} took it up"
         rows.append(row)
     return rows
 

@@ -346,6 +346,139 @@ def test_a_failed_or_interrupted_trial_is_logged_without_a_traceback_and_a_bug_w
     assert not list((tmp_path / "a").glob("*.png"))
 
 
+def test_each_run_of_a_seeded_search_samples_new_values_and_one_run_is_reproducible(tmp_path):
+    """Optuna seeds a sampler once per process: each run of the same command (and each
+    worker of a shared study) drew the first run's values again, which were trained
+    twice. Trial N now draws from (seed, N)."""
+    base = TrainConfig(validation_size=500, budget_seconds=5, lr_schedule="constant")
+    space = search.parse_space(["learning_rate=loguniform:0.01:1"])
+    for sampler in ("tpe", "random"):
+        def rates(folder, trials):
+            calls = []
+            search.run_search(base, space, str(tmp_path / sampler / folder), trials, sampler=sampler, seed=3,
+                              load_data=_no_data, train=_fake_train(calls))
+            return [c.learning_rate for c in calls]
+
+        first, second = rates("a", 2), rates("a", 4)
+        assert len(set(first + second)) == 4, (sampler, first, second)  # the second run drew new values
+        assert rates("b", 4) == first + second  # and one run of 4 draws what the two runs drew
+    with pytest.raises(ValueError, match=r"seed must be an integer in \[0, 2\*\*32 - 1\]. Received: -1"):
+        search.run_search(base, space, str(tmp_path / "bad"), 2, seed=-1, load_data=_no_data, train=_fake_train([]))
+    assert not (tmp_path / "bad").exists()  # (before: the first trial failed, the folder written)
+
+
+def test_an_interrupted_trial_queued_twice_by_workers_in_two_folders_is_trained_once(tmp_path):
+    """Workers in other folders of a shared storage hold other locks: two could queue
+    the same interrupted trial, whose values were then trained, and counted, twice."""
+    import optuna
+
+    base = TrainConfig(validation_size=500, budget_seconds=5, lr_schedule="constant")
+    space = search.parse_space(["learning_rate=loguniform:0.01:1"])
+    url = f"sqlite:///{tmp_path / 'shared.db'}"
+    with pytest.raises(search.SearchInterrupted) as interrupted:
+        search.run_search(base, space, str(tmp_path / "a"), 3, storage=url, load_data=_no_data,
+                          train=_fake_train([], fail_at=2))
+    study = interrupted.value.study
+    search._take_up_interrupted(study, str(tmp_path / "a"), 3)
+    waiting = study.trials[-1]
+    assert waiting.state.name == "WAITING" and waiting.user_attrs["retry_of"] == 1
+    study.add_trial(optuna.trial.create_trial(  # what a worker in folder b, reading the trials at once, added
+        state=optuna.trial.TrialState.WAITING, params=waiting.params, distributions=waiting.distributions,
+        user_attrs=waiting.user_attrs, system_attrs=waiting.system_attrs))
+    calls = []
+    study = search.run_search(base, space, str(tmp_path / "b"), 3, storage=url, load_data=_no_data,
+                              train=_fake_train(calls))
+    assert _states(study) == ["COMPLETE", "FAIL", "COMPLETE", "FAIL", "COMPLETE"]
+    assert [c.learning_rate for c in calls][:1] == [study.trials[1].params["learning_rate"]] and len(calls) == 2
+    rows = search.trial_rows(study, space)
+    assert rows[3]["status"] == "trial 2 took it up" and search.finished_trials(study) == 3
+
+
+def _interrupted_after(reports, calls):
+    """A stand-in `train` whose first call reports `reports` (validation accuracies at
+    epoch ends, at 1, 2... seconds) to the pruner, then is interrupted; later calls
+    complete (as `_fake_train`)."""
+    completes = _fake_train([], curve=[1.0])
+
+    def train(config, results_dir, hooks=(), **resume):
+        calls.append(dict(resume))
+        if len(calls) > 1:
+            return completes(config, results_dir, hooks)
+        run = _FakeRun()
+        for epoch, value in enumerate(reports):
+            run.budget.t = epoch + 1.0
+            for hook in hooks:
+                hook.on_epoch_end(run, epoch, {"val_accuracy": value})
+        raise KeyboardInterrupt
+    return train
+
+
+def test_a_trial_taken_up_again_does_not_carry_the_pruners_rungs(tmp_path):
+    """The take-up copied every system attribute, the pruner's completed rungs too: the
+    interrupted trial's value counted twice in its rung, or under Hyperband in another
+    bracket's. The grid's point is kept."""
+    base = TrainConfig(validation_size=500, budget_seconds=8, lr_schedule="constant")
+    space = search.parse_space(["learning_rate=choice:0.01|0.1"])
+    for sampler, pruner in (("grid", "successive_halving"), ("tpe", "hyperband")):
+        folder = str(tmp_path / pruner)
+        with pytest.raises(search.SearchInterrupted) as interrupted:
+            search.run_search(base, space, folder, 2, sampler=sampler, pruner=pruner, min_resource_seconds=1,
+                              load_data=_no_data, train=_interrupted_after([0.5, 0.6, 0.7], []))
+        study = interrupted.value.study
+        (stopped,) = study.trials
+        assert any(k.startswith("completed_rung_") for k in stopped.system_attrs), stopped.system_attrs
+        search._take_up_interrupted(study, folder, 2)
+        again = study.trials[-1]
+        assert again.state.name == "WAITING" and again.params == stopped.params
+        assert not any(k.startswith("completed_rung_") for k in again.system_attrs), again.system_attrs
+        assert ("grid_id" in again.system_attrs) == (sampler == "grid")
+        if sampler == "grid":
+            assert again.system_attrs["grid_id"] == stopped.system_attrs["grid_id"]
+
+
+def test_the_values_reported_before_a_chain_of_interruptions():
+    """A trial interrupted before its resumed run reported again holds none of the
+    values: the next one takes them from the whole chain (it took them from the last)."""
+    import optuna
+
+    def trial(number, values, retry_of=None):
+        t = optuna.trial.create_trial(state=optuna.trial.TrialState.FAIL, intermediate_values=values,
+                                      user_attrs={"retry_of": retry_of})
+        t.number = number
+        return t
+
+    trials = [trial(0, {1: 0.1, 2: 0.2}), trial(1, {}, retry_of=0), trial(2, {2: 0.25, 3: 0.3}, retry_of=1),
+              trial(3, {1: 0.9})]
+    assert search._reported_before(trials, 1) == {1: 0.1, 2: 0.2}
+    assert search._reported_before(trials, 2) == {1: 0.1, 2: 0.25, 3: 0.3}
+    assert search._reported_before(trials, 3) == {1: 0.9}
+
+
+def test_a_worker_still_running_takes_up_another_workers_interrupted_trial(tmp_path):
+    """Take-up ran only as a worker started: a worker still running filled the count
+    with new trials, and the interrupted worker, run again, found nothing left to do."""
+    import optuna
+
+    base = TrainConfig(validation_size=500, budget_seconds=5, lr_schedule="constant")
+    space = search.parse_space(["learning_rate=loguniform:0.01:1"])
+    folder = str(tmp_path / "s")
+    calls = []
+    completes = _fake_train(calls)
+
+    def train(config, results_dir, hooks=()):
+        if not calls:  # meanwhile, another worker's trial is interrupted
+            other = search.open_study(folder, None, None)
+            other.add_trial(optuna.trial.create_trial(
+                state=optuna.trial.TrialState.FAIL, params={"learning_rate": 0.5},
+                distributions={"learning_rate": optuna.distributions.FloatDistribution(0.01, 1, log=True)},
+                user_attrs={"interrupted": True, "ended": True}))
+        return completes(config, results_dir, hooks)
+
+    study = search.run_search(base, space, folder, 3, load_data=_no_data, train=train)
+    assert [c.learning_rate for c in calls][1] == 0.5 and len(calls) == 3
+    assert [r["retry_of"] for r in search.trial_rows(study, space)] == [None, None, 1, None]
+
+
 def test_the_run_folder_of_a_trial_whose_worker_died(tmp_path):
     """A worker that died named no run folder in its trial: it is the one folder with a
     record in the trial's own runs/trial_N."""
