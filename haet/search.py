@@ -202,7 +202,7 @@ def make_sampler(sampler, space, seed, grid_points=3):
     """
     optuna = _optuna()
     if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or not 0 <= seed < 2**32:
-        raise ValueError(f"The search's seed must be an integer in [0, 2**32 - 1]. Received: {seed!r}")
+        raise ValueError(f"The search's seed (--search_seed) must be an integer in [0, 2**32 - 1]. Received: {seed!r}")
     seed = int(seed)
     if sampler == "tpe":
         return _seeded_per_trial(lambda s: optuna.samplers.TPESampler(seed=s), seed)
@@ -987,7 +987,8 @@ if __name__ == "__main__":
     flags.DEFINE_integer("trials", 8, "Finished trials the study should have (all workers together); a worker "
                          "starting when one is short may add one more.")
     flags.DEFINE_integer("grid_points", 3, "grid: values per loguniform/uniform flag.")
-    flags.DEFINE_integer("search_seed", 0, "Seed of the sampler.")
+    flags.DEFINE_integer("search_seed", 0, "Seed of the sampler, in [0, 2**32 - 1]: TPE and random draw trial N "
+                         "from (seed, N); the grid orders its points with it.")
     flags.DEFINE_string("search_dir", None, "The search folder; an existing one with the same search resumes.")
     flags.DEFINE_string("storage", None, "Optuna storage URL shared by workers (default: sqlite in --search_dir).")
     flags.mark_flag_as_required("search_dir")

@@ -362,7 +362,7 @@ def test_each_run_of_a_seeded_search_samples_new_values_and_one_run_is_reproduci
         first, second = rates("a", 2), rates("a", 4)
         assert len(set(first + second)) == 4, (sampler, first, second)  # the second run drew new values
         assert rates("b", 4) == first + second  # and one run of 4 draws what the two runs drew
-    with pytest.raises(ValueError, match=r"seed must be an integer in \[0, 2\*\*32 - 1\]. Received: -1"):
+    with pytest.raises(ValueError, match=r"seed \(--search_seed\) must be an integer in \[0, 2\*\*32 - 1\]. Received: -1"):
         search.run_search(base, space, str(tmp_path / "bad"), 2, seed=-1, load_data=_no_data, train=_fake_train([]))
     assert not (tmp_path / "bad").exists()  # (before: the first trial failed, the folder written)
 
