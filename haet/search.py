@@ -292,10 +292,11 @@ class ReportToTrial(Hook):
     crosses_epochs = True  # it acts on validation logs, and validation ends executions with their epoch
 
     def __init__(self, trial, earlier=None):
-        """`earlier`: of a trial that resumes an interrupted trial's run, that trial's
-        reported values ({step: accuracy}); those up to the checkpoint's last reported
-        step are reported again before the resumed run goes on, so that the pruner
-        judges the whole run (the ones after it the resumed run reports anew)."""
+        """`earlier`: of a trial that resumes an interrupted trial's run, the values
+        ({step: accuracy}) reported in that run before (`_reported_before`); those up
+        to the checkpoint's last reported step are reported again before the resumed
+        run goes on, so that the pruner judges the whole run (the ones after it the
+        resumed run reports anew)."""
         self.trial = trial
         self.earlier = dict(earlier or {})
         self.pruned = False
@@ -697,7 +698,8 @@ def _take_up_interrupted(study, search_dir, trials):
     instead: its values were never scored, and under the grid sampler, which counts
     every ended trial's point as visited, its point was lost from the grid. Each is
     added once, as Optuna's `RetryHeartbeatStaleTrialCallback` adds a dead worker's
-    trial (a waiting trial with its values and system attributes: its grid point),
+    trial (a waiting trial with its values and the sampler's system attributes: its
+    grid point),
     with `retry_of` naming it; under the search folder's lock, so that workers
     starting together add it once (workers in other folders of a shared storage
     may add it twice: the later copy ends at once, uncounted, in `run_search`).
