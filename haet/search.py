@@ -643,7 +643,8 @@ def run_search(base, space, search_dir, trials, sampler="tpe", pruner="none", se
     def stop_when_done(study, trial=None):
         if finished_trials(study) >= trials:
             study.stop()
-        else:  # another worker's trial interrupted meanwhile (Optuna fails a dead worker's before each trial)
+        else:  # another worker's trial interrupted meanwhile, or its worker dead
+            _fail_stale_trials(study)
             _take_up_interrupted(study, search_dir, trials)
 
     _fail_stale_trials(study)

@@ -479,6 +479,36 @@ def test_a_worker_still_running_takes_up_another_workers_interrupted_trial(tmp_p
     assert [r["retry_of"] for r in search.trial_rows(study, space)] == [None, None, 1, None]
 
 
+def test_a_worker_still_running_takes_up_a_dead_workers_trial_after_its_own(tmp_path, monkeypatch):
+    """Optuna fails a dead worker's trial as the next trial starts, which sampled new
+    values first: it is failed and taken up as soon as the running worker's trial ends."""
+    import socket
+
+    monkeypatch.setattr(search, "HEARTBEAT_SECONDS", 1)
+    monkeypatch.setattr(search, "GRACE_SECONDS", 1)  # (read as each call opens its storage)
+    base = TrainConfig(validation_size=500, budget_seconds=5, lr_schedule="constant")
+    space = search.parse_space(["learning_rate=loguniform:0.01:1"])
+    folder = str(tmp_path / "s")
+    calls, lost = [], []
+    completes = _fake_train(calls)
+
+    def train(config, results_dir, hooks=()):
+        if not calls:  # meanwhile, another worker starts a trial and is killed
+            other = search.open_study(folder, None, None)
+            orphan = other.ask()
+            lost.append(orphan.suggest_float("learning_rate", 0.01, 1, log=True))
+            orphan.set_user_attr("worker", f"{socket.gethostname()}:999999999")
+            orphan.set_user_attr("ended", False)
+            other._storage.record_heartbeat(orphan._trial_id)
+            time.sleep(2.1)  # past the grace period, however slow the machine (SQLite keeps whole seconds)
+        return completes(config, results_dir, hooks)
+
+    study = search.run_search(base, space, folder, 3, load_data=_no_data, train=train)
+    assert [c.learning_rate for c in calls][1] == lost[0] and len(calls) == 3
+    rows = search.trial_rows(study, space)
+    assert [r["retry_of"] for r in rows] == [None, None, 1, None] and rows[1]["status"] == "worker died"
+
+
 def test_the_run_folder_of_a_trial_whose_worker_died(tmp_path):
     """A worker that died named no run folder in its trial: it is the one folder with a
     record in the trial's own runs/trial_N."""
