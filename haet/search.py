@@ -619,6 +619,7 @@ def run_search(base, space, search_dir, trials, sampler="tpe", pruner="none", se
                 except training.SetupError as e:  # e.g. a checkpoint of code that built another model
                     logging.warning("trial %d cannot resume %s (%s): it trains afresh", trial.number, resume_dir, e)
                     trial.set_user_attr("run_dir", None)
+                    trial.set_user_attr("resume_dir", None)  # (it resumes no run: `_reported_before`)
             if record is None:
                 reporter = ReportToTrial(trial) if pruner != "none" else None
                 record, run_dir = train(config, results_dir=trial_runs, hooks=[reporter] if reporter else [])
@@ -653,7 +654,13 @@ def run_search(base, space, search_dir, trials, sampler="tpe", pruner="none", se
         quiet, optuna_logger = _NoTracebackForTrialEnds(), stdlib_logging.getLogger("optuna.study._optimize")
         optuna_logger.addFilter(quiet)  # (the logger of Optuna's "Trial N failed" lines)
         try:
-            study.optimize(objective, callbacks=[stop_when_done], catch=(TrialFailed,))
+            # The grid sampler stops the study once every point has a trial, an interrupted
+            # one too, before the callback queues that one again: optimize once more for it.
+            while True:
+                study.optimize(objective, callbacks=[stop_when_done], catch=(TrialFailed,))
+                if finished_trials(study) >= trials or not study.get_trials(
+                        deepcopy=False, states=(optuna.trial.TrialState.WAITING,)):
+                    break
         except KeyboardInterrupt as e:
             raise SearchInterrupted(study, e) from None
         finally:
@@ -664,13 +671,16 @@ def run_search(base, space, search_dir, trials, sampler="tpe", pruner="none", se
 
 
 def _reported_before(trials, number):
-    """The values ({step: accuracy}) that trial `number` and the interrupted trials it
-    took up in turn (`retry_of`) reported, the latest report of a step kept: a trial
-    interrupted before its resumed run reported again holds none of them."""
+    """The values ({step: accuracy}) reported in the run of trial `number`: its own, and
+    those of the interrupted trials whose run it resumed in turn (`retry_of` with a
+    `resume_dir`; not across a trial that trained afresh), the latest report of a step
+    kept. A trial interrupted before its resumed run reported again holds none."""
     by_number = {t.number: t for t in trials}
     chain = []
     while number is not None and number in by_number and number not in chain:
         chain.append(number)
+        if not by_number[number].user_attrs.get("resume_dir"):
+            break  # (its run began with it)
         number = by_number[number].user_attrs.get("retry_of")
     values = {}
     for n in reversed(chain):  # the oldest first

@@ -441,17 +441,19 @@ def test_the_values_reported_before_a_chain_of_interruptions():
     values: the next one takes them from the whole chain (it took them from the last)."""
     import optuna
 
-    def trial(number, values, retry_of=None):
+    def trial(number, values, retry_of=None, resume_dir="runs/trial_0/run"):
         t = optuna.trial.create_trial(state=optuna.trial.TrialState.FAIL, intermediate_values=values,
-                                      user_attrs={"retry_of": retry_of})
+                                      user_attrs={"retry_of": retry_of, "resume_dir": None if retry_of is None else resume_dir})
         t.number = number
         return t
 
     trials = [trial(0, {1: 0.1, 2: 0.2}), trial(1, {}, retry_of=0), trial(2, {2: 0.25, 3: 0.3}, retry_of=1),
-              trial(3, {1: 0.9})]
+              trial(3, {1: 0.9}), trial(4, {2: 0.5}, retry_of=2, resume_dir=None), trial(5, {}, retry_of=4)]
     assert search._reported_before(trials, 1) == {1: 0.1, 2: 0.2}
     assert search._reported_before(trials, 2) == {1: 0.1, 2: 0.25, 3: 0.3}
     assert search._reported_before(trials, 3) == {1: 0.9}
+    # Trial 4 trained afresh (no checkpoint): its run began with it.
+    assert search._reported_before(trials, 5) == search._reported_before(trials, 4) == {2: 0.5}
 
 
 def test_a_worker_still_running_takes_up_another_workers_interrupted_trial(tmp_path):
@@ -477,6 +479,31 @@ def test_a_worker_still_running_takes_up_another_workers_interrupted_trial(tmp_p
     study = search.run_search(base, space, folder, 3, load_data=_no_data, train=train)
     assert [c.learning_rate for c in calls][1] == 0.5 and len(calls) == 3
     assert [r["retry_of"] for r in search.trial_rows(study, space)] == [None, None, 1, None]
+
+
+def test_a_worker_still_running_trains_a_grid_point_another_worker_was_interrupted_on(tmp_path):
+    """The grid sampler stopped the study once every point had a trial, before the
+    callback queued the interrupted one again: the worker ended, the point unscored."""
+    import optuna
+
+    base = TrainConfig(validation_size=500, budget_seconds=5, lr_schedule="constant")
+    space = search.parse_space(["learning_rate=choice:0.01|0.1"])
+    folder = str(tmp_path / "s")
+    calls = []
+    completes = _fake_train(calls)
+
+    def train(config, results_dir, hooks=()):
+        if not calls:  # meanwhile, another worker's trial, on the other point, is interrupted
+            other = search.open_study(folder, search.make_sampler("grid", space, 0), None)
+            stopped = other.ask()
+            search.suggest(stopped, space)
+            stopped.set_user_attr("interrupted", True)
+            other.tell(stopped, state=optuna.trial.TrialState.FAIL)
+        return completes(config, results_dir, hooks)
+
+    study = search.run_search(base, space, folder, 8, sampler="grid", load_data=_no_data, train=train)
+    assert sorted(c.learning_rate for c in calls) == [0.01, 0.1]
+    assert _states(study) == ["COMPLETE", "FAIL", "COMPLETE"] and study.trials[2].user_attrs["retry_of"] == 1
 
 
 def test_a_worker_still_running_takes_up_a_dead_workers_trial_after_its_own(tmp_path, monkeypatch):
