@@ -27,8 +27,8 @@ and the printed flags.
 - An interrupted trial (Ctrl-C, SIGTERM, a worker that died) is not counted; the
   same command again, or a worker of the study still running once its trial ends,
   takes up its values first: its run goes on from its checkpoint on the rest of its
-  budget (trials whose run a worker on another machine wrote, or with no
-  checkpoint, train afresh), and the new trial's `retry_of` names it.
+  budget (trials whose run is in another search folder, or with no checkpoint,
+  train afresh), and the new trial's `retry_of` names it.
 - TPE and random sampling draw trial N's values from `(--search_seed, N)`: one
   process's search is reproducible, and workers, and later runs of the command,
   draw new values (seeded once per process, each drew the first one's again).
