@@ -592,7 +592,7 @@ def run_search(base, space, search_dir, trials, sampler="tpe", pruner="none", se
                      (f", resumed from {resume_dir})" if resume_dir else ", afresh)"))
         trial.set_user_attr("git_commit", commit)
         trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
-        every = study.get_trials(deepcopy=False)
+        every = study.get_trials(deepcopy=False) if retry_of is not None else []
         if retry_of is not None:
             # Workers in other folders of a shared storage hold other locks: two may have
             # queued the same interrupted trial. The first queued runs; the others end at
@@ -710,8 +710,7 @@ def _take_up_interrupted(study, search_dir, trials):
     every ended trial's point as visited, its point was lost from the grid. Each is
     added once, as Optuna's `RetryHeartbeatStaleTrialCallback` adds a dead worker's
     trial (a waiting trial with its values and the sampler's system attributes: its
-    grid point),
-    with `retry_of` naming it; under the search folder's lock, so that workers
+    grid point), with `retry_of` naming it; under the search folder's lock, so that workers
     starting together add it once (workers in other folders of a shared storage
     may add it twice: the later copy ends at once, uncounted, in `run_search`).
     Called as a worker starts and after each of its trials."""

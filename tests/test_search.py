@@ -394,6 +394,18 @@ def test_an_interrupted_trial_queued_twice_by_workers_in_two_folders_is_trained_
     assert rows[3]["status"] == "trial 2 took it up" and search.finished_trials(study) == 3
 
 
+def _fake_train_meanwhile(calls, meanwhile):
+    """`_fake_train(calls)`, running `meanwhile()` (what another worker does while this
+    one trains) at the start of its first call."""
+    completes = _fake_train(calls)
+
+    def train(config, results_dir, hooks=()):
+        if not calls:
+            meanwhile()
+        return completes(config, results_dir, hooks)
+    return train
+
+
 def _interrupted_after(reports, calls):
     """A stand-in `train` whose first call reports `reports` (validation accuracies at
     epoch ends, at 1, 2... seconds) to the pruner, then is interrupted; later calls
@@ -465,18 +477,15 @@ def test_a_worker_still_running_takes_up_another_workers_interrupted_trial(tmp_p
     space = search.parse_space(["learning_rate=loguniform:0.01:1"])
     folder = str(tmp_path / "s")
     calls = []
-    completes = _fake_train(calls)
 
-    def train(config, results_dir, hooks=()):
-        if not calls:  # meanwhile, another worker's trial is interrupted
-            other = search.open_study(folder, None, None)
-            other.add_trial(optuna.trial.create_trial(
-                state=optuna.trial.TrialState.FAIL, params={"learning_rate": 0.5},
-                distributions={"learning_rate": optuna.distributions.FloatDistribution(0.01, 1, log=True)},
-                user_attrs={"interrupted": True, "ended": True}))
-        return completes(config, results_dir, hooks)
+    def interrupted_elsewhere():
+        search.open_study(folder, None, None).add_trial(optuna.trial.create_trial(
+            state=optuna.trial.TrialState.FAIL, params={"learning_rate": 0.5},
+            distributions={"learning_rate": optuna.distributions.FloatDistribution(0.01, 1, log=True)},
+            user_attrs={"interrupted": True, "ended": True}))
 
-    study = search.run_search(base, space, folder, 3, load_data=_no_data, train=train)
+    study = search.run_search(base, space, folder, 3, load_data=_no_data,
+                              train=_fake_train_meanwhile(calls, interrupted_elsewhere))
     assert [c.learning_rate for c in calls][1] == 0.5 and len(calls) == 3
     assert [r["retry_of"] for r in search.trial_rows(study, space)] == [None, None, 1, None]
 
@@ -490,18 +499,16 @@ def test_a_worker_still_running_trains_a_grid_point_another_worker_was_interrupt
     space = search.parse_space(["learning_rate=choice:0.01|0.1"])
     folder = str(tmp_path / "s")
     calls = []
-    completes = _fake_train(calls)
 
-    def train(config, results_dir, hooks=()):
-        if not calls:  # meanwhile, another worker's trial, on the other point, is interrupted
-            other = search.open_study(folder, search.make_sampler("grid", space, 0), None)
-            stopped = other.ask()
-            search.suggest(stopped, space)
-            stopped.set_user_attr("interrupted", True)
-            other.tell(stopped, state=optuna.trial.TrialState.FAIL)
-        return completes(config, results_dir, hooks)
+    def interrupted_on_the_other_point():
+        other = search.open_study(folder, search.make_sampler("grid", space, 0), None)
+        stopped = other.ask()
+        search.suggest(stopped, space)
+        stopped.set_user_attr("interrupted", True)
+        other.tell(stopped, state=optuna.trial.TrialState.FAIL)
 
-    study = search.run_search(base, space, folder, 8, sampler="grid", load_data=_no_data, train=train)
+    study = search.run_search(base, space, folder, 8, sampler="grid", load_data=_no_data,
+                              train=_fake_train_meanwhile(calls, interrupted_on_the_other_point))
     assert sorted(c.learning_rate for c in calls) == [0.01, 0.1]
     assert _states(study) == ["COMPLETE", "FAIL", "COMPLETE"] and study.trials[2].user_attrs["retry_of"] == 1
 
@@ -517,20 +524,18 @@ def test_a_worker_still_running_takes_up_a_dead_workers_trial_after_its_own(tmp_
     space = search.parse_space(["learning_rate=loguniform:0.01:1"])
     folder = str(tmp_path / "s")
     calls, lost = [], []
-    completes = _fake_train(calls)
 
-    def train(config, results_dir, hooks=()):
-        if not calls:  # meanwhile, another worker starts a trial and is killed
-            other = search.open_study(folder, None, None)
-            orphan = other.ask()
-            lost.append(orphan.suggest_float("learning_rate", 0.01, 1, log=True))
-            orphan.set_user_attr("worker", f"{socket.gethostname()}:999999999")
-            orphan.set_user_attr("ended", False)
-            other._storage.record_heartbeat(orphan._trial_id)
-            time.sleep(2.1)  # past the grace period, however slow the machine (SQLite keeps whole seconds)
-        return completes(config, results_dir, hooks)
+    def killed_elsewhere():
+        other = search.open_study(folder, None, None)
+        orphan = other.ask()
+        lost.append(orphan.suggest_float("learning_rate", 0.01, 1, log=True))
+        orphan.set_user_attr("worker", f"{socket.gethostname()}:999999999")
+        orphan.set_user_attr("ended", False)
+        other._storage.record_heartbeat(orphan._trial_id)
+        time.sleep(2.1)  # past the grace period, however slow the machine (SQLite keeps whole seconds)
 
-    study = search.run_search(base, space, folder, 3, load_data=_no_data, train=train)
+    study = search.run_search(base, space, folder, 3, load_data=_no_data,
+                              train=_fake_train_meanwhile(calls, killed_elsewhere))
     assert [c.learning_rate for c in calls][1] == lost[0] and len(calls) == 3
     rows = search.trial_rows(study, space)
     assert [r["retry_of"] for r in rows] == [None, None, 1, None] and rows[1]["status"] == "worker died"
