@@ -79,6 +79,9 @@ _NOT_SEARCHABLE = {"validation_size", "evaluate_test", "save_model", "data_dir",
 # pruner: otherwise they are None (a resume with another value of a setting that
 # changes nothing is the same search; one that prunes another way is not).
 SPEC_KEYS = ("space", "sampler", "pruner", "seed", "grid_points", "base_flags", "storage", "min_resource_seconds")
+# What an interrupted trial's run logs on how to go on (`haet.training.train` would say
+# `python -m haet.train --resume=...`, which trains it outside the search: not counted).
+RESUME_HINT = "run the same search command again: it resumes this trial's run"
 # Optuna's heartbeat: a worker beats every HEARTBEAT_SECONDS; a running trial without a
 # beat for GRACE_SECONDS is marked failed (its worker died).
 HEARTBEAT_SECONDS, GRACE_SECONDS = 30, 120
@@ -615,14 +618,15 @@ def run_search(base, space, search_dir, trials, sampler="tpe", pruner="none", se
                 reporter = ReportToTrial(trial, _reported_before(every, retry_of)) if pruner != "none" else None
                 try:
                     record, run_dir = train(config, results_dir=trial_runs, hooks=[reporter] if reporter else [],
-                                            resume=os.path.join(search_dir, resume_dir))
+                                            resume=os.path.join(search_dir, resume_dir), resume_hint=RESUME_HINT)
                 except training.SetupError as e:  # e.g. a checkpoint of code that built another model
                     logging.warning("trial %d cannot resume %s (%s): it trains afresh", trial.number, resume_dir, e)
                     trial.set_user_attr("run_dir", None)
                     trial.set_user_attr("resume_dir", None)  # (it resumes no run: `_reported_before`)
             if record is None:
                 reporter = ReportToTrial(trial) if pruner != "none" else None
-                record, run_dir = train(config, results_dir=trial_runs, hooks=[reporter] if reporter else [])
+                record, run_dir = train(config, results_dir=trial_runs, hooks=[reporter] if reporter else [],
+                                        resume_hint=RESUME_HINT)
         except training.SetupError as e:  # e.g. a searched precision this machine cannot take
             trial.set_user_attr("status", "could not start")
             raise TrialFailed(f"the run could not start: {e}") from None

@@ -46,7 +46,7 @@ __all__ = ["TrainConfig", "SetupError", "CheckpointMismatch", "SetupInterrupted"
            "build_model", "load_init_from", "build_optimizer", "compile_model", "build_run", "evaluate"]
 
 
-def train(config, results_dir="results/runs", clock=time.perf_counter, resume=None, hooks=()):
+def train(config, results_dir="results/runs", clock=time.perf_counter, resume=None, hooks=(), resume_hint=None):
     """Trains `config` within its budget, evaluates it, and writes the run folder
     (see `haet.results`) while it goes.
 
@@ -77,6 +77,9 @@ def train(config, results_dir="results/runs", clock=time.perf_counter, resume=No
         hooks: extra `haet.loop.Hook`s, acting after validation and the budget
             (e.g. `haet.search.ReportToTrial`); a hook may stop the run with its
             own reason (the record's `stopped_by`).
+        resume_hint: how the interrupted run's log line says to go on: None for
+            `python -m haet.train --resume=RUN_DIR`; a caller that resumes its runs
+            itself (`haet.search`) says how it does.
 
     Returns:
         `(record, run_dir)`: the record also written to `run_dir/record.json`.
@@ -133,7 +136,8 @@ def train(config, results_dir="results/runs", clock=time.perf_counter, resume=No
             else:
                 folder = _reopen(resume, previous, start)
         try:
-            record = _train_in(config, folder, data, built, settings, timer, clock, signals, previous, saved, hooks)
+            record = _train_in(config, folder, data, built, settings, timer, clock, signals, previous, saved, hooks,
+                               resume_hint)
         except BaseException as e:
             if isinstance(e, CheckpointMismatch):
                 # Refused once the run was built, before any step: the record goes back
@@ -240,7 +244,8 @@ def _mixed_fields(previous, start):
     return fields
 
 
-def _train_in(config, folder, data, built, settings, timer, clock, signals, previous, saved, hooks=()):
+def _train_in(config, folder, data, built, settings, timer, clock, signals, previous, saved, hooks=(),
+              resume_hint=None):
     """Trains and evaluates `config` in `folder` (see `train`), `built` by `build_model`,
     from the checkpoint `saved` (`haet.checkpoint.load`'s triple) when it resumes;
     returns the record."""
@@ -284,7 +289,7 @@ def _train_in(config, folder, data, built, settings, timer, clock, signals, prev
         folder.write_record(record)
         logging.warning("interrupted by %s after %d steps (%.1f s of the %g s budget); %s", signals.name,
                         record["steps"], record["train_seconds"], config.budget_seconds,
-                        f"resume with: python -m haet.train --resume={folder.path}" if saved
+                        (resume_hint or f"resume with: python -m haet.train --resume={folder.path}") if saved
                         else "no checkpoint (nothing was trained yet)")
         return folder.record
     if stopped_by == "diverged":

@@ -1,6 +1,7 @@
 import csv
 import dataclasses
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -57,7 +58,7 @@ def _no_data(config):
 def _fake_train(calls, fail_at=None, curve=None, slow=0.0):
     """A stand-in for `haet.training.train`: scores peak at learning rate 0.1; with
     `curve`, it reports validation accuracies at epoch ends to the hooks first."""
-    def train(config, results_dir, hooks=()):
+    def train(config, results_dir, hooks=(), resume_hint=None):
         calls.append(config)
         time.sleep(slow)  # lets two workers' trials overlap
         if len(calls) == fail_at:
@@ -177,7 +178,7 @@ def test_a_search_that_cannot_run_writes_nothing_and_a_trial_that_cannot_start_f
     assert not (tmp_path / "s").exists() and os.listdir(unrelated) == ["notes.txt"]
     assert calls == [] and sorted(os.listdir(run_folder)) == ["record.json"] and a_file.read_text() == ""
 
-    def cannot_start(config, results_dir, hooks=()):  # e.g. a searched precision the machine lacks
+    def cannot_start(config, results_dir, hooks=(), resume_hint=None):  # e.g. a searched precision the machine lacks
         from haet.training import SetupError
         calls.append(config)
         raise SetupError("precision 'mixed_float16' needs a GPU")
@@ -320,10 +321,10 @@ def test_a_failed_or_interrupted_trial_is_logged_without_a_traceback_and_a_bug_w
     base = TrainConfig(validation_size=500, budget_seconds=5, lr_schedule="constant")
     space = search.parse_space(["learning_rate=loguniform:0.01:1"])
 
-    def diverges(config, results_dir, hooks=()):
+    def diverges(config, results_dir, hooks=(), resume_hint=None):
         return {"status": "diverged", "diverged_at_step": 3}, tempfile.mkdtemp(dir=tmp_path)
 
-    def bug(config, results_dir, hooks=()):
+    def bug(config, results_dir, hooks=(), resume_hint=None):
         raise ZeroDivisionError("a bug")
 
     try:
@@ -399,7 +400,7 @@ def _fake_train_meanwhile(calls, meanwhile):
     one trains) at the start of its first call."""
     completes = _fake_train(calls)
 
-    def train(config, results_dir, hooks=()):
+    def train(config, results_dir, hooks=(), resume_hint=None):
         if not calls:
             meanwhile()
         return completes(config, results_dir, hooks)
@@ -561,7 +562,7 @@ def test_the_run_folder_of_a_trial_whose_worker_died(tmp_path):
 
 @pytest.mark.e2e
 def test_an_interrupted_trial_resumes_its_run_when_the_search_runs_again(tmp_path, cifar10_slice_dir,
-                                                                         sigterm_after):
+                                                                         sigterm_after, caplog):
     """An interrupted trial's run has a checkpoint: the same command again goes on from it
     (it trained a new trial from the start), and scores what an uninterrupted trial
     scores; the pruner sees the values reported before the interruption."""
@@ -573,9 +574,13 @@ def test_an_interrupted_trial_resumes_its_run_when_the_search_runs_again(tmp_pat
     kwargs = dict(pruner="successive_halving", trials=1)
     whole = search.run_search(base, space, str(tmp_path / "whole"), **kwargs)
     sent = sigterm_after(8)  # in the second epoch (6 steps an epoch)
-    with pytest.raises(search.SearchInterrupted) as interrupted:
+    with pytest.raises(search.SearchInterrupted) as interrupted, caplog.at_level(logging.WARNING):
         search.run_search(base, space, str(tmp_path / "parts"), **kwargs)
     assert interrupted.value.interruption.signal_name == "SIGTERM" and sent == [8]
+    # The run's own line says how to go on in a search (it said `python -m haet.train --resume`,
+    # which trains the run outside it).
+    (line,) = [r.getMessage() for r in caplog.records if r.getMessage().startswith("interrupted by SIGTERM")]
+    assert line.endswith(search.RESUME_HINT) and "haet.train" not in line
     study = search.run_search(base, space, str(tmp_path / "parts"), **kwargs)
     assert _states(study) == ["FAIL", "COMPLETE"]
     stopped, resumed = study.trials
