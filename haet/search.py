@@ -354,12 +354,25 @@ def _spec(base, space, sampler, pruner, seed, grid_points, storage=None, min_res
     return _normalized(json.loads(json.dumps(spec)))
 
 
+# Every training setting's default, as search.json writes it (tuples as lists).
+_DEFAULT_FLAGS = json.loads(json.dumps({name: field.default for name, field in config_lib.FIELDS.items()}))
+
+
 def _normalized(spec):
     """`spec` written one way: its data folder without a trailing "/" (which made
     the same command another search), `grid_points` None unless the sampler is the
     grid and `min_resource_seconds` None without a pruner (they change nothing
-    there; a search.json from before kept `grid_points` for every sampler)."""
+    there; a search.json from before kept `grid_points` for every sampler).
+
+    Its base flags as this version of haet reads a record's (`config_from_record`):
+    a setting that a search.json written before it was added lacks holds its
+    default (the behaviour of the code that wrote it), and a name this version does
+    not know is dropped. Each new setting made every search already begun "another
+    search", refused the same command again."""
     flags_ = spec.get("base_flags")
+    if isinstance(flags_, dict):
+        spec = {**spec, "base_flags": {**_DEFAULT_FLAGS, **{k: v for k, v in flags_.items() if k in _DEFAULT_FLAGS}}}
+        flags_ = spec["base_flags"]
     if isinstance(flags_, dict) and isinstance(flags_.get("data_dir"), str) and flags_["data_dir"]:
         spec = {**spec, "base_flags": {**flags_, "data_dir": os.path.normpath(flags_["data_dir"])}}
     if spec.get("sampler") != "grid":
