@@ -422,10 +422,12 @@ def main(argv):
     check_json_flag()
     f = flags.FLAGS
     try:
-        config = config_lib.config_from_flags(f)
+        batch_sizes = positive_integers(f.batch_sizes, "--batch_sizes") or [f.batch_size]
+        ks = positive_integers(f.steps_per_executions, "--steps_per_executions") or [f.steps_per_execution]
+        # Checked with the first of the measured settings: --batch_size (a flagfile's 512, say)
+        # is not measured when --batch_sizes is given, and was refused with fewer images.
+        config = config_lib.config_from_flags(f, batch_size=batch_sizes[0], steps_per_execution=ks[0])
         config_lib.warn_ignored_settings(config)
-        batch_sizes = positive_integers(f.batch_sizes, "--batch_sizes") or [config.batch_size]
-        ks = positive_integers(f.steps_per_executions, "--steps_per_executions") or [config.steps_per_execution]
         for b in batch_sizes:  # each setting is checked before any work
             for k in ks:
                 dataclasses.replace(config, batch_size=b, steps_per_execution=k)

@@ -253,7 +253,8 @@ def _check_run(config, info):
     """Settings that combine components."""
     train_images = config.train_size - config.validation_size
     if config.batch_size > config.train_size:
-        raise ValueError(f"batch_size={config.batch_size} is larger than train_size={config.train_size}.")
+        raise ValueError(f"batch_size={config.batch_size} is larger than train_size={config.train_size}: pass a "
+                         f"--batch_size of at most {config.train_size}, or a larger --train_size.")
     if config.validation_size and config.batch_size > train_images:
         raise ValueError(
             f"validation_size={config.validation_size} leaves fewer than batch_size={config.batch_size} of the "

@@ -90,3 +90,21 @@ def test_the_epoch_boundary_benchmark_times_each_boundary_and_leaves_the_engine_
     losses = [float(engine.run(1)[0]) for _ in range(2)]
     engine.start_epoch(16)
     assert float(engine.run(1)[0]) == pytest.approx(losses[0], rel=1e-5) and losses[1] != losses[0]
+
+
+@pytest.mark.e2e
+def test_the_command_line_checks_the_batch_sizes_it_measures(tmp_path):
+    """`--batch_sizes` replaces `--batch_size`: a flagfile's batch 512 was checked against
+    200 images and refused, though only batch 8 was to be measured. The measured ones are
+    checked, each before any work."""
+    from conftest import run_tool_cases
+
+    common = ["--model=tiny_cnn", "--width_multiplier=0.5", "--train_size=200", "--batch_size=512"]
+    bads = ((["--batch_sizes=8", f"--init_from={tmp_path / 'missing.keras'}"], "missing.keras' is not a file"),
+            (["--batch_sizes=8,300"], "batch_size=300 is larger than train_size=200: pass a --batch_size of at "
+                                      "most 200"),
+            (["--batch_sizes=8,0"], "--batch_sizes takes positive integers"))
+    for (args, message), refused in zip(bads, run_tool_cases("haet.bench", [[*common, *a] for a, _ in bads])):
+        assert refused.returncode == 2 and "Traceback" not in refused.stderr, refused.stderr[-3000:]
+        assert "haet.bench: error: " in refused.stderr and message in refused.stderr, refused.stderr[-3000:]
+        assert "batch_size=512" not in refused.stderr
