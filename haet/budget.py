@@ -140,6 +140,7 @@ class WallClockBudget(Hook):
         self._targets = []
         self._now = None
         self._compiled = False
+        self._resumed = False
         self._step_times = []  # seconds per step of each execution that did not compile, sorted
         # A progress line every this many seconds of training (None: off); epoch
         # lines come on top. Budgets of minutes get one every 5% of the budget.
@@ -225,6 +226,7 @@ class WallClockBudget(Hook):
         self.paused_seconds = state["paused_seconds"]
         self._current = dict(state["current"])
         self.rng.bit_generator.state = state["rng"]
+        self._resumed = True
 
     def step_seconds(self):
         """The typical seconds per step: the median over executions that did not
@@ -250,6 +252,10 @@ class WallClockBudget(Hook):
     # Hook methods, called by `haet.loop.Training`.
     def on_train_begin(self, run):
         self.begin()
+        if self._resumed and self.elapsed() >= self.budget_seconds:
+            # Interrupted once the budget was spent (by the execution that spent it): nothing
+            # is left to train. A resume ran one more execution, compiled, past the budget.
+            run.stop("budget")
         if self.learning_rate_schedule is not None:
             self._targets.append(("learning_rate", self.learning_rate_schedule,
                                   optimizers.learning_rate_variable(run.engine.model.optimizer)))

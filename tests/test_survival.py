@@ -236,6 +236,38 @@ def test_a_resumed_run_spends_only_the_remaining_budget(tmp_path, cifar10_slice_
     assert [(h["backend"], h["device"]["name"]) for h in resumed["resume_history"]] == [(here, cpu)]
 
 
+def test_a_run_interrupted_as_its_budget_ran_out_resumes_to_its_evaluation_alone(tmp_path, cifar10_slice_dir,
+                                                                                   sigterm_after, monkeypatch):
+    """The signal came with the execution that spent the budget: the resume compiled
+    and trained one more execution past the budget (seen in a search: 4.4 s over an
+    8 s budget). It now evaluates what was trained, as the run uninterrupted does."""
+    from haet import engine as engine_lib
+
+    clock = FakeClock()
+    original = engine_lib.Engine.run
+
+    def timed(self, steps):  # each step costs 1 s on the fake clock
+        clock.t += steps
+        return original(self, steps)
+
+    monkeypatch.setattr(engine_lib.Engine, "run", timed)
+    config = _tiny(cifar10_slice_dir, epochs=0, budget_seconds=6.0, lr_schedule_unit="budget")
+    whole, whole_dir = train(config, results_dir=str(tmp_path / "whole"), clock=clock)
+    assert whole["status"] == "completed" and whole["steps"] == 6 and whole["stopped_by"] == "budget"
+    sent = sigterm_after(6)
+    record, run_dir = train(config, results_dir=str(tmp_path / "parts"), clock=clock)
+    assert record["status"] == "interrupted" and sent == [6] and record["train_seconds"] == pytest.approx(6.0)
+    resumed, _ = train(config, resume=run_dir, clock=clock)
+    assert resumed["status"] == "completed" and resumed["stopped_by"] == "budget" and resumed["resumes"] == 1
+    assert resumed["steps"] == 6 and resumed["train_seconds"] == pytest.approx(6.0) and not resumed["over_budget"]
+    assert resumed["epochs"] == whole["epochs"]
+    assert resumed["test_accuracy"] == pytest.approx(whole["test_accuracy"], abs=1e-6)
+    assert resumed["test_loss"] == pytest.approx(whole["test_loss"], abs=1e-6)
+    # The same epochs in the history, the last one cut short at the same step.
+    assert [(row["epoch"], row["steps"]) for row in _history(run_dir)] == \
+        [(row["epoch"], row["steps"]) for row in _history(whole_dir)]
+
+
 def test_a_run_that_slows_down_replans_without_a_step_in_its_learning_rate(tmp_path, cifar10_slice_dir,
                                                                            monkeypatch):
     from haet import engine as engine_lib
