@@ -386,10 +386,13 @@ class StepPlanner(StepLimit):
     the training state, runs one step (tracing and compilation) and `probe_steps`
     more on the real data, timed, then puts the state back: no step that is kept ran
     on a schedule of unknown length. From the mean step time it plans
-    `floor(remaining seconds / step time / steps per epoch)` whole epochs (at least
-    1), writes the planned steps into `planned_steps` (the variable the compiled
-    schedule reads) and stops training when they are done. The budget counts the
-    probe and still stops training if it runs out first.
+    `floor(remaining seconds / step time / steps per epoch)` whole epochs, writes the
+    planned steps into `planned_steps` (the variable the compiled schedule reads) and
+    stops training when they are done. When not one epoch fits, it plans the steps
+    that do (at least one; `planned_epochs` 1) and warns: the schedule runs its
+    course within the first epoch (a whole epoch, cut by the budget, ended with the
+    learning rate near its peak). The budget counts the probe and still stops
+    training if it runs out first.
 
     Time spent between epochs (validation, epoch-end hooks) is measured at each epoch
     end (`epoch_overheads`; when an execution ran past epoch ends, the host time
@@ -516,10 +519,21 @@ class StepPlanner(StepLimit):
             logging.warning("the planner's probe timed %d steps in %.1f s, more than a quarter of the %g s budget, "
                             "and undid them: fewer probe steps leave more of the budget to training (haet.fit's "
                             "probe_steps, --planner_probe_steps)", timed_steps, timed_seconds, budget.budget_seconds)
-        # Past the budget already (a compilation longer than it): one epoch, which
-        # the budget cuts.
+        # Past the budget already (a compilation longer than it): one step.
         self.step_seconds = timed_seconds / timed_steps if timed_steps else budget.executions[0].seconds
-        epochs, overhead, remaining = self._plan(0)
+        epochs, overhead, remaining, fitting = self._plan(0)
+        if fitting < self.steps_per_epoch:
+            # Not one epoch fits: the schedule runs its course over the steps that do (at
+            # least one), rather than over an epoch that the budget cuts before its
+            # schedule decays (the first epoch's end is then the run's: no re-plan).
+            steps = max(1, int(fitting))
+            self._write(run, 1, steps)
+            logging.warning("one epoch (%d steps) does not fit the %.1f s left at %.4f s a step: planned %d steps "
+                            "(%.0f%% of an epoch, each image seen at most once), over which the schedule runs its "
+                            "course; a longer budget, or fewer training images, trains on every image",
+                            self.steps_per_epoch, remaining, self.step_seconds, steps,
+                            100 * steps / self.steps_per_epoch)
+            return
         self._write(run, epochs)
         logging.info("planned %d epochs (%d steps) from a mean step of %.4f s over %d probe steps and %.1f s "
                      "left", self.planned_epochs, self.planned_steps_value, self.step_seconds, timed_steps, remaining)
@@ -536,9 +550,10 @@ class StepPlanner(StepLimit):
         return done + (remaining + overhead) / per_step, per_step, overhead, remaining
 
     def _plan(self, done):
-        """Whole epochs that fit at the probe's step time (at least 1)."""
+        """Whole epochs that fit at the probe's step time (at least 1); returns (epochs,
+        overhead seconds an epoch, remaining seconds, steps that fit: a float)."""
         total, _, overhead, remaining = self._fitting_steps(done, self.step_seconds)
-        return max(1, int(total // self.steps_per_epoch)), overhead, remaining
+        return max(1, int(total // self.steps_per_epoch)), overhead, remaining, total
 
     _PACE_EXECUTIONS = (5, 256)  # fewest and most executions the recent pace is taken from
     _PACE_TOLERANCE = 0.05  # of the seconds left: how far past the budget a plan may end before it shrinks
@@ -597,8 +612,9 @@ class StepPlanner(StepLimit):
         if epochs < self.planned_epochs:
             self._replan(run, epoch, epochs, "pace", recent, overhead, remaining)
 
-    def _write(self, run, epochs):
-        steps = epochs * self.steps_per_epoch
+    def _write(self, run, epochs, steps=None):
+        """Plans `epochs` epochs: their steps, or `steps` (fewer than an epoch's)."""
+        steps = epochs * self.steps_per_epoch if steps is None else steps
         if self.plan_offset is not None:
             # The first plan starts at 0; a re-plan keeps the fraction done where it is.
             if self.planned_steps_value is None:
@@ -640,7 +656,7 @@ class StepPlanner(StepLimit):
             self._follow_pace(run, epoch)
             return
         self._planned_with_overhead = True
-        epochs, overhead, remaining = self._plan(self.budget.steps)
+        epochs, overhead, remaining, _ = self._plan(self.budget.steps)
         epochs = max(epochs, epoch + 1)
         if epochs != self.planned_epochs and overhead > self.step_seconds:
             self._replan(run, epoch, epochs, "overhead", self.step_seconds, overhead, remaining)

@@ -565,6 +565,8 @@ def training_fields(config, data, run, timer):
     return {
         "epochs": len(budget.history) + pending,
         "planned_epochs": planner.planned_epochs if planner else (config.epochs or None),
+        # (fewer than an epoch's steps when not one epoch fitted the budget)
+        "planned_steps": planner.planned_steps_value if planner else None,
         "replanned_from_epochs": planner.replanned_from if planner else None,
         "replans": planner.replans if planner else [],
         "epochs_completed": sum(row["complete"] for row in budget.history) + pending,

@@ -321,8 +321,8 @@ def test_planner_when_the_probe_exhausts_the_budget(caplog):
 
     with caplog.at_level(logging.WARNING):
         engine, budget, planner, run = _planned(3.0)
-    # The budget ran out during the probe: one epoch is planned and the budget cuts it.
-    assert planner.planned_epochs == 1 and budget.steps == 1 and run.stopped_by == "budget"
+    # The budget ran out during the probe: one step is planned (not an epoch the budget cuts), and run.
+    assert planner.planned_steps_value == 1 and budget.steps == 1 and run.stopped_by == "planned"
     # The probe's undone steps took most of the budget: a warning says so (none for the 40.5 s budget's 3 s).
     (warning,) = [r.getMessage() for r in caplog.records if "planner's probe" in r.getMessage()]
     assert "timed 3 steps in 3.0 s, more than a quarter of the 3 s budget" in warning
@@ -330,6 +330,29 @@ def test_planner_when_the_probe_exhausts_the_budget(caplog):
     with caplog.at_level(logging.WARNING):
         _planned(40.5)
     assert not [r for r in caplog.records if "planner's probe" in r.getMessage()]
+
+
+def test_planner_plans_part_of_an_epoch_when_not_one_fits(caplog):
+    """It planned at least one whole epoch, which the budget then cut before the
+    schedule had decayed (a 5 s haet.fit run ended at 0.133, near its one-cycle peak),
+    with no word of it. Now the schedule runs over the steps that fit, and a warning
+    says so."""
+    import logging
+
+    with caplog.at_level(logging.WARNING):
+        engine, budget, planner, run = _planned(6.5)
+    # Probe 4 s, 2.5 s left at 1 s a step: 2 of the epoch's 4 steps.
+    assert planner.planned_steps_value == 2 and planner.planned_epochs == 1 and planner.replans == []
+    kept = [s for s in engine.steps if s["restored"] == 1]
+    assert len(kept) == budget.steps == 2 and run.stopped_by == "planned" and budget.train_seconds() == 6.0
+    assert all(s["planned_steps"] == 2.0 for s in kept)
+    (warning,) = [r.getMessage() for r in caplog.records if "does not fit" in r.getMessage()]
+    assert warning.startswith("one epoch (4 steps) does not fit the 2.5 s left at 1.0000 s a step: planned 2 steps "
+                              "(50% of an epoch")
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        _planned(8.5)  # 4.5 s left: one epoch fits
+    assert not [r for r in caplog.records if "does not fit" in r.getMessage()]
 
 
 def test_planner_with_a_real_schedule_and_engine_hits_the_peak_mid_run():

@@ -295,6 +295,32 @@ def test_a_run_that_slows_down_replans_without_a_step_in_its_learning_rate(tmp_p
     assert all(d > 0 for d in drops) and max(drops) == pytest.approx(drops[-1], rel=1e-4)
 
 
+def test_a_run_where_not_one_epoch_fits_runs_its_schedule_over_the_steps_that_do(tmp_path, cifar10_slice_dir,
+                                                                                   monkeypatch):
+    """5 steps an epoch, 3.5 s left after the probe at 1 s a step: it planned the whole
+    epoch, the budget cut it at step 3 with the one-cycle learning rate still near its
+    peak. Now 3 steps are planned, and the learning rate has decayed at their end."""
+    from haet import engine as engine_lib
+
+    clock = FakeClock()
+    original = engine_lib.Engine.run
+
+    def timed(self, steps):  # each step costs 1 s on the fake clock
+        clock.t += steps
+        return original(self, steps)
+
+    monkeypatch.setattr(engine_lib.Engine, "run", timed)
+    config = _tiny(cifar10_slice_dir, epochs=0, budget_seconds=7.5, lr_schedule="one_cycle", steps_per_execution=1,
+                   planner_probe_steps=3, checkpoint_every=0.0)
+    record, run_dir = train(config, results_dir=str(tmp_path), clock=clock)
+    assert record["status"] == "completed" and record["stopped_by"] == "planned" and not record["over_budget"]
+    assert record["planned_steps"] == record["steps"] == 3 and record["planned_epochs"] == 1
+    (row,) = _history(run_dir)
+    assert int(row["steps"]) == 3 and row["complete"] in ("0", "False")
+    # (0.1 when the budget cut the whole epoch; the one-cycle ends at 0)
+    assert float(row["learning_rate"]) < 0.01 * max(config.one_cycle_learning_rates)
+
+
 def test_divergence_stops_the_run_with_an_honest_record(tmp_path, cifar10_slice_dir):
     config = _tiny(cifar10_slice_dir, learning_rate=1e8, epochs=10, steps_per_execution=2)
     record, run_dir = train(config, results_dir=str(tmp_path))
