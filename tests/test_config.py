@@ -133,7 +133,8 @@ def test_default_flags_are_the_umbc_flagfile():
         assert config_lib.parse_value(field, text) == getattr(defaults, field.name), name
 
 
-@pytest.mark.parametrize("flagfiles", [
+# Each shipped flagfile, alone or after the one it is an overlay of.
+_RECIPE_FLAGFILES = [
     ["umbc_resnet20x6.flags"],
     ["page_resnet9.flags"],
     ["page_resnet9.flags", "page_resnet9_full_cifar10.flags"],
@@ -142,7 +143,16 @@ def test_default_flags_are_the_umbc_flagfile():
     ["page_bag_of_tricks.flags", "page_bag_of_tricks_haet.flags"],
     ["airbench94.flags"],
     ["airbench94.flags", "airbench94_haet.flags"],
-])
+]
+
+
+def test_every_flagfile_in_flags_is_checked():
+    """A flagfile added to flags/ is checked only once it is listed above."""
+    listed = {name for files in _RECIPE_FLAGFILES for name in files}
+    assert listed == {name for name in os.listdir(os.path.join(REPO, "flags")) if name.endswith(".flags")}
+
+
+@pytest.mark.parametrize("flagfiles", _RECIPE_FLAGFILES)
 def test_every_recipe_flagfile_parses_and_checks(flagfiles):
     values = absl_flags.FlagValues()
     config_lib.define_flags(values)
