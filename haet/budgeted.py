@@ -399,7 +399,11 @@ def fit(model, x, y, *, budget_seconds=None, epochs=None, batch_size=32, learnin
         if planned is not None:
             raise ValueError("learning_rate is a wall-clock schedule, but the optimizer follows a planned schedule: "
                              "use one of them.")
-        optimizers.learning_rate_variable(model.optimizer)  # raises for an optimizer with a schedule
+        try:
+            optimizers.learning_rate_variable(model.optimizer)
+        except ValueError as e:  # an optimizer with a schedule of its own
+            raise ValueError(f"learning_rate is a wall-clock schedule, but {e} Pass learning_rate=None to follow "
+                             "the optimizer's, or compile the optimizer with a number as its learning rate.") from None
         if getattr(learning_rate, "unit", None) == "budget" and hasattr(learning_rate, "next_change"):
             wall_clock = learning_rate
         elif callable(learning_rate):

@@ -227,7 +227,9 @@ def test_one_line_an_epoch_when_verbose(data, capsys):
     (dict(batch_size=65), "batch_size=65 must be an integer between 1 and the 64"),
     (dict(learning_rate=0.1), "learning_rate must be a function"),
     (dict(learning_rate=lambda f: -1.0), r"learning rate at 0 of the budget is -1.0"),
-    (dict(optimizer="cosine", learning_rate=lambda f: 0.1), "it follows a schedule"),
+    (dict(optimizer="cosine", learning_rate=lambda f: 0.1), "^learning_rate is a wall-clock schedule, but SGD has no "
+                                                            "learning-rate variable: it follows a schedule. Pass "
+                                                            "learning_rate=None"),
     (dict(optimizer="planned", learning_rate=lambda f: 0.1), "use one of them"),
     (dict(optimizer="planned_used"), "already run 3 steps"),
     (dict(validation_data="mismatch"), "x_val's examples have shape"),
