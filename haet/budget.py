@@ -500,6 +500,7 @@ class StepPlanner(StepLimit):
     def on_train_begin(self, run):
         engine, budget = run.engine, self.budget
         budget.begin()
+        super().on_train_begin(run)  # resumed with every planned step done: complete
         if self.planned_epochs is not None or run.stopped_by is not None:  # resumed, or stopped before training
             return
         snapshot = engine.snapshot()
@@ -528,10 +529,11 @@ class StepPlanner(StepLimit):
             # schedule decays (the first epoch's end is then the run's: no re-plan).
             steps = max(1, int(fitting))
             self._write(run, 1, steps)
-            logging.warning("one epoch (%d steps) does not fit the %.1f s left at %.4f s a step: planned %d steps "
-                            "(%.0f%% of an epoch, each image seen at most once), over which the schedule runs its "
-                            "course; a longer budget, or fewer training images, trains on every image",
-                            self.steps_per_epoch, remaining, self.step_seconds, steps,
+            left = (f"the {remaining:.1f} s left at {self.step_seconds:.4f} s a step" if remaining > 0 else
+                    f"the budget, which the probe used up ({-remaining:.1f} s over)")
+            logging.warning("one epoch (%d steps) does not fit %s: planned %d steps (%.0f%% of an epoch, each image "
+                            "seen at most once), over which the schedule runs its course; a longer budget, or fewer "
+                            "training images, trains on every image", self.steps_per_epoch, left, steps,
                             100 * steps / self.steps_per_epoch)
             return
         self._write(run, epochs)

@@ -88,6 +88,12 @@ class StepLimit(Hook):
     def __init__(self, max_steps=None):
         self.max_steps = max_steps
 
+    def on_train_begin(self, run):
+        # Resumed with every step done (interrupted in the execution that did the last):
+        # the run is complete. It asked the engine for an execution of 0 steps.
+        if self.max_steps is not None and run.budget.steps >= self.max_steps:
+            run.stop(self.reason, completed=True)
+
     def limit(self, run):
         return None if self.max_steps is None else self.max_steps - run.budget.steps
 
@@ -248,6 +254,10 @@ class Training:
         self.budget.begin()
         for hook in hooks:
             hook.on_train_begin(self)
+        if self.stopped_by == "budget" and self.epochs and self._steps_left_in_epochs() <= 0:
+            # Resumed with its budget spent (`WallClockBudget.on_train_begin`) and its last
+            # epoch done: complete, as the run uninterrupted says (`stop`).
+            self.stop("epochs", completed=True)
         if resume is None and self.stopped_by is None:
             self._begin_epoch(0)
         while self.stopped_by is None:

@@ -268,6 +268,41 @@ def test_a_run_interrupted_as_its_budget_ran_out_resumes_to_its_evaluation_alone
         [(row["epoch"], row["steps"]) for row in _history(whole_dir)]
 
 
+@pytest.mark.parametrize("changes, last_step, stopped_by", [
+    # A plan of 3 steps (less than an epoch): the resume asked for an execution of 0 steps.
+    (dict(epochs=0, budget_seconds=7.5, lr_schedule="one_cycle", planner_probe_steps=3), 3, "planned"),
+    # A planned whole epoch, interrupted in its last step.
+    (dict(epochs=0, budget_seconds=9.5, lr_schedule="one_cycle", planner_probe_steps=3), 5, "planned"),
+    # The last epoch's last step spent the budget: the resume said "budget".
+    (dict(epochs=1, budget_seconds=4.5), 5, "epochs"),
+])
+def test_a_run_interrupted_in_its_last_step_resumes_complete(tmp_path, cifar10_slice_dir, sigterm_after,
+                                                             monkeypatch, changes, last_step, stopped_by):
+    """Interrupted by the execution that did the run's last step, the resume failed
+    ("A hook limited the next execution to 0 steps") or said why it stopped otherwise
+    than the run uninterrupted."""
+    from haet import engine as engine_lib
+
+    clock = FakeClock()
+    original = engine_lib.Engine.run
+
+    def timed(self, steps):  # each step costs 1 s on the fake clock
+        clock.t += steps
+        return original(self, steps)
+
+    monkeypatch.setattr(engine_lib.Engine, "run", timed)
+    config = _tiny(cifar10_slice_dir, steps_per_execution=1, checkpoint_every=0.0, **changes)
+    whole, _ = train(config, results_dir=str(tmp_path / "whole"), clock=clock)
+    assert whole["stopped_by"] == stopped_by and whole["steps"] == last_step
+    sent = sigterm_after(last_step)
+    record, run_dir = train(config, results_dir=str(tmp_path / "parts"), clock=clock)
+    assert record["status"] == "interrupted" and sent == [last_step] and record["steps"] == last_step
+    resumed, _ = train(config, resume=run_dir, clock=clock)
+    assert resumed["status"] == "completed" and resumed["stopped_by"] == stopped_by
+    assert resumed["steps"] == last_step and resumed["over_budget"] == whole["over_budget"]
+    assert resumed["test_accuracy"] == pytest.approx(whole["test_accuracy"], abs=1e-6)
+
+
 def test_a_run_that_slows_down_replans_without_a_step_in_its_learning_rate(tmp_path, cifar10_slice_dir,
                                                                            monkeypatch):
     from haet import engine as engine_lib
