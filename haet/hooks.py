@@ -139,7 +139,9 @@ class SnapshotKeeper(Hook):
     cycle end already behind the steps done when an execution is about to start (a
     plan changed without the schedule's plan offset, see `haet.budget.StepPlanner`)
     is kept then, with the weights as they are. The last fraction is the run's
-    end: its snapshot is taken when training ends, whatever stopped it.
+    end: its snapshot is taken when training ends, whatever stopped it. Cycle ends
+    that fall on one step (a plan of fewer steps than cycles) keep one snapshot: the
+    same weights twice made a member count twice and cost a pass more.
 
     Attributes:
         snapshots: list of `(fraction, weights)`; `weights` is `(trainable,
@@ -157,11 +159,15 @@ class SnapshotKeeper(Hook):
 
     def state_dict(self):
         return {"snapshots": [[fraction, list(trainable), list(non_trainable)]
-                              for fraction, (trainable, non_trainable) in self.snapshots]}
+                              for fraction, (trainable, non_trainable) in self.snapshots],
+                "passed": self.passed, "taken_at_step": self.taken_at_step}
 
     def load_state_dict(self, state):
         self.snapshots = [(fraction, (list(trainable), list(non_trainable)))
                           for fraction, trainable, non_trainable in state["snapshots"]]
+        # (a checkpoint from before: one snapshot for each cycle end passed)
+        self.passed = state.get("passed", len(self.snapshots))
+        self.taken_at_step = state.get("taken_at_step")
 
     def __init__(self, fractions, progress):
         fractions = [float(f) for f in fractions]
@@ -171,12 +177,19 @@ class SnapshotKeeper(Hook):
         self.fractions = fractions
         self.progress = progress
         self.snapshots = []
+        self.passed = 0  # cycle ends passed (before the last)
+        self.taken_at_step = None  # the budget's steps at the last snapshot
 
     def _pending(self):
-        done = len(self.snapshots)
+        done = self.passed
         return self.fractions[done] if done < len(self.fractions) - 1 else None
 
     def _take(self, run, fraction):
+        if self.taken_at_step == run.budget.steps:
+            logging.info("cycle end at %.3f of the run: the same step as snapshot %d, kept once", fraction,
+                         len(self.snapshots))
+            return
+        self.taken_at_step = run.budget.steps
         run.engine.sync()
         model = run.engine.model
         weights = ([np.array(v) for v in model.trainable_variables], [np.array(v) for v in model.non_trainable_variables])
@@ -185,6 +198,7 @@ class SnapshotKeeper(Hook):
 
     def _take_due(self, run):
         while self._pending() is not None and self.progress.fraction() >= self._pending():
+            self.passed += 1
             self._take(run, self.progress.fraction())
 
     def before_execution(self, run):

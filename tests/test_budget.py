@@ -414,6 +414,34 @@ def test_snapshots_are_taken_exactly_at_cycle_ends_of_the_planned_steps():
         SnapshotKeeper([0.5, 0.9], Progress(budget))
 
 
+def test_cycle_ends_on_one_step_keep_one_snapshot():
+    """A plan of 3 steps for 5 cycles (a plan of less than an epoch): cycle ends 0.4
+    and 0.6 both fall on step 2, and 0.8 on step 3, the run's end. Each was kept, the
+    same weights twice over (5 members, 3 of them distinct)."""
+    clock = FakeClock()
+    engine = FakeEngine(clock, size=16, batch_size=4)
+    budget = WallClockBudget(1000.0, clock=clock)
+    keeper = SnapshotKeeper([0.2, 0.4, 0.6, 0.8, 1.0], Progress(budget, lambda: 3))
+
+    class Stop(Hook):
+        def limit(self, run):
+            return 3 - budget.steps
+
+        def after_execution(self, run, steps, losses):
+            if budget.steps >= 3:
+                run.stop("planned")
+
+    _fit(engine, budget, Stop(), keeper)
+    assert [fraction for fraction, _ in keeper.snapshots] == pytest.approx([1 / 3, 2 / 3, 1.0])
+    assert keeper.passed == 4 and keeper.taken_at_step == 3
+    resumed = SnapshotKeeper(keeper.fractions, keeper.progress)
+    resumed.load_state_dict(keeper.state_dict())
+    assert (resumed.passed, resumed.taken_at_step, len(resumed.snapshots)) == (4, 3, 3)
+    # A checkpoint from before: one snapshot a cycle end passed.
+    resumed.load_state_dict({"snapshots": keeper.state_dict()["snapshots"][:2]})
+    assert (resumed.passed, resumed.taken_at_step) == (2, None)
+
+
 def test_a_cycle_end_a_shrinking_plan_skipped_is_kept_before_the_next_step():
     clock = FakeClock()
     engine = FakeEngine(clock, size=16, batch_size=4)
