@@ -364,14 +364,13 @@ def _normalized(spec):
     grid and `min_resource_seconds` None without a pruner (they change nothing
     there; a search.json from before kept `grid_points` for every sampler).
 
-    Its base flags as this version of haet reads a record's (`config_from_record`):
-    a setting that a search.json written before it was added lacks holds its
-    default (the behaviour of the code that wrote it), and a name this version does
-    not know is dropped. Each new setting made every search already begun "another
-    search", refused the same command again."""
+    A setting that the base flags of a search.json written before it was added lack
+    holds its default (the behaviour of the code that wrote it): each new setting
+    made every search already begun "another search", refused the same command
+    again. (A name this version does not know stays: `_claim_folder` refuses it.)"""
     flags_ = spec.get("base_flags")
     if isinstance(flags_, dict):
-        spec = {**spec, "base_flags": {**_DEFAULT_FLAGS, **{k: v for k, v in flags_.items() if k in _DEFAULT_FLAGS}}}
+        spec = {**spec, "base_flags": {**_DEFAULT_FLAGS, **flags_}}
         flags_ = spec["base_flags"]
     if isinstance(flags_, dict) and isinstance(flags_.get("data_dir"), str) and flags_["data_dir"]:
         spec = {**spec, "base_flags": {**flags_, "data_dir": os.path.normpath(flags_["data_dir"])}}
@@ -472,6 +471,12 @@ def _claim_folder(search_dir, spec):
         except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError) as e:
             raise ValueError(f"{path} is not a search's description ({type(e).__name__}: {e}): pass a new "
                              "--search_dir.") from None
+        unknown = sorted(set(saved.get("base_flags") or ()) - set(_DEFAULT_FLAGS)) \
+            if isinstance(saved.get("base_flags"), dict) else []
+        if unknown:  # (a newer haet's, or one since removed: the trials would train otherwise)
+            raise ValueError(f"{search_dir} holds a search with training settings this version of haet does not "
+                             f"know ({', '.join(unknown)}; it was begun at commit {written.get('git_commit')}): run "
+                             "it with the haet that began it, or use a new --search_dir.")
         if saved != spec:
             changed = sorted(k for k in set(saved) | set(spec) if saved.get(k) != spec.get(k))
             if "base_flags" in changed and isinstance(saved.get("base_flags"), dict):

@@ -694,18 +694,24 @@ def test_a_search_runs_again_on_its_own_study_in_a_shared_storage_after_its_spec
 def test_a_search_begun_before_a_setting_was_added_runs_again(tmp_path):
     """search.json keeps every training setting: a version of haet with one more made
     every search already begun "another search (different base flags: ...)", refused.
-    A setting it lacks holds its default; one this version does not know is dropped."""
+    A setting it lacks holds its default; one this version does not know is refused."""
     base = TrainConfig(validation_size=500, budget_seconds=5, lr_schedule="constant")
     space = search.parse_space(["learning_rate=loguniform:0.01:1"])
     folder = tmp_path / "s"
     search.run_search(base, space, str(folder), 1, load_data=_no_data, train=_fake_train([]))
     written = json.loads((folder / "search.json").read_text())
     flags_ = {k: v for k, v in written["base_flags"].items() if k not in ("ema_warmup", "label_smoothing")}
-    flags_["a_setting_since_removed"] = 3
     (folder / "search.json").write_text(json.dumps({**written, "base_flags": flags_}))
     calls = []
     study = search.run_search(base, space, str(folder), 2, load_data=_no_data, train=_fake_train(calls))
     assert len(study.trials) == 2 and len(calls) == 1
+    # A setting of a newer haet (or one since removed) would train the trials otherwise.
+    newer = tmp_path / "newer"
+    newer.mkdir()
+    (newer / "search.json").write_text(json.dumps({**written, "base_flags": {**flags_, "a_newer_setting": 0.4}}))
+    with pytest.raises(ValueError, match=r"holds a search with training settings this version of haet does not "
+                                         r"know \(a_newer_setting; it was begun at commit "):
+        search.run_search(base, space, str(newer), 1, load_data=_no_data, train=_fake_train(calls))
     # A value other than the default of a setting the search.json lacks is another search.
     with pytest.raises(ValueError, match=r"different base flags: label_smoothing\)"):
         search.run_search(dataclasses.replace(base, label_smoothing=0.1), space, str(folder), 3,
