@@ -426,6 +426,10 @@ def main(argv):
         ks = positive_integers(f.steps_per_executions, "--steps_per_executions") or [f.steps_per_execution]
         # Checked with the first of the measured settings: --batch_size (a flagfile's 512, say)
         # is not measured when --batch_sizes is given, and was refused with fewer images.
+        if f.batch_sizes and 0 < f.train_size < max(batch_sizes):  # (a bad --train_size: refused below)
+            raise ValueError(f"--batch_sizes={','.join(map(str, batch_sizes))} has batch sizes larger than "
+                             f"--train_size={f.train_size}: measure batch sizes of at most {f.train_size}, or pass a "
+                             "larger --train_size.")
         config = config_lib.config_from_flags(f, batch_size=batch_sizes[0], steps_per_execution=ks[0])
         config_lib.warn_ignored_settings(config)
         for b in batch_sizes:  # each setting is checked before any work

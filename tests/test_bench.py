@@ -101,8 +101,8 @@ def test_the_command_line_checks_the_batch_sizes_it_measures(tmp_path):
 
     common = ["--model=tiny_cnn", "--width_multiplier=0.5", "--train_size=200", "--batch_size=512"]
     bads = ((["--batch_sizes=8", f"--init_from={tmp_path / 'missing.keras'}"], "missing.keras' is not a file"),
-            (["--batch_sizes=8,300"], "batch_size=300 is larger than train_size=200: pass a --batch_size of at "
-                                      "most 200"),
+            (["--batch_sizes=8,300"], "--batch_sizes=8,300 has batch sizes larger than --train_size=200: measure "
+                                      "batch sizes of at most 200"),
             (["--batch_sizes=8,0"], "--batch_sizes takes positive integers"))
     for (args, message), refused in zip(bads, run_tool_cases("haet.bench", [[*common, *a] for a, _ in bads])):
         assert refused.returncode == 2 and "Traceback" not in refused.stderr, refused.stderr[-3000:]
