@@ -399,15 +399,7 @@ def test_snapshots_are_taken_exactly_at_cycle_ends_of_the_planned_steps():
     keeper = SnapshotKeeper([0.3, 0.6, 1.0], Progress(budget, lambda: 10))
     keeper._take = lambda run, fraction: keeper.snapshots.append((fraction, budget.steps))
 
-    class Stop(Hook):
-        def limit(self, run):
-            return 10 - budget.steps
-
-        def after_execution(self, run, steps, losses):
-            if budget.steps >= 10:
-                run.stop("planned")
-
-    _fit(engine, budget, Stop(), keeper)
+    _fit(engine, budget, StepLimit(10), keeper)
     # 10 planned steps: snapshots after steps 3 and 6 (executions cut there) and at the end.
     assert keeper.snapshots == [(0.3, 3), (0.6, 6), (1.0, 10)]
     with pytest.raises(ValueError, match="end at 1"):
@@ -423,15 +415,7 @@ def test_cycle_ends_on_one_step_keep_one_snapshot():
     budget = WallClockBudget(1000.0, clock=clock)
     keeper = SnapshotKeeper([0.2, 0.4, 0.6, 0.8, 1.0], Progress(budget, lambda: 3))
 
-    class Stop(Hook):
-        def limit(self, run):
-            return 3 - budget.steps
-
-        def after_execution(self, run, steps, losses):
-            if budget.steps >= 3:
-                run.stop("planned")
-
-    _fit(engine, budget, Stop(), keeper)
+    _fit(engine, budget, StepLimit(3), keeper)
     assert [fraction for fraction, _ in keeper.snapshots] == pytest.approx([1 / 3, 2 / 3, 1.0])
     assert keeper.passed == 4 and keeper.taken_at_step == 3
     resumed = SnapshotKeeper(keeper.fractions, keeper.progress)

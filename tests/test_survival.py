@@ -41,6 +41,21 @@ def _history(run_dir):
         return list(csv.DictReader(f))
 
 
+def _steps_of_one_second(monkeypatch):
+    """A fake clock on which each training step of `haet.engine.Engine` costs 1 s."""
+    from haet import engine as engine_lib
+
+    clock = FakeClock()
+    original = engine_lib.Engine.run
+
+    def timed(self, steps):
+        clock.t += steps
+        return original(self, steps)
+
+    monkeypatch.setattr(engine_lib.Engine, "run", timed)
+    return clock
+
+
 def test_sigterm_checkpoints_and_the_resumed_run_matches_an_uninterrupted_one(tmp_path, cifar10_slice_dir,
                                                                                sigterm_after):
     # Augmentation, EMA and a step-based schedule: their random and optimizer state must come back.
@@ -201,16 +216,7 @@ def test_an_interrupted_record_counts_the_epochs_the_device_ended_and_the_resume
 
 
 def test_a_resumed_run_spends_only_the_remaining_budget(tmp_path, cifar10_slice_dir, sigterm_after, monkeypatch):
-    from haet import engine as engine_lib
-
-    clock = FakeClock()
-    original = engine_lib.Engine.run
-
-    def timed(self, steps):  # each step costs 1 s on the fake clock
-        clock.t += steps
-        return original(self, steps)
-
-    monkeypatch.setattr(engine_lib.Engine, "run", timed)
+    clock = _steps_of_one_second(monkeypatch)
     config = _tiny(cifar10_slice_dir, epochs=0, budget_seconds=10.0, checkpoint_every=4.0,
                    lr_schedule_unit="budget")
     sigterm_after(6)
@@ -241,16 +247,7 @@ def test_a_run_interrupted_as_its_budget_ran_out_resumes_to_its_evaluation_alone
     """The signal came with the execution that spent the budget: the resume compiled
     and trained one more execution past the budget (seen in a search: 4.4 s over an
     8 s budget). It now evaluates what was trained, as the run uninterrupted does."""
-    from haet import engine as engine_lib
-
-    clock = FakeClock()
-    original = engine_lib.Engine.run
-
-    def timed(self, steps):  # each step costs 1 s on the fake clock
-        clock.t += steps
-        return original(self, steps)
-
-    monkeypatch.setattr(engine_lib.Engine, "run", timed)
+    clock = _steps_of_one_second(monkeypatch)
     config = _tiny(cifar10_slice_dir, epochs=0, budget_seconds=6.0, lr_schedule_unit="budget")
     whole, whole_dir = train(config, results_dir=str(tmp_path / "whole"), clock=clock)
     assert whole["status"] == "completed" and whole["steps"] == 6 and whole["stopped_by"] == "budget"
@@ -281,16 +278,7 @@ def test_a_run_interrupted_in_its_last_step_resumes_complete(tmp_path, cifar10_s
     """Interrupted by the execution that did the run's last step, the resume failed
     ("A hook limited the next execution to 0 steps") or said why it stopped otherwise
     than the run uninterrupted."""
-    from haet import engine as engine_lib
-
-    clock = FakeClock()
-    original = engine_lib.Engine.run
-
-    def timed(self, steps):  # each step costs 1 s on the fake clock
-        clock.t += steps
-        return original(self, steps)
-
-    monkeypatch.setattr(engine_lib.Engine, "run", timed)
+    clock = _steps_of_one_second(monkeypatch)
     config = _tiny(cifar10_slice_dir, steps_per_execution=1, checkpoint_every=0.0, **changes)
     whole, _ = train(config, results_dir=str(tmp_path / "whole"), clock=clock)
     assert whole["stopped_by"] == stopped_by and whole["steps"] == last_step
@@ -335,16 +323,7 @@ def test_a_run_where_not_one_epoch_fits_runs_its_schedule_over_the_steps_that_do
     """5 steps an epoch, 3.5 s left after the probe at 1 s a step: it planned the whole
     epoch, the budget cut it at step 3 with the one-cycle learning rate still near its
     peak. Now 3 steps are planned, and the learning rate has decayed at their end."""
-    from haet import engine as engine_lib
-
-    clock = FakeClock()
-    original = engine_lib.Engine.run
-
-    def timed(self, steps):  # each step costs 1 s on the fake clock
-        clock.t += steps
-        return original(self, steps)
-
-    monkeypatch.setattr(engine_lib.Engine, "run", timed)
+    clock = _steps_of_one_second(monkeypatch)
     config = _tiny(cifar10_slice_dir, epochs=0, budget_seconds=7.5, lr_schedule="one_cycle", steps_per_execution=1,
                    planner_probe_steps=3, checkpoint_every=0.0)
     record, run_dir = train(config, results_dir=str(tmp_path), clock=clock)
