@@ -395,15 +395,28 @@ class RunFolder:
             self._history_fields = _fields_of(rows)
 
     def append_history(self, row, rows):
-        """Appends `row` (a dict) to `history.csv`; a row with a column the file lacks
-        rewrites the file with all of `rows` (the history so far, `row` last)."""
+        """Appends `row` (a dict) to `history.csv`; a row with a column the file lacks,
+        a file gone, or a file whose last append failed, rewrites it whole with all of
+        `rows` (the history so far, `row` last). An append that fails (a full disk)
+        is cut off again: a partial row left in place took the next row's fields
+        (a row of 19 columns, an accuracy read from another field), and the rows in
+        between were lost."""
         def write(path):
-            if self._history_fields is not None and set(row) <= set(self._history_fields):
-                with open(path, "a", newline="") as f:
-                    csv.DictWriter(f, fieldnames=self._history_fields, restval="").writerow(json_safe(row))
+            if (self._history_fields is not None and set(row) <= set(self._history_fields)
+                    and os.path.exists(path)):
+                size = os.path.getsize(path)
+                try:
+                    with open(path, "a", newline="") as f:
+                        csv.DictWriter(f, fieldnames=self._history_fields, restval="").writerow(json_safe(row))
+                except OSError:
+                    self._history_fields = None  # the next row rewrites the file whole
+                    with contextlib.suppress(OSError):
+                        os.truncate(path, size)
+                    raise
             else:
                 write_rows(path, rows)
                 self._history_fields = _fields_of(rows)
+                self.artifact_errors.pop("history.csv", None)  # (whole again: every row so far)
 
         self.artifact("history.csv", write, whole=False)
 

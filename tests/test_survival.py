@@ -505,6 +505,36 @@ def test_resume_refuses_other_settings_other_data_and_a_corrupt_checkpoint_and_t
     assert resumed["status"] == "completed" and resumed["resumes"] == 1
 
 
+def test_a_history_append_that_fails_leaves_no_partial_row_and_the_next_one_rewrites_it_whole(tmp_path,
+                                                                                              monkeypatch):
+    """A full disk mid-row left its part in history.csv: the next append glued its row
+    onto it (19 columns, epoch 50's accuracy read from another field) and the rows in
+    between were lost. A history.csv deleted mid-run came back without its header."""
+    folder = results.RunFolder(str(tmp_path), {})
+    rows = [{"epoch": e, "loss": 1.0 / e, "accuracy": 0.1 * e} for e in range(1, 6)]
+    folder.start_history()
+    folder.append_history(rows[0], rows[:1])
+    folder.append_history(rows[1], rows[:2])
+    writer = csv.DictWriter
+
+    class DiskFull(writer):
+        def writerow(self, row):
+            self.writer.writerow(["3", "0.33"])  # part of the row reaches the file
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(results.csv, "DictWriter", DiskFull)
+    folder.append_history(rows[2], rows[:3])
+    assert "No space left" in folder.artifact_errors["history.csv"]
+    assert [r["epoch"] for r in _history(str(tmp_path))] == ["1", "2"]  # no partial row
+    monkeypatch.setattr(results.csv, "DictWriter", writer)
+    folder.append_history(rows[3], rows[:4])  # space again: rewritten whole, epoch 3 back
+    assert [r["epoch"] for r in _history(str(tmp_path))] == ["1", "2", "3", "4"]
+    assert "history.csv" not in folder.artifact_errors
+    os.remove(tmp_path / "history.csv")
+    folder.append_history(rows[4], rows)
+    assert [r["accuracy"] for r in _history(str(tmp_path))] == [str(r["accuracy"]) for r in rows]
+
+
 def test_records_are_strict_json():
     data = {"a": float("nan"), "b": [np.float32(np.inf), np.int64(3)], "c": (1.5, -np.inf), "d": np.arange(2)}
     assert results.json_safe(data) == {"a": None, "b": [None, 3], "c": [1.5, None], "d": [0, 1]}
