@@ -373,19 +373,18 @@ class RunFolder:
         removed temporary frees the space for the record that lists it). An existing
         `name` is never replaced. False: `write` appends to the file in place."""
         path = os.path.join(self.path, name)
-        if not whole:
-            try:
-                write(path)
-                return True
-            except OSError as e:
-                self.report_failure(name, e)
-                return False
         try:
-            write_new_file(path, write)
+            if whole:
+                write_new_file(path, write)
+            else:
+                write(path)
             return True
         except OSError as e:
             self.report_failure(name, e)
             return False
+        except KeyboardInterrupt as e:  # (a second stop signal: listed, then raised)
+            self.report_failure(name, KeyboardInterrupt(str(e) or "KeyboardInterrupt"))
+            raise
 
     def start_history(self, rows=()):
         """(Re)writes `history.csv` with `rows` (a resumed run's rows so far)."""

@@ -304,10 +304,23 @@ def _train_in(config, folder, data, built, settings, timer, clock, signals, prev
     record = progress(status="completed", **results.evaluation_fields(config, data, run, evaluated, timer),
                       ended_utc=results.utc_now())
     folder.write_record(record)  # the accuracy is on disk before the large files are written
-    results.write_artifacts(folder, model, run, evaluated, data.info.class_names, save_model=config.save_model,
-                            export=config.export)
-    run.checkpointer.remove()
+    # Completed: the checkpoint goes before the large files are written. A stop signal
+    # while they were made the run "interrupted" with its checkpoint, and a resume
+    # trained it again from there, over its accuracy.
+    try:
+        run.checkpointer.remove()
+    except OSError as e:  # (a read-only folder: it crashed the completed run, its accuracy unsaid)
+        logging.warning("could not remove %s of the completed run: %s", checkpoint_lib.CHECKPOINT, e)
     folder.update(checkpoint=None)
+    try:
+        results.write_artifacts(folder, model, run, evaluated, data.info.class_names, save_model=config.save_model,
+                                export=config.export)
+    except KeyboardInterrupt:  # a second stop signal: the files left are not written, the run completed
+        folder.record["files_interrupted_by"] = signals.name or "KeyboardInterrupt"
+        logging.warning("stopped by %s while the run's files were written: the rest are not written (the run "
+                        "completed: its record has the accuracy)", signals.name or "KeyboardInterrupt")
+    if folder.artifact_errors:
+        folder.write_record()  # the files that could not be written, listed
     record = folder.record
     message = "%s; %d epochs (%d steps, %s); setup %.1f s, compile %.1f s, train %.1f s, eval %.1f s, " \
               "%.1f images/s -> %s"

@@ -424,6 +424,34 @@ def test_files_that_cannot_be_written_are_reported_and_the_accuracy_kept(tmp_pat
     assert "record.json" in record["artifact_errors"]
 
 
+def test_a_stop_signal_while_the_files_are_written_leaves_the_run_completed(tmp_path, cifar10_slice_dir,
+                                                                            monkeypatch):
+    """A second stop signal while model.keras was written made a completed run
+    "interrupted" with its checkpoint; a resume trained it again from an older
+    checkpoint, over its accuracy. A checkpoint that could not be removed (a read-only
+    folder) crashed the completed run before its accuracy was said."""
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt("second stop signal (SIGINT)")
+
+    monkeypatch.setattr(keras.Model, "save", interrupted)
+    config = _tiny(cifar10_slice_dir, save_model=True, checkpoint_every=0.0)
+    record, run_dir = train(config, results_dir=str(tmp_path))
+    on_disk = _record(run_dir)
+    assert on_disk["status"] == "completed" and on_disk["test_accuracy"] == record["test_accuracy"] is not None
+    assert on_disk["files_interrupted_by"] == "KeyboardInterrupt" and on_disk["checkpoint"] is None
+    assert on_disk["artifact_errors"] == {"model.keras": "KeyboardInterrupt: second stop signal (SIGINT)"}
+    assert not os.path.exists(os.path.join(run_dir, "checkpoint.npz")) and checkpoint.exit_code(on_disk) == 4
+    with pytest.raises(SetupError, match="has completed .*; nothing to resume"):
+        train(config, resume=run_dir)
+
+    def read_only(self):
+        raise PermissionError(errno.EPERM, "Operation not permitted", self.path)
+
+    monkeypatch.setattr(checkpoint.Checkpointer, "remove", read_only)
+    record, run_dir = train(_tiny(cifar10_slice_dir), results_dir=str(tmp_path / "second"))
+    assert record["status"] == "completed" and _record(run_dir)["test_accuracy"] == record["test_accuracy"]
+
+
 def test_setup_errors_come_before_any_run_folder(tmp_path, cifar10_slice_dir):
     a_file = tmp_path / "results_file"
     a_file.write_text("not a folder")
