@@ -212,6 +212,16 @@ class Checkpointer(Hook):
             os.remove(self.path)
 
 
+class SecondStopSignal(KeyboardInterrupt):
+    """A second stop signal, raised at once (`StopSignals`). `signal_name`: the first
+    signal's, the one the record's `interrupted_by` names, for the exit status
+    (`exit_code`: a second SIGTERM exited 130, as if it were SIGINT)."""
+
+    def __init__(self, message, signal_name=None):
+        super().__init__(message)
+        self.signal_name = signal_name
+
+
 class StopSignals(Hook):
     """SIGINT and SIGTERM stop a run cleanly: the first one stops training at the next
     execution boundary (executions are kept to about `responsive_seconds`) (`run.stop("interrupted", immediate=True)`; the caller writes
@@ -266,7 +276,7 @@ class StopSignals(Hook):
 
     def _handle(self, signum, frame):
         if self.received is not None:
-            raise KeyboardInterrupt(f"second stop signal ({signal.Signals(signum).name})")
+            raise SecondStopSignal(f"second stop signal ({signal.Signals(signum).name})", self.name)
         self.received = signum
         logging.warning("%s received: stopping at the next execution boundary and %s (send it again to stop at "
                         "once)", signal.Signals(signum).name, self.then)

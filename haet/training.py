@@ -126,9 +126,10 @@ def train(config, results_dir="results/runs", clock=time.perf_counter, resume=No
                 # Before the folder: a model to fine-tune from that does not fit is refused with nothing written.
                 built = build_model(config, data, source, fine_tuned)
                 del source
-        except KeyboardInterrupt:
+        except KeyboardInterrupt as e:
             raise SetupInterrupted("during setup, before anything was written" if resume is None else
-                                   f"during setup; {resume} was left as it was") from None
+                                   f"during setup; {resume} was left as it was",
+                                   getattr(e, "signal_name", None)) from None
         with timer.phase("setup"):
             if previous is None:
                 folder = results.RunFolder.create(results_dir, config.run_name(), start)
@@ -157,7 +158,7 @@ def train(config, results_dir="results/runs", clock=time.perf_counter, resume=No
     return record, folder.path
 
 
-class SetupInterrupted(KeyboardInterrupt):
+class SetupInterrupted(checkpoint_lib.SecondStopSignal):
     """A second stop signal while a run was setting up, before its folder was made
     or reopened: no record says so."""
 

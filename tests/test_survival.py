@@ -563,6 +563,21 @@ def test_a_history_append_that_fails_leaves_no_partial_row_and_the_next_one_rewr
     assert [r["accuracy"] for r in _history(str(tmp_path))] == [str(r["accuracy"]) for r in rows]
 
 
+def test_a_second_stop_signal_exits_with_the_first_signals_status():
+    """A second SIGTERM exited 130, as if it were SIGINT; the record names the first."""
+    from haet import train as train_cli
+    from haet.training import SetupInterrupted
+
+    signals = checkpoint.StopSignals()
+    signals._handle(signal.SIGTERM, None)
+    with pytest.raises(KeyboardInterrupt) as second:
+        signals._handle(signal.SIGINT, None)
+    assert str(second.value) == "second stop signal (SIGINT)" and second.value.signal_name == "SIGTERM"
+    assert train_cli._interrupted_exit_code(second.value) == 128 + signal.SIGTERM
+    assert train_cli._interrupted_exit_code(SetupInterrupted("during setup", "SIGTERM")) == 143
+    assert train_cli._interrupted_exit_code(KeyboardInterrupt()) == 130
+
+
 def test_records_are_strict_json():
     data = {"a": float("nan"), "b": [np.float32(np.inf), np.int64(3)], "c": (1.5, -np.inf), "d": np.arange(2)}
     assert results.json_safe(data) == {"a": None, "b": [None, 3], "c": [1.5, None], "d": [0, 1]}
