@@ -166,6 +166,7 @@ class Checkpointer(Hook):
         # Data of the run that stay the same to its end, saved in every checkpoint's state.
         self.constants = {}
         self.saved = 0
+        self.saved_at_step = None  # the budget's steps at this process's last checkpoint
         self.bytes = None
         self.next_due = self.every_seconds
 
@@ -198,6 +199,7 @@ class Checkpointer(Hook):
                 self.saved -= 1
                 self.folder.report_failure(CHECKPOINT, e)
                 return False
+            self.saved_at_step = run.budget.steps
             if CHECKPOINT in self.folder.artifact_errors:
                 del self.folder.artifact_errors[CHECKPOINT]
             if self.record_progress is not None:

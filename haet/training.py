@@ -284,14 +284,25 @@ def _train_in(config, folder, data, built, settings, timer, clock, signals, prev
     _warn_if_loaded(host_cpu.fields())
     stopped_by = run.training.stopped_by
     if stopped_by == "interrupted":
-        saved = run.engine.epoch is not None and run.checkpointer.save(run.training)
+        trained = run.engine.epoch is not None
+        saved = trained and run.checkpointer.save(run.training)
+        # An earlier checkpoint where this one could not be written (a full disk): a resume
+        # goes on from it (it said "nothing was trained yet", and the run was given up).
+        kept = trained and not saved and os.path.exists(run.checkpointer.path)
         record = progress(status="interrupted", interrupted_by=signals.name, ended_utc=results.utc_now(),
-                          checkpoint=checkpoint_lib.CHECKPOINT if saved else None)
+                          checkpoint=checkpoint_lib.CHECKPOINT if saved or kept else None)
         folder.write_record(record)
+        hint = resume_hint or f"resume with: python -m haet.train --resume={folder.path}"
+        if kept:
+            at = run.checkpointer.saved_at_step
+            hint = (f"its checkpoint could not be written ({folder.artifact_errors.get(checkpoint_lib.CHECKPOINT)}); "
+                    f"the earlier one{'' if at is None else f', of step {at},'} is kept, and a resume goes on from "
+                    f"it: {hint}")
+        elif not saved:
+            hint = ("no checkpoint (nothing was trained yet)" if not trained else
+                    f"no checkpoint: it could not be written ({folder.artifact_errors.get(checkpoint_lib.CHECKPOINT)})")
         logging.warning("interrupted by %s after %d steps (%.1f s of the %g s budget); %s", signals.name,
-                        record["steps"], record["train_seconds"], config.budget_seconds,
-                        (resume_hint or f"resume with: python -m haet.train --resume={folder.path}") if saved
-                        else "no checkpoint (nothing was trained yet)")
+                        record["steps"], record["train_seconds"], config.budget_seconds, hint)
         return folder.record
     if stopped_by == "diverged":
         record = progress(status="diverged", diverged_at_step=run.divergence.step,

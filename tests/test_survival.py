@@ -5,6 +5,7 @@ import csv
 import errno
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -561,6 +562,40 @@ def test_a_history_append_that_fails_leaves_no_partial_row_and_the_next_one_rewr
     os.remove(tmp_path / "history.csv")
     folder.append_history(rows[4], rows)
     assert [r["accuracy"] for r in _history(str(tmp_path))] == [str(r["accuracy"]) for r in rows]
+
+
+def test_an_interrupted_run_whose_checkpoint_cannot_be_written_keeps_the_earlier_one(
+        tmp_path, cifar10_slice_dir, sigterm_after, monkeypatch, caplog):
+    """The signal's checkpoint could not be written (a full disk): the run said "no
+    checkpoint (nothing was trained yet)" and its record had none, though the periodic
+    one was there and a resume went on from it."""
+    import logging
+
+    clock = _steps_of_one_second(monkeypatch)
+    written, original = [], checkpoint.save
+
+    def first_only(*args, **kwargs):
+        if written:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        written.append(1)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(checkpoint, "save", first_only)
+    config = _tiny(cifar10_slice_dir, epochs=0, budget_seconds=10.0, checkpoint_every=4.0, lr_schedule_unit="budget",
+                   steps_per_execution=2)
+    sigterm_after(6)
+    with caplog.at_level(logging.WARNING):
+        record, run_dir = train(config, results_dir=str(tmp_path), clock=clock)
+    assert record["status"] == "interrupted" and record["checkpoint"] == "checkpoint.npz" and record["steps"] >= 6
+    assert "No space left" in record["artifact_errors"]["checkpoint.npz"]
+    (line,) = [r.getMessage() for r in caplog.records if r.getMessage().startswith("interrupted by SIGTERM")]
+    kept = re.search(r"its checkpoint could not be written \(OSError: \[Errno 28\] No space left on device\); the "
+                     r"earlier one, of step (\d+), is kept, and a resume goes on from it: resume with: python -m "
+                     r"haet.train --resume=", line)
+    assert kept and 4 <= int(kept.group(1)) < record["steps"], line
+    monkeypatch.setattr(checkpoint, "save", original)
+    resumed, _ = train(config, resume=run_dir, clock=clock)
+    assert resumed["status"] == "completed" and resumed["steps"] == 10 and resumed["resumes"] == 1
 
 
 def test_a_second_stop_signal_exits_with_the_first_signals_status():
