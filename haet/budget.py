@@ -507,7 +507,7 @@ class StepPlanner(StepLimit):
         engine.start_epoch(0)
         budget.execute(engine, 1, probe=True)
         timed_steps, timed_seconds = 0, 0.0
-        while timed_steps < self.probe_steps and budget.elapsed() < budget.budget_seconds:
+        while timed_steps < self.probe_steps and budget.elapsed() < budget.budget_seconds and run.stopped_by is None:
             if not engine.steps_left_in_epoch:
                 engine.start_epoch(engine.epoch + 1)
             steps = min(engine.steps_per_execution, engine.steps_left_in_epoch, self.probe_steps - timed_steps)
@@ -515,6 +515,8 @@ class StepPlanner(StepLimit):
             timed_steps += steps
             timed_seconds += budget.executions[-1].seconds
         engine.restore(snapshot)
+        if run.stopped_by is not None:  # a stop signal during the probe: nothing to plan
+            return
         if timed_seconds > 0.25 * budget.budget_seconds:
             # Its steps are undone: time the budget does not train in (a slow machine, or a large probe).
             logging.warning("the planner's probe timed %d steps in %.1f s, more than a quarter of the %g s budget, "

@@ -250,6 +250,7 @@ class StopSignals(Hook):
         self.signals = tuple(signals)
         self.then = then
         self._previous = {}
+        self._run = None  # the run training, told at once (a probe stops at its next execution)
 
     def limit(self, run):
         # Executions of slow steps (a wide model on a CPU) are cut to about
@@ -274,6 +275,7 @@ class StopSignals(Hook):
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
         self._previous = {}
+        self._run = None
         return False
 
     def _handle(self, signum, frame):
@@ -282,10 +284,18 @@ class StopSignals(Hook):
         self.received = signum
         logging.warning("%s received: stopping at the next execution boundary and %s (send it again to stop at "
                         "once)", signal.Signals(signum).name, self.then)
+        if self._run is not None:
+            # At once: the planner's probe (inside the hooks' on_train_begin) stops at its next
+            # execution. It ran to its end, and one kept execution after it, first.
+            self._run.stop("interrupted", immediate=True)
 
     def on_train_begin(self, run):
+        self._run = run
         if self.received is not None:
             run.stop("interrupted", immediate=True)
+
+    def on_train_end(self, run):
+        self._run = None
 
     def after_execution(self, run, steps, losses):
         if self.received is not None:

@@ -332,6 +332,32 @@ def test_planner_when_the_probe_exhausts_the_budget(caplog):
     assert not [r for r in caplog.records if "planner's probe" in r.getMessage()]
 
 
+def test_a_stop_signal_during_the_planners_probe_stops_it_before_any_kept_step():
+    """The probe ran to its end (200 steps in a haet.fit case), then one kept execution,
+    before the signal was acted on."""
+    import signal
+
+    from haet.checkpoint import StopSignals
+
+    clock = FakeClock()
+    engine = FakeEngine(clock, size=16, batch_size=4, step_seconds=1.0, steps_per_execution=2)
+    budget = WallClockBudget(100.0, clock=clock)
+    planner = StepPlanner(budget, _PlannedSteps(), steps_per_epoch=4, probe_steps=10)
+    signals = StopSignals()
+    execute = budget.execute
+
+    def signalled(engine, steps, probe=False):
+        losses = execute(engine, steps, probe)
+        if len(budget.executions) == 2:  # the signal comes during the probe's second execution
+            signals._handle(signal.SIGTERM, None)
+        return losses
+
+    budget.execute = signalled
+    run = Training(engine, budget, [signals, budget, planner]).fit()
+    assert run.stopped_by == "interrupted" and budget.steps == 0 and len(budget.executions) == 2
+    assert planner.planned_epochs is None and engine.restores == 1  # the probe's steps undone, nothing planned
+
+
 def test_planner_plans_part_of_an_epoch_when_not_one_fits(caplog):
     """It planned at least one whole epoch, which the budget then cut before the
     schedule had decayed (a 5 s haet.fit run ended at 0.133, near its one-cycle peak),
