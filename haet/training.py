@@ -91,8 +91,8 @@ def train(config, results_dir="results/runs", clock=time.perf_counter, resume=No
             fit, or a run that cannot be resumed: before the run folder is made or
             touched.
         KeyboardInterrupt: a second stop signal (or one outside training); the record
-            says "interrupted". `SetupInterrupted` (a KeyboardInterrupt) when no folder
-            was written yet.
+            says "interrupted". `SetupInterrupted` (a KeyboardInterrupt) for a stop
+            signal during setup, the first too: no folder was written yet.
     """
     timer = budget_lib.PhaseTimer(clock)
     commit = results.git_commit()  # the code this process runs, not the tree at the end
@@ -130,6 +130,11 @@ def train(config, results_dir="results/runs", clock=time.perf_counter, resume=No
             raise SetupInterrupted("during setup, before anything was written" if resume is None else
                                    f"during setup; {resume} was left as it was",
                                    getattr(e, "signal_name", None)) from None
+        if signals.received is not None:
+            # A stop signal during setup: nothing is written (a run folder was made after it,
+            # its record "interrupted" at step 0, with no checkpoint to resume).
+            raise SetupInterrupted("during setup, before anything was written" if resume is None else
+                                   f"during setup; {resume} was left as it was", signals.name)
         with timer.phase("setup"):
             if previous is None:
                 folder = results.RunFolder.create(results_dir, config.run_name(), start)

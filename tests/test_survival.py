@@ -598,6 +598,24 @@ def test_an_interrupted_run_whose_checkpoint_cannot_be_written_keeps_the_earlier
     assert resumed["status"] == "completed" and resumed["steps"] == 10 and resumed["resumes"] == 1
 
 
+def test_a_stop_signal_during_setup_writes_nothing(tmp_path, cifar10_slice_dir, monkeypatch):
+    """One SIGTERM while the data loaded: the run folder was made after it, its record
+    "interrupted" at step 0 with no checkpoint, which a resume refused."""
+    from haet import training
+    from haet.training import SetupInterrupted
+
+    load = training.prepare_data
+
+    def signalled(config):
+        os.kill(os.getpid(), signal.SIGTERM)
+        return load(config)
+
+    monkeypatch.setattr(training, "prepare_data", signalled)
+    with pytest.raises(SetupInterrupted, match="during setup, before anything was written") as stopped:
+        train(_tiny(cifar10_slice_dir), results_dir=str(tmp_path / "runs"))
+    assert stopped.value.signal_name == "SIGTERM" and not (tmp_path / "runs").exists()
+
+
 def test_a_second_stop_signal_exits_with_the_first_signals_status():
     """A second SIGTERM exited 130, as if it were SIGINT; the record names the first."""
     from haet import train as train_cli
