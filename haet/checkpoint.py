@@ -285,8 +285,9 @@ class StopSignals(Hook):
         logging.warning("%s received: stopping at the next execution boundary and %s (send it again to stop at "
                         "once)", signal.Signals(signum).name, self.then)
         if self._run is not None:
-            # At once: the planner's probe (inside the hooks' on_train_begin) stops at its next
-            # execution. It ran to its end, and one kept execution after it, first.
+            # At once, not after the next execution: the planner's probe (inside the hooks'
+            # on_train_begin) stops at its next execution; it ran to its end, and one kept
+            # execution after it, first.
             self._run.stop("interrupted", immediate=True)
 
     def on_train_begin(self, run):
@@ -296,10 +297,6 @@ class StopSignals(Hook):
 
     def on_train_end(self, run):
         self._run = None
-
-    def after_execution(self, run, steps, losses):
-        if self.received is not None:
-            run.stop("interrupted", immediate=True)
 
 
 def process_commit(record):

@@ -254,10 +254,7 @@ class Training:
         self.budget.begin()
         for hook in hooks:
             hook.on_train_begin(self)
-        if self.stopped_by == "budget" and self.epochs and self._steps_left_in_epochs() <= 0:
-            # Resumed with its budget spent (`WallClockBudget.on_train_begin`) and its last
-            # epoch done: complete, as the run uninterrupted says (`stop`).
-            self.stop("epochs", completed=True)
+        self._complete_if_epochs_done()  # (resumed with its budget spent: `WallClockBudget.on_train_begin`)
         if resume is None and self.stopped_by is None:
             self._begin_epoch(0)
         while self.stopped_by is None:
@@ -273,10 +270,7 @@ class Training:
             losses = self.budget.execute(engine, steps)
             for hook in hooks:
                 hook.after_execution(self, steps, losses)
-            if self.stopped_by == "budget" and self.epochs and self._steps_left_in_epochs() <= 0:
-                # The last of `epochs` ended with the execution that used up the budget:
-                # the run is complete, not cut (the record's over_budget_seconds says by how much).
-                self.stop("epochs", completed=True)
+            self._complete_if_epochs_done()
         if not self.stopped_at_once:
             cut_short = None
             if engine.epoch is not None and 0 < engine.step_in_epoch < engine.steps_per_epoch:
@@ -289,6 +283,13 @@ class Training:
             for hook in hooks:
                 hook.on_train_end(self)
         return self
+
+    def _complete_if_epochs_done(self):
+        """The last of `epochs` ended with the execution that used up the budget (or
+        before a resume with none left): the run is complete, not cut (the record's
+        over_budget_seconds says by how much)."""
+        if self.stopped_by == "budget" and self.epochs and self._steps_left_in_epochs() <= 0:
+            self.stop("epochs", completed=True)
 
     def _begin_epoch(self, epoch):
         if self.epochs and epoch >= self.epochs:

@@ -383,7 +383,7 @@ class RunFolder:
             self.report_failure(name, e)
             return False
         except KeyboardInterrupt as e:  # (a second stop signal: listed, then raised)
-            self.report_failure(name, KeyboardInterrupt(str(e) or "KeyboardInterrupt"))
+            self.report_failure(name, e)
             raise
 
     def start_history(self, rows=()):

@@ -127,14 +127,11 @@ def train(config, results_dir="results/runs", clock=time.perf_counter, resume=No
                 built = build_model(config, data, source, fine_tuned)
                 del source
         except KeyboardInterrupt as e:
-            raise SetupInterrupted("during setup, before anything was written" if resume is None else
-                                   f"during setup; {resume} was left as it was",
-                                   getattr(e, "signal_name", None)) from None
+            raise SetupInterrupted.of(resume, getattr(e, "signal_name", None)) from None
         if signals.received is not None:
-            # A stop signal during setup: nothing is written (a run folder was made after it,
-            # its record "interrupted" at step 0, with no checkpoint to resume).
-            raise SetupInterrupted("during setup, before anything was written" if resume is None else
-                                   f"during setup; {resume} was left as it was", signals.name)
+            # A stop signal during setup, the first too: nothing is written (a run folder was
+            # made after it, its record "interrupted" at step 0, with no checkpoint to resume).
+            raise SetupInterrupted.of(resume, signals.name)
         with timer.phase("setup"):
             if previous is None:
                 folder = results.RunFolder.create(results_dir, config.run_name(), start)
@@ -164,8 +161,14 @@ def train(config, results_dir="results/runs", clock=time.perf_counter, resume=No
 
 
 class SetupInterrupted(checkpoint_lib.SecondStopSignal):
-    """A second stop signal while a run was setting up, before its folder was made
-    or reopened: no record says so."""
+    """A stop signal while a run was setting up, before its folder was made or
+    reopened: no record says so."""
+
+    @classmethod
+    def of(cls, resume, signal_name):
+        """For a new run (`resume` None) or the resume of folder `resume`."""
+        return cls("during setup, before anything was written" if resume is None else
+                   f"during setup; {resume} was left as it was", signal_name)
 
 
 class SetupError(ValueError):
@@ -298,14 +301,14 @@ def _train_in(config, folder, data, built, settings, timer, clock, signals, prev
                           checkpoint=checkpoint_lib.CHECKPOINT if saved or kept else None)
         folder.write_record(record)
         hint = resume_hint or f"resume with: python -m haet.train --resume={folder.path}"
+        error = folder.artifact_errors.get(checkpoint_lib.CHECKPOINT)
         if kept:
             at = run.checkpointer.saved_at_step
-            hint = (f"its checkpoint could not be written ({folder.artifact_errors.get(checkpoint_lib.CHECKPOINT)}); "
-                    f"the earlier one{'' if at is None else f', of step {at},'} is kept, and a resume goes on from "
-                    f"it: {hint}")
+            hint = (f"its checkpoint could not be written ({error}); the earlier one"
+                    f"{'' if at is None else f', of step {at},'} is kept, and a resume goes on from it: {hint}")
         elif not saved:
-            hint = ("no checkpoint (nothing was trained yet)" if not trained else
-                    f"no checkpoint: it could not be written ({folder.artifact_errors.get(checkpoint_lib.CHECKPOINT)})")
+            hint = (f"no checkpoint: it could not be written ({error})" if trained else
+                    "no checkpoint (nothing was trained yet)")
         logging.warning("interrupted by %s after %d steps (%.1f s of the %g s budget); %s", signals.name,
                         record["steps"], record["train_seconds"], config.budget_seconds, hint)
         return folder.record
