@@ -558,13 +558,15 @@ def training_fields(config, data, run, timer):
     Epochs: `epochs` (ended, complete or cut short where training stopped inside
     one, and pending; not an epoch a run stopped at once inside: its steps are in
     `steps`), `epochs_completed` (of all their steps), `epochs_pending`: of these,
-    the epochs that ended on the device in the last execution of a run stopped at
-    once (interrupted or diverged) before the host ended them; they have no history
-    row yet: the checkpoint keeps them and a resumed run ends them first.
+    the epochs that ended on the device in the last execution of an interrupted run
+    before the host ended them; they have no history row yet: the checkpoint keeps
+    them and a resumed run ends them first. A diverged run has none: the epochs that
+    ended before its first non-finite step got their rows, the later ones are not
+    counted (`haet.training`).
     """
     budget, planner = run.budget, run.planner
     # Epochs the device ended in the last execution that the host has not ended yet
-    # (only a run stopped at once leaves any: see haet.loop.Training).
+    # (only an interrupted run leaves any: see haet.loop.Training).
     pending = len(run.engine.ended_epochs)
     train_seconds = budget.train_seconds()
     compile_seconds = budget.compile_seconds()

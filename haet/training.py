@@ -313,6 +313,7 @@ def _train_in(config, folder, data, built, settings, timer, clock, signals, prev
                         record["steps"], record["train_seconds"], config.budget_seconds, hint)
         return folder.record
     if stopped_by == "diverged":
+        _end_epochs_before_divergence(run)
         record = progress(status="diverged", diverged_at_step=run.divergence.step,
                           last_finite_loss=run.divergence.last_finite_loss, test_accuracy=None,
                           ended_utc=results.utc_now())
@@ -689,11 +690,34 @@ class Run:
     health: TrainingHealth | None = None
     divergence: DivergenceGuard | None = None
     checkpointer: checkpoint_lib.Checkpointer | None = None
+    history: "HistoryWriter | None" = None
 
     def fit(self, resume=None):
         """Trains (see `haet.loop.Training.fit`, and its `resume`); returns `self`."""
         self.training.fit(resume)
         return self
+
+
+def _end_epochs_before_divergence(run):
+    """A diverged run's epochs that ended on the device before its first non-finite
+    step, in the execution that diverged (it ran on past their ends), get their
+    history rows: training loss and accuracy, learning rate, seconds. Nothing else
+    acts on them: the weights of their ends are gone (the model holds the diverged
+    ones), and an execution spans epochs only without validation or callbacks. The
+    epochs that ended after that step are dropped, neither rows nor counted: they
+    trained on a non-finite loss, and a diverged run is not resumed."""
+    training, last = run.training, run.budget.executions[-1]
+    first_step = run.budget.steps - last.steps  # of the run, before the last execution
+    for end in run.engine.take_ended_epochs():
+        if end.after_steps is None or first_step + end.after_steps >= run.divergence.step:
+            break
+        logs = dict(end.logs)
+        training.ending = end
+        try:
+            run.budget.on_epoch_end(training, end.epoch, logs)
+            run.history.on_epoch_end(training, end.epoch, logs)
+        finally:
+            training.ending = None
 
 
 class HistoryWriter(Hook):
@@ -805,7 +829,8 @@ def build_run(config, model, augmentation, schedule, data, folder, clock=time.pe
             models.for_every_member(model, data.x_fit[probe]), models.for_every_member(model, labels), loss,
             config.health_every_steps, os.path.join(run_dir, "tensorboard", "health") if config.tensorboard else None)
         hooks.append(run.health)
-    hooks += [budget, HistoryWriter(folder, budget)]
+    run.history = HistoryWriter(folder, budget)
+    hooks += [budget, run.history]
     whitening = _whitening_layers(model)
     if config.model == "airbench" and config.whitening_bias_epochs and whitening:
         hooks.append(FreezeWhiteningBias(whitening, config.whitening_bias_epochs))

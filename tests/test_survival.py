@@ -349,6 +349,25 @@ def test_divergence_stops_the_run_with_an_honest_record(tmp_path, cifar10_slice_
         train(config, resume=run_dir)
 
 
+def test_a_diverged_run_keeps_the_rows_of_the_epochs_before_its_diverged_step(tmp_path, cifar10_slice_dir):
+    """Executions of 8 steps that span epochs of 5; the learning rate jumps from 0.01
+    to 1e12 after epoch 2, so the run diverges in the execution in which epoch 2
+    ended (step 10). Before, that epoch had no history row, and the epochs that ended
+    after the diverged step were counted as completed."""
+    config = _tiny(cifar10_slice_dir, lr_schedule="one_cycle", one_cycle_knot_unit="epochs",
+                   one_cycle_knots=(0, 2, 2.2, 10), one_cycle_learning_rates=(0.01, 0.01, 1e12, 1e12), epochs=10,
+                   steps_per_execution=8, span_epochs=True, checkpoint_every=0.0)
+    record, run_dir = train(config, results_dir=str(tmp_path))
+    on_disk, rows = _record(run_dir), _history(run_dir)
+    assert on_disk["status"] == "diverged" and on_disk["executions_span_epochs"]
+    step = on_disk["diverged_at_step"]
+    assert 10 < step <= on_disk["steps"]
+    before = (step - 1) // 5  # the epochs that ended before the diverged step
+    assert [int(row["epoch"]) for row in rows] == list(range(1, before + 1))
+    assert all(row["complete"] == "True" and np.isfinite(float(row["loss"])) for row in rows)
+    assert on_disk["epochs"] == on_disk["epochs_completed"] == before and on_disk["epochs_pending"] == 0
+
+
 @pytest.mark.parametrize("chunks,epoch_size", [((4, 2), 40), ((6,), 16), ((3, 3), 16)])
 def test_the_divergence_guard_recovers_the_last_finite_step_loss(chunks, epoch_size):
     """Step losses 2, 4, 6, 1, 3, inf in executions of `chunks` steps: in one epoch (10
