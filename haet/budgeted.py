@@ -442,7 +442,7 @@ def fit(model, x, y, *, budget_seconds=None, epochs=None, batch_size=32, learnin
     # Ctrl-C: the first stops at the next execution boundary with the state synced into
     # the model (under JAX it lives in the engine until then), and is raised from here.
     signals = StopSignals(signals=(signal.SIGINT,), then="raising KeyboardInterrupt with the model's weights "
-                                                         "synced")
+                                                         "synced", after_training="returning the result")
     divergence = DivergenceGuard()
     hooks = [signals, divergence]
     if validation_data is not None:

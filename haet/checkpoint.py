@@ -236,6 +236,8 @@ class StopSignals(Hook):
         signals: the signals handled (`haet.fit` takes SIGINT only: a library call
             leaves SIGTERM to the program).
         then: what the caller does after stopping, for the warning.
+        after_training: what the caller does when the first signal comes after
+            training ended (`on_train_end`), for the warning: it goes on with it.
 
     Attributes:
         received: the first signal's number, or None.
@@ -244,11 +246,13 @@ class StopSignals(Hook):
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
     crosses_epochs = True
 
-    def __init__(self, responsive_seconds=2.0, signals=SIGNALS, then="writing a checkpoint"):
+    def __init__(self, responsive_seconds=2.0, signals=SIGNALS, then="writing a checkpoint",
+                 after_training="going on to the run's end (its evaluation, record and files)"):
         self.received = None
         self.responsive_seconds = responsive_seconds
         self.signals = tuple(signals)
-        self.then = then
+        self.then, self.after_training = then, after_training
+        self._trained = False  # training ended: a first signal no longer stops anything
         self._previous = {}
         self._run = None  # the run training, told at once (a probe stops at its next execution)
 
@@ -282,6 +286,12 @@ class StopSignals(Hook):
         if self.received is not None:
             raise SecondStopSignal(f"second stop signal ({signal.Signals(signum).name})", self.name)
         self.received = signum
+        # Training ended, or is ending for another reason (the run's last epoch end, its
+        # validation): the signal stops nothing, the run goes on to its end.
+        if self._trained or (self._run is not None and self._run.stopped_by is not None):
+            logging.warning("%s received after training ended: %s (send it again to stop at once)",
+                            signal.Signals(signum).name, self.after_training)
+            return
         logging.warning("%s received: stopping at the next execution boundary and %s (send it again to stop at "
                         "once)", signal.Signals(signum).name, self.then)
         if self._run is not None:
@@ -297,6 +307,7 @@ class StopSignals(Hook):
 
     def on_train_end(self, run):
         self._run = None
+        self._trained = True
 
 
 def process_commit(record):

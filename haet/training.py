@@ -287,41 +287,43 @@ def _train_in(config, folder, data, built, settings, timer, clock, signals, prev
     if previous is not None:
         resume_from = _load_checkpoint(run, saved, folder.path, previous,
                                        checkpoint_lib.process_commit(folder.record))
-    run.fit(resume_from)
-    host_cpu.stop()
-    _warn_if_loaded(host_cpu.fields())
-    stopped_by = run.training.stopped_by
-    if stopped_by == "interrupted":
-        trained = run.engine.epoch is not None
-        saved = trained and run.checkpointer.save(run.training)
-        # An earlier checkpoint where this one could not be written (a full disk): a resume
-        # goes on from it (it said "nothing was trained yet", and the run was given up).
-        kept = trained and not saved and os.path.exists(run.checkpointer.path)
-        record = progress(status="interrupted", interrupted_by=signals.name, ended_utc=results.utc_now(),
-                          checkpoint=checkpoint_lib.CHECKPOINT if saved or kept else None)
-        folder.write_record(record)
-        hint = resume_hint or f"resume with: python -m haet.train --resume={folder.path}"
-        error = folder.artifact_errors.get(checkpoint_lib.CHECKPOINT)
-        if kept:
-            at = run.checkpointer.saved_at_step
-            hint = (f"its checkpoint could not be written ({error}); the earlier one"
-                    f"{'' if at is None else f', of step {at},'} is kept, and a resume goes on from it: {hint}")
-        elif not saved:
-            hint = (f"no checkpoint: it could not be written ({error})" if trained else
-                    "no checkpoint (nothing was trained yet)")
-        logging.warning("interrupted by %s after %d steps (%.1f s of the %g s budget); %s", signals.name,
-                        record["steps"], record["train_seconds"], config.budget_seconds, hint)
-        return folder.record
-    if stopped_by == "diverged":
-        _end_epochs_before_divergence(run)
-        record = progress(status="diverged", diverged_at_step=run.divergence.step,
-                          last_finite_loss=run.divergence.last_finite_loss, test_accuracy=None,
-                          ended_utc=results.utc_now())
-        folder.write_record(record)
-        logging.error("diverged at step %d; no accuracy is claimed -> %s", run.divergence.step, folder.path)
-        return folder.record
-    with timer.phase("eval"):
-        evaluated = evaluate(config, model, data, run)
+    # A second stop signal from here to the end of evaluation: the record keeps what was trained.
+    with _training_in_the_record(folder, progress):
+        run.fit(resume_from)
+        host_cpu.stop()
+        _warn_if_loaded(host_cpu.fields())
+        stopped_by = run.training.stopped_by
+        if stopped_by == "interrupted":
+            trained = run.engine.epoch is not None
+            saved = trained and run.checkpointer.save(run.training)
+            # An earlier checkpoint where this one could not be written (a full disk): a resume
+            # goes on from it (it said "nothing was trained yet", and the run was given up).
+            kept = trained and not saved and os.path.exists(run.checkpointer.path)
+            record = progress(status="interrupted", interrupted_by=signals.name, ended_utc=results.utc_now(),
+                              checkpoint=checkpoint_lib.CHECKPOINT if saved or kept else None)
+            folder.write_record(record)
+            hint = resume_hint or f"resume with: python -m haet.train --resume={folder.path}"
+            error = folder.artifact_errors.get(checkpoint_lib.CHECKPOINT)
+            if kept:
+                at = run.checkpointer.saved_at_step
+                hint = (f"its checkpoint could not be written ({error}); the earlier one"
+                        f"{'' if at is None else f', of step {at},'} is kept, and a resume goes on from it: {hint}")
+            elif not saved:
+                hint = (f"no checkpoint: it could not be written ({error})" if trained else
+                        "no checkpoint (nothing was trained yet)")
+            logging.warning("interrupted by %s after %d steps (%.1f s of the %g s budget); %s", signals.name,
+                            record["steps"], record["train_seconds"], config.budget_seconds, hint)
+            return folder.record
+        if stopped_by == "diverged":
+            _end_epochs_before_divergence(run)
+            record = progress(status="diverged", diverged_at_step=run.divergence.step,
+                              last_finite_loss=run.divergence.last_finite_loss, test_accuracy=None,
+                              ended_utc=results.utc_now())
+            folder.write_record(record)
+            logging.error("diverged at step %d; no accuracy is claimed -> %s", run.divergence.step, folder.path)
+            return folder.record
+        with timer.phase("eval"):
+            evaluated = evaluate(config, model, data, run)
     record = progress(status="completed", **results.evaluation_fields(config, data, run, evaluated, timer),
                       ended_utc=results.utc_now())
     folder.write_record(record)  # the accuracy is on disk before the large files are written
@@ -357,6 +359,22 @@ def _train_in(config, folder, data, built, settings, timer, clock, signals, prev
     if folder.artifact_errors:
         logging.error("files that could not be written: %s", folder.artifact_errors)
     return record
+
+
+@contextlib.contextmanager
+def _training_in_the_record(folder, progress):
+    """A second stop signal (`KeyboardInterrupt`) in the block: the record in memory
+    takes the training's fields so far (`progress()`: steps, seconds, epochs, up to
+    the last execution the host counted), which `train` writes as it marks the run
+    interrupted. Before, that record had none."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        try:
+            folder.record = progress()
+        except Exception as e:  # noqa: BLE001 (the run is still marked interrupted, without them)
+            logging.warning("the training's fields could not be put in the record: %s: %s", type(e).__name__, e)
+        raise
 
 
 def _warn_if_loaded(host_cpu):

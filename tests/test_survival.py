@@ -635,6 +635,50 @@ def test_a_stop_signal_during_setup_writes_nothing(tmp_path, cifar10_slice_dir, 
     assert stopped.value.signal_name == "SIGTERM" and not (tmp_path / "runs").exists()
 
 
+def test_a_stop_signal_after_training_lets_the_run_complete_and_says_so(tmp_path, cifar10_slice_dir, monkeypatch,
+                                                                        caplog):
+    """SIGTERM during the final evaluation: the run completes (exit status 0). The
+    warning said it would stop at the next execution boundary and write a checkpoint."""
+    from haet import training
+
+    evaluate = training.evaluate
+
+    def signalled(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)
+        return evaluate(*args, **kwargs)
+
+    monkeypatch.setattr(training, "evaluate", signalled)
+    with caplog.at_level("WARNING"):
+        record, run_dir = train(_tiny(cifar10_slice_dir, epochs=1), results_dir=str(tmp_path))
+    assert record["status"] == "completed" and record["test_accuracy"] is not None
+    assert checkpoint.exit_code(_record(run_dir)) == 0
+    (said,) = [r.getMessage() for r in caplog.records if "SIGTERM" in r.getMessage()]
+    assert said.startswith("SIGTERM received after training ended: going on to the run's end")
+
+
+def test_a_second_stop_signal_while_the_checkpoint_is_written_keeps_the_training_in_the_record(
+        tmp_path, cifar10_slice_dir, sigterm_after, monkeypatch):
+    """SIGTERM after step 6, then SIGINT while the checkpoint was written: the record
+    said "interrupted" and nothing of the training (steps, seconds, epochs)."""
+    sent = sigterm_after(6)
+
+    def second(self, run):
+        os.kill(os.getpid(), signal.SIGINT)  # (the handler raises here)
+        pytest.fail("the second signal raised nothing")
+
+    monkeypatch.setattr(checkpoint.Checkpointer, "save", second)
+    with pytest.raises(KeyboardInterrupt, match="second stop signal"):
+        train(_tiny(cifar10_slice_dir, checkpoint_every=0.0), results_dir=str(tmp_path))
+    (run_dir,) = [str(p) for p in tmp_path.iterdir()]
+    record = _record(run_dir)
+    assert record["status"] == "interrupted" and record["interrupted_by"] == "SIGTERM"
+    assert record["error"] == "SecondStopSignal: second stop signal (SIGINT)" and record["checkpoint"] is None
+    assert record["steps"] == sent[0] and record["train_seconds"] > 0 and record["stopped_by"] == "interrupted"
+    # (epoch 1 ended on the device at step 5, inside the execution the first signal stopped)
+    assert record["epochs"] == record["epochs_pending"] == 1 and _history(run_dir) == []
+    assert checkpoint.exit_code(record) == 128 + signal.SIGTERM
+
+
 def test_a_second_stop_signal_exits_with_the_first_signals_status():
     """A second SIGTERM exited 130, as if it were SIGINT; the record names the first."""
     from haet import train as train_cli
