@@ -458,7 +458,17 @@ def fit(model, x, y, *, budget_seconds=None, epochs=None, batch_size=32, learnin
                                          step=optimizers.inner(model.optimizer).iterations)
         hooks.append(planner)  # last: its epoch end measures the time the other hooks took
     with signals:
-        training = Training(engine, budget, hooks, epochs=epochs or 0).fit()
+        try:
+            training = Training(engine, budget, hooks, epochs=epochs or 0).fit()
+        except KeyboardInterrupt as e:  # a second Ctrl-C, inside an execution
+            # Under JAX the model's variables held the arrays the engine donated to the
+            # executions since the last sync (deleted): the model could not be used again.
+            if engine.sync_after_interrupt():
+                e.add_note("The model holds the weights of the steps that ended before it.")
+            else:
+                e.add_note("It came while an execution held the training state: the model's weights are lost (its "
+                           "variables hold deleted arrays); build or load the model again.")
+            raise
     if training.stopped_by == "interrupted":
         raise KeyboardInterrupt(f"{signals.name} received: training stopped after {budget.steps} steps "
                                 f"({budget.train_seconds():.1f} s); the model holds their weights")

@@ -443,6 +443,15 @@ class Engine:
     def sync(self):
         """Writes the engine's training state into the model's variables."""
 
+    def sync_after_interrupt(self):
+        """After an exception raised inside an execution (a second Ctrl-C): writes the
+        state of the last steps the host received into the model's variables, where
+        it can. Returns False where it cannot: the exception came between the
+        execution taking the state and returning the new one (under JAX the arrays
+        donated to it are deleted, and the model's variables may hold them)."""
+        self.sync()
+        return True
+
     def reload(self):
         """Reads the training state back from the model's variables."""
 
@@ -609,6 +618,15 @@ class _JaxEngine(Engine):
         self._synced = False
         losses, logs, ends = jax.device_get((losses, logs, ends))
         return np.asarray(losses, np.float32), logs, ends
+
+    def sync_after_interrupt(self):
+        # The model's variables hold the arrays of the last sync, donated to the
+        # executions since: the state's are written back unless they were donated too.
+        if self._state is None or any(value.is_deleted() for values in self._state for value in values):
+            return False
+        self._synced = False
+        self.sync()
+        return True
 
     def sync(self):
         if self._synced:

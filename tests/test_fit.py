@@ -11,7 +11,7 @@ import pytest
 
 import haet
 from haet import engine as engine_lib
-from haet import optimizers, schedules
+from haet import checkpoint, optimizers, schedules
 from conftest import FakeClock
 
 STEP = 0.125  # seconds a step on the fake clock: exact in binary, and short enough that
@@ -204,6 +204,51 @@ def test_ctrl_c_stops_at_the_execution_boundary_with_the_weights_synced(data, cl
     # Executions of 1, 4 and 4 steps ran: the model (not only the engine) holds their result.
     assert int(keras.ops.convert_to_numpy(model.optimizer.iterations)) == 9
     assert signal.getsignal(signal.SIGINT) is handler  # the caller's handler is back
+
+
+def test_a_second_ctrl_c_inside_an_execution_leaves_the_model_usable(data, clock, monkeypatch):
+    """Two Ctrl-Cs in the third execution, after its steps: the second raised there, and
+    under JAX the model's variables held the arrays the engine had donated to the
+    execution (deleted: the model could not be read or saved)."""
+    x, y = data
+    original = engine_lib.Engine.run
+
+    def interrupted(self, steps):
+        losses = original(self, steps)
+        if len(clock.runs) == 3:
+            os.kill(os.getpid(), signal.SIGINT)
+            os.kill(os.getpid(), signal.SIGINT)  # (raises here)
+        return losses
+
+    monkeypatch.setattr(engine_lib.Engine, "run", interrupted)
+    model = compiled(tiny_model())
+    with pytest.raises(KeyboardInterrupt, match=r"second stop signal \(SIGINT\)") as stopped:
+        haet.fit(model, x, y, budget_seconds=100 * STEP, batch_size=8, steps_per_execution=4, verbose=0, clock=clock)
+    assert stopped.value.__notes__ == ["The model holds the weights of the steps that ended before it."]
+    assert int(keras.ops.convert_to_numpy(model.optimizer.iterations)) == 9  # the host had the third's result
+    assert np.isfinite(model.predict(x[:4], verbose=0)).all()
+
+
+@pytest.mark.skipif(keras.backend.backend() != "jax", reason="only JAX donates the state to an execution")
+def test_a_second_ctrl_c_that_cuts_an_execution_under_jax_says_the_weights_are_lost(data, clock, monkeypatch):
+    """Raised while the execution held the state (its donated arrays deleted, the new
+    ones not yet returned): nothing can be written back, and the error says so."""
+    x, y = data
+    original = engine_lib.Engine.run
+
+    def cut(self, steps):
+        if len(clock.runs) == 3:
+            for values in self._state:
+                for value in values:
+                    value.delete()  # what donating them to the execution did
+            raise checkpoint.SecondStopSignal("second stop signal (SIGINT)", "SIGINT")
+        return original(self, steps)
+
+    monkeypatch.setattr(engine_lib.Engine, "run", cut)
+    with pytest.raises(KeyboardInterrupt) as stopped:
+        haet.fit(compiled(tiny_model()), x, y, budget_seconds=100 * STEP, batch_size=8, steps_per_execution=4,
+                 verbose=0, clock=clock)
+    assert "the model's weights are lost" in stopped.value.__notes__[0]
 
 
 def test_one_line_an_epoch_when_verbose(data, capsys):
