@@ -229,32 +229,41 @@ def _seeded_per_trial(make, seed):
     sampler's state is its random numbers alone (TPE reads the history from the study
     each time), so a fresh one per trial, seeded by the trial's number (unique in a
     study), keeps one process's search reproducible and makes the workers' differ.
-    Built here as Optuna is imported lazily (`_optuna`).
+    Each trial running keeps its own (`study.optimize(n_jobs=N)` runs N at once in
+    threads: one shared sampler drew one trial's values from another's seed). Built
+    here as Optuna is imported lazily (`_optuna`).
     """
     optuna = _optuna()
 
     class PerTrialSeed(optuna.samplers.BaseSampler):
         def __init__(self):
-            self._inner = make(seed)
+            self._inner = {}  # trial number -> its sampler, while it runs
+
+        def _of(self, trial):
+            if trial.number not in self._inner:
+                self._inner[trial.number] = make(int(np.random.SeedSequence([seed, trial.number]).generate_state(1)[0]))
+            return self._inner[trial.number]
 
         def before_trial(self, study, trial):
-            self._inner = make(int(np.random.SeedSequence([seed, trial.number]).generate_state(1)[0]))
-            self._inner.before_trial(study, trial)
+            self._inner.pop(trial.number, None)  # (a fresh one: the same number in another study)
+            self._of(trial).before_trial(study, trial)
 
         def infer_relative_search_space(self, study, trial):
-            return self._inner.infer_relative_search_space(study, trial)
+            return self._of(trial).infer_relative_search_space(study, trial)
 
         def sample_relative(self, study, trial, search_space):
-            return self._inner.sample_relative(study, trial, search_space)
+            return self._of(trial).sample_relative(study, trial, search_space)
 
         def sample_independent(self, study, trial, param_name, param_distribution):
-            return self._inner.sample_independent(study, trial, param_name, param_distribution)
+            return self._of(trial).sample_independent(study, trial, param_name, param_distribution)
 
         def after_trial(self, study, trial, state, values):
-            self._inner.after_trial(study, trial, state, values)
+            self._of(trial).after_trial(study, trial, state, values)
+            self._inner.pop(trial.number, None)
 
         def reseed_rng(self):
-            self._inner.reseed_rng()
+            for inner in list(self._inner.values()):
+                inner.reseed_rng()
 
     return PerTrialSeed()
 

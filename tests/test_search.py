@@ -368,6 +368,29 @@ def test_each_run_of_a_seeded_search_samples_new_values_and_one_run_is_reproduci
     assert not (tmp_path / "bad").exists()  # (before: the first trial failed, the folder written)
 
 
+@pytest.mark.parametrize("sampler", ["tpe", "random"])
+def test_trials_running_at_once_each_draw_from_their_own_seed(sampler):
+    """`study.optimize(n_jobs=2)` runs two trials at once: they shared one sampler, so a
+    trial drew its values from the other's seed (and the run was not reproducible)."""
+    import optuna
+
+    space = search.parse_space(["learning_rate=loguniform:0.01:1", "weight_decay=uniform:0:0.01"])
+
+    def drawn(order):
+        study = optuna.create_study(direction="maximize", sampler=search.make_sampler(sampler, space, 3))
+        trials = [study.ask(), study.ask()]
+        values = {}
+        for number, name in order:
+            kind, args = space[name]
+            values[number, name] = trials[number].suggest_float(name, *args, log=kind == "loguniform")
+        return values
+
+    names = list(space)
+    one_after_the_other = drawn([(0, names[0]), (0, names[1]), (1, names[0]), (1, names[1])])
+    interleaved = drawn([(1, names[0]), (0, names[0]), (0, names[1]), (1, names[1])])
+    assert interleaved == one_after_the_other
+
+
 def test_an_interrupted_trial_queued_twice_by_workers_in_two_folders_is_trained_once(tmp_path):
     """Workers in other folders of a shared storage hold other locks: two could queue
     the same interrupted trial, whose values were then trained, and counted, twice."""
