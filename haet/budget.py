@@ -504,17 +504,20 @@ class StepPlanner(StepLimit):
         if self.planned_epochs is not None or run.stopped_by is not None:  # resumed, or stopped before training
             return
         snapshot = engine.snapshot()
-        engine.start_epoch(0)
-        budget.execute(engine, 1, probe=True)
-        timed_steps, timed_seconds = 0, 0.0
-        while timed_steps < self.probe_steps and budget.elapsed() < budget.budget_seconds and run.stopped_by is None:
-            if not engine.steps_left_in_epoch:
-                engine.start_epoch(engine.epoch + 1)
-            steps = min(engine.steps_per_execution, engine.steps_left_in_epoch, self.probe_steps - timed_steps)
-            budget.execute(engine, steps, probe=True)
-            timed_steps += steps
-            timed_seconds += budget.executions[-1].seconds
-        engine.restore(snapshot)
+        try:
+            engine.start_epoch(0)
+            budget.execute(engine, 1, probe=True)
+            timed_steps, timed_seconds = 0, 0.0
+            while (timed_steps < self.probe_steps and budget.elapsed() < budget.budget_seconds
+                   and run.stopped_by is None):
+                if not engine.steps_left_in_epoch:
+                    engine.start_epoch(engine.epoch + 1)
+                steps = min(engine.steps_per_execution, engine.steps_left_in_epoch, self.probe_steps - timed_steps)
+                budget.execute(engine, steps, probe=True)
+                timed_steps += steps
+                timed_seconds += budget.executions[-1].seconds
+        finally:  # (a second stop signal too: the model is left without the probe's steps)
+            engine.restore(snapshot)
         if run.stopped_by is not None:  # a stop signal during the probe: nothing to plan
             return
         if timed_seconds > 0.25 * budget.budget_seconds:

@@ -195,8 +195,10 @@ class Checkpointer(Hook):
                      "git_commit": process_commit(self.folder.record)}
             try:
                 self.bytes = save(self.path, engine.snapshot(), engine.variable_paths(), state)
-            except OSError as e:
+            except BaseException as e:  # (a second stop signal too: the record counted it as written)
                 self.saved -= 1
+                if not isinstance(e, OSError):
+                    raise
                 self.folder.report_failure(CHECKPOINT, e)
                 return False
             self.saved_at_step = run.budget.steps
@@ -289,8 +291,10 @@ class StopSignals(Hook):
         # Training ended, or is ending for another reason (the run's last epoch end, its
         # validation): the signal stops nothing, the run goes on to its end.
         if self._trained or (self._run is not None and self._run.stopped_by is not None):
+            diverged = self._run is not None and self._run.stopped_by == "diverged"
             logging.warning("%s received after training ended: %s (send it again to stop at once)",
-                            signal.Signals(signum).name, self.after_training)
+                            signal.Signals(signum).name,
+                            "it diverged, its record is written" if diverged else self.after_training)
             return
         logging.warning("%s received: stopping at the next execution boundary and %s (send it again to stop at "
                         "once)", signal.Signals(signum).name, self.then)

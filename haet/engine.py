@@ -445,8 +445,10 @@ class Engine:
 
     def sync_after_interrupt(self):
         """After an exception raised inside an execution (a second Ctrl-C): writes the
-        state of the last steps the host received into the model's variables, where
-        it can. Returns False where it cannot: the exception came between the
+        state into the model's variables where they do not hold it already, so that
+        the model holds the weights of the last step that ran (the interrupted
+        execution's steps too: the host neither counted them nor checked their
+        losses). Returns False where it cannot: the exception came between the
         execution taking the state and returning the new one (under JAX the arrays
         donated to it are deleted, and the model's variables may hold them)."""
         self.sync()
@@ -622,8 +624,13 @@ class _JaxEngine(Engine):
     def sync_after_interrupt(self):
         # The model's variables hold the arrays of the last sync, donated to the
         # executions since: the state's are written back unless they were donated too.
+        # A model that holds live arrays and is synced keeps them: a hook may have
+        # written weights since (the moving average, the best epoch's).
         if self._state is None or any(value.is_deleted() for values in self._state for value in values):
             return False
+        if self._synced and not any(variable.value.is_deleted() for variables in self._groups()
+                                    for variable in variables):
+            return True
         self._synced = False
         self.sync()
         return True

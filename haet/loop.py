@@ -201,8 +201,10 @@ class Training:
         the run has done all the steps it planned (a `StepLimit`, the last of `epochs`); this reason replaces
         "budget" given after the same execution, so that `stopped_by` says the schedule
         ended rather than was cut (the record's `over_budget_seconds` keeps the
-        overshoot)."""
-        if self.stopped_by is None or (completed and self.stopped_by == "budget" and not self.stopped_at_once):
+        overshoot). "diverged" replaces any reason given after the same execution (a stop
+        signal that came during it): the weights are not finite, nothing is kept."""
+        if self.stopped_by is None or (completed and self.stopped_by == "budget" and not self.stopped_at_once) or (
+                reason == "diverged" and self.stopped_by != "diverged"):
             self.stopped_by = reason
             self.stopped_at_once = bool(immediate)
 

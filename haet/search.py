@@ -604,6 +604,8 @@ def run_search(base, space, search_dir, trials, sampler="tpe", pruner="none", se
     runs_dir = os.path.join(search_dir, "runs")
     commit = results.git_commit()
 
+    signalled = []  # a stop signal that came after a trial's training ended
+
     def objective(trial):
         # False until the trial's outcome is known: a worker that dies (SIGKILL, a lost
         # machine) leaves it so, and once Optuna's heartbeat marks its trial failed the
@@ -663,6 +665,11 @@ def run_search(base, space, search_dir, trials, sampler="tpe", pruner="none", se
         trial.set_user_attr("run_dir", os.path.relpath(run_dir, search_dir))
         for key in ("status", "epochs", "steps", "train_seconds", "stopped_by"):
             trial.set_user_attr(key, record.get(key))
+        if record.get("signal_after_training"):
+            # A stop signal after the run's training ended: the trial ends as its run did,
+            # and the search stops after it, as if the signal had come between trials.
+            signalled.append(TrialInterrupted(trial.number, record["signal_after_training"], after_training=True))
+            study.stop()
         if record["status"] == "interrupted":
             trial.set_user_attr("interrupted", True)
             raise TrialInterrupted(trial.number, record.get("interrupted_by"))
@@ -689,6 +696,8 @@ def run_search(base, space, search_dir, trials, sampler="tpe", pruner="none", se
             # one too, before the callback queues that one again: optimize once more for it.
             while True:
                 study.optimize(objective, callbacks=[stop_when_done], catch=(TrialFailed,))
+                if signalled:
+                    raise signalled[0]
                 if finished_trials(study) >= trials or not study.get_trials(
                         deepcopy=False, states=(optuna.trial.TrialState.WAITING,)):
                     break
@@ -811,11 +820,13 @@ def _say_running(study):
 
 class TrialInterrupted(KeyboardInterrupt):
     """A trial's run stopped by a signal (`signal_name`, e.g. "SIGTERM"; its record
-    says "interrupted")."""
+    says "interrupted"), or, `after_training`, a signal that came after its training
+    ended: the run went on to its end, and the search stops after the trial."""
 
-    def __init__(self, number, signal_name):
-        super().__init__(f"trial {number} interrupted by {signal_name}")
-        self.number, self.signal_name = number, signal_name
+    def __init__(self, number, signal_name, after_training=False):
+        super().__init__(f"{signal_name} after trial {number}'s training ended: the search stops after it"
+                         if after_training else f"trial {number} interrupted by {signal_name}")
+        self.number, self.signal_name, self.after_training = number, signal_name, after_training
 
 
 def interruption_exit_code(interruption):
@@ -1010,9 +1021,12 @@ def main(argv):
         cli.not_written(f"the search's trials.csv or figures in {f.search_dir}", e)
     print(f"wrote {f.search_dir}")
     if interrupted is not None:
-        print(f"interrupted ({str(interrupted) or type(interrupted).__name__}); the interrupted trial is not counted: "
-              "run the same command again to go on (it takes up that trial's values again, resumed from its "
-              "run's checkpoint when it has one)", file=sys.stderr)
+        if getattr(interrupted, "after_training", False):
+            print(f"stopped ({interrupted}; the trial counts): run the same command again to go on", file=sys.stderr)
+        else:
+            print(f"interrupted ({str(interrupted) or type(interrupted).__name__}); the interrupted trial is not "
+                  "counted: run the same command again to go on (it takes up that trial's values again, resumed "
+                  "from its run's checkpoint when it has one)", file=sys.stderr)
         sys.exit(interruption_exit_code(interrupted))
     sys.stdout.flush()
 

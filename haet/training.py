@@ -288,7 +288,7 @@ def _train_in(config, folder, data, built, settings, timer, clock, signals, prev
         resume_from = _load_checkpoint(run, saved, folder.path, previous,
                                        checkpoint_lib.process_commit(folder.record))
     # A second stop signal from here to the end of evaluation: the record keeps what was trained.
-    with _training_in_the_record(folder, progress):
+    with _training_in_the_record(folder, run, progress):
         run.fit(resume_from)
         host_cpu.stop()
         _warn_if_loaded(host_cpu.fields())
@@ -318,14 +318,16 @@ def _train_in(config, folder, data, built, settings, timer, clock, signals, prev
             _end_epochs_before_divergence(run)
             record = progress(status="diverged", diverged_at_step=run.divergence.step,
                               last_finite_loss=run.divergence.last_finite_loss, test_accuracy=None,
-                              ended_utc=results.utc_now())
+                              signal_after_training=signals.name, ended_utc=results.utc_now())
             folder.write_record(record)
             logging.error("diverged at step %d; no accuracy is claimed -> %s", run.divergence.step, folder.path)
             return folder.record
         with timer.phase("eval"):
             evaluated = evaluate(config, model, data, run)
+    # A stop signal that came after training ended stopped nothing: the record names it
+    # (a caller of several runs, the search, stops after this one).
     record = progress(status="completed", **results.evaluation_fields(config, data, run, evaluated, timer),
-                      ended_utc=results.utc_now())
+                      signal_after_training=signals.name, ended_utc=results.utc_now())
     folder.write_record(record)  # the accuracy is on disk before the large files are written
     # Completed: the checkpoint goes before the large files are written. A stop signal
     # while they were made the run "interrupted" with its checkpoint, and a resume
@@ -342,7 +344,9 @@ def _train_in(config, folder, data, built, settings, timer, clock, signals, prev
         folder.record["files_interrupted_by"] = signals.name or "KeyboardInterrupt"
         logging.warning("stopped by %s while the run's files were written: the rest are not written (the run "
                         "completed: its record has the accuracy)", signals.name or "KeyboardInterrupt")
-    if folder.artifact_errors:
+    signalled = folder.record["signal_after_training"] != signals.name  # (while the files were written)
+    folder.record["signal_after_training"] = signals.name
+    if folder.artifact_errors or signalled:
         folder.write_record()  # the files that could not be written, listed
     record = folder.record
     message = "%s; %d epochs (%d steps, %s); setup %.1f s, compile %.1f s, train %.1f s, eval %.1f s, " \
@@ -362,16 +366,25 @@ def _train_in(config, folder, data, built, settings, timer, clock, signals, prev
 
 
 @contextlib.contextmanager
-def _training_in_the_record(folder, progress):
-    """A second stop signal (`KeyboardInterrupt`) in the block: the record in memory
-    takes the training's fields so far (`progress()`: steps, seconds, epochs, up to
-    the last execution the host counted), which `train` writes as it marks the run
-    interrupted. Before, that record had none."""
+def _training_in_the_record(folder, run, progress):
+    """A second stop signal (`KeyboardInterrupt`) in the block: the record in memory,
+    which `train` writes as it marks the run interrupted, says what was trained.
+
+    With a checkpoint on disk, the record stays the one written with it (its steps,
+    seconds and epochs are what a resume goes on from), and `steps_when_interrupted`
+    says how far the host had counted (the steps past the checkpoint's are lost).
+    Without one, it takes the training's fields so far (`progress()`: up to the last
+    execution the host counted; epochs that ended on the device without a history row
+    are not counted: nothing keeps them). Before, that record had no training fields."""
     try:
         yield
     except KeyboardInterrupt:
         try:
-            folder.record = progress()
+            if os.path.exists(run.checkpointer.path):
+                folder.record["steps_when_interrupted"] = run.budget.steps
+            else:
+                run.engine.take_ended_epochs()
+                folder.record = progress()
         except Exception as e:  # noqa: BLE001 (the run is still marked interrupted, without them)
             logging.warning("the training's fields could not be put in the record: %s: %s", type(e).__name__, e)
         raise

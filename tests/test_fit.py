@@ -224,9 +224,64 @@ def test_a_second_ctrl_c_inside_an_execution_leaves_the_model_usable(data, clock
     model = compiled(tiny_model())
     with pytest.raises(KeyboardInterrupt, match=r"second stop signal \(SIGINT\)") as stopped:
         haet.fit(model, x, y, budget_seconds=100 * STEP, batch_size=8, steps_per_execution=4, verbose=0, clock=clock)
-    assert stopped.value.__notes__ == ["The model holds the weights of the steps that ended before it."]
+    assert stopped.value.__notes__ == ["The model holds the weights of the last step that ran."]
     assert int(keras.ops.convert_to_numpy(model.optimizer.iterations)) == 9  # the host had the third's result
     assert np.isfinite(model.predict(x[:4], verbose=0)).all()
+
+
+def test_a_second_ctrl_c_in_the_planners_probe_leaves_the_model_without_the_probes_steps(data, clock,
+                                                                                          monkeypatch):
+    """The probe's steps are undone when it ends; two Ctrl-Cs after its second execution
+    left them in the model (3 optimizer steps, no kept one)."""
+    from haet import budget as budget_lib
+
+    x, y = data
+    original = budget_lib.WallClockBudget.execute
+    probes = []
+
+    def execute(self, engine, steps, probe=False):
+        losses = original(self, engine, steps, probe)
+        probes.append(probe)
+        if probes == [True, True]:
+            os.kill(os.getpid(), signal.SIGINT)
+            os.kill(os.getpid(), signal.SIGINT)  # (raises here)
+        return losses
+
+    monkeypatch.setattr(budget_lib.WallClockBudget, "execute", execute)
+    model = compiled(tiny_model(), keras.optimizers.SGD(schedules.PlannedPiecewiseLinear([0, 0.5, 1], [0, 0.2, 0])))
+    before = [np.array(w) for w in model.get_weights()]
+    with pytest.raises(KeyboardInterrupt, match="second stop signal"):
+        haet.fit(model, x, y, budget_seconds=20 * STEP, batch_size=16, probe_steps=2, verbose=0, clock=clock)
+    assert int(keras.ops.convert_to_numpy(model.optimizer.iterations)) == 0
+    for weight, initial in zip(model.get_weights(), before):
+        np.testing.assert_array_equal(weight, initial)
+
+
+def test_a_second_ctrl_c_after_training_keeps_the_weights_a_callback_restored(data, clock, monkeypatch):
+    """A callback that writes other weights at the end of training (as
+    EarlyStopping(restore_best_weights=True) does): a second Ctrl-C in a later
+    callback's on_train_end wrote the last step's weights over them."""
+    x, y = data
+
+    class RestoreInitial(keras.callbacks.Callback):
+        def on_train_begin(self, logs=None):
+            self.initial = self.model.get_weights()
+
+        def on_train_end(self, logs=None):
+            self.model.set_weights(self.initial)
+
+    class CtrlCTwice(keras.callbacks.Callback):
+        def on_train_end(self, logs=None):
+            os.kill(os.getpid(), signal.SIGINT)
+            os.kill(os.getpid(), signal.SIGINT)  # (raises here)
+
+    restore = RestoreInitial()
+    model = compiled(tiny_model())
+    with pytest.raises(KeyboardInterrupt, match="second stop signal"):
+        haet.fit(model, x, y, epochs=2, batch_size=16, callbacks=[restore, CtrlCTwice()], verbose=0, clock=clock)
+    assert int(keras.ops.convert_to_numpy(model.optimizer.iterations)) == 8  # it trained
+    for weight, initial in zip(model.get_weights(), restore.initial):
+        np.testing.assert_array_equal(weight, initial)
 
 
 @pytest.mark.skipif(keras.backend.backend() != "jax", reason="only JAX donates the state to an execution")

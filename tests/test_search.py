@@ -309,6 +309,30 @@ def test_an_interrupted_grid_point_is_trained_again(tmp_path):
     assert len(calls) == 2 and [r["retry_of"] for r in search.trial_rows(study, space)] == [None, None, 1, None]
 
 
+def test_a_stop_signal_after_a_trials_training_stops_the_search_after_that_trial(tmp_path):
+    """SIGTERM during trial 1's evaluation: its run completes (its record names the
+    signal), and the search went on with trial 2 as if nothing had come."""
+    base = TrainConfig(validation_size=500, budget_seconds=5, lr_schedule="constant")
+    space = search.parse_space(["learning_rate=choice:0.01|0.1|0.5"])
+    calls, train = [], _fake_train([])
+
+    def signalled_in_the_second(config, results_dir, hooks=(), resume_hint=None):
+        calls.append(config)
+        record, run_dir = train(config, results_dir, hooks, resume_hint)
+        return {**record, "signal_after_training": "SIGTERM" if len(calls) == 2 else None}, run_dir
+
+    with pytest.raises(search.SearchInterrupted) as interrupted:
+        search.run_search(base, space, str(tmp_path), 3, sampler="grid", load_data=_no_data,
+                          train=signalled_in_the_second)
+    assert len(calls) == 2 and _states(interrupted.value.study) == ["COMPLETE", "COMPLETE"]
+    assert search.interruption_exit_code(interrupted.value.interruption) == 143
+    assert "SIGTERM after trial 1's training ended: the search stops after it" in str(interrupted.value)
+    # The same command goes on with the last point.
+    study = search.run_search(base, space, str(tmp_path), 3, sampler="grid", load_data=_no_data,
+                              train=signalled_in_the_second)
+    assert len(calls) == 3 and _states(study) == ["COMPLETE"] * 3
+
+
 def test_a_failed_or_interrupted_trial_is_logged_without_a_traceback_and_a_bug_with_one(tmp_path):
     """Optuna logged each failed trial with a traceback of haet's own frames, burying the
     one line that says why (a diverged run; a signal); a bug's traceback stays."""

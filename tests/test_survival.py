@@ -368,6 +368,29 @@ def test_a_diverged_run_keeps_the_rows_of_the_epochs_before_its_diverged_step(tm
     assert on_disk["epochs"] == on_disk["epochs_completed"] == before and on_disk["epochs_pending"] == 0
 
 
+def test_a_stop_signal_in_the_execution_that_diverged_leaves_a_diverged_run(tmp_path, cifar10_slice_dir,
+                                                                             monkeypatch):
+    """SIGTERM during the execution whose loss was not finite: the signal stopped the
+    run first, which was checkpointed with non-finite weights, recorded "interrupted"
+    and could be resumed."""
+    original = budget_lib.WallClockBudget.execute
+
+    def execute(self, engine, steps, probe=False):
+        losses = original(self, engine, steps, probe)
+        if not np.isfinite(losses).all():
+            os.kill(os.getpid(), signal.SIGTERM)
+        return losses
+
+    monkeypatch.setattr(budget_lib.WallClockBudget, "execute", execute)
+    config = _tiny(cifar10_slice_dir, learning_rate=1e8, epochs=10, steps_per_execution=2)
+    record, run_dir = train(config, results_dir=str(tmp_path))
+    assert record["status"] == _record(run_dir)["status"] == "diverged" and record["stopped_by"] == "diverged"
+    assert record["signal_after_training"] == "SIGTERM" and record.get("checkpoint") is None
+    assert "checkpoint.npz" not in os.listdir(run_dir)
+    with pytest.raises(SetupError, match="diverged"):
+        train(config, resume=run_dir)
+
+
 @pytest.mark.parametrize("chunks,epoch_size", [((4, 2), 40), ((6,), 16), ((3, 3), 16)])
 def test_the_divergence_guard_recovers_the_last_finite_step_loss(chunks, epoch_size):
     """Step losses 2, 4, 6, 1, 3, inf in executions of `chunks` steps: in one epoch (10
@@ -651,6 +674,7 @@ def test_a_stop_signal_after_training_lets_the_run_complete_and_says_so(tmp_path
     with caplog.at_level("WARNING"):
         record, run_dir = train(_tiny(cifar10_slice_dir, epochs=1), results_dir=str(tmp_path))
     assert record["status"] == "completed" and record["test_accuracy"] is not None
+    assert record["signal_after_training"] == _record(run_dir)["signal_after_training"] == "SIGTERM"
     assert checkpoint.exit_code(_record(run_dir)) == 0
     (said,) = [r.getMessage() for r in caplog.records if "SIGTERM" in r.getMessage()]
     assert said.startswith("SIGTERM received after training ended: going on to the run's end")
@@ -674,9 +698,43 @@ def test_a_second_stop_signal_while_the_checkpoint_is_written_keeps_the_training
     assert record["status"] == "interrupted" and record["interrupted_by"] == "SIGTERM"
     assert record["error"] == "SecondStopSignal: second stop signal (SIGINT)" and record["checkpoint"] is None
     assert record["steps"] == sent[0] and record["train_seconds"] > 0 and record["stopped_by"] == "interrupted"
-    # (epoch 1 ended on the device at step 5, inside the execution the first signal stopped)
-    assert record["epochs"] == record["epochs_pending"] == 1 and _history(run_dir) == []
+    # Epoch 1 ended on the device at step 5, in the execution the first signal stopped: no
+    # row, and no checkpoint keeps it. (The count of checkpoints said 1.)
+    assert record["epochs"] == record["epochs_pending"] == 0 and _history(run_dir) == []
+    assert record["checkpoints"] == 0 and sorted(os.listdir(run_dir)) == ["history.csv", "record.json"]
     assert checkpoint.exit_code(record) == 128 + signal.SIGTERM
+
+
+def test_a_second_stop_signal_after_a_checkpoint_keeps_the_record_of_the_checkpoint(tmp_path, cifar10_slice_dir,
+                                                                                  monkeypatch):
+    """A checkpoint after 5 s (1 s a step), then two signals after step 8: the record's
+    steps, seconds and epochs are what a resume goes on from, and
+    `steps_when_interrupted` how far the host had counted."""
+    clock = _steps_of_one_second(monkeypatch)
+    original = budget_lib.WallClockBudget.execute
+    sent = []
+
+    def execute(self, engine, steps, probe=False):
+        losses = original(self, engine, steps, probe)
+        if self.steps >= 8 and not sent:
+            sent.append(self.steps)
+            os.kill(os.getpid(), signal.SIGINT)
+            os.kill(os.getpid(), signal.SIGINT)  # (raises here)
+        return losses
+
+    monkeypatch.setattr(budget_lib.WallClockBudget, "execute", execute)
+    config = _tiny(cifar10_slice_dir, checkpoint_every=5.0, steps_per_execution=2, epochs=4)
+    with pytest.raises(KeyboardInterrupt, match="second stop signal"):
+        train(config, results_dir=str(tmp_path), clock=clock)
+    (run_dir,) = [str(p) for p in tmp_path.iterdir()]
+    record = _record(run_dir)
+    _, _, state = checkpoint.load(os.path.join(run_dir, "checkpoint.npz"))
+    assert record["status"] == "interrupted" and record["checkpoint"] == "checkpoint.npz"
+    assert 5 <= record["steps"] == state["hooks"]["2:WallClockBudget"]["steps"] < sent[0]
+    assert record["checkpoints"] == 1 and record["steps_when_interrupted"] == sent[0]
+    assert record["epochs"] == len(state["hooks"]["2:WallClockBudget"]["history"]) + len(state["ended_epochs"]) == 1
+    resumed, _ = train(config, resume=run_dir, clock=clock)
+    assert resumed["status"] == "completed" and resumed["steps"] == 20
 
 
 def test_a_second_stop_signal_exits_with_the_first_signals_status():
