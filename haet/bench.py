@@ -25,7 +25,9 @@ each steps-per-execution value, prints and writes (`--json`, a list of rows):
   `haet.training.train` path for `--end_to_end_budget` seconds in the same
   process (the record's `images_per_second_after_compile`: trained images over
   the budget's seconds without compilation or the planner's probe), and
-  `end_to_end_ratio` = that / `images_per_second`;
+  `end_to_end_ratio` = `images_per_second` / that (the end-to-end step time over the
+  pure step's); `end_to_end_status`: the run's status (a diverged run's figures
+  are null);
 - `host_overhead_us_per_step`: end-to-end step time minus the pure step's, in
   microseconds;
 - with `--keras_fit`, `keras_fit_images_per_second`: `model.fit` fed NumPy batches by
@@ -35,6 +37,10 @@ each steps-per-execution value, prints and writes (`--json`, a list of rows):
 Training data: `--data_dir` as `haet.train` reads it, or (unset) random uint8
 images of the dataset's shape. Only `--bench_test_images` test images are scored
 after each end-to-end run (the score is not the point).
+
+Ctrl-C or SIGTERM stops it (in an end-to-end run too, and after one whose training
+ended): the settings measured before are printed and written, then it exits 130 or
+143.
 """
 
 import dataclasses
@@ -287,76 +293,106 @@ def bench(config, batch_sizes, steps_per_executions, bench_steps=20, end_to_end_
             (`haet.engine.check_steps_per_execution`), before any work.
     """
     rows = []
-    with tempfile.TemporaryDirectory() as folder:
-        data_dir = os.path.join(folder, "data")
-        os.makedirs(data_dir)
-        try:
-            prepare_data_dir(config, data_dir, test_images)
-        except (ValueError, RuntimeError) as e:  # RuntimeError: no local copy of the data
-            raise training.SetupError(str(e)) from None
-        base = dataclasses.replace(config, data_dir=data_dir, classes=(), save_model=False, evaluate_test=True,
-                                   validation_size=0, budget_seconds=end_to_end_budget or config.budget_seconds)
-        # Loaded once: the batch size and steps per execution change neither the subset
-        # nor the split. Every end-to-end setting is checked here, before the first
-        # measurement (a steps_per_execution too large for a batch size was refused
-        # only by its end-to-end run, after the measurements before it).
-        try:
-            data = training.prepare_data(dataclasses.replace(base, steps_per_execution=1))
-            for batch_size in batch_sizes if end_to_end_budget else ():
-                for k in steps_per_executions:
-                    engine.check_steps_per_execution(k, len(data.y_fit) // batch_size, len(data.y_fit),
-                                                     base.span_epochs)
-        except (ValueError, RuntimeError) as e:
-            raise training.SetupError(str(e)) from None
-        for batch_size in batch_sizes:
-            sized = dataclasses.replace(base, batch_size=batch_size)
-            with training.settings_of(sized) as settings:
-                model, _, _ = compiled_model(sized, data, settings, source)
-                x, y = first_batch(data, sized)
-                step_seconds, compile_seconds, variants = pure_step(model, x, y, bench_steps)
-                flops = forward_flops(model)
-                fit_rate = None
-                if keras_fit and len(x) > len(data.y_fit):
-                    logging.warning("--keras_fit skipped: a step of %d images (all members) exceeds the %d training "
-                                    "images", len(x), len(data.y_fit))
-                elif keras_fit:
-                    fit_model, _, _ = compiled_model(sized, data, settings, source)
-                    labels = (data_lib.one_hot(data.y_fit, data.info.num_classes) if sized.label_smoothing
-                              else data.y_fit)
-                    fit_rate = keras_fit_images_per_second(fit_model, data.x_fit, labels, len(x), bench_steps)
-            # Of an ensemble: images through a member (N a step), FLOPs of one member's image.
-            members = sized.ensemble_members
-            flops //= members
-            images_per_second = len(x) / step_seconds
-            peak = peak_tflops(settings.device)
-            tflops = 3 * flops * images_per_second / 1e12
-            for k in steps_per_executions:
-                row = {
-                    "model": model.name, "batch_size": batch_size, "ensemble_members": members,
-                    "precision": settings.precision,
-                    "backend": keras.backend.backend(), "device": settings.device["name"],
-                    "flops_per_image": flops, "step_ms": round(1e3 * step_seconds, 4),
-                    "images_per_second": round(images_per_second, 2), "compile_seconds": round(compile_seconds, 3),
-                    "tflops": round(tflops, 4), "peak_fraction": round(tflops / peak, 4) if peak else None,
-                    "pure_step_ms_by_loop": {name: round(1e3 * v, 4) for name, v in variants.items()},
-                    "steps_per_execution": k, "execution_loop": None, "end_to_end_images_per_second": None, "end_to_end_ratio": None,
-                    "host_overhead_us_per_step": None, "keras_fit_images_per_second":
-                        round(fit_rate, 2) if fit_rate else None,
-                    "keras_fit_host_overhead_us_per_step":
-                        round(1e6 * (len(x) / fit_rate - step_seconds), 1) if fit_rate else None,
-                }
-                if end_to_end_budget:
-                    run_config = dataclasses.replace(sized, steps_per_execution=k)
-                    record, _ = training.train(run_config, results_dir=os.path.join(folder, "runs"))
-                    rate = record["images_per_second_after_compile"]
-                    row.update(execution_loop=record["execution_loop"], end_to_end_images_per_second=rate,
-                               end_to_end_ratio=round(images_per_second / rate, 4)
-                               if rate else None, end_to_end_steps=record["steps"],
-                               host_overhead_us_per_step=round(1e6 * (len(x) / rate - step_seconds), 1)
-                               if rate else None)
-                logging.info("%s", row)
-                rows.append(row)
+    try:
+        with tempfile.TemporaryDirectory() as folder:
+            _measure(config, batch_sizes, steps_per_executions, bench_steps, end_to_end_budget, keras_fit,
+                     test_images, source, folder, rows)
+    except BenchInterrupted:
+        raise
+    except KeyboardInterrupt as e:  # Ctrl-C or SIGTERM (`haet.cli.Terminated`) while measuring
+        raise BenchInterrupted(rows, getattr(e, "signal_name", None) or "SIGINT") from None
     return rows
+
+
+class BenchInterrupted(KeyboardInterrupt):
+    """A stop signal stopped the benchmark (`signal_name`); `rows`: the settings
+    measured before it."""
+
+    def __init__(self, rows, signal_name):
+        super().__init__(f"stopped by {signal_name} after {len(rows)} measured settings")
+        self.rows, self.signal_name = rows, signal_name
+
+
+def _measure(config, batch_sizes, steps_per_executions, bench_steps, end_to_end_budget, keras_fit, test_images,
+             source, folder, rows):
+    """`bench`'s work in the temporary `folder`, each setting's row appended to `rows`."""
+    data_dir = os.path.join(folder, "data")
+    os.makedirs(data_dir)
+    try:
+        prepare_data_dir(config, data_dir, test_images)
+    except (ValueError, RuntimeError) as e:  # RuntimeError: no local copy of the data
+        raise training.SetupError(str(e)) from None
+    base = dataclasses.replace(config, data_dir=data_dir, classes=(), save_model=False, evaluate_test=True,
+                               validation_size=0, budget_seconds=end_to_end_budget or config.budget_seconds)
+    # Loaded once: the batch size and steps per execution change neither the subset
+    # nor the split. Every end-to-end setting is checked here, before the first
+    # measurement (a steps_per_execution too large for a batch size was refused
+    # only by its end-to-end run, after the measurements before it).
+    try:
+        data = training.prepare_data(dataclasses.replace(base, steps_per_execution=1))
+        for batch_size in batch_sizes if end_to_end_budget else ():
+            for k in steps_per_executions:
+                engine.check_steps_per_execution(k, len(data.y_fit) // batch_size, len(data.y_fit),
+                                                 base.span_epochs)
+    except (ValueError, RuntimeError) as e:
+        raise training.SetupError(str(e)) from None
+    for batch_size in batch_sizes:
+        sized = dataclasses.replace(base, batch_size=batch_size)
+        with training.settings_of(sized) as settings:
+            model, _, _ = compiled_model(sized, data, settings, source)
+            x, y = first_batch(data, sized)
+            step_seconds, compile_seconds, variants = pure_step(model, x, y, bench_steps)
+            flops = forward_flops(model)
+            fit_rate = None
+            if keras_fit and len(x) > len(data.y_fit):
+                logging.warning("--keras_fit skipped: a step of %d images (all members) exceeds the %d training "
+                                "images", len(x), len(data.y_fit))
+            elif keras_fit:
+                fit_model, _, _ = compiled_model(sized, data, settings, source)
+                labels = (data_lib.one_hot(data.y_fit, data.info.num_classes) if sized.label_smoothing
+                          else data.y_fit)
+                fit_rate = keras_fit_images_per_second(fit_model, data.x_fit, labels, len(x), bench_steps)
+        # Of an ensemble: images through a member (N a step), FLOPs of one member's image.
+        members = sized.ensemble_members
+        flops //= members
+        images_per_second = len(x) / step_seconds
+        peak = peak_tflops(settings.device)
+        tflops = 3 * flops * images_per_second / 1e12
+        for k in steps_per_executions:
+            row = {
+                "model": model.name, "batch_size": batch_size, "ensemble_members": members,
+                "precision": settings.precision,
+                "backend": keras.backend.backend(), "device": settings.device["name"],
+                "flops_per_image": flops, "step_ms": round(1e3 * step_seconds, 4),
+                "images_per_second": round(images_per_second, 2), "compile_seconds": round(compile_seconds, 3),
+                "tflops": round(tflops, 4), "peak_fraction": round(tflops / peak, 4) if peak else None,
+                "pure_step_ms_by_loop": {name: round(1e3 * v, 4) for name, v in variants.items()},
+                "steps_per_execution": k, "execution_loop": None, "end_to_end_images_per_second": None, "end_to_end_ratio": None,
+                "host_overhead_us_per_step": None, "keras_fit_images_per_second":
+                    round(fit_rate, 2) if fit_rate else None,
+                "keras_fit_host_overhead_us_per_step":
+                    round(1e6 * (len(x) / fit_rate - step_seconds), 1) if fit_rate else None,
+            }
+            signalled = None
+            if end_to_end_budget:
+                run_config = dataclasses.replace(sized, steps_per_execution=k)
+                record, _ = training.train(run_config, results_dir=os.path.join(folder, "runs"),
+                                           resume_hint="the benchmark stops (its runs are not kept)")
+                if record["status"] == "interrupted":  # (train answered the signal: this setting is not measured)
+                    raise BenchInterrupted(rows, record.get("interrupted_by") or "SIGINT")
+                signalled = record.get("signal_after_training")
+                # A diverged run's throughput is of steps that computed nothing: not a measurement.
+                rate = record["images_per_second_after_compile"] if record["status"] == "completed" else None
+                row.update(execution_loop=record["execution_loop"], end_to_end_status=record["status"],
+                           end_to_end_images_per_second=rate,
+                           end_to_end_ratio=round(images_per_second / rate, 4)
+                           if rate else None, end_to_end_steps=record["steps"],
+                           host_overhead_us_per_step=round(1e6 * (len(x) / rate - step_seconds), 1)
+                           if rate else None)
+            logging.info("%s", row)
+            rows.append(row)
+            if signalled:  # after the run's training ended: its row is measured, and the benchmark stops
+                raise BenchInterrupted(rows, signalled)
 
 
 def format_table(rows):
@@ -438,17 +474,24 @@ def main(argv):
         source = training.load_init_from(config)  # a damaged --init_from
     except ValueError as e:
         raise app.UsageError(str(e)) from None
+    interrupted = None
     try:
         rows = bench(config, batch_sizes, ks, f.bench_steps, f.end_to_end_budget, f.keras_fit, f.bench_test_images,
                      source)
     except training.SetupError as e:
         raise app.UsageError(str(e)) from None
+    except BenchInterrupted as e:  # the settings measured before it are printed and written
+        rows, interrupted = e.rows, e
     print(format_table(rows), flush=True)
-    if f.json:
+    if f.json and rows:
         try:
-            write_rows(f.json, rows)
+            with cli.StopSignalsHeld(f"--json={f.json}"):
+                write_rows(f.json, rows)
         except OSError as e:
             cli.not_written(f"--json={f.json}", e)
+    if interrupted is not None:
+        print(f"{interrupted} (of {len(batch_sizes) * len(ks)})", file=sys.stderr)
+        raise SystemExit(cli.signal_exit_status(interrupted))
 
 
 def write_rows(path, rows):

@@ -7,10 +7,19 @@ tools keep for a run that failed, and a `UsageError` with the module's whole hel
 only these two answers: bad flags and refused settings print one line, then a hint
 at the help, and exit with `USAGE_ERROR` (2), before any work. A file that cannot be
 written after the work ends the tool with `not_written` (exit status 4).
+
+Stop signals: SIGTERM is raised in the tool as a `Terminated` (a `KeyboardInterrupt`,
+as Python raises SIGINT), so that every tool stops on it as it does on Ctrl-C, writing
+what it has, where before SIGTERM killed it at once; a stop signal the tool does not
+handle ends it with one line and exit status 128 + the signal's number (130, 143),
+not a traceback. `StopSignalsHeld` holds them while finished work is written.
 """
 
+import contextlib
 import os
+import signal
 import sys
+import threading
 
 from absl import app, flags
 
@@ -73,18 +82,86 @@ def parse_flags(argv):
     return remaining
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised as Python raises SIGINT (`signal_name` "SIGTERM", as
+    `haet.checkpoint.SecondStopSignal` names its signal)."""
+
+    signal_name = "SIGTERM"
+
+    def __init__(self, message="SIGTERM"):
+        super().__init__(message)
+
+
+def _raise_terminated(signum, frame):
+    raise Terminated()
+
+
+def signal_exit_status(interruption):
+    """128 + the number of the signal a `KeyboardInterrupt` names (`signal_name`), as a
+    shell reports a process a signal ended: 130 for SIGINT or none, 143 for SIGTERM."""
+    name = getattr(interruption, "signal_name", None) or "SIGINT"
+    return 128 + int(signal.Signals[name])
+
+
+class StopSignalsHeld(contextlib.AbstractContextManager):
+    """While finished work is written (a result, its files): a first SIGINT or SIGTERM
+    is held, not raised, so that the files are whole; a second raises at once (as a
+    `KeyboardInterrupt`, or `Terminated`). `received`: the held signal's name, or None.
+    Main thread only (elsewhere the signals are left alone).
+
+    Args:
+        what: what is being written, for the message printed when a signal is held.
+    """
+
+    def __init__(self, what):
+        self.what, self.received, self._previous = what, None, {}
+
+    def _hold(self, signum, frame):
+        name = signal.Signals(signum).name
+        if self.received is not None:
+            raise Terminated("second stop signal (SIGTERM)") if signum == signal.SIGTERM else KeyboardInterrupt(
+                f"second stop signal ({name})")
+        self.received = name
+        sys.stderr.write(f"{name} received while {self.what} is written: it is finished first (send it again to "
+                         "stop at once)\n")
+        sys.stderr.flush()
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._previous[sig] = signal.signal(sig, self._hold)
+        return self
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous = {}
+        return False
+
+
 def run(main, argv=None):
     """Runs `main(argv)` as `absl.app.run` does, with `parse_flags` as the flag parser
     and a `absl.app.UsageError` raised by `main` answered by `refuse` (exit status 2,
     whatever the error's own `exitcode`). haet's tools take flags only: an argument
-    left after the flags is refused before `main` runs."""
+    left after the flags is refused before `main` runs. SIGTERM raises `Terminated`
+    (where no handler but the default was set), and a stop signal `main` lets through
+    ends the tool with one line and `signal_exit_status`."""
 
     def main_refusing(args):
         if len(args) > 1:
             refuse(f"Unexpected arguments: {args[1:]} (haet's tools take flags only, e.g. --flag=value)", args)
+        if (threading.current_thread() is threading.main_thread()
+                and signal.getsignal(signal.SIGTERM) is signal.SIG_DFL):
+            signal.signal(signal.SIGTERM, _raise_terminated)
         try:
             return main(args)
         except app.UsageError as e:
             refuse(str(e), args)
+        except KeyboardInterrupt as e:
+            detail = str(e) if str(e) and str(e) != getattr(e, "signal_name", None) else ""
+            sys.stderr.write(f"{program_name(args)}: stopped by {getattr(e, 'signal_name', None) or 'SIGINT'}"
+                             f"{f' ({detail})' if detail else ''}\n")
+            sys.stderr.flush()
+            raise SystemExit(signal_exit_status(e)) from None
 
     app.run(main_refusing, argv=argv, flags_parser=parse_flags)

@@ -47,9 +47,14 @@ def check_members(runs):
     """Checks the member folders before any work.
 
     Raises:
-        ValueError: fewer than two, or one folder given twice (under any spelling of
-            its path): an ensemble of a run with itself is that run.
+        ValueError: an empty entry (a stray comma), fewer than two, or one folder
+            given twice (under any spelling of its path): an ensemble of a run with
+            itself is that run.
     """
+    empty = [i for i, run in enumerate(runs) if not run.strip()]
+    if empty:
+        raise ValueError(f"--runs has an empty entry (number {empty[0] + 1} of {len(runs)}: a stray comma?). "
+                         f"Received: {list(runs)}")
     if len(runs) < 2:
         raise ValueError(f"--runs needs at least two run folders. Received: {list(runs)}")
     seen = {}
@@ -136,10 +141,11 @@ def main(argv):
     print(f"ensemble of {len(models)}: test accuracy {ensemble_scores['accuracy']:.2%} "
           f"(mean member {record['mean_member_test_accuracy']:.2%})", flush=True)
     try:
-        run_dir = results.write_run_folder(f.results_dir, f"{dataset.info.name}_ensemble_of_{len(models)}", {
-            "record.json": results.record_text(record),
-            "confusion_matrix.csv": results.confusion_matrix_text(ensemble_scores["confusion_matrix"],
-                                                                  dataset.info.class_names)})
+        with cli.StopSignalsHeld("the ensemble's record"):  # (a stop signal now: the folder is written first)
+            run_dir = results.write_run_folder(f.results_dir, f"{dataset.info.name}_ensemble_of_{len(models)}", {
+                "record.json": results.record_text(record),
+                "confusion_matrix.csv": results.confusion_matrix_text(ensemble_scores["confusion_matrix"],
+                                                                      dataset.info.class_names)})
     except OSError as e:  # all or nothing: no half-written folder for the report to meet
         cli.not_written(f"the ensemble's record under {f.results_dir}", e)
     print(f"wrote {run_dir}")

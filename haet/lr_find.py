@@ -209,18 +209,19 @@ def main(argv):
         data = training.prepare_data(config)
     except (ValueError, RuntimeError) as e:  # RuntimeError: no local copy of the data
         raise app.UsageError(str(e)) from None
-    rows, status, error, suggestion = [], "completed", None, None
+    rows, status, error, suggestion, stopped = [], "completed", None, None, None
     try:
         rows, suggestion = range_test(config, data, f.min_learning_rate, f.max_learning_rate, f.range_steps, rows,
                                       source)
     except training.SetupError as e:  # an --init_from model that does not fit: nothing was measured
         raise app.UsageError(str(e)) from None
-    except KeyboardInterrupt:  # what was measured is written, marked interrupted, with no suggestion
-        status = "interrupted"
+    except KeyboardInterrupt as e:  # Ctrl-C or SIGTERM: what was measured is written, marked interrupted
+        status, stopped = "interrupted", e
     except ValueError as e:  # settings were checked above: no suggestion from the rows
         status, error = "no suggestion", str(e)
+    stopped_by = stopped and (getattr(stopped, "signal_name", None) or "SIGINT")
     record = {
-        "status": status, "error": error,
+        "status": status, "error": error, "interrupted_by": stopped_by,
         "suggested_learning_rate": suggestion and suggestion[0],
         "minimum_loss_learning_rate": suggestion and suggestion[1],
         "steepest_descent_learning_rate": suggestion and suggestion[2], "steps": len(rows),
@@ -232,26 +233,32 @@ def main(argv):
         "versions": results.versions(),
         "git_commit": commit, "flags": dataclasses.asdict(config),
     }
+    # The outcome first: a folder that cannot be written loses the files, not the result.
     if suggestion:
         print(f"suggested learning rate {suggestion[0]:.3g} (smoothed loss minimum at {suggestion[1]:.3g}, "
               f"steepest descent at {suggestion[2]:.3g})", flush=True)
+    elif status == "interrupted":
+        print(f"interrupted by {stopped_by} after {len(rows)} steps (no suggestion)", file=sys.stderr, flush=True)
+    elif error:
+        print(f"no suggestion: {error}", file=sys.stderr, flush=True)
     title = (f"LR range test: {config.model} on {config.dataset} ({config.train_size} images), {config.optimizer}, "
              f"batch {config.batch_size}" + ("" if status == "completed" else f" ({status})"))
     try:
-        run_dir = results.write_run_folder(
-            f.results_dir, f"{config.dataset}{config.train_size}_{config.model}_lr_find",
-            {"record.json": results.record_text(record), "lr_find.csv": results.csv_text(rows),
-             "lr_find.png": lambda path: plot(rows, suggestion, path, title)})
-    except OSError as e:  # all or nothing; the suggestion was printed
+        # A stop signal while they are written (the plot takes a while) waits for them:
+        # the result was measured.
+        with cli.StopSignalsHeld("the range test's files"):
+            run_dir = results.write_run_folder(
+                f.results_dir, f"{config.dataset}{config.train_size}_{config.model}_lr_find",
+                {"record.json": results.record_text(record), "lr_find.csv": results.csv_text(rows),
+                 "lr_find.png": lambda path: plot(rows, suggestion, path, title)})
+    except OSError as e:  # all or nothing; the outcome was printed
         cli.not_written(f"the range test's files under {f.results_dir}", e)
     logging.info("%d steps", len(rows))
-    if status == "interrupted":
-        print(f"interrupted after {len(rows)} steps (no suggestion); wrote {run_dir}")
-        raise SystemExit(130)
-    if error:
-        print(f"no suggestion: {error} Wrote {run_dir}", file=sys.stderr)
-        raise SystemExit(1)
     print(f"wrote {run_dir}")
+    if status == "interrupted":
+        raise SystemExit(cli.signal_exit_status(stopped))
+    if error:
+        raise SystemExit(1)
 
 
 if __name__ == "__main__":

@@ -730,11 +730,11 @@ def check_outputs(results_dir, out, readme=None, published=None, figures_dir=Non
     if os.path.isdir(out):
         raise ValueError(f"--out={out!r} is a folder: pass the Markdown file to write.")
     # Pages are replaced through a temporary sibling: their folders must be writable.
-    results.check_results_dir(os.path.dirname(os.path.abspath(out)), "--out's folder")
+    results.check_results_dir(os.path.dirname(os.path.abspath(out)), file_flag="--out")
     if figures_dir is not None:
         results.check_results_dir(figures_dir, "--figures_dir")
     if readme:
-        results.check_results_dir(os.path.dirname(os.path.abspath(readme)), "--readme's folder")
+        results.check_results_dir(os.path.dirname(os.path.abspath(readme)), file_flag="--readme")
     if os.path.exists(out):
         with open(out, errors="replace") as f:
             if f.read(len(PAGE_START)) != PAGE_START:

@@ -93,20 +93,24 @@ def _nearest_existing(path):
     return probe
 
 
-def check_results_dir(results_dir, flag="--results_dir"):
-    """Checks, before any work, that run folders can be made under `results_dir`.
+def check_results_dir(results_dir, flag="--results_dir", file_flag=None):
+    """Checks, before any work, that run folders can be made under `results_dir`
+    (given by the flag `flag`; or, with `file_flag` (e.g. "--out"), the folder of
+    that flag's file).
 
     Raises:
         ValueError: `results_dir` (or a parent of it) is a file, or the folder that
             would hold it cannot be written; the message names the path and the fix.
     """
     probe = _nearest_existing(results_dir)
+    name = f"{file_flag.lstrip('-')}'s folder" if file_flag else flag.lstrip("-")
     if not os.path.isdir(probe):
-        raise ValueError(f"{flag.lstrip('-')} {results_dir!r} cannot be made: {probe!r} is a file, not a folder. "
-                         f"Pass {flag}=FOLDER (a folder, or a path where one can be made).")
+        raise ValueError(f"{name} {results_dir!r} cannot be made: {probe!r} is a file, not a folder. " + (
+            f"Pass {file_flag}=FILE in a folder, or where one can be made." if file_flag else
+            f"Pass {flag}=FOLDER (a folder, or a path where one can be made)."))
     if not os.access(probe, os.W_OK | os.X_OK):
-        raise ValueError(f"{flag.lstrip('-')} {results_dir!r} cannot be written: no write permission on "
-                         f"{probe!r}. Pass {flag}=FOLDER somewhere writable.")
+        raise ValueError(f"{name} {results_dir!r} cannot be written: no write permission on {probe!r}. " + (
+            f"Pass {file_flag}=FILE in a writable folder." if file_flag else f"Pass {flag}=FOLDER somewhere writable."))
 
 
 def check_new_file(path, flag):

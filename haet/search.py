@@ -71,7 +71,11 @@ from haet.loop import Hook
 KINDS = ("loguniform", "uniform", "int", "choice")
 SAMPLERS = ("tpe", "random", "grid")
 PRUNERS = ("none", "successive_halving", "hyperband")
-_NOT_SEARCHABLE = {"validation_size", "evaluate_test", "save_model", "data_dir", "dataset"}
+# The task and the validation images are the same in every trial: a trial with other
+# classes, another training subset or another split scored on other images (a 2-class
+# trial's 50% beat the 10-class ones').
+_NOT_SEARCHABLE = {"validation_size", "evaluate_test", "save_model", "data_dir", "dataset", "classes", "train_size",
+                   "subset_seed"}
 # The keys of search.json that define the search (compared on resume); the others
 # (git_commit, versions, backend, device, command, created_utc) say where it began, and
 # study_name names its study.
@@ -123,7 +127,8 @@ def parse_space(entries):
         if name not in config_lib.FIELDS:
             raise ValueError(f"--space names {name!r}, which is not a training flag.")
         if name in _NOT_SEARCHABLE:
-            raise ValueError(f"--space cannot search {name!r}: the search fixes it for every trial.")
+            raise ValueError(f"--space cannot search {name!r}: the search fixes it for every trial (the task and "
+                             "the validation images are the same in each).")
         if kind not in KINDS:
             raise ValueError(f"--space entry {entry!r}: unknown kind {kind!r}. Allowed: {', '.join(KINDS)}.")
         if name in space:

@@ -108,3 +108,36 @@ def test_the_command_line_checks_the_batch_sizes_it_measures(tmp_path):
         assert refused.returncode == 2 and "Traceback" not in refused.stderr, refused.stderr[-3000:]
         assert "haet.bench: error: " in refused.stderr and message in refused.stderr, refused.stderr[-3000:]
         assert "batch_size=512" not in refused.stderr
+
+
+def test_an_end_to_end_run_that_diverged_or_was_stopped_is_not_measured(monkeypatch):
+    """The end-to-end records were read whatever their status: a diverged run's 2 steps
+    gave a throughput, and a run a signal interrupted gave a row of a cut-short run, after
+    which the benchmark went on to the next setting."""
+    def fake_train(statuses):
+        def train(config, results_dir, resume_hint=None):
+            assert resume_hint == "the benchmark stops (its runs are not kept)"
+            status, signal_name = statuses.pop(0)
+            return {"status": status, "interrupted_by": signal_name if status == "interrupted" else None,
+                    "signal_after_training": signal_name if status != "interrupted" else None,
+                    "images_per_second_after_compile": 100.0, "execution_loop": "dispatch", "steps": 2}, results_dir
+        return train
+
+    config = TrainConfig(model="tiny_cnn", width_multiplier=0.5, train_size=200, augmentation="none",
+                         optimizer="sgd", lr_schedule="constant", learning_rate=0.05)
+    monkeypatch.setattr(training, "train", fake_train([("completed", None), ("diverged", None), ("completed", None)]))
+    rows = bench.bench(config, [8], [1, 2, 4], bench_steps=3, end_to_end_budget=3.0, test_images=20)
+    assert [r["end_to_end_status"] for r in rows] == ["completed", "diverged", "completed"]
+    assert [r["end_to_end_images_per_second"] for r in rows] == [100.0, None, 100.0]
+    assert rows[1]["end_to_end_ratio"] is None and rows[1]["host_overhead_us_per_step"] is None
+
+    monkeypatch.setattr(training, "train", fake_train([("completed", None), ("interrupted", "SIGTERM")]))
+    with pytest.raises(bench.BenchInterrupted, match="stopped by SIGTERM after 1 measured settings") as stopped:
+        bench.bench(config, [8], [1, 2, 4], bench_steps=3, end_to_end_budget=3.0, test_images=20)
+    assert [r["steps_per_execution"] for r in stopped.value.rows] == [1]
+    # A signal after a run's training ended: its setting is measured, then the benchmark stops.
+    monkeypatch.setattr(training, "train", fake_train([("completed", None), ("completed", "SIGINT")]))
+    with pytest.raises(bench.BenchInterrupted, match="stopped by SIGINT after 2 measured settings") as stopped:
+        bench.bench(config, [8], [1, 2, 4], bench_steps=3, end_to_end_budget=3.0, test_images=20)
+    assert [r["end_to_end_status"] for r in stopped.value.rows] == ["completed", "completed"]
+    assert bench.cli.signal_exit_status(stopped.value) == 130

@@ -26,8 +26,19 @@ flags.DEFINE_list("paths", [], "Paths.")
 
 
 def main(argv):
-    if flags.FLAGS.name == "refused":
+    import os, signal, time
+
+    name = flags.FLAGS.name
+    if name == "refused":
         raise app.UsageError("--name=refused is refused: pass another --name.")
+    if name in ("SIGTERM", "SIGINT"):
+        os.kill(os.getpid(), signal.Signals[name])
+        time.sleep(60)  # (the signal raises before)
+    if name.startswith("held"):
+        with cli.StopSignalsHeld("the file"):
+            for _ in range(name.count("x")):
+                os.kill(os.getpid(), signal.SIGTERM)
+            print("written")
     print(f"ran with {flags.FLAGS.count} {flags.FLAGS.name}" + "".join(f" {p}" for p in flags.FLAGS.paths))
 
 
@@ -74,6 +85,23 @@ def test_good_flags_run_main_and_help_still_works(tool):
     assert home.returncode == 0 and home.stdout == "ran with 1 /home/someone/runs /home/someone/a b/~ /home/someone\n"
     helped = _run(tool, "--helpshort")  # (absl's help exits with status 1; haet leaves it so)
     assert "A tool's docstring" in helped.stdout and "--count" in helped.stdout and helped.returncode != 2
+
+
+@pytest.mark.parametrize("signal_name, status", [("SIGTERM", 143), ("SIGINT", 130)])
+def test_a_stop_signal_ends_a_tool_with_one_line_and_its_exit_status(tool, signal_name, status):
+    """SIGTERM killed a tool at once (nothing written, no line); Ctrl-C printed a traceback."""
+    result = _run(tool, f"--name={signal_name}")
+    assert result.returncode == status and result.stderr == f"tool.py: stopped by {signal_name}\n"
+
+
+def test_a_stop_signal_while_finished_work_is_written_waits_for_it(tool):
+    held = _run(tool, "--name=heldx")
+    assert held.returncode == 0 and held.stdout.startswith("written")
+    assert held.stderr == ("SIGTERM received while the file is written: it is finished first (send it again to stop "
+                           "at once)\n")
+    twice = _run(tool, "--name=heldxx")  # the second stops at once
+    assert twice.returncode == 143 and twice.stdout == ""
+    assert twice.stderr.splitlines()[-1] == "tool.py: stopped by SIGTERM (second stop signal (SIGTERM))"
 
 
 def test_new_output_files_are_checked_before_any_work(tmp_path):

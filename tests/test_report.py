@@ -111,6 +111,12 @@ def test_the_report_refuses_what_it_would_overwrite_or_cannot_read_before_writin
         report.check_outputs(str(results_dir), str(tmp_path / "out.md"), readme=str(no_markers))
     with pytest.raises(ValueError, match="is not a file"):
         report.check_outputs(str(results_dir), str(tmp_path / "out.md"), published=str(tmp_path / "none.csv"))
+    a_file = tmp_path / "a_file"
+    a_file.write_text("")
+    # (was "Pass --out's folder=FOLDER", a flag that does not exist)
+    with pytest.raises(ValueError, match=r"out's folder '.*a_file' cannot be made: '.*a_file' is a file, not a "
+                                         r"folder\. Pass --out=FILE in a folder, or where one can be made\.$"):
+        report.check_outputs(str(results_dir), str(a_file / "out.md"))
     record_csv = tmp_path / "record.csv"
     record_csv.write_text('{"dataset": "cifar10"}\n')
     with pytest.raises(ValueError, match="lacks the columns budget_seconds, dataset"):

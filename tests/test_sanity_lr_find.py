@@ -166,6 +166,42 @@ def test_sanity_and_lr_find_command_lines(tmp_path, cifar10_slice_dir):
     assert sorted(os.listdir(tmp_path)) == sorted([run_dir.name, "a_file"])  # no second run folder
 
 
+_SIGTERM_AFTER_5_STEPS = """
+import os, runpy, signal, sys
+from haet import budget
+
+execute = budget.WallClockBudget.execute
+
+
+def signalled(self, engine, steps, probe=False):
+    losses = execute(self, engine, steps, probe)
+    if self.steps >= 5:
+        os.kill(os.getpid(), signal.SIGTERM)
+    return losses
+
+
+budget.WallClockBudget.execute = signalled
+sys.argv = ["lr_find", *sys.argv[1:]]
+runpy.run_module("haet.lr_find", run_name="__main__")
+"""
+
+
+@pytest.mark.e2e
+def test_sigterm_writes_the_range_test_so_far(tmp_path, cifar10_slice_dir):
+    """SIGTERM killed the range test with nothing written, where Ctrl-C wrote its steps."""
+    result = subprocess.run(
+        [sys.executable, "-c", _SIGTERM_AFTER_5_STEPS, f"--data_dir={cifar10_slice_dir}", "--train_size=100",
+         "--model=tiny_cnn", "--batch_size=10", "--optimizer=sgd", "--range_steps=60", "--steps_per_execution=1",
+         f"--results_dir={tmp_path}"], env=dict(os.environ, PYTHONPATH=REPO), capture_output=True, text=True)
+    assert result.returncode == 143, result.stderr[-2000:]
+    (run_dir,) = list(tmp_path.iterdir())
+    record = json.loads((run_dir / "record.json").read_text())
+    # (the steps of the execution the signal came in are not recorded: it raised before the hooks saw them)
+    assert record["status"] == "interrupted" and record["interrupted_by"] == "SIGTERM" and 1 <= record["steps"] <= 5
+    assert f"interrupted by SIGTERM after {record['steps']} steps (no suggestion)" in result.stderr
+    assert sorted(os.listdir(run_dir)) == ["lr_find.csv", "lr_find.png", "record.json"]
+
+
 def test_per_step_loss_is_recovered_from_the_running_means():
     class Run:
         stopped_by = None

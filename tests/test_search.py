@@ -40,6 +40,10 @@ def test_parse_space_casts_to_the_flag_types():
     ("optimizer=int:1:2", "--optimizer takes values, not a range: use choice:A|B"),
     ("batch_size=int:1.5:3.7", r"int takes whole LOW:HIGH \(they were cut to 1:3\)"),
     ("optimizer=choice:adam|adam", "a choice is listed twice"),
+    # The task and the validation images: a 2-class trial's 50% beat the 10-class ones'.
+    ("classes=choice:3;5|0;1;2;3;4;5;6;7;8;9", "cannot search 'classes': the search fixes it for every trial"),
+    ("train_size=int:300:500", "cannot search 'train_size'"),
+    ("subset_seed=int:0:3", "cannot search 'subset_seed'"),
 ])
 def test_bad_space_entries(entry, message):
     with pytest.raises(ValueError, match=message):

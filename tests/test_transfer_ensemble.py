@@ -212,6 +212,9 @@ def test_an_ensemble_refuses_a_run_twice_and_runs_that_did_not_complete(tmp_path
     with pytest.raises(ValueError, match="the same run folder"):
         ensemble.check_members([str(a), str(tmp_path / "." / "a") + "/"])
     ensemble.check_members([str(a), str(tmp_path / "b")])
+    # `--runs=A,B,` (was: "record.json does not exist", naming no entry)
+    with pytest.raises(ValueError, match=r"--runs has an empty entry \(number 3 of 3: a stray comma\?\)"):
+        ensemble.check_members([str(a), str(tmp_path / "b"), ""])
     results.write_record(str(a), {"status": "interrupted", "flags": {}})
     with pytest.raises(ValueError, match="did not complete \\(status 'interrupted'\\)"):
         ensemble.config_of_run(str(a))
