@@ -12,6 +12,8 @@ its maximum.
 Works under the TensorFlow and JAX backends (`_logits_and_gradients` hides which).
 """
 
+import os
+
 import keras
 import numpy as np
 
@@ -107,6 +109,25 @@ def grad_cam(model, images, class_index=None, layer_name=None, member=0):
     return {"heatmaps": cam, "logits": logits.astype(np.float32), "class_index": class_index, "layer": layer}
 
 
+def _classes_of_run(model_path, dataset):
+    """The `--classes` of the run that saved `model_path` (its folder's record.json),
+    `()` for all classes or a model outside a run folder.
+
+    Raises:
+        ValueError: the run trained on another dataset than `dataset`.
+    """
+    from haet import results
+
+    folder = os.path.dirname(os.path.abspath(model_path))
+    if not os.path.exists(os.path.join(folder, "record.json")):
+        return ()
+    flags_of_run = results.read_record(folder).get("flags") or {}
+    if flags_of_run.get("dataset", dataset) != dataset:
+        raise ValueError(f"--model was trained on {flags_of_run['dataset']} (its record.json): pass "
+                         f"--dataset={flags_of_run['dataset']}.")
+    return tuple(flags_of_run.get("classes") or ())
+
+
 def main(argv):
     """`python -m haet.explain`: checks the flags, the model file and the output
     before loading anything (`app.UsageError`, exit status 2), then writes the PNG."""
@@ -121,7 +142,12 @@ def main(argv):
         plots.check_figure_path(f.out, "--out")
         model = models.load_saved_model(f.model, f"--model={f.model!r}",
                                         "Pass a saved .keras model (a run folder's model.keras).", compile=True)
-        dataset = data.load_dataset(f.dataset, f.data_dir)
+        dataset = data.select_classes(data.load_dataset(f.dataset, f.data_dir), _classes_of_run(f.model, f.dataset))
+        outputs = model.output_shape[-1]
+        if outputs != dataset.info.num_classes:  # (its outputs were drawn with other classes' names)
+            raise ValueError(f"--model has {outputs} outputs; the {dataset.info.num_classes} classes of {f.dataset} "
+                             f"are not its classes: pass the --dataset it was trained on (a model of a --classes "
+                             "subset is explained from its run folder, whose record.json names them).")
         if not 1 <= f.num_images <= len(dataset.y_test):
             raise ValueError(f"--num_images must be between 1 and the {len(dataset.y_test)} test images of "
                              f"{f.dataset}. Received: {f.num_images}")

@@ -76,6 +76,12 @@ def test_explain_command_line_writes_a_figure_and_refuses_bad_inputs_before_work
                  y=np.arange(20, dtype=np.uint8) % 10)
     damaged = tmp_path / "damaged.keras"
     damaged.write_bytes(b"not a zip file")
+    # A model of 2 classes (--classes=3,5) in its run folder, and the same model outside one.
+    two = keras.Model(inputs, keras.layers.Dense(2)(keras.layers.GlobalAveragePooling2D()(x)), name="two")
+    (tmp_path / "run").mkdir()
+    two.save(tmp_path / "run" / "model.keras")
+    (tmp_path / "run" / "record.json").write_text('{"flags": {"dataset": "cifar10", "classes": [3, 5]}}')
+    two.save(tmp_path / "two.keras")
     env = dict(os.environ, PYTHONPATH=REPO, MPLBACKEND="Agg")
 
     def explain(*args):
@@ -92,10 +98,17 @@ def test_explain_command_line_writes_a_figure_and_refuses_bad_inputs_before_work
             ([f"--out={tmp_path / 'g.txt'}"], "matplotlib cannot write .txt files"),
             ([f"--out={tmp_path / 'g.png'}", f"--model={damaged}"], "cannot be loaded as a Keras model"),
             ([f"--out={tmp_path / 'g.png'}", "--dataset=mnist", f"--data_dir={mnist}"],
-             "--model takes images of shape (32, 32, 3); mnist's are (28, 28, 1)"))
+             "--model takes images of shape (32, 32, 3); mnist's are (28, 28, 1)"),
+            # (its 2 outputs were drawn as airplane and automobile, over images of every class)
+            ([f"--out={tmp_path / 'g.png'}", f"--model={tmp_path / 'two.keras'}"],
+             "--model has 2 outputs; the 10 classes of cifar10 are not its classes"),
+            ([f"--out={tmp_path / 'g.png'}", f"--model={tmp_path / 'run' / 'model.keras'}", "--dataset=mnist",
+              f"--data_dir={mnist}"], "--model was trained on cifar10 (its record.json): pass --dataset=cifar10."))
     cases = [[f"--model={model_path}", f"--data_dir={cifar10_slice_dir}", "--num_images=4", *args] for args, _ in bads]
     for (args, message), refused in zip(bads, run_tool_cases("haet.explain", cases, env=env)):
         assert refused.returncode == 2 and "Traceback" not in refused.stderr, refused.stderr[-3000:]
         assert "haet.explain: error: " in refused.stderr and message in refused.stderr, refused.stderr[-3000:]
     assert out.read_bytes() == written and sorted(os.listdir(tmp_path / "new")) == ["gradcam.png"]
+    subset = explain(f"--out={tmp_path / 'subset.png'}", f"--model={tmp_path / 'run' / 'model.keras'}")
+    assert subset.returncode == 0 and (tmp_path / "subset.png").exists(), subset.stderr[-3000:]
     assert not (tmp_path / "g.png").exists() and not (tmp_path / "g.txt").exists()
