@@ -139,6 +139,19 @@ class StopSignalsHeld(contextlib.AbstractContextManager):
         return False
 
 
+def refuse_unread(reasons):
+    """Refuses (`app.UsageError`, exit status 2 under `run`) a flag this tool defines
+    but does not read (`haet.train`'s, which a tool takes with its training flags),
+    given on the command line or in a flagfile: it was accepted and did nothing.
+
+    Args:
+        reasons: flag name -> what to do instead, for the message.
+    """
+    for name, instead in reasons.items():
+        if name in flags.FLAGS and flags.FLAGS[name].present:
+            raise app.UsageError(f"--{name} does nothing in {program_name()}: {instead}")
+
+
 def run(main, argv=None):
     """Runs `main(argv)` as `absl.app.run` does, with `parse_flags` as the flag parser
     and a `absl.app.UsageError` raised by `main` answered by `refuse` (exit status 2,

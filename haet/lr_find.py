@@ -200,6 +200,8 @@ def main(argv):
 
     del argv  # (haet.cli.run refuses arguments other than flags)
     f = flags.FLAGS
+    cli.refuse_unread({"resume": "a range test is not resumed; run it again (--init_from=MODEL to start from a "
+                                 "trained model)."})
     commit = results.git_commit()  # the code this process runs
     config = entry.config_from_flags()
     try:

@@ -127,6 +127,8 @@ def main(argv):
     from haet import train as entry
 
     f = flags.FLAGS
+    cli.refuse_unread({"resume": "the checks train a fresh model (--init_from=MODEL to check a trained one).",
+                       "results_dir": "the checks write no files."})
     config = entry.config_from_flags()
     try:
         source = training.load_init_from(config)  # a damaged --init_from, before the data are read

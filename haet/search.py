@@ -995,6 +995,8 @@ def main(argv):
 
     f = flags.FLAGS
     interrupted = None
+    cli.refuse_unread({"resume": "run the same search command again: it resumes its interrupted trial's run.",
+                       "results_dir": "the trials' runs go under --search_dir/runs."})
     try:
         if f["grid_points"].present and f.sampler != "grid":
             raise ValueError(f"--grid_points={f.grid_points} changes nothing with --sampler={f.sampler} (it sets "

@@ -136,7 +136,8 @@ def test_sanity_and_lr_find_command_lines(tmp_path, cifar10_slice_dir):
     junk = tmp_path.parent / f"{tmp_path.name}_junk.keras"
     junk.write_text("not a model")
     bads = ("--sanity_batches=-2", "--target_accuracy=1.5", "--target_accuracy=nan", "--sanity_batches=11",
-            f"--init_from={junk}", "--steps_per_execution=1000000000")  # (the last: checked with the data)
+            f"--init_from={junk}", "--steps_per_execution=1000000000",  # (the last: checked with the data)
+            "--resume=/nonexistent/run", f"--results_dir={tmp_path}")  # (haet.train's: they did nothing)
     for bad, refused in zip(bads, run_tool_cases("haet.sanity", [[*common, bad] for bad in bads], cwd=REPO)):
         assert refused.returncode == 2 and bad.split("=")[0][2:] in refused.stderr, refused.stderr[-2000:]
         assert "haet.sanity: error: " in refused.stderr and "PASS" not in refused.stdout
@@ -158,7 +159,8 @@ def test_sanity_and_lr_find_command_lines(tmp_path, cifar10_slice_dir):
     bads = ((f"--results_dir={a_file}", "is a file, not a folder"),
             ("--max_learning_rate=1e-4", "Need 0 < --min_learning_rate < --max_learning_rate"),
             (f"--init_from={junk}", "cannot be loaded as a Keras model (not a zip archive"),
-            (f"--init_from={other}", "No layer of tiny_cnn matches"))
+            (f"--init_from={other}", "No layer of tiny_cnn matches"),
+            (f"--resume={tmp_path}", "--resume does nothing in haet.lr_find: a range test is not resumed"))
     cases = [[*common, "--min_learning_rate=1e-3", f"--results_dir={tmp_path}", bad] for bad, _ in bads]
     for (bad, message), refused in zip(bads, run_tool_cases("haet.lr_find", cases)):
         assert refused.returncode == 2 and "haet.lr_find: error: " in refused.stderr, refused.stderr[-2000:]

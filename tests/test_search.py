@@ -851,7 +851,11 @@ def test_search_command_on_real_data(tmp_path, cifar10_slice_dir):
     common = [f"--data_dir={cifar10_slice_dir}", "--train_size=200", "--validation_size=50", "--model=tiny_cnn",
               "--lr_schedule=cosine", "--space=learning_rate=choice:0.01|0.1", f"--search_dir={tmp_path / 'refused'}"]
     bads = (("--grid_points=5", "--grid_points=5 changes nothing with --sampler=tpe"),
-            ("--min_resource_seconds=5", "--min_resource_seconds=5 changes nothing with --pruner=none"))
+            ("--min_resource_seconds=5", "--min_resource_seconds=5 changes nothing with --pruner=none"),
+            # haet.train's own flags, taken with the training flags: accepted, and they did nothing.
+            ("--resume=/nowhere", "--resume does nothing in haet.search: run the same search command again"),
+            (f"--results_dir={tmp_path / 'runs'}", "--results_dir does nothing in haet.search: the trials' runs go "
+                                                   "under --search_dir/runs."))
     for (bad, message), refused in zip(bads, run_tool_cases("haet.search", [[*common, b] for b, _ in bads],
                                                             env=env, cwd=REPO)):
         assert refused.returncode == 2 and "haet.search: error: " + message in refused.stderr, refused.stderr[-2000:]
