@@ -618,6 +618,9 @@ def run_search(base, space, search_dir, trials, sampler="tpe", pruner="none", se
         trial.set_user_attr("ended", False)
         try:
             return run_trial(trial)
+        except KeyboardInterrupt:  # (one that came before its run began too: it was counted, its values unscored)
+            trial.set_user_attr("interrupted", True)
+            raise
         finally:
             trial.set_user_attr("ended", True)
 

@@ -337,6 +337,28 @@ def test_a_stop_signal_after_a_trials_training_stops_the_search_after_that_trial
     assert len(calls) == 3 and _states(study) == ["COMPLETE"] * 3
 
 
+def test_a_trial_interrupted_before_its_run_began_is_not_counted(tmp_path, monkeypatch):
+    """SIGTERM as trial 1 drew its values (between two trials' runs): it was counted
+    as a finished trial, so the search ended a trial short."""
+    base = TrainConfig(validation_size=500, budget_seconds=5, lr_schedule="constant")
+    space = search.parse_space(["learning_rate=loguniform:0.01:1"])
+    suggest, drawn = search.suggest, []
+
+    def interrupted_in_the_second(trial, space):
+        drawn.append(trial.number)
+        if len(drawn) == 2:
+            raise KeyboardInterrupt("SIGTERM")
+        return suggest(trial, space)
+
+    monkeypatch.setattr(search, "suggest", interrupted_in_the_second)
+    calls = []
+    with pytest.raises(search.SearchInterrupted):
+        search.run_search(base, space, str(tmp_path), 3, load_data=_no_data, train=_fake_train(calls))
+    study = search.run_search(base, space, str(tmp_path), 3, load_data=_no_data, train=_fake_train(calls))
+    assert len(calls) == 3 and search.finished_trials(study) == 3
+    assert _states(study).count("COMPLETE") == 3
+
+
 def test_a_failed_or_interrupted_trial_is_logged_without_a_traceback_and_a_bug_with_one(tmp_path):
     """Optuna logged each failed trial with a traceback of haet's own frames, burying the
     one line that says why (a diverged run; a signal); a bug's traceback stays."""
