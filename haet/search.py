@@ -82,7 +82,11 @@ _NOT_SEARCHABLE = {"validation_size", "evaluate_test", "save_model", "data_dir",
 # `grid_points` counts only for the grid sampler and `min_resource_seconds` only with a
 # pruner: otherwise they are None (a resume with another value of a setting that
 # changes nothing is the same search; one that prunes another way is not).
-SPEC_KEYS = ("space", "sampler", "pruner", "seed", "grid_points", "base_flags", "storage", "min_resource_seconds")
+# `data_sha256`: the training subset's hash (`haet.training.Data.subset_sha256`): the data
+# are the same whatever the path to them (another spelling, another machine's folder),
+# and `base_flags.data_dir` is then not part of the search (null).
+SPEC_KEYS = ("space", "sampler", "pruner", "seed", "grid_points", "base_flags", "storage", "min_resource_seconds",
+             "data_sha256")
 # What an interrupted trial's run logs on how to go on (`haet.training.train` would say
 # `python -m haet.train --resume=...`, which trains it outside the search: not counted).
 RESUME_HINT = "run the same search command again: it resumes this trial's run"
@@ -359,12 +363,17 @@ class _NoTracebackForTrialEnds(stdlib_logging.Filter):
         return True
 
 
-def _spec(base, space, sampler, pruner, seed, grid_points, storage=None, min_resource_seconds=None):
+def _spec(base, space, sampler, pruner, seed, grid_points, storage=None, min_resource_seconds=None,
+          data_sha256=None):
     """What defines the search (`SPEC_KEYS`); `storage`: the database URL, its
-    password hidden, or None for the search folder's own."""
+    password hidden, or None for the search folder's own; `data_sha256`: the training
+    subset's hash, which stands for the data folder (None: the folder's path does, as
+    in a search.json from before it was kept)."""
     spec = {"space": {k: [kind, list(v)] for k, (kind, v) in space.items()}, "sampler": sampler, "pruner": pruner,
             "seed": seed, "grid_points": grid_points, "base_flags": dataclasses.asdict(base), "storage": storage,
             "min_resource_seconds": None if min_resource_seconds is None else float(min_resource_seconds)}
+    if data_sha256 is not None:
+        spec["data_sha256"] = data_sha256
     return _normalized(json.loads(json.dumps(spec)))
 
 
@@ -386,7 +395,9 @@ def _normalized(spec):
     if isinstance(flags_, dict):
         spec = {**spec, "base_flags": {**_DEFAULT_FLAGS, **flags_}}
         flags_ = spec["base_flags"]
-    if isinstance(flags_, dict) and isinstance(flags_.get("data_dir"), str) and flags_["data_dir"]:
+    if isinstance(flags_, dict) and spec.get("data_sha256") is not None:
+        spec = {**spec, "base_flags": {**flags_, "data_dir": None}}  # the data are named by their hash
+    elif isinstance(flags_, dict) and isinstance(flags_.get("data_dir"), str) and flags_["data_dir"]:
         spec = {**spec, "base_flags": {**flags_, "data_dir": os.path.normpath(flags_["data_dir"])}}
     if spec.get("sampler") != "grid":
         spec = {**spec, "grid_points": None}
@@ -470,9 +481,10 @@ def check_search_dir(search_dir):
                          "new or empty folder, or one that holds this search.")
 
 
-def _claim_folder(search_dir, spec):
+def _claim_folder(search_dir, spec, by_path=None):
     """Writes `search.json`, or checks that the folder holds this search; returns the
-    name of its study (`study_name_of`)."""
+    name of its study (`study_name_of`). `by_path`: the same spec with the data named
+    by their folder, to compare with a search.json written before `data_sha256`."""
     os.makedirs(search_dir, exist_ok=True)
     path = os.path.join(search_dir, "search.json")
     if os.path.exists(path):
@@ -491,6 +503,8 @@ def _claim_folder(search_dir, spec):
             raise ValueError(f"{search_dir} holds a search with training settings this version of haet does not "
                              f"know ({', '.join(unknown)}; it was begun at commit {written.get('git_commit')}): run "
                              "it with the haet that began it, or use a new --search_dir.")
+        if "data_sha256" not in saved and by_path is not None:
+            spec = by_path
         if saved != spec:
             changed = sorted(k for k in set(saved) | set(spec) if saved.get(k) != spec.get(k))
             if "base_flags" in changed and isinstance(saved.get("base_flags"), dict):
@@ -510,7 +524,7 @@ def _claim_folder(search_dir, spec):
         os.link(temporary, path)  # whole, and only if no other worker wrote it first
     except FileExistsError:
         os.remove(temporary)
-        return _claim_folder(search_dir, spec)
+        return _claim_folder(search_dir, spec, by_path)
     os.remove(temporary)
     return study_name_of(spec)
 
@@ -589,14 +603,15 @@ def run_search(base, space, search_dir, trials, sampler="tpe", pruner="none", se
             first = (str(e).strip().splitlines() or [""])[0][:200]
             hint = "; a file is sqlite:////absolute/path.db" if "://" not in url else ""
             raise ValueError(f"--storage={url!r} cannot be opened ({type(e).__name__}: {first}){hint}.") from None
-    spec = _spec(base, space, sampler, pruner, seed, grid_points, None if url is None else _hidden_password(url),
-                 min_resource_seconds)
     try:  # the data every trial trains on, and a model to fine-tune from, before the folder or the study is written
-        load_data(base)
+        data = load_data(base)
         training.load_init_from(base)
     except RuntimeError as e:  # no local copy, and tensorflow-datasets cannot give one
         raise ValueError(str(e)) from None
-    study_name = _claim_folder(search_dir, spec)
+    spec_args = (base, space, sampler, pruner, seed, grid_points, None if url is None else _hidden_password(url),
+                 min_resource_seconds)
+    spec = _spec(*spec_args, data_sha256=getattr(data, "subset_sha256", None))
+    study_name = _claim_folder(search_dir, spec, _spec(*spec_args))
     try:
         study = open_study(search_dir, study_sampler, study_pruner, storage, study_name)
     except Exception as e:  # a damaged study.db: SQLAlchemy's errors, of many kinds

@@ -337,6 +337,39 @@ def test_a_stop_signal_after_a_trials_training_stops_the_search_after_that_trial
     assert len(calls) == 3 and _states(study) == ["COMPLETE"] * 3
 
 
+def test_the_data_are_named_by_their_hash_not_the_path_to_them(tmp_path):
+    """Workers of a shared storage whose data folder was spelled otherwise (another
+    machine's path) ran separate studies of the same search, training the same values;
+    in one folder, the other spelling was refused as "another search"."""
+    base = TrainConfig(validation_size=500, budget_seconds=5, lr_schedule="constant")
+    space = search.parse_space(["learning_rate=loguniform:0.01:1"])
+    url = f"sqlite:///{tmp_path / 'shared.db'}"
+
+    def data_of(sha):
+        return lambda config: types.SimpleNamespace(subset_sha256=sha)
+
+    def run(folder, data_dir, sha="a" * 64, trials=1, **kwargs):
+        return search.run_search(dataclasses.replace(base, data_dir=data_dir), space, str(tmp_path / folder), trials,
+                                 load_data=data_of(sha), train=_fake_train([]), **kwargs)
+
+    first = run("w1", "/machine1/data/cifar10", storage=url)
+    second = run("w2", "/home/someone/cifar10", trials=2, storage=url)
+    assert second.study_name == first.study_name and len(second.trials) == 2  # one study, its trials shared
+    assert run("w1", "../other/spelling", storage=url).study_name == first.study_name
+    with pytest.raises(ValueError, match=r"holds another search \(different data_sha256\)"):
+        run("w1", "/machine1/data/cifar10", sha="b" * 64, storage=url)
+    # A search.json from before the hash was kept names the folder: the same folder resumes it.
+    run("old", "/data/cifar10")
+    written = json.loads((tmp_path / "old" / "search.json").read_text())
+    assert written["data_sha256"] == "a" * 64 and written["base_flags"]["data_dir"] is None
+    del written["data_sha256"]
+    written["base_flags"]["data_dir"] = "/data/cifar10"
+    (tmp_path / "old" / "search.json").write_text(json.dumps(written))
+    assert len(run("old", "/data/cifar10/", trials=2).trials) == 2
+    with pytest.raises(ValueError, match=r"holds another search \(different base flags: data_dir\)"):
+        run("old", "/elsewhere/cifar10", trials=2)
+
+
 def test_a_trial_interrupted_before_its_run_began_is_not_counted(tmp_path, monkeypatch):
     """SIGTERM as trial 1 drew its values (between two trials' runs): it was counted
     as a finished trial, so the search ended a trial short."""
