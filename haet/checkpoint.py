@@ -27,13 +27,12 @@ import os
 import random
 import signal
 import socket
-import threading
 import zipfile
 
 import numpy as np
 from absl import logging
 
-from haet import results
+from haet import cli, results
 from haet.loop import Hook
 
 CHECKPOINT = "checkpoint.npz"
@@ -226,7 +225,7 @@ class SecondStopSignal(KeyboardInterrupt):
         self.signal_name = signal_name
 
 
-class StopSignals(Hook):
+class StopSignals(Hook, cli.SignalHandlers):
     """SIGINT and SIGTERM stop a run cleanly: the first one stops training at the next
     execution boundary (executions are kept to about `responsive_seconds`) (`run.stop("interrupted", immediate=True)`; the caller writes
     a checkpoint and an "interrupted" record); a second one raises
@@ -255,7 +254,6 @@ class StopSignals(Hook):
         self.signals = tuple(signals)
         self.then, self.after_training = then, after_training
         self._trained = False  # training ended: a first signal no longer stops anything
-        self._previous = {}
         self._run = None  # the run training, told at once (a probe stops at its next execution)
 
     def limit(self, run):
@@ -271,18 +269,9 @@ class StopSignals(Hook):
     def name(self):
         return None if self.received is None else signal.Signals(self.received).name
 
-    def __enter__(self):
-        if threading.current_thread() is threading.main_thread():
-            for sig in self.signals:
-                self._previous[sig] = signal.signal(sig, self._handle)
-        return self
-
     def __exit__(self, *exc):
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-        self._previous = {}
         self._run = None
-        return False
+        return super().__exit__(*exc)
 
     def _handle(self, signum, frame):
         if self.received is not None:

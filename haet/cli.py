@@ -103,7 +103,33 @@ def signal_exit_status(interruption):
     return 128 + int(signal.Signals[name])
 
 
-class StopSignalsHeld(contextlib.AbstractContextManager):
+class SignalHandlers(contextlib.AbstractContextManager):
+    """A context in which `self._handle(signum, frame)` answers each of `self.signals`
+    (SIGINT and SIGTERM unless a subclass says otherwise); the handlers before it are
+    put back at its end. Main thread only: elsewhere Python cannot install handlers,
+    and the signals are left alone."""
+
+    signals = (signal.SIGINT, signal.SIGTERM)
+    _previous = None
+
+    def _handle(self, signum, frame):
+        raise NotImplementedError
+
+    def __enter__(self):
+        self._previous = {}
+        if threading.current_thread() is threading.main_thread():
+            for sig in self.signals:
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc):
+        for sig, handler in (self._previous or {}).items():
+            signal.signal(sig, handler)
+        self._previous = {}
+        return False
+
+
+class StopSignalsHeld(SignalHandlers):
     """While finished work is written (a result, its files): a first SIGINT or SIGTERM
     is held, not raised, so that the files are whole; a second raises at once (as a
     `KeyboardInterrupt`, or `Terminated`). `received`: the held signal's name, or None.
@@ -114,9 +140,9 @@ class StopSignalsHeld(contextlib.AbstractContextManager):
     """
 
     def __init__(self, what):
-        self.what, self.received, self._previous = what, None, {}
+        self.what, self.received = what, None
 
-    def _hold(self, signum, frame):
+    def _handle(self, signum, frame):
         name = signal.Signals(signum).name
         if self.received is not None:
             raise Terminated("second stop signal (SIGTERM)") if signum == signal.SIGTERM else KeyboardInterrupt(
@@ -125,18 +151,6 @@ class StopSignalsHeld(contextlib.AbstractContextManager):
         sys.stderr.write(f"{name} received while {self.what} is written: it is finished first (send it again to "
                          "stop at once)\n")
         sys.stderr.flush()
-
-    def __enter__(self):
-        if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                self._previous[sig] = signal.signal(sig, self._hold)
-        return self
-
-    def __exit__(self, *exc):
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-        self._previous = {}
-        return False
 
 
 def refuse_unread(reasons):
