@@ -11,8 +11,9 @@ written after the work ends the tool with `not_written` (exit status 4).
 Stop signals: SIGTERM is raised in the tool as a `Terminated` (a `KeyboardInterrupt`,
 as Python raises SIGINT), so that every tool stops on it as it does on Ctrl-C, writing
 what it has, where before SIGTERM killed it at once; a stop signal the tool does not
-handle ends it with one line and exit status 128 + the signal's number (130, 143),
-not a traceback. `StopSignalsHeld` holds them while finished work is written.
+handle ends it with one line, not a traceback, then by the signal itself
+(`exit_by_signal`: a shell reports 130 or 143, and a loop running the tool stops).
+`StopSignalsHeld` holds them while finished work is written.
 """
 
 import contextlib
@@ -103,6 +104,22 @@ def signal_exit_status(interruption):
     return 128 + int(signal.Signals[name])
 
 
+def exit_by_signal(interruption):
+    """Ends the process by the signal a `KeyboardInterrupt` names (`signal_name`;
+    SIGINT when none), once the tool has written what it keeps: the default handler
+    is put back and the signal sent to the process. Why not `sys.exit(130)`: a shell
+    goes on with a loop or script whose command exited normally, whatever the status
+    (it stops one that a signal ended), and interpreter shutdown waits for a device
+    execution still in flight (minutes of a benchmark's steps); the status a shell
+    reports is the same, 128 + the signal's number."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    number = signal_exit_status(interruption) - 128
+    signal.signal(number, signal.SIG_DFL)
+    os.kill(os.getpid(), number)
+    raise SystemExit(128 + number)  # (where the signal could not end it)
+
+
 class SignalHandlers(contextlib.AbstractContextManager):
     """A context in which `self._handle(signum, frame)` answers each of `self.signals`
     (SIGINT and SIGTERM unless a subclass says otherwise); the handlers before it are
@@ -145,8 +162,9 @@ class StopSignalsHeld(SignalHandlers):
     def _handle(self, signum, frame):
         name = signal.Signals(signum).name
         if self.received is not None:
-            raise Terminated("second stop signal (SIGTERM)") if signum == signal.SIGTERM else KeyboardInterrupt(
-                f"second stop signal ({name})")
+            second = KeyboardInterrupt(f"second stop signal ({name})")
+            second.signal_name = self.received  # (the first names the exit status, as in haet.checkpoint)
+            raise second
         self.received = name
         sys.stderr.write(f"{name} received while {self.what} is written: it is finished first (send it again to "
                          "stop at once)\n")
@@ -170,16 +188,17 @@ def run(main, argv=None):
     """Runs `main(argv)` as `absl.app.run` does, with `parse_flags` as the flag parser
     and a `absl.app.UsageError` raised by `main` answered by `refuse` (exit status 2,
     whatever the error's own `exitcode`). haet's tools take flags only: an argument
-    left after the flags is refused before `main` runs. SIGTERM raises `Terminated`
-    (where no handler but the default was set), and a stop signal `main` lets through
-    ends the tool with one line and `signal_exit_status`."""
+    left after the flags is refused before `main` runs. While `main` runs, SIGTERM
+    raises `Terminated` (where no handler but the default was set), and a stop signal
+    `main` lets through ends the tool with one line, then `exit_by_signal`."""
 
     def main_refusing(args):
         if len(args) > 1:
             refuse(f"Unexpected arguments: {args[1:]} (haet's tools take flags only, e.g. --flag=value)", args)
+        previous = None
         if (threading.current_thread() is threading.main_thread()
                 and signal.getsignal(signal.SIGTERM) is signal.SIG_DFL):
-            signal.signal(signal.SIGTERM, _raise_terminated)
+            previous = signal.signal(signal.SIGTERM, _raise_terminated)
         try:
             return main(args)
         except app.UsageError as e:
@@ -188,7 +207,9 @@ def run(main, argv=None):
             detail = str(e) if str(e) and str(e) != getattr(e, "signal_name", None) else ""
             sys.stderr.write(f"{program_name(args)}: stopped by {getattr(e, 'signal_name', None) or 'SIGINT'}"
                              f"{f' ({detail})' if detail else ''}\n")
-            sys.stderr.flush()
-            raise SystemExit(signal_exit_status(e)) from None
+            exit_by_signal(e)
+        finally:
+            if previous is not None:  # (a process that runs a tool more than once: its own handler again)
+                signal.signal(signal.SIGTERM, previous)
 
     app.run(main_refusing, argv=argv, flags_parser=parse_flags)

@@ -110,18 +110,23 @@ def grad_cam(model, images, class_index=None, layer_name=None, member=0):
 
 
 def _classes_of_run(model_path, dataset):
-    """The `--classes` of the run that saved `model_path` (its folder's record.json),
-    `()` for all classes or a model outside a run folder.
+    """The `--classes` of the run that saved `model_path` (its folder's record.json,
+    the folder of the file a link points to), `()` for all classes, a model outside
+    a run folder or beside a record.json that is not a run's (the count of its
+    outputs is checked against the classes after this).
 
     Raises:
         ValueError: the run trained on another dataset than `dataset`.
     """
     from haet import results
 
-    folder = os.path.dirname(os.path.abspath(model_path))
-    if not os.path.exists(os.path.join(folder, "record.json")):
+    folder = os.path.dirname(os.path.realpath(model_path))
+    try:
+        flags_of_run = results.read_record(folder).get("flags")
+    except ValueError:  # none, or not a run's record
         return ()
-    flags_of_run = results.read_record(folder).get("flags") or {}
+    if not isinstance(flags_of_run, dict):
+        return ()
     if flags_of_run.get("dataset", dataset) != dataset:
         raise ValueError(f"--model was trained on {flags_of_run['dataset']} (its record.json): pass "
                          f"--dataset={flags_of_run['dataset']}.")

@@ -258,7 +258,7 @@ def main(argv):
     logging.info("%d steps", len(rows))
     print(f"wrote {run_dir}")
     if status == "interrupted":
-        raise SystemExit(cli.signal_exit_status(stopped))
+        cli.exit_by_signal(stopped)
     if error:
         raise SystemExit(1)
 

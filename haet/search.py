@@ -481,10 +481,12 @@ def check_search_dir(search_dir):
                          "new or empty folder, or one that holds this search.")
 
 
-def _claim_folder(search_dir, spec, by_path=None):
+def _claim_folder(search_dir, spec, by_path=None, path_study_exists=None):
     """Writes `search.json`, or checks that the folder holds this search; returns the
     name of its study (`study_name_of`). `by_path`: the same spec with the data named
-    by their folder, to compare with a search.json written before `data_sha256`."""
+    by their folder, to compare with a search.json written before `data_sha256`, and
+    to write in a new folder when `path_study_exists(by_path)` (a shared storage
+    holds the study of that search begun before)."""
     os.makedirs(search_dir, exist_ok=True)
     path = os.path.join(search_dir, "search.json")
     if os.path.exists(path):
@@ -514,6 +516,8 @@ def _claim_folder(search_dir, spec, by_path=None):
             raise ValueError(f"{search_dir} holds another search (different {', '.join(changed)}); "
                              "use a new --search_dir.")
         return study_name
+    if by_path is not None and path_study_exists is not None and path_study_exists(by_path):
+        spec = by_path
     provenance = {"git_commit": results.git_commit(), "versions": results.versions(),
                   "backend": keras.backend.backend(), "device": describe_device(), "command": sys.argv,
                   "created_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
@@ -524,7 +528,7 @@ def _claim_folder(search_dir, spec, by_path=None):
         os.link(temporary, path)  # whole, and only if no other worker wrote it first
     except FileExistsError:
         os.remove(temporary)
-        return _claim_folder(search_dir, spec, by_path)
+        return _claim_folder(search_dir, spec, by_path, path_study_exists)
     os.remove(temporary)
     return study_name_of(spec)
 
@@ -610,8 +614,14 @@ def run_search(base, space, search_dir, trials, sampler="tpe", pruner="none", se
         raise ValueError(str(e)) from None
     spec_args = (base, space, sampler, pruner, seed, grid_points, None if url is None else _hidden_password(url),
                  min_resource_seconds)
-    spec = _spec(*spec_args, data_sha256=getattr(data, "subset_sha256", None))
-    study_name = _claim_folder(search_dir, spec, _spec(*spec_args))
+    spec, by_path = _spec(*spec_args, data_sha256=getattr(data, "subset_sha256", None)), _spec(*spec_args)
+    joins = None
+    if url is not None and spec != by_path:
+        # A worker of a search begun before the data were named by their hash joins its
+        # study, named by the path, where it began another one.
+        names = set(optuna.study.get_all_study_names(storage))
+        joins = lambda spec_: study_name_of(spec_) in names  # noqa: E731
+    study_name = _claim_folder(search_dir, spec, by_path, joins)
     try:
         study = open_study(search_dir, study_sampler, study_pruner, storage, study_name)
     except Exception as e:  # a damaged study.db: SQLAlchemy's errors, of many kinds
@@ -685,13 +695,17 @@ def run_search(base, space, search_dir, trials, sampler="tpe", pruner="none", se
         except KeyboardInterrupt:
             trial.set_user_attr("interrupted", True)  # failed, but not counted as a finished trial
             raise
-        trial.set_user_attr("run_dir", os.path.relpath(run_dir, search_dir))
-        for key in ("status", "epochs", "steps", "train_seconds", "stopped_by"):
-            trial.set_user_attr(key, record.get(key))
-        if record.get("signal_after_training"):
+        # A stop signal now (its run has ended) waits for the trial's result: it was marked
+        # interrupted, uncounted, and its finished run trained again.
+        with cli.StopSignalsHeld(f"trial {trial.number}'s result") as held:
+            trial.set_user_attr("run_dir", os.path.relpath(run_dir, search_dir))
+            for key in ("status", "epochs", "steps", "train_seconds", "stopped_by"):
+                trial.set_user_attr(key, record.get(key))
+        late = record.get("signal_after_training") or held.received
+        if late:
             # A stop signal after the run's training ended: the trial ends as its run did,
             # and the search stops after it, as if the signal had come between trials.
-            signalled.append(TrialInterrupted(trial.number, record["signal_after_training"], after_training=True))
+            signalled.append(TrialInterrupted(trial.number, late, after_training=True))
             study.stop()
         if record["status"] == "interrupted":
             trial.set_user_attr("interrupted", True)

@@ -1,6 +1,7 @@
 """haet.cli: how every haet command line refuses bad flags, arguments and settings."""
 
 import os
+import signal
 import subprocess
 import sys
 
@@ -87,11 +88,13 @@ def test_good_flags_run_main_and_help_still_works(tool):
     assert "A tool's docstring" in helped.stdout and "--count" in helped.stdout and helped.returncode != 2
 
 
-@pytest.mark.parametrize("signal_name, status", [("SIGTERM", 143), ("SIGINT", 130)])
-def test_a_stop_signal_ends_a_tool_with_one_line_and_its_exit_status(tool, signal_name, status):
-    """SIGTERM killed a tool at once (nothing written, no line); Ctrl-C printed a traceback."""
+@pytest.mark.parametrize("signal_name", ["SIGTERM", "SIGINT"])
+def test_a_stop_signal_ends_a_tool_with_one_line_then_by_the_signal(tool, signal_name):
+    """SIGTERM killed a tool at once (nothing written, no line); Ctrl-C printed a
+    traceback. It ends by the signal (a shell's 130 or 143), not `exit(130)`, which a
+    shell loop running the tool went on after."""
     result = _run(tool, f"--name={signal_name}")
-    assert result.returncode == status and result.stderr == f"tool.py: stopped by {signal_name}\n"
+    assert result.returncode == -signal.Signals[signal_name] and result.stderr == f"tool.py: stopped by {signal_name}\n"
 
 
 def test_a_stop_signal_while_finished_work_is_written_waits_for_it(tool):
@@ -100,8 +103,29 @@ def test_a_stop_signal_while_finished_work_is_written_waits_for_it(tool):
     assert held.stderr == ("SIGTERM received while the file is written: it is finished first (send it again to stop "
                            "at once)\n")
     twice = _run(tool, "--name=heldxx")  # the second stops at once
-    assert twice.returncode == 143 and twice.stdout == ""
+    assert twice.returncode == -signal.SIGTERM and twice.stdout == ""
     assert twice.stderr.splitlines()[-1] == "tool.py: stopped by SIGTERM (second stop signal (SIGTERM))"
+
+
+def test_the_sigterm_handler_is_the_callers_again_after_a_tool(tmp_path):
+    """A process that runs a tool and goes on (a test runner running several cases):
+    its SIGTERM raised Terminated wherever it came, after the tool had returned."""
+    script = tmp_path / "twice.py"
+    script.write_text(f"""
+import importlib.util, signal, sys
+spec = importlib.util.spec_from_file_location("haet_cli", {os.path.join(REPO, "haet", "cli.py")!r})
+cli = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(cli)
+from absl import flags
+flags.DEFINE_string("name", "a", "A name.")
+try:
+    cli.run(lambda argv: print("ran"), argv=["tool"])
+except SystemExit:
+    pass
+print(signal.getsignal(signal.SIGTERM) is signal.SIG_DFL)
+""")
+    result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True)
+    assert result.stdout.splitlines() == ["ran", "True"], result.stderr[-2000:]
 
 
 def test_new_output_files_are_checked_before_any_work(tmp_path):

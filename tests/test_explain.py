@@ -82,6 +82,10 @@ def test_explain_command_line_writes_a_figure_and_refuses_bad_inputs_before_work
     two.save(tmp_path / "run" / "model.keras")
     (tmp_path / "run" / "record.json").write_text('{"flags": {"dataset": "cifar10", "classes": [3, 5]}}')
     two.save(tmp_path / "two.keras")
+    (tmp_path / "best.keras").symlink_to(tmp_path / "run" / "model.keras")  # (its run folder is the link's target's)
+    (tmp_path / "odd").mkdir()
+    two.save(tmp_path / "odd" / "model.keras")
+    (tmp_path / "odd" / "record.json").write_text('{"flags": ["--classes=3,5"]}')  # not a run's: no classes read
     env = dict(os.environ, PYTHONPATH=REPO, MPLBACKEND="Agg")
 
     def explain(*args):
@@ -102,6 +106,8 @@ def test_explain_command_line_writes_a_figure_and_refuses_bad_inputs_before_work
             # (its 2 outputs were drawn as airplane and automobile, over images of every class)
             ([f"--out={tmp_path / 'g.png'}", f"--model={tmp_path / 'two.keras'}"],
              "--model has 2 outputs; the 10 classes of cifar10 are not its classes"),
+            ([f"--out={tmp_path / 'g.png'}", f"--model={tmp_path / 'odd' / 'model.keras'}"],
+             "--model has 2 outputs; the 10 classes of cifar10 are not its classes"),
             ([f"--out={tmp_path / 'g.png'}", f"--model={tmp_path / 'run' / 'model.keras'}", "--dataset=mnist",
               f"--data_dir={mnist}"], "--model was trained on cifar10 (its record.json): pass --dataset=cifar10."))
     cases = [[f"--model={model_path}", f"--data_dir={cifar10_slice_dir}", "--num_images=4", *args] for args, _ in bads]
@@ -109,6 +115,7 @@ def test_explain_command_line_writes_a_figure_and_refuses_bad_inputs_before_work
         assert refused.returncode == 2 and "Traceback" not in refused.stderr, refused.stderr[-3000:]
         assert "haet.explain: error: " in refused.stderr and message in refused.stderr, refused.stderr[-3000:]
     assert out.read_bytes() == written and sorted(os.listdir(tmp_path / "new")) == ["gradcam.png"]
-    subset = explain(f"--out={tmp_path / 'subset.png'}", f"--model={tmp_path / 'run' / 'model.keras'}")
-    assert subset.returncode == 0 and (tmp_path / "subset.png").exists(), subset.stderr[-3000:]
+    for name, model in (("subset.png", tmp_path / "run" / "model.keras"), ("linked.png", tmp_path / "best.keras")):
+        subset = explain(f"--out={tmp_path / name}", f"--model={model}")
+        assert subset.returncode == 0 and (tmp_path / name).exists(), subset.stderr[-3000:]
     assert not (tmp_path / "g.png").exists() and not (tmp_path / "g.txt").exists()

@@ -370,6 +370,51 @@ def test_the_data_are_named_by_their_hash_not_the_path_to_them(tmp_path):
         run("old", "/elsewhere/cifar10", trials=2)
 
 
+def test_a_new_worker_joins_a_shared_study_begun_before_the_data_were_named_by_their_hash(tmp_path):
+    """Its study is named after the search with the data's path: a worker started after
+    the change, in a new folder, began a second study of the same search."""
+    import optuna
+
+    base = TrainConfig(validation_size=500, budget_seconds=5, lr_schedule="constant", data_dir="/data/cifar10")
+    space = search.parse_space(["learning_rate=loguniform:0.01:1"])
+    url = f"sqlite:///{tmp_path / 'shared.db'}"
+    by_path = search._spec(dataclasses.replace(base, evaluate_test=False, save_model=False), space, "tpe", "none", 0,
+                           3, url, None)
+    earlier = optuna.create_study(study_name=search.study_name_of(by_path), storage=url, direction="maximize")
+    earlier.add_trial(optuna.trial.create_trial(params={"learning_rate": 0.1}, value=0.9, distributions={
+        "learning_rate": optuna.distributions.FloatDistribution(0.01, 1, log=True)}))
+    study = search.run_search(base, space, str(tmp_path / "new_worker"), 2, storage=url,
+                              load_data=lambda config: types.SimpleNamespace(subset_sha256="a" * 64),
+                              train=_fake_train([]))
+    assert study.study_name == earlier.study_name and len(study.trials) == 2
+
+
+def test_a_stop_signal_as_a_trials_result_is_written_waits_for_it(tmp_path):
+    """SIGINT after the trial's run returned, as its result was written: the finished
+    trial was marked interrupted, not counted, and its run trained again."""
+    import signal
+
+    base = TrainConfig(validation_size=500, budget_seconds=5, lr_schedule="constant")
+    space = search.parse_space(["learning_rate=choice:0.01|0.1|0.5"])
+    train = _fake_train([])
+
+    class Signalling(dict):
+        def get(self, key, default=None):
+            if key == "status" and not getattr(self, "sent", False):
+                self.sent = True
+                os.kill(os.getpid(), signal.SIGINT)  # (held: it raised here)
+            return super().get(key, default)
+
+    def signalled(config, results_dir, hooks=(), resume_hint=None):
+        record, run_dir = train(config, results_dir, hooks, resume_hint)
+        return Signalling(record), run_dir
+
+    with pytest.raises(search.SearchInterrupted) as interrupted:
+        search.run_search(base, space, str(tmp_path), 3, sampler="grid", load_data=_no_data, train=signalled)
+    assert _states(interrupted.value.study) == ["COMPLETE"]
+    assert search.finished_trials(interrupted.value.study) == 1
+
+
 def test_a_trial_interrupted_before_its_run_began_is_not_counted(tmp_path, monkeypatch):
     """SIGTERM as trial 1 drew its values (between two trials' runs): it was counted
     as a finished trial, so the search ended a trial short."""
