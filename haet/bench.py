@@ -39,8 +39,8 @@ images of the dataset's shape. Only `--bench_test_images` test images are scored
 after each end-to-end run (the score is not the point).
 
 Ctrl-C or SIGTERM stops it (in an end-to-end run too, and after one whose training
-ended): the settings measured before are printed and written, then it exits 130 or
-143.
+ended): the settings measured before are printed and written, then it ends by the
+signal (`haet.cli.exit_by_signal`: a shell reports 130 or 143).
 """
 
 import dataclasses

@@ -464,7 +464,8 @@ def fit(model, x, y, *, budget_seconds=None, epochs=None, batch_size=32, learnin
             # Under JAX the model's variables held the arrays the engine donated to the
             # executions since the last sync (deleted): the model could not be used again.
             if engine.sync_after_interrupt():
-                e.add_note("The model holds the weights of the last step that ran.")
+                e.add_note("The model holds the weights of the last step that ran (or those a callback wrote "
+                           "after training).")
             else:
                 e.add_note("It came while an execution held the training state: the model's weights are lost (its "
                            "variables hold deleted arrays); build or load the model again.")

@@ -215,16 +215,6 @@ class Checkpointer(Hook):
             os.remove(self.path)
 
 
-class SecondStopSignal(KeyboardInterrupt):
-    """A second stop signal, raised at once (`StopSignals`). `signal_name`: the first
-    signal's, the one the record's `interrupted_by` names, for the exit status
-    (`exit_code`: a second SIGTERM exited 130, as if it were SIGINT)."""
-
-    def __init__(self, message, signal_name=None):
-        super().__init__(message)
-        self.signal_name = signal_name
-
-
 class StopSignals(Hook, cli.SignalHandlers):
     """SIGINT and SIGTERM stop a run cleanly: the first one stops training at the next
     execution boundary (executions are kept to about `responsive_seconds`) (`run.stop("interrupted", immediate=True)`; the caller writes
@@ -275,7 +265,7 @@ class StopSignals(Hook, cli.SignalHandlers):
 
     def _handle(self, signum, frame):
         if self.received is not None:
-            raise SecondStopSignal(f"second stop signal ({signal.Signals(signum).name})", self.name)
+            raise cli.SecondStopSignal(f"second stop signal ({signal.Signals(signum).name})", self.name)
         self.received = signum
         # Training ended, or is ending for another reason (the run's last epoch end, its
         # validation): the signal stops nothing, the run goes on to its end.
@@ -318,8 +308,7 @@ def exit_code(record):
     if status == "completed":
         return 4 if record.get("artifact_errors") else 0
     if status == "interrupted":
-        name = record.get("interrupted_by")
-        return 128 + int(signal.Signals[name]) if name in signal.Signals.__members__ else 130
+        return cli.signal_exit_status(record.get("interrupted_by"))
     if status == "diverged":
         return 3
     return 1

@@ -83,9 +83,19 @@ def parse_flags(argv):
     return remaining
 
 
+class SecondStopSignal(KeyboardInterrupt):
+    """A second stop signal, raised at once. `signal_name`: the first signal's, the
+    one a record's `interrupted_by` names, for the exit status (a second SIGTERM
+    exited 130, as if it were SIGINT)."""
+
+    def __init__(self, message, signal_name=None):
+        super().__init__(message)
+        self.signal_name = signal_name
+
+
 class Terminated(KeyboardInterrupt):
     """SIGTERM, raised as Python raises SIGINT (`signal_name` "SIGTERM", as
-    `haet.checkpoint.SecondStopSignal` names its signal)."""
+    `SecondStopSignal` names its signal)."""
 
     signal_name = "SIGTERM"
 
@@ -97,11 +107,11 @@ def _raise_terminated(signum, frame):
     raise Terminated()
 
 
-def signal_exit_status(interruption):
-    """128 + the number of the signal a `KeyboardInterrupt` names (`signal_name`), as a
-    shell reports a process a signal ended: 130 for SIGINT or none, 143 for SIGTERM."""
-    name = getattr(interruption, "signal_name", None) or "SIGINT"
-    return 128 + int(signal.Signals[name])
+def signal_exit_status(signal_name):
+    """128 + the number of the signal named `signal_name` (a `KeyboardInterrupt`'s
+    `signal_name`, a record's `interrupted_by`), as a shell reports a process a signal
+    ended: 143 for SIGTERM, 130 for SIGINT, None or a name that is not a signal's."""
+    return 128 + int(signal.Signals[signal_name] if signal_name in signal.Signals.__members__ else signal.SIGINT)
 
 
 def exit_by_signal(interruption):
@@ -114,7 +124,7 @@ def exit_by_signal(interruption):
     reports is the same, 128 + the signal's number."""
     sys.stdout.flush()
     sys.stderr.flush()
-    number = signal_exit_status(interruption) - 128
+    number = signal_exit_status(getattr(interruption, "signal_name", None)) - 128
     signal.signal(number, signal.SIG_DFL)
     os.kill(os.getpid(), number)
     raise SystemExit(128 + number)  # (where the signal could not end it)
@@ -162,9 +172,7 @@ class StopSignalsHeld(SignalHandlers):
     def _handle(self, signum, frame):
         name = signal.Signals(signum).name
         if self.received is not None:
-            second = KeyboardInterrupt(f"second stop signal ({name})")
-            second.signal_name = self.received  # (the first names the exit status, as in haet.checkpoint)
-            raise second
+            raise SecondStopSignal(f"second stop signal ({name})", self.received)
         self.received = name
         sys.stderr.write(f"{name} received while {self.what} is written: it is finished first (send it again to "
                          "stop at once)\n")

@@ -481,12 +481,12 @@ def check_search_dir(search_dir):
                          "new or empty folder, or one that holds this search.")
 
 
-def _claim_folder(search_dir, spec, by_path=None, path_study_exists=None):
+def _claim_folder(search_dir, spec, by_path=None, write_by_path=False):
     """Writes `search.json`, or checks that the folder holds this search; returns the
     name of its study (`study_name_of`). `by_path`: the same spec with the data named
     by their folder, to compare with a search.json written before `data_sha256`, and
-    to write in a new folder when `path_study_exists(by_path)` (a shared storage
-    holds the study of that search begun before)."""
+    to write in a new folder where `write_by_path` (a shared storage holds the study
+    of that search begun before)."""
     os.makedirs(search_dir, exist_ok=True)
     path = os.path.join(search_dir, "search.json")
     if os.path.exists(path):
@@ -516,7 +516,7 @@ def _claim_folder(search_dir, spec, by_path=None, path_study_exists=None):
             raise ValueError(f"{search_dir} holds another search (different {', '.join(changed)}); "
                              "use a new --search_dir.")
         return study_name
-    if by_path is not None and path_study_exists is not None and path_study_exists(by_path):
+    if write_by_path:
         spec = by_path
     provenance = {"git_commit": results.git_commit(), "versions": results.versions(),
                   "backend": keras.backend.backend(), "device": describe_device(), "command": sys.argv,
@@ -528,7 +528,7 @@ def _claim_folder(search_dir, spec, by_path=None, path_study_exists=None):
         os.link(temporary, path)  # whole, and only if no other worker wrote it first
     except FileExistsError:
         os.remove(temporary)
-        return _claim_folder(search_dir, spec, by_path, path_study_exists)
+        return _claim_folder(search_dir, spec, by_path, write_by_path)
     os.remove(temporary)
     return study_name_of(spec)
 
@@ -615,12 +615,9 @@ def run_search(base, space, search_dir, trials, sampler="tpe", pruner="none", se
     spec_args = (base, space, sampler, pruner, seed, grid_points, None if url is None else _hidden_password(url),
                  min_resource_seconds)
     spec, by_path = _spec(*spec_args, data_sha256=getattr(data, "subset_sha256", None)), _spec(*spec_args)
-    joins = None
-    if url is not None and spec != by_path:
-        # A worker of a search begun before the data were named by their hash joins its
-        # study, named by the path, where it began another one.
-        names = set(optuna.study.get_all_study_names(storage))
-        joins = lambda spec_: study_name_of(spec_) in names  # noqa: E731
+    # A worker of a search begun before the data were named by their hash joins its
+    # study, named by the path, where it began another one.
+    joins = url is not None and spec != by_path and study_name_of(by_path) in optuna.study.get_all_study_names(storage)
     study_name = _claim_folder(search_dir, spec, by_path, joins)
     try:
         study = open_study(search_dir, study_sampler, study_pruner, storage, study_name)
@@ -643,8 +640,8 @@ def run_search(base, space, search_dir, trials, sampler="tpe", pruner="none", se
         trial.set_user_attr("ended", False)
         try:
             return run_trial(trial)
-        except KeyboardInterrupt:  # (one that came before its run began too: it was counted, its values unscored)
-            trial.set_user_attr("interrupted", True)
+        except KeyboardInterrupt:  # (its run's, `TrialInterrupted`, and one before its run began)
+            trial.set_user_attr("interrupted", True)  # failed, but not counted as a finished trial
             raise
         finally:
             trial.set_user_attr("ended", True)
@@ -692,9 +689,6 @@ def run_search(base, space, search_dir, trials, sampler="tpe", pruner="none", se
         except training.SetupError as e:  # e.g. a searched precision this machine cannot take
             trial.set_user_attr("status", "could not start")
             raise TrialFailed(f"the run could not start: {e}") from None
-        except KeyboardInterrupt:
-            trial.set_user_attr("interrupted", True)  # failed, but not counted as a finished trial
-            raise
         # A stop signal now (its run has ended) waits for the trial's result: it was marked
         # interrupted, uncounted, and its finished run trained again.
         with cli.StopSignalsHeld(f"trial {trial.number}'s result") as held:
@@ -708,7 +702,6 @@ def run_search(base, space, search_dir, trials, sampler="tpe", pruner="none", se
             signalled.append(TrialInterrupted(trial.number, late, after_training=True))
             study.stop()
         if record["status"] == "interrupted":
-            trial.set_user_attr("interrupted", True)
             raise TrialInterrupted(trial.number, record.get("interrupted_by"))
         if record["status"] != "completed":
             raise TrialFailed(f"the run {record['status']}: {record.get('error') or record.get('diverged_at_step')}")
@@ -864,14 +857,6 @@ class TrialInterrupted(KeyboardInterrupt):
         super().__init__(f"{signal_name} after trial {number}'s training ended: the search stops after it"
                          if after_training else f"trial {number} interrupted by {signal_name}")
         self.number, self.signal_name, self.after_training = number, signal_name, after_training
-
-
-def interruption_exit_code(interruption):
-    """128 + the signal's number (130 for SIGINT, 143 for SIGTERM), as a shell reports
-    a process its signal ended and `haet.train` exits (`haet.checkpoint.exit_code`);
-    130 when no signal is named (a KeyboardInterrupt)."""
-    return checkpoint_lib.exit_code({"status": "interrupted",
-                                     "interrupted_by": getattr(interruption, "signal_name", None)})
 
 
 class SearchInterrupted(KeyboardInterrupt):
@@ -1066,7 +1051,7 @@ def main(argv):
             print(f"interrupted ({str(interrupted) or type(interrupted).__name__}); the interrupted trial is not "
                   "counted: run the same command again to go on (it takes up that trial's values again, resumed "
                   "from its run's checkpoint when it has one)", file=sys.stderr)
-        sys.exit(interruption_exit_code(interrupted))
+        sys.exit(cli.signal_exit_status(getattr(interrupted, "signal_name", None)))  # as haet.train exits
     sys.stdout.flush()
 
 

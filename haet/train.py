@@ -89,18 +89,13 @@ def main(argv):
         raise app.UsageError(str(e), exitcode=USAGE_ERROR) from None
     except SetupInterrupted as e:
         print(f"interrupted {e}", file=sys.stderr)
-        sys.exit(_interrupted_exit_code(e))
+        sys.exit(cli.signal_exit_status(e.signal_name))
     except KeyboardInterrupt as e:
         print(f"interrupted ({e or 'KeyboardInterrupt'}); the run's record says so", file=sys.stderr)
-        sys.exit(_interrupted_exit_code(e))
+        # (a second stop signal's: the first's; 130 for a KeyboardInterrupt of no signal)
+        sys.exit(cli.signal_exit_status(getattr(e, "signal_name", None)))
     print(summary(record, run_dir))
     sys.exit(checkpoint.exit_code(record))
-
-
-def _interrupted_exit_code(interruption):
-    """128 + the number of the signal the record names (a second stop signal's first;
-    130 for a KeyboardInterrupt of no signal)."""
-    return checkpoint.exit_code({"status": "interrupted", "interrupted_by": getattr(interruption, "signal_name", None)})
 
 
 def summary(record, run_dir):

@@ -34,7 +34,7 @@ import keras
 import numpy as np
 from absl import logging
 
-from haet import augment, budget as budget_lib, checkpoint as checkpoint_lib, data as data_lib
+from haet import augment, budget as budget_lib, checkpoint as checkpoint_lib, cli, data as data_lib
 from haet import device as device_lib, evaluation, models, optimizers, results, schedules
 from haet.config import TrainConfig
 from haet.engine import check_steps_per_execution, current_weights, make_engine
@@ -160,7 +160,7 @@ def train(config, results_dir="results/runs", clock=time.perf_counter, resume=No
     return record, folder.path
 
 
-class SetupInterrupted(checkpoint_lib.SecondStopSignal):
+class SetupInterrupted(cli.SecondStopSignal):
     """A stop signal while a run was setting up, before its folder was made or
     reopened: no record says so."""
 

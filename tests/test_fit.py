@@ -11,7 +11,7 @@ import pytest
 
 import haet
 from haet import engine as engine_lib
-from haet import checkpoint, optimizers, schedules
+from haet import cli, optimizers, schedules
 from conftest import FakeClock
 
 STEP = 0.125  # seconds a step on the fake clock: exact in binary, and short enough that
@@ -224,7 +224,8 @@ def test_a_second_ctrl_c_inside_an_execution_leaves_the_model_usable(data, clock
     model = compiled(tiny_model())
     with pytest.raises(KeyboardInterrupt, match=r"second stop signal \(SIGINT\)") as stopped:
         haet.fit(model, x, y, budget_seconds=100 * STEP, batch_size=8, steps_per_execution=4, verbose=0, clock=clock)
-    assert stopped.value.__notes__ == ["The model holds the weights of the last step that ran."]
+    assert stopped.value.__notes__ == ["The model holds the weights of the last step that ran (or those a callback "
+                                       "wrote after training)."]
     assert int(keras.ops.convert_to_numpy(model.optimizer.iterations)) == 9  # the host had the third's result
     assert np.isfinite(model.predict(x[:4], verbose=0)).all()
 
@@ -296,7 +297,7 @@ def test_a_second_ctrl_c_that_cuts_an_execution_under_jax_says_the_weights_are_l
             for values in self._state:
                 for value in values:
                     value.delete()  # what donating them to the execution did
-            raise checkpoint.SecondStopSignal("second stop signal (SIGINT)", "SIGINT")
+            raise cli.SecondStopSignal("second stop signal (SIGINT)", "SIGINT")
         return original(self, steps)
 
     monkeypatch.setattr(engine_lib.Engine, "run", cut)

@@ -329,7 +329,7 @@ def test_a_stop_signal_after_a_trials_training_stops_the_search_after_that_trial
         search.run_search(base, space, str(tmp_path), 3, sampler="grid", load_data=_no_data,
                           train=signalled_in_the_second)
     assert len(calls) == 2 and _states(interrupted.value.study) == ["COMPLETE", "COMPLETE"]
-    assert search.interruption_exit_code(interrupted.value.interruption) == 143
+    assert interrupted.value.interruption.signal_name == "SIGTERM"  # (the exit status: 143)
     assert "SIGTERM after trial 1's training ended: the search stops after it" in str(interrupted.value)
     # The same command goes on with the last point.
     study = search.run_search(base, space, str(tmp_path), 3, sampler="grid", load_data=_no_data,
@@ -885,12 +885,16 @@ def test_a_damaged_search_folder_is_refused_in_one_message(tmp_path):
         search.run_search(base, space, str(tmp_path / "s"), 2, load_data=_no_data, train=_fake_train([]))
 
 
-def test_an_interrupted_search_carries_its_study_and_the_signal_status():
+def test_an_interrupted_search_exits_with_its_signals_status():
     import signal
 
-    assert search.interruption_exit_code(search.TrialInterrupted(3, "SIGTERM")) == 128 + signal.SIGTERM == 143
-    assert search.interruption_exit_code(search.TrialInterrupted(3, "SIGINT")) == 130
-    assert search.interruption_exit_code(KeyboardInterrupt()) == 130
+    from haet import cli
+
+    # (the search's exit status, as haet.train's)
+    assert cli.signal_exit_status(search.TrialInterrupted(3, "SIGTERM").signal_name) == 128 + signal.SIGTERM == 143
+    assert cli.signal_exit_status(search.TrialInterrupted(3, "SIGINT").signal_name) == 130
+    assert cli.signal_exit_status(getattr(KeyboardInterrupt(), "signal_name", None)) == 130
+    assert cli.signal_exit_status("not a signal") == 130
 
 
 _WORKER = """
