@@ -138,7 +138,10 @@ def load(path):
 
 class Checkpointer(Hook):
     """Writes a checkpoint every `every_seconds` of the budget, at the first execution
-    boundary after each period (`save` also writes one on demand). The budget's
+    boundary after each period, and once training ended, before any hook's
+    `on_train_end` changes the model, when it trained `every_seconds` or more: a
+    failure or a second stop signal during the evaluation then loses no training (a
+    resume only evaluates). `save` also writes one on demand. The budget's
     clock is paused while it writes (the seconds are the record's
     `checkpoint_seconds`). A write that fails (a full disk) is logged and listed
     in the run folder's `artifact_errors`; training goes on.
@@ -183,6 +186,10 @@ class Checkpointer(Hook):
         if self.every_seconds and run.stopped_by is None and run.budget.elapsed() >= self.next_due:
             self.save(run)
             self.next_due = run.budget.elapsed() + self.every_seconds
+
+    def before_train_end(self, run):
+        if self.every_seconds and run.budget.elapsed() >= self.every_seconds:
+            self.save(run)
 
     def save(self, run):
         """Writes the run's checkpoint now (between executions); returns whether it was written."""

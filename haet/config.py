@@ -76,8 +76,9 @@ RUN_FIELDS = (
           "Serving, TFLite converters; needs tensorflow, under either backend).",
           fields.one_of(("none", "saved_model"), "export")),
     Field("checkpoint_every", 120.0, "Seconds of budget between checkpoints (<run folder>/checkpoint.npz, "
-          "for --resume; budgets shorter than this get none unless stopped by a signal); writing them pauses "
-          "the budget's clock. 0: only when a signal stops the run.", fields.at_least(0, unit=" seconds")),
+          "for --resume), and one when training ends, before the evaluation (a resume then only evaluates; "
+          "a completed run deletes it); budgets shorter than this get none unless stopped by a signal. Writing "
+          "them pauses the budget's clock. 0: only when a signal stops the run.", fields.at_least(0, unit=" seconds")),
     Field("deterministic", False, "Deterministic ops on top of the seeds: TensorFlow's "
           "enable_op_determinism, XLA's --xla_gpu_deterministic_ops under JAX (set before JAX starts); "
           "slower on GPUs."),

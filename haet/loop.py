@@ -63,6 +63,13 @@ class Hook:
         """At the end of an epoch (complete or cut short), the state synced into the
         model's variables; `logs` (loss, accuracy, val_*...) may be extended."""
 
+    def before_train_end(self, run):
+        """Training stopped and its epochs ended (the state synced into the model's
+        variables), before any hook's `on_train_end` (which may change the model:
+        averaged weights, best weights). Not called when a run stops at once, nor in a
+        run resumed from a checkpoint written here (its training had ended:
+        `Training.ended`)."""
+
     def on_train_end(self, run):
         """After the last epoch, the state synced into the model's variables (not
         called when a run stops at once: interrupted or diverged)."""
@@ -180,6 +187,9 @@ class Training:
             epoch; None otherwise.
         ending_last: during the hooks' `on_epoch_end`, whether this is the last of the
             epochs ended after one execution (several when it ran past epoch ends).
+        ended: training stopped and its epochs ended (from the hooks'
+            `before_train_end` on). A run resumed from a checkpoint written then goes
+            straight to the hooks' `on_train_end`: no step, no epoch end again.
     """
 
     def __init__(self, engine, budget, hooks, epochs=0):
@@ -194,6 +204,7 @@ class Training:
         self.epochs_run = 0
         self.ending = None
         self.ending_last = True
+        self.ended = False
 
     def stop(self, reason, immediate=False, completed=False):
         """Ends training after the current execution (the first reason given is kept);
@@ -215,9 +226,10 @@ class Training:
         """The loop's state for a checkpoint, at an execution boundary: the engine's
         position in its epoch, its last logs and the epoch ends the loop has not
         acted on yet, and each hook's `state_dict()`. The training state itself is
-        `engine.snapshot()`."""
+        `engine.snapshot()`. Once training `ended`, `training_ended_by` is why it
+        stopped (None before)."""
         engine = self.engine
-        return {"epoch": engine.epoch, "step_in_epoch": engine.step_in_epoch, "epochs_run": self.epochs_run,
+        return {"training_ended_by": self.stopped_by if self.ended else None, "epoch": engine.epoch, "step_in_epoch": engine.step_in_epoch, "epochs_run": self.epochs_run,
                 "engine_logs": engine.epoch_metrics(), "learning_rate": engine.learning_rate,
                 "ended_epochs": [dataclasses.asdict(end) for end in engine.ended_epochs],
                 "hooks": {key: hook.state_dict() for key, hook in zip(self._hook_keys(), self.hooks)}}
@@ -245,7 +257,8 @@ class Training:
         Args:
             resume: None, or `(snapshot, state)` from a checkpoint of the same run
                 (`engine.snapshot()`, `state_dict()`): training goes on from there,
-                inside the epoch it was in.
+                inside the epoch it was in; from one written once training had
+                ended, only the hooks' `on_train_begin` and `on_train_end` run.
 
         Raises:
             ValueError: `resume` was saved by a run with other hooks.
@@ -273,7 +286,7 @@ class Training:
             for hook in hooks:
                 hook.after_execution(self, steps, losses)
             self._complete_if_epochs_done()
-        if not self.stopped_at_once:
+        if not self.stopped_at_once and not self.ended:
             cut_short = None
             if engine.epoch is not None and 0 < engine.step_in_epoch < engine.steps_per_epoch:
                 # Stopped inside an epoch: it ends here, cut short.
@@ -282,6 +295,10 @@ class Training:
             self._end_epochs(cut_short)
         engine.sync()
         if not self.stopped_at_once:
+            if not self.ended:
+                self.ended = True
+                for hook in hooks:
+                    hook.before_train_end(self)
             for hook in hooks:
                 hook.on_train_end(self)
         return self
@@ -348,4 +365,7 @@ class Training:
         self.engine.continue_epoch(state["epoch"], state["step_in_epoch"], state["engine_logs"],
                                    state["learning_rate"], ended)
         self.epochs_run = state["epochs_run"]
+        if state.get("training_ended_by") is not None:
+            # Written once training had ended (`before_train_end`): what is left is its end.
+            self.stopped_by, self.stopped_at_once, self.ended = state["training_ended_by"], False, True
         return state["epoch"]

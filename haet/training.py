@@ -54,7 +54,7 @@ def train(config, results_dir="results/runs", clock=time.perf_counter, resume=No
     `init_from`, is loaded before the data); then the run folder is made and its
     record written (`status: "running"`). History rows are appended as
     epochs end; checkpoints are written every `config.checkpoint_every` seconds of
-    budget (`haet.checkpoint`). The run ends as one of:
+    budget, and as training ends (`haet.checkpoint.Checkpointer`). The run ends as one of:
 
     - "completed": evaluated; the record, then the model and figures are written
       (a file that cannot be written is listed in `artifact_errors`) and the

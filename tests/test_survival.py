@@ -680,6 +680,61 @@ def test_a_stop_signal_after_training_lets_the_run_complete_and_says_so(tmp_path
     assert said.startswith("SIGTERM received after training ended: going on to the run's end")
 
 
+@pytest.mark.parametrize("fault", ["second_signal", "error"])
+def test_a_fault_during_the_evaluation_keeps_the_training_and_the_resume_only_evaluates(
+        tmp_path, cifar10_slice_dir, monkeypatch, fault):
+    """A second stop signal (or an error: out of memory) during the final evaluation
+    left the run with its last periodic checkpoint, 6 s of its 11: a resume trained
+    the last 5 s again. The checkpoint written as training ended (before the
+    averaged weights replace the raw ones) keeps all of it: the resume runs no step,
+    writes no history row twice, and scores what the uninterrupted run scores."""
+    from haet import engine as engine_lib, training
+
+    clock = _steps_of_one_second(monkeypatch)
+    config = _tiny(cifar10_slice_dir, epochs=0, budget_seconds=11.0, lr_schedule_unit="budget", ema_decay=0.8,
+                   checkpoint_every=5.0)
+    whole, whole_dir = train(config, results_dir=str(tmp_path / "whole"), clock=clock)
+    assert whole["status"] == "completed" and whole["steps"] == 11 and whole["stopped_by"] == "budget"
+    # A periodic one after 6 s (executions of 3 steps), and the last one.
+    assert whole["checkpoints"] == 2 and not os.path.exists(os.path.join(whole_dir, "checkpoint.npz"))
+
+    evaluate = training.evaluate
+
+    def faulty(*args, **kwargs):
+        if fault == "error":
+            raise RuntimeError("RESOURCE_EXHAUSTED: out of memory")
+        os.kill(os.getpid(), signal.SIGINT)  # goes on to the run's end
+        os.kill(os.getpid(), signal.SIGINT)  # (raises here)
+        pytest.fail("the second signal raised nothing")
+
+    monkeypatch.setattr(training, "evaluate", faulty)
+    with pytest.raises(KeyboardInterrupt if fault == "second_signal" else RuntimeError):
+        train(config, results_dir=str(tmp_path / "parts"), clock=clock)
+    (run_dir,) = [str(p) for p in (tmp_path / "parts").iterdir()]
+    record = _record(run_dir)
+    assert record["status"] == ("interrupted" if fault == "second_signal" else "failed")
+    assert record["checkpoint"] == "checkpoint.npz" and record["checkpoints"] == 2
+    assert record["steps"] == 11 and record["train_seconds"] == pytest.approx(11.0)
+    assert record["stopped_by"] == "budget" and record["test_accuracy"] is None
+    _, _, state = checkpoint.load(os.path.join(run_dir, "checkpoint.npz"))
+    assert state["training_ended_by"] == "budget"
+    rows = [(r["epoch"], r["steps"]) for r in _history(whole_dir)]
+    assert [(r["epoch"], r["steps"]) for r in _history(run_dir)] == rows  # the last one cut short at 3 steps
+
+    monkeypatch.setattr(training, "evaluate", evaluate)
+    executions = []
+    run = engine_lib.Engine.run
+    monkeypatch.setattr(engine_lib.Engine, "run", lambda self, steps: executions.append(steps) or run(self, steps))
+    resumed, _ = train(config, resume=run_dir, clock=clock)
+    assert executions == [] and resumed["status"] == "completed" and resumed["resumes"] == 1
+    assert resumed["steps"] == 11 and resumed["stopped_by"] == "budget" and resumed["epochs"] == whole["epochs"]
+    assert [(r["epoch"], r["steps"]) for r in _history(run_dir)] == rows
+    for key in ("test_accuracy", "test_loss"):
+        assert resumed[key] == pytest.approx(whole[key], abs=1e-6), key
+    assert resumed["test_loss_variants"] == pytest.approx(whole["test_loss_variants"], abs=1e-6)
+    assert not os.path.exists(os.path.join(run_dir, "checkpoint.npz"))
+
+
 def test_a_second_stop_signal_while_the_checkpoint_is_written_keeps_the_training_in_the_record(
         tmp_path, cifar10_slice_dir, sigterm_after, monkeypatch):
     """SIGTERM after step 6, then SIGINT while the checkpoint was written: the record
