@@ -111,9 +111,9 @@ def grad_cam(model, images, class_index=None, layer_name=None, member=0):
 
 def _classes_of_run(model_path, dataset):
     """The `--classes` of the run that saved `model_path` (its folder's record.json,
-    the folder of the file a link points to), `()` for all classes, a model outside
-    a run folder or beside a record.json that is not a run's (the count of its
-    outputs is checked against the classes after this).
+    the folder of the file a link points to): a tuple of class ids, `()` for all
+    classes; None for a model outside a run folder or beside a record.json that is
+    not a run's.
 
     Raises:
         ValueError: the run trained on another dataset than `dataset`.
@@ -124,13 +124,38 @@ def _classes_of_run(model_path, dataset):
     try:
         flags_of_run = results.read_record(folder).get("flags")
     except ValueError:  # none, or not a run's record
-        return ()
+        return None
     if not isinstance(flags_of_run, dict):
-        return ()
+        return None
     if flags_of_run.get("dataset", dataset) != dataset:
         raise ValueError(f"--model was trained on {flags_of_run['dataset']} (its record.json): pass "
                          f"--dataset={flags_of_run['dataset']}.")
-    return tuple(flags_of_run.get("classes") or ())
+    return tuple(int(c) for c in flags_of_run.get("classes") or ())
+
+
+def classes_to_explain(given, model_path, dataset):
+    """The class ids whose test images explain `model_path`: `given` (`--classes`,
+    a list of strings or None), else those of its run (`_classes_of_run`); `()`
+    for all classes. The count of the model's outputs is checked against them after.
+
+    Raises:
+        ValueError: `given` holds something other than integers, or differs from
+            the classes of the model's run (its record.json); the run trained on
+            another dataset.
+    """
+    of_run = _classes_of_run(model_path, dataset)
+    if given is None:
+        return of_run or ()
+    try:
+        classes = tuple(int(c) for c in given)
+    except ValueError:
+        raise ValueError(f"--classes must be comma-separated class ids of {dataset} (e.g. --classes=3,5). "
+                         f"Received: {','.join(given)}") from None
+    if of_run is not None and classes != of_run:
+        said = ",".join(map(str, of_run)) if of_run else "all classes"
+        raise ValueError(f"--classes={','.join(map(str, classes))} is not what the model's run trained on "
+                         f"({said}, its record.json): leave --classes out.")
+    return classes
 
 
 def main(argv):
@@ -147,12 +172,14 @@ def main(argv):
         plots.check_figure_path(f.out, "--out")
         model = models.load_saved_model(f.model, f"--model={f.model!r}",
                                         "Pass a saved .keras model (a run folder's model.keras).", compile=True)
-        dataset = data.select_classes(data.load_dataset(f.dataset, f.data_dir), _classes_of_run(f.model, f.dataset))
+        classes = classes_to_explain(f.classes, f.model, f.dataset)  # (before the data are read)
+        dataset = data.select_classes(data.load_dataset(f.dataset, f.data_dir), classes)
         outputs = model.output_shape[-1]
         if outputs != dataset.info.num_classes:  # (its outputs were drawn with other classes' names)
-            raise ValueError(f"--model has {outputs} outputs; the {dataset.info.num_classes} classes of {f.dataset} "
-                             f"are not its classes: pass the --dataset it was trained on (a model of a --classes "
-                             "subset is explained from its run folder, whose record.json names them).")
+            raise ValueError(f"--model has {outputs} outputs; the {dataset.info.num_classes} classes of "
+                             f"{dataset.info.name} are not its classes: pass the --dataset (and --classes) it was "
+                             "trained on (a model of a --classes subset in its run folder: its record.json names "
+                             "them).")
         if not 1 <= f.num_images <= len(dataset.y_test):
             raise ValueError(f"--num_images must be between 1 and the {len(dataset.y_test)} test images of "
                              f"{f.dataset}. Received: {f.num_images}")
@@ -189,6 +216,8 @@ if __name__ == "__main__":
     flags.DEFINE_integer("num_images", 24, "Test images to show, drawn with --seed.")
     flags.DEFINE_integer("seed", 0, "Seed choosing the test images.", lower_bound=0)
     flags.DEFINE_string("layer", None, "Layer to explain; default the last 4-D layer.")
+    flags.DEFINE_list("classes", None, "Class ids the model was trained on (train's --classes, e.g. 3,5), for "
+                      "a model outside its run folder; default: its run's (record.json), else all classes.")
     flags.DEFINE_integer("member", 0, "Of an ensemble model (--ensemble_members): the member to explain.",
                          lower_bound=0)
     cli.run(main)

@@ -109,13 +109,26 @@ def test_explain_command_line_writes_a_figure_and_refuses_bad_inputs_before_work
             ([f"--out={tmp_path / 'g.png'}", f"--model={tmp_path / 'odd' / 'model.keras'}"],
              "--model has 2 outputs; the 10 classes of cifar10 are not its classes"),
             ([f"--out={tmp_path / 'g.png'}", f"--model={tmp_path / 'run' / 'model.keras'}", "--dataset=mnist",
-              f"--data_dir={mnist}"], "--model was trained on cifar10 (its record.json): pass --dataset=cifar10."))
+              f"--data_dir={mnist}"], "--model was trained on cifar10 (its record.json): pass --dataset=cifar10."),
+            # --classes: for a model outside its run folder; checked against the run's and the outputs.
+            ([f"--out={tmp_path / 'g.png'}", f"--model={tmp_path / 'run' / 'model.keras'}", "--classes=5,3"],
+             "--classes=5,3 is not what the model's run trained on (3,5, its record.json): leave --classes out."),
+            ([f"--out={tmp_path / 'g.png'}", "--classes=3,5"],  # (a model outside a run folder, 10 outputs)
+             "--model has 10 outputs; the 2 classes of cifar10[3,5] are not its classes: pass the --dataset (and "
+             "--classes) it was trained on"),
+            ([f"--out={tmp_path / 'g.png'}", f"--model={tmp_path / 'two.keras'}", "--classes=3,x"],
+             "--classes must be comma-separated class ids of cifar10 (e.g. --classes=3,5). Received: 3,x"),
+            ([f"--out={tmp_path / 'g.png'}", f"--model={tmp_path / 'two.keras'}", "--classes=3,10"],
+             "classes must be at least 2 distinct ids in [0, 10) of cifar10. Received: [3, 10]"))
     cases = [[f"--model={model_path}", f"--data_dir={cifar10_slice_dir}", "--num_images=4", *args] for args, _ in bads]
     for (args, message), refused in zip(bads, run_tool_cases("haet.explain", cases, env=env)):
         assert refused.returncode == 2 and "Traceback" not in refused.stderr, refused.stderr[-3000:]
         assert "haet.explain: error: " in refused.stderr and message in refused.stderr, refused.stderr[-3000:]
     assert out.read_bytes() == written and sorted(os.listdir(tmp_path / "new")) == ["gradcam.png"]
-    for name, model in (("subset.png", tmp_path / "run" / "model.keras"), ("linked.png", tmp_path / "best.keras")):
-        subset = explain(f"--out={tmp_path / name}", f"--model={model}")
+    for name, model, *given in (("subset.png", tmp_path / "run" / "model.keras"),
+                                ("linked.png", tmp_path / "best.keras"),
+                                ("same.png", tmp_path / "run" / "model.keras", "--classes=3,5"),
+                                ("moved.png", tmp_path / "two.keras", "--classes=3,5")):
+        subset = explain(f"--out={tmp_path / name}", f"--model={model}", *given)
         assert subset.returncode == 0 and (tmp_path / name).exists(), subset.stderr[-3000:]
     assert not (tmp_path / "g.png").exists() and not (tmp_path / "g.txt").exists()
