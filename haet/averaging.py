@@ -186,31 +186,39 @@ class ExponentialMovingAverage:
 
 
 class Lookahead(ExponentialMovingAverage):
-    """airbench's "lookahead" (KellerJordan/cifar10-airbench, airbench94.py): an
+    """airbench's "lookahead" (KellerJordan/cifar10-airbench, airbench94.py since its
+    commit 74e145d of 2024-03-26, the 94.01% version, kept as legacy/airbench94.py): an
     exponential moving average of the weights and batch-norm statistics that is
     copied back into them, inside the compiled step.
 
-    From step `start_step` on, every `every_steps`-th step: the first time the average
-    takes the current values; afterwards it moves toward them with momentum
-    `rho = decay ** every_steps * (step / total_steps) ** power` (averaging weakly
-    early, strongly at the end) and the weights take the average's values. At the last
-    step of each epoch the weights take the average's values again (airbench copies
-    back after each epoch). The run's length is `plan`, the planned-steps variable of a
+    Every `every_steps`-th step from `start_step` on, the average moves toward the
+    current values with momentum `rho = decay ** every_steps * (step / total_steps) **
+    power` (averaging weakly early, strongly at the end) and the weights take the
+    average's values. With `start_step` 0 (airbench) the average starts at the
+    weights' values when `build` is called (the initial weights); otherwise its first
+    update takes the current values (`rho` 0). At the end of training the weights
+    take the average's values once more (`haet.hooks.LookaheadEnd`, airbench's
+    `update(decay=1.0)` after its last step): the steps since the last update are
+    dropped. (airbench before 74e145d started at epoch 3 and copied back after every
+    epoch too, which drops the steps since the last update at each epoch end; haet did
+    so before 2026-11-25.) The run's length is `plan`, the planned-steps variable of a
     step-planned schedule (`haet.schedules`; set by the planner or from `--epochs`,
     read inside the step), else `total_steps`; with the schedule's `plan_offset` the
     ramp reads the same fraction of the plan as the schedule
     (`haet.schedules.plan_fraction`), so a re-plan does not move it at once.
 
     Args:
-        steps_per_epoch: optimizer steps of an epoch (>= 1).
         total_steps: steps of the run without a plan (>= 1), or None.
         plan: the schedule's planned-steps variable (one of the optimizer's), or None.
         plan_offset: the schedule's plan-offset variable (one of the optimizer's), or None.
         decay: per-step base momentum in [0, 1) (airbench: 0.95).
         every_steps: update every this many steps (airbench: 5).
         power: exponent of the ramp over the fraction of the run done (airbench: 3).
-        start_step: first step that may update (airbench: 3 epochs).
+        start_step: first step that may update (airbench: 0).
         statistics: also average (and copy back) the batch-norm statistics.
+
+    Attributes (after `build`):
+        started: int32 variable, 1 once the average holds values to copy back.
 
     Raises:
         ValueError: bad values, or no plan and no `total_steps` (at `build`).
@@ -218,16 +226,13 @@ class Lookahead(ExponentialMovingAverage):
 
     prefix = "lookahead"
 
-    def __init__(self, steps_per_epoch, total_steps=None, decay=0.95, every_steps=5, power=3.0, start_step=0,
-                 statistics=True, plan=None, plan_offset=None):
+    def __init__(self, total_steps=None, decay=0.95, every_steps=5, power=3.0, start_step=0, statistics=True,
+                 plan=None, plan_offset=None):
         super().__init__(decay, every_steps, warmup=False, statistics=statistics)
-        if not (isinstance(steps_per_epoch, (int, np.integer)) and steps_per_epoch >= 1):
-            raise ValueError(f"steps_per_epoch must be a positive integer. Received: {steps_per_epoch!r}")
         if total_steps is not None and not total_steps >= 1:
             raise ValueError(f"total_steps must be >= 1. Received: {total_steps!r}")
         if not (isinstance(start_step, (int, np.integer)) and start_step >= 0):
             raise ValueError(f"start_step must be a non-negative integer. Received: {start_step!r}")
-        self.steps_per_epoch = int(steps_per_epoch)
         self.total_steps = None if total_steps is None else float(total_steps)
         fields.at_least(0)(power, "power")  # (-1: the weights grew from 0.4 to 10)
         self.power = float(power)
@@ -243,7 +248,9 @@ class Lookahead(ExponentialMovingAverage):
         if self.plan_index is None and self.total_steps is None:
             raise ValueError("Lookahead needs the run's length: a step-planned schedule's plan (one_cycle...) or "
                              "total_steps (--epochs > 0).")
-        self.started = keras.Variable(0, dtype="int32", trainable=False, name=f"{self.prefix}_started")
+        # From step 0 the average starts at the initial weights (airbench's LookaheadState(model)).
+        self.started = keras.Variable(int(self.start_step == 0), dtype="int32", trainable=False,
+                                      name=f"{self.prefix}_started")
         self.variables.append(self.started)
 
     def done(self, steps, optimizer_values=None):
@@ -264,11 +271,10 @@ class Lookahead(ExponentialMovingAverage):
         current = [*trainable, *(non_trainable[i] for i in self.statistic_indices)]
         averages = [rho * a + (1.0 - rho) * ops.cast(v, "float32") for a, v in zip(averages, current)]
         started = ops.where(update, 1, started)
-        # The weights take the average after an update, and at each epoch's last step.
-        copy = ops.logical_and(started > 0, ops.logical_or(update, ops.equal(ops.mod(steps, self.steps_per_epoch), 0)))
+        # The weights take the average after an update.
         count = len(trainable)
-        trainable = [ops.where(copy, ops.cast(a, v.dtype), v) for a, v in zip(averages[:count], trainable)]
+        trainable = [ops.where(update, ops.cast(a, v.dtype), v) for a, v in zip(averages[:count], trainable)]
         non_trainable = list(non_trainable)
         for i, a in zip(self.statistic_indices, averages[count:]):
-            non_trainable[i] = ops.where(copy, ops.cast(a, non_trainable[i].dtype), non_trainable[i])
+            non_trainable[i] = ops.where(update, ops.cast(a, non_trainable[i].dtype), non_trainable[i])
         return trainable, non_trainable, [steps, *averages, ops.cast(started, "int32")]

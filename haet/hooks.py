@@ -93,6 +93,30 @@ class DivergenceGuard(Hook):
         run.stop("diverged", immediate=True)
 
 
+class LookaheadEnd(Hook):
+    """At the end of training, the weights and batch-norm statistics take the values
+    of `lookahead` (a `haet.averaging.Lookahead` the engine updates): airbench94's
+    `lookahead_state.update(model, decay=1.0)` after its last step, which drops the
+    steps since the last update (of airbench94's 476 steps, the last one). Nothing is
+    written before the lookahead's first update. Place it before `MovingAverage`,
+    whose raw weights are then the lookahead's."""
+
+    crosses_epochs = True
+
+    def __init__(self, lookahead):
+        self.lookahead = lookahead
+
+    def on_train_end(self, run):
+        if not int(keras.ops.convert_to_numpy(self.lookahead.started.value)):
+            return
+        model = run.engine.model
+        trainable, non_trainable = self.lookahead.average_weights(model)
+        for variables, values in ((model.trainable_variables, trainable),
+                                  (model.non_trainable_variables, non_trainable)):
+            for variable, value in zip(variables, values):
+                variable.assign(value)
+
+
 class MovingAverage(Hook):
     """At the end of training, keeps host copies of the raw weights (`raw_weights`,
     `(trainable, non_trainable)` value lists: the form `haet.engine.Predictor` takes)

@@ -183,13 +183,14 @@ FIELDS = (
           "ResNet-9 and airbench: 64, with frozen scales).", fields.positive()),
     Field("lookahead", False, "airbench's lookahead: from --lookahead_start_epochs on, every "
           "--lookahead_every_steps steps the weights (and batch-norm statistics) move to a moving average of "
-          "themselves with momentum --lookahead_decay ** k * (fraction of the plan done) ** --lookahead_power; needs "
-          "--epochs or a planned schedule."),
+          "themselves with momentum --lookahead_decay ** k * (fraction of the plan done) ** --lookahead_power, and "
+          "take its values once more when training ends; needs --epochs or a planned schedule."),
     Field("lookahead_decay", 0.95, "lookahead: base momentum per step, in [0, 1).", fields.in_range(0, 1, high_open=True)),
     Field("lookahead_every_steps", 5, "lookahead: steps between updates.", fields.positive(integer=True)),
     Field("lookahead_power", 3.0, "lookahead: exponent of the (fraction of the plan done) ramp of the momentum.",
           fields.at_least(0)),
-    Field("lookahead_start_epochs", 3.0, "lookahead: epochs before the first update.", fields.at_least(0)),
+    Field("lookahead_start_epochs", 0.0, "lookahead: epochs before the first update (airbench94: 0, the average "
+          "starting at the initial weights; 3 before its March 2024 version).", fields.at_least(0)),
     Field("label_smoothing", 0.0, "Label smoothing of the cross-entropy, in [0, 1).",
           fields.in_range(0, 1, high_open=True)),
 )
@@ -203,7 +204,7 @@ def make_lookahead(config, steps_per_epoch, total_steps, plan, plan_offset=None)
 
     if not config.lookahead:
         return None
-    return Lookahead(steps_per_epoch, total_steps, config.lookahead_decay, config.lookahead_every_steps,
+    return Lookahead(total_steps, config.lookahead_decay, config.lookahead_every_steps,
                      config.lookahead_power, round(config.lookahead_start_epochs * steps_per_epoch), plan=plan,
                      plan_offset=plan_offset)
 

@@ -39,7 +39,7 @@ from haet import device as device_lib, evaluation, models, optimizers, results, 
 from haet.config import TrainConfig
 from haet.engine import check_steps_per_execution, current_weights, make_engine
 from haet.layers import PatchWhitening
-from haet.hooks import DivergenceGuard, MovingAverage, SnapshotKeeper, TrainingHealth, Validation
+from haet.hooks import DivergenceGuard, LookaheadEnd, MovingAverage, SnapshotKeeper, TrainingHealth, Validation
 from haet.loop import Hook, KerasCallbacks, StepLimit, Training
 
 __all__ = ["TrainConfig", "SetupError", "CheckpointMismatch", "SetupInterrupted", "train", "prepare_data",
@@ -865,6 +865,8 @@ def build_run(config, model, augmentation, schedule, data, folder, clock=time.pe
     whitening = _whitening_layers(model)
     if config.model == "airbench" and config.whitening_bias_epochs and whitening:
         hooks.append(FreezeWhiteningBias(whitening, config.whitening_bias_epochs))
+    if lookahead is not None:
+        hooks.append(LookaheadEnd(lookahead))  # (before the EMA's: its raw weights are the lookahead's)
     if average is not None:
         recompute = (data.x_fit, config.batch_size) if config.ema_statistics == "recompute" else None
         run.moving_average = MovingAverage(average, recompute, clock)

@@ -91,17 +91,26 @@ def _model():
 def test_bad_lookahead_settings_are_refused():
     for power in (-1.0, float("nan"), float("inf")):  # -1: the weights grew from 0.4 to 10 in 4 steps
         with pytest.raises(ValueError, match="power must be a number >= 0"):
-            Lookahead(5, total_steps=100, power=power)
+            Lookahead(total_steps=100, power=power)
 
 
-def test_lookahead_follows_airbench_step_by_step():
-    """The engine's lookahead (updates every 2 steps from step 4, momentum 0.9**2 *
-    (step / 12)**1, copied back, and at each epoch end) against Keras' own step with the
-    same rule applied in NumPy between steps."""
+@pytest.mark.parametrize("start_step", [0, 4])
+def test_lookahead_follows_airbench_step_by_step(start_step):
+    """The engine's lookahead (updates every 2 steps, momentum 0.9**2 * (step / 13)**1,
+    copied back; the average from the initial weights when it starts at step 0, else
+    from its first update's values), and the copy back at the end of training
+    (`LookaheadEnd`: step 13 is dropped), against Keras' own step with the same rule
+    applied in NumPy between steps. Before, the engine also copied back at each epoch
+    end (airbench before its March 2024 version), and the run ended on step 13's
+    weights."""
+    import types
+
+    from haet.hooks import LookaheadEnd
+
     rng = np.random.default_rng(0)
     x, y = rng.integers(0, 256, (20, 8, 8, 3)).astype("uint8"), rng.integers(0, 4, 20)
-    steps_per_epoch, total = 5, 12
-    lookahead = Lookahead(steps_per_epoch, total_steps=total, decay=0.9, every_steps=2, power=1.0, start_step=4)
+    steps_per_epoch, total = 5, 13
+    lookahead = Lookahead(total_steps=total, decay=0.9, every_steps=2, power=1.0, start_step=start_step)
     ours = _model()
     engine = make_engine(ours, x, y, 4, seed=7, steps_per_execution=3, averages=[lookahead])
     for epoch in range(3):
@@ -110,10 +119,12 @@ def test_lookahead_follows_airbench_step_by_step():
             engine.run(min(3, engine.steps_left_in_epoch,
                            total - engine.epoch * steps_per_epoch - engine.step_in_epoch))
     engine.sync()
+    LookaheadEnd(lookahead).on_train_end(types.SimpleNamespace(engine=engine))
 
     theirs = _model()
     sources = [*theirs.trainable_variables, *batch_norm_statistics(theirs)]
-    average, started, step = None, False, 0
+    started = start_step == 0
+    average, step = [np.asarray(v.value, np.float64) for v in sources], 0
     for epoch in range(3):
         order = epoch_permutation(7, epoch, 20)
         for s in range(steps_per_epoch):
@@ -123,14 +134,14 @@ def test_lookahead_follows_airbench_step_by_step():
             theirs.train_on_batch(x[batch], y[batch])
             step += 1
             current = [np.asarray(v.value, np.float64) for v in sources]
-            update = step % 2 == 0 and step >= 4
-            if update:
+            if step % 2 == 0 and step >= start_step:
                 rho = 0.9 ** 2 * min(step / total, 1.0) if started else 0.0
-                average = current if not started else [rho * a + (1 - rho) * c for a, c in zip(average, current)]
+                average = [rho * a + (1 - rho) * c for a, c in zip(average, current)]
                 started = True
-            if started and (update or step % steps_per_epoch == 0):
                 for variable, value in zip(sources, average):
                     variable.assign(value.astype("float32"))
+    for variable, value in zip(sources, average):  # the end of training
+        variable.assign(value.astype("float32"))
     ours_sources = [*ours.trainable_variables, *batch_norm_statistics(ours)]
     for a, b in zip(ours_sources, sources):
         np.testing.assert_allclose(np.asarray(a.value), np.asarray(b.value), rtol=1e-4, atol=1e-5, err_msg=a.path)
@@ -148,7 +159,7 @@ def test_lookahead_ramps_over_the_same_fraction_of_the_plan_as_the_schedule():
     schedule.attach(optimizer, 100)
     model.compile(optimizer, keras.losses.SparseCategoricalCrossentropy(from_logits=True))
     model.optimizer.build(model.trainable_variables)
-    lookahead = Lookahead(5, plan=schedule.planned_steps, plan_offset=schedule.plan_offset)
+    lookahead = Lookahead(plan=schedule.planned_steps, plan_offset=schedule.plan_offset)
     lookahead.build(model)
     schedule.plan_offset.assign(-20.0)  # re-planned: (50 - 20) / (100 - 20)
     values = [v.value for v in model.optimizer.variables]
@@ -176,12 +187,28 @@ def test_alternating_flip_copies():
         TrainConfig(alternating_flip=True, augmentation="crop_flip_cutout", horizontal_flip=True)
 
 
-def test_the_airbench_flagfiles_train_a_fraction_of_an_epoch_and_save(tmp_path, cifar10_slice_dir):
+def test_the_airbench_flagfiles_train_a_fraction_of_an_epoch_and_save(tmp_path, cifar10_slice_dir, monkeypatch):
     """airbench94 at a tiny size for 2.5 epochs: whitening with its bias frozen after one
-    epoch, identity init, lookahead from epoch 1, alternating flip, airbench TTA."""
+    epoch, identity init, lookahead from epoch 1, alternating flip, airbench TTA. The
+    model evaluated holds the lookahead's average (its last update at step 10 of 13);
+    before, it held step 13's weights."""
     from test_recipes import _flagfile_config
 
+    from haet import training
+    from haet.hooks import LookaheadEnd
     from haet.training import train
+
+    evaluate, evaluated = training.evaluate, []
+
+    def check(config, model, data, run):
+        (end,) = [hook for hook in run.training.hooks if isinstance(hook, LookaheadEnd)]
+        averages = [np.asarray(a.value) for a in end.lookahead.averages[:len(model.trainable_variables)]]
+        for variable, average in zip(model.trainable_variables, averages):
+            np.testing.assert_array_equal(np.asarray(variable.value), average, err_msg=variable.path)
+        evaluated.append(int(np.asarray(end.lookahead.steps.value)))
+        return evaluate(config, model, data, run)
+
+    monkeypatch.setattr(training, "evaluate", check)
 
     config = _flagfile_config(
         "airbench94.flags", data_dir=cifar10_slice_dir, train_size=200, width_multiplier=0.0625, batch_size=40,
@@ -190,6 +217,7 @@ def test_the_airbench_flagfiles_train_a_fraction_of_an_epoch_and_save(tmp_path, 
     record, run_dir = train(config, results_dir=str(tmp_path))
     assert record["status"] == "completed" and record["stopped_by"] == "epochs"
     assert record["steps"] == 13 and record["epochs_completed"] == 2  # ceil(2.5 x 5); the third epoch cut short
+    assert evaluated == [13]
     assert set(record["test_accuracy_variants"]) == {"final", "final_tta_airbench"}
     assert record["test_accuracy"] == record["test_accuracy_variants"]["final_tta_airbench"]
     model = keras.saving.load_model(f"{run_dir}/model.keras")

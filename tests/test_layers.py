@@ -49,7 +49,7 @@ def test_frozen_scale_is_not_trained_and_bad_splits_rejected():
         GhostBatchNormalization(np.float32(2.0))
     from haet import averaging, fields, models
 
-    averaging.Lookahead(5, total_steps=100, power=np.float32(1))
+    averaging.Lookahead(total_steps=100, power=np.float32(1))
     models.resnet9(width_multiplier=0.125, logit_scale=np.float32(0.125))
     assert fields.is_number(np.float32(0.5)) and fields.is_number(np.int8(3)) and not fields.is_number(True)
     assert not fields.is_number(np.float32("nan")) and not fields.is_number("1")
