@@ -8,7 +8,8 @@ from haet.fields import Field
 TTA_MODES = ("none", "flip", "flip_translate", "airbench")
 
 FIELDS = (
-    Field("tta", "none", "Test-time augmentation: none; flip (mean of the image and its mirror image); "
+    Field("tta", "none", "Test-time augmentation: none; flip (the mean logits of the image and its mirror "
+          "image, Page's); "
           "flip_translate (also shifted by +-2 pixels, 6 views); airbench (the image and its mirror image, "
           "unshifted and shifted by -1 and +1 pixel, logits weighted 0.5/0.25/0.25).",
           fields.one_of(TTA_MODES, "tta")),
@@ -36,7 +37,9 @@ def _shift(images, rows, cols):
 def tta_views(images, tta):
     """The views of `images` that test-time augmentation combines, and how.
 
-    "none": the images; "flip": and their left-right mirror images (Page's ResNet-9);
+    "none": the images; "flip": and their left-right mirror images, logits averaged
+    (Page's ResNet-9, davidcpage/cifar10-fast: `forward_tta` averages the logits; before
+    2026-11-25 haet averaged their probabilities);
     "flip_translate": both, each also shifted by (2, 2) and (-2, -2) pixels (6
     views); "airbench": the image unshifted and shifted by (-1, -1) and (1, 1)
     pixels, each with its mirror image (6 views, airbench94's `tta_level=2`).
@@ -54,7 +57,7 @@ def tta_views(images, tta):
         return [images], [1.0], "probabilities"
     flipped = images[:, :, ::-1]
     if tta == "flip":
-        return [images, flipped], [0.5, 0.5], "probabilities"
+        return [images, flipped], [0.5, 0.5], "logits"
     if tta == "flip_translate":
         views = [_shift(v, r, c) for v in (images, flipped) for r, c in TTA_SHIFTS]
         return views, [1.0 / len(views)] * len(views), "probabilities"

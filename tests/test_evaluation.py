@@ -78,7 +78,7 @@ def test_tta_views():
     assert len(evaluation.tta_views(x, "none")[0]) == 1
     (plain, flipped), weights, space = evaluation.tta_views(x, "flip")
     np.testing.assert_array_equal(flipped[:, :, ::-1], x)
-    assert weights == [0.5, 0.5] and space == "probabilities"
+    assert weights == [0.5, 0.5] and space == "logits"
     views, weights, _ = evaluation.tta_views(x, "flip_translate")
     assert len(views) == 6 and all(v.shape == x.shape for v in views) and math.isclose(sum(weights), 1.0)
     # Shifted by (2, 2): output pixel (0, 0) shows input pixel (2, 2).
@@ -99,17 +99,18 @@ def test_tta_views():
         evaluation.tta_views(x, "rotate")
 
 
-def test_flip_tta_averages_probabilities():
-    # A "model" that looks only at the left column: flipping changes its answer.
+def test_flip_tta_averages_logits_as_page():
+    # A "model" that looks only at the left column: flipping changes its answer. Page's
+    # forward_tta averages logits; the mean of the probabilities (haet's before) gives
+    # another loss: -log((sigmoid(2) + sigmoid(-6)) / 2) = 0.818 against 2.127.
     inputs = keras.Input((2, 2, 1))
     left = keras.layers.Lambda(lambda t: keras.ops.stack([t[:, 0, 0, 0], -t[:, 0, 0, 0]], axis=1))(inputs)
     model = keras.Model(inputs, left)
     x = np.array([[[[1.0], [-3.0]], [[0.0], [0.0]]]], "float32")
     plain = evaluation.evaluate(model, x, np.array([0]), 2, batch_size=1)
     both = evaluation.evaluate(model, x, np.array([0]), 2, batch_size=1, tta="flip")
-    assert plain["accuracy"] == 1.0 and both["accuracy"] == 0.0  # mean of p(0)=0.88 and 0.0025
-    p0 = (1 / (1 + math.exp(-2)) + 1 / (1 + math.exp(6))) / 2
-    assert math.isclose(both["loss"], -math.log(p0), rel_tol=1e-5)
+    assert plain["accuracy"] == 1.0 and both["accuracy"] == 0.0  # mean logits (1, -1) and (-3, 3): (-1, 1)
+    assert math.isclose(both["loss"], math.log(1 + math.exp(2)), rel_tol=1e-5)
 
 
 def test_airbench_tta_weights_logits_not_probabilities():
