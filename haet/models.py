@@ -184,11 +184,20 @@ def _activation(x, activation, celu_alpha, name):
     return layers.Activation(activation, name=f"{name}_{activation}")(x)
 
 
+def pytorch_default_initializer():
+    """PyTorch's default init of `nn.Conv2d` and `nn.Linear` weights (kaiming_uniform with
+    a = sqrt(5)): uniform in +-1/sqrt(fan_in), variance 1 / (3 fan_in), a sixth of
+    he_uniform's. Page's ResNet-9 (davidcpage/cifar10-fast) and airbench
+    (KellerJordan/cifar10-airbench) were tuned from it."""
+    return keras.initializers.VarianceScaling(1 / 3, "fan_in", "uniform")
+
+
 def _conv_bn_act(x, filters, weight_decay, activation, celu_alpha, ghost_batch_splits, frozen_bn_scale,
-                 shift_decay, name, pool=None, kernel_size=3):
+                 shift_decay, name, pool=None, kernel_size=3, pytorch_init=False):
     """conv-BN-act, then max-pool(2) when `pool` is "after"; conv-pool-BN-act when it is "before"."""
     x = layers.Conv2D(
-        filters, kernel_size, padding="same", use_bias=False, kernel_initializer="he_uniform",
+        filters, kernel_size, padding="same", use_bias=False,
+        kernel_initializer=pytorch_default_initializer() if pytorch_init else "he_uniform",
         kernel_regularizer=keras.regularizers.L2(weight_decay) if weight_decay else None,
         name=f"{name}_conv",
     )(x)
@@ -239,6 +248,7 @@ def resnet9(
     whitening_images=None,
     pool_before_bn=False,
     bn_shift_weight_decay=0.0,
+    pytorch_init=False,
     name=None,
 ):
     """David Page's ResNet-9 ("How to train your ResNet", myrtle.ai 2018;
@@ -255,7 +265,8 @@ def resnet9(
     `pool_before_bn` pools right after each pooling layer's conv (conv-pool-BN-act,
     a quarter of the BN and activation work); `bn_shift_weight_decay` puts an L2
     penalty on the batch-norm shifts (Page decays them at weight decay / 64 with
-    64x their learning rate).
+    64x their learning rate); `pytorch_init` initializes the conv and dense kernels as
+    Page's code did (PyTorch's defaults, `pytorch_default_initializer`).
 
     Parameter count at width 1, 10 classes, RGB: 6,575,360 with frozen BN scales
     (6,570,880 trainable; the rest are BN moving statistics), 6,577,600 with learned
@@ -279,6 +290,8 @@ def resnet9(
             whitening filters.
         pool_before_bn: conv-pool-BN-act instead of conv-BN-act-pool.
         bn_shift_weight_decay: L2 factor on the batch-norm shifts (0: none).
+        pytorch_init: conv and dense kernels from `pytorch_default_initializer`
+            (Page's); False: he_uniform convs and a Glorot-uniform dense layer.
         name: model name; default "resnet9".
 
     Returns:
@@ -301,7 +314,7 @@ def resnet9(
     widths = [max(1, round(w * width_multiplier)) for w in RESNET9_WIDTHS]
     block = dict(weight_decay=weight_decay, activation=activation, celu_alpha=celu_alpha,
                  ghost_batch_splits=ghost_batch_splits, frozen_bn_scale=frozen_bn_scale,
-                 shift_decay=bn_shift_weight_decay)
+                 shift_decay=bn_shift_weight_decay, pytorch_init=pytorch_init)
     pool = "before" if pool_before_bn else "after"
     inputs = keras.Input(shape=input_shape, name="images")
     x = inputs
@@ -318,6 +331,7 @@ def resnet9(
             x = layers.Add(name=f"layer{i}_add")([x, y])
     x = layers.GlobalMaxPooling2D(name="pool")(x)
     x = layers.Dense(num_classes, use_bias=False, name="dense",
+                     kernel_initializer=pytorch_default_initializer() if pytorch_init else "glorot_uniform",
                      kernel_regularizer=keras.regularizers.L2(weight_decay) if weight_decay else None)(x)
     outputs = layers.Rescaling(logit_scale, dtype="float32", name="logits")(x)
     return keras.Model(inputs, outputs, name=name or "resnet9")
@@ -335,7 +349,7 @@ class Dirac(keras.initializers.Initializer):
     """
 
     def __init__(self, base=None):
-        self.base = keras.initializers.get(base or keras.initializers.VarianceScaling(1 / 3, "fan_in", "uniform"))
+        self.base = keras.initializers.get(base or pytorch_default_initializer())
 
     def __call__(self, shape, dtype=None):
         kh, kw, cin, cout = shape
@@ -372,6 +386,7 @@ def airbench(
     weight_decay=0.0,
     bn_shift_weight_decay=0.0,
     whitening_images=None,
+    pytorch_init=False,
     name=None,
 ):
     """The network of airbench94 (Keller Jordan, KellerJordan/cifar10-airbench,
@@ -399,6 +414,9 @@ def airbench(
         bn_shift_weight_decay: L2 factor on the batch-norm shifts (0: none).
         whitening_images: float `(N, H, W, C)` training images normalized as the
             model's input (airbench: the first 5,000).
+        pytorch_init: the dense head from `pytorch_default_initializer` (airbench's
+            `nn.Linear` default); False: Glorot uniform. (The convs' non-identity filters
+            always are.)
         name: model name; default "airbench".
 
     Returns:
@@ -431,7 +449,8 @@ def airbench(
             x = layers.Activation("gelu", name=f"block{i}_gelu{j}")(x)
     x = layers.MaxPooling2D(3, name="pool")(x)
     x = layers.Flatten(name="flatten")(x)
-    x = layers.Dense(num_classes, use_bias=False, kernel_regularizer=regularizer, name="dense")(x)
+    x = layers.Dense(num_classes, use_bias=False, kernel_regularizer=regularizer, name="dense",
+                     kernel_initializer=pytorch_default_initializer() if pytorch_init else "glorot_uniform")(x)
     outputs = layers.Rescaling(logit_scale, dtype="float32", name="logits")(x)
     return keras.Model(inputs, outputs, name=name or "airbench")
 
@@ -620,10 +639,11 @@ MODELS = {
                      "UMBC's widened ResNet-20 v1"),
     "resnet9": Kind(_with_shift_decay(resnet9), ("width_multiplier", "activation", "celu_alpha", "ghost_batch_splits",
                                "frozen_bn_scale", "logit_scale", "weight_decay", "prep", "pool_before_bn",
-                               "bn_shift_weight_decay", "bn_shift_lr_multiplier"), _check_resnet9,
+                               "bn_shift_weight_decay", "bn_shift_lr_multiplier", "pytorch_init"), _check_resnet9,
                     "David Page's ResNet-9"),
     "airbench": Kind(_with_shift_decay(airbench), ("width_multiplier", "logit_scale", "weight_decay",
-                                                   "bn_shift_weight_decay", "bn_shift_lr_multiplier"), None,
+                                                   "bn_shift_weight_decay", "bn_shift_lr_multiplier",
+                                                   "pytorch_init"), None,
                      "Keller Jordan's airbench94 network"),
     "tiny_cnn": Kind(tiny_cnn, ("width_multiplier", "weight_decay"), None, "a two-block convnet for tests"),
 }
@@ -778,6 +798,10 @@ FIELDS = (
           "conv-BN-act-pool."),
     Field("bn_shift_weight_decay", False, "resnet9, airbench: L2 weight decay on the batch-norm shifts too, of "
           "weight_decay / bn_shift_lr_multiplier (learning rate x decay as the kernels', as Page)."),
+    Field("pytorch_init", False, "resnet9, airbench: conv and dense kernels initialized as PyTorch's "
+          "nn.Conv2d / nn.Linear defaults, uniform in +-1/sqrt(fan_in) (Page's and airbench's code; airbench: "
+          "its dense head, the convs being identity-initialized anyway); off: he_uniform convs and Glorot-uniform "
+          "dense layers."),
     Field("whitening_bias_epochs", 3.0, "airbench: epochs during which the whitening layer's bias learns "
           "(then its gradient is stopped); 0: always.", fields.at_least(0)),
     Field("input_normalization", "pixel_mean", "pixel_mean: subtract the training images' per-pixel mean; "
@@ -806,8 +830,9 @@ def check_config(config):
                     if getattr(config, name) != default]
     if config.model != "resnet9" and only_resnet9:
         raise ValueError(f"{', '.join(only_resnet9)} apply to --model=resnet9, not {config.model}.")
-    if config.bn_shift_weight_decay and config.model not in ("resnet9", "airbench"):
-        raise ValueError(f"--bn_shift_weight_decay applies to --model=resnet9 or airbench, not {config.model}.")
+    for name in ("bn_shift_weight_decay", "pytorch_init"):
+        if getattr(config, name) and config.model not in ("resnet9", "airbench"):
+            raise ValueError(f"--{name} applies to --model=resnet9 or airbench, not {config.model}.")
     if config.ensemble_members > 1 and config.init_from is not None:
         raise ValueError(f"--init_from would start all {config.ensemble_members} ensemble members from the same "
                          "weights: fine-tune one network (--ensemble_members=1), or train the ensemble from "

@@ -168,6 +168,29 @@ def test_resnet9_with_whitening_and_pool_before_bn(tmp_path):
 def test_the_bag_of_tricks_options_are_refused_on_other_models():
     with pytest.raises(ValueError, match="--prep, --pool_before_bn apply to --model=resnet9"):
         TrainConfig(model="resnet20", prep="whitening", pool_before_bn=True)
+    with pytest.raises(ValueError, match="--pytorch_init applies to --model=resnet9 or airbench, not resnet20"):
+        TrainConfig(model="resnet20", pytorch_init=True)
+
+
+def test_pytorch_init_draws_kernels_as_pytorch_does():
+    """Page's and airbench's code keep PyTorch's default init of nn.Conv2d / nn.Linear,
+    uniform in +-1/sqrt(fan_in); haet drew resnet9's convs from he_uniform (sqrt(6)
+    times wider) and both heads from Glorot uniform."""
+    keras.utils.set_random_seed(0)
+    page, default = models.resnet9(pytorch_init=True), models.resnet9()
+    for name, fan_in in (("prep_conv", 27), ("layer1_conv", 576), ("layer3_res2_conv", 4608), ("dense", 512)):
+        bound = 1 / np.sqrt(fan_in)
+        kernel = np.asarray(page.get_layer(name).kernel.value)
+        assert np.abs(kernel).max() <= bound + 1e-7 and np.abs(kernel).max() > 0.95 * bound, name
+        assert np.std(kernel) == pytest.approx(bound / np.sqrt(3), rel=0.05), name
+        wider = np.std(np.asarray(default.get_layer(name).kernel.value))
+        assert wider > 2 * np.std(kernel), name  # he_uniform: x sqrt(6); Glorot at 512 -> 10: x 2.3
+    head = models.airbench(pytorch_init=True, whitening_images=np.random.default_rng(0).normal(size=(64, 32, 32, 3)))
+    kernel = np.asarray(head.get_layer("dense").kernel.value)
+    assert np.abs(kernel).max() <= 1 / np.sqrt(256) + 1e-7 and kernel.shape == (256, 10)
+    config = _flagfile_config("page_bag_of_tricks.flags")
+    assert config.pytorch_init and config.cutout_size == 0  # the notebook's 10-epoch run has no cutout
+    assert _flagfile_config("airbench94.flags").pytorch_init
 
 
 def test_learning_rate_knots_in_epochs():
