@@ -128,9 +128,10 @@ def test_the_default_recipe_end_to_end_on_real_cifar10(tmp_path, cifar10_slice_d
     assert 0.0 <= record["test_accuracy"] <= 1.0 and np.isfinite(record["test_loss"])
     # Stopped at the first execution boundary after 4 s (compilation included).
     assert record["stopped_by"] == "budget" and record["train_seconds"] >= 4.0 and record["steps"] >= 1
-    # (Relative: the record rounds train_seconds to the millisecond, 1e-4 of a 4 s run; 0.0104 images/s at 94 was
-    # once more than an absolute 0.01.)
-    assert record["images_per_second"] == pytest.approx(record["steps"] * 20 / record["train_seconds"], rel=1e-3)
+    # The record rounds images/s to 0.01 and train_seconds to the millisecond (1e-4 of a 4 s run: 0.0104 images/s
+    # at 94 was once more than an absolute 0.01; a loaded machine's 1.38 against 1.3815, more than a relative 1e-3).
+    assert record["images_per_second"] == pytest.approx(record["steps"] * 20 / record["train_seconds"], rel=1e-3,
+                                                        abs=0.005)
     assert record["flags"]["width_multiplier"] == 1 and record["budget_seconds"] == 4.0
     with open(run_dir / "history.csv") as f:
         rows = list(csv.DictReader(f))
