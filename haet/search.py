@@ -340,10 +340,12 @@ class ReportToTrial(Hook):
             run.stop("pruned")
 
     def state_dict(self):
-        return {"last_step": self._last_step}
+        return {"last_step": self._last_step, "pruned": self.pruned}
 
     def load_state_dict(self, state):
-        self._last_step = state["last_step"]
+        # Pruned before the checkpoint written as training ended: a resume from it reports
+        # nothing again, and the trial is still pruned (it was scored complete).
+        self._last_step, self.pruned = state["last_step"], state.get("pruned", False)
 
 
 class TrialFailed(Exception):

@@ -748,6 +748,46 @@ def test_an_interrupted_trial_resumes_its_run_when_the_search_runs_again(tmp_pat
     assert min(resumed.intermediate_values) == min(stopped.intermediate_values)
 
 
+@pytest.mark.e2e
+def test_a_pruned_trial_interrupted_while_it_evaluates_stays_pruned(tmp_path, cifar10_slice_dir, monkeypatch):
+    """The pruner stopped the trial's run after its second epoch; a second stop signal
+    then came while the run evaluated. The search run again resumes it from the
+    checkpoint written as training ended, which runs no epoch: the trial was scored
+    COMPLETE with its validation accuracy (its `pruned` was not in the checkpoint)."""
+    import signal
+
+    import optuna
+
+    from haet import training
+
+    monkeypatch.setattr(optuna.trial.Trial, "should_prune",
+                        lambda trial: len(trial._cached_frozen_trial.intermediate_values) >= 2)
+    base = TrainConfig(data_dir=cifar10_slice_dir, train_size=200, validation_size=50, model="tiny_cnn",
+                       width_multiplier=1, batch_size=25, optimizer="sgd", lr_schedule="constant",
+                       lr_schedule_unit="steps", epochs=4, augmentation="none", eval_batch_size=250,
+                       budget_seconds=600.0, checkpoint_every=1e-6)  # (a checkpoint as training ends)
+    space = search.parse_space(["learning_rate=choice:0.05|0.1"])
+    kwargs = dict(pruner="successive_halving", trials=1, sampler="grid")
+    evaluate = training.evaluate
+
+    def second_signal(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGINT)  # goes on to the run's end
+        os.kill(os.getpid(), signal.SIGINT)  # (raises here)
+        pytest.fail("the second signal raised nothing")
+
+    monkeypatch.setattr(training, "evaluate", second_signal)
+    with pytest.raises(search.SearchInterrupted):
+        search.run_search(base, space, str(tmp_path), **kwargs)
+    monkeypatch.setattr(training, "evaluate", evaluate)
+    study = search.run_search(base, space, str(tmp_path), **kwargs)
+    assert _states(study) == ["FAIL", "PRUNED"]
+    stopped, resumed = study.trials
+    record = results.read_record(str(tmp_path / resumed.user_attrs["run_dir"]))
+    assert resumed.user_attrs["retry_of"] == stopped.number and resumed.user_attrs["resume_dir"]
+    assert record["resumes"] == 1
+    assert record["stopped_by"] == "pruned" and record["epochs"] == 2 and record["status"] == "completed"
+
+
 def test_a_dead_workers_trial_is_failed_and_replaced_when_the_search_runs_again(tmp_path, monkeypatch):
     """A worker killed mid-trial leaves it "running": it filled the count, so the same
     command again exited at once, forever (Optuna fails stale trials inside optimize,
