@@ -292,8 +292,15 @@ class StopSignals(Hook, cli.SignalHandlers):
 
     def on_train_begin(self, run):
         self._run = run
-        if self.received is not None:
-            run.stop("interrupted", immediate=True)
+        if self.received is None:
+            return
+        if getattr(run, "ended", False):
+            # Resumed from the checkpoint written as training ended: what is left is its end,
+            # as for a signal after training (the handler said it would stop and checkpoint).
+            logging.warning("%s: this run resumes a checkpoint written once its training had ended: %s",
+                            self.name, self.after_training)
+            return
+        run.stop("interrupted", immediate=True)
 
     def on_train_end(self, run):
         self._run = None

@@ -735,6 +735,37 @@ def test_a_fault_during_the_evaluation_keeps_the_training_and_the_resume_only_ev
     assert not os.path.exists(os.path.join(run_dir, "checkpoint.npz"))
 
 
+def test_a_stop_signal_while_a_resume_of_an_ended_training_builds_its_run_says_it_goes_on(
+        tmp_path, cifar10_slice_dir, monkeypatch, caplog):
+    """Its warning said "stopping at the next execution boundary and writing a
+    checkpoint"; the run then evaluated and completed, as after a signal after training."""
+    from haet import training
+
+    clock = _steps_of_one_second(monkeypatch)
+    config = _tiny(cifar10_slice_dir, epochs=1, checkpoint_every=1.0)
+    evaluate, build_run = training.evaluate, training.build_run
+
+    def out_of_memory(*args, **kwargs):
+        raise RuntimeError("RESOURCE_EXHAUSTED: out of memory")
+
+    def signalled(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)
+        return build_run(*args, **kwargs)
+
+    monkeypatch.setattr(training, "evaluate", out_of_memory)
+    with pytest.raises(RuntimeError):
+        train(config, results_dir=str(tmp_path), clock=clock)
+    (run_dir,) = [str(p) for p in tmp_path.iterdir()]
+    monkeypatch.setattr(training, "evaluate", evaluate)
+    monkeypatch.setattr(training, "build_run", signalled)
+    with caplog.at_level("WARNING"):
+        resumed, _ = train(config, resume=run_dir, clock=clock)
+    assert resumed["status"] == "completed" and resumed["signal_after_training"] == "SIGTERM"
+    assert resumed["steps"] == 5 and resumed["resumes"] == 1
+    assert any(r.getMessage() == "SIGTERM: this run resumes a checkpoint written once its training had ended: going "
+               "on to the run's end (its evaluation, record and files)" for r in caplog.records)
+
+
 def test_a_second_stop_signal_while_the_checkpoint_is_written_keeps_the_training_in_the_record(
         tmp_path, cifar10_slice_dir, sigterm_after, monkeypatch):
     """SIGTERM after step 6, then SIGINT while the checkpoint was written: the record
