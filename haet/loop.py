@@ -229,7 +229,8 @@ class Training:
         `engine.snapshot()`. Once training `ended`, `training_ended_by` is why it
         stopped (None before)."""
         engine = self.engine
-        return {"training_ended_by": self.stopped_by if self.ended else None, "epoch": engine.epoch, "step_in_epoch": engine.step_in_epoch, "epochs_run": self.epochs_run,
+        return {"training_ended_by": self.stopped_by if self.ended else None,
+                "epoch": engine.epoch, "step_in_epoch": engine.step_in_epoch, "epochs_run": self.epochs_run,
                 "engine_logs": engine.epoch_metrics(), "learning_rate": engine.learning_rate,
                 "ended_epochs": [dataclasses.asdict(end) for end in engine.ended_epochs],
                 "hooks": {key: hook.state_dict() for key, hook in zip(self._hook_keys(), self.hooks)}}
