@@ -184,6 +184,14 @@ class ExponentialMovingAverage:
             non_trainable[i] = value.astype(non_trainable[i].dtype)
         return trainable, non_trainable
 
+    def write_into(self, model):
+        """Writes `average_weights(model)` into `model`'s variables (the weights and
+        the averaged statistics take the averages' values)."""
+        for variables, values in zip((model.trainable_variables, model.non_trainable_variables),
+                                     self.average_weights(model)):
+            for variable, value in zip(variables, values):
+                variable.assign(value)
+
 
 class Lookahead(ExponentialMovingAverage):
     """airbench's "lookahead" (KellerJordan/cifar10-airbench, airbench94.py since its

@@ -241,7 +241,7 @@ class StopSignals(Hook, cli.SignalHandlers):
         received: the first signal's number, or None.
     """
 
-    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+    SIGNALS = cli.SignalHandlers.signals
     crosses_epochs = True
 
     def __init__(self, responsive_seconds=2.0, signals=SIGNALS, then="writing a checkpoint",
@@ -294,7 +294,7 @@ class StopSignals(Hook, cli.SignalHandlers):
         self._run = run
         if self.received is None:
             return
-        if getattr(run, "ended", False):
+        if run.ended:
             # Resumed from the checkpoint written as training ended: what is left is its end,
             # as for a signal after training (the handler said it would stop and checkpoint).
             logging.warning("%s: this run resumes a checkpoint written once its training had ended: %s",

@@ -109,12 +109,7 @@ class LookaheadEnd(Hook):
     def on_train_end(self, run):
         if not int(keras.ops.convert_to_numpy(self.lookahead.started.value)):
             return
-        model = run.engine.model
-        trainable, non_trainable = self.lookahead.average_weights(model)
-        for variables, values in ((model.trainable_variables, trainable),
-                                  (model.non_trainable_variables, non_trainable)):
-            for variable, value in zip(variables, values):
-                variable.assign(value)
+        self.lookahead.write_into(run.engine.model)
 
 
 class MovingAverage(Hook):
@@ -139,11 +134,7 @@ class MovingAverage(Hook):
         model = run.engine.model
         self.raw_weights = tuple([keras.ops.convert_to_numpy(v.value) for v in variables]
                                  for variables in (model.trainable_variables, model.non_trainable_variables))
-        trainable, non_trainable = self.average.average_weights(model)
-        for variables, values in ((model.trainable_variables, trainable),
-                                  (model.non_trainable_variables, non_trainable)):
-            for variable, value in zip(variables, values):
-                variable.assign(value)
+        self.average.write_into(model)
         if self.recompute is not None:
             from haet.averaging import recompute_batch_norm_statistics
 
