@@ -64,7 +64,7 @@ from absl import app, flags, logging
 
 from haet import config as config_lib
 from haet import checkpoint as checkpoint_lib
-from haet import cli, results, training
+from haet import cli, data as data_lib, results, training
 from haet.device import describe_device
 from haet.loop import Hook
 
@@ -558,6 +558,9 @@ def open_study(search_dir, sampler, pruner, storage=None, study_name="haet"):
                                    direction="maximize", load_if_exists=True)
 
 
+# Every trial trains on the dataset read once, before the first trial (it was read
+# again for each trial).
+@data_lib.datasets_kept()
 def run_search(base, space, search_dir, trials, sampler="tpe", pruner="none", seed=0, grid_points=3,
                storage=None, min_resource_seconds=None, train=training.train, load_data=training.prepare_data):
     """Runs trials of one study until it has `trials` finished ones (or, with the grid
@@ -576,7 +579,9 @@ def run_search(base, space, search_dir, trials, sampler="tpe", pruner="none", se
         train: the training function (tests may pass a stand-in with its signature;
             it is passed `resume` only when a trial resumes a run).
         load_data: loads the data of a config, called once before anything is written
-            to check them (tests of a stand-in `train` may pass a stand-in).
+            to check them (tests of a stand-in `train` may pass a stand-in). The
+            dataset it reads is the one every trial's run trains on
+            (`haet.data.datasets_kept`): the files are read once.
 
     Raises:
         ValueError: `validation_size` 0, a searched value the config refuses or that

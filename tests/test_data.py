@@ -377,3 +377,30 @@ def test_an_export_that_fails_leaves_none_of_its_files(tmp_path, cifar10_slice_d
     monkeypatch.setattr(np, "savez", savez)
     data.export_subset(dataset, indices, str(tmp_path / "export"), 0)  # the rerun is not refused
     assert sorted(os.listdir(tmp_path / "export")) == ["subset.json", "test.npz", "train.npz"]
+
+
+def test_datasets_kept_reads_a_dataset_once_and_hands_out_read_only_arrays(tmp_path, monkeypatch):
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 20), ("test", 10)):
+        np.savez(tmp_path / f"{split}.npz", x=rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8),
+                 y=np.arange(n) % 10)
+    reads = []
+    read = data._load_npz
+    monkeypatch.setattr(data, "_load_npz", lambda d: reads.append(d) or read(d))
+    with data.datasets_kept():
+        first = data.load_dataset("cifar10", str(tmp_path))
+        # The same folder by another path, and a scope inside the first: no new read.
+        with data.datasets_kept():
+            again = data.load_dataset("cifar10", str(tmp_path) + "/")
+        assert again is first and len(reads) == 1
+        for array in (first.x_train, first.y_train, first.x_test, first.y_test):
+            with pytest.raises(ValueError, match="read-only"):
+                array[0] = 0
+        # Another dataset name is another dataset (the folder refused as MNIST, before any read).
+        with pytest.raises(ValueError, match="shape"):
+            data.load_dataset("mnist", str(tmp_path))
+        assert len(reads) == 2
+    # Outside the scope: read every time, arrays of its own, writable.
+    outside = data.load_dataset("cifar10", str(tmp_path))
+    assert len(reads) == 3 and outside is not first and outside.x_train.flags.writeable
+    np.testing.assert_array_equal(outside.x_train, first.x_train)

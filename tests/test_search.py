@@ -972,6 +972,28 @@ def test_two_worker_processes_share_one_study(tmp_path):
 
 
 @pytest.mark.e2e
+def test_every_trial_trains_on_the_data_the_search_read_once(tmp_path, cifar10_slice_dir, monkeypatch):
+    """The search reads its dataset before the first trial; its trials' runs train on
+    those arrays (read-only) and read no file again (each trial's run read it anew)."""
+    from haet import data
+    reads = []
+    read = data._load_npz
+    monkeypatch.setattr(data, "_load_npz", lambda d: reads.append(d) or read(d))
+    base = TrainConfig(data_dir=cifar10_slice_dir, train_size=200, validation_size=50, model="tiny_cnn",
+                       width_multiplier=1, batch_size=25, optimizer="sgd", lr_schedule="constant",
+                       lr_schedule_unit="steps", epochs=1, augmentation="crop_flip_cutout", eval_batch_size=250,
+                       budget_seconds=600.0)
+    study = search.run_search(base, search.parse_space(["learning_rate=choice:0.05|0.1"]), str(tmp_path / "s"),
+                              trials=2, sampler="grid")
+    assert _states(study) == ["COMPLETE", "COMPLETE"] and reads == [cifar10_slice_dir]
+    records = [results.read_record(str(tmp_path / "s" / t.user_attrs["run_dir"])) for t in study.trials]
+    assert len({r["subset_sha256"] for r in records}) == 1 and all(r["status"] == "completed" for r in records)
+    # Outside the search, a load reads the files again.
+    data.load_dataset("cifar10", cifar10_slice_dir)
+    assert len(reads) == 2
+
+
+@pytest.mark.e2e
 def test_search_command_on_real_data(tmp_path, cifar10_slice_dir):
     env = dict(os.environ, PYTHONPATH=REPO, MPLBACKEND="Agg")
     result = subprocess.run(
