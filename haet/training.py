@@ -288,10 +288,13 @@ def _train_in(config, folder, data, built, settings, timer, clock, signals, prev
         resume_from = _load_checkpoint(run, saved, folder.path, previous,
                                        checkpoint_lib.process_commit(folder.record))
     # A second stop signal from here to the end of evaluation: the record keeps what was trained.
+    # A resume of a checkpoint written as training ended runs no step: its process trains nothing to warn about.
+    trains = resume_from is None or resume_from[1].get("training_ended_by") is None
     with _training_in_the_record(folder, run, progress):
         run.fit(resume_from)
         host_cpu.stop()
-        _warn_if_loaded(host_cpu.fields())
+        if trains:
+            _warn_if_loaded(host_cpu.fields())
         stopped_by = run.training.stopped_by
         if stopped_by == "interrupted":
             trained = run.engine.epoch is not None

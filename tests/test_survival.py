@@ -4,6 +4,7 @@ divergence, failed writes, setup errors. Run under either backend."""
 import csv
 import errno
 import json
+import logging
 import os
 import re
 import shutil
@@ -611,8 +612,6 @@ def test_an_interrupted_run_whose_checkpoint_cannot_be_written_keeps_the_earlier
     """The signal's checkpoint could not be written (a full disk): the run said "no
     checkpoint (nothing was trained yet)" and its record had none, though the periodic
     one was there and a resume went on from it."""
-    import logging
-
     clock = _steps_of_one_second(monkeypatch)
     written, original = [], checkpoint.save
 
@@ -682,13 +681,19 @@ def test_a_stop_signal_after_training_lets_the_run_complete_and_says_so(tmp_path
 
 @pytest.mark.parametrize("fault", ["second_signal", "error"])
 def test_a_fault_during_the_evaluation_keeps_the_training_and_the_resume_only_evaluates(
-        tmp_path, cifar10_slice_dir, monkeypatch, fault):
+        tmp_path, cifar10_slice_dir, monkeypatch, caplog, fault):
     """A second stop signal (or an error: out of memory) during the final evaluation
     left the run with its last periodic checkpoint, 6 s of its 11: a resume trained
     the last 5 s again. The checkpoint written as training ended (before the
     averaged weights replace the raw ones) keeps all of it: the resume runs no step,
-    writes no history row twice, and scores what the uninterrupted run scores."""
-    from haet import engine as engine_lib, training
+    writes no history row twice, and scores what the uninterrupted run scores. On a
+    loaded host, the process that trained says so; the resume, which trains
+    nothing, does not (it said its training's timings were not an idle machine's)."""
+    from haet import device as device_lib, engine as engine_lib, training
+
+    loaded = {"cpus": 2, "seconds": 10.0, "own_cpu_seconds": 10.0, "other_cpu_seconds": 15.0, "steal_seconds": 0.0,
+              "other_load": 1.5, "steal_load": 0.0, "loaded": True, "processes": 1}
+    monkeypatch.setattr(device_lib.HostCpu, "fields", lambda self, previous=None, resumed=False: loaded)
 
     clock = _steps_of_one_second(monkeypatch)
     config = _tiny(cifar10_slice_dir, epochs=0, budget_seconds=11.0, lr_schedule_unit="budget", ema_decay=0.8,
@@ -708,8 +713,13 @@ def test_a_fault_during_the_evaluation_keeps_the_training_and_the_resume_only_ev
         pytest.fail("the second signal raised nothing")
 
     monkeypatch.setattr(training, "evaluate", faulty)
-    with pytest.raises(KeyboardInterrupt if fault == "second_signal" else RuntimeError):
+    caplog.clear()
+    with pytest.raises(KeyboardInterrupt if fault == "second_signal" else RuntimeError), caplog.at_level(
+            logging.WARNING):
         train(config, results_dir=str(tmp_path / "parts"), clock=clock)
+    warned = [r for r in caplog.records if "not those of an idle machine" in r.getMessage()]
+    assert len(warned) == 1
+    caplog.clear()
     (run_dir,) = [str(p) for p in (tmp_path / "parts").iterdir()]
     record = _record(run_dir)
     assert record["status"] == ("interrupted" if fault == "second_signal" else "failed")
@@ -725,7 +735,9 @@ def test_a_fault_during_the_evaluation_keeps_the_training_and_the_resume_only_ev
     executions = []
     run = engine_lib.Engine.run
     monkeypatch.setattr(engine_lib.Engine, "run", lambda self, steps: executions.append(steps) or run(self, steps))
-    resumed, _ = train(config, resume=run_dir, clock=clock)
+    with caplog.at_level(logging.WARNING):
+        resumed, _ = train(config, resume=run_dir, clock=clock)
+    assert not [r for r in caplog.records if "not those of an idle machine" in r.getMessage()]
     assert executions == [] and resumed["status"] == "completed" and resumed["resumes"] == 1
     assert resumed["steps"] == 11 and resumed["stopped_by"] == "budget" and resumed["epochs"] == whole["epochs"]
     assert [(r["epoch"], r["steps"]) for r in _history(run_dir)] == rows
