@@ -219,7 +219,8 @@ class Training:
             self.stopped_by = reason
             self.stopped_at_once = bool(immediate)
 
-    def _hook_keys(self):
+    def hook_keys(self):
+        """The hooks as a checkpoint's state names them: `"{position}:{class name}"`."""
         return [f"{i}:{type(hook).__name__}" for i, hook in enumerate(self.hooks)]
 
     def state_dict(self):
@@ -233,7 +234,7 @@ class Training:
                 "epoch": engine.epoch, "step_in_epoch": engine.step_in_epoch, "epochs_run": self.epochs_run,
                 "engine_logs": engine.epoch_metrics(), "learning_rate": engine.learning_rate,
                 "ended_epochs": [dataclasses.asdict(end) for end in engine.ended_epochs],
-                "hooks": {key: hook.state_dict() for key, hook in zip(self._hook_keys(), self.hooks)}}
+                "hooks": {key: hook.state_dict() for key, hook in zip(self.hook_keys(), self.hooks)}}
 
     def steps_allowed(self):
         """The most steps the next execution may run before the hooks' limits: the
@@ -350,7 +351,7 @@ class Training:
             self._begin_epoch(engine.epoch + 1)
 
     def _resume(self, snapshot, state):
-        keys = self._hook_keys()
+        keys = self.hook_keys()
         if list(state["hooks"]) != keys:
             raise ValueError(f"The checkpoint was saved by a run with other hooks ({list(state['hooks'])}); "
                              f"this one has {keys}: resume with the run's own settings.")

@@ -409,10 +409,11 @@ def _load_checkpoint(run, saved, run_dir, previous, commit):
     read it), checked against `run`'s variables; the host's random generators are put back.
 
     Raises:
-        CheckpointMismatch (a SetupError): the checkpoint holds other variables (the
-            code changed since it was written): naming the commit that wrote it
-            (kept in the checkpoint; of one written before it was, the commits in
-            `previous`, the record before this resume) and this one (`commit`).
+        CheckpointMismatch (a SetupError): the checkpoint holds other variables, or
+            was written by a run with other hooks (the code changed since it was
+            written): naming the commit that wrote it (kept in the checkpoint; of one
+            written before it was, the commits in `previous`, the record before this
+            resume) and this one (`commit`).
     """
     snapshot, paths, state = saved
     written = state.pop("git_commit", _UNKNOWN)
@@ -430,6 +431,11 @@ def _load_checkpoint(run, saved, run_dir, previous, commit):
                                  f"{len(paths)} vs {len(ours)} variables"
                                  f"{', first difference ' + str(differ[0]) if differ else ''}. "
                                  + _written_by(written, previous, commit))
+    # Here, before any step: `Training.fit`'s own check comes inside the run, which it leaves "failed".
+    theirs, keys = list(state["hooks"]), run.training.hook_keys()
+    if theirs != keys:
+        raise CheckpointMismatch(f"The checkpoint in {run_dir} was written by a run with other hooks ({theirs}); "
+                                 f"this one has {keys}. " + _written_by(written, previous, commit))
     checkpoint_lib.set_host_random_state(state.pop("host_random"))
     state.pop("input_statistics", None)  # (read before the model was built)
     return snapshot, state

@@ -170,6 +170,16 @@ def test_a_checkpoint_written_before_plans_had_an_offset_resumes(tmp_path, cifar
     # its signal kept, no resume counted), and the checkpoint stays.
     assert _record(run_dir) == interrupted and interrupted["status"] == "interrupted"
     assert interrupted["interrupted_by"] == "SIGTERM" and "resumes" not in interrupted
+    # The same variables, other hooks (e.g. a lookahead checkpoint from before the lookahead
+    # got its end-of-training hook): refused alike, before any step (it was an error of the
+    # loop's once training began, "resume with the run's own settings", and a "failed" record).
+    hooks = {f"{i + 1}:{key.split(':', 1)[1]}" if i else "0:OldHook": value
+             for i, (key, value) in enumerate(written[2]["hooks"].items())}
+    checkpoint.save(path, written[0], written[1], {**written[2], "hooks": hooks, "git_commit": "0123abc"})
+    with pytest.raises(SetupError, match="was written by a run with other hooks") as refused:
+        train(config, resume=run_dir)
+    assert "['0:OldHook', '2:" in str(refused.value) and "(git checkout 0123abc)" in str(refused.value)
+    assert _record(run_dir) == interrupted
     checkpoint.save(path, *written)
     resumed, _ = train(config, resume=run_dir)
     assert resumed["status"] == "completed" and resumed["steps"] == reference["steps"] == 15
