@@ -491,7 +491,7 @@ def main(argv):
             cli.not_written(f"--json={f.json}", e)
     if interrupted is not None:
         print(f"{interrupted} (of {len(batch_sizes) * len(ks)})", file=sys.stderr)
-        cli.exit_by_signal(interrupted)
+        cli.exit_by_signal(interrupted.signal_name)
 
 
 def write_rows(path, rows):

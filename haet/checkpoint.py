@@ -317,7 +317,8 @@ def process_commit(record):
 def exit_code(record):
     """The process exit status for a run's record: 0 completed (every file written),
     1 failed, 3 diverged, 4 completed but a file could not be written, 128 + the
-    signal's number when interrupted by one (130 SIGINT, 143 SIGTERM)."""
+    signal's number when interrupted by one (130 SIGINT, 143 SIGTERM: what a shell
+    reports for `python -m haet.train`, which ends by the signal itself)."""
     status = record.get("status")
     if status == "completed":
         return 4 if record.get("artifact_errors") else 0

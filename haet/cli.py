@@ -114,9 +114,10 @@ def signal_exit_status(signal_name):
     return 128 + int(signal.Signals[signal_name] if signal_name in signal.Signals.__members__ else signal.SIGINT)
 
 
-def exit_by_signal(interruption):
-    """Ends the process by the signal a `KeyboardInterrupt` names (`signal_name`;
-    SIGINT when none), once the tool has written what it keeps: the default handler
+def exit_by_signal(signal_name):
+    """Ends the process by the signal named `signal_name` (a `KeyboardInterrupt`'s
+    `signal_name`, a record's `interrupted_by`; SIGINT for None or a name that is not
+    a signal's), once the tool has written what it keeps: the default handler
     is put back and the signal sent to the process. Why not `sys.exit(130)`: a shell
     goes on with a loop or script whose command exited normally, whatever the status
     (it stops one that a signal ended), and interpreter shutdown waits for a device
@@ -124,7 +125,7 @@ def exit_by_signal(interruption):
     reports is the same, 128 + the signal's number."""
     sys.stdout.flush()
     sys.stderr.flush()
-    number = signal_exit_status(getattr(interruption, "signal_name", None)) - 128
+    number = signal_exit_status(signal_name) - 128
     signal.signal(number, signal.SIG_DFL)
     os.kill(os.getpid(), number)
     raise SystemExit(128 + number)  # (where the signal could not end it)
@@ -215,7 +216,7 @@ def run(main, argv=None):
             detail = str(e) if str(e) and str(e) != getattr(e, "signal_name", None) else ""
             sys.stderr.write(f"{program_name(args)}: stopped by {getattr(e, 'signal_name', None) or 'SIGINT'}"
                              f"{f' ({detail})' if detail else ''}\n")
-            exit_by_signal(e)
+            exit_by_signal(getattr(e, "signal_name", None))
         finally:
             if previous is not None:  # (a process that runs a tool more than once: its own handler again)
                 signal.signal(signal.SIGTERM, previous)

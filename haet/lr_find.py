@@ -258,7 +258,7 @@ def main(argv):
     logging.info("%d steps", len(rows))
     print(f"wrote {run_dir}")
     if status == "interrupted":
-        cli.exit_by_signal(stopped)
+        cli.exit_by_signal(stopped_by)
     if error:
         raise SystemExit(1)
 

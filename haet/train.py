@@ -89,12 +89,15 @@ def main(argv):
         raise app.UsageError(str(e), exitcode=USAGE_ERROR) from None
     except SetupInterrupted as e:
         print(f"interrupted {e}", file=sys.stderr)
-        sys.exit(cli.signal_exit_status(e.signal_name))
+        cli.exit_by_signal(e.signal_name)
     except KeyboardInterrupt as e:
         print(f"interrupted ({e or 'KeyboardInterrupt'}); the run's record says so", file=sys.stderr)
-        # (a second stop signal's: the first's; 130 for a KeyboardInterrupt of no signal)
-        sys.exit(cli.signal_exit_status(getattr(e, "signal_name", None)))
+        # (a second stop signal's: by the first; SIGINT for a KeyboardInterrupt of no signal)
+        cli.exit_by_signal(getattr(e, "signal_name", None))
     print(summary(record, run_dir))
+    if record["status"] == "interrupted":
+        # Ended by the signal, as a shell's Ctrl-C expects: `exit(130)` let a shell loop of runs go on to the next.
+        cli.exit_by_signal(record.get("interrupted_by"))
     sys.exit(checkpoint.exit_code(record))
 
 

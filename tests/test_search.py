@@ -994,6 +994,31 @@ def test_every_trial_trains_on_the_data_the_search_read_once(tmp_path, cifar10_s
 
 
 @pytest.mark.e2e
+def test_the_search_command_stopped_by_sigterm_writes_its_study_and_ends_by_the_signal(tmp_path, cifar10_slice_dir):
+    """It exited 143: a shell reported the same status, but a shell loop of searches went on with the next."""
+    import signal
+
+    env = dict(os.environ, PYTHONPATH=REPO, MPLBACKEND="Agg")
+    search_dir = tmp_path / "s"
+    process = subprocess.Popen(
+        [sys.executable, "-m", "haet.search", f"--data_dir={cifar10_slice_dir}", "--train_size=200",
+         "--validation_size=50", "--model=tiny_cnn", "--width_multiplier=1", "--batch_size=25", "--optimizer=sgd",
+         "--augmentation=none", "--lr_schedule=constant", "--lr_schedule_unit=steps", "--epochs=1000",
+         "--eval_batch_size=250", "--sampler=grid", "--space=learning_rate=choice:0.01|0.1",
+         f"--search_dir={search_dir}"], env=env, cwd=REPO, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    for _ in range(12000):  # until the first trial's run has ended an epoch (a hang guard, not a timing assertion)
+        if list(search_dir.glob("runs/trial_0/*/history.csv")):
+            break
+        assert process.poll() is None, process.communicate()[1][-3000:]
+        time.sleep(0.05)
+    process.send_signal(signal.SIGTERM)
+    stdout, stderr = process.communicate(timeout=300)
+    assert process.returncode == -signal.SIGTERM, stderr[-3000:]
+    assert "interrupted (" in stderr and "run the same command again to go on" in stderr
+    assert f"wrote {search_dir}" in stdout and (search_dir / "trials.csv").exists()
+
+
+@pytest.mark.e2e
 def test_search_command_on_real_data(tmp_path, cifar10_slice_dir):
     env = dict(os.environ, PYTHONPATH=REPO, MPLBACKEND="Agg")
     result = subprocess.run(

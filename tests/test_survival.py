@@ -900,7 +900,9 @@ def test_cli_sigterm_then_a_resume_that_finishes(tmp_path, cifar10_slice_dir):
     assert run_dir is not None
     process.send_signal(signal.SIGTERM)
     stdout, stderr = process.communicate(timeout=300)
-    assert process.returncode == 128 + signal.SIGTERM, stderr[-3000:]
+    # Ended by the signal itself (a shell reports 143, and a shell loop of runs stops; it exited 143, and
+    # a loop went on with its next run).
+    assert process.returncode == -signal.SIGTERM, stderr[-3000:]
     record = _record(run_dir)
     assert record["status"] == "interrupted" and record["interrupted_by"] == "SIGTERM"
     assert record["deterministic"] and record["steps"] < 600
