@@ -2,7 +2,9 @@
 # The training-toolkit runs recorded under results/ (README, "Training toolkit"), on a
 # 2-core CPU with small budgets. Run from the repository root with the shared data at
 # ../shared/data; nothing else should use the CPU meanwhile (budgets are wall-clock).
-# Each step writes new folders; nothing is overwritten.
+# Each step writes new folders (the searches' are named by the time they begin); nothing is
+# overwritten. The records under results/search/ were made before the search moved to Optuna
+# (README): this script, rerun, makes Optuna searches beside them.
 set -euo pipefail
 export TF_CPP_MIN_LOG_LEVEL=3 PYTHONPATH=${PYTHONPATH:-$PWD}
 DATA=../shared/data
@@ -20,18 +22,19 @@ run() {
 }
 
 # 1. Random search of learning rate and weight decay, 6 trials of 60 s on a 1,000-image validation split.
-SEARCH=results/search/cifar10_resnet9x0.25_cosine_60s_quiet
-run search_lr_wd python -m haet.search $R9 --validation_size=1000 --budget=60 --method=random --trials=6 \
+BEGUN=$(date -u +%Y%m%dT%H%M%SZ)
+SEARCH=results/search/cifar10_resnet9x0.25_cosine_60s_$BEGUN
+run search_lr_wd python -m haet.search $R9 --validation_size=1000 --budget=60 --sampler=random --trials=6 \
   --space=learning_rate=loguniform:0.02:2,weight_decay=loguniform:1e-5:1e-3 --search_dir=$SEARCH
 read -r LR WD < <(python -c "
-import csv; rows=[r for r in csv.DictReader(open('$SEARCH/trials.csv')) if r['status']=='ok']
+import csv; rows=[r for r in csv.DictReader(open('$SEARCH/trials.csv')) if r['state']=='complete']
 b=max(rows, key=lambda r: float(r['validation_accuracy'])); print(b['learning_rate'], b['weight_decay'])")
 echo "best learning rate $LR, weight decay $WD"
 
 # 2. Grid over learning-rate shapes at the chosen values (validation split again).
 run search_shapes python -m haet.search $R9 --learning_rate=$LR --weight_decay=$WD --validation_size=1000 \
-  --budget=60 --method=grid --space="lr_schedule=choice:cosine|linear|inverse_sqrt|constant|step" \
-  --search_dir=results/search/cifar10_resnet9x0.25_lr_shapes_60s
+  --budget=60 --sampler=grid --space="lr_schedule=choice:cosine|linear|inverse_sqrt|constant|step" \
+  --search_dir=results/search/cifar10_resnet9x0.25_lr_shapes_60s_$BEGUN
 
 # 3. The chosen values on all 5,000 images, test set, three seeds (also the ensemble's members).
 for SEED in 0 1 2; do
