@@ -234,17 +234,20 @@ class SnapshotKeeper(Hook):
         self._take(run, min(1.0, self.progress.fraction()))
 
 
-def _gradients(model, loss_fn, x, y):
-    """Gradients of `loss_fn(y, model(x, training=True))` w.r.t. the trainable
-    variables, as NumPy arrays, without touching the model's state (batch-norm
-    statistics, seeds): `model.stateless_call` under `haet.autodiff`."""
-    non_trainable = [v.value for v in model.non_trainable_variables]
+def _gradient_function(model, loss_fn):
+    """A function of `(x, y)` giving the gradients of `loss_fn(y, model(x,
+    training=True))` w.r.t. the model's trainable variables at their current
+    values, as NumPy arrays, without touching the model's state (batch-norm
+    statistics, seeds): `model.stateless_call` under
+    `haet.autodiff.compiled_value_and_gradient` (compiled at its first call)."""
 
-    def loss_of(trainable):
+    def loss_of(trainable, non_trainable, x, y):
         logits, _ = model.stateless_call(trainable, non_trainable, x, training=True)
         return loss_fn(y, logits), None
 
-    return autodiff.value_and_gradient(loss_of, [v.value for v in model.trainable_variables])[2]
+    gradient = autodiff.compiled_value_and_gradient(loss_of)
+    return lambda x, y: gradient([v.value for v in model.trainable_variables],
+                                 [v.value for v in model.non_trainable_variables], x, y)[2]
 
 
 class TrainingHealth(Hook):
@@ -257,9 +260,9 @@ class TrainingHealth(Hook):
     more dimensions (kernels) are copied before and after it: ratio =
     ||w_after - w_before|| / ||w_before||. The gradient is that of the data loss (no
     weight penalty) on a fixed probe batch at the weights before the step
-    (`model.stateless_call`, so no state changes). Costs host copies of the weights
-    and an eager gradient per sample: the time counts toward the budget (off by
-    default).
+    (`model.stateless_call`, so no state changes), compiled at the first sample.
+    Costs host copies of the weights and a gradient per sample, and that compilation:
+    the time counts toward the budget (off by default).
 
     Outputs:
         `rows`: dicts step, variable, weight_norm, update_norm, update_ratio, grad_norm
@@ -292,6 +295,7 @@ class TrainingHealth(Hook):
         self._epoch_summary = None
         self._writer = None
         self._member_of = None
+        self._gradient = None  # the probe's gradient function, made at the first sample
 
     def state_dict(self):
         return {"rows": self.rows, "epoch_summary": self._epoch_summary}
@@ -321,7 +325,9 @@ class TrainingHealth(Hook):
             run.engine.sync()
             model = run.engine.model
             self._before = [np.array(v) for _, v in self._kernels(model)]
-            self._grads = _gradients(model, self.loss_fn, self.probe_x, self.probe_y)
+            if self._gradient is None:
+                self._gradient = _gradient_function(model, self.loss_fn)
+            self._grads = self._gradient(self.probe_x, self.probe_y)
 
     def after_execution(self, run, steps, losses):
         if self._before is not None:
