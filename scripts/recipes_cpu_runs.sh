@@ -22,4 +22,7 @@ run bag_of_tricks_ema_recomputed_statistics python -m haet.train $BOT --ema_stat
 run bag_of_tricks_airbench_tta python -m haet.train $BOT --tta=airbench
 run bag_of_tricks_validation_headline python -m haet.train $BOT --validation_size=500
 run airbench94_haet python -m haet.train $AIR
+# --pytorch_init (set in both flagfiles since 6434423) against the he_uniform kernels before it.
+run bag_of_tricks_he_uniform python -m haet.train $BOT --nopytorch_init
+run airbench94_haet_he_uniform python -m haet.train $AIR --nopytorch_init
 }
