@@ -329,6 +329,17 @@ def exit_code(record):
     return 1
 
 
+def ending_signal(record):
+    """The stop signal `python -m haet.train` ends by (`haet.cli.exit_by_signal`) once a
+    run's record is written, or None: the one that interrupted the run, or one that came
+    after its training ended (the run went on to its end; `signal_after_training`), so
+    that a shell loop of runs stops after it, as the search does. It ended normally
+    (exit 0 or 4), and a loop went on with its next run."""
+    if record.get("status") == "interrupted":
+        return record.get("interrupted_by") or "SIGINT"
+    return record.get("signal_after_training")
+
+
 @contextlib.contextmanager
 def run_lock(run_dir):
     """Holds an exclusive lock on the run folder `run_dir` while the block runs (a
@@ -414,5 +425,5 @@ def alive(pid):
     return True
 
 
-__all__ = ["CHECKPOINT", "Checkpointer", "StopSignals", "save", "load", "exit_code", "process_commit", "resumable",
+__all__ = ["CHECKPOINT", "Checkpointer", "StopSignals", "save", "load", "exit_code", "ending_signal", "process_commit", "resumable",
            "host_random_state", "set_host_random_state"]

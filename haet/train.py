@@ -95,9 +95,10 @@ def main(argv):
         # (a second stop signal's: by the first; SIGINT for a KeyboardInterrupt of no signal)
         cli.exit_by_signal(getattr(e, "signal_name", None))
     print(summary(record, run_dir))
-    if record["status"] == "interrupted":
+    signal_name = checkpoint.ending_signal(record)
+    if signal_name:
         # Ended by the signal, as a shell's Ctrl-C expects: `exit(130)` let a shell loop of runs go on to the next.
-        cli.exit_by_signal(record.get("interrupted_by"))
+        cli.exit_by_signal(signal_name)
     sys.exit(checkpoint.exit_code(record))
 
 

@@ -409,11 +409,12 @@ def _load_checkpoint(run, saved, run_dir, previous, commit):
     read it), checked against `run`'s variables; the host's random generators are put back.
 
     Raises:
-        CheckpointMismatch (a SetupError): the checkpoint holds other variables, or
-            was written by a run with other hooks (the code changed since it was
-            written): naming the commit that wrote it (kept in the checkpoint; of one
-            written before it was, the commits in `previous`, the record before this
-            resume) and this one (`commit`).
+        CheckpointMismatch (a SetupError): the checkpoint holds other variables (the
+            code changed since it was written), or was written by a run with other
+            hooks (the code changed, or the caller passed other `hooks`): naming the
+            commit that wrote it (kept in the checkpoint; of one written before it
+            was, the commits in `previous`, the record before this resume) and this
+            one (`commit`) where they differ.
     """
     snapshot, paths, state = saved
     written = state.pop("git_commit", _UNKNOWN)
@@ -434,8 +435,13 @@ def _load_checkpoint(run, saved, run_dir, previous, commit):
     # Here, before any step: `Training.fit`'s own check comes inside the run, which it leaves "failed".
     theirs, keys = list(state["hooks"]), run.training.hook_keys()
     if theirs != keys:
-        raise CheckpointMismatch(f"The checkpoint in {run_dir} was written by a run with other hooks ({theirs}); "
-                                 f"this one has {keys}. " + _written_by(written, previous, commit))
+        # A caller's own hooks (a search's pruner reports through one), or the code changed.
+        same_code = written == commit and commit is not None and not commit.endswith("-dirty")
+        raise CheckpointMismatch(
+            f"The checkpoint in {run_dir} was written by a run with other hooks ({theirs}); this one has {keys}: "
+            "resume it as it was run (a search's trial by running its search command again; a "
+            "`haet.training.train` call with the same `hooks`)."
+            + ("" if same_code else " Or the code changed since: " + _written_by(written, previous, commit)))
     checkpoint_lib.set_host_random_state(state.pop("host_random"))
     state.pop("input_statistics", None)  # (read before the model was built)
     return snapshot, state
