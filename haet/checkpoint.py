@@ -425,5 +425,5 @@ def alive(pid):
     return True
 
 
-__all__ = ["CHECKPOINT", "Checkpointer", "StopSignals", "save", "load", "exit_code", "ending_signal", "process_commit", "resumable",
-           "host_random_state", "set_host_random_state"]
+__all__ = ["CHECKPOINT", "Checkpointer", "StopSignals", "save", "load", "exit_code", "ending_signal", "process_commit",
+           "resumable", "host_random_state", "set_host_random_state"]

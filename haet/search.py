@@ -1058,7 +1058,8 @@ def main(argv):
             print(f"interrupted ({str(interrupted) or type(interrupted).__name__}); the interrupted trial is not "
                   "counted: run the same command again to go on (it takes up that trial's values again, resumed "
                   "from its run's checkpoint when it has one)", file=sys.stderr)
-        cli.exit_by_signal(getattr(interrupted, "signal_name", None))  # (by the signal, as haet.train ends: a shell loop of searches stops)
+        # By the signal, as haet.train ends: a shell loop of searches stops.
+        cli.exit_by_signal(getattr(interrupted, "signal_name", None))
     sys.stdout.flush()
 
 
