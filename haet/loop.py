@@ -350,12 +350,19 @@ class Training:
         if self.stopped_by is None and engine.epoch is not None and engine.steps_left_in_epoch == 0:
             self._begin_epoch(engine.epoch + 1)
 
-    def _resume(self, snapshot, state):
+    def other_hooks(self, state):
+        """None when a checkpoint's loop `state` (`state_dict()`) was written by a run
+        with this run's hooks; else what differs, naming both lists (`hook_keys`)."""
         keys = self.hook_keys()
         if list(state["hooks"]) != keys:
-            raise ValueError(f"The checkpoint was saved by a run with other hooks ({list(state['hooks'])}); "
-                             f"this one has {keys}: resume with the run's own settings.")
-        for key, hook in zip(keys, self.hooks):
+            return f"written by a run with other hooks ({list(state['hooks'])}); this one has {keys}"
+        return None
+
+    def _resume(self, snapshot, state):
+        differ = self.other_hooks(state)
+        if differ:
+            raise ValueError(f"The checkpoint was {differ}: resume with the run's own settings.")
+        for key, hook in zip(self.hook_keys(), self.hooks):
             if state["hooks"][key] is not None:
                 hook.load_state_dict(state["hooks"][key])
         self.engine.restore(snapshot)

@@ -433,14 +433,13 @@ def _load_checkpoint(run, saved, run_dir, previous, commit):
                                  f"{', first difference ' + str(differ[0]) if differ else ''}. "
                                  + _written_by(written, previous, commit))
     # Here, before any step: `Training.fit`'s own check comes inside the run, which it leaves "failed".
-    theirs, keys = list(state["hooks"]), run.training.hook_keys()
-    if theirs != keys:
+    differ = run.training.other_hooks(state)
+    if differ:
         # A caller's own hooks (a search's pruner reports through one), or the code changed.
         same_code = written == commit and commit is not None and not commit.endswith("-dirty")
         raise CheckpointMismatch(
-            f"The checkpoint in {run_dir} was written by a run with other hooks ({theirs}); this one has {keys}: "
-            "resume it as it was run (a search's trial by running its search command again; a "
-            "`haet.training.train` call with the same `hooks`)."
+            f"The checkpoint in {run_dir} was {differ}: resume it as it was run (a search's trial by running its "
+            "search command again; a `haet.training.train` call with the same `hooks`)."
             + ("" if same_code else " Or the code changed since: " + _written_by(written, previous, commit)))
     checkpoint_lib.set_host_random_state(state.pop("host_random"))
     state.pop("input_statistics", None)  # (read before the model was built)

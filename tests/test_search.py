@@ -925,7 +925,7 @@ def test_a_damaged_search_folder_is_refused_in_one_message(tmp_path):
         search.run_search(base, space, str(tmp_path / "s"), 2, load_data=_no_data, train=_fake_train([]))
 
 
-def test_an_interrupted_search_exits_with_its_signals_status():
+def test_a_search_interruption_names_the_signal_it_ends_by():
     import signal
 
     from haet import cli
