@@ -496,7 +496,7 @@ def datasets_kept():
 
     `haet.search` holds it over a search, so that every trial trains on the data the
     search checked and named by their hash before its first trial, without reading
-    them again (CIFAR-10's npz took 1.0-1.4 s a read on a 2-core Intel Xeon).
+    them again (CIFAR-10's npz took 0.95-1.44 s a read (three reads) on a 2-core Intel Xeon).
     Not a cache beyond that scope: a later `load_dataset` reads the files again. A
     `functools.lru_cache` would outlive the scope and hold the arrays of every
     dataset ever loaded.
